@@ -1,0 +1,68 @@
+"""The table of running agents, as persisted and as handed over.
+
+The supervisor rewrites it (durably) on every agent state change. A later
+supervisor process, whether started by a handover, by systemd after a crash or
+by a rollback, reads it and adopts each agent whose pid still names the same
+process (same kernel start time) instead of starting a second instance.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from baton import durable
+
+TABLE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    name: str
+    pid: int
+    start_time: float
+    version: str
+    restarts: int
+    consecutive_failures: int
+    state: str
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> AgentRecord:
+        return cls(
+            name=str(d["name"]),
+            pid=int(d["pid"]),  # type: ignore[call-overload]
+            start_time=float(d["start_time"]),  # type: ignore[arg-type]
+            version=str(d.get("version", "")),
+            restarts=int(d.get("restarts", 0)),  # type: ignore[call-overload]
+            consecutive_failures=int(d.get("consecutive_failures", 0)),  # type: ignore[call-overload]
+            state=str(d.get("state", "running")),
+        )
+
+
+class AgentTable:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._last: bytes | None = None
+
+    def load(self) -> list[AgentRecord]:
+        try:
+            data = json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError):
+            return []
+        return [AgentRecord.from_dict(d) for d in data.get("agents", [])]
+
+    def save(self, records: list[AgentRecord]) -> None:
+        body = json.dumps(
+            {"format": TABLE_FORMAT, "agents": [r.to_dict() for r in records]}, indent=2, sort_keys=True
+        ).encode()
+        if body == self._last:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        durable.write_bytes(self.path, body + b"\n", 0o600)
+        self._last = body

@@ -1,0 +1,76 @@
+"""Per-agent log files with size-based rotation.
+
+The supervisor drains each agent's output FIFO and appends it here; when the
+file would pass ``max_bytes`` it is rotated (``name.log`` -> ``name.log.1`` ...,
+keeping ``backups`` old files). Writes never block the agent: the FIFO is
+drained as fast as the event loop runs, and the disk write goes to page cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+MAX_LINE_OVERSHOOT = 64 * 1024
+
+
+class RotatingLog:
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        self._size = os.fstat(self._fd).st_size
+        self._at_line_start = True
+
+    def write(self, data: bytes) -> None:
+        """Append, rotating at a line boundary; a file passes ``max_bytes`` by at most one line."""
+        while data:
+            room = self.max_bytes - self._size
+            if len(data) <= room:
+                self._append(data)
+                return
+            nl = data.rfind(b"\n", 0, max(room, 0))
+            if nl < 0 and not self._at_line_start:
+                nl = data.find(b"\n", 0, max(room, 0) + MAX_LINE_OVERSHOOT)
+            if nl >= 0:
+                self._append(data[: nl + 1])
+                data = data[nl + 1 :]
+            elif self._size == 0:
+                self._append(data[:room])
+                data = data[room:]
+            self.rotate()
+
+    def _append(self, data: bytes) -> None:
+        os.write(self._fd, data)
+        self._size += len(data)
+        self._at_line_start = data.endswith(b"\n")
+
+    def rotate(self) -> None:
+        os.close(self._fd)
+        if self.backups > 0:
+            for i in range(self.backups - 1, 0, -1):
+                src = self.path.with_name(f"{self.path.name}.{i}")
+                if src.exists():
+                    os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        self._size = 0
+
+    def tail(self, max_bytes: int = 4096) -> str:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - max_bytes))
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,190 @@
+"""The supervisor daemon: wires the process manager, gRPC, the Manager client and systemd.
+
+Start-up order: lock the state directory, start gRPC on its private socket,
+bind (or inherit) the public sockets, adopt or start agents, report SERVING and
+READY=1. Shutdown on SIGTERM/SIGINT is the reverse, and stops every agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from loguru import logger
+
+from baton.config import Config
+from baton.errors import BatonError
+from baton.pb import daemon_pb2_grpc
+from supervisor import systemd
+from supervisor.agents import AgentSnapshot, ProcessManager
+from supervisor.daemon_service import DaemonService, agent_info
+from supervisor.front import Front, UnixPeerPolicy, bind_tcp, bind_unix
+from supervisor.manager_client import ManagerClient
+from supervisor.version import supervisor_version
+
+SERVICE_NAME = "baton.v1.DaemonService"
+
+
+class AlreadyRunning(BatonError):
+    pass
+
+
+def prepare_dirs(cfg: Config) -> None:
+    for d, mode in ((cfg.node.state_dir, 0o700), (cfg.run_dir, 0o700), (cfg.log_dir, 0o750),
+                    (cfg.node.install_root, 0o755), (cfg.download_dir, 0o700)):
+        d.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(PermissionError):
+            os.chmod(d, mode)
+
+
+def lock_state_dir(cfg: Config) -> int:
+    fd = os.open(cfg.node.state_dir / "supervisor.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AlreadyRunning(f"another supervisor holds {cfg.node.state_dir}/supervisor.lock") from None
+    return fd
+
+
+def set_subreaper() -> None:
+    """Orphaned grandchildren of agents come to us to be reaped, not to PID 1."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+class Supervisor:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.version = supervisor_version()
+        self.started_at = time.time()
+        self._stop = asyncio.Event()
+        self.pm: ProcessManager | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.front: Front | None = None
+        self.manager: ManagerClient | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+
+    @property
+    def backend_path(self) -> Path:
+        return self.cfg.run_dir / f"grpc-{os.getpid()}.sock"
+
+    async def _start_grpc(self) -> None:
+        from supervisor.tls import server_credentials
+
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.updates = None
+        daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
+            DaemonService(self.cfg.node.id, self.version, self.started_at, self.pm_required, self.updates,
+                          manager_connected=self),
+            server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.backend_path)
+        addr = f"unix:{self.backend_path}"
+        creds = server_credentials(self.cfg.grpc)
+        if creds is None:
+            server.add_insecure_port(addr)
+        else:
+            server.add_secure_port(addr, creds)
+        await server.start()
+        self.server = server
+
+    @property
+    def pm_required(self) -> ProcessManager:
+        assert self.pm is not None
+        return self.pm
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.manager and self.manager.connected)
+
+    def _bind_public(self) -> list[socket.socket]:
+        socks = [bind_tcp(a) for a in self.cfg.grpc.listen]
+        if self.cfg.grpc.unix_socket is not None:
+            socks.append(bind_unix(self.cfg.grpc.unix_socket, self.cfg.grpc.unix_socket_group))
+        return socks
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            res = self.health.set(name, status)
+            if asyncio.iscoroutine(res):
+                await res
+
+    def _agent_changed(self, snap: AgentSnapshot) -> None:
+        if self.manager is not None:
+            self.manager.agents_changed()
+
+    async def _feed_watchdog(self, interval: float) -> None:
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        prepare_dirs(self.cfg)
+        lock_fd = lock_state_dir(self.cfg)
+        set_subreaper()
+        self.pm = ProcessManager(self.cfg, self._agent_changed)
+        interval = systemd.watchdog_interval_s()
+        if interval:
+            self._watchdog = asyncio.create_task(self._feed_watchdog(interval))
+        await self._start_grpc()
+        self.front = Front(self.backend_path, UnixPeerPolicy(self.cfg.grpc.unix_socket_group))
+        await self.front.serve(self._bind_public())
+        await self.pm.start()
+        await self._set_serving(True)
+        logger.info("supervisor {} (node {}) serving on {}; {} agents", self.version, self.cfg.node.id,
+                    ", ".join(self.front.addresses()), len(self.pm.agents))
+        systemd.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {len(self.pm.agents)} agents")
+        if self.cfg.manager.address:
+            self.manager = ManagerClient(
+                self.cfg.manager, self.cfg.node.id, self.version, self.started_at,
+                lambda: [agent_info(s) for s in self.pm_required.snapshots()],
+                grpc_address=self.cfg.grpc.listen[0] if self.cfg.grpc.listen else "",
+            )
+            self.manager.start()
+        await self._stop.wait()
+        logger.info("supervisor stopping: stopping every agent")
+        systemd.notify("STOPPING=1\nSTATUS=stopping agents")
+        await self._shutdown()
+        os.close(lock_fd)
+        return 0
+
+    async def _shutdown(self) -> None:
+        await self._set_serving(False)
+        if self.manager is not None:
+            await self.manager.stop()
+        if self.front is not None:
+            await self.front.stop_accepting()
+        if self.pm is not None:
+            await self.pm.stop_all()
+            self.pm.table.save([])
+        if self.front is not None:
+            await self.front.close()
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.backend_path)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        logger.info("supervisor stopped")
+
+
+def run_supervisor(cfg: Config) -> int:
+    return asyncio.run(Supervisor(cfg).run())

@@ -1,0 +1,182 @@
+"""The public listening sockets, kept by us rather than by gRPC.
+
+gRPC binds its own internal Unix socket in the private run directory; the
+supervisor owns the public TCP and Unix listening sockets and splices each
+accepted connection through. Owning the sockets is what lets a self-update hand
+them to the next supervisor process (SCM_RIGHTS) so that clients queue in the
+backlog instead of being refused, and what lets the Unix socket check its
+peer's uid with SO_PEERCRED before a byte reaches gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import os
+import socket
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+from loguru import logger
+
+from baton.errors import BatonError
+
+BACKLOG = 512
+SPLICE_CHUNK = 256 * 1024
+
+
+class ListenError(BatonError):
+    pass
+
+
+def bind_tcp(address: str) -> socket.socket:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, int(port)))
+    except OSError as e:
+        sock.close()
+        raise ListenError(f"cannot listen on {address}: {e.strerror}") from None
+    sock.listen(BACKLOG)
+    return sock
+
+
+def bind_unix(path: Path, group: str = "") -> socket.socket:
+    """Create the socket 0600 (0660 for a named group) with no window where it is wider."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177 if not group else 0o117)
+    try:
+        sock.bind(str(path))
+    except OSError as e:
+        sock.close()
+        raise ListenError(f"cannot listen on {path}: {e.strerror}") from None
+    finally:
+        os.umask(old)
+    if group:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        os.chmod(path, 0o660)
+    sock.listen(BACKLOG)
+    return sock
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of a Unix socket peer."""
+    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", data)
+    return pid, uid, gid
+
+
+class UnixPeerPolicy:
+    """Root, our own uid, or members of a configured group may use the local socket."""
+
+    def __init__(self, group: str = "") -> None:
+        self.uids = {0, os.getuid()}
+        self.gid = grp.getgrnam(group).gr_gid if group else None
+
+    def allows(self, uid: int, gid: int, pid: int) -> bool:
+        if uid in self.uids:
+            return True
+        if self.gid is None:
+            return False
+        if gid == self.gid:
+            return True
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("Groups:"):
+                        return str(self.gid) in line.split()[1:]
+        except OSError:
+            return False
+        return False
+
+
+class Front:
+    def __init__(self, backend: Path, unix_policy: UnixPeerPolicy) -> None:
+        self.backend = backend
+        self.policy = unix_policy
+        self.sockets: list[socket.socket] = []
+        self._servers: list[asyncio.base_events.Server] = []
+        self._conns: set[asyncio.Task[None]] = set()
+
+    async def serve(self, sockets: Iterable[socket.socket]) -> None:
+        for s in sockets:
+            self.sockets.append(s)
+            dup = socket.socket(fileno=os.dup(s.fileno()))
+            server = await asyncio.start_server(self._accepted, sock=dup, limit=SPLICE_CHUNK)
+            self._servers.append(server)
+
+    def addresses(self) -> list[str]:
+        out = []
+        for s in self.sockets:
+            name = s.getsockname()
+            out.append(f"unix:{name}" if s.family == socket.AF_UNIX else f"{name[0]}:{name[1]}")
+        return out
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        try:
+            sock = writer.get_extra_info("socket")
+            if sock is not None and sock.family == socket.AF_UNIX:
+                pid, uid, gid = peer_credentials(sock)
+                if not self.policy.allows(uid, gid, pid):
+                    logger.warning("refused local connection from pid {} uid {}: not allowed", pid, uid)
+                    writer.close()
+                    return
+            try:
+                b_reader, b_writer = await asyncio.open_unix_connection(str(self.backend), limit=SPLICE_CHUNK)
+            except OSError as e:
+                logger.error("gRPC backend unavailable: {}", e)
+                writer.close()
+                return
+            await asyncio.gather(_pipe(reader, b_writer), _pipe(b_reader, writer))
+        finally:
+            self._conns.discard(task)
+
+    async def stop_accepting(self) -> None:
+        """Stop accepting; the listening sockets stay open (connections wait in the backlog)."""
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self._servers.clear()
+
+    async def close(self) -> None:
+        await self.stop_accepting()
+        for t in list(self._conns):
+            t.cancel()
+        for s in self.sockets:
+            if s.family == socket.AF_UNIX:
+                with contextlib.suppress(OSError, FileNotFoundError):
+                    os.unlink(s.getsockname())
+            s.close()
+        self.sockets.clear()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            data = await reader.read(SPLICE_CHUNK)
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            if writer.can_write_eof():
+                writer.write_eof()
+        with contextlib.suppress(Exception):
+            writer.close()

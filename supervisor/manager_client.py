@@ -1,0 +1,148 @@
+"""The supervisor's side of ManagerService: register, heartbeat, sync agent states.
+
+It runs as one background task with its own timeouts and exponential backoff,
+so a Manager that is down or slow never stalls supervision. When the Manager
+comes back the client registers again and sends the current agent states.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Callable
+
+import grpc
+from loguru import logger
+
+from baton.config import ManagerConfig
+from baton.pb import common_pb2, manager_pb2, manager_pb2_grpc
+
+
+def manager_channel(cfg: ManagerConfig) -> grpc.aio.Channel:
+    if cfg.tls_ca is None:
+        return grpc.aio.insecure_channel(cfg.address)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=cfg.tls_ca.read_bytes(),
+        private_key=cfg.tls_key.read_bytes() if cfg.tls_key else None,
+        certificate_chain=cfg.tls_cert.read_bytes() if cfg.tls_cert else None,
+    )
+    options = [("grpc.ssl_target_name_override", cfg.server_name)] if cfg.server_name else []
+    return grpc.aio.secure_channel(cfg.address, creds, options=options)
+
+
+class ManagerClient:
+    def __init__(
+        self,
+        cfg: ManagerConfig,
+        node_id: str,
+        version: str,
+        started_at: float,
+        agents: Callable[[], list[common_pb2.AgentInfo]],
+        grpc_address: str = "",
+    ) -> None:
+        self.cfg = cfg
+        self.node_id = node_id
+        self.version = version
+        self.started_at = started_at
+        self._agents = agents
+        self._grpc_address = grpc_address
+        self.connected = False
+        self.registrations = 0
+        self._dirty = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: manager_pb2_grpc.ManagerServiceStub | None = None
+        self._seq = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="manager-client")
+
+    def agents_changed(self) -> None:
+        self._dirty.set()
+
+    @property
+    def stub(self) -> manager_pb2_grpc.ManagerServiceStub | None:
+        return self._stub if self.connected else None
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._channel is not None:
+            await self._channel.close(None)
+
+    async def _run(self) -> None:
+        delay = self.cfg.retry_initial_s
+        while True:
+            try:
+                if self._channel is None:
+                    self._channel = manager_channel(self.cfg)
+                    self._stub = manager_pb2_grpc.ManagerServiceStub(self._channel)
+                await self._register()
+                delay = self.cfg.retry_initial_s
+                await self._connected_loop()
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as e:
+                if self.connected:
+                    logger.warning("lost the Manager at {}: {}", self.cfg.address, e.code().name)
+                else:
+                    logger.debug("Manager at {} unavailable: {}; retrying in {:.1f}s", self.cfg.address,
+                                 e.code().name, delay)
+            except Exception as e:
+                logger.warning("Manager client error: {!r}; retrying in {:.1f}s", e, delay)
+            self.connected = False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.cfg.retry_max_s)
+
+    async def _register(self) -> None:
+        assert self._stub is not None
+        resp = await self._stub.Register(
+            manager_pb2.RegisterRequest(
+                node_id=self.node_id,
+                supervisor_version=self.version,
+                hostname=socket.gethostname(),
+                grpc_address=self._grpc_address,
+                agents=self._agents(),
+            ),
+            timeout=self.cfg.rpc_timeout_s,
+        )
+        self.interval = resp.heartbeat_interval_seconds or self.cfg.heartbeat_interval_s
+        self.connected = True
+        self.registrations += 1
+        self._dirty.clear()
+        logger.info("registered with the Manager at {}", self.cfg.address)
+
+    async def _connected_loop(self) -> None:
+        assert self._stub is not None
+        next_beat = time.monotonic() + self.interval
+        next_sync = time.monotonic() + self.cfg.sync_interval_s
+        while True:
+            timeout = max(0.0, min(next_beat, next_sync) - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), timeout)
+            now = time.monotonic()
+            if self._dirty.is_set() or now >= next_sync:
+                self._dirty.clear()
+                await self._stub.SyncAgentStates(
+                    manager_pb2.SyncAgentStatesRequest(node_id=self.node_id, agents=self._agents()),
+                    timeout=self.cfg.rpc_timeout_s,
+                )
+                next_sync = now + self.cfg.sync_interval_s
+            if now >= next_beat:
+                self._seq += 1
+                resp = await self._stub.Heartbeat(
+                    manager_pb2.HeartbeatRequest(
+                        node_id=self.node_id,
+                        seq=self._seq,
+                        uptime_seconds=time.time() - self.started_at,
+                        supervisor_version=self.version,
+                    ),
+                    timeout=self.cfg.rpc_timeout_s,
+                )
+                if not resp.known:
+                    await self._register()
+                next_beat = now + self.interval

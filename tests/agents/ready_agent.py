@@ -1,0 +1,32 @@
+"""Sample agent: announces READY=1 on $NOTIFY_SOCKET, prints a heartbeat, stops cleanly on SIGTERM."""
+
+import os
+import signal
+import socket
+import sys
+import time
+
+delay = float(os.environ.get("READY_DELAY", "0"))
+stop = False
+
+
+def on_term(signum, frame):
+    global stop
+    stop = True
+
+
+signal.signal(signal.SIGTERM, on_term)
+print(f"ready_agent {os.environ.get('BATON_AGENT_NAME')} pid {os.getpid()} starting", flush=True)
+time.sleep(delay)
+path = os.environ.get("NOTIFY_SOCKET")
+if path:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(path)
+        s.sendall(b"READY=1\nSTATUS=serving")
+n = 0
+while not stop:
+    n += 1
+    print(f"tick {n}", flush=True)
+    time.sleep(0.2)
+print("ready_agent stopping", flush=True)
+sys.exit(0)

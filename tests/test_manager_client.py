@@ -1,0 +1,96 @@
+"""The supervisor's Manager client keeps retrying while the Manager is down and catches up when it returns."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+
+import grpc
+
+from baton.pb import common_pb2, manager_pb2, manager_pb2_grpc
+from tests.conftest import agent, free_port, wait_for
+
+
+class RecordingManager(manager_pb2_grpc.ManagerServiceServicer):
+    """A real ManagerService on loopback that records what it was told."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.registers: list[manager_pb2.RegisterRequest] = []
+        self.heartbeats: list[manager_pb2.HeartbeatRequest] = []
+        self.syncs: list[manager_pb2.SyncAgentStatesRequest] = []
+
+    def Register(self, request, context):
+        with self.lock:
+            self.registers.append(request)
+        return manager_pb2.RegisterResponse(heartbeat_interval_seconds=0.2)
+
+    def Heartbeat(self, request, context):
+        with self.lock:
+            self.heartbeats.append(request)
+        return manager_pb2.HeartbeatResponse(known=True)
+
+    def SyncAgentStates(self, request, context):
+        with self.lock:
+            self.syncs.append(request)
+        return manager_pb2.SyncAgentStatesResponse()
+
+    def ReportUpdateResult(self, request, context):
+        return manager_pb2.ReportAck(update_id=request.update_id)
+
+
+def serve(port: int, servicer: RecordingManager) -> grpc.Server:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    manager_pb2_grpc.add_ManagerServiceServicer_to_server(servicer, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    return server
+
+
+def test_manager_client_retries_while_manager_is_down_and_syncs_once_it_is_up(make_supervisor):
+    port = free_port()
+    sup = make_supervisor(
+        [agent("web", "ready_agent.py", notify=True)],
+        extra={"manager": {"address": f"127.0.0.1:{port}", "retry_initial_s": 0.1, "retry_max_s": 0.5,
+                           "heartbeat_interval_s": 0.2, "sync_interval_s": 0.5}},
+    ).start()
+    sup.wait_agent("web", "running")
+    time.sleep(1.5)
+    assert not sup.status().manager_connected
+    assert sup.agent("web").state == common_pb2.AGENT_STATE_RUNNING
+
+    mgr = RecordingManager()
+    server = serve(port, mgr)
+    try:
+        wait_for(lambda: mgr.registers, 10, what="registration")
+        reg = mgr.registers[0]
+        assert reg.node_id == "node-1"
+        assert [a.name for a in reg.agents] == ["web"]
+        wait_for(lambda: len(mgr.heartbeats) >= 2, 10, what="heartbeats")
+        wait_for(lambda: sup.status().manager_connected, 10, what="status to show the Manager connected")
+
+        sup.stub.RestartAgent(__import__("baton.pb.daemon_pb2", fromlist=["x"]).AgentRef(name="web"))
+        new_pid = sup.wait_agent("web", "running").pid
+        wait_for(lambda: any(a.pid == new_pid and a.state == common_pb2.AGENT_STATE_RUNNING
+                             for s in list(mgr.syncs) for a in s.agents), 10, what="state sync of the restart")
+    finally:
+        server.stop(0)
+
+
+def test_manager_that_restarts_gets_a_new_registration(make_supervisor):
+    port = free_port()
+    sup = make_supervisor([], extra={"manager": {"address": f"127.0.0.1:{port}", "retry_initial_s": 0.1,
+                                                 "retry_max_s": 0.3, "heartbeat_interval_s": 0.2}}).start()
+    mgr = RecordingManager()
+    server = serve(port, mgr)
+    wait_for(lambda: mgr.registers, 10, what="first registration")
+    server.stop(0).wait()
+    time.sleep(1.0)
+    mgr2 = RecordingManager()
+    server2 = serve(port, mgr2)
+    try:
+        wait_for(lambda: mgr2.registers, 10, what="registration with the restarted Manager")
+    finally:
+        server2.stop(0)
+    assert sup.proc.poll() is None

@@ -1,0 +1,194 @@
+"""The supervisor keeps real agent processes running, by policy, observable over gRPC."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
+from tests.conftest import agent, wait_for
+
+RUNNING = common_pb2.AGENT_STATE_RUNNING
+
+
+def test_status_lists_every_configured_agent_running(make_supervisor):
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True), agent("worker", "crash_agent.py")]).start()
+    web = sup.wait_agent("web", "running")
+    worker = sup.wait_agent("worker", "running")
+    st = sup.status()
+    assert st.node_id == "node-1"
+    assert st.supervisor_version
+    assert st.pid == sup.proc.pid
+    assert {a.name for a in st.agents} == {"web", "worker"}
+    listed = sup.stub.ListAgents(daemon_pb2.ListAgentsRequest()).agents
+    assert {a.name: a.pid for a in listed} == {"web": web.pid, "worker": worker.pid}
+    assert psutil.Process(web.pid).ppid() == sup.proc.pid
+
+
+def test_notify_agent_is_starting_until_it_sends_ready(make_supervisor):
+    sup = make_supervisor([agent("slow", "ready_agent.py", notify=True, env={"READY_DELAY": "2"})]).start()
+    a = sup.agent("slow")
+    assert a.state == common_pb2.AGENT_STATE_STARTING
+    sup.wait_agent("slow", "running", timeout=10)
+
+
+def test_stop_start_and_restart_over_grpc(make_supervisor):
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
+    first = sup.wait_agent("web", "running")
+    stopped = sup.stub.StopAgent(daemon_pb2.AgentRef(name="web"))
+    assert stopped.state == common_pb2.AGENT_STATE_STOPPED
+    assert not psutil.pid_exists(first.pid) or psutil.Process(first.pid).status() == psutil.STATUS_ZOMBIE
+    sup.stub.StartAgent(daemon_pb2.AgentRef(name="web"))
+    second = sup.wait_agent("web", "running")
+    assert second.pid != first.pid
+    sup.stub.RestartAgent(daemon_pb2.AgentRef(name="web"))
+    third = sup.wait_agent("web", "running")
+    assert third.pid not in (first.pid, second.pid)
+
+
+def test_unknown_agent_is_not_found(make_supervisor):
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
+    with pytest.raises(grpc.RpcError) as e:
+        sup.stub.StopAgent(daemon_pb2.AgentRef(name="nope"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "nope" in e.value.details()
+
+
+def test_killed_agent_is_restarted_with_backoff(make_supervisor):
+    sup = make_supervisor([agent("w", "crash_agent.py", start_seconds=0.2, backoff_initial_s=1.0)]).start()
+    first = sup.wait_agent("w", "running")
+    os.kill(first.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    backoff = sup.wait_agent("w", "backoff", timeout=5)
+    assert backoff.last_exit_status == -signal.SIGKILL
+    second = sup.wait_agent("w", "running", pred=lambda a: a.pid != first.pid)
+    assert time.monotonic() - killed_at >= 0.9
+    assert second.restarts == 1
+
+
+def test_crash_loop_reaches_fatal(make_supervisor):
+    sup = make_supervisor([agent("loop", "crash_agent.py", env={"CRASH_AFTER": "0"}, start_seconds=1.0,
+                                 start_retries=2, backoff_initial_s=0.05)]).start()
+    fatal = sup.wait_agent("loop", "fatal", timeout=15)
+    assert fatal.restarts == 2
+    assert fatal.last_exit_status == 3
+    assert "gave up" in fatal.last_error
+    time.sleep(0.5)
+    assert sup.agent("loop").state == common_pb2.AGENT_STATE_FATAL
+
+
+def test_on_failure_policy_leaves_a_clean_exit_alone(make_supervisor):
+    sup = make_supervisor([agent("once", "crash_agent.py", env={"CRASH_AFTER": "0.5", "CRASH_CODE": "0"},
+                                 start_seconds=0.1, restart="on-failure")]).start()
+    exited = sup.wait_agent("once", "exited")
+    assert exited.last_exit_status == 0
+    assert exited.restarts == 0
+
+
+def test_agent_ignoring_sigterm_is_killed_after_stop_timeout(make_supervisor):
+    sup = make_supervisor([agent("stub", "stubborn_agent.py", stop_timeout_s=1.5, start_seconds=0.2)]).start()
+    a = sup.wait_agent("stub", "running")
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    res = sup.stub.StopAgent(daemon_pb2.AgentRef(name="stub"), timeout=20)
+    took = time.monotonic() - t0
+    assert res.state == common_pb2.AGENT_STATE_STOPPED
+    assert res.last_exit_status == -signal.SIGKILL
+    assert took >= 1.4
+    assert not psutil.pid_exists(a.pid)
+
+
+def test_chatty_agent_keeps_running_and_its_log_rotates(make_supervisor, tmp_path):
+    count = tmp_path / "count"
+    sup = make_supervisor([agent("chatty", "chatty_agent.py", start_seconds=0.2, log_max_bytes=256 * 1024,
+                                 log_backups=2, env={"CHATTY_COUNT_FILE": str(count)})]).start()
+    a = sup.wait_agent("chatty", "running")
+    log = sup.log_of("chatty")
+    wait_for(lambda: log.with_name("chatty.log.2").exists(), 30, what="two rotations")
+    n1 = int(wait_for(lambda: count.read_text(), what="count"))
+    time.sleep(1.0)
+    n2 = int(count.read_text())
+    assert n2 > n1, "the chatty agent is blocked"
+    assert sup.agent("chatty").pid == a.pid
+    assert log.stat().st_size <= 256 * 1024 + 4096
+    assert not log.with_name("chatty.log.3").exists()
+    assert log.with_name("chatty.log.1").read_bytes().endswith(b"\n")
+
+
+def test_sigterm_to_supervisor_stops_every_agent_and_leaves_no_process(make_supervisor):
+    sup = make_supervisor([
+        agent("web", "ready_agent.py", notify=True),
+        agent("stub", "stubborn_agent.py", stop_timeout_s=1.0, start_seconds=0.2),
+        agent("chatty", "chatty_agent.py", start_seconds=0.2),
+    ]).start()
+    for n in ("web", "stub", "chatty"):
+        sup.wait_agent(n, "running")
+    tree = sup.tree()
+    assert len(tree) >= 3
+    assert sup.terminate() == 0
+    _, alive = psutil.wait_procs(tree, timeout=5)
+    assert alive == [], f"left behind: {alive}"
+
+
+def test_agent_output_reaches_its_log_file(make_supervisor):
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
+    a = sup.wait_agent("web", "running")
+    wait_for(lambda: f"pid {a.pid} starting" in sup.log_of("web").read_text(), what="agent output in log")
+    wait_for(lambda: "tick 3" in sup.log_of("web").read_text(), what="ticks in log")
+
+
+def test_unix_socket_is_private(make_supervisor):
+    sup = make_supervisor([]).start()
+    assert oct(sup.socket.stat().st_mode & 0o777) == oct(0o600)
+
+
+def test_tcp_listener_serves_daemon_service(make_supervisor):
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True)], tcp=True).start()
+    addr = sup.cfg["grpc"]["listen"][0]
+    with grpc.insecure_channel(addr) as ch:
+        st = daemon_pb2_grpc.DaemonServiceStub(ch).GetStatus(daemon_pb2.GetStatusRequest(), timeout=5)
+    assert st.node_id == "node-1"
+
+
+def test_health_service_reports_serving(make_supervisor):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    sup = make_supervisor([]).start()
+    with grpc.insecure_channel(f"unix:{sup.socket}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "baton.v1.DaemonService"):
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_readiness_is_sent_to_systemd_notify_socket(make_supervisor, tmp_path):
+    path = tmp_path / "systemd-notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(20)
+    sup = make_supervisor([]).start(wait=False, env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"})
+    messages = []
+    while not any("READY=1" in m for m in messages):
+        messages.append(sock.recv(4096).decode())
+    assert any("WATCHDOG=1" in m for m in messages) or "WATCHDOG=1" in sock.recv(4096).decode()
+    ready = next(m for m in messages if "READY=1" in m)
+    assert f"MAINPID={sup.proc.pid}" in ready
+    assert "STATUS=" in ready
+    sock.close()
+
+
+def test_second_supervisor_on_same_state_dir_refuses_to_start(make_supervisor):
+    sup = make_supervisor([]).start()
+    other = make_supervisor([], name="sup")
+    other.socket = Path(str(sup.socket) + "2")
+    other.cfg["grpc"]["unix_socket"] = str(other.socket)
+    other.start(wait=False)
+    assert other.proc.wait(20) == 1
+    assert "supervisor.lock" in other.output()
