@@ -1,0 +1,331 @@
+"""Specification of helper.download against a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import socket
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from baton.errors import BatonError
+from helper.download import (
+    ConnectionFailed,
+    DownloadedFile,
+    DownloadError,
+    DownloadLimits,
+    DownloadProgress,
+    DownloadTimeout,
+    DownloadTooLarge,
+    DownloadTooSlow,
+    DownloadTruncated,
+    HttpStatusError,
+    InsufficientSpace,
+    UnsupportedUrl,
+    download,
+)
+from tests.pkgserver import PackageServer
+
+NAME = "pkg.bin"
+SIZE = 1024 * 1024 + 123  # not a multiple of any chunk size
+GENEROUS_S = 10.0  # upper bound on anything expected to be quick; never a speed assertion
+
+LIMITS = DownloadLimits(
+    connect_timeout_s=5,
+    read_timeout_s=5,
+    total_timeout_s=60,
+    min_rate_bytes_per_s=0,
+    min_rate_window_s=1,
+    free_space_reserve_bytes=0,
+    chunk_bytes=64 * 1024,
+)
+
+
+@pytest.fixture
+def payload(tmp_path: Path) -> bytes:
+    data = os.urandom(SIZE)
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / NAME).write_bytes(data)
+    return data
+
+
+@pytest.fixture
+def server(tmp_path: Path, payload: bytes) -> Iterator[PackageServer]:
+    before = set(threading.enumerate())
+    with PackageServer(tmp_path / "served") as srv:
+        yield srv
+    leftover = [t for t in set(threading.enumerate()) - before if not t.name.startswith("digest")]
+    assert leftover == [], f"PackageServer.stop() left threads running: {leftover}"
+
+
+@pytest.fixture
+def dest(tmp_path: Path) -> Path:
+    downloads = tmp_path / "downloads"
+    downloads.mkdir(mode=0o700)
+    return downloads / NAME
+
+
+def fetch(url: str, dest: Path, limits: DownloadLimits = LIMITS, **kwargs: object) -> DownloadedFile:
+    return download(url, dest, expected_size=SIZE, limits=limits, **kwargs)  # type: ignore[arg-type]
+
+
+def assert_digests_of(result: DownloadedFile, data: bytes) -> None:
+    assert result.digests.size == len(data)
+    assert result.digests.sha256_hex == hashlib.sha256(data).hexdigest()
+    assert result.digests.blake2b512 == hashlib.blake2b(data, digest_size=64).digest()
+
+
+# ------------------------------------------------------------------ happy paths
+
+
+def test_download_writes_the_file_with_digests_matching_hashlib(
+    server: PackageServer, payload: bytes, dest: Path
+) -> None:
+    with fetch(server.url(NAME), dest) as result:
+        assert_digests_of(result, payload)
+        assert result.path == dest
+        assert result.resumed_from == 0
+        assert dest.read_bytes() == payload
+
+
+def test_downloaded_file_is_private(server: PackageServer, dest: Path) -> None:
+    with fetch(server.url(NAME), dest):
+        assert stat.S_IMODE(dest.stat().st_mode) == 0o600
+
+
+def test_returned_handle_reads_the_hashed_bytes_even_after_the_path_is_replaced(
+    server: PackageServer, payload: bytes, dest: Path
+) -> None:
+    with fetch(server.url(NAME), dest) as result:
+        impostor = dest.with_name("impostor")
+        impostor.write_bytes(b"not the package")
+        os.replace(impostor, dest)
+        assert result.file.read() == payload
+
+
+def test_returned_handle_is_read_only_and_closed_by_the_context_manager(server: PackageServer, dest: Path) -> None:
+    with fetch(server.url(NAME), dest) as result:
+        with pytest.raises((io.UnsupportedOperation, OSError)):
+            result.file.write(b"x")
+        assert os.fstat(result.file.fileno()).st_ino == dest.stat().st_ino
+    assert result.file.closed
+
+
+def test_file_url_is_copied_and_hashed(tmp_path: Path, payload: bytes, dest: Path) -> None:
+    source = tmp_path / "served" / NAME
+    with fetch(source.as_uri(), dest) as result:
+        assert_digests_of(result, payload)
+        assert result.file.read() == payload
+
+
+def test_file_url_of_the_wrong_size_is_refused(tmp_path: Path, dest: Path) -> None:
+    source = tmp_path / "other.bin"
+    source.write_bytes(b"x" * (SIZE + 1))
+    with pytest.raises(DownloadTooLarge):
+        fetch(source.as_uri(), dest)
+
+
+def test_progress_sees_increasing_bytes_and_the_total(server: PackageServer, dest: Path) -> None:
+    server.on(NAME).rate_limit(4 * 1024 * 1024)
+    seen: list[DownloadProgress] = []
+    with fetch(server.url(NAME), dest, progress=seen.append):
+        pass
+    assert seen, "progress was never reported"
+    done = [p.bytes_done for p in seen]
+    assert done == sorted(done)
+    assert done[-1] == SIZE
+    assert all(p.bytes_total == SIZE for p in seen)
+    assert all(p.resumed_from == 0 for p in seen)
+
+
+# ------------------------------------------------------------------ bounded bytes
+
+
+def test_truncated_body_raises_download_truncated_and_keeps_the_partial_file(server: PackageServer, dest: Path) -> None:
+    server.on(NAME).truncate_at(300_000)
+    with pytest.raises(DownloadTruncated) as info:
+        fetch(server.url(NAME), dest)
+    assert info.value.received == 300_000
+    assert dest.stat().st_size == 300_000
+
+
+def test_server_sending_more_than_expected_is_cut_off_at_size_plus_one_and_refused(
+    server: PackageServer, dest: Path
+) -> None:
+    # The server sends past the end, then stalls: reading on to EOF would time out instead.
+    server.on(NAME).oversize(1024 * 1024).stall_after(SIZE + 1000, 60)
+    started = time.monotonic()
+    with pytest.raises(DownloadTooLarge):
+        fetch(server.url(NAME), dest)
+    assert time.monotonic() - started < LIMITS.read_timeout_s
+    assert not dest.exists()
+
+
+def test_content_length_larger_than_expected_is_refused_before_the_body(server: PackageServer, dest: Path) -> None:
+    server.on(NAME).oversize(1000, content_length=SIZE + 1000).stall_after(0, 60)
+    with pytest.raises(DownloadTooLarge) as info:
+        fetch(server.url(NAME), dest)
+    assert info.value.announced == SIZE + 1000
+
+
+def test_content_length_smaller_than_expected_is_refused_before_the_body(server: PackageServer, dest: Path) -> None:
+    server.on(NAME).oversize(0, content_length=SIZE - 10).stall_after(0, 60)
+    with pytest.raises(DownloadTruncated) as info:
+        fetch(server.url(NAME), dest)
+    assert info.value.received == SIZE - 10
+
+
+# ------------------------------------------------------------------ bounded time and rate
+
+
+def test_stalled_server_hits_the_read_timeout(server: PackageServer, dest: Path) -> None:
+    server.on(NAME).stall_after(1000, 60)
+    limits = DownloadLimits(**{**LIMITS.__dict__, "read_timeout_s": 0.5})
+    started = time.monotonic()
+    with pytest.raises(DownloadTimeout) as info:
+        fetch(server.url(NAME), dest, limits)
+    assert time.monotonic() - started < GENEROUS_S
+    assert info.value.limit_s == 0.5
+
+
+def test_whole_download_deadline_raises_download_timeout(server: PackageServer, dest: Path) -> None:
+    server.on(NAME).rate_limit(100_000)
+    limits = DownloadLimits(**{**LIMITS.__dict__, "total_timeout_s": 0.5})
+    started = time.monotonic()
+    with pytest.raises(DownloadTimeout) as info:
+        fetch(server.url(NAME), dest, limits)
+    assert time.monotonic() - started < GENEROUS_S
+    assert info.value.limit_s == 0.5
+
+
+def test_rate_below_the_floor_over_the_window_raises_download_too_slow(server: PackageServer, dest: Path) -> None:
+    server.on(NAME).rate_limit(20_000)
+    limits = DownloadLimits(**{**LIMITS.__dict__, "min_rate_bytes_per_s": 200_000, "min_rate_window_s": 0.3})
+    started = time.monotonic()
+    with pytest.raises(DownloadTooSlow) as info:
+        fetch(server.url(NAME), dest, limits)
+    assert time.monotonic() - started < GENEROUS_S
+    assert info.value.rate_bytes_per_s < 200_000
+
+
+# ------------------------------------------------------------------ failures to fetch
+
+
+def test_http_404_raises_http_status_error(server: PackageServer, dest: Path) -> None:
+    with pytest.raises(HttpStatusError) as info:
+        fetch(server.url("missing.bin"), dest)
+    assert info.value.status == 404
+    assert info.value.url == server.url("missing.bin")
+
+
+def test_http_503_raises_http_status_error(server: PackageServer, dest: Path) -> None:
+    server.on(NAME).status(503)
+    with pytest.raises(HttpStatusError) as info:
+        fetch(server.url(NAME), dest)
+    assert info.value.status == 503
+
+
+def test_connection_refused_raises_connection_failed(dest: Path) -> None:
+    with socket.socket() as bound_not_listening:
+        bound_not_listening.bind(("127.0.0.1", 0))
+        port = bound_not_listening.getsockname()[1]
+        with pytest.raises(ConnectionFailed):
+            fetch(f"http://127.0.0.1:{port}/{NAME}", dest)
+
+
+def test_unsupported_scheme_is_a_download_error(dest: Path) -> None:
+    with pytest.raises(UnsupportedUrl) as info:
+        fetch("ftp://127.0.0.1/pkg.bin", dest)
+    assert isinstance(info.value, DownloadError)
+    assert isinstance(info.value, BatonError)
+
+
+def test_every_refusal_is_a_download_error() -> None:
+    for cls in (
+        ConnectionFailed,
+        DownloadTimeout,
+        DownloadTooLarge,
+        DownloadTooSlow,
+        DownloadTruncated,
+        HttpStatusError,
+        InsufficientSpace,
+        UnsupportedUrl,
+    ):
+        assert issubclass(cls, DownloadError)
+
+
+# ------------------------------------------------------------------ resume
+
+
+def test_interrupted_download_resumes_with_a_range_request(server: PackageServer, payload: bytes, dest: Path) -> None:
+    server.on(NAME).truncate_at(300_000)
+    with pytest.raises(DownloadTruncated):
+        fetch(server.url(NAME), dest)
+    server.on(NAME).reset()
+    seen: list[DownloadProgress] = []
+    with fetch(server.url(NAME), dest, progress=seen.append) as result:
+        assert result.resumed_from == 300_000
+        assert_digests_of(result, payload)
+        assert result.file.read() == payload
+    assert server.requests_for(NAME)[-1].range == "bytes=300000-"
+    assert seen[-1].resumed_from == 300_000
+
+
+def test_server_without_range_support_restarts_from_zero(server: PackageServer, payload: bytes, dest: Path) -> None:
+    server.on(NAME).truncate_at(300_000)
+    with pytest.raises(DownloadTruncated):
+        fetch(server.url(NAME), dest)
+    server.on(NAME).reset().no_range()
+    with fetch(server.url(NAME), dest) as result:
+        assert result.resumed_from == 0
+        assert_digests_of(result, payload)
+    assert server.requests_for(NAME)[-1].range == "bytes=300000-"
+    assert dest.read_bytes() == payload
+
+
+def test_complete_file_is_hashed_without_a_request(server: PackageServer, payload: bytes, dest: Path) -> None:
+    dest.write_bytes(payload)
+    with fetch(server.url(NAME), dest) as result:
+        assert_digests_of(result, payload)
+        assert result.resumed_from == SIZE
+    assert server.requests == []
+
+
+def test_file_longer_than_expected_is_discarded_and_fetched_again(
+    server: PackageServer, payload: bytes, dest: Path
+) -> None:
+    dest.write_bytes(payload + b"garbage")
+    with fetch(server.url(NAME), dest) as result:
+        assert_digests_of(result, payload)
+        assert result.resumed_from == 0
+    assert server.requests_for(NAME)[-1].range is None
+
+
+def test_resume_false_starts_over_without_a_range_request(server: PackageServer, payload: bytes, dest: Path) -> None:
+    dest.write_bytes(payload[:1000])
+    with fetch(server.url(NAME), dest, resume=False) as result:
+        assert_digests_of(result, payload)
+        assert result.resumed_from == 0
+    assert server.requests_for(NAME)[-1].range is None
+
+
+# ------------------------------------------------------------------ disk space
+
+
+def test_insufficient_free_space_is_refused_before_any_byte_is_written(server: PackageServer, dest: Path) -> None:
+    vfs = os.statvfs(dest.parent)
+    free = vfs.f_bavail * vfs.f_frsize
+    limits = DownloadLimits(**{**LIMITS.__dict__, "free_space_reserve_bytes": free + 2**30})
+    with pytest.raises(InsufficientSpace) as info:
+        fetch(server.url(NAME), dest, limits)
+    assert info.value.needed_bytes == SIZE + free + 2**30
+    assert info.value.free_bytes <= free + 2**30
+    assert not dest.exists()
+    assert server.requests == []
