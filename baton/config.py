@@ -301,8 +301,6 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"update.{name}", "must be greater than 0")
     if u.health_window_s < 0:
         raise ConfigError("update.health_window_s", "must be 0 or more")
-    for i, k in enumerate(u.trusted_keys):
-        _require_file(k, f"update.trusted_keys[{i}]")
     if cfg.log.level.upper() not in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError("log.level", f"unknown level {cfg.log.level!r}")
     seen: dict[str, int] = {}

@@ -65,6 +65,7 @@ class ComponentLayout:
         dest = self.version_dir(version)
         if dest.exists():
             self.remove(version)
+        os.chmod(staged, 0o755)
         os.replace(staged, dest)
         durable.fsync_dir(self.versions_dir)
         durable.write_bytes(dest / MARKER, f"{version}\n".encode())

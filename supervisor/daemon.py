@@ -28,6 +28,8 @@ from supervisor.agents import AgentSnapshot, ProcessManager
 from supervisor.daemon_service import DaemonService, agent_info
 from supervisor.front import Front, UnixPeerPolicy, bind_tcp, bind_unix
 from supervisor.manager_client import ManagerClient
+from supervisor.outbox import ResultOutbox
+from supervisor.updates import UpdateManager
 from supervisor.version import supervisor_version
 
 SERVICE_NAME = "baton.v1.DaemonService"
@@ -74,6 +76,8 @@ class Supervisor:
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.front: Front | None = None
         self.manager: ManagerClient | None = None
+        self.updates: UpdateManager | None = None
+        self.outbox: ResultOutbox | None = None
         self._watchdog: asyncio.Task[None] | None = None
 
     @property
@@ -84,7 +88,6 @@ class Supervisor:
         from supervisor.tls import server_credentials
 
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        self.updates = None
         daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
             DaemonService(self.cfg.node.id, self.version, self.started_at, self.pm_required, self.updates,
                           manager_connected=self),
@@ -113,6 +116,7 @@ class Supervisor:
 
     def _bind_public(self) -> list[socket.socket]:
         socks = [bind_tcp(a) for a in self.cfg.grpc.listen]
+        socks.append(bind_unix(self.cfg.run_dir / "control.sock"))
         if self.cfg.grpc.unix_socket is not None:
             socks.append(bind_unix(self.cfg.grpc.unix_socket, self.cfg.grpc.unix_socket_group))
         return socks
@@ -141,6 +145,10 @@ class Supervisor:
         lock_fd = lock_state_dir(self.cfg)
         set_subreaper()
         self.pm = ProcessManager(self.cfg, self._agent_changed)
+        self.updates = UpdateManager(self.cfg)
+        for key in self.cfg.update.trusted_keys:
+            if not os.access(key, os.R_OK):
+                logger.warning("trusted key {} is missing or unreadable: every update will be refused", key)
         interval = systemd.watchdog_interval_s()
         if interval:
             self._watchdog = asyncio.create_task(self._feed_watchdog(interval))
@@ -148,6 +156,7 @@ class Supervisor:
         self.front = Front(self.backend_path, UnixPeerPolicy(self.cfg.grpc.unix_socket_group))
         await self.front.serve(self._bind_public())
         await self.pm.start()
+        await self.updates.start()
         await self._set_serving(True)
         logger.info("supervisor {} (node {}) serving on {}; {} agents", self.version, self.cfg.node.id,
                     ", ".join(self.front.addresses()), len(self.pm.agents))
@@ -159,6 +168,8 @@ class Supervisor:
                 grpc_address=self.cfg.grpc.listen[0] if self.cfg.grpc.listen else "",
             )
             self.manager.start()
+            self.outbox = ResultOutbox(self.updates, self.manager, self.cfg.node.id)
+            self.outbox.start()
         await self._stop.wait()
         logger.info("supervisor stopping: stopping every agent")
         systemd.notify("STOPPING=1\nSTATUS=stopping agents")
@@ -168,8 +179,12 @@ class Supervisor:
 
     async def _shutdown(self) -> None:
         await self._set_serving(False)
+        if self.outbox is not None:
+            await self.outbox.stop()
         if self.manager is not None:
             await self.manager.stop()
+        if self.updates is not None:
+            await self.updates.stop()
         if self.front is not None:
             await self.front.stop_accepting()
         if self.pm is not None:

@@ -247,3 +247,179 @@ def make_supervisor(tmp_path: Path, reaper: ProcessReaper) -> Iterator[Callable[
         if s.proc is not None and s.proc.poll() is None:
             with contextlib.suppress(Exception):
                 s.terminate(timeout=15)
+
+
+# ---- signed packages and a package server ------------------------------------------------------------
+
+
+class Package:
+    def __init__(self, path: Path, sha256: str, size: int, signature: str, component: str, version: str) -> None:
+        self.path = path
+        self.sha256 = sha256
+        self.size = size
+        self.signature = signature
+        self.component = component
+        self.version = version
+        self.url = path.as_uri()
+
+    def request(self, **overrides: Any) -> daemon_pb2.UpdateRequest:
+        fields: dict[str, Any] = dict(component=self.component, version=self.version, download_url=self.url,
+                                      sha256=self.sha256, size=self.size, signature=self.signature)
+        fields.update(overrides)
+        return daemon_pb2.UpdateRequest(**fields)
+
+
+class Release:
+    """A release engineer with a real Ed25519 key, building and signing real packages."""
+
+    def __init__(self, base: Path) -> None:
+        from baton.signing import format_public_key, format_secret_key, generate_keypair
+
+        self.base = base
+        base.mkdir(parents=True, exist_ok=True)
+        self.secret, public = generate_keypair()
+        self.public_key = base / "release.pub"
+        self.secret_key = base / "release.sec"
+        self.public_key.write_text(format_public_key(public))
+        self.secret_key.write_text(format_secret_key(self.secret))
+        self.secret_key.chmod(0o600)
+
+    def tree(self, version: str, behaviour: str = "good") -> Path:
+        """The directory tree of one version of the sample packaged agent."""
+        import shutil
+
+        root = self.base / "trees" / f"{version}-{behaviour}"
+        if root.exists():
+            shutil.rmtree(root)
+        (root / "bin").mkdir(parents=True)
+        shutil.copy(AGENTS / "versioned_agent.py", root / "agent.py")
+        (root / "behaviour.txt").write_text(behaviour + "\n")
+        launcher = root / "bin" / "agent"
+        launcher.write_text(f'#!/bin/sh\nexec "{PY}" -u "$(dirname "$0")/../agent.py" "$@"\n')
+        launcher.chmod(0o755)
+        return root
+
+    def build(self, version: str, behaviour: str = "good", component: str = "app", *,
+              signed_component: str | None = None, signed_version: str | None = None,
+              expires: float | None = None, nodes: list[str] | None = None, tree: Path | None = None,
+              name: str | None = None) -> Package:
+        from helper.package_tool import build_package
+
+        tree = tree or self.tree(version, behaviour)
+        out = self.base / "pkgs" / (name or f"{component}-{version}-{behaviour}.tar.gz")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        build_package(tree, out, True)
+        return self.sign(out, component, version, signed_component=signed_component, signed_version=signed_version,
+                         expires=expires, nodes=nodes)
+
+    def sign(self, path: Path, component: str, version: str, *, signed_component: str | None = None,
+             signed_version: str | None = None, expires: float | None = None, nodes: list[str] | None = None,
+             secret: Any = None) -> Package:
+        from baton.digest import digest_stream
+        from baton.signing import format_manifest, sign_prehash
+
+        with open(path, "rb") as f:
+            d = digest_stream(f)
+        manifest = format_manifest(signed_component or component, signed_version or version, expires=expires,
+                                   nodes=nodes)
+        sig = sign_prehash(secret or self.secret, d.blake2b512, manifest)
+        return Package(path, d.sha256_hex, d.size, sig, component, version)
+
+
+def install_version(install_root: Path, component: str, version: str, tree: Path) -> None:
+    """Provision a version directly on disk, as an installer would before the first supervisor start."""
+    import shutil
+
+    from baton.layout import ComponentLayout
+
+    layout = ComponentLayout(install_root, component)
+    layout.versions_dir.mkdir(parents=True, exist_ok=True)
+    staged = layout.versions_dir / f".staging-{version}"
+    shutil.copytree(tree, staged, symlinks=True)
+    layout.install(staged, version)
+    layout.switch(version)
+
+
+def snapshot_tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[int, int, str]]:
+    """Every path under ``root`` with its mode, size and link target: to prove nothing changed."""
+    out: dict[str, tuple[int, int, str]] = {}
+    if not root.exists():
+        return out
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        if any(rel_dir == s or rel_dir.startswith(s + os.sep) for s in skip):
+            dirnames[:] = []
+            continue
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = os.path.relpath(p, root)
+            if any(rel == s or rel.startswith(s + os.sep) for s in skip):
+                continue
+            st = p.lstat()
+            target = os.readlink(p) if p.is_symlink() else ""
+            out[rel] = (st.st_mode, st.st_size if not p.is_dir() else 0, target)
+    return out
+
+
+@pytest.fixture
+def release(tmp_path: Path) -> Release:
+    return Release(tmp_path / "release")
+
+
+@pytest.fixture
+def pkgserver(tmp_path: Path) -> Iterator[Any]:
+    from tests.pkgserver import PackageServer
+
+    root = tmp_path / "served"
+    root.mkdir()
+    with PackageServer(root) as server:
+        yield server
+
+
+class UpdateHost:
+    """A supervisor with one packaged agent ``app`` at 1.0.0 and the release key trusted."""
+
+    def __init__(self, sup: SupervisorProc, release: Release) -> None:
+        self.sup = sup
+        self.release = release
+        self.install_root = sup.base / "install"
+
+    @property
+    def layout(self) -> Any:
+        from baton.layout import ComponentLayout
+
+        return ComponentLayout(self.install_root, "app")
+
+    def push(self, pkg: Package, **overrides: Any) -> str:
+        return str(self.sup.stub.PushUpdate(pkg.request(**overrides), timeout=10).update_id)
+
+    def wait_final(self, update_id: str, timeout: float = 60) -> daemon_pb2.UpdateStatus:
+        def final() -> Any:
+            st = self.sup.stub.GetUpdate(daemon_pb2.UpdateRef(update_id=update_id), timeout=5)
+            return st if st.finished else None
+
+        return wait_for(final, timeout, interval=0.1, what=f"update {update_id} to finish")
+
+    def journal(self, update_id: str) -> Any:
+        from baton.journal import Journal
+
+        return Journal(self.sup.state_dir).load(update_id)
+
+    def disk(self) -> dict[str, tuple[int, int, str]]:
+        """Everything on disk outside the download and journal areas (and the logs agents write)."""
+        return snapshot_tree(self.sup.base, skip=("state", "supervisor.out", "release"))
+
+
+@pytest.fixture
+def update_host(make_supervisor: Callable[..., SupervisorProc], release: Release) -> UpdateHost:
+    sup = make_supervisor(
+        [{"name": "app", "packaged": True, "command": "bin/agent", "notify": True, "restart": "always",
+          "backoff_initial_s": 0.2, "stop_timeout_s": 5.0}],
+        extra={"update": {"trusted_keys": [str(release.public_key)], "health_timeout_s": 10.0,
+                          "health_window_s": 1.0, "max_backups": 2, "read_timeout_s": 2.0,
+                          "connect_timeout_s": 2.0, "free_space_reserve_bytes": 0}},
+    )
+    install_version(sup.base / "install", "app", "1.0.0", release.tree("1.0.0"))
+    sup.start()
+    sup.wait_agent("app", "running")
+    return UpdateHost(sup, release)

@@ -37,8 +37,8 @@ BAD = {
     "unknown_section": (BASE + "[bogus]\nx = 1\n", "bogus", "unknown section"),
     "wrong_type": (BASE + "[update]\nmax_backups = \"three\"\n", "update.max_backups", "must be an integer"),
     "wrong_type_bool": (BASE + AGENT + "notify = 1\n", "agents[0].notify", "true or false"),
-    "missing_file": (BASE + "[update]\ntrusted_keys = [\"/nonexistent/key.pub\"]\n", "update.trusted_keys[0]",
-                     "not found"),
+    "missing_file": (BASE + "[manager]\naddress = \"127.0.0.1:1\"\ntls_ca = \"/nonexistent/ca.pem\"\n",
+                     "manager.tls_ca", "not found"),
     "missing_tls_file": (BASE.replace("[grpc]", "[grpc]\ntls_cert = \"/nope/c.pem\"\ntls_key = \"/nope/k.pem\"\n"
                                       "tls_ca = \"/nope/ca.pem\""), "grpc.tls_cert", "not found"),
     "relative_path": (BASE.replace('state_dir = "/tmp/baton-cfg-test/state"', 'state_dir = "state"'),

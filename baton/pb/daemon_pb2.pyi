@@ -141,6 +141,7 @@ class UpdateRequest(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     ALLOW_DOWNGRADE_FIELD_NUMBER: _builtins.int
     UPDATE_ID_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     component: _builtins.str
     """an agent's name, or "supervisor" """
@@ -156,6 +157,8 @@ class UpdateRequest(_message.Message):
     allow_downgrade: _builtins.bool
     update_id: _builtins.str
     """optional; the supervisor assigns one when empty"""
+    force: _builtins.bool
+    """retry a version that failed or was rolled back before"""
     def __init__(
         self,
         *,
@@ -168,10 +171,11 @@ class UpdateRequest(_message.Message):
         size: _builtins.int = ...,
         allow_downgrade: _builtins.bool = ...,
         update_id: _builtins.str = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_downgrade", b"allow_downgrade", "component", b"component", "download_url", b"download_url", "node_id", b"node_id", "sha256", b"sha256", "signature", b"signature", "size", b"size", "update_id", b"update_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_downgrade", b"allow_downgrade", "component", b"component", "download_url", b"download_url", "force", b"force", "node_id", b"node_id", "sha256", b"sha256", "signature", b"signature", "size", b"size", "update_id", b"update_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,194 @@
+"""The update journal: one crash-safe record per update, shared by supervisor and helper.
+
+``<state_dir>/updates/<update_id>/journal.json`` is rewritten whole on every
+state change (write temp, fsync, rename, fsync dir), so after a kill -9 it holds
+the last state that was reached, never a torn one. The helper is the only
+writer while it runs (it holds the component's lock); the supervisor creates
+the record (REQUESTED) and reads it. Byte-level download progress is not
+worth an fsync: it goes to ``progress.json`` beside it, written with a plain
+atomic rename.
+
+Format version 1. Readers ignore unknown keys, so a newer writer can add some.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from baton import durable
+from baton.errors import BatonError
+from baton.states import UpdateState
+
+JOURNAL_FORMAT = 1
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class JournalError(BatonError):
+    pass
+
+
+@dataclass(frozen=True)
+class UpdateRequestRecord:
+    node_id: str
+    component: str
+    version: str
+    download_url: str
+    sha256: str
+    signature: str
+    size: int
+    allow_downgrade: bool = False
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Transition:
+    state: str
+    at: float
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    update_id: str
+    request: UpdateRequestRecord
+    state: UpdateState = UpdateState.REQUESTED
+    from_version: str = ""
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    finished_at: float = 0.0
+    success: bool = False
+    rolled_back: bool = False
+    error: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    history: tuple[Transition, ...] = ()
+    settled: bool = False
+    attempts: int = 0
+    helper_pid: int = 0
+    last_log: str = ""
+    format: int = JOURNAL_FORMAT
+
+    @property
+    def component(self) -> str:
+        return self.request.component
+
+    @property
+    def to_version(self) -> str:
+        return self.request.version
+
+    @property
+    def final(self) -> bool:
+        return self.state.final
+
+    def moved(self, state: UpdateState, note: str = "", **changes: Any) -> UpdateRecord:
+        now = time.time()
+        return replace(self, state=state, updated_at=now, history=(*self.history, Transition(state.value, now, note)),
+                       **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["state"] = self.state.value
+        d["history"] = [asdict(t) for t in self.history]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> UpdateRecord:
+        req = d["request"]
+        known_req = {k: req[k] for k in UpdateRequestRecord.__dataclass_fields__ if k in req}
+        return cls(
+            update_id=d["update_id"],
+            request=UpdateRequestRecord(**known_req),
+            state=UpdateState(d["state"]),
+            from_version=d.get("from_version", ""),
+            created_at=d.get("created_at", 0.0),
+            updated_at=d.get("updated_at", 0.0),
+            finished_at=d.get("finished_at", 0.0),
+            success=d.get("success", False),
+            rolled_back=d.get("rolled_back", False),
+            error=d.get("error", ""),
+            timings=dict(d.get("timings", {})),
+            history=tuple(Transition(**t) for t in d.get("history", [])),
+            settled=d.get("settled", False),
+            attempts=d.get("attempts", 0),
+            helper_pid=d.get("helper_pid", 0),
+            last_log=d.get("last_log", ""),
+            format=d.get("format", JOURNAL_FORMAT),
+        )
+
+
+def valid_update_id(update_id: str) -> bool:
+    return bool(_ID_RE.match(update_id))
+
+
+class Journal:
+    """All update records under ``<state_dir>/updates``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = Path(state_dir) / "updates"
+
+    def dir(self, update_id: str) -> Path:
+        if not valid_update_id(update_id):
+            raise JournalError(f"invalid update id {update_id!r}")
+        return self.root / update_id
+
+    def path(self, update_id: str) -> Path:
+        return self.dir(update_id) / "journal.json"
+
+    def progress_path(self, update_id: str) -> Path:
+        return self.dir(update_id) / "progress.json"
+
+    def create(self, rec: UpdateRecord) -> None:
+        d = self.dir(rec.update_id)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            raise JournalError(f"update {rec.update_id} already exists") from None
+        durable.fsync_dir(self.root)
+        self.save(rec.moved(UpdateState.REQUESTED))
+
+    def save(self, rec: UpdateRecord) -> None:
+        durable.write_json(self.path(rec.update_id), rec.to_json(), 0o600)
+
+    def load(self, update_id: str) -> UpdateRecord:
+        try:
+            return UpdateRecord.from_json(durable.read_json(self.path(update_id)))
+        except FileNotFoundError:
+            raise JournalError(f"no update {update_id!r}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise JournalError(f"journal of update {update_id} is unreadable: {e!r}") from None
+
+    def all(self) -> list[UpdateRecord]:
+        out: list[UpdateRecord] = []
+        if not self.root.is_dir():
+            return out
+        for d in sorted(self.root.iterdir()):
+            if d.is_dir() and (d / "journal.json").is_file():
+                try:
+                    out.append(self.load(d.name))
+                except JournalError:
+                    continue
+        out.sort(key=lambda r: r.created_at)
+        return out
+
+    def unfinished(self) -> list[UpdateRecord]:
+        """Updates still needing a helper: not final, or final with their after-effects not yet settled."""
+        return [r for r in self.all() if not (r.final and r.settled)]
+
+    def write_progress(self, update_id: str, progress: dict[str, Any]) -> None:
+        """Not durable on purpose: progress is advisory and frequent."""
+        p = self.progress_path(update_id)
+        tmp = p.with_name(f".progress.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(progress))
+        os.replace(tmp, p)
+
+    def read_progress(self, update_id: str) -> dict[str, Any]:
+        try:
+            return dict(json.loads(self.progress_path(update_id).read_text()))
+        except (OSError, ValueError):
+            return {}

@@ -1,0 +1,148 @@
+"""Command line of the helper.
+
+``helper apply --update-id ID``      carry out (or resume) one update from its journal
+``helper verify PACKAGE ...``        check a package offline exactly as an update would
+``helper --rollback [COMPONENT]``    switch back to the previous version by hand
+``helper --status``                  components, current and backup versions, unfinished updates
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from loguru import logger
+
+from baton.config import Config, ConfigError, load_config
+from baton.errors import BatonError
+
+DEFAULT_CONFIG = "/etc/baton/supervisor.toml"
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_BUSY = 75
+
+
+def _setup_logging(json: bool = False) -> None:
+    logger.remove()
+    logger.add(sys.stderr, level="INFO", serialize=json,
+               format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} [helper {process}] {message}")
+
+
+def _load(path: str) -> Config:
+    try:
+        return load_config(Path(path))
+    except ConfigError as e:
+        print(f"helper: config error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def control_socket(cfg: Config) -> Path:
+    return cfg.run_dir / "control.sock"
+
+
+def cmd_apply(ns: argparse.Namespace) -> int:
+    from baton.journal import Journal
+    from helper.control import SupervisorControl
+    from helper.locks import ComponentBusy, ComponentLock
+    from helper.machine import UpdateRun
+
+    _setup_logging(ns.json)
+    cfg = _load(ns.config)
+    journal = Journal(cfg.node.state_dir)
+    try:
+        rec = journal.load(ns.update_id)
+    except BatonError as e:
+        print(f"helper: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    socket = Path(ns.socket) if ns.socket else control_socket(cfg)
+    try:
+        with ComponentLock(cfg.node.state_dir, rec.component):
+            run = UpdateRun(cfg, journal, ns.update_id, lambda: SupervisorControl(socket))
+            final = run.run()
+    except ComponentBusy as e:
+        print(f"helper: {e}", file=sys.stderr)
+        return EXIT_BUSY
+    print(f"update {final.update_id}: {final.state.value}" + (f": {final.error}" if final.error else ""))
+    return 0 if final.success else EXIT_FAILED
+
+
+def cmd_verify(ns: argparse.Namespace) -> int:
+    from baton.signing import load_trusted_keys
+    from helper.verify import format_verified, verify_file
+
+    keys_paths = ns.key or []
+    if not keys_paths and ns.config:
+        keys_paths = [str(k) for k in _load(ns.config).update.trusted_keys]
+    try:
+        keys = load_trusted_keys(keys_paths)
+        vp = verify_file(ns.package, ns.signature, keys, ns.component, ns.version, node_id=ns.node, now=time.time())
+    except BatonError as e:
+        print(f"helper verify: REFUSED: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(format_verified(vp))
+    print("OK: the package would be accepted")
+    return 0
+
+
+def cmd_status(ns: argparse.Namespace) -> int:
+    from helper.recovery import status_report
+
+    print(status_report(_load(ns.config)))
+    return 0
+
+
+def cmd_rollback(ns: argparse.Namespace) -> int:
+    from helper.recovery import RollbackError, manual_rollback
+
+    _setup_logging()
+    cfg = _load(ns.config)
+    try:
+        print(manual_rollback(cfg, ns.rollback))
+    except (RollbackError, BatonError) as e:
+        print(f"helper --rollback: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="helper", description="Baton update helper")
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help="the supervisor's config file")
+    p.add_argument("--rollback", nargs="?", const="supervisor", metavar="COMPONENT",
+                   help="switch COMPONENT (default: supervisor) back to its previous version")
+    p.add_argument("--status", action="store_true", help="list components, versions and unfinished updates")
+    sub = p.add_subparsers(dest="cmd")
+    a = sub.add_parser("apply", help="carry out or resume one update (started by the supervisor)")
+    a.add_argument("--config", "-c", dest="config", default=argparse.SUPPRESS)
+    a.add_argument("--update-id", required=True)
+    a.add_argument("--socket", help="the supervisor's control socket (default: <state_dir>/run/control.sock)")
+    a.add_argument("--json", action="store_true", help="log JSON lines")
+    a.set_defaults(fn=cmd_apply)
+    v = sub.add_parser("verify", help="check a package offline exactly as an update would")
+    v.add_argument("package")
+    v.add_argument("--signature", required=True)
+    v.add_argument("--component", required=True)
+    v.add_argument("--version", required=True)
+    v.add_argument("--key", action="append", help="trusted public key file (repeatable); default: the config's")
+    v.add_argument("--node", help="this node's id, checked against the manifest's nodes=")
+    v.add_argument("--config", "-c", dest="config", default=None)
+    v.set_defaults(fn=cmd_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    ns = p.parse_args(argv)
+    if ns.rollback is not None:
+        return cmd_rollback(ns)
+    if ns.status:
+        return cmd_status(ns)
+    if ns.cmd is None:
+        p.print_usage(sys.stderr)
+        return EXIT_USAGE
+    return int(ns.fn(ns))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

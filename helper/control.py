@@ -1,0 +1,109 @@
+"""The helper's side of the supervisor: restart an agent and judge its health.
+
+The supervisor owns the agent processes, so the helper never starts or kills
+an agent itself: it asks the supervisor over its private control socket and
+watches what the supervisor reports.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+
+from baton.errors import BatonError
+from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
+
+POLL_S = 0.1
+
+
+class SupervisorUnavailable(BatonError):
+    pass
+
+
+class HealthCheckFailed(BatonError):
+    """The new version did not become ready, or did not stay up through the health window."""
+
+
+def state_name(state: int) -> str:
+    return common_pb2.AgentState.Name(state).removeprefix("AGENT_STATE_").lower()  # type: ignore[arg-type]
+
+
+class SupervisorControl:
+    def __init__(self, socket_path: Path, rpc_timeout_s: float = 30.0) -> None:
+        self.target = f"unix:{socket_path}"
+        self.rpc_timeout_s = rpc_timeout_s
+        self._channel = grpc.insecure_channel(self.target)
+        self._stub = daemon_pb2_grpc.DaemonServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: str, request: object) -> object:
+        try:
+            return getattr(self._stub, method)(request, timeout=self.rpc_timeout_s)
+        except grpc.RpcError as e:
+            raise SupervisorUnavailable(
+                f"supervisor at {self.target}: {method} failed: {e.code().name} {e.details()}"
+            ) from None
+
+    def reachable(self) -> bool:
+        try:
+            self._stub.GetStatus(daemon_pb2.GetStatusRequest(), timeout=2.0)
+            return True
+        except grpc.RpcError:
+            return False
+
+    def agent(self, name: str) -> common_pb2.AgentInfo:
+        resp = self._call("ListAgents", daemon_pb2.ListAgentsRequest())
+        for a in resp.agents:  # type: ignore[attr-defined]
+            if a.name == name:
+                return a
+        raise SupervisorUnavailable(f"the supervisor does not know agent {name!r}")
+
+    def restart(self, name: str) -> common_pb2.AgentInfo:
+        return self._call("RestartAgent", daemon_pb2.AgentRef(name=name))  # type: ignore[return-value]
+
+    def stop(self, name: str) -> common_pb2.AgentInfo:
+        return self._call("StopAgent", daemon_pb2.AgentRef(name=name))  # type: ignore[return-value]
+
+    def wait_healthy(self, name: str, version: str, ready_timeout_s: float, window_s: float) -> common_pb2.AgentInfo:
+        """Ready (READY=1 or start_seconds) within ``ready_timeout_s``, then up for ``window_s`` with one pid.
+
+        Raises:
+            HealthCheckFailed: with what was seen (state, exit status, last error).
+        """
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            a = self.agent(name)
+            if a.version != version and a.pid:
+                raise HealthCheckFailed(f"agent {name} runs version {a.version!r}, expected {version!r}")
+            if a.state == common_pb2.AGENT_STATE_RUNNING:
+                break
+            if a.state in (common_pb2.AGENT_STATE_BACKOFF, common_pb2.AGENT_STATE_FATAL,
+                           common_pb2.AGENT_STATE_EXITED, common_pb2.AGENT_STATE_STOPPED):
+                raise HealthCheckFailed(f"agent {name} {version} is {state_name(a.state)} before it was ready: "
+                                        f"{_describe(a)}")
+            if time.monotonic() > deadline:
+                raise HealthCheckFailed(f"agent {name} {version} not ready within {ready_timeout_s:g}s "
+                                        f"(still {state_name(a.state)})")
+            time.sleep(POLL_S)
+        pid, restarts = a.pid, a.restarts
+        window_end = time.monotonic() + window_s
+        while time.monotonic() < window_end:
+            time.sleep(min(POLL_S, max(0.0, window_end - time.monotonic())))
+            a = self.agent(name)
+            if a.state != common_pb2.AGENT_STATE_RUNNING or a.pid != pid or a.restarts != restarts:
+                raise HealthCheckFailed(f"agent {name} {version} died within the {window_s:g}s health window: "
+                                        f"{state_name(a.state)}, {_describe(a)}")
+        return a
+
+
+def _describe(a: common_pb2.AgentInfo) -> str:
+    parts = []
+    if a.has_exit_status:
+        parts.append(f"last exit status {a.last_exit_status}")
+    if a.last_error:
+        parts.append(a.last_error)
+    return "; ".join(parts) or "no exit status"

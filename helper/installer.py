@@ -1,0 +1,102 @@
+"""The disk side of an update: download, verify, stage, switch, prune.
+
+Everything here works on files only; talking to running processes is
+``control.py``'s job and sequencing is ``machine.py``'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+
+from baton.config import Config
+from baton.errors import BatonError
+from baton.journal import UpdateRecord
+from baton.layout import ComponentLayout
+from baton.signing import PublicKey, load_trusted_keys
+from helper.archive import ExtractLimits, extract_package
+from helper.download import DownloadedFile, DownloadLimits, DownloadProgress, download
+from helper.verify import VerifiedPackage, verify_package
+
+
+class VerifyTimeout(BatonError):
+    def __init__(self, limit_s: float) -> None:
+        super().__init__(f"verification did not finish within verify_timeout_s={limit_s:g}s")
+
+
+class Installer:
+    def __init__(self, cfg: Config, component: str) -> None:
+        self.cfg = cfg
+        self.layout = ComponentLayout(cfg.node.install_root, component)
+
+    def package_path(self, update_id: str) -> Path:
+        return self.cfg.download_dir / f"{update_id}.pkg"
+
+    def trusted_keys(self) -> tuple[PublicKey, ...]:
+        """Fail closed: no key, or a key that cannot be read, refuses every update."""
+        return load_trusted_keys(self.cfg.update.trusted_keys)
+
+    def limits(self) -> DownloadLimits:
+        u = self.cfg.update
+        return DownloadLimits(
+            connect_timeout_s=u.connect_timeout_s,
+            read_timeout_s=u.read_timeout_s,
+            total_timeout_s=u.download_timeout_s,
+            min_rate_bytes_per_s=u.min_rate_bytes_per_s,
+            min_rate_window_s=u.min_rate_window_s,
+            free_space_reserve_bytes=u.free_space_reserve_bytes,
+        )
+
+    def download(self, rec: UpdateRecord, progress: Callable[[DownloadProgress], None]) -> DownloadedFile:
+        self.cfg.download_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return download(rec.request.download_url, self.package_path(rec.update_id),
+                        expected_size=rec.request.size, limits=self.limits(), progress=progress)
+
+    def verify(self, dl: DownloadedFile, rec: UpdateRecord, keys: tuple[PublicKey, ...]) -> VerifiedPackage:
+        req = rec.request
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            fut = pool.submit(
+                verify_package, dl.digests, expected_sha256=req.sha256, expected_size=req.size,
+                signature_text=req.signature, trusted_keys=keys, component=req.component, version=req.version,
+                node_id=self.cfg.node.id, now=time.time(),
+            )
+            try:
+                return fut.result(timeout=self.cfg.update.verify_timeout_s)
+            except FutureTimeout:
+                raise VerifyTimeout(self.cfg.update.verify_timeout_s) from None
+
+    def stage(self, dl: DownloadedFile, version: str) -> Path:
+        """Extract the verified bytes into a fresh private directory, then move it into place."""
+        u = self.cfg.update
+        self.layout.versions_dir.mkdir(parents=True, exist_ok=True)
+        staged = extract_package(dl.file, self.layout.versions_dir,
+                                 ExtractLimits(max_files=u.max_files, max_unpacked_bytes=u.max_unpacked_bytes))
+        return self.layout.install(staged, version)
+
+    def discard_download(self, update_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.package_path(update_id).unlink()
+
+    def discard_version(self, version: str) -> None:
+        if version and version != self.layout.current_version():
+            self.layout.remove(version)
+
+    def prune(self, keep: int) -> list[str]:
+        """Keep the current version and the ``keep`` most recently installed others."""
+        self.layout.remove_incomplete()
+        current = self.layout.current_version()
+        others = [v for v in self.layout.installed_versions() if v != current]
+        removed = others[keep:]
+        for v in removed:
+            self.layout.remove(v)
+        return removed
+
+    def remove_staging_leftovers(self) -> None:
+        if self.layout.versions_dir.is_dir():
+            for d in self.layout.versions_dir.glob(".staging-*"):
+                shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,271 @@
+"""The update state machine of one Agent update: every state, transition and failure, in one place.
+
+::
+
+    REQUESTED -> DOWNLOADING -> VERIFYING -> STAGING -> SWITCHING -> RESTARTING -> WATCHING -> COMMITTED
+        |             |             |           |           |             |            |
+        +-------------+-------------+-----------+--> FAILED +-------------+------------+--> ROLLING_BACK
+                                                                                               |
+                                                                                         ROLLED_BACK
+
+Before SWITCHING nothing outside the download and journal areas has changed,
+so a failure there is FAILED: the staging directory and the download are
+removed and the running agent was never touched. From SWITCHING on, the
+``current`` link may point at the new version, so any failure rolls back:
+switch the link back, restart the old version through the supervisor, check it
+is healthy. Only COMMITTED moves the component's high-water mark.
+
+A helper that starts on a journal left unfinished by a killed helper does what
+:data:`RECOVERY` says for the state it finds. The journal write of a state
+happens before that state's work, so the work of the last recorded state may
+or may not have been done; every step is idempotent.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from loguru import logger
+
+from baton.admission import check_request
+from baton.config import Config
+from baton.errors import BatonError
+from baton.journal import Journal, UpdateRecord
+from baton.marks import Marks
+from baton.states import UpdateState as S
+from helper import faults
+from helper.control import HealthCheckFailed, SupervisorControl, SupervisorUnavailable
+from helper.download import DownloadedFile, DownloadProgress
+from helper.installer import Installer
+
+TRANSITIONS: dict[S, frozenset[S]] = {
+    S.REQUESTED: frozenset({S.DOWNLOADING, S.FAILED}),
+    S.DOWNLOADING: frozenset({S.DOWNLOADING, S.VERIFYING, S.FAILED}),
+    S.VERIFYING: frozenset({S.DOWNLOADING, S.STAGING, S.FAILED}),
+    S.STAGING: frozenset({S.DOWNLOADING, S.SWITCHING, S.FAILED}),
+    S.SWITCHING: frozenset({S.RESTARTING, S.ROLLING_BACK}),
+    S.RESTARTING: frozenset({S.WATCHING, S.ROLLING_BACK}),
+    S.WATCHING: frozenset({S.COMMITTED, S.ROLLING_BACK}),
+    S.ROLLING_BACK: frozenset({S.ROLLING_BACK, S.ROLLED_BACK}),
+    S.COMMITTED: frozenset(),
+    S.ROLLED_BACK: frozenset(),
+    S.FAILED: frozenset(),
+}
+
+RECOVERY: dict[S, str] = {
+    S.REQUESTED: "start from the beginning",
+    S.DOWNLOADING: "resume the download (HTTP Range), then go on",
+    S.VERIFYING: "re-hash the downloaded file and verify again",
+    S.STAGING: "discard the staging directory, re-verify and stage again",
+    S.SWITCHING: "roll back: the new version was never judged healthy",
+    S.RESTARTING: "roll back",
+    S.WATCHING: "roll back",
+    S.ROLLING_BACK: "roll back again (idempotent)",
+}
+
+PRE_SWITCH = frozenset({S.REQUESTED, S.DOWNLOADING, S.VERIFYING, S.STAGING})
+MAX_ATTEMPTS = 5
+ControlFactory = Callable[[], SupervisorControl]
+
+
+class UpdateRun:
+    """Drives one update from whatever state its journal holds to a final state."""
+
+    def __init__(self, cfg: Config, journal: Journal, update_id: str, control: ControlFactory) -> None:
+        self.cfg = cfg
+        self.journal = journal
+        self.update_id = update_id
+        self._control_factory = control
+        self._control: SupervisorControl | None = None
+        self.rec = journal.load(update_id)
+        self.installer = Installer(cfg, self.rec.component)
+        self.marks = Marks(cfg.node.state_dir)
+        self._last_progress = 0.0
+
+    # ---- journal -------------------------------------------------------------------------------------
+
+    def _move(self, state: S, note: str = "", **changes: object) -> None:
+        if state not in TRANSITIONS[self.rec.state]:
+            raise RuntimeError(f"update {self.update_id}: illegal transition {self.rec.state.value} -> {state.value}")
+        self.rec = self.rec.moved(state, note, **changes)
+        self.journal.save(self.rec)
+        logger.info("update {} {} {}: {}{}", self.update_id, self.rec.component, self.rec.to_version, state.value,
+                    f" ({note})" if note else "")
+        faults.crash_point(state.value)
+
+    def _timed(self, step: str, started: float) -> dict[str, float]:
+        t = dict(self.rec.timings)
+        t[step] = round(t.get(step, 0.0) + time.monotonic() - started, 6)
+        return t
+
+    def _progress(self, p: DownloadProgress) -> None:
+        self.journal.write_progress(self.update_id, {
+            "step": self.rec.state.value, "bytes_done": p.bytes_done, "bytes_total": p.bytes_total,
+            "rate_bytes_per_second": p.rate_bytes_per_s, "resumed_from": p.resumed_from,
+        })
+
+    @property
+    def control(self) -> SupervisorControl:
+        if self._control is None:
+            self._control = self._control_factory()
+        return self._control
+
+    # ---- driver --------------------------------------------------------------------------------------
+
+    def run(self) -> UpdateRecord:
+        if self.rec.final and self.rec.settled:
+            return self.rec
+        self.rec = replace(self.rec, attempts=self.rec.attempts + 1, helper_pid=os.getpid())
+        self.journal.save(self.rec)
+        if self.rec.final:
+            self._settle()
+            return self.rec
+        faults.crash_point("started")
+        if self.rec.attempts > 1:
+            logger.warning("update {}: resuming in state {} (attempt {}): {}", self.update_id, self.rec.state.value,
+                           self.rec.attempts, RECOVERY.get(self.rec.state, "nothing to do"))
+        try:
+            if self.rec.attempts > MAX_ATTEMPTS:
+                self._give_up()
+            elif self.rec.state in PRE_SWITCH:
+                if self._prepare():
+                    self._switch_and_check()
+            else:
+                self._rollback(self.rec.error or f"the helper was interrupted in state {self.rec.state.value}")
+        finally:
+            if self._control is not None:
+                self._control.close()
+        return self.rec
+
+    def _give_up(self) -> None:
+        reason = f"gave up after {MAX_ATTEMPTS} helper attempts"
+        if self.rec.state in PRE_SWITCH:
+            self._fail(reason)
+        else:
+            self._rollback(reason)
+
+    # ---- before the switch: any failure is FAILED and changes nothing ----------------------------------------
+
+    def _prepare(self) -> bool:
+        req = self.rec.request
+        dl: DownloadedFile | None = None
+        try:
+            if self.rec.state is S.REQUESTED:
+                check_request(self.cfg, component=req.component, version=req.version, download_url=req.download_url,
+                              sha256=req.sha256, size=req.size, signature=req.signature, node_id=req.node_id,
+                              allow_downgrade=req.allow_downgrade, force=req.force)
+            keys = self.installer.trusted_keys()
+            self.installer.remove_staging_leftovers()
+            self._move(S.DOWNLOADING, "" if self.rec.attempts == 1 else "recovery")
+            t0 = time.monotonic()
+            dl = self.installer.download(self.rec, self._progress)
+            self._move(S.VERIFYING, timings=self._timed("download", t0))
+            t0 = time.monotonic()
+            verified = self.installer.verify(dl, self.rec, keys)
+            logger.info("update {}: signature by key {} over manifest {!r}", self.update_id, verified.key_id_hex,
+                        verified.manifest)
+            self._move(S.STAGING, timings=self._timed("verify", t0))
+            t0 = time.monotonic()
+            self.installer.stage(dl, req.version)
+            self.rec = replace(self.rec, timings=self._timed("stage", t0))
+            return True
+        except BatonError as e:
+            self._fail(str(e), error_class=type(e).__name__)
+            return False
+        finally:
+            if dl is not None:
+                dl.close()
+
+    def _fail(self, reason: str, error_class: str = "") -> None:
+        self.installer.remove_staging_leftovers()
+        if self.rec.state is S.STAGING:
+            self.installer.discard_version(self.rec.to_version)
+        error = f"{error_class}: {reason}" if error_class else reason
+        self._move(S.FAILED, error, error=error, success=False, finished_at=time.time())
+        self._settle()
+
+    # ---- the switch and after: any failure rolls back ---------------------------------------------------------
+
+    def _switch_and_check(self) -> None:
+        req = self.rec.request
+        t0 = time.monotonic()
+        self._move(S.SWITCHING)
+        self.installer.layout.switch(req.version)
+        self._move(S.RESTARTING, timings=self._timed("switch", t0))
+        try:
+            t0 = time.monotonic()
+            self.control.restart(req.component)
+            self._move(S.WATCHING, timings=self._timed("restart", t0))
+            t0 = time.monotonic()
+            u = self.cfg.update
+            self.control.wait_healthy(req.component, req.version, u.health_timeout_s, u.health_window_s)
+            self.rec = replace(self.rec, timings=self._timed("health", t0))
+        except (HealthCheckFailed, SupervisorUnavailable) as e:
+            self._rollback(str(e))
+            return
+        self._commit()
+
+    def _commit(self) -> None:
+        self._move(S.COMMITTED, success=True, finished_at=time.time())
+        self._settle()
+
+    def _rollback(self, reason: str) -> None:
+        req = self.rec.request
+        t0 = time.monotonic()
+        self._move(S.ROLLING_BACK, reason, error=reason)
+        layout = self.installer.layout
+        old = self.rec.from_version
+        last_log = self._agent_log_tail(req.component)
+        notes = []
+        if old and layout.is_installed(old):
+            layout.switch(old)
+            try:
+                self.control.restart(req.component)
+                u = self.cfg.update
+                self.control.wait_healthy(req.component, old, u.health_timeout_s, 0.0)
+            except (HealthCheckFailed, SupervisorUnavailable) as e:
+                notes.append(f"the old version {old} is not healthy either: {e}")
+        else:
+            from baton import durable
+
+            durable.remove_file(layout.current_link)
+            try:
+                self.control.stop(req.component)
+            except SupervisorUnavailable as e:
+                notes.append(str(e))
+        error = "; ".join([reason, *notes])
+        self._move(S.ROLLED_BACK, error=error, rolled_back=True, success=False, finished_at=time.time(),
+                   last_log=last_log, timings=self._timed("rollback", t0))
+        self._settle()
+
+    # ---- after a final state: idempotent effects, redone by a helper that finds them unsettled ----------------
+
+    def _settle(self) -> None:
+        """Move the mark (only on COMMITTED), prune backups, drop the download and staging leftovers."""
+        req = self.rec.request
+        t0 = time.monotonic()
+        if self.rec.state is S.COMMITTED:
+            self.marks.committed(req.component, req.version)
+            removed = self.installer.prune(self.cfg.update.max_backups)
+            logger.info("update {} committed {} {}; pruned {}", self.update_id, req.component, req.version,
+                        removed or "nothing")
+        elif self.rec.state is S.ROLLED_BACK:
+            self.marks.record_failure(req.component, req.version)
+            self.installer.discard_version(req.version)
+        self.installer.remove_staging_leftovers()
+        self.installer.discard_download(self.update_id)
+        faults.crash_point("settling")
+        self.rec = replace(self.rec, settled=True, timings=self._timed("settle", t0))
+        self.journal.save(self.rec)
+
+    def _agent_log_tail(self, component: str, max_bytes: int = 2048) -> str:
+        path = self.cfg.log_dir / f"{component}.log"
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - max_bytes))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""

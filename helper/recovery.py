@@ -1,0 +1,76 @@
+"""What an operator can do by hand: see versions and unfinished updates, roll back.
+
+``helper --rollback AGENT`` switches the agent back to its most recently
+installed other version and restarts it through the supervisor; when the
+supervisor is down it only switches the link, and the next supervisor start
+runs the old version.
+"""
+
+from __future__ import annotations
+
+from baton.config import SUPERVISOR_COMPONENT, Config
+from baton.errors import BatonError
+from baton.journal import Journal
+from baton.layout import ComponentLayout
+from baton.marks import Marks
+from helper.control import HealthCheckFailed, SupervisorControl, SupervisorUnavailable
+from helper.locks import ComponentLock
+
+
+class RollbackError(BatonError):
+    pass
+
+
+def components(cfg: Config) -> list[str]:
+    return [a.name for a in cfg.agents if a.packaged] + [SUPERVISOR_COMPONENT]
+
+
+def status_report(cfg: Config) -> str:
+    marks = Marks(cfg.node.state_dir)
+    rows = [("COMPONENT", "CURRENT", "BACKUPS (newest first)", "HIGHEST", "FAILED")]
+    for comp in components(cfg):
+        layout = ComponentLayout(cfg.node.install_root, comp)
+        cur = layout.current_version()
+        backups = [v for v in layout.installed_versions() if v != cur]
+        rows.append((comp, cur or "-", ", ".join(backups) or "-", marks.highest(comp) or "-",
+                     ", ".join(marks.failed(comp)) or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    unfinished = Journal(cfg.node.state_dir).unfinished()
+    out.append("")
+    if unfinished:
+        out.append("unfinished updates:")
+        out += [f"  {r.update_id}  {r.component} {r.from_version or '-'} -> {r.to_version}  {r.state.value}"
+                for r in unfinished]
+    else:
+        out.append("no unfinished update")
+    return "\n".join(out)
+
+
+def manual_rollback(cfg: Config, component: str) -> str:
+    if component not in components(cfg):
+        raise RollbackError(f"unknown component {component!r}; known: {', '.join(components(cfg))}")
+    if component == SUPERVISOR_COMPONENT:
+        raise RollbackError("rolling back the supervisor itself is not supported by this version")
+    layout = ComponentLayout(cfg.node.install_root, component)
+    with ComponentLock(cfg.node.state_dir, component):
+        cur = layout.current_version()
+        backups = [v for v in layout.installed_versions() if v != cur]
+        if not backups:
+            raise RollbackError(f"{component}: no earlier version installed to roll back to (current {cur or '-'})")
+        target = backups[0]
+        layout.switch(target)
+        if cur:
+            Marks(cfg.node.state_dir).record_failure(component, cur)
+        control = SupervisorControl(cfg.run_dir / "control.sock", rpc_timeout_s=10.0)
+        try:
+            if not control.reachable():
+                return (f"{component}: switched {cur} -> {target}; the supervisor is not running, "
+                        f"so the next start runs {target}")
+            control.restart(component)
+            control.wait_healthy(component, target, cfg.update.health_timeout_s, 0.0)
+        except (SupervisorUnavailable, HealthCheckFailed) as e:
+            raise RollbackError(f"{component}: switched {cur} -> {target}, but: {e}") from None
+        finally:
+            control.close()
+    return f"{component}: rolled back {cur} -> {target}; running"

@@ -1,0 +1,301 @@
+"""The supervisor's side of updates: admit a push, spawn the helper, watch it, show progress.
+
+``PushUpdate`` checks the request (component, version, downgrade, one update
+per component), writes the journal record (REQUESTED) and spawns a helper
+process in its own session; it returns the update id at once. The supervisor
+watches each helper through a pidfd: a helper that dies before its update
+reaches a final state is started again, and the new one finishes or rolls back
+what the journal says. A supervisor that starts and finds unfinished updates
+does the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiofiles
+import grpc
+from loguru import logger
+
+from baton.admission import UnknownComponent, UpdateRefused, check_request
+from baton.config import SUPERVISOR_COMPONENT, Config
+from baton.journal import Journal, JournalError, UpdateRecord, UpdateRequestRecord, valid_update_id
+from baton.layout import ComponentLayout
+from baton.pb import common_pb2, daemon_pb2
+from baton.states import UpdateState
+
+MAX_HELPER_STARTS = 5
+PRE_SWITCH_STATES = frozenset({UpdateState.REQUESTED, UpdateState.DOWNLOADING, UpdateState.VERIFYING,
+                               UpdateState.STAGING})
+RESPAWN_DELAY_S = 0.5
+WATCH_POLL_S = 0.1
+HELPER_EXIT_WAIT_S = 5.0
+
+_STATE_PB = {s: getattr(common_pb2, f"UPDATE_STATE_{s.name}") for s in UpdateState}
+
+
+def update_status(rec: UpdateRecord, progress: dict[str, object]) -> daemon_pb2.UpdateStatus:
+    return daemon_pb2.UpdateStatus(
+        update_id=rec.update_id,
+        component=rec.component,
+        from_version=rec.from_version,
+        to_version=rec.to_version,
+        state=_STATE_PB[rec.state],
+        step=rec.state.value,
+        bytes_done=int(progress.get("bytes_done", 0)),  # type: ignore[call-overload]
+        bytes_total=int(progress.get("bytes_total", rec.request.size)),  # type: ignore[call-overload]
+        rate_bytes_per_second=float(progress.get("rate_bytes_per_second", 0.0)),  # type: ignore[arg-type]
+        finished=rec.final and rec.settled,
+        success=rec.success,
+        rolled_back=rec.rolled_back,
+        error=rec.error,
+        timings=[common_pb2.StepTiming(step=k, seconds=v) for k, v in rec.timings.items()],
+        updated_at=rec.updated_at,
+    )
+
+
+def update_result(rec: UpdateRecord, node_id: str) -> common_pb2.UpdateResult:
+    return common_pb2.UpdateResult(
+        update_id=rec.update_id,
+        node_id=node_id,
+        component=rec.component,
+        from_version=rec.from_version,
+        to_version=rec.to_version,
+        success=rec.success,
+        rolled_back=rec.rolled_back,
+        error=rec.error,
+        timings=[common_pb2.StepTiming(step=k, seconds=v) for k, v in rec.timings.items()],
+        state=_STATE_PB[rec.state],
+        started_at=rec.created_at,
+        finished_at=rec.finished_at,
+    )
+
+
+class HelperProcess:
+    def __init__(self, update_id: str, popen: subprocess.Popen[bytes]) -> None:
+        self.update_id = update_id
+        self.popen = popen
+        self.pidfd = os.pidfd_open(popen.pid)
+
+
+class UpdateManager:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.journal = Journal(cfg.node.state_dir)
+        self.active: dict[str, str] = {}
+        self.helpers: dict[str, HelperProcess] = {}
+        self.starts: dict[str, int] = {}
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+
+    @property
+    def control_socket(self) -> Path:
+        return self.cfg.run_dir / "control.sock"
+
+    # ---- start-up ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume every update a killed helper or supervisor left unfinished."""
+        for rec in self.journal.unfinished():
+            if rec.component == SUPERVISOR_COMPONENT:
+                continue
+            logger.warning("update {} of {} is unfinished ({}); starting a helper to finish it",
+                           rec.update_id, rec.component, rec.state.value)
+            self.active[rec.component] = rec.update_id
+            self._spawn(rec.update_id)
+
+    # ---- RPCs ----------------------------------------------------------------------------------------
+
+    async def push(self, req: daemon_pb2.UpdateRequest, context: grpc.aio.ServicerContext
+                   ) -> daemon_pb2.UpdateAccepted:
+        running = self.active.get(req.component)
+        if running is not None:
+            running = await self._still_running(running)
+        if running is not None:
+            await context.abort(grpc.StatusCode.ABORTED,
+                                f"update {running} of {req.component} is still running; try again when it ends")
+        if req.update_id and not valid_update_id(req.update_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid update_id {req.update_id!r}")
+        try:
+            check_request(self.cfg, component=req.component, version=req.version, download_url=req.download_url,
+                          sha256=req.sha256, size=req.size, signature=req.signature, node_id=req.node_id,
+                          allow_downgrade=req.allow_downgrade, force=req.force)
+            if req.component == SUPERVISOR_COMPONENT:
+                raise UnknownComponent(req.component, [a.name for a in self.cfg.agents if a.packaged])
+        except UnknownComponent as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except UpdateRefused as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        update_id = req.update_id or uuid.uuid4().hex[:16]
+        rec = UpdateRecord(
+            update_id=update_id,
+            request=UpdateRequestRecord(
+                node_id=req.node_id or self.cfg.node.id, component=req.component, version=req.version,
+                download_url=req.download_url, sha256=req.sha256.lower(), signature=req.signature, size=req.size,
+                allow_downgrade=req.allow_downgrade, force=req.force,
+            ),
+            from_version=ComponentLayout(self.cfg.node.install_root, req.component).current_version() or "",
+        )
+        try:
+            self.journal.create(rec)
+        except JournalError as e:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        self.active[req.component] = update_id
+        logger.info("update {} accepted: {} {} -> {}", update_id, req.component, rec.from_version or "-",
+                    req.version)
+        self._spawn(update_id)
+        return daemon_pb2.UpdateAccepted(update_id=update_id)
+
+    async def _still_running(self, update_id: str) -> str | None:
+        """A settled update's helper is about to exit: wait for it briefly rather than refuse."""
+        rec = await self._load(update_id)
+        if rec is None or not (rec.final and rec.settled):
+            return update_id
+        deadline = time.monotonic() + HELPER_EXIT_WAIT_S
+        while update_id in self.helpers and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return update_id if update_id in self.helpers else None
+
+    async def _load(self, update_id: str) -> UpdateRecord | None:
+        try:
+            path = self.journal.path(update_id)
+            async with aiofiles.open(path, "rb") as f:
+                data = await f.read()
+            return UpdateRecord.from_json(json.loads(data))
+        except (JournalError, OSError, ValueError, KeyError):
+            return None
+
+    async def _progress(self, update_id: str) -> dict[str, object]:
+        try:
+            async with aiofiles.open(self.journal.progress_path(update_id), "rb") as f:
+                return dict(json.loads(await f.read()))
+        except (OSError, ValueError):
+            return {}
+
+    async def get(self, update_id: str, context: grpc.aio.ServicerContext) -> daemon_pb2.UpdateStatus:
+        rec = await self._load(update_id)
+        if rec is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no update {update_id!r}")
+        assert rec is not None
+        return update_status(rec, await self._progress(update_id))
+
+    async def watch(self, update_id: str, context: grpc.aio.ServicerContext
+                    ) -> AsyncIterator[daemon_pb2.UpdateStatus]:
+        last: tuple[object, ...] | None = None
+        while True:
+            rec = await self._load(update_id)
+            if rec is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no update {update_id!r}")
+            assert rec is not None
+            status = update_status(rec, await self._progress(update_id))
+            key = (status.state, status.bytes_done, status.error, status.finished)
+            if key != last:
+                last = key
+                yield status
+            if rec.final and rec.settled:
+                return
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), WATCH_POLL_S)
+
+    # ---- helper processes ------------------------------------------------------------------------------
+
+    def _spawn(self, update_id: str) -> None:
+        n = self.starts.get(update_id, 0) + 1
+        self.starts[update_id] = n
+        if n > MAX_HELPER_STARTS:
+            self._abandon(update_id, n - 1)
+            return
+        if self.cfg.source is None:
+            logger.error("update {}: cannot start a helper without a config file", update_id)
+            return
+        log_path = self.journal.dir(update_id) / "helper.log"
+        with open(log_path, "ab") as log:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "helper", "apply", "--config", str(self.cfg.source), "--update-id",
+                 update_id, "--socket", str(self.control_socket)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                close_fds=True,
+            )
+        helper = HelperProcess(update_id, popen)
+        self.helpers[update_id] = helper
+        self._loop.add_reader(helper.pidfd, self._helper_exited, helper)
+        logger.info("update {}: helper pid {} started (start {})", update_id, popen.pid, n)
+
+    def _helper_exited(self, helper: HelperProcess) -> None:
+        self._loop.remove_reader(helper.pidfd)
+        try:
+            res = os.waitid(os.P_PIDFD, helper.pidfd, os.WEXITED | os.WNOHANG)
+            status = None if res is None else (res.si_status if res.si_code == os.CLD_EXITED else -res.si_status)
+        except ChildProcessError:
+            status = None
+        os.close(helper.pidfd)
+        helper.popen.returncode = status if status is not None else -1
+        self.helpers.pop(helper.update_id, None)
+        self._changed.set()
+        try:
+            rec = self.journal.load(helper.update_id)
+        except JournalError as e:
+            logger.error("update {}: {}", helper.update_id, e)
+            return
+        if rec.final and rec.settled:
+            logger.info("update {} of {} ended {}{}", rec.update_id, rec.component, rec.state.value,
+                        f": {rec.error}" if rec.error else "")
+            if self.active.get(rec.component) == rec.update_id:
+                del self.active[rec.component]
+            return
+        logger.warning("update {}: helper pid {} died (status {}) in state {}; starting another",
+                       rec.update_id, helper.popen.pid, status, rec.state.value)
+        self._loop.call_later(RESPAWN_DELAY_S, self._spawn, rec.update_id)
+
+    def _abandon(self, update_id: str, starts: int) -> None:
+        """No helper could run it: before the switch nothing changed, so it is FAILED; after, an operator decides."""
+        rec = self.journal.load(update_id)
+        tail = ""
+        with contextlib.suppress(OSError):
+            tail = (self.journal.dir(update_id) / "helper.log").read_text(errors="replace").strip().splitlines()[-1]
+        reason = f"the helper failed {starts} times without finishing: {tail}"
+        if rec.state in PRE_SWITCH_STATES:
+            rec = rec.moved(UpdateState.FAILED, reason, error=reason, finished_at=time.time(), settled=True)
+            self.journal.save(rec)
+            if self.active.get(rec.component) == update_id:
+                del self.active[rec.component]
+            self._changed.set()
+            logger.error("update {} FAILED: {}", update_id, reason)
+        else:
+            logger.error("update {} stuck in {}: {}; run `helper --status` and `helper --rollback {}`",
+                         update_id, rec.state.value, reason, rec.component)
+
+    def helper_pids(self) -> list[int]:
+        return [h.popen.pid for h in self.helpers.values()]
+
+    async def stop(self) -> None:
+        """Stop watching; running helpers carry on in their own sessions."""
+        for h in list(self.helpers.values()):
+            self._loop.remove_reader(h.pidfd)
+            os.close(h.pidfd)
+            h.popen.returncode = 0
+        self.helpers.clear()
+
+    # ---- results -------------------------------------------------------------------------------------
+
+    def unreported(self) -> list[UpdateRecord]:
+        return [r for r in self.journal.all()
+                if r.final and r.settled and not self._reported_marker(r.update_id).exists()]
+
+    def _reported_marker(self, update_id: str) -> Path:
+        return self.journal.dir(update_id) / "reported"
+
+    def mark_reported(self, update_id: str) -> None:
+        from baton import durable
+
+        durable.write_bytes(self._reported_marker(update_id), f"{time.time()}\n".encode(), 0o600)
