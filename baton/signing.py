@@ -166,8 +166,8 @@ class WrongNode(ManifestRejected):
 
 
 def _key_id_hex(key_id: bytes) -> str:
-    # minisign prints le64_load(keynum) with %016" PRIX64: the stored bytes reversed.
-    return key_id[::-1].hex().upper()
+    # minisign prints le64_load(keynum) with "%" PRIX64: no zero padding (seen: 8FDBF6FBFD549C0).
+    return format(int.from_bytes(key_id, "little"), "X")
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,8 @@ class UpdateRun:
             "step": self.rec.state.value, "bytes_done": p.bytes_done, "bytes_total": p.bytes_total,
             "rate_bytes_per_second": p.rate_bytes_per_s, "resumed_from": p.resumed_from,
         })
+        if p.bytes_done > 0 and p.bytes_done < p.bytes_total:
+            faults.crash_point("downloading-bytes")
 
     @property
     def control(self) -> SupervisorControl:

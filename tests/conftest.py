@@ -11,9 +11,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import grpc
 import psutil
 import pytest
 
-from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
+from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc, manager_pb2, manager_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENTS = Path(__file__).resolve().parent / "agents"
@@ -423,3 +425,46 @@ def update_host(make_supervisor: Callable[..., SupervisorProc], release: Release
     sup.start()
     sup.wait_agent("app", "running")
     return UpdateHost(sup, release)
+
+
+# ---- a Manager on loopback (the reference Manager lives in its own package) ------------------------------
+
+
+class RecordingManager(manager_pb2_grpc.ManagerServiceServicer):
+    """A real ManagerService on loopback that records what it was told."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.registers: list[manager_pb2.RegisterRequest] = []
+        self.heartbeats: list[manager_pb2.HeartbeatRequest] = []
+        self.syncs: list[manager_pb2.SyncAgentStatesRequest] = []
+        self.results: list[common_pb2.UpdateResult] = []
+
+    def Register(self, request, context):
+        with self.lock:
+            self.registers.append(request)
+        return manager_pb2.RegisterResponse(heartbeat_interval_seconds=0.2)
+
+    def Heartbeat(self, request, context):
+        with self.lock:
+            self.heartbeats.append(request)
+        return manager_pb2.HeartbeatResponse(known=True)
+
+    def SyncAgentStates(self, request, context):
+        with self.lock:
+            self.syncs.append(request)
+        return manager_pb2.SyncAgentStatesResponse()
+
+    def ReportUpdateResult(self, request, context):
+        with self.lock:
+            duplicate = any(r.update_id == request.update_id for r in self.results)
+            self.results.append(request)
+        return manager_pb2.ReportAck(update_id=request.update_id, duplicate=duplicate)
+
+
+def serve_manager(port: int, servicer: RecordingManager) -> grpc.Server:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    manager_pb2_grpc.add_ManagerServiceServicer_to_server(servicer, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    return server

@@ -8,6 +8,7 @@ agent was not touched (same pid, no restart).
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 import time
 from pathlib import Path
@@ -474,3 +475,30 @@ def test_unfinished_update_is_finished_by_the_next_supervisor_start(make_supervi
     st = host.wait_final(uid, timeout=60)
     assert st.state == ROLLED_BACK
     assert sup.wait_agent("app", "running").version == "1.0.0"
+
+
+def test_helper_killed_mid_download_resumes_with_a_range_request(make_supervisor, release, pkgserver, tmp_path):
+    crash = tmp_path / "crash-at"
+    crash.write_text("downloading-bytes")
+    sup = make_supervisor(
+        [{"name": "app", "packaged": True, "command": "bin/agent", "notify": True}],
+        extra={"update": {"trusted_keys": [str(release.public_key)], "health_window_s": 0.2,
+                          "free_space_reserve_bytes": 0}},
+    )
+    install_version(sup.base / "install", "app", "1.0.0", release.tree("1.0.0"))
+    sup.start(env={"BATON_HELPER_CRASH_FILE": str(crash)})
+    from tests.conftest import UpdateHost
+
+    host = UpdateHost(sup, release)
+    tree = release.tree("1.1.0")
+    (tree / "blob.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    pkg = release.build("1.1.0", tree=tree)
+    (pkgserver.root / pkg.path.name).write_bytes(pkg.path.read_bytes())
+    pkgserver.on(pkg.path.name).rate_limit(2 * 1024 * 1024)
+    st = host.wait_final(host.push(pkg, download_url=pkgserver.url(pkg.path.name)), timeout=90)
+    assert st.state == COMMITTED, st.error
+    assert not crash.exists()
+    ranges = [r.range for r in pkgserver.requests_for(pkg.path.name)]
+    assert ranges[0] is None
+    assert any(r and r.startswith("bytes=") and not r.startswith("bytes=0-") for r in ranges[1:]), ranges
+    assert sup.agent("app").version == "1.1.0"

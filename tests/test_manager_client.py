@@ -2,50 +2,10 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from concurrent import futures
 
-import grpc
-
-from baton.pb import common_pb2, manager_pb2, manager_pb2_grpc
-from tests.conftest import agent, free_port, wait_for
-
-
-class RecordingManager(manager_pb2_grpc.ManagerServiceServicer):
-    """A real ManagerService on loopback that records what it was told."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.registers: list[manager_pb2.RegisterRequest] = []
-        self.heartbeats: list[manager_pb2.HeartbeatRequest] = []
-        self.syncs: list[manager_pb2.SyncAgentStatesRequest] = []
-
-    def Register(self, request, context):
-        with self.lock:
-            self.registers.append(request)
-        return manager_pb2.RegisterResponse(heartbeat_interval_seconds=0.2)
-
-    def Heartbeat(self, request, context):
-        with self.lock:
-            self.heartbeats.append(request)
-        return manager_pb2.HeartbeatResponse(known=True)
-
-    def SyncAgentStates(self, request, context):
-        with self.lock:
-            self.syncs.append(request)
-        return manager_pb2.SyncAgentStatesResponse()
-
-    def ReportUpdateResult(self, request, context):
-        return manager_pb2.ReportAck(update_id=request.update_id)
-
-
-def serve(port: int, servicer: RecordingManager) -> grpc.Server:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    manager_pb2_grpc.add_ManagerServiceServicer_to_server(servicer, server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    return server
+from baton.pb import common_pb2
+from tests.conftest import RecordingManager, agent, free_port, serve_manager, wait_for
 
 
 def test_manager_client_retries_while_manager_is_down_and_syncs_once_it_is_up(make_supervisor):
@@ -61,7 +21,7 @@ def test_manager_client_retries_while_manager_is_down_and_syncs_once_it_is_up(ma
     assert sup.agent("web").state == common_pb2.AGENT_STATE_RUNNING
 
     mgr = RecordingManager()
-    server = serve(port, mgr)
+    server = serve_manager(port, mgr)
     try:
         wait_for(lambda: mgr.registers, 10, what="registration")
         reg = mgr.registers[0]
@@ -83,12 +43,12 @@ def test_manager_that_restarts_gets_a_new_registration(make_supervisor):
     sup = make_supervisor([], extra={"manager": {"address": f"127.0.0.1:{port}", "retry_initial_s": 0.1,
                                                  "retry_max_s": 0.3, "heartbeat_interval_s": 0.2}}).start()
     mgr = RecordingManager()
-    server = serve(port, mgr)
+    server = serve_manager(port, mgr)
     wait_for(lambda: mgr.registers, 10, what="first registration")
     server.stop(0).wait()
     time.sleep(1.0)
     mgr2 = RecordingManager()
-    server2 = serve(port, mgr2)
+    server2 = serve_manager(port, mgr2)
     try:
         wait_for(lambda: mgr2.registers, 10, what="registration with the restarted Manager")
     finally:

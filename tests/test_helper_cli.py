@@ -1,0 +1,104 @@
+"""``helper verify`` checks a package offline exactly as an update would, for operators."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import PY, ROOT
+
+
+def helper(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "-m", "helper", *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def sig_file(pkg) -> str:
+    p = pkg.path.with_name(pkg.path.name + ".minisig")
+    p.write_text(pkg.signature)
+    return str(p)
+
+
+def test_verify_accepts_a_good_package_and_prints_its_manifest_and_key(release):
+    pkg = release.build("1.1.0", nodes=["node-1"])
+    res = helper("verify", str(pkg.path), "--signature", sig_file(pkg), "--component", "app", "--version", "1.1.0",
+                 "--key", str(release.public_key), "--node", "node-1")
+    assert res.returncode == 0, res.stderr
+    assert release.secret.key_id_hex in res.stdout
+    assert "1.1.0" in res.stdout and "app" in res.stdout
+    assert pkg.sha256 in res.stdout
+
+
+def test_verify_refuses_a_flipped_byte(release):
+    pkg = release.build("1.1.0")
+    sig = sig_file(pkg)
+    data = bytearray(pkg.path.read_bytes())
+    data[200] ^= 1
+    pkg.path.write_bytes(bytes(data))
+    res = helper("verify", str(pkg.path), "--signature", sig, "--component", "app", "--version", "1.1.0",
+                 "--key", str(release.public_key))
+    assert res.returncode != 0
+    assert "REFUSED" in res.stderr and "signature" in res.stderr
+
+
+def test_verify_refuses_another_component(release):
+    pkg = release.build("1.1.0")
+    res = helper("verify", str(pkg.path), "--signature", sig_file(pkg), "--component", "db", "--version", "1.1.0",
+                 "--key", str(release.public_key))
+    assert res.returncode != 0
+    assert "component" in res.stderr
+
+
+def test_verify_refuses_an_untrusted_key(release, tmp_path):
+    from baton.signing import format_public_key, generate_keypair
+
+    _, other = generate_keypair()
+    other_pub = tmp_path / "other.pub"
+    other_pub.write_text(format_public_key(other))
+    pkg = release.build("1.1.0")
+    res = helper("verify", str(pkg.path), "--signature", sig_file(pkg), "--component", "app", "--version", "1.1.0",
+                 "--key", str(other_pub))
+    assert res.returncode != 0
+    assert release.secret.key_id_hex in res.stderr
+
+
+def test_verify_refuses_another_node(release):
+    pkg = release.build("1.1.0", nodes=["node-9"])
+    res = helper("verify", str(pkg.path), "--signature", sig_file(pkg), "--component", "app", "--version", "1.1.0",
+                 "--key", str(release.public_key), "--node", "node-1")
+    assert res.returncode != 0
+    assert "node-1" in res.stderr
+
+
+def test_verify_without_any_key_fails_closed(release):
+    pkg = release.build("1.1.0")
+    res = helper("verify", str(pkg.path), "--signature", sig_file(pkg), "--component", "app", "--version", "1.1.0")
+    assert res.returncode != 0
+    assert "REFUSED" in res.stderr
+
+
+def test_package_signed_with_the_minisign_tool_is_installed_by_an_update(update_host, tmp_path):
+    """A release engineer signs with stock minisign; the helper installs it."""
+    pub, sec = tmp_path / "m.pub", tmp_path / "m.sec"
+    subprocess.run(["minisign", "-G", "-W", "-p", str(pub), "-s", str(sec)], check=True, capture_output=True,
+                   timeout=60)
+    from helper.package_tool import build_package
+
+    out = tmp_path / "app-1.1.0.tar.gz"
+    digests = build_package(update_host.release.tree("1.1.0"), out, True)
+    subprocess.run(["minisign", "-S", "-s", str(sec), "-m", str(out), "-t", "component=app version=1.1.0"],
+                   check=True, capture_output=True, timeout=60)
+    # trust the minisign key as well (key rotation: several keys, matched by id)
+    cfg = update_host.sup.cfg
+    cfg["update"]["trusted_keys"] = [str(update_host.release.public_key), str(pub)]
+    update_host.sup.terminate()
+    update_host.sup.start()
+    from baton.pb import daemon_pb2
+
+    req = daemon_pb2.UpdateRequest(component="app", version="1.1.0", download_url=out.as_uri(),
+                                   sha256=digests.sha256_hex, size=digests.size,
+                                   signature=out.with_name(out.name + ".minisig").read_text())
+    uid = update_host.sup.stub.PushUpdate(req, timeout=10).update_id
+    st = update_host.wait_final(uid)
+    assert st.success, st.error
+    assert update_host.sup.agent("app").version == "1.1.0"
+    assert sys.executable
