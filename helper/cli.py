@@ -15,7 +15,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from baton.config import Config, ConfigError, load_config
+from baton.config import SUPERVISOR_COMPONENT, Config, ConfigError, load_config
 from baton.errors import BatonError
 
 DEFAULT_CONFIG = "/etc/baton/supervisor.toml"
@@ -47,6 +47,7 @@ def cmd_apply(ns: argparse.Namespace) -> int:
     from helper.control import SupervisorControl
     from helper.locks import ComponentBusy, ComponentLock
     from helper.machine import UpdateRun
+    from helper.self_update import SelfUpdateRun
 
     _setup_logging(ns.json)
     cfg = _load(ns.config)
@@ -59,7 +60,8 @@ def cmd_apply(ns: argparse.Namespace) -> int:
     socket = Path(ns.socket) if ns.socket else control_socket(cfg)
     try:
         with ComponentLock(cfg.node.state_dir, rec.component):
-            run = UpdateRun(cfg, journal, ns.update_id, lambda: SupervisorControl(socket))
+            kind = SelfUpdateRun if rec.component == SUPERVISOR_COMPONENT else UpdateRun
+            run = kind(cfg, journal, ns.update_id, lambda: SupervisorControl(socket))
             final = run.run()
     except ComponentBusy as e:
         print(f"helper: {e}", file=sys.stderr)

@@ -30,13 +30,13 @@ from dataclasses import replace
 
 from loguru import logger
 
+from baton import faults
 from baton.admission import check_request
 from baton.config import Config
 from baton.errors import BatonError
 from baton.journal import Journal, UpdateRecord
 from baton.marks import Marks
 from baton.states import UpdateState as S
-from helper import faults
 from helper.control import HealthCheckFailed, SupervisorControl, SupervisorUnavailable
 from helper.download import DownloadedFile, DownloadProgress
 from helper.installer import Installer

@@ -51,7 +51,9 @@ def manual_rollback(cfg: Config, component: str) -> str:
     if component not in components(cfg):
         raise RollbackError(f"unknown component {component!r}; known: {', '.join(components(cfg))}")
     if component == SUPERVISOR_COMPONENT:
-        raise RollbackError("rolling back the supervisor itself is not supported by this version")
+        from helper.self_update import rollback_supervisor
+
+        return rollback_supervisor(cfg)
     layout = ComponentLayout(cfg.node.install_root, component)
     with ComponentLock(cfg.node.state_dir, component):
         cur = layout.current_version()

@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import os
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -143,8 +144,6 @@ class Agent:
         self._fifo_fd = fifo_fd
         self._loop.add_reader(fifo_fd, self._drain)
         if self.cfg.notify:
-            import socket
-
             self._notify = NotifySocket(self.notify_path, self._on_notify)
             self._notify.open(self._loop, notify_sock if isinstance(notify_sock, socket.socket) else None)
 
@@ -158,6 +157,18 @@ class Agent:
             self._notify.close(self._loop, unlink=unlink)
             self._notify = None
         self.log.close()
+
+    def detach_channels(self) -> tuple[int, socket.socket | None]:
+        """Give the output FIFO and notify socket away without closing them (a handover passes them on)."""
+        fd = self._fifo_fd
+        if fd >= 0:
+            self._drain()
+            self._loop.remove_reader(fd)
+            self._fifo_fd = -1
+        sock = self._notify.detach(self._loop) if self._notify is not None else None
+        self._notify = None
+        self.log.close()
+        return fd, sock
 
     def _drain(self) -> None:
         for _ in range(64):
@@ -474,21 +485,26 @@ class ProcessManager:
     def snapshots(self) -> list[AgentSnapshot]:
         return [a.snapshot() for a in self.agents.values()]
 
-    async def start(self, channels: dict[str, tuple[int | None, object | None]] | None = None) -> None:
-        """Adopt agents left running by an earlier process, then start the others that autostart."""
+    async def start(self, channels: dict[str, tuple[int | None, object | None]] | None = None,
+                    records: list[AgentRecord] | None = None) -> None:
+        """Adopt agents left running by an earlier process, then start the others that autostart.
+
+        ``records`` and ``channels`` come from a handover; otherwise the persisted table is read and the
+        channels are opened by path.
+        """
         channels = channels or {}
-        records = {r.name: r for r in self.table.load()}
+        by_name = {r.name: r for r in (records if records is not None else self.table.load())}
         for cfg in self.config.agents:
             agent = Agent(cfg, self.config, self._changed)
             self.agents[cfg.name] = agent
             fifo_fd, notify_sock = channels.get(cfg.name, (None, None))
             agent.open_channels(fifo_fd, notify_sock)
-        for name, rec in records.items():
+        for name, rec in by_name.items():
             if name not in self.agents and same_process(rec.pid, rec.start_time):
                 logger.warning("agent {} (pid {}) is no longer configured; stopping it", name, rec.pid)
                 _kill_group(rec.pid, signal.SIGTERM)
         for name, agent in self.agents.items():
-            prev = records.get(name)
+            prev = by_name.get(name)
             if prev is not None and agent.adopt(prev):
                 continue
             if prev is not None:

@@ -26,7 +26,7 @@ def _load(path: str) -> Config:
 
 def cmd_run(ns: argparse.Namespace) -> int:
     cfg = _load(ns.config)
-    setup_logging(cfg.log.level, json=ns.json or cfg.log.json)
+    setup_logging(cfg.log.level, json=ns.json or cfg.log.json, file=cfg.log_dir / "supervisor.log")
     from supervisor.daemon import run_supervisor
 
     try:
@@ -89,6 +89,16 @@ def cmd_status(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install_self(ns: argparse.Namespace) -> int:
+    from supervisor.install_self import install_self
+
+    cfg = _load(ns.config)
+    dest = install_self(cfg, ns.version or supervisor_version())
+    print(f"installed supervisor {dest.name} at {dest}; run it with {dest.parent.parent / 'current/bin/supervisor'}"
+          " (set BATON_PYTHON to the interpreter that has Baton's dependencies)")
+    return 0
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     from supervisor.demo import run_demo
 
@@ -112,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--timeout", type=float, default=5.0)
     s.set_defaults(fn=cmd_status)
+    i = sub.add_parser("install-self", help="install this code as a supervisor version under install_root")
+    i.add_argument("--config", "-c", required=True)
+    i.add_argument("--version", help="the version to install as (default: this code's version)")
+    i.set_defaults(fn=cmd_install_self)
     d = sub.add_parser("demo", help="run a self-contained demo in a temporary directory")
     d.add_argument("--seconds", type=float, default=20.0, help="how long to run before stopping (0: until Ctrl-C)")
     d.add_argument("--keep", action="store_true", help="keep the temporary directory")

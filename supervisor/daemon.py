@@ -14,19 +14,27 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import grpc
+import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from loguru import logger
 
+from baton.agent_table import AgentRecord
 from baton.config import Config
 from baton.errors import BatonError
 from baton.pb import daemon_pb2_grpc
-from supervisor import systemd
-from supervisor.agents import AgentSnapshot, ProcessManager
+from supervisor import handover, systemd
+from supervisor.agents import AgentSnapshot, ProcessManager, same_process
 from supervisor.daemon_service import DaemonService, agent_info
 from supervisor.front import Front, UnixPeerPolicy, bind_tcp, bind_unix
+from supervisor.handover import ReceivedState
+from supervisor.install_self import launcher as install_launcher
+from supervisor.install_self import running_from_layout
 from supervisor.manager_client import ManagerClient
 from supervisor.outbox import ResultOutbox
 from supervisor.updates import UpdateManager
@@ -78,6 +86,8 @@ class Supervisor:
         self.manager: ManagerClient | None = None
         self.updates: UpdateManager | None = None
         self.outbox: ResultOutbox | None = None
+        self.endpoint: handover.HandoverEndpoint | None = None
+        self._handed_over: list[socket.socket] = []  # kept open until the exec
         self._watchdog: asyncio.Task[None] | None = None
 
     @property
@@ -114,12 +124,22 @@ class Supervisor:
     def connected(self) -> bool:
         return bool(self.manager and self.manager.connected)
 
-    def _bind_public(self) -> list[socket.socket]:
-        socks = [bind_tcp(a) for a in self.cfg.grpc.listen]
-        socks.append(bind_unix(self.cfg.run_dir / "control.sock"))
+    def _listening_sockets(self, received: ReceivedState | None) -> list[tuple[str, socket.socket]]:
+        """Inherited from a handover where possible (no refused connection), bound fresh otherwise."""
+        wanted: list[tuple[str, Callable[[], socket.socket]]] = [
+            (a, partial(bind_tcp, a)) for a in self.cfg.grpc.listen
+        ]
+        wanted.append(("control", partial(bind_unix, self.cfg.run_dir / "control.sock")))
         if self.cfg.grpc.unix_socket is not None:
-            socks.append(bind_unix(self.cfg.grpc.unix_socket, self.cfg.grpc.unix_socket_group))
-        return socks
+            wanted.append((f"unix:{self.cfg.grpc.unix_socket}",
+                           partial(bind_unix, self.cfg.grpc.unix_socket, self.cfg.grpc.unix_socket_group)))
+        out = []
+        for key, bind in wanted:
+            inherited = received.take_listen(key) if received else None
+            out.append((key, inherited if inherited is not None else bind()))
+        if received:
+            received.close_unused()
+        return out
 
     async def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -141,9 +161,12 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGCHLD, self._reap_strays)
         prepare_dirs(self.cfg)
         lock_fd = lock_state_dir(self.cfg)
         set_subreaper()
+        self._reap_strays()
+        received = await asyncio.to_thread(handover.receive, self.cfg, self.version)
         self.pm = ProcessManager(self.cfg, self._agent_changed)
         self.updates = UpdateManager(self.cfg)
         for key in self.cfg.update.trusted_keys:
@@ -154,12 +177,19 @@ class Supervisor:
             self._watchdog = asyncio.create_task(self._feed_watchdog(interval))
         await self._start_grpc()
         self.front = Front(self.backend_path, UnixPeerPolicy(self.cfg.grpc.unix_socket_group))
-        await self.front.serve(self._bind_public())
-        await self.pm.start()
+        await self.front.serve(self._listening_sockets(received))
+        if received is not None:
+            await self.pm.start(channels=received.channels(), records=received.records)
+        else:
+            await self.pm.start()
         await self.updates.start()
+        self.endpoint = handover.HandoverEndpoint(self)
+        self.endpoint.start()
         await self._set_serving(True)
-        logger.info("supervisor {} (node {}) serving on {}; {} agents", self.version, self.cfg.node.id,
-                    ", ".join(self.front.addresses()), len(self.pm.agents))
+        logger.info("supervisor {} (node {}, pid {}) serving on {}; {} agents", self.version, self.cfg.node.id,
+                    os.getpid(), ", ".join(self.front.addresses()), len(self.pm.agents))
+        if received is not None:
+            await self._finish_handover(received)
         systemd.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {len(self.pm.agents)} agents")
         if self.cfg.manager.address:
             self.manager = ManagerClient(
@@ -177,6 +207,111 @@ class Supervisor:
         os.close(lock_fd)
         return 0
 
+    async def _finish_handover(self, received: ReceivedState) -> None:
+        problems = await self.health_problems(received.records)
+        if problems:
+            msg = {"type": handover.wire.UNHEALTHY, "reason": "; ".join(problems), "version": self.version,
+                   "pid": os.getpid()}
+        else:
+            msg = {"type": handover.wire.HEALTHY, "version": self.version, "pid": os.getpid(),
+                   "agents": {s.name: s.pid for s in self.pm_required.snapshots()}}
+        reply = await asyncio.to_thread(received.report, msg)
+        logger.info("handover: reported {}; the helper answered {}", msg["type"],
+                    reply.get("type") if reply else "nothing")
+
+    async def health_problems(self, records: list[AgentRecord]) -> list[str]:
+        """Why this process must not be committed as the supervisor: agents not adopted, gRPC not serving."""
+        problems = []
+        for rec in records:
+            agent = self.pm_required.agents.get(rec.name)
+            if agent is None:
+                continue
+            if agent.pid != rec.pid and same_process(rec.pid, rec.start_time):
+                problems.append(f"agent {rec.name} pid {rec.pid} runs but was not adopted")
+        try:
+            async with grpc.aio.insecure_channel(f"unix:{self.cfg.run_dir / 'control.sock'}") as ch:
+                resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                                                  timeout=5.0)
+            if resp.status != health_pb2.HealthCheckResponse.SERVING:
+                problems.append("gRPC health is not SERVING")
+        except grpc.aio.AioRpcError as e:
+            problems.append(f"gRPC health check failed: {e.code().name}")
+        return problems
+
+    def cannot_hand_over(self) -> str:
+        if not running_from_layout(self.cfg):
+            return (f"this supervisor does not run from {self.cfg.node.install_root}/supervisor "
+                    "(install it with `supervisor install-self`)")
+        if not os.access(install_launcher(self.cfg), os.X_OK):
+            return f"{install_launcher(self.cfg)} is not executable"
+        if self.cfg.source is None:
+            return "no config file to restart with"
+        return ""
+
+    async def quiesce(self) -> tuple[dict[str, Any], list[int]]:
+        """Stop everything but the agents and return the handover state with its descriptors."""
+        await self._set_serving(False)
+        if self.outbox is not None:
+            await self.outbox.stop()
+        if self.manager is not None:
+            await self.manager.stop()
+        if self.updates is not None:
+            await self.updates.stop()
+        assert self.front is not None and self.pm is not None
+        await self.front.stop_accepting()
+        if self.endpoint is not None:
+            self.endpoint.close()
+        self.pm.release_all()
+        self.pm.persist()
+        records = self.pm.table.load()
+        descs: list[dict[str, str]] = []
+        fds: list[int] = []
+        for key, s in self.front.detach():
+            descs.append({"kind": "listen", "address": key})
+            fds.append(s.fileno())
+            self._handed_over.append(s)
+        for agent in self.pm.agents.values():
+            fifo_fd, notify_sock = agent.detach_channels()
+            if fifo_fd >= 0:
+                descs.append({"kind": "fifo", "agent": agent.name})
+                fds.append(fifo_fd)
+            if notify_sock is not None:
+                descs.append({"kind": "notify", "agent": agent.name})
+                fds.append(notify_sock.fileno())
+                self._handed_over.append(notify_sock)
+        for name, fd in (("stdout", 1), ("stderr", 2)):
+            descs.append({"kind": "stdio", "name": name})
+            fds.append(fd)
+        state = {"type": handover.wire.STATE, "supervisor_version": self.version, "pid": os.getpid(),
+                 "agents": [r.to_dict() for r in records], "fds": descs}
+        if self.server is not None:
+            await self.server.stop(grace=0.2)
+        return state, fds
+
+    def exec_current(self) -> None:
+        """Become the current version in this pid: agents stay our children, systemd sees the same main pid."""
+        exe = str(install_launcher(self.cfg))
+        systemd.notify("RELOADING=1\nSTATUS=handing over to the new version")
+        logger.info("exec {}", exe)
+        logger.complete()
+        os.execv(exe, [exe, "run", "--config", str(self.cfg.source)])
+
+    def _reap_strays(self) -> None:
+        """Reap children we do not watch (helpers we lost track of across an exec, re-parented orphans)."""
+        known = set(self.updates.helper_pids() if self.updates else [])
+        if self.pm is not None:
+            known |= {a.pid for a in self.pm.agents.values() if a.pid}
+        try:
+            children = psutil.Process().children()
+        except psutil.Error:
+            return
+        for child in children:
+            if child.pid in known:
+                continue
+            with contextlib.suppress(ChildProcessError, psutil.Error):
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    os.waitpid(child.pid, os.WNOHANG)
+
     async def _shutdown(self) -> None:
         await self._set_serving(False)
         if self.outbox is not None:
@@ -185,6 +320,8 @@ class Supervisor:
             await self.manager.stop()
         if self.updates is not None:
             await self.updates.stop()
+        if self.endpoint is not None:
+            self.endpoint.close()
         if self.front is not None:
             await self.front.stop_accepting()
         if self.pm is not None:

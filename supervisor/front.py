@@ -103,23 +103,20 @@ class Front:
     def __init__(self, backend: Path, unix_policy: UnixPeerPolicy) -> None:
         self.backend = backend
         self.policy = unix_policy
-        self.sockets: list[socket.socket] = []
+        self.sockets: dict[str, socket.socket] = {}
         self._servers: list[asyncio.base_events.Server] = []
         self._conns: set[asyncio.Task[None]] = set()
 
-    async def serve(self, sockets: Iterable[socket.socket]) -> None:
-        for s in sockets:
-            self.sockets.append(s)
+    async def serve(self, sockets: Iterable[tuple[str, socket.socket]]) -> None:
+        """Accept on each (config address, listening socket); the sockets may be inherited."""
+        for key, s in sockets:
+            self.sockets[key] = s
             dup = socket.socket(fileno=os.dup(s.fileno()))
             server = await asyncio.start_server(self._accepted, sock=dup, limit=SPLICE_CHUNK)
             self._servers.append(server)
 
     def addresses(self) -> list[str]:
-        out = []
-        for s in self.sockets:
-            name = s.getsockname()
-            out.append(f"unix:{name}" if s.family == socket.AF_UNIX else f"{name[0]}:{name[1]}")
-        return out
+        return list(self.sockets)
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -156,12 +153,18 @@ class Front:
         await self.stop_accepting()
         for t in list(self._conns):
             t.cancel()
-        for s in self.sockets:
+        for s in self.sockets.values():
             if s.family == socket.AF_UNIX:
                 with contextlib.suppress(OSError, FileNotFoundError):
                     os.unlink(s.getsockname())
             s.close()
         self.sockets.clear()
+
+    def detach(self) -> list[tuple[str, socket.socket]]:
+        """Hand the listening sockets over: stop accepting first (see stop_accepting)."""
+        out = list(self.sockets.items())
+        self.sockets.clear()
+        return out
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

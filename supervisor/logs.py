@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from loguru import logger
 
 
-def setup_logging(level: str = "INFO", json: bool = False) -> None:
+def setup_logging(level: str = "INFO", json: bool = False, file: Path | None = None) -> None:
+    """stderr always; ``file`` too (rotated), so a helper can quote a failed version's last lines."""
     logger.remove()
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        logger.add(file, level=level.upper(), rotation="10 MB", retention=3, serialize=json, backtrace=False,
+                   diagnose=False, format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} [{process}] {message}")
     if json:
         logger.add(sys.stderr, level=level.upper(), serialize=True, backtrace=False, diagnose=False)
     else:

@@ -60,6 +60,14 @@ class NotifySocket:
     def sock(self) -> socket.socket | None:
         return self._sock
 
+    def detach(self, loop: asyncio.AbstractEventLoop) -> socket.socket | None:
+        """Stop reading and give the socket away (a handover passes it on)."""
+        sock = self._sock
+        if sock is not None:
+            loop.remove_reader(sock.fileno())
+            self._sock = None
+        return sock
+
     def close(self, loop: asyncio.AbstractEventLoop, unlink: bool = True) -> None:
         if self._sock is None:
             return

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import aiofiles
 import grpc
+import psutil
 from loguru import logger
 
 from baton.admission import UnknownComponent, UpdateRefused, check_request
@@ -32,6 +34,8 @@ from baton.journal import Journal, JournalError, UpdateRecord, UpdateRequestReco
 from baton.layout import ComponentLayout
 from baton.pb import common_pb2, daemon_pb2
 from baton.states import UpdateState
+from supervisor import systemd
+from supervisor.install_self import running_from_layout
 
 MAX_HELPER_STARTS = 5
 PRE_SWITCH_STATES = frozenset({UpdateState.REQUESTED, UpdateState.DOWNLOADING, UpdateState.VERIFYING,
@@ -81,10 +85,13 @@ def update_result(rec: UpdateRecord, node_id: str) -> common_pb2.UpdateResult:
 
 
 class HelperProcess:
-    def __init__(self, update_id: str, popen: subprocess.Popen[bytes]) -> None:
+    """A helper we started (``popen``) or found running after an exec (no ``popen``; maybe still our child)."""
+
+    def __init__(self, update_id: str, popen: subprocess.Popen[bytes] | None, pid: int, pidfd: int) -> None:
         self.update_id = update_id
         self.popen = popen
-        self.pidfd = os.pidfd_open(popen.pid)
+        self.pid = pid
+        self.pidfd = pidfd
 
 
 class UpdateManager:
@@ -106,12 +113,30 @@ class UpdateManager:
     async def start(self) -> None:
         """Resume every update a killed helper or supervisor left unfinished."""
         for rec in self.journal.unfinished():
-            if rec.component == SUPERVISOR_COMPONENT:
+            self.active[rec.component] = rec.update_id
+            if self._watch_running_helper(rec):
                 continue
             logger.warning("update {} of {} is unfinished ({}); starting a helper to finish it",
                            rec.update_id, rec.component, rec.state.value)
-            self.active[rec.component] = rec.update_id
             self._spawn(rec.update_id)
+
+    def _watch_running_helper(self, rec: UpdateRecord) -> bool:
+        """A helper that outlived the previous supervisor process (a self-update's) is watched, not doubled."""
+        if not rec.helper_pid:
+            return False
+        try:
+            proc = psutil.Process(rec.helper_pid)
+            alive = proc.status() != psutil.STATUS_ZOMBIE and rec.update_id in proc.cmdline()
+            pidfd = os.pidfd_open(rec.helper_pid) if alive else -1
+        except (psutil.Error, ProcessLookupError):
+            return False
+        if pidfd < 0:
+            return False
+        helper = HelperProcess(rec.update_id, None, rec.helper_pid, pidfd)
+        self.helpers[rec.update_id] = helper
+        self._loop.add_reader(pidfd, self._helper_exited, helper)
+        logger.info("update {}: watching its running helper pid {}", rec.update_id, rec.helper_pid)
+        return True
 
     # ---- RPCs ----------------------------------------------------------------------------------------
 
@@ -129,8 +154,9 @@ class UpdateManager:
             check_request(self.cfg, component=req.component, version=req.version, download_url=req.download_url,
                           sha256=req.sha256, size=req.size, signature=req.signature, node_id=req.node_id,
                           allow_downgrade=req.allow_downgrade, force=req.force)
-            if req.component == SUPERVISOR_COMPONENT:
-                raise UnknownComponent(req.component, [a.name for a in self.cfg.agents if a.packaged])
+            if req.component == SUPERVISOR_COMPONENT and not running_from_layout(self.cfg):
+                raise UpdateRefused(f"this supervisor does not run from {self.cfg.node.install_root}/supervisor, "
+                                    "so it cannot replace itself; install it with `supervisor install-self`")
         except UnknownComponent as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except UpdateRefused as e:
@@ -219,14 +245,17 @@ class UpdateManager:
             logger.error("update {}: cannot start a helper without a config file", update_id)
             return
         log_path = self.journal.dir(update_id) / "helper.log"
+        argv = [sys.executable, "-m", "helper", "apply", "--config", str(self.cfg.source), "--update-id",
+                update_id, "--socket", str(self.control_socket)]
+        if systemd.under_systemd() and shutil.which("systemd-run"):
+            # Its own transient unit: outside what systemd stops or kills with the supervisor's service.
+            argv = ["systemd-run", f"--unit=baton-helper-{update_id}-{n}", "--collect", "--quiet",
+                    f"--property=StandardOutput=append:{log_path}", f"--property=StandardError=append:{log_path}",
+                    "--setenv=PYTHONPATH=" + os.environ.get("PYTHONPATH", ""), "--wait", *argv]
         with open(log_path, "ab") as log:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "helper", "apply", "--config", str(self.cfg.source), "--update-id",
-                 update_id, "--socket", str(self.control_socket)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                close_fds=True,
-            )
-        helper = HelperProcess(update_id, popen)
+            popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, close_fds=True)
+        helper = HelperProcess(update_id, popen, popen.pid, os.pidfd_open(popen.pid))
         self.helpers[update_id] = helper
         self._loop.add_reader(helper.pidfd, self._helper_exited, helper)
         logger.info("update {}: helper pid {} started (start {})", update_id, popen.pid, n)
@@ -239,7 +268,8 @@ class UpdateManager:
         except ChildProcessError:
             status = None
         os.close(helper.pidfd)
-        helper.popen.returncode = status if status is not None else -1
+        if helper.popen is not None:
+            helper.popen.returncode = status if status is not None else -1
         self.helpers.pop(helper.update_id, None)
         self._changed.set()
         try:
@@ -254,7 +284,7 @@ class UpdateManager:
                 del self.active[rec.component]
             return
         logger.warning("update {}: helper pid {} died (status {}) in state {}; starting another",
-                       rec.update_id, helper.popen.pid, status, rec.state.value)
+                       rec.update_id, helper.pid, status, rec.state.value)
         self._loop.call_later(RESPAWN_DELAY_S, self._spawn, rec.update_id)
 
     def _abandon(self, update_id: str, starts: int) -> None:
@@ -276,14 +306,15 @@ class UpdateManager:
                          update_id, rec.state.value, reason, rec.component)
 
     def helper_pids(self) -> list[int]:
-        return [h.popen.pid for h in self.helpers.values()]
+        return [h.pid for h in self.helpers.values()]
 
     async def stop(self) -> None:
         """Stop watching; running helpers carry on in their own sessions."""
         for h in list(self.helpers.values()):
             self._loop.remove_reader(h.pidfd)
             os.close(h.pidfd)
-            h.popen.returncode = 0
+            if h.popen is not None:
+                h.popen.returncode = 0
         self.helpers.clear()
 
     # ---- results -------------------------------------------------------------------------------------

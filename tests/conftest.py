@@ -137,12 +137,15 @@ class SupervisorProc:
         self.base.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(dump_toml(self.cfg))
 
-    def start(self, wait: bool = True, env: dict[str, str] | None = None) -> SupervisorProc:
+    def start(self, wait: bool = True, env: dict[str, str] | None = None, launcher: Path | None = None
+              ) -> SupervisorProc:
+        """Start from this checkout, or through an installed version's launcher (as systemd would)."""
         self.write_config()
         out = open(self.stdout_path, "ab")  # noqa: SIM115
+        argv = [str(launcher)] if launcher else [PY, "-m", "supervisor"]
         self.proc = subprocess.Popen(
-            [PY, "-m", "supervisor", "run", "--config", str(self.config_path)],
-            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
+            [*argv, "run", "--config", str(self.config_path)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "BATON_PYTHON": PY, **(env or {})},
         )
         out.close()
         self.reaper.track(self.proc.pid)
@@ -468,3 +471,78 @@ def serve_manager(port: int, servicer: RecordingManager) -> grpc.Server:
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     return server
+
+
+# ---- a supervisor installed in its versioned layout, and its update packages -------------------------------
+
+
+class SelfUpdateHost(UpdateHost):
+    """A supervisor running from ``install/supervisor/current`` (1.0.0), three agents, the release key trusted."""
+
+    @property
+    def sup_layout(self) -> Any:
+        from baton.layout import ComponentLayout
+
+        return ComponentLayout(self.install_root, "supervisor")
+
+    @property
+    def launcher(self) -> Path:
+        return self.install_root / "supervisor" / "current" / "bin" / "supervisor"
+
+    def supervisor_package(self, version: str, fault: str = "") -> Package:
+        import re
+        import shutil
+
+        from supervisor.install_self import write_tree
+
+        tree = self.release.base / "trees" / f"supervisor-{version}-{fault or 'good'}"
+        if tree.exists():
+            shutil.rmtree(tree)
+        write_tree(tree, version)
+        if fault == "exit_at_start":
+            (tree / "bin" / "supervisor").write_text("#!/bin/sh\necho 'supervisor: broken build' >&2\nexit 3\n")
+        elif fault == "hang":
+            (tree / "bin" / "supervisor").write_text("#!/bin/sh\nexec sleep 3600\n")
+        elif fault == "old_protocol":
+            p = tree / "lib" / "baton" / "handover.py"
+            text = re.sub(r"^PROTOCOL_VERSION = \d+", "PROTOCOL_VERSION = 0", p.read_text(), flags=re.M)
+            p.write_text(re.sub(r"^MIN_PROTOCOL_VERSION = \d+", "MIN_PROTOCOL_VERSION = 0", text, flags=re.M))
+        elif fault == "unhealthy":
+            p = tree / "lib" / "supervisor" / "daemon.py"
+            text = p.read_text()
+            assert "        problems = []\n" in text
+            p.write_text(text.replace("        problems = []\n",
+                                      '        problems = ["this build reports itself unhealthy"]\n', 1))
+        elif fault:
+            raise ValueError(fault)
+        return self.release.build(version, component="supervisor", tree=tree, name=f"supervisor-{version}-{fault}.tgz")
+
+
+SELF_AGENTS = [
+    agent("web", "ready_agent.py", notify=True),
+    agent("worker", "crash_agent.py", start_seconds=0.5, backoff_initial_s=0.2),
+    agent("chatty", "ready_agent.py", notify=True),
+]
+
+
+@pytest.fixture
+def make_self_host(make_supervisor: Callable[..., SupervisorProc], release: Release
+                   ) -> Callable[..., SelfUpdateHost]:
+    def make(name: str = "sup", env: dict[str, str] | None = None, tcp: bool = True,
+             update: dict[str, Any] | None = None) -> SelfUpdateHost:
+        sup = make_supervisor(
+            list(SELF_AGENTS), name=name, tcp=tcp,
+            extra={"update": {"trusted_keys": [str(release.public_key)], "handshake_timeout_s": 20.0,
+                              "free_space_reserve_bytes": 0, "max_backups": 2, **(update or {})}},
+        )
+        sup.write_config()
+        from baton.config import load_config
+        from supervisor.install_self import install_self
+
+        install_self(load_config(sup.config_path), "1.0.0")
+        sup.start(launcher=sup.base / "install" / "supervisor" / "current" / "bin" / "supervisor", env=env)
+        for a in ("web", "worker", "chatty"):
+            sup.wait_agent(a, "running")
+        return SelfUpdateHost(sup, release)
+
+    return make

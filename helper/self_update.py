@@ -1,0 +1,417 @@
+"""Replacing the supervisor itself: the helper's side of the handover (docs/handover.md).
+
+Up to STAGING this is an ordinary update (``machine.UpdateRun``). Then:
+
+SWITCHING   ``supervisor/current`` -> the new version.
+RESTARTING  the helper listens on ``<run_dir>/handover-<id>.sock``, announces it in
+            ``<run_dir>/handover.json``, and asks the running supervisor (PREPARE on
+            ``<run_dir>/handover.sock``) for its state. The supervisor sends the agent
+            table and its descriptors (STATE) and execs ``current`` in its own pid;
+            the helper now holds the listening sockets, so clients queue, never refused.
+WATCHING    the new supervisor says HELLO, gets the STATE and descriptors, adopts the
+            agents and serves, and reports HEALTHY. The helper checks gRPC health and
+            the version over the control socket itself, then sends COMMIT.
+
+Any failure from SWITCHING on (no HELLO within ``handshake_timeout_s``, an exit, a
+wrong protocol or version, UNHEALTHY, a failed check) rolls back: the link goes
+back, the new process is killed, the old version is started (by systemd's restart
+policy under systemd, by the helper otherwise) and must pass the same handshake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import replace
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from loguru import logger
+
+from baton import faults
+from baton import handover as wire
+from baton.agent_table import AgentTable
+from baton.config import Config
+from baton.errors import BatonError
+from baton.journal import Journal
+from baton.layout import ComponentLayout
+from baton.pb import daemon_pb2, daemon_pb2_grpc
+from baton.states import UpdateState as S
+from helper.machine import ControlFactory, UpdateRun
+
+PREPARE_TIMEOUT_S = 30.0
+KILL_WAIT_S = 10.0
+SERVICE_NAME = "baton.v1.DaemonService"
+
+
+class SupervisorDied(wire.HandoverError):
+    pass
+
+
+class Unhealthy(wire.HandoverError):
+    pass
+
+
+def _under_systemd() -> bool:
+    return bool(os.environ.get("INVOCATION_ID"))
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class HandoverSession:
+    """The helper's custody of a supervisor's state and descriptors between two supervisor processes."""
+
+    def __init__(self, cfg: Config, update_id: str, expect_version: str) -> None:
+        self.cfg = cfg
+        self.update_id = update_id
+        self.path = cfg.run_dir / f"handover-{update_id}.sock"
+        self.listener = wire.seqpacket_listener(self.path)
+        self.state: dict[str, Any] = {}
+        self.fds: list[int] = []
+        self.stdio: dict[str, int] = {}
+        self.pid = 0
+        self.exec_sent = False
+        self.spawned = 0
+        self.announce(expect_version)
+
+    def announce(self, expect_version: str) -> None:
+        wire.ActiveHandover(self.update_id, str(self.path), os.getpid(), expect_version, time.time()).write(
+            self.cfg.run_dir)
+
+    # ---- from the running supervisor -----------------------------------------------------------------------
+
+    def take_state(self) -> None:
+        """PREPARE -> STATE(+fds) -> EXEC. A supervisor that is not running leaves us the persisted table."""
+        try:
+            conn = wire.connect(self.cfg.run_dir / "handover.sock", timeout_s=5.0)
+        except wire.PeerGone as e:
+            logger.warning("handover: no running supervisor ({}); starting the current version myself", e)
+            self._state_from_disk()
+            self.start_supervisor()
+            return
+        self.pid = _control_pid(self.cfg)
+        with conn:
+            wire.send(conn, {"type": wire.PREPARE, "update_id": self.update_id})
+            self.exec_sent = True  # unless it refuses, the supervisor now quiesces and execs whatever happens
+            msg, fds = wire.recv(conn, PREPARE_TIMEOUT_S, "state")
+            if msg["type"] == wire.REFUSED:
+                self.exec_sent = False
+                raise wire.HandoverRefused(f"the running supervisor refused to hand over: {msg.get('reason')}")
+            if msg["type"] != wire.STATE:
+                raise wire.HandoverRefused(f"expected state, got {msg['type']}")
+            wire.negotiate(int(msg.get("protocol", 0)))
+            self.state, self.fds, self.pid = msg, fds, int(msg["pid"])
+            self._dup_stdio()
+            faults.crash_point("handover-state-received")
+            wire.send(conn, {"type": wire.EXEC})
+            self.exec_sent = True
+        logger.info("handover: got {} agents and {} descriptors from supervisor pid {}; it execs now",
+                    len(msg.get("agents", [])), len(fds), self.pid)
+        faults.crash_point("handover-exec-sent")
+
+    def _state_from_disk(self) -> None:
+        records = AgentTable(self.cfg.node.state_dir / "agents.json").load()
+        self.state = {"type": wire.STATE, "agents": [r.to_dict() for r in records], "fds": []}
+        self.fds = []
+
+    def _dup_stdio(self) -> None:
+        for desc, fd in zip(self.state.get("fds", []), self.fds, strict=False):
+            if desc.get("kind") == "stdio":
+                self.stdio[str(desc["name"])] = fd
+
+    # ---- starting a supervisor ourselves ---------------------------------------------------------------------
+
+    def start_supervisor(self) -> None:
+        """Without systemd nobody else will: start ``current`` detached, on the old supervisor's stdio."""
+        if _under_systemd():
+            logger.info("handover: leaving the start to systemd's restart policy")
+            return
+        self.spawned += 1
+        launcher = ComponentLayout(self.cfg.node.install_root, "supervisor").current_link / "bin" / "supervisor"
+        out = self.stdio.get("stdout")
+        err = self.stdio.get("stderr")
+        log = None
+        if out is None:
+            self.cfg.log_dir.mkdir(parents=True, exist_ok=True)
+            log = open(self.cfg.log_dir / "supervisor.out", "ab")  # noqa: SIM115
+        proc = subprocess.Popen([str(launcher), "run", "--config", str(self.cfg.source)], stdin=subprocess.DEVNULL,
+                                stdout=out if out is not None else log, stderr=err if err is not None else log,
+                                start_new_session=True, close_fds=True)
+        if log is not None:
+            log.close()
+        self.pid = proc.pid
+        proc.returncode = 0
+        logger.info("handover: started {} as pid {}", launcher, proc.pid)
+
+    # ---- the handshake -------------------------------------------------------------------------------------
+
+    def await_supervisor(self, expect_version: str, timeout_s: float) -> dict[str, Any]:
+        """HELLO -> STATE(+fds) -> HEALTHY, checked, -> COMMIT. Raises a HandoverError on any failure."""
+        self.announce(expect_version)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise wire.HandshakeTimeout(f"a handshake from supervisor {expect_version}", timeout_s)
+            ready, _, _ = select.select([self.listener], [], [], min(left, 0.1))
+            if ready:
+                conn, _ = self.listener.accept()
+                with conn:
+                    if wire.peer_uid(conn) not in (0, os.getuid()):
+                        continue
+                    return self._handshake(conn, expect_version, deadline)
+            if self.pid and not process_alive(self.pid):
+                if self.spawned == 0 and not _under_systemd() and not self.exec_sent:
+                    self.start_supervisor()
+                    continue
+                raise SupervisorDied(f"supervisor pid {self.pid} exited before its handshake")
+
+    def _handshake(self, conn: socket.socket, expect_version: str, deadline: float) -> dict[str, Any]:
+        hello, extra = wire.recv(conn, max(0.01, deadline - time.monotonic()), "hello")
+        for fd in extra:
+            os.close(fd)
+        if hello["type"] != wire.HELLO:
+            raise wire.HandoverRefused(f"expected hello, got {hello['type']}")
+        self.pid = int(hello.get("pid", self.pid))
+        try:
+            protocol = wire.negotiate(int(hello.get("protocol", 0)))
+        except wire.HandoverRefused as e:
+            with contextlib.suppress(OSError):
+                wire.send(conn, {"type": wire.REFUSED, "reason": str(e)})
+            raise
+        if hello.get("version") != expect_version:
+            reason = f"supervisor {hello.get('version')} answered; expected {expect_version}"
+            with contextlib.suppress(OSError):
+                wire.send(conn, {"type": wire.REFUSED, "reason": reason})
+            raise wire.HandoverRefused(reason)
+        faults.crash_point("handover-hello")
+        descs = [d for d in self.state.get("fds", []) if d.get("kind") != "stdio"]
+        fds = [fd for d, fd in zip(self.state.get("fds", []), self.fds, strict=False) if d.get("kind") != "stdio"]
+        wire.send(conn, {"type": wire.STATE, "agents": self.state.get("agents", []), "fds": descs,
+                         "supervisor_version": self.state.get("supervisor_version", ""), "negotiated": protocol},
+                  fds)
+        report, extra = wire.recv(conn, max(0.01, deadline - time.monotonic()), "health report")
+        for fd in extra:
+            os.close(fd)
+        if report["type"] == wire.UNHEALTHY:
+            raise Unhealthy(f"supervisor {expect_version} reported unhealthy: {report.get('reason')}")
+        if report["type"] != wire.HEALTHY:
+            raise wire.HandoverRefused(f"expected healthy, got {report['type']}")
+        faults.crash_point("handover-healthy")
+        self.check_serving(expect_version)
+        wire.send(conn, {"type": wire.COMMIT})
+        logger.info("handover: supervisor {} pid {} is healthy and committed", expect_version, self.pid)
+        return report
+
+    def check_serving(self, expect_version: str) -> None:
+        """Our own check over the control socket: SERVING, and the version we expect."""
+        target = f"unix:{self.cfg.run_dir / 'control.sock'}"
+        try:
+            with grpc.insecure_channel(target) as ch:
+                h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                                         timeout=10)
+                st = daemon_pb2_grpc.DaemonServiceStub(ch).GetStatus(daemon_pb2.GetStatusRequest(), timeout=10)
+        except grpc.RpcError as e:
+            raise Unhealthy(f"gRPC check of the new supervisor failed: {e.code().name}") from None
+        if h.status != health_pb2.HealthCheckResponse.SERVING:
+            raise Unhealthy("gRPC health is not SERVING")
+        if st.supervisor_version != expect_version:
+            raise Unhealthy(f"GetStatus reports version {st.supervisor_version}, expected {expect_version}")
+
+    # ---- rollback support ----------------------------------------------------------------------------------
+
+    def kill_supervisor(self) -> None:
+        if not self.pid or not process_alive(self.pid):
+            return
+        logger.warning("handover: killing supervisor pid {}", self.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        deadline = time.monotonic() + KILL_WAIT_S
+        while process_alive(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        wire.ActiveHandover.clear(self.cfg.run_dir)
+        self.listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
+
+
+def running_supervisor(cfg: Config) -> tuple[str, bool]:
+    """(version, serving) of the supervisor answering on the control socket; ("", False) if none."""
+    target = f"unix:{cfg.run_dir / 'control.sock'}"
+    try:
+        with grpc.insecure_channel(target) as ch:
+            st = daemon_pb2_grpc.DaemonServiceStub(ch).GetStatus(daemon_pb2.GetStatusRequest(), timeout=3)
+            h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=3)
+    except grpc.RpcError:
+        return "", False
+    return st.supervisor_version, h.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class SelfUpdateRun(UpdateRun):
+    """An update of the supervisor component: the handover replaces the agent restart."""
+
+    def __init__(self, cfg: Config, journal: Journal, update_id: str, control: ControlFactory) -> None:
+        super().__init__(cfg, journal, update_id, control)
+        self.session: HandoverSession | None = None
+
+    def _supervisor_log_tail(self, max_bytes: int = 2048) -> str:
+        return self._agent_log_tail("supervisor", max_bytes)
+
+    def _switch_and_check(self) -> None:
+        req = self.rec.request
+        t0 = time.monotonic()
+        self._move(S.SWITCHING)
+        self.installer.layout.switch(req.version)
+        self._move(S.RESTARTING, timings=self._timed("switch", t0))
+        t0 = time.monotonic()
+        try:
+            self.session = HandoverSession(self.cfg, self.update_id, req.version)
+            self.session.take_state()
+            self._move(S.WATCHING, timings=self._timed("handover", t0))
+            t0 = time.monotonic()
+            self.session.await_supervisor(req.version, self.cfg.update.handshake_timeout_s)
+            self.rec = replace(self.rec, timings=self._timed("handshake", t0))
+        except (wire.HandoverError, OSError) as e:
+            self._rollback(f"{type(e).__name__}: {e}")
+            return
+        self.session.close()
+        self._commit()
+
+    def _rollback(self, reason: str) -> None:
+        req = self.rec.request
+        t0 = time.monotonic()
+        if self.rec.state is not S.ROLLING_BACK:
+            self._move(S.ROLLING_BACK, reason, error=reason)
+        old = self.rec.from_version
+        layout = self.installer.layout
+        last_log = self._supervisor_log_tail()
+        notes: list[str] = []
+        if old and layout.is_installed(old):
+            layout.switch(old)
+        session = self.session
+        if session is None:
+            self._recover_without_session(old, notes)
+        elif not session.exec_sent and session.spawned == 0 and session.pid and process_alive(session.pid):
+            logger.info("handover: the old supervisor never stopped; switching the link back is enough")
+        else:
+            session.kill_supervisor()
+            session.spawned = 0
+            session.exec_sent = False
+            session.start_supervisor()
+            try:
+                session.await_supervisor(old, self.cfg.update.handshake_timeout_s)
+            except (wire.HandoverError, OSError) as e:
+                notes.append(f"the old version {old} did not come back cleanly either: {e}")
+        if session is not None:
+            session.close()
+        self.installer.discard_version(req.version)
+        error = "; ".join([reason, *notes])
+        self._move(S.ROLLED_BACK, error=error, rolled_back=True, success=False, finished_at=time.time(),
+                   last_log=last_log, timings=self._timed("rollback", t0))
+        self._settle()
+
+    def _recover_without_session(self, old: str, notes: list[str]) -> None:
+        """A helper that died mid-handover left no custody: look at what runs now and make it whole."""
+        wire.ActiveHandover.clear(self.cfg.run_dir)
+        version, serving = running_supervisor(self.cfg)
+        if version == old and serving:
+            return
+        session = HandoverSession(self.cfg, self.update_id, old)
+        self.session = session
+        if version:
+            pid = _control_pid(self.cfg)
+            session.pid = pid
+            session.exec_sent = True
+            session.kill_supervisor()
+        session._state_from_disk()
+        session.start_supervisor()
+        try:
+            session.await_supervisor(old, self.cfg.update.handshake_timeout_s)
+        except (wire.HandoverError, OSError) as e:
+            notes.append(f"the old version {old} did not come back cleanly: {e}")
+
+    def run(self) -> Any:
+        if not self.rec.final and self.rec.state in (S.RESTARTING, S.WATCHING, S.SWITCHING):
+            return self._resume_after_crash()
+        return super().run()
+
+    def _resume_after_crash(self) -> Any:
+        """Killed mid-handover: commit if the new version is up and healthy, else roll back."""
+        self.rec = replace(self.rec, attempts=self.rec.attempts + 1, helper_pid=os.getpid())
+        self.journal.save(self.rec)
+        req = self.rec.request
+        deadline = time.monotonic() + self.cfg.update.handshake_timeout_s
+        version, serving = "", False
+        while time.monotonic() < deadline:
+            version, serving = running_supervisor(self.cfg)
+            if serving:
+                break
+            time.sleep(0.2)
+        wire.ActiveHandover.clear(self.cfg.run_dir)
+        if version == req.version and serving and self.installer.layout.current_version() == req.version:
+            logger.info("update {}: supervisor {} runs and serves; committing", self.update_id, version)
+            if self.rec.state is not S.WATCHING:
+                self.rec = self.rec.moved(S.WATCHING, "recovery")
+                self.journal.save(self.rec)
+            self._commit()
+        else:
+            self._rollback(f"the helper was interrupted during the handover (running: {version or 'nothing'})")
+        return self.rec
+
+
+def _control_pid(cfg: Config) -> int:
+    try:
+        with grpc.insecure_channel(f"unix:{cfg.run_dir / 'control.sock'}") as ch:
+            return int(daemon_pb2_grpc.DaemonServiceStub(ch).GetStatus(daemon_pb2.GetStatusRequest(), timeout=3).pid)
+    except grpc.RpcError:
+        return 0
+
+
+class SelfUpdateError(BatonError):
+    pass
+
+
+def rollback_supervisor(cfg: Config) -> str:
+    """``helper --rollback``: the previous supervisor version, started, whether the current one runs or not."""
+    from helper.locks import ComponentLock
+
+    layout = ComponentLayout(cfg.node.install_root, "supervisor")
+    with ComponentLock(cfg.node.state_dir, "supervisor"):
+        cur = layout.current_version()
+        backups = [v for v in layout.installed_versions() if v != cur]
+        if not backups:
+            raise SelfUpdateError(f"supervisor: no earlier version installed to roll back to (current {cur or '-'})")
+        target = backups[0]
+        layout.switch(target)
+        session = HandoverSession(cfg, f"rollback-{os.getpid()}", target)
+        try:
+            session.take_state()
+            session.await_supervisor(target, cfg.update.handshake_timeout_s)
+        except (wire.HandoverError, OSError) as e:
+            raise SelfUpdateError(f"supervisor: switched {cur} -> {target}, but it did not come up: {e}") from None
+        finally:
+            session.close()
+        if cur:
+            from baton.marks import Marks
+
+            Marks(cfg.node.state_dir).record_failure("supervisor", cur)
+    return f"supervisor: rolled back {cur} -> {target}; running (pid {session.pid})"
+

@@ -1,0 +1,209 @@
+"""The supervisor's two ends of a self-update handover (protocol: baton/handover.py, docs/handover.md).
+
+Giving: a helper connects to ``<run_dir>/handover.sock`` and asks (PREPARE). The
+supervisor stops accepting, stops watching its agents (they keep running, they
+stay its children), sends the agent table and the descriptors worth keeping
+(listening sockets, the agents' output FIFOs and notify sockets, its stdout and
+stderr) to the helper, and execs ``current/bin/supervisor`` in its own pid.
+
+Receiving: a supervisor that starts while ``<run_dir>/handover.json`` names a
+live helper says HELLO, takes the table and descriptors from the helper,
+adopts every agent, serves, and reports HEALTHY (or UNHEALTHY, and why). The
+helper commits or rolls back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from baton import faults
+from baton import handover as wire
+from baton.agent_table import AgentRecord
+from baton.config import Config
+
+if TYPE_CHECKING:
+    from supervisor.daemon import Supervisor
+
+STATE_TIMEOUT_S = 30.0
+EXEC_CONFIRM_TIMEOUT_S = 10.0
+COMMIT_TIMEOUT_S = 30.0
+
+
+@dataclass
+class ReceivedState:
+    """What a starting supervisor got from the helper."""
+
+    conn: socket.socket
+    protocol: int
+    records: list[AgentRecord]
+    listen: dict[str, socket.socket] = field(default_factory=dict)
+    fifos: dict[str, int] = field(default_factory=dict)
+    notify: dict[str, socket.socket] = field(default_factory=dict)
+    from_version: str = ""
+
+    def channels(self) -> dict[str, tuple[int | None, object | None]]:
+        names = set(self.fifos) | set(self.notify)
+        return {n: (self.fifos.get(n), self.notify.get(n)) for n in names}
+
+    def take_listen(self, address: str) -> socket.socket | None:
+        return self.listen.pop(address, None)
+
+    def close_unused(self) -> None:
+        for s in self.listen.values():
+            s.close()
+        self.listen.clear()
+
+    def report(self, msg: dict[str, Any]) -> dict[str, Any] | None:
+        """Send HEALTHY/UNHEALTHY and wait for the helper's verdict (None: the helper is gone)."""
+        try:
+            wire.send(self.conn, msg)
+            reply, fds = wire.recv(self.conn, COMMIT_TIMEOUT_S, "commit")
+            for fd in fds:
+                os.close(fd)
+            return reply
+        except wire.HandoverError as e:
+            logger.warning("handover: no verdict from the helper: {}", e)
+            return None
+        finally:
+            self.conn.close()
+
+
+def _socket_address(s: socket.socket) -> str:
+    name = s.getsockname()
+    if s.family == socket.AF_UNIX:
+        return f"unix:{name}"
+    host, port = name[0], name[1]
+    return f"[{host}]:{port}" if s.family == socket.AF_INET6 else f"{host}:{port}"
+
+
+def receive(cfg: Config, version: str) -> ReceivedState | None:
+    """Blocking: the handshake's first half, if a helper is waiting for us."""
+    active = wire.ActiveHandover.read(cfg.run_dir)
+    if active is None:
+        return None
+    try:
+        conn = wire.connect(Path(active.socket), timeout_s=5.0)
+    except wire.PeerGone as e:
+        logger.warning("handover {} announced but its helper is gone ({}); starting on my own", active.update_id, e)
+        return None
+    try:
+        wire.send(conn, {"type": wire.HELLO, "version": version, "pid": os.getpid(), "update_id": active.update_id})
+        msg, fds = wire.recv(conn, STATE_TIMEOUT_S, "state")
+    except wire.HandoverError as e:
+        conn.close()
+        logger.warning("handover {}: {}; starting on my own", active.update_id, e)
+        return None
+    if msg["type"] != wire.STATE:
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        logger.error("handover {}: the helper answered {}: {}", active.update_id, msg["type"], msg.get("reason", ""))
+        raise SystemExit(3)
+    try:
+        protocol = wire.negotiate(int(msg.get("protocol", 0)))
+    except wire.HandoverRefused as e:
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        logger.error("handover {}: {}", active.update_id, e)
+        raise SystemExit(3) from None
+    state = ReceivedState(conn=conn, protocol=protocol,
+                          records=[AgentRecord.from_dict(d) for d in msg.get("agents", [])],
+                          from_version=str(msg.get("supervisor_version", "")))
+    descs = msg.get("fds", [])
+    for desc, fd in zip(descs, fds, strict=False):
+        kind = desc.get("kind")
+        if kind == "listen":
+            state.listen[str(desc["address"])] = socket.socket(fileno=fd)
+        elif kind == "fifo":
+            state.fifos[str(desc["agent"])] = fd
+        elif kind == "notify":
+            state.notify[str(desc["agent"])] = socket.socket(fileno=fd)
+        else:
+            os.close(fd)
+    for fd in fds[len(descs):]:
+        os.close(fd)
+    logger.info("handover {}: received {} agents and {} descriptors from the helper (protocol {})",
+                active.update_id, len(state.records), len(fds), protocol)
+    return state
+
+
+class HandoverEndpoint:
+    """Listens on ``<run_dir>/handover.sock`` for a helper's PREPARE."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+        self.path = sup.cfg.run_dir / "handover.sock"
+        self._sock: socket.socket | None = None
+        self._busy = False
+
+    def start(self) -> None:
+        self._sock = wire.seqpacket_listener(self.path)
+        self._sock.setblocking(False)
+        asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        try:
+            conn, _ = self._sock.accept()
+        except BlockingIOError:
+            return
+        uid = wire.peer_uid(conn)
+        if uid not in (0, os.getuid()):
+            logger.warning("handover: refused a connection from uid {}", uid)
+            conn.close()
+            return
+        if self._busy:
+            conn.close()
+            return
+        self._busy = True
+        asyncio.get_running_loop().create_task(self._serve(conn))
+
+    async def _serve(self, conn: socket.socket) -> None:
+        try:
+            msg, fds = await asyncio.to_thread(wire.recv, conn, 10.0, "prepare")
+            for fd in fds:
+                os.close(fd)
+            if msg["type"] != wire.PREPARE:
+                raise wire.HandoverRefused(f"expected prepare, got {msg['type']}")
+            wire.negotiate(int(msg.get("protocol", 0)))
+            problem = self.sup.cannot_hand_over()
+            if problem:
+                raise wire.HandoverRefused(problem)
+        except wire.HandoverError as e:
+            logger.warning("handover refused: {}", e)
+            with contextlib.suppress(OSError):
+                wire.send(conn, {"type": wire.REFUSED, "reason": str(e)})
+            conn.close()
+            self._busy = False
+            return
+        logger.info("handover {}: handing over to the helper", msg.get("update_id", "?"))
+        try:
+            state, fds = await self.sup.quiesce()
+            faults.crash_point("handover-quiesced", faults.SUPERVISOR)
+            wire.send(conn, state, fds)
+            faults.crash_point("handover-state-sent", faults.SUPERVISOR)
+            reply, extra = await asyncio.to_thread(wire.recv, conn, EXEC_CONFIRM_TIMEOUT_S, "exec")
+            for fd in extra:
+                os.close(fd)
+            logger.info("handover: helper answered {}; exec of the current version", reply.get("type"))
+        except (wire.HandoverError, OSError) as e:
+            logger.error("handover: {}; exec of the current version anyway (it adopts what runs)", e)
+        finally:
+            self.sup.exec_current()
