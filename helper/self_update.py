@@ -197,6 +197,8 @@ class HandoverSession:
                 wire.send(conn, {"type": wire.REFUSED, "reason": reason})
             raise wire.HandoverRefused(reason)
         faults.crash_point("handover-hello")
+        if not self.state:
+            self._state_from_disk()
         descs = [d for d in self.state.get("fds", []) if d.get("kind") != "stdio"]
         fds = [fd for d, fd in zip(self.state.get("fds", []), self.fds, strict=False) if d.get("kind") != "stdio"]
         wire.send(conn, {"type": wire.STATE, "agents": self.state.get("agents", []), "fds": descs,

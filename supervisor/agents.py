@@ -42,6 +42,7 @@ F_SETPIPE_SZ = 1031
 PIPE_BYTES = 1 << 20
 KILL_WAIT_S = 5.0
 STABLE_RUN_S = 30.0
+KEPT_STATES = frozenset({AgentState.STOPPED.value, AgentState.EXITED.value, AgentState.FATAL.value})
 
 
 class AgentError(BatonError):
@@ -211,9 +212,8 @@ class Agent:
             status_text=self.status_text,
         )
 
-    def record(self) -> AgentRecord | None:
-        if not self.pid:
-            return None
+    def record(self) -> AgentRecord:
+        """What a successor needs: the process to adopt (pid 0: none), counters, and a state to keep."""
         return AgentRecord(
             name=self.name,
             pid=self.pid,
@@ -474,7 +474,7 @@ class ProcessManager:
             fn(snap)
 
     def persist(self) -> None:
-        self.table.save([r for r in (a.record() for a in self.agents.values()) if r is not None])
+        self.table.save([a.record() for a in self.agents.values()])
 
     def get(self, name: str) -> Agent:
         try:
@@ -500,15 +500,19 @@ class ProcessManager:
             fifo_fd, notify_sock = channels.get(cfg.name, (None, None))
             agent.open_channels(fifo_fd, notify_sock)
         for name, rec in by_name.items():
-            if name not in self.agents and same_process(rec.pid, rec.start_time):
+            if name not in self.agents and rec.pid and same_process(rec.pid, rec.start_time):
                 logger.warning("agent {} (pid {}) is no longer configured; stopping it", name, rec.pid)
                 _kill_group(rec.pid, signal.SIGTERM)
         for name, agent in self.agents.items():
             prev = by_name.get(name)
-            if prev is not None and agent.adopt(prev):
+            if prev is not None and prev.pid and agent.adopt(prev):
                 continue
             if prev is not None:
                 agent.restarts = prev.restarts
+                if not prev.pid and prev.state in KEPT_STATES:
+                    agent.state = AgentState(prev.state)
+                    agent.consecutive_failures = prev.consecutive_failures
+                    continue
             if agent.cfg.autostart:
                 if prev is not None:
                     agent.restarts += 1

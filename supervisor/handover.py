@@ -64,7 +64,9 @@ class ReceivedState:
     def report(self, msg: dict[str, Any]) -> dict[str, Any] | None:
         """Send HEALTHY/UNHEALTHY and wait for the helper's verdict (None: the helper is gone)."""
         try:
+            faults.crash_point("handover-adopted", faults.SUPERVISOR)
             wire.send(self.conn, msg)
+            faults.crash_point("handover-healthy-sent", faults.SUPERVISOR)
             reply, fds = wire.recv(self.conn, COMMIT_TIMEOUT_S, "commit")
             for fd in fds:
                 os.close(fd)
@@ -96,6 +98,7 @@ def receive(cfg: Config, version: str) -> ReceivedState | None:
         return None
     try:
         wire.send(conn, {"type": wire.HELLO, "version": version, "pid": os.getpid(), "update_id": active.update_id})
+        faults.crash_point("handover-hello-sent", faults.SUPERVISOR)
         msg, fds = wire.recv(conn, STATE_TIMEOUT_S, "state")
     except wire.HandoverError as e:
         conn.close()

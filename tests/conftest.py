@@ -249,9 +249,36 @@ def make_supervisor(tmp_path: Path, reaper: ProcessReaper) -> Iterator[Callable[
     yield make
     for s in made:
         s.close_channel()
-        if s.proc is not None and s.proc.poll() is None:
-            with contextlib.suppress(Exception):
-                s.terminate(timeout=15)
+        stop_everything_of(s)
+
+
+def stop_everything_of(s: SupervisorProc) -> None:
+    """Whatever runs for this supervisor's directory now (a self-update or a rollback may have replaced the
+    process the test started): SIGTERM the supervisors, then kill helpers and any agent left."""
+    from baton.agent_table import AgentTable
+
+    def mine() -> list[psutil.Process]:
+        out = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if any(str(s.base) in c for c in cmd):
+                out.append(p)
+        return out
+
+    sups = [p for p in mine() if "supervisor" in " ".join(p.info["cmdline"]) and "run" in p.info["cmdline"]]
+    for p in sups:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    psutil.wait_procs(sups, timeout=20)
+    for rec in AgentTable(s.state_dir / "agents.json").load():
+        if rec.pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(rec.pid, signal.SIGKILL)
+    left = mine()
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(left, timeout=5)
 
 
 # ---- signed packages and a package server ------------------------------------------------------------

@@ -63,3 +63,206 @@ def test_self_update_keeps_agents_and_the_listening_socket(make_self_host):
     assert poller.refused == 0 and poller.ok > 0
     for a in status.agents:
         assert psutil.Process(a.pid).ppid() == old_pid
+
+
+def test_two_self_updates_in_a_row(make_self_host):
+    host = make_self_host(tcp=False)
+    before = agents_of(host)
+    for v in ("1.1.0", "1.2.0"):
+        st = host.wait_final(host.push(host.supervisor_package(v)), timeout=90)
+        assert st.state == COMMITTED, st.error
+        assert host.sup.status().supervisor_version == v
+    assert agents_of(host) == before
+    assert host.sup_layout.installed_versions() == ["1.2.0", "1.1.0", "1.0.0"]
+
+
+def test_agent_output_is_not_lost_across_a_self_update(make_self_host):
+    host = make_self_host(tcp=False)
+    log = host.sup.log_of("web")
+    wait_for(lambda: "tick 2" in log.read_text(), what="ticks before")
+    st = host.wait_final(host.push(host.supervisor_package("1.1.0")), timeout=90)
+    assert st.success, st.error
+    last = int(log.read_text().strip().splitlines()[-1].split()[-1])
+    wait_for(lambda: f"tick {last + 5}\n" in log.read_text(), what="ticks after")
+    ticks = [int(ln.split()[1]) for ln in log.read_text().splitlines() if ln.startswith("tick ")]
+    assert ticks == list(range(1, len(ticks) + 1)), "a line was lost or duplicated"
+
+
+def _assert_rolled_back(host, st, before, reason_part: str) -> None:
+    assert st.state == ROLLED_BACK, (st.state, st.error)
+    assert st.rolled_back and not st.success
+    assert reason_part in st.error, st.error
+    status = host.sup.status()
+    assert status.supervisor_version == "1.0.0"
+    assert host.sup_layout.current_version() == "1.0.0"
+    assert host.sup_layout.installed_versions() == ["1.0.0"]
+    now = {a.name: a.pid for a in status.agents}
+    assert now == {n: pid for n, (pid, _) in before.items()}
+    for a in status.agents:
+        assert a.state == common_pb2.AGENT_STATE_RUNNING
+
+
+def test_new_version_that_exits_at_start_is_rolled_back(make_self_host):
+    host = make_self_host(tcp=False)
+    before = agents_of(host)
+    st = host.wait_final(host.push(host.supervisor_package("1.1.0", "exit_at_start")), timeout=90)
+    _assert_rolled_back(host, st, before, "exited before its handshake")
+
+
+def test_new_version_that_hangs_before_the_handshake_is_rolled_back(make_self_host):
+    host = make_self_host(tcp=False, update={"handshake_timeout_s": 4.0})
+    before = agents_of(host)
+    st = host.wait_final(host.push(host.supervisor_package("1.1.0", "hang")), timeout=90)
+    _assert_rolled_back(host, st, before, "HandshakeTimeout")
+
+
+def test_new_version_speaking_an_old_protocol_is_rolled_back(make_self_host):
+    host = make_self_host(tcp=False)
+    before = agents_of(host)
+    st = host.wait_final(host.push(host.supervisor_package("1.1.0", "old_protocol")), timeout=90)
+    _assert_rolled_back(host, st, before, "protocol 0")
+
+
+def test_new_version_reporting_unhealthy_is_rolled_back(make_self_host):
+    host = make_self_host(tcp=False)
+    before = agents_of(host)
+    st = host.wait_final(host.push(host.supervisor_package("1.1.0", "unhealthy")), timeout=90)
+    _assert_rolled_back(host, st, before, "reports itself unhealthy")
+    rec = host.journal(st.update_id)
+    assert rec.last_log
+
+
+def test_failed_supervisor_version_is_not_retried_on_its_own(make_self_host):
+    import grpc
+    import pytest
+
+    host = make_self_host(tcp=False)
+    st = host.wait_final(host.push(host.supervisor_package("1.1.0", "exit_at_start")), timeout=90)
+    assert st.rolled_back
+    with pytest.raises(grpc.RpcError) as e:
+        host.push(host.supervisor_package("1.1.0"))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "failed before" in e.value.details()
+
+
+def test_adopted_agent_that_exits_after_the_handover_is_restarted(make_self_host):
+    import os
+    import signal
+
+    host = make_self_host(tcp=False)
+    assert host.wait_final(host.push(host.supervisor_package("1.1.0")), timeout=90).success
+    worker = host.sup.agent("worker")
+    os.kill(worker.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    wait_for(lambda: host.sup.agent("worker").state != common_pb2.AGENT_STATE_RUNNING
+             or host.sup.agent("worker").pid != worker.pid, 5, interval=0.02, what="the exit to be noticed")
+    assert time.monotonic() - t0 < 1.5
+    again = host.sup.wait_agent("worker", "running", pred=lambda a: a.pid != worker.pid)
+    assert again.restarts == worker.restarts + 1
+    names = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"]
+             and any("crash_agent.py" in c for c in p.info["cmdline"]) and p.pid in
+             {c.pid for c in psutil.Process(host.sup.proc.pid).children()}]
+    assert len(names) == 1
+
+
+def test_agent_that_exits_during_the_handover_is_restarted_afterwards(make_self_host, tmp_path):
+    crash_file = tmp_path / "crash"
+    host = make_self_host(tcp=False)
+    before = host.sup.agent("worker")
+    pkg = host.supervisor_package("1.1.0")
+    # the worker crashes as soon as the file exists: create it while the old supervisor is handing over
+    uid = host.push(pkg)
+    wait_for(lambda: host.journal(uid).state.value in ("restarting", "watching", "committed"), 30, interval=0.01)
+    os_kill_pid = before.pid
+    import os
+    import signal
+
+    os.kill(os_kill_pid, signal.SIGKILL)
+    st = host.wait_final(uid, timeout=90)
+    assert st.success, st.error
+    after = host.sup.wait_agent("worker", "running", pred=lambda a: a.pid != before.pid)
+    assert after.restarts >= before.restarts + 1
+    assert crash_file.exists() is False
+
+
+def test_stopped_agent_stays_stopped_across_a_self_update(make_self_host):
+    from baton.pb import daemon_pb2
+
+    host = make_self_host(tcp=False)
+    host.sup.stub.StopAgent(daemon_pb2.AgentRef(name="chatty"), timeout=20)
+    assert host.wait_final(host.push(host.supervisor_package("1.1.0")), timeout=90).success
+    assert host.sup.agent("chatty").state == common_pb2.AGENT_STATE_STOPPED
+    assert host.sup.agent("web").state == common_pb2.AGENT_STATE_RUNNING
+
+
+# ---- crash safety: SIGKILL of the helper, the old supervisor or the new one at each step ----------------------------
+
+HELPER_STEPS = ["switching", "restarting", "handover-state-received", "handover-exec-sent", "watching",
+                "handover-hello", "handover-healthy"]
+SUPERVISOR_STEPS = ["handover-quiesced", "handover-state-sent", "handover-hello-sent", "handover-adopted",
+                    "handover-healthy-sent"]
+
+
+def _consistent_after_crash(host, uid, mgr, agent_names=("web", "worker", "chatty")):
+    st = host.wait_final(uid, timeout=120)
+    assert st.state in (COMMITTED, ROLLED_BACK), st.error
+    wait_for(lambda: host.journal(uid).settled, 60, what="the update to settle")
+    want = "1.1.0" if st.state == COMMITTED else "1.0.0"
+    assert host.sup_layout.current_version() == want
+    status = wait_for(lambda: (s := host.sup.status(timeout=2)).supervisor_version == want and s, 60,
+                      what=f"supervisor {want} to answer")
+    for name in agent_names:
+        a = host.sup.wait_agent(name, "running", timeout=30)
+        procs = [p for p in psutil.process_iter(["pid", "environ"])
+                 if (p.info.get("environ") or {}).get("BATON_AGENT_NAME") == name
+                 and str(host.sup.state_dir) in (p.info.get("environ") or {}).get("NOTIFY_SOCKET", str(host.sup.state_dir))
+                 and p.status() != psutil.STATUS_ZOMBIE]
+        assert [p.pid for p in procs if p.pid == a.pid] == [a.pid]
+    assert not (host.sup.base / "run" / "handover.json").exists()
+    wait_for(lambda: len([r for r in mgr.results if r.update_id == uid]) == 1, 30, what="one result")
+    time.sleep(1.0)
+    assert len([r for r in mgr.results if r.update_id == uid]) == 1
+    return status, st
+
+
+def _crash_host(make_self_host, tmp_path, env_var: str, step: str):
+    from tests.conftest import RecordingManager, free_port, serve_manager
+
+    crash = tmp_path / "crash-at"
+    crash.write_text(step)
+    port = free_port()
+    mgr = RecordingManager()
+    server = serve_manager(port, mgr)
+    host = make_self_host(tcp=False, env={env_var: str(crash)},
+                          update={"handshake_timeout_s": 15.0})
+    host.sup.cfg["manager"] = {"address": f"127.0.0.1:{port}", "retry_initial_s": 0.1, "retry_max_s": 0.5}
+    return host, mgr, server, crash
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("step", HELPER_STEPS)
+def test_helper_killed_during_a_self_update_ends_consistent(make_self_host, tmp_path, step):
+    host, mgr, server, crash = _crash_host(make_self_host, tmp_path, "BATON_HELPER_CRASH_FILE", step)
+    try:
+        host.sup.terminate()
+        host.sup.start(launcher=host.launcher, env={"BATON_HELPER_CRASH_FILE": str(crash)})
+        uid = host.push(host.supervisor_package("1.1.0"))
+        _consistent_after_crash(host, uid, mgr)
+        assert not crash.exists(), "the crash point was not reached"
+    finally:
+        server.stop(0)
+
+
+@pytest.mark.parametrize("step", SUPERVISOR_STEPS)
+def test_supervisor_killed_during_a_self_update_ends_consistent(make_self_host, tmp_path, step):
+    host, mgr, server, crash = _crash_host(make_self_host, tmp_path, "BATON_SUPERVISOR_CRASH_FILE", step)
+    try:
+        host.sup.terminate()
+        host.sup.start(launcher=host.launcher, env={"BATON_SUPERVISOR_CRASH_FILE": str(crash)})
+        uid = host.push(host.supervisor_package("1.1.0"))
+        _consistent_after_crash(host, uid, mgr)
+        assert not crash.exists(), "the crash point was not reached"
+    finally:
+        server.stop(0)
