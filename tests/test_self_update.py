@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -13,6 +14,19 @@ from tests.conftest import wait_for
 
 COMMITTED = common_pb2.UPDATE_STATE_COMMITTED
 ROLLED_BACK = common_pb2.UPDATE_STATE_ROLLED_BACK
+
+
+def agent_processes(host, name: str) -> list[int]:
+    """Every live process writing to this agent's output FIFO: an agent instance of this host."""
+    fifo = str(host.sup.state_dir / "agents" / name / "output.fifo")
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.readlink(f"/proc/{p.pid}/fd/1") == fifo and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except (OSError, psutil.Error):
+            continue
+    return out
 
 
 def agents_of(host) -> dict[str, tuple[int, int]]:
@@ -146,7 +160,6 @@ def test_failed_supervisor_version_is_not_retried_on_its_own(make_self_host):
 
 
 def test_adopted_agent_that_exits_after_the_handover_is_restarted(make_self_host):
-    import os
     import signal
 
     host = make_self_host(tcp=False)
@@ -159,10 +172,7 @@ def test_adopted_agent_that_exits_after_the_handover_is_restarted(make_self_host
     assert time.monotonic() - t0 < 1.5
     again = host.sup.wait_agent("worker", "running", pred=lambda a: a.pid != worker.pid)
     assert again.restarts == worker.restarts + 1
-    names = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"]
-             and any("crash_agent.py" in c for c in p.info["cmdline"]) and p.pid in
-             {c.pid for c in psutil.Process(host.sup.proc.pid).children()}]
-    assert len(names) == 1
+    assert agent_processes(host, "worker") == [again.pid]
 
 
 def test_agent_that_exits_during_the_handover_is_restarted_afterwards(make_self_host, tmp_path):
@@ -173,11 +183,9 @@ def test_agent_that_exits_during_the_handover_is_restarted_afterwards(make_self_
     # the worker crashes as soon as the file exists: create it while the old supervisor is handing over
     uid = host.push(pkg)
     wait_for(lambda: host.journal(uid).state.value in ("restarting", "watching", "committed"), 30, interval=0.01)
-    os_kill_pid = before.pid
-    import os
     import signal
 
-    os.kill(os_kill_pid, signal.SIGKILL)
+    os.kill(before.pid, signal.SIGKILL)
     st = host.wait_final(uid, timeout=90)
     assert st.success, st.error
     after = host.sup.wait_agent("worker", "running", pred=lambda a: a.pid != before.pid)
@@ -213,11 +221,7 @@ def _consistent_after_crash(host, uid, mgr, agent_names=("web", "worker", "chatt
                       what=f"supervisor {want} to answer")
     for name in agent_names:
         a = host.sup.wait_agent(name, "running", timeout=30)
-        procs = [p for p in psutil.process_iter(["pid", "environ"])
-                 if (p.info.get("environ") or {}).get("BATON_AGENT_NAME") == name
-                 and str(host.sup.state_dir) in (p.info.get("environ") or {}).get("NOTIFY_SOCKET", str(host.sup.state_dir))
-                 and p.status() != psutil.STATUS_ZOMBIE]
-        assert [p.pid for p in procs if p.pid == a.pid] == [a.pid]
+        assert agent_processes(host, name) == [a.pid], f"agent {name} must run exactly once"
     assert not (host.sup.base / "run" / "handover.json").exists()
     wait_for(lambda: len([r for r in mgr.results if r.update_id == uid]) == 1, 30, what="one result")
     time.sleep(1.0)
@@ -266,3 +270,50 @@ def test_supervisor_killed_during_a_self_update_ends_consistent(make_self_host, 
         assert not crash.exists(), "the crash point was not reached"
     finally:
         server.stop(0)
+
+
+def test_helper_rollback_restores_the_previous_supervisor_when_it_is_down(make_self_host):
+    import subprocess
+    import sys
+
+    host = make_self_host(tcp=False)
+    before = agents_of(host)
+    assert host.wait_final(host.push(host.supervisor_package("1.1.0")), timeout=90).success
+    host.sup.kill()  # dead, not stopped: the agents keep running
+    res = subprocess.run([sys.executable, "-m", "helper", "--config", str(host.sup.config_path), "--rollback"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "BATON_PYTHON": sys.executable})
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert "1.1.0 -> 1.0.0" in res.stdout
+    status = wait_for(lambda: host.sup.status(timeout=2), 30, what="the rolled-back supervisor")
+    assert status.supervisor_version == "1.0.0"
+    assert host.sup_layout.current_version() == "1.0.0"
+    assert {a.name: a.pid for a in status.agents} == {n: pid for n, (pid, _) in before.items()}
+
+
+def test_helper_rollback_replaces_a_running_supervisor_through_the_handover(make_self_host):
+    import subprocess
+    import sys
+
+    host = make_self_host(tcp=False)
+    before = agents_of(host)
+    assert host.wait_final(host.push(host.supervisor_package("1.1.0")), timeout=90).success
+    pid = host.sup.status().pid
+    res = subprocess.run([sys.executable, "-m", "helper", "--config", str(host.sup.config_path), "--rollback",
+                          "supervisor"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr + res.stdout
+    status = host.sup.status()
+    assert status.supervisor_version == "1.0.0"
+    assert status.pid == pid
+    assert agents_of(host) == before
+
+
+def test_helper_status_lists_supervisor_versions(make_self_host):
+    import subprocess
+    import sys
+
+    host = make_self_host(tcp=False)
+    assert host.wait_final(host.push(host.supervisor_package("1.1.0")), timeout=90).success
+    res = subprocess.run([sys.executable, "-m", "helper", "--config", str(host.sup.config_path), "--status"],
+                         capture_output=True, text=True, timeout=60)
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("supervisor"))
+    assert "1.1.0" in line and "1.0.0" in line
