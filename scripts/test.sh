@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 . .venv/bin/activate
 echo "== ruff"
-ruff check baton supervisor helper scripts tests
+ruff check baton supervisor helper manager scripts tests
 echo "== mypy"
 mypy
 echo "== pytest"

@@ -1,0 +1,1 @@
+"""The reference Manager: node registry, update records, pushes and staged rollouts."""
