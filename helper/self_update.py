@@ -176,6 +176,9 @@ class HandoverSession:
                 if self.spawned == 0 and not _under_systemd() and not self.exec_sent:
                     self.start_supervisor()
                     continue
+                if _under_systemd() and not self.exec_sent and self.spawned == 0:
+                    self.pid = 0  # systemd's restart policy starts the next one
+                    continue
                 raise SupervisorDied(f"supervisor pid {self.pid} exited before its handshake")
 
     def _handshake(self, conn: socket.socket, expect_version: str, deadline: float) -> dict[str, Any]:
@@ -315,6 +318,7 @@ class SelfUpdateRun(UpdateRun):
             logger.info("handover: the old supervisor never stopped; switching the link back is enough")
         else:
             session.kill_supervisor()
+            session.pid = 0  # under systemd, its restart policy starts the old version; we wait for its HELLO
             session.spawned = 0
             session.exec_sent = False
             session.start_supervisor()
@@ -339,10 +343,11 @@ class SelfUpdateRun(UpdateRun):
         session = HandoverSession(self.cfg, self.update_id, old)
         self.session = session
         if version:
-            pid = _control_pid(self.cfg)
-            session.pid = pid
+            session.pid = _control_pid(self.cfg)
             session.exec_sent = True
             session.kill_supervisor()
+            session.pid = 0
+            session.exec_sent = False
         session._state_from_disk()
         session.start_supervisor()
         try:

@@ -43,6 +43,7 @@ PRE_SWITCH_STATES = frozenset({UpdateState.REQUESTED, UpdateState.DOWNLOADING, U
 RESPAWN_DELAY_S = 0.5
 WATCH_POLL_S = 0.1
 HELPER_EXIT_WAIT_S = 5.0
+HELPER_ANNOUNCE_S = 15.0
 
 _STATE_PB = {s: getattr(common_pb2, f"UPDATE_STATE_{s.name}") for s in UpdateState}
 
@@ -92,6 +93,7 @@ class HelperProcess:
         self.popen = popen
         self.pid = pid
         self.pidfd = pidfd
+        self.transient_unit = False  # popen is systemd-run's client; the helper runs in its own unit
 
 
 class UpdateManager:
@@ -249,13 +251,15 @@ class UpdateManager:
                 update_id, "--socket", str(self.control_socket)]
         if systemd.under_systemd() and shutil.which("systemd-run"):
             # Its own transient unit: outside what systemd stops or kills with the supervisor's service.
+            env = [f"--setenv={k}={v}" for k, v in os.environ.items() if k.startswith("BATON_") or k == "PYTHONPATH"]
             argv = ["systemd-run", f"--unit=baton-helper-{update_id}-{n}", "--collect", "--quiet",
                     f"--property=StandardOutput=append:{log_path}", f"--property=StandardError=append:{log_path}",
-                    "--setenv=PYTHONPATH=" + os.environ.get("PYTHONPATH", ""), "--wait", *argv]
+                    *env, *argv]
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True, close_fds=True)
         helper = HelperProcess(update_id, popen, popen.pid, os.pidfd_open(popen.pid))
+        helper.transient_unit = argv[0] == "systemd-run"
         self.helpers[update_id] = helper
         self._loop.add_reader(helper.pidfd, self._helper_exited, helper)
         logger.info("update {}: helper pid {} started (start {})", update_id, popen.pid, n)
@@ -271,6 +275,9 @@ class UpdateManager:
         if helper.popen is not None:
             helper.popen.returncode = status if status is not None else -1
         self.helpers.pop(helper.update_id, None)
+        if helper.transient_unit and status == 0:
+            self._loop.create_task(self._find_unit_helper(helper.update_id))
+            return
         self._changed.set()
         try:
             rec = self.journal.load(helper.update_id)
@@ -304,6 +311,27 @@ class UpdateManager:
         else:
             logger.error("update {} stuck in {}: {}; run `helper --status` and `helper --rollback {}`",
                          update_id, rec.state.value, reason, rec.component)
+
+    async def _find_unit_helper(self, update_id: str) -> None:
+        """systemd-run returned once the unit started; the helper announces its pid in the journal."""
+        deadline = time.monotonic() + HELPER_ANNOUNCE_S
+        while time.monotonic() < deadline:
+            rec = await self._load(update_id)
+            if rec is not None and (rec.final and rec.settled):
+                break
+            if rec is not None and rec.attempts >= self.starts.get(update_id, 0) and self._watch_running_helper(rec):
+                return
+            await asyncio.sleep(0.05)
+        rec = await self._load(update_id)
+        if rec is None:
+            return
+        if rec.final and rec.settled:
+            if self.active.get(rec.component) == update_id:
+                del self.active[rec.component]
+            self._changed.set()
+            return
+        logger.warning("update {}: its helper unit did not come up; starting another", update_id)
+        self._spawn(update_id)
 
     def helper_pids(self) -> list[int]:
         return [h.pid for h in self.helpers.values()]

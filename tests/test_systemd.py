@@ -1,0 +1,153 @@
+"""Under a real systemd (tests/systemd_harness.py): the shipped unit, a self-update, a rollback, a stop."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from baton.pb import common_pb2
+from tests.conftest import ROOT, SELF_AGENTS, PY, SelfUpdateHost, SupervisorProc, dump_toml, wait_for
+from tests.systemd_harness import SystemdManager, unavailable_reason
+
+UNIT = ROOT / "packaging" / "systemd" / "baton-supervisor.service"
+REASON = unavailable_reason()
+needs_systemd = pytest.mark.skipif(bool(REASON), reason=f"no real systemd here: {REASON}")
+
+
+def test_shipped_units_pass_systemd_analyze_verify_silently(tmp_path):
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze is missing; scripts/bootstrap.sh installs systemd's tools")
+    root = tmp_path / "root"
+    (root / "etc/systemd/system").mkdir(parents=True)
+    shutil.copytree("/lib/systemd/system", root / "lib/systemd/system", symlinks=True)
+    text = UNIT.read_text()
+    for path in re.findall(r"(?:ExecStart=|BATON_PYTHON=)(/\S+)", text):
+        p = root / path.lstrip("/")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("#!/bin/sh\n")
+        p.chmod(0o755)
+    for unit in sorted((ROOT / "packaging" / "systemd").glob("*.service")):
+        shutil.copy(unit, root / "etc/systemd/system" / unit.name)
+        res = subprocess.run(["systemd-analyze", "verify", f"--root={root}", f"/etc/systemd/system/{unit.name}"],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and res.stdout == "" and res.stderr == "", res.stdout + res.stderr
+
+
+def test_verify_would_catch_a_bad_setting(tmp_path):
+    """The check above is not vacuous: systemd-analyze prints an unknown key (and still exits 0)."""
+    bad = tmp_path / "bad.service"
+    bad.write_text("[Service]\nExecStart=/bin/true\nKillMode=sometimes\n")
+    res = subprocess.run(["systemd-analyze", "verify", str(bad)], capture_output=True, text=True, timeout=60)
+    assert res.stdout + res.stderr != ""
+
+
+def unit_for_test(sup: SupervisorProc) -> str:
+    """The shipped unit, pointed at the test's install root, config and interpreter, logging to a file."""
+    text = UNIT.read_text()
+    text = text.replace("/opt/baton/supervisor/current/bin/supervisor",
+                        str(sup.base / "install" / "supervisor" / "current" / "bin" / "supervisor"))
+    text = text.replace("/etc/baton/supervisor.toml", str(sup.config_path))
+    text = text.replace("BATON_PYTHON=/opt/baton/venv/bin/python", f"BATON_PYTHON={PY}")
+    text = text.replace("[Unit]\n", "[Unit]\nDefaultDependencies=no\n", 1)
+    text = re.sub(r"^(After|Wants)=network-online.target\n", "", text, flags=re.M)
+    text = text.replace("[Service]\n", f"[Service]\nStandardOutput=append:{sup.stdout_path}\n"
+                                       f"StandardError=append:{sup.stdout_path}\n", 1)
+    return text
+
+
+@pytest.fixture
+def systemd(tmp_path):
+    mgr = SystemdManager(tmp_path / "systemd")
+    mgr.start()
+    try:
+        yield mgr
+    finally:
+        mgr.stop()
+
+
+@pytest.fixture
+def unit_host(systemd, make_supervisor, release):
+    from baton.config import load_config
+    from supervisor.install_self import install_self
+
+    sup = make_supervisor(list(SELF_AGENTS), name="sd",
+                          extra={"update": {"trusted_keys": [str(release.public_key)], "handshake_timeout_s": 30.0,
+                                            "free_space_reserve_bytes": 0}})
+    sup.write_config()
+    install_self(load_config(sup.config_path), "1.0.0")
+    systemd.add_unit("baton-supervisor.service", unit_for_test(sup))
+    res = systemd.systemctl("start", "baton-supervisor.service", timeout=120)
+    assert res.returncode == 0, res.stderr + sup.output()
+    for a in ("web", "worker", "chatty"):
+        sup.wait_agent(a, "running", timeout=30)
+    return SelfUpdateHost(sup, release)
+
+
+def agent_pids(host) -> dict[str, int]:
+    return {a.name: a.pid for a in host.sup.status().agents}
+
+
+@needs_systemd
+def test_unit_starts_and_reports_ready(systemd, unit_host):
+    props = systemd.show("baton-supervisor.service", "ActiveState", "SubState", "StatusText", "MainPID", "Type")
+    assert props["ActiveState"] == "active" and props["Type"] == "notify"
+    assert props["StatusText"].startswith("serving 3 agents")
+    assert int(props["MainPID"]) == unit_host.sup.status().pid
+
+
+@needs_systemd
+def test_self_update_under_systemd_keeps_main_pid_agents_and_helper(systemd, unit_host):
+    main_pid = systemd.show("baton-supervisor.service", "MainPID")["MainPID"]
+    before = agent_pids(unit_host)
+    uid = unit_host.push(unit_host.supervisor_package("1.1.0"))
+    st = unit_host.wait_final(uid, timeout=120)
+    assert st.state == common_pb2.UPDATE_STATE_COMMITTED, st.error + unit_host.sup.output()
+    props = systemd.show("baton-supervisor.service", "MainPID", "ActiveState", "NRestarts")
+    assert props == {"MainPID": main_pid, "ActiveState": "active", "NRestarts": "0"}
+    assert unit_host.sup.status().supervisor_version == "1.1.0"
+    assert agent_pids(unit_host) == before
+    log = (unit_host.sup.state_dir / "updates" / uid / "helper.log").read_text()
+    assert "committed" in log, "the helper (its own transient unit) ran through the switch"
+
+
+@needs_systemd
+def test_failed_self_update_under_systemd_rolls_back(systemd, unit_host):
+    before = agent_pids(unit_host)
+    uid = unit_host.push(unit_host.supervisor_package("1.1.0", "exit_at_start"))
+    st = unit_host.wait_final(uid, timeout=120)
+    assert st.state == common_pb2.UPDATE_STATE_ROLLED_BACK, st.error
+    status = wait_for(lambda: unit_host.sup.status(timeout=2), 60, what="the old supervisor")
+    assert status.supervisor_version == "1.0.0"
+    assert systemd.show("baton-supervisor.service", "ActiveState")["ActiveState"] == "active"
+    assert agent_pids(unit_host) == before
+
+
+@needs_systemd
+def test_systemctl_stop_stops_every_agent(systemd, unit_host):
+    fifos = {str(unit_host.sup.state_dir / "agents" / n / "output.fifo") for n in ("web", "worker", "chatty")}
+
+    def agents_alive() -> list[int]:
+        out = []
+        for p in psutil.process_iter():
+            try:
+                if os.readlink(f"/proc/{p.pid}/fd/1") in fifos and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p.pid)
+            except (OSError, psutil.Error):
+                continue
+        return out
+
+    assert len(agents_alive()) == 3
+    res = systemd.systemctl("stop", "baton-supervisor.service", timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert systemd.show("baton-supervisor.service", "ActiveState")["ActiveState"] == "inactive"
+    assert agents_alive() == []
+    assert sys.executable
+    assert Path(unit_host.sup.stdout_path).exists()
+    assert dump_toml
