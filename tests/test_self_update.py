@@ -281,7 +281,8 @@ def test_helper_rollback_restores_the_previous_supervisor_when_it_is_down(make_s
     assert host.wait_final(host.push(host.supervisor_package("1.1.0")), timeout=90).success
     host.sup.kill()  # dead, not stopped: the agents keep running
     res = subprocess.run([sys.executable, "-m", "helper", "--config", str(host.sup.config_path), "--rollback"],
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "BATON_PYTHON": sys.executable})
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "BATON_PYTHON": sys.executable})
     assert res.returncode == 0, res.stderr + res.stdout
     assert "1.1.0 -> 1.0.0" in res.stdout
     status = wait_for(lambda: host.sup.status(timeout=2), 30, what="the rolled-back supervisor")

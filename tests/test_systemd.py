@@ -6,14 +6,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import psutil
 import pytest
 
 from baton.pb import common_pb2
-from tests.conftest import ROOT, SELF_AGENTS, PY, SelfUpdateHost, SupervisorProc, dump_toml, wait_for
+from tests.conftest import PY, ROOT, SELF_AGENTS, SelfUpdateHost, SupervisorProc, dump_toml, wait_for
 from tests.systemd_harness import SystemdManager, unavailable_reason
 
 UNIT = ROOT / "packaging" / "systemd" / "baton-supervisor.service"
@@ -148,6 +146,3 @@ def test_systemctl_stop_stops_every_agent(systemd, unit_host):
     assert res.returncode == 0, res.stderr
     assert systemd.show("baton-supervisor.service", "ActiveState")["ActiveState"] == "inactive"
     assert agents_alive() == []
-    assert sys.executable
-    assert Path(unit_host.sup.stdout_path).exists()
-    assert dump_toml
