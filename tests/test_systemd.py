@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from baton.pb import common_pb2
-from tests.conftest import PY, ROOT, SELF_AGENTS, SelfUpdateHost, SupervisorProc, dump_toml, wait_for
+from tests.conftest import PY, ROOT, SELF_AGENTS, SelfUpdateHost, SupervisorProc, wait_for
 from tests.systemd_harness import SystemdManager, unavailable_reason
 
 UNIT = ROOT / "packaging" / "systemd" / "baton-supervisor.service"
