@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--version", help="the version to install as (default: this code's version)")
     i.set_defaults(fn=cmd_install_self)
     d = sub.add_parser("demo", help="run a self-contained demo in a temporary directory")
-    d.add_argument("--seconds", type=float, default=20.0, help="how long to run before stopping (0: until Ctrl-C)")
+    d.add_argument("--seconds", type=float, default=5.0, help="how long to keep running at the end")
     d.add_argument("--keep", action="store_true", help="keep the temporary directory")
     d.set_defaults(fn=cmd_demo)
     return p

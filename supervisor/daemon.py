@@ -41,6 +41,8 @@ from supervisor.updates import UpdateManager
 from supervisor.version import supervisor_version
 
 SERVICE_NAME = "baton.v1.DaemonService"
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+PENDING_STOP_ENV = "BATON_PENDING_STOP"
 
 
 class AlreadyRunning(BatonError):
@@ -159,9 +161,16 @@ class Supervisor:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._stop.set)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked across a handover's exec
+        if os.environ.pop(PENDING_STOP_ENV, None):
+            logger.info("a stop was requested during the handover; stopping once it completes")
+            self._stop.set()
         loop.add_signal_handler(signal.SIGCHLD, self._reap_strays)
+        interval = systemd.watchdog_interval_s()
+        if interval:
+            self._watchdog = asyncio.create_task(self._feed_watchdog(interval))
         prepare_dirs(self.cfg)
         lock_fd = lock_state_dir(self.cfg)
         set_subreaper()
@@ -172,9 +181,6 @@ class Supervisor:
         for key in self.cfg.update.trusted_keys:
             if not os.access(key, os.R_OK):
                 logger.warning("trusted key {} is missing or unreadable: every update will be refused", key)
-        interval = systemd.watchdog_interval_s()
-        if interval:
-            self._watchdog = asyncio.create_task(self._feed_watchdog(interval))
         await self._start_grpc()
         self.front = Front(self.backend_path, UnixPeerPolicy(self.cfg.grpc.unix_socket_group))
         await self.front.serve(self._listening_sockets(received))
@@ -249,7 +255,14 @@ class Supervisor:
         return ""
 
     async def quiesce(self) -> tuple[dict[str, Any], list[int]]:
-        """Stop everything but the agents and return the handover state with its descriptors."""
+        """Stop everything but the agents and return the handover state with its descriptors.
+
+        SIGTERM and SIGINT are blocked from here on: one that arrives during the handover stays pending
+        across the exec and is delivered to the new process once it serves, which then stops cleanly.
+        """
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        if self._stop.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
         await self._set_serving(False)
         if self.outbox is not None:
             await self.outbox.stop()
@@ -294,7 +307,10 @@ class Supervisor:
         systemd.notify("RELOADING=1\nSTATUS=handing over to the new version")
         logger.info("exec {}", exe)
         logger.complete()
-        os.execv(exe, [exe, "run", "--config", str(self.cfg.source)])
+        env = dict(os.environ)
+        if self._stop.is_set():
+            env[PENDING_STOP_ENV] = "1"  # a stop request that arrived mid-handover: the next process honours it
+        os.execve(exe, [exe, "run", "--config", str(self.cfg.source)], env)
 
     def _reap_strays(self) -> None:
         """Reap children we do not watch (helpers we lost track of across an exec, re-parented orphans)."""

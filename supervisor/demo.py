@@ -1,7 +1,9 @@
-"""A self-contained demo: a supervisor with sample agents in a temporary directory.
+"""A self-contained demo in a temporary directory: nothing to configure, no external service.
 
-Nothing to configure: it writes a config, starts a real supervisor process,
-shows its agents, kills one to show the restart, and stops everything.
+It generates a release key, installs the supervisor into its versioned layout
+(1.0.0), starts it with three agents, kills one to show the restart, pushes a
+signed update of the ``web`` agent, then a signed self-update of the supervisor
+(the agents keep their pids), and stops everything.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import grpc
 
-from baton.pb import daemon_pb2, daemon_pb2_grpc
+from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
 
 SAMPLE_AGENT = r'''
 import os, signal, socket, sys, time
@@ -27,6 +29,7 @@ def on_term(*_):
     stop = True
 signal.signal(signal.SIGTERM, on_term)
 name = os.environ.get("BATON_AGENT_NAME", "?")
+version = os.environ.get("BATON_AGENT_VERSION") or "-"
 if os.environ.get("NOTIFY_SOCKET"):
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.connect(os.environ["NOTIFY_SOCKET"])
@@ -34,94 +37,225 @@ if os.environ.get("NOTIFY_SOCKET"):
 n = 0
 while not stop:
     n += 1
-    print(f"{name}: tick {n}", flush=True)
+    print(f"{name} {version}: tick {n}", flush=True)
     time.sleep(1)
 '''
 
 
-def _config(base: Path) -> str:
-    agent = base / "sample_agent.py"
-    agent.write_text(SAMPLE_AGENT)
-    py = sys.executable
-    agents = ""
-    for name, notify in (("web", "true"), ("metrics", "false"), ("shipper", "true")):
-        agents += f"""
-[[agents]]
-name = "{name}"
-command = "{py}"
-args = ["-u", "{agent}"]
-notify = {notify}
-restart = "always"
-backoff_initial_s = 0.5
-"""
-    return f"""
+class Demo:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.cfg_path = base / "supervisor.toml"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.channel: grpc.Channel | None = None
+
+    def say(self, text: str) -> None:
+        print(f"\n== {text}", flush=True)
+
+    # ---- set-up ------------------------------------------------------------------------------------------
+
+    def write_files(self) -> None:
+        from baton.signing import format_public_key, format_secret_key, generate_keypair
+
+        secret, public = generate_keypair()
+        (self.base / "release.pub").write_text(format_public_key(public))
+        (self.base / "release.sec").write_text(format_secret_key(secret))
+        os.chmod(self.base / "release.sec", 0o600)
+        self.secret = secret
+        agent = self.base / "sample_agent.py"
+        agent.write_text(SAMPLE_AGENT)
+        py = sys.executable
+        self.cfg_path.write_text(f"""
 [node]
 id = "demo-node"
-state_dir = "{base}/state"
-install_root = "{base}/install"
+state_dir = "{self.base}/state"
+install_root = "{self.base}/install"
 
 [grpc]
-unix_socket = "{base}/run/supervisor.sock"
-{agents}"""
+unix_socket = "{self.base}/run/supervisor.sock"
 
+[update]
+trusted_keys = ["{self.base}/release.pub"]
+health_window_s = 1.0
+free_space_reserve_bytes = 0
 
-def _table(stub: daemon_pb2_grpc.DaemonServiceStub) -> str:
-    from supervisor.cli import _fmt_agents
+[[agents]]
+name = "web"
+packaged = true
+command = "bin/web"
+notify = true
+restart = "always"
 
-    st = stub.GetStatus(daemon_pb2.GetStatusRequest(), timeout=5)
-    return f"supervisor {st.supervisor_version} pid {st.pid}\n" + _fmt_agents(list(st.agents))
+[[agents]]
+name = "metrics"
+command = "{py}"
+args = ["-u", "{agent}"]
+restart = "always"
+backoff_initial_s = 0.5
 
+[[agents]]
+name = "shipper"
+command = "{py}"
+args = ["-u", "{agent}"]
+notify = true
+restart = "always"
+""")
 
-def _wait_running(stub: daemon_pb2_grpc.DaemonServiceStub, n: int, timeout: float = 20) -> None:
-    from baton.pb import common_pb2
+    def web_tree(self, version: str) -> Path:
+        tree = self.base / "trees" / f"web-{version}"
+        (tree / "bin").mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.base / "sample_agent.py", tree / "agent.py")
+        launcher = tree / "bin" / "web"
+        launcher.write_text(f'#!/bin/sh\nexec "{sys.executable}" -u "$(dirname "$0")/../agent.py"\n')
+        launcher.chmod(0o755)
+        return tree
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def package(self, tree: Path, component: str, version: str) -> daemon_pb2.UpdateRequest:
+        from baton.signing import format_manifest, sign_prehash
+        from helper.package_tool import build_package
+
+        out = self.base / "packages" / f"{component}-{version}.tar.gz"
+        out.parent.mkdir(exist_ok=True)
+        digests = build_package(tree, out, True)
+        signature = sign_prehash(self.secret, digests.blake2b512, format_manifest(component, version))
+        out.with_name(out.name + ".minisig").write_text(signature)
+        return daemon_pb2.UpdateRequest(component=component, version=version, download_url=out.as_uri(),
+                                        sha256=digests.sha256_hex, size=digests.size, signature=signature)
+
+    def install(self) -> None:
+        from baton.config import load_config
+        from baton.layout import ComponentLayout
+        from supervisor.install_self import install_self
+
+        cfg = load_config(self.cfg_path)
+        install_self(cfg, "1.0.0")
+        web = ComponentLayout(cfg.node.install_root, "web")
+        web.versions_dir.mkdir(parents=True, exist_ok=True)
+        staged = web.versions_dir / ".staging-demo"
+        shutil.copytree(self.web_tree("1.0.0"), staged)
+        web.install(staged, "1.0.0")
+        web.switch("1.0.0")
+
+    def start(self) -> None:
+        launcher = self.base / "install" / "supervisor" / "current" / "bin" / "supervisor"
+        log = open(self.base / "supervisor.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen([str(launcher), "run", "--config", str(self.cfg_path)], stdout=log,
+                                     stderr=subprocess.STDOUT, env={**os.environ, "BATON_PYTHON": sys.executable})
+        log.close()
+        self.channel = grpc.insecure_channel(f"unix:{self.base}/run/supervisor.sock")
+        self.stub = daemon_pb2_grpc.DaemonServiceStub(self.channel)
+
+    # ---- watching ------------------------------------------------------------------------------------------
+
+    def table(self) -> str:
+        from supervisor.cli import _fmt_agents
+
+        st = self.stub.GetStatus(daemon_pb2.GetStatusRequest(), timeout=10)
+        return f"supervisor {st.supervisor_version}, pid {st.pid}\n" + _fmt_agents(list(st.agents))
+
+    def wait_running(self, n: int = 3, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                agents = self.stub.ListAgents(daemon_pb2.ListAgentsRequest(), timeout=2).agents
+                if sum(a.state == common_pb2.AGENT_STATE_RUNNING for a in agents) >= n:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit(f"demo: agents did not come up; see {self.base}/supervisor.log")
+
+    def push_and_follow(self, req: daemon_pb2.UpdateRequest) -> daemon_pb2.UpdateStatus:
+        """Watch the update; a self-update restarts the server mid-stream, so re-attach as a client would."""
+        uid = self.stub.PushUpdate(req, timeout=10).update_id
+        last = None
+        final: daemon_pb2.UpdateStatus | None = None
+        deadline = time.monotonic() + 180
+        while (final is None or not final.finished) and time.monotonic() < deadline:
+            try:
+                for st in self.stub.WatchUpdate(daemon_pb2.UpdateRef(update_id=uid), timeout=180,
+                                                wait_for_ready=True):
+                    if st.step != last:
+                        done = f"  {st.bytes_done}/{st.bytes_total} bytes" if st.bytes_done else ""
+                        print(f"   {uid}  {st.step}{done}")
+                        last = st.step
+                    final = st
+            except grpc.RpcError as e:
+                print(f"   (watch interrupted: {e.code().name}; the supervisor is being replaced; re-attaching)")
+                time.sleep(0.2)
+        assert final is not None
+        times = ", ".join(f"{t.step} {t.seconds * 1000:.0f} ms" for t in final.timings)
+        print(f"   result: {'success' if final.success else 'failed'}"
+              f"{' (rolled back)' if final.rolled_back else ''}{': ' + final.error if final.error else ''}")
+        print(f"   per step: {times}")
+        return final
+
+    # ---- the story ---------------------------------------------------------------------------------------
+
+    def run(self, seconds: float) -> None:
+        self.write_files()
+        self.install()
+        self.start()
+        self.wait_running()
+        self.say("a supervisor (1.0.0, from its versioned layout) keeps three agents running")
+        print(self.table())
+
+        victim = next(a for a in self.stub.ListAgents(daemon_pb2.ListAgentsRequest()).agents if a.name == "metrics")
+        self.say(f"kill -9 metrics (pid {victim.pid}): the supervisor restarts it after its backoff")
+        os.kill(victim.pid, signal.SIGKILL)
+        time.sleep(0.3)
+        self.wait_running()
+        print(self.table())
+
+        self.say("push a signed update of the web agent (1.0.0 -> 1.1.0), carried out by a helper process")
+        self.push_and_follow(self.package(self.web_tree("1.1.0"), "web", "1.1.0"))
+        self.wait_running()
+        print(self.table())
+
+        from supervisor.install_self import write_tree
+
+        before = {a.name: a.pid for a in self.stub.ListAgents(daemon_pb2.ListAgentsRequest()).agents}
+        self.say("push a signed self-update of the supervisor (1.0.0 -> 1.1.0): it execs in place, "
+                 "the helper holds its sockets and agent table meanwhile")
+        tree = write_tree(self.base / "trees" / "supervisor-1.1.0", "1.1.0")
+        self.push_and_follow(self.package(tree, "supervisor", "1.1.0"))
+        self.wait_running()
+        print(self.table())
+        after = {a.name: a.pid for a in self.stub.ListAgents(daemon_pb2.ListAgentsRequest()).agents}
+        print(f"   agent pids before: {before}\n   agent pids after:  {after}"
+              f"\n   -> {'unchanged: no agent was disturbed' if before == after else 'CHANGED'}")
+
+        if seconds > 0:
+            self.say(f"running for {seconds:.0f}s; try: supervisor status --socket {self.base}/run/supervisor.sock")
+            time.sleep(seconds)
+
+    def stop(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        if self.proc is None:
+            return
+        self.say("SIGTERM to the supervisor: it stops every agent")
         try:
-            agents = stub.ListAgents(daemon_pb2.ListAgentsRequest(), timeout=2).agents
-            if sum(a.state == common_pb2.AGENT_STATE_RUNNING for a in agents) >= n:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("demo: agents did not come up")
+            pid = self.proc.pid
+            os.kill(pid, signal.SIGTERM)
+            rc = self.proc.wait(60)
+            print(f"supervisor exited with {rc}")
+        except (ProcessLookupError, subprocess.TimeoutExpired) as e:
+            print(f"supervisor did not stop cleanly: {e}")
 
 
-def run_demo(seconds: float = 20.0, keep: bool = False) -> int:
+def run_demo(seconds: float = 5.0, keep: bool = False) -> int:
     base = Path(tempfile.mkdtemp(prefix="baton-demo-"))
-    cfg = base / "supervisor.toml"
-    cfg.write_text(_config(base))
-    print(f"== Baton demo in {base}\n== config: {cfg}")
-    log = open(base / "supervisor.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--config", str(cfg)], stdout=log,
-                            stderr=subprocess.STDOUT)
+    print(f"== Baton demo in {base}")
+    demo = Demo(base)
     try:
-        with grpc.insecure_channel(f"unix:{base}/run/supervisor.sock") as ch:
-            stub = daemon_pb2_grpc.DaemonServiceStub(ch)
-            _wait_running(stub, 3)
-            print("\n== three agents running:\n" + _table(stub))
-            victim = next(a for a in stub.ListAgents(daemon_pb2.ListAgentsRequest()).agents if a.name == "metrics")
-            print(f"\n== kill -9 metrics (pid {victim.pid}); the supervisor restarts it after its backoff")
-            os.kill(victim.pid, signal.SIGKILL)
-            time.sleep(0.3)
-            _wait_running(stub, 3)
-            print(_table(stub))
-            end = time.monotonic() + seconds if seconds > 0 else float("inf")
-            print(f"\n== running{' until Ctrl-C' if seconds <= 0 else f' for {seconds:.0f}s'}; "
-                  f"try: supervisor status --socket {base}/run/supervisor.sock")
-            while time.monotonic() < end:
-                time.sleep(min(5.0, max(0.0, end - time.monotonic())))
-                if time.monotonic() < end:
-                    print(_table(stub))
+        demo.run(seconds)
     except KeyboardInterrupt:
         pass
     finally:
-        print("\n== SIGTERM to the supervisor: it stops every agent")
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(60)
-        log.close()
-        print(f"supervisor exited with {rc}; last log lines:")
-        print("\n".join((base / "supervisor.log").read_text().splitlines()[-6:]))
-        if not keep:
+        demo.stop()
+        if keep:
+            print(f"kept {base}")
+        else:
             shutil.rmtree(base, ignore_errors=True)
     return 0

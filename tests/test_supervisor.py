@@ -192,3 +192,22 @@ def test_second_supervisor_on_same_state_dir_refuses_to_start(make_supervisor):
     other.start(wait=False)
     assert other.proc.wait(20) == 1
     assert "supervisor.lock" in other.output()
+
+
+def test_agents_survive_a_killed_supervisor_and_are_adopted_by_the_next_one(make_supervisor):
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True),
+                           agent("w", "crash_agent.py", start_seconds=0.2)]).start()
+    pids = {n: sup.wait_agent(n, "running").pid for n in ("web", "w")}
+    sup.kill()
+    for pid in pids.values():
+        assert psutil.pid_exists(pid)
+    sup.start()
+    for n, pid in pids.items():
+        a = sup.wait_agent(n, "running")
+        assert a.pid == pid and a.adopted and a.restarts == 0
+    os.kill(pids["w"], signal.SIGKILL)
+    again = sup.wait_agent("w", "running", pred=lambda a: a.pid != pids["w"])
+    assert again.restarts == 1
+    log = sup.log_of("web")
+    before = log.read_text().count("tick")
+    wait_for(lambda: log.read_text().count("tick") > before + 2, what="output of the adopted agent")
