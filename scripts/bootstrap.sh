@@ -9,6 +9,8 @@ need_apt=()
 command -v minisign >/dev/null 2>&1 || need_apt+=(minisign)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+command -v unshare >/dev/null 2>&1 || need_apt+=(util-linux)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         echo "bootstrap: installing Debian packages: ${need_apt[*]}"
