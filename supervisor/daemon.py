@@ -161,6 +161,7 @@ class Supervisor:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_log_loop_exception)
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._stop.set)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked across a handover's exec
@@ -352,6 +353,12 @@ class Supervisor:
         if self._watchdog is not None:
             self._watchdog.cancel()
         logger.info("supervisor stopped")
+
+
+def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Unhandled errors in callbacks go to our log (one JSON line with --json), not to a bare traceback."""
+    exc = context.get("exception")
+    logger.opt(exception=exc).error("event loop: {}", context.get("message", "unhandled error"))
 
 
 def run_supervisor(cfg: Config) -> int:

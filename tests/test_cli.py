@@ -1,0 +1,64 @@
+"""The supervisor's command line: status table, version, JSON logs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from tests.conftest import PY, ROOT, agent
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "-m", "supervisor", *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def test_version_prints_the_supervisor_version():
+    res = run("--version")
+    assert res.returncode == 0
+    assert res.stdout.startswith("baton supervisor ")
+
+
+def test_status_prints_a_table_of_agents(make_supervisor):
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
+    a = sup.wait_agent("web", "running")
+    res = run("status", "--socket", str(sup.socket))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert "node node-1" in lines[0]
+    assert lines[1].split()[:3] == ["NAME", "STATE", "PID"]
+    assert lines[2].split()[:3] == ["web", "running", str(a.pid)]
+
+
+def test_status_reads_the_socket_from_the_config(make_supervisor):
+    sup = make_supervisor([]).start()
+    res = run("status", "--config", str(sup.config_path), "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["nodeId"] == "node-1"
+
+
+def test_status_without_a_running_supervisor_says_so(tmp_path):
+    res = run("status", "--socket", str(tmp_path / "none.sock"), "--timeout", "1")
+    assert res.returncode == 1
+    assert "cannot reach the supervisor" in res.stderr
+
+
+def test_json_flag_logs_one_json_object_per_line(make_supervisor):
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True)])
+    sup.write_config()
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([PY, "-m", "supervisor", "run", "--config", str(sup.config_path), "--json"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    sup.reaper.track(proc.pid)
+    sup.proc = proc
+    sup.wait_agent("web", "running")
+    time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    bad = [line for line in err.splitlines() if line.strip() and not line.startswith("{")]
+    assert not bad, bad
+    records = [json.loads(line) for line in err.splitlines() if line.strip()]
+    assert records and all("record" in r and "text" in r for r in records)
+    assert any("agent web" in r["record"]["message"] for r in records)
