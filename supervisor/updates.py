@@ -65,6 +65,7 @@ def update_status(rec: UpdateRecord, progress: dict[str, object]) -> daemon_pb2.
         error=rec.error,
         timings=[common_pb2.StepTiming(step=k, seconds=v) for k, v in rec.timings.items()],
         updated_at=rec.updated_at,
+        last_log=rec.last_log,
     )
 
 
@@ -82,6 +83,7 @@ def update_result(rec: UpdateRecord, node_id: str) -> common_pb2.UpdateResult:
         state=_STATE_PB[rec.state],
         started_at=rec.created_at,
         finished_at=rec.finished_at,
+        last_log=rec.last_log,
     )
 
 

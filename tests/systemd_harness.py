@@ -94,7 +94,11 @@ class SystemdManager:
         while time.monotonic() < deadline:
             if self._launcher.poll() is not None:
                 raise RuntimeError(f"systemd launcher exited {self._launcher.returncode}: {self.log.read_text()}")
-            kids = [c for c in psutil.Process(self._launcher.pid).children() if "systemd" in " ".join(c.cmdline())]
+            kids = []
+            for c in psutil.Process(self._launcher.pid).children():
+                with contextlib.suppress(psutil.Error):  # the launch script's own short-lived children
+                    if "systemd" in " ".join(c.cmdline()):
+                        kids.append(c)
             if kids:
                 self.pid = kids[0].pid
                 state = self.systemctl("is-system-running").stdout.strip()

@@ -54,6 +54,7 @@ def unit_for_test(sup: SupervisorProc) -> str:
     text = text.replace("/etc/baton/supervisor.toml", str(sup.config_path))
     text = text.replace("BATON_PYTHON=/opt/baton/venv/bin/python", f"BATON_PYTHON={PY}")
     text = text.replace("[Unit]\n", "[Unit]\nDefaultDependencies=no\n", 1)
+    text = text.replace("WatchdogSec=30s", "WatchdogSec=3s")  # a switch that starved the watchdog would show
     text = re.sub(r"^(After|Wants)=network-online.target\n", "", text, flags=re.M)
     text = text.replace("[Service]\n", f"[Service]\nStandardOutput=append:{sup.stdout_path}\n"
                                        f"StandardError=append:{sup.stdout_path}\n", 1)
@@ -111,6 +112,10 @@ def test_self_update_under_systemd_keeps_main_pid_agents_and_helper(systemd, uni
     assert props == {"MainPID": main_pid, "ActiveState": "active", "NRestarts": "0"}
     assert unit_host.sup.status().supervisor_version == "1.1.0"
     assert agent_pids(unit_host) == before
+    import time
+
+    time.sleep(4)  # longer than WatchdogSec: the new process keeps feeding the watchdog
+    assert systemd.show("baton-supervisor.service", "MainPID", "NRestarts") == {"MainPID": main_pid, "NRestarts": "0"}
     log = (unit_host.sup.state_dir / "updates" / uid / "helper.log").read_text()
     assert "committed" in log, "the helper (its own transient unit) ran through the switch"
 

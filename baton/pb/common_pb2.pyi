@@ -174,6 +174,7 @@ class UpdateResult(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
+    LAST_LOG_FIELD_NUMBER: _builtins.int
     update_id: _builtins.str
     node_id: _builtins.str
     component: _builtins.str
@@ -185,6 +186,8 @@ class UpdateResult(_message.Message):
     state: Global___UpdateState.ValueType
     started_at: _builtins.float
     finished_at: _builtins.float
+    last_log: _builtins.str
+    """after a rollback: the failed version's last log lines"""
     @_builtins.property
     def timings(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepTiming]: ...
     def __init__(
@@ -202,10 +205,11 @@ class UpdateResult(_message.Message):
         state: Global___UpdateState.ValueType = ...,
         started_at: _builtins.float = ...,
         finished_at: _builtins.float = ...,
+        last_log: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "error", b"error", "finished_at", b"finished_at", "from_version", b"from_version", "node_id", b"node_id", "rolled_back", b"rolled_back", "started_at", b"started_at", "state", b"state", "success", b"success", "timings", b"timings", "to_version", b"to_version", "update_id", b"update_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "error", b"error", "finished_at", b"finished_at", "from_version", b"from_version", "last_log", b"last_log", "node_id", b"node_id", "rolled_back", b"rolled_back", "started_at", b"started_at", "state", b"state", "success", b"success", "timings", b"timings", "to_version", b"to_version", "update_id", b"update_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
