@@ -64,8 +64,8 @@ def unit_for_test(sup: SupervisorProc) -> str:
 @pytest.fixture
 def systemd(tmp_path):
     mgr = SystemdManager(tmp_path / "systemd")
-    mgr.start()
     try:
+        mgr.start()
         yield mgr
     finally:
         mgr.stop()
