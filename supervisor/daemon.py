@@ -259,18 +259,12 @@ class Supervisor:
         """Stop everything but the agents and return the handover state with its descriptors.
 
         SIGTERM and SIGINT are blocked from here on: one that arrives during the handover stays pending
-        across the exec and is delivered to the new process once it serves, which then stops cleanly.
+        across the exec (the mask is inherited) until the new process has its handlers; one that another
+        thread already handled is passed on in ``BATON_PENDING_STOP``. Either way the new process stops cleanly
+        once the handover completes.
         """
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        if self._stop.is_set():
-            os.kill(os.getpid(), signal.SIGTERM)
-        await self._set_serving(False)
-        if self.outbox is not None:
-            await self.outbox.stop()
-        if self.manager is not None:
-            await self.manager.stop()
-        if self.updates is not None:
-            await self.updates.stop()
+        await self._stop_control_plane()
         assert self.front is not None and self.pm is not None
         await self.front.stop_accepting()
         if self.endpoint is not None:
@@ -329,7 +323,8 @@ class Supervisor:
                 if child.status() == psutil.STATUS_ZOMBIE:
                     os.waitpid(child.pid, os.WNOHANG)
 
-    async def _shutdown(self) -> None:
+    async def _stop_control_plane(self) -> None:
+        """Health NOT_SERVING, then the Manager client, the outbox and helper watching; agents untouched."""
         await self._set_serving(False)
         if self.outbox is not None:
             await self.outbox.stop()
@@ -337,6 +332,9 @@ class Supervisor:
             await self.manager.stop()
         if self.updates is not None:
             await self.updates.stop()
+
+    async def _shutdown(self) -> None:
+        await self._stop_control_plane()
         if self.endpoint is not None:
             self.endpoint.close()
         if self.front is not None:

@@ -222,6 +222,19 @@ class SupervisorProc:
             self._channel = None
 
 
+def agent_processes(state_dir: Path, name: str) -> list[int]:
+    """Every live process writing to this agent's output FIFO: the instances of one agent of one host."""
+    fifo = str(state_dir / "agents" / name / "output.fifo")
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.readlink(f"/proc/{p.pid}/fd/1") == fifo and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except (OSError, psutil.Error):
+            continue
+    return out
+
+
 def free_port() -> int:
     import socket
 

@@ -31,6 +31,7 @@ from tests.conftest import (
     Release,
     SelfUpdateHost,
     SupervisorProc,
+    agent_processes,
     free_port,
     install_version,
     serve_manager,
@@ -44,18 +45,6 @@ MAX_BACKUPS = 2
 AGENT_NAMES = ("web", "worker", "chatty", "app")
 ACTIONS = ("agent_update", "agent_update_bad", "bad_package", "self_update", "self_update_bad",
            "kill_helper", "kill_supervisor", "kill_agent")
-
-
-def agent_processes(state_dir, name: str) -> list[int]:
-    fifo = str(state_dir / "agents" / name / "output.fifo")
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if os.readlink(f"/proc/{p.pid}/fd/1") == fifo and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p.pid)
-        except (OSError, psutil.Error):
-            continue
-    return out
 
 
 def processes_with(text: str) -> list[psutil.Process]:

@@ -10,23 +10,10 @@ import time
 import psutil
 
 from baton.pb import common_pb2
-from tests.conftest import wait_for
+from tests.conftest import agent_processes, wait_for
 
 COMMITTED = common_pb2.UPDATE_STATE_COMMITTED
 ROLLED_BACK = common_pb2.UPDATE_STATE_ROLLED_BACK
-
-
-def agent_processes(host, name: str) -> list[int]:
-    """Every live process writing to this agent's output FIFO: an agent instance of this host."""
-    fifo = str(host.sup.state_dir / "agents" / name / "output.fifo")
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if os.readlink(f"/proc/{p.pid}/fd/1") == fifo and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p.pid)
-        except (OSError, psutil.Error):
-            continue
-    return out
 
 
 def agents_of(host) -> dict[str, tuple[int, int]]:
@@ -171,7 +158,7 @@ def test_adopted_agent_that_exits_after_the_handover_is_restarted(make_self_host
     assert time.monotonic() - t0 < 1.5
     again = host.sup.wait_agent("worker", "running", pred=lambda a: a.pid != worker.pid)
     assert again.restarts == worker.restarts + 1
-    assert agent_processes(host, "worker") == [again.pid]
+    assert agent_processes(host.sup.state_dir, "worker") == [again.pid]
 
 
 def test_agent_that_exits_during_the_handover_is_restarted_afterwards(make_self_host, tmp_path):
@@ -220,7 +207,7 @@ def _consistent_after_crash(host, uid, mgr, agent_names=("web", "worker", "chatt
                       what=f"supervisor {want} to answer")
     for name in agent_names:
         a = host.sup.wait_agent(name, "running", timeout=30)
-        assert agent_processes(host, name) == [a.pid], f"agent {name} must run exactly once"
+        assert agent_processes(host.sup.state_dir, name) == [a.pid], f"agent {name} must run exactly once"
     assert not (host.sup.base / "run" / "handover.json").exists()
     wait_for(lambda: len([r for r in mgr.results if r.update_id == uid]) == 1, 30, what="one result")
     time.sleep(1.0)
