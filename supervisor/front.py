@@ -137,6 +137,8 @@ class Front:
                 writer.close()
                 return
             await asyncio.gather(_pipe(reader, b_writer), _pipe(b_reader, writer))
+        except asyncio.CancelledError:
+            writer.close()  # shutting down: end quietly (a cancelled handler task is logged by asyncio)
         finally:
             self._conns.discard(task)
 

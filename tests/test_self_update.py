@@ -155,7 +155,7 @@ def test_adopted_agent_that_exits_after_the_handover_is_restarted(make_self_host
     t0 = time.monotonic()
     wait_for(lambda: host.sup.agent("worker").state != common_pb2.AGENT_STATE_RUNNING
              or host.sup.agent("worker").pid != worker.pid, 5, interval=0.02, what="the exit to be noticed")
-    assert time.monotonic() - t0 < 1.5
+    assert time.monotonic() - t0 < 2.0  # pidfd: noticed at once; the bound only absorbs a loaded machine
     again = host.sup.wait_agent("worker", "running", pred=lambda a: a.pid != worker.pid)
     assert again.restarts == worker.restarts + 1
     assert agent_processes(host.sup.state_dir, "worker") == [again.pid]
