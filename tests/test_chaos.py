@@ -212,8 +212,11 @@ def test_chaos_rounds_keep_every_invariant(make_self_host, release, tmp_path):
                                               "health_window_s": 0.5, "max_backups": MAX_BACKUPS})
     sup = host.sup
     sup.terminate()
-    sup.cfg["agents"] = [*SELF_AGENTS, {"name": "app", "packaged": True, "command": "bin/agent", "notify": True,
-                                        "restart": "always", "backoff_initial_s": 0.2}]
+    # Chaos kills agents over and over; a crash-loop limit would (rightly) make one FATAL, which is not
+    # what is being tested here (tests/test_supervisor.py covers FATAL).
+    sup.cfg["agents"] = [*({**a, "start_retries": 100_000} for a in SELF_AGENTS),
+                         {"name": "app", "packaged": True, "command": "bin/agent", "notify": True,
+                          "restart": "always", "backoff_initial_s": 0.2, "start_retries": 100_000}]
     sup.cfg["manager"] = {"address": f"127.0.0.1:{port}", "retry_initial_s": 0.1, "retry_max_s": 0.5}
     install_version(sup.base / "install", "app", "1.0.0", release.tree("1.0.0"))
     sup.start(launcher=host.launcher)
