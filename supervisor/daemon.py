@@ -94,26 +94,40 @@ class Supervisor:
 
     @property
     def backend_path(self) -> Path:
+        """gRPC's private port for the public TCP sockets (TLS when configured)."""
         return self.cfg.run_dir / f"grpc-{os.getpid()}.sock"
 
+    @property
+    def local_backend_path(self) -> Path:
+        """gRPC's private, always insecure port for the local Unix sockets (peers checked by SO_PEERCRED)."""
+        return self.cfg.run_dir / f"local-{os.getpid()}.sock"
+
     async def _start_grpc(self) -> None:
+        """Two private ports: TCP clients reach ``backend_path`` (mutual TLS and the allow-list when configured),
+        local clients ``local_backend_path``; ``supervisor/authz.py`` tells their calls apart by transport."""
+        from supervisor.authz import AuthzInterceptor, Policy
         from supervisor.tls import server_credentials
 
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        creds = server_credentials(self.cfg.grpc)
+        interceptors = [AuthzInterceptor(Policy(self.cfg.grpc.allowed_clients))] if creds is not None else []
+        if creds is not None and not self.cfg.grpc.allowed_clients:
+            logger.warning("TLS is on but grpc.allowed_clients is empty: no client may change anything over TCP")
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
         daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
             DaemonService(self.cfg.node.id, self.version, self.started_at, self.pm_required, self.updates,
                           manager_connected=self),
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.backend_path)
+        for path in (self.backend_path, self.local_backend_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         addr = f"unix:{self.backend_path}"
-        creds = server_credentials(self.cfg.grpc)
         if creds is None:
             server.add_insecure_port(addr)
         else:
             server.add_secure_port(addr, creds)
+        server.add_insecure_port(f"unix:{self.local_backend_path}")
         await server.start()
         self.server = server
 
@@ -183,7 +197,8 @@ class Supervisor:
             if not os.access(key, os.R_OK):
                 logger.warning("trusted key {} is missing or unreadable: every update will be refused", key)
         await self._start_grpc()
-        self.front = Front(self.backend_path, UnixPeerPolicy(self.cfg.grpc.unix_socket_group))
+        self.front = Front(self.backend_path, UnixPeerPolicy(self.cfg.grpc.unix_socket_group),
+                           local_backend=self.local_backend_path)
         await self.front.serve(self._listening_sockets(received))
         if received is not None:
             await self.pm.start(channels=received.channels(), records=received.records)

@@ -100,8 +100,15 @@ class UnixPeerPolicy:
 
 
 class Front:
-    def __init__(self, backend: Path, unix_policy: UnixPeerPolicy) -> None:
+    """Splices TCP connections to ``backend`` and Unix ones to ``local_backend`` (default: the same).
+
+    The two backends are gRPC's TLS and local ports (``supervisor/authz.py``): a local peer that passed the
+    SO_PEERCRED check needs no certificate, a TCP peer always does when TLS is configured.
+    """
+
+    def __init__(self, backend: Path, unix_policy: UnixPeerPolicy, local_backend: Path | None = None) -> None:
         self.backend = backend
+        self.local_backend = local_backend or backend
         self.policy = unix_policy
         self.sockets: dict[str, socket.socket] = {}
         self._servers: list[asyncio.base_events.Server] = []
@@ -124,14 +131,16 @@ class Front:
         self._conns.add(task)
         try:
             sock = writer.get_extra_info("socket")
+            backend = self.backend
             if sock is not None and sock.family == socket.AF_UNIX:
                 pid, uid, gid = peer_credentials(sock)
                 if not self.policy.allows(uid, gid, pid):
                     logger.warning("refused local connection from pid {} uid {}: not allowed", pid, uid)
                     writer.close()
                     return
+                backend = self.local_backend
             try:
-                b_reader, b_writer = await asyncio.open_unix_connection(str(self.backend), limit=SPLICE_CHUNK)
+                b_reader, b_writer = await asyncio.open_unix_connection(str(backend), limit=SPLICE_CHUNK)
             except OSError as e:
                 logger.error("gRPC backend unavailable: {}", e)
                 writer.close()

@@ -1,0 +1,5 @@
+"""``python -m manager``: the same as ``baton-manager``."""
+
+from manager.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""ManagerService: what supervisors tell the Manager, written to the store.
+
+Register, Heartbeat and SyncAgentStates keep the node table; ReportUpdateResult
+upserts the update by its id and answers ``duplicate=True`` when that result had
+arrived before. The supervisor writes its ``reported`` marker only after our
+ack, and we ack only after the row is committed, so every result is recorded
+exactly once however often it is sent.
+
+With mutual TLS, a node may only speak for itself: the node id in a request
+must be named by its certificate (``URI:spiffe://baton/node/ID``, ``DNS:ID`` or
+``CN=ID``), and the identity it registered with is recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from concurrent import futures
+from typing import Any
+
+import grpc
+from loguru import logger
+
+from baton.pb import common_pb2, manager_pb2, manager_pb2_grpc
+from baton.states import UpdateState
+from manager.store import Node, ResultRow, Store
+from supervisor.authz import PeerIdentity, peer_identity
+
+WORKERS = 8
+_UNROUTABLE_HOSTS = ("", "0.0.0.0", "::", "[::]")
+
+
+def node_uri(node_id: str) -> str:
+    return f"spiffe://baton/node/{node_id}"
+
+
+def speaks_for(peer: PeerIdentity, node_id: str) -> bool:
+    return node_uri(node_id) in peer.uris or node_id in peer.dns or peer.common_name == node_id
+
+
+def reachable_address(registered: str, peer: str) -> str:
+    """The node's DaemonService address; a wildcard host (``0.0.0.0:7000``) becomes the peer's own IP."""
+    host, sep, port = registered.rpartition(":")
+    if not sep or host not in _UNROUTABLE_HOSTS:
+        return registered
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return f"{rest.rsplit(':', 1)[0]}:{port}"
+    if kind == "ipv6":
+        return f"{rest.rsplit(':', 1)[0]}:{port}"  # already bracketed: [::1]
+    return registered
+
+
+def agents_json(agents: Iterable[common_pb2.AgentInfo]) -> list[dict[str, Any]]:
+    return [{"name": a.name, "state": common_pb2.AgentState.Name(a.state).removeprefix("AGENT_STATE_").lower(),
+             "pid": a.pid, "version": a.version, "restarts": a.restarts, "last_error": a.last_error}
+            for a in agents]
+
+
+def result_row(r: common_pb2.UpdateResult) -> ResultRow:
+    state = UpdateState[common_pb2.UpdateState.Name(r.state).removeprefix("UPDATE_STATE_")] \
+        if r.state else (UpdateState.COMMITTED if r.success else UpdateState.FAILED)
+    return ResultRow(update_id=r.update_id, node=r.node_id, component=r.component, from_version=r.from_version,
+                     to_version=r.to_version, state=state, success=r.success, rolled_back=r.rolled_back,
+                     error=r.error, timings={t.step: t.seconds for t in r.timings}, started_at=r.started_at,
+                     finished_at=r.finished_at, last_log=r.last_log)
+
+
+class ManagerService(manager_pb2_grpc.ManagerServiceServicer):
+    def __init__(self, store: Store, *, tls: bool, heartbeat_interval_s: float = 0.0) -> None:
+        self.store = store
+        self.tls = tls
+        self.heartbeat_interval_s = heartbeat_interval_s
+
+    def _identity(self, node_id: str, context: grpc.ServicerContext) -> str:
+        """The caller's certificate identity; aborts when it does not name ``node_id``."""
+        if not node_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node_id is required")
+        if not self.tls:
+            return ""
+        peer = peer_identity(context.auth_context())
+        if not speaks_for(peer, node_id):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"certificate {peer.describe()} does not name node {node_id!r}")
+        return next((n for n in peer.names() if n.startswith("URI:")), peer.describe())
+
+    def Register(self, request: manager_pb2.RegisterRequest, context: grpc.ServicerContext
+                 ) -> manager_pb2.RegisterResponse:
+        identity = self._identity(request.node_id, context)
+        address = reachable_address(request.grpc_address, context.peer())
+        self.store.register_node(Node(id=request.node_id, version=request.supervisor_version,
+                                      hostname=request.hostname, address=address, identity=identity,
+                                      agents=tuple(agents_json(request.agents))))
+        logger.info("node {} registered (supervisor {}, {}{})", request.node_id, request.supervisor_version,
+                    address or "no address", f", {identity}" if identity else "")
+        return manager_pb2.RegisterResponse(heartbeat_interval_seconds=self.heartbeat_interval_s)
+
+    def Heartbeat(self, request: manager_pb2.HeartbeatRequest, context: grpc.ServicerContext
+                  ) -> manager_pb2.HeartbeatResponse:
+        self._identity(request.node_id, context)
+        return manager_pb2.HeartbeatResponse(known=self.store.touch_node(request.node_id, request.supervisor_version))
+
+    def SyncAgentStates(self, request: manager_pb2.SyncAgentStatesRequest, context: grpc.ServicerContext
+                        ) -> manager_pb2.SyncAgentStatesResponse:
+        self._identity(request.node_id, context)
+        self.store.set_agents(request.node_id, agents_json(request.agents))
+        return manager_pb2.SyncAgentStatesResponse()
+
+    def ReportUpdateResult(self, request: common_pb2.UpdateResult, context: grpc.ServicerContext
+                           ) -> manager_pb2.ReportAck:
+        self._identity(request.node_id, context)
+        if not request.update_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "update_id is required")
+        duplicate = self.store.record_result(result_row(request))
+        logger.info("result of update {} from {}: {}{}", request.update_id, request.node_id,
+                    common_pb2.UpdateState.Name(request.state).removeprefix("UPDATE_STATE_").lower(),
+                    " (duplicate)" if duplicate else "")
+        return manager_pb2.ReportAck(update_id=request.update_id, duplicate=duplicate)
+
+
+def server_credentials(cert: bytes, key: bytes, ca: bytes) -> grpc.ServerCredentials:
+    """Mutual TLS: supervisors must present a certificate from our CA."""
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+
+
+def make_server(store: Store, listen: str, credentials: grpc.ServerCredentials | None,
+                heartbeat_interval_s: float = 0.0) -> tuple[grpc.Server, int]:
+    """A started-later gRPC server with ManagerService; returns it and the bound port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="manager-rpc"),
+                         options=[("grpc.so_reuseport", 0)])
+    manager_pb2_grpc.add_ManagerServiceServicer_to_server(
+        ManagerService(store, tls=credentials is not None, heartbeat_interval_s=heartbeat_interval_s), server)
+    port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
+    return server, port

@@ -1,0 +1,413 @@
+"""What the Manager remembers: nodes, every update, rollouts. A small interface, SQLite behind it.
+
+The Manager's commands are separate processes (``serve`` records what
+supervisors report; ``push`` and ``rollout`` record what they start), so the
+database is shared between processes: SQLite in WAL mode (readers never block
+the writer), a busy timeout for the writers, ``synchronous=FULL`` because an
+acknowledged result must survive a crash (the supervisor forgets it after our
+ack). The schema version is ``PRAGMA user_version``; ``MIGRATIONS`` are applied
+in order, each in its own transaction, and a database newer than this code is
+refused rather than written to.
+
+Update rows obey two rules, so that the two writers of a row (a push following
+its update, the supervisor's result) cannot go backwards:
+
+- a row in a final state never moves to a non-final one;
+- once the supervisor's result has arrived (``reported_at``), only another
+  result may change the row: the result is the node's own record.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from baton.states import UpdateState
+from manager.errors import SchemaTooNew, StoreError
+
+BUSY_TIMEOUT_S = 10.0
+FINAL_STATES = tuple(s.value for s in UpdateState if s.final)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: nodes, updates, rollouts, and the settings `serve` leaves for the other commands.
+    (
+        """CREATE TABLE nodes (
+            id TEXT PRIMARY KEY,
+            version TEXT NOT NULL DEFAULT '',
+            hostname TEXT NOT NULL DEFAULT '',
+            address TEXT NOT NULL DEFAULT '',
+            identity TEXT NOT NULL DEFAULT '',
+            registered_at REAL NOT NULL,
+            last_seen REAL NOT NULL,
+            agents TEXT NOT NULL DEFAULT '[]')""",
+        """CREATE TABLE updates (
+            update_id TEXT PRIMARY KEY,
+            node TEXT NOT NULL,
+            component TEXT NOT NULL,
+            from_version TEXT NOT NULL DEFAULT '',
+            to_version TEXT NOT NULL,
+            state TEXT NOT NULL,
+            success INTEGER NOT NULL DEFAULT 0,
+            rolled_back INTEGER NOT NULL DEFAULT 0,
+            error TEXT NOT NULL DEFAULT '',
+            timings TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            finished_at REAL,
+            rollout_id TEXT NOT NULL DEFAULT '')""",
+        "CREATE INDEX updates_by_node ON updates (node, created_at)",
+        """CREATE TABLE rollouts (
+            id TEXT PRIMARY KEY,
+            spec TEXT NOT NULL,
+            state TEXT NOT NULL,
+            progress TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL)""",
+        "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ),
+    # 2: result delivery: when the supervisor's own report arrived, how many times, and its log tail.
+    (
+        "ALTER TABLE updates ADD COLUMN reported_at REAL",
+        "ALTER TABLE updates ADD COLUMN reports INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE updates ADD COLUMN last_log TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX updates_by_state ON updates (state)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str
+    version: str = ""
+    hostname: str = ""
+    address: str = ""  # where DaemonService is reachable, as the node registered it
+    identity: str = ""  # the TLS identity it registered with, "" without TLS
+    registered_at: float = 0.0
+    last_seen: float = 0.0
+    agents: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class UpdateRow:
+    update_id: str
+    node: str
+    component: str
+    to_version: str
+    state: UpdateState = UpdateState.REQUESTED
+    from_version: str = ""
+    success: bool = False
+    rolled_back: bool = False
+    error: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    created_at: float = 0.0
+    finished_at: float | None = None
+    rollout_id: str = ""
+    reported_at: float | None = None  # when the supervisor's result arrived
+    reports: int = 0  # how many times it arrived (the repeats were answered duplicate=True)
+    last_log: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "update_id": self.update_id, "node": self.node, "component": self.component,
+            "from_version": self.from_version, "to_version": self.to_version, "state": self.state.value,
+            "success": self.success, "rolled_back": self.rolled_back, "error": self.error,
+            "timings": self.timings, "created_at": self.created_at, "finished_at": self.finished_at,
+            "rollout_id": self.rollout_id, "reported_at": self.reported_at, "reports": self.reports,
+            "last_log": self.last_log,
+        }
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """A supervisor's ``UpdateResult``, as the store takes it."""
+
+    update_id: str
+    node: str
+    component: str
+    from_version: str
+    to_version: str
+    state: UpdateState
+    success: bool
+    rolled_back: bool
+    error: str
+    timings: dict[str, float]
+    started_at: float
+    finished_at: float
+    last_log: str = ""
+
+
+@dataclass(frozen=True)
+class RolloutRow:
+    id: str
+    spec: dict[str, Any]
+    state: str
+    progress: dict[str, Any]
+    created_at: float
+    updated_at: float
+
+
+class Store(Protocol):
+    """The storage interface the service and the commands use; SQLite today, a server database later."""
+
+    def register_node(self, node: Node) -> None: ...
+    def touch_node(self, node_id: str, version: str = "") -> bool: ...
+    def set_agents(self, node_id: str, agents: list[dict[str, Any]]) -> bool: ...
+    def node(self, node_id: str) -> Node | None: ...
+    def nodes(self) -> list[Node]: ...
+    def create_update(self, row: UpdateRow) -> bool: ...
+    def progress_update(self, update_id: str, state: UpdateState, from_version: str = "") -> None: ...
+    def finish_update(self, row: UpdateRow) -> None: ...
+    def record_result(self, result: ResultRow) -> bool: ...
+    def update(self, update_id: str) -> UpdateRow | None: ...
+    def updates(self, node: str = "", component: str = "", state: str = "", rollout_id: str = ""
+                ) -> list[UpdateRow]: ...
+    def create_rollout(self, row: RolloutRow) -> None: ...
+    def save_rollout(self, rollout_id: str, state: str, progress: dict[str, Any]) -> None: ...
+    def rollout(self, rollout_id: str) -> RolloutRow | None: ...
+    def rollouts(self) -> list[RolloutRow]: ...
+    def set_setting(self, key: str, value: str) -> None: ...
+    def setting(self, key: str) -> str | None: ...
+    def close(self) -> None: ...
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
+    """Apply the missing migrations in order, each atomically; returns the version reached.
+
+    Raises:
+        SchemaTooNew: the database is ahead of this code.
+    """
+    current = schema_version(conn)
+    if current > SCHEMA_VERSION:
+        raise SchemaTooNew(f"database schema version {current} is newer than this Manager's "
+                           f"({SCHEMA_VERSION}); upgrade the Manager")
+    while current < target:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = schema_version(conn)  # another process may have migrated meanwhile
+            if current < target:
+                for stmt in MIGRATIONS[current]:
+                    conn.execute(stmt)
+                current += 1
+                conn.execute(f"PRAGMA user_version = {current}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return current
+
+
+class SqliteStore:
+    """The SQLite implementation of :class:`Store`; safe to share between threads of one process."""
+
+    def __init__(self, path: Path, *, migrate_to: int = SCHEMA_VERSION) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                         check_same_thread=False)
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            migrate(self._conn, migrate_to)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open the database {self.path}: {e}") from None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken at once (BEGIN IMMEDIATE) so a read-then-write cannot interleave."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    # ---- nodes -----------------------------------------------------------------------------------------
+
+    def register_node(self, node: Node) -> None:
+        now = time.time()
+        with self._tx() as c:
+            c.execute(
+                """INSERT INTO nodes (id, version, hostname, address, identity, registered_at, last_seen, agents)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (id) DO UPDATE SET version = excluded.version, hostname = excluded.hostname,
+                     address = excluded.address, identity = excluded.identity,
+                     registered_at = excluded.registered_at, last_seen = excluded.last_seen,
+                     agents = excluded.agents""",
+                (node.id, node.version, node.hostname, node.address, node.identity, now, now,
+                 json.dumps(list(node.agents))),
+            )
+
+    def touch_node(self, node_id: str, version: str = "") -> bool:
+        """A heartbeat: False when the node is unknown (it should register again)."""
+        with self._tx() as c:
+            cur = c.execute("UPDATE nodes SET last_seen = ?, version = COALESCE(NULLIF(?, ''), version) "
+                            "WHERE id = ?", (time.time(), version, node_id))
+            return cur.rowcount > 0
+
+    def set_agents(self, node_id: str, agents: list[dict[str, Any]]) -> bool:
+        with self._tx() as c:
+            cur = c.execute("UPDATE nodes SET agents = ?, last_seen = ? WHERE id = ?",
+                            (json.dumps(agents), time.time(), node_id))
+            return cur.rowcount > 0
+
+    def node(self, node_id: str) -> Node | None:
+        rows = self._query("SELECT * FROM nodes WHERE id = ?", (node_id,))
+        return _node(rows[0]) if rows else None
+
+    def nodes(self) -> list[Node]:
+        return [_node(r) for r in self._query("SELECT * FROM nodes ORDER BY id")]
+
+    # ---- updates ---------------------------------------------------------------------------------------
+
+    def create_update(self, row: UpdateRow) -> bool:
+        """Record an update we are about to push; False if it is recorded already (a resumed push)."""
+        with self._tx() as c:
+            cur = c.execute(
+                """INSERT INTO updates (update_id, node, component, from_version, to_version, state, created_at,
+                                        rollout_id)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (update_id) DO NOTHING""",
+                (row.update_id, row.node, row.component, row.from_version, row.to_version, row.state.value,
+                 row.created_at or time.time(), row.rollout_id),
+            )
+            return cur.rowcount > 0
+
+    def progress_update(self, update_id: str, state: UpdateState, from_version: str = "") -> None:
+        """A non-final state seen while following; ignored once the row is final or reported."""
+        if state.final:
+            raise ValueError("progress_update takes non-final states; use finish_update")
+        with self._tx() as c:
+            c.execute(
+                f"""UPDATE updates SET state = ?, from_version = COALESCE(NULLIF(?, ''), from_version)
+                    WHERE update_id = ? AND reported_at IS NULL
+                      AND state NOT IN ({",".join("?" * len(FINAL_STATES))})""",
+                (state.value, from_version, update_id, *FINAL_STATES),
+            )
+
+    def finish_update(self, row: UpdateRow) -> None:
+        """The final state as the pusher saw it (or a refused push); ignored once the result has arrived."""
+        if not row.state.final:
+            raise ValueError("finish_update takes final states")
+        with self._tx() as c:
+            c.execute(
+                """UPDATE updates SET state = ?, success = ?, rolled_back = ?, error = ?, timings = ?,
+                     finished_at = ?, last_log = ?, from_version = COALESCE(NULLIF(?, ''), from_version)
+                   WHERE update_id = ? AND reported_at IS NULL""",
+                (row.state.value, int(row.success), int(row.rolled_back), row.error, json.dumps(row.timings),
+                 row.finished_at or time.time(), row.last_log, row.from_version, row.update_id),
+            )
+
+    def record_result(self, result: ResultRow) -> bool:
+        """Upsert a supervisor's result by update id; True if it had arrived before (a duplicate)."""
+        with self._tx() as c:
+            prev = c.execute("SELECT reported_at FROM updates WHERE update_id = ?", (result.update_id,)).fetchone()
+            duplicate = prev is not None and prev["reported_at"] is not None
+            now = time.time()
+            c.execute(
+                """INSERT INTO updates (update_id, node, component, from_version, to_version, state, success,
+                                        rolled_back, error, timings, created_at, finished_at, reported_at,
+                                        reports, last_log)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?)
+                   ON CONFLICT (update_id) DO UPDATE SET
+                     state = excluded.state, success = excluded.success, rolled_back = excluded.rolled_back,
+                     error = excluded.error, timings = excluded.timings, finished_at = excluded.finished_at,
+                     from_version = excluded.from_version, last_log = excluded.last_log,
+                     reported_at = COALESCE(updates.reported_at, excluded.reported_at),
+                     reports = updates.reports + 1""",
+                (result.update_id, result.node, result.component, result.from_version, result.to_version,
+                 result.state.value, int(result.success), int(result.rolled_back), result.error,
+                 json.dumps(result.timings), result.started_at or now, result.finished_at or now, now,
+                 result.last_log),
+            )
+            return duplicate
+
+    def update(self, update_id: str) -> UpdateRow | None:
+        rows = self._query("SELECT * FROM updates WHERE update_id = ?", (update_id,))
+        return _update(rows[0]) if rows else None
+
+    def updates(self, node: str = "", component: str = "", state: str = "", rollout_id: str = ""
+                ) -> list[UpdateRow]:
+        """The history, oldest first, filtered by any of node, component, state (a state name), rollout."""
+        where, args = [], []
+        for col, value in (("node", node), ("component", component), ("state", state.lower()),
+                           ("rollout_id", rollout_id)):
+            if value:
+                where.append(f"{col} = ?")
+                args.append(value)
+        sql = "SELECT * FROM updates" + (" WHERE " + " AND ".join(where) if where else "")
+        return [_update(r) for r in self._query(sql + " ORDER BY created_at, update_id", tuple(args))]
+
+    # ---- rollouts --------------------------------------------------------------------------------------
+
+    def create_rollout(self, row: RolloutRow) -> None:
+        with self._tx() as c:
+            c.execute("INSERT INTO rollouts (id, spec, state, progress, created_at, updated_at) "
+                      "VALUES (?, ?, ?, ?, ?, ?)",
+                      (row.id, json.dumps(row.spec), row.state, json.dumps(row.progress), row.created_at,
+                       row.updated_at))
+
+    def save_rollout(self, rollout_id: str, state: str, progress: dict[str, Any]) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE rollouts SET state = ?, progress = ?, updated_at = ? WHERE id = ?",
+                      (state, json.dumps(progress), time.time(), rollout_id))
+
+    def rollout(self, rollout_id: str) -> RolloutRow | None:
+        rows = self._query("SELECT * FROM rollouts WHERE id = ?", (rollout_id,))
+        return _rollout(rows[0]) if rows else None
+
+    def rollouts(self) -> list[RolloutRow]:
+        return [_rollout(r) for r in self._query("SELECT * FROM rollouts ORDER BY created_at")]
+
+    # ---- settings --------------------------------------------------------------------------------------
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self._tx() as c:
+            c.execute("INSERT INTO settings (key, value) VALUES (?, ?) "
+                      "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+
+    def setting(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM settings WHERE key = ?", (key,))
+        return str(rows[0]["value"]) if rows else None
+
+
+def _node(r: sqlite3.Row) -> Node:
+    return Node(id=r["id"], version=r["version"], hostname=r["hostname"], address=r["address"],
+                identity=r["identity"], registered_at=r["registered_at"], last_seen=r["last_seen"],
+                agents=tuple(json.loads(r["agents"])))
+
+
+def _update(r: sqlite3.Row) -> UpdateRow:
+    return UpdateRow(
+        update_id=r["update_id"], node=r["node"], component=r["component"], from_version=r["from_version"],
+        to_version=r["to_version"], state=UpdateState(r["state"]), success=bool(r["success"]),
+        rolled_back=bool(r["rolled_back"]), error=r["error"], timings=json.loads(r["timings"]),
+        created_at=r["created_at"], finished_at=r["finished_at"], rollout_id=r["rollout_id"],
+        reported_at=r["reported_at"], reports=r["reports"], last_log=r["last_log"],
+    )
+
+
+def _rollout(r: sqlite3.Row) -> RolloutRow:
+    return RolloutRow(id=r["id"], spec=json.loads(r["spec"]), state=r["state"], progress=json.loads(r["progress"]),
+                      created_at=r["created_at"], updated_at=r["updated_at"])
