@@ -1,9 +1,11 @@
 """A self-contained demo in a temporary directory: nothing to configure, no external service.
 
-It generates a release key, installs the supervisor into its versioned layout
-(1.0.0), starts it with three agents, kills one to show the restart, pushes a
-signed update of the ``web`` agent, then a signed self-update of the supervisor
-(the agents keep their pids), and stops everything.
+It starts the reference Manager (``baton-manager serve``, SQLite and a package
+server on 127.0.0.1), generates a release key, installs the supervisor into its
+versioned layout (1.0.0), starts it with three agents, kills one to show the
+restart, has the Manager push a signed update of the ``web`` agent and then a
+signed self-update of the supervisor (the agents keep their pids), shows the
+Manager's update history, and stops everything.
 """
 
 from __future__ import annotations
@@ -47,7 +49,10 @@ class Demo:
         self.base = base
         self.cfg_path = base / "supervisor.toml"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.manager: subprocess.Popen[bytes] | None = None
         self.channel: grpc.Channel | None = None
+        self.db = base / "manager.db"
+        self.manager_port, self.http_port, self.grpc_port = _free_ports(3)
 
     def say(self, text: str) -> None:
         print(f"\n== {text}", flush=True)
@@ -73,6 +78,12 @@ install_root = "{self.base}/install"
 
 [grpc]
 unix_socket = "{self.base}/run/supervisor.sock"
+listen = ["127.0.0.1:{self.grpc_port}"]
+
+[manager]
+address = "127.0.0.1:{self.manager_port}"
+retry_initial_s = 0.2
+retry_max_s = 1.0
 
 [update]
 trusted_keys = ["{self.base}/release.pub"]
@@ -110,17 +121,32 @@ restart = "always"
         launcher.chmod(0o755)
         return tree
 
-    def package(self, tree: Path, component: str, version: str) -> daemon_pb2.UpdateRequest:
+    def package(self, tree: Path, component: str, version: str) -> Path:
+        """Build and sign, as a release engineer would (baton-package build + sign)."""
         from baton.signing import format_manifest, sign_prehash
         from helper.package_tool import build_package
 
-        out = self.base / "packages" / f"{component}-{version}.tar.gz"
+        out = self.base / "release" / f"{component}-{version}.tar.gz"
         out.parent.mkdir(exist_ok=True)
         digests = build_package(tree, out, True)
         signature = sign_prehash(self.secret, digests.blake2b512, format_manifest(component, version))
         out.with_name(out.name + ".minisig").write_text(signature)
-        return daemon_pb2.UpdateRequest(component=component, version=version, download_url=out.as_uri(),
-                                        sha256=digests.sha256_hex, size=digests.size, signature=signature)
+        return out
+
+    def baton_manager(self, *args: str, check: bool = True) -> str:
+        res = subprocess.run([sys.executable, "-m", "manager", *args, "--db", str(self.db)], capture_output=True,
+                             text=True, timeout=300)
+        if check and res.returncode != 0:
+            print(res.stdout + res.stderr)
+        return res.stdout
+
+    def start_manager(self) -> None:
+        log = open(self.base / "manager.log", "wb")  # noqa: SIM115
+        self.manager = subprocess.Popen(
+            [sys.executable, "-m", "manager", "serve", "--db", str(self.db), "--listen",
+             f"127.0.0.1:{self.manager_port}", "--packages", str(self.base / "served"), "--http",
+             f"127.0.0.1:{self.http_port}"], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
 
     def install(self) -> None:
         from baton.config import load_config
@@ -165,39 +191,34 @@ restart = "always"
             time.sleep(0.2)
         raise SystemExit(f"demo: agents did not come up; see {self.base}/supervisor.log")
 
-    def push_and_follow(self, req: daemon_pb2.UpdateRequest) -> daemon_pb2.UpdateStatus:
-        """Watch the update; a self-update restarts the server mid-stream, so re-attach as a client would."""
-        uid = self.stub.PushUpdate(req, timeout=10).update_id
-        last = None
-        final: daemon_pb2.UpdateStatus | None = None
-        deadline = time.monotonic() + 180
-        while (final is None or not final.finished) and time.monotonic() < deadline:
-            try:
-                for st in self.stub.WatchUpdate(daemon_pb2.UpdateRef(update_id=uid), timeout=180,
-                                                wait_for_ready=True):
-                    if st.step != last:
-                        done = f"  {st.bytes_done}/{st.bytes_total} bytes" if st.bytes_done else ""
-                        print(f"   {uid}  {st.step}{done}")
-                        last = st.step
-                    final = st
-            except grpc.RpcError as e:
-                print(f"   (watch interrupted: {e.code().name}; the supervisor is being replaced; re-attaching)")
-                time.sleep(0.2)
-        assert final is not None
-        times = ", ".join(f"{t.step} {t.seconds * 1000:.0f} ms" for t in final.timings)
-        print(f"   result: {'success' if final.success else 'failed'}"
-              f"{' (rolled back)' if final.rolled_back else ''}{': ' + final.error if final.error else ''}")
-        print(f"   per step: {times}")
-        return final
+    def manager_push(self, package: Path, component: str, version: str) -> None:
+        """The Manager publishes the package on its HTTP server, pushes it and follows it to the end."""
+        print(f"   $ baton-manager push demo-node --package {package.name} --component {component} "
+              f"--version {version}")
+        out = self.baton_manager("push", "demo-node", "--package", str(package), "--component", component,
+                                 "--version", version)
+        print("\n".join("   " + line for line in out.strip().splitlines()))
+
+    def wait_registered(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.stub.GetStatus(daemon_pb2.GetStatusRequest(), timeout=5).manager_connected:
+                return
+            time.sleep(0.2)
+        raise SystemExit(f"demo: the supervisor did not register with the Manager; see {self.base}/manager.log")
 
     # ---- the story ---------------------------------------------------------------------------------------
 
     def run(self, seconds: float) -> None:
         self.write_files()
         self.install()
+        self.start_manager()
         self.start()
         self.wait_running()
-        self.say("a supervisor (1.0.0, from its versioned layout) keeps three agents running")
+        self.wait_registered()
+        self.say("the reference Manager (SQLite, package server) and a supervisor (1.0.0, from its versioned "
+                 "layout) keeping three agents running; the supervisor registered with the Manager")
+        print(self.baton_manager("nodes").rstrip())
         print(self.table())
 
         victim = next(a for a in self.stub.ListAgents(daemon_pb2.ListAgentsRequest()).agents if a.name == "metrics")
@@ -207,23 +228,28 @@ restart = "always"
         self.wait_running()
         print(self.table())
 
-        self.say("push a signed update of the web agent (1.0.0 -> 1.1.0), carried out by a helper process")
-        self.push_and_follow(self.package(self.web_tree("1.1.0"), "web", "1.1.0"))
+        self.say("the Manager pushes a signed update of the web agent (1.0.0 -> 1.1.0); a helper process "
+                 "downloads, verifies, switches, checks health and commits")
+        self.manager_push(self.package(self.web_tree("1.1.0"), "web", "1.1.0"), "web", "1.1.0")
         self.wait_running()
         print(self.table())
 
         from supervisor.install_self import write_tree
 
         before = {a.name: a.pid for a in self.stub.ListAgents(daemon_pb2.ListAgentsRequest()).agents}
-        self.say("push a signed self-update of the supervisor (1.0.0 -> 1.1.0): it execs in place, "
+        self.say("the Manager pushes a signed self-update of the supervisor (1.0.0 -> 1.1.0): it execs in place, "
                  "the helper holds its sockets and agent table meanwhile")
         tree = write_tree(self.base / "trees" / "supervisor-1.1.0", "1.1.0")
-        self.push_and_follow(self.package(tree, "supervisor", "1.1.0"))
+        self.manager_push(self.package(tree, "supervisor", "1.1.0"), "supervisor", "1.1.0")
         self.wait_running()
         print(self.table())
         after = {a.name: a.pid for a in self.stub.ListAgents(daemon_pb2.ListAgentsRequest()).agents}
         print(f"   agent pids before: {before}\n   agent pids after:  {after}"
               f"\n   -> {'unchanged: no agent was disturbed' if before == after else 'CHANGED'}")
+
+        self.say("the Manager's record of every update (results reported by the supervisor, exactly once)")
+        time.sleep(1.0)
+        print(self.baton_manager("updates").rstrip())
 
         if seconds > 0:
             self.say(f"running for {seconds:.0f}s; try: supervisor status --socket {self.base}/run/supervisor.sock")
@@ -232,6 +258,9 @@ restart = "always"
     def stop(self) -> None:
         if self.channel is not None:
             self.channel.close()
+        if self.manager is not None:
+            self.manager.terminate()
+            self.manager.wait(30)
         if self.proc is None:
             return
         self.say("SIGTERM to the supervisor: it stops every agent")
@@ -242,6 +271,18 @@ restart = "always"
             print(f"supervisor exited with {rc}")
         except (ProcessLookupError, subprocess.TimeoutExpired) as e:
             print(f"supervisor did not stop cleanly: {e}")
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [int(s.getsockname()[1]) for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
 def run_demo(seconds: float = 5.0, keep: bool = False) -> int:

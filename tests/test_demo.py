@@ -1,0 +1,16 @@
+"""The README's demo command runs end to end: Manager, agents, an agent update, a self-update."""
+
+import subprocess
+
+from tests.conftest import PY, ROOT
+
+
+def test_demo_runs_and_no_agent_is_disturbed_by_the_self_update():
+    res = subprocess.run([PY, "-m", "supervisor", "demo", "--seconds", "0"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout
+    assert "registered with the Manager" in out
+    assert out.count("committed  ok") >= 2
+    assert "unchanged: no agent was disturbed" in out
+    assert "supervisor exited with 0" in out
