@@ -287,6 +287,12 @@ def _validate(cfg: Config) -> None:
         _require_file(getattr(cfg.grpc, name), f"grpc.{name}")
         _require_file(getattr(cfg.manager, name), f"manager.{name}")
     m = cfg.manager
+    from baton.identity import AllowListError, parse_allow_list
+
+    try:
+        parse_allow_list(cfg.grpc.allowed_clients)
+    except AllowListError as e:
+        raise ConfigError("grpc.allowed_clients", str(e).removeprefix("grpc.allowed_clients: ")) from None
     if (m.tls_cert is None) != (m.tls_key is None):
         raise ConfigError("manager.tls_cert", "tls_cert and tls_key must be set together")
     for name in ("heartbeat_interval_s", "sync_interval_s", "retry_initial_s", "retry_max_s", "rpc_timeout_s"):

@@ -20,10 +20,10 @@ from typing import Any
 import grpc
 from loguru import logger
 
+from baton.identity import PeerIdentity, peer_identity
 from baton.pb import common_pb2, manager_pb2, manager_pb2_grpc
 from baton.states import UpdateState
 from manager.store import Node, ResultRow, Store
-from supervisor.authz import PeerIdentity, peer_identity
 
 WORKERS = 8
 _UNROUTABLE_HOSTS = ("", "0.0.0.0", "::", "[::]")

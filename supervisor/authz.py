@@ -21,13 +21,12 @@ matching the common name or a DNS SAN.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
 
-from baton.errors import BatonError
+from baton.identity import PeerIdentity, parse_allow_list, peer_identity
 
 READ_ONLY_METHODS = frozenset({
     "/baton.v1.DaemonService/GetStatus",
@@ -37,86 +36,6 @@ READ_ONLY_METHODS = frozenset({
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
 })
-_KINDS = ("CN", "DNS", "URI")
-
-
-class AllowListError(BatonError):
-    """An entry of ``grpc.allowed_clients`` that can never match anything."""
-
-
-@dataclass(frozen=True)
-class PeerIdentity:
-    """The names a peer's certificate carries (empty for a peer without one)."""
-
-    common_name: str = ""
-    dns: tuple[str, ...] = ()
-    uris: tuple[str, ...] = ()
-    tls: bool = False
-
-    @property
-    def has_certificate(self) -> bool:
-        return bool(self.common_name or self.dns or self.uris)
-
-    def names(self) -> list[str]:
-        """Every identity as an allow-list entry would spell it."""
-        out = [f"CN={self.common_name}"] if self.common_name else []
-        return out + [f"DNS:{d}" for d in self.dns] + [f"URI:{u}" for u in self.uris]
-
-    def describe(self) -> str:
-        return ", ".join(self.names()) or "no certificate"
-
-    def matches(self, entry: AllowEntry) -> bool:
-        if entry.kind == "CN":
-            return self.common_name == entry.value
-        if entry.kind == "DNS":
-            return entry.value in self.dns
-        if entry.kind == "URI":
-            return entry.value in self.uris
-        return self.common_name == entry.value or entry.value in self.dns
-
-
-def peer_identity(auth_context: Mapping[str, Any]) -> PeerIdentity:
-    """Read the identity gRPC's TLS stack verified; typed SANs come as ``peer_dns``/``peer_uri``.
-
-    ``auth_context`` maps each property to a list of bytes values (grpc-stubs types it loosely).
-    """
-
-    def values(key: str) -> tuple[str, ...]:
-        return tuple(bytes(v).decode("utf-8", "replace") for v in auth_context.get(key, ()))
-
-    cn = values("x509_common_name")
-    return PeerIdentity(
-        common_name=cn[0] if cn else "",
-        dns=values("peer_dns"),
-        uris=values("peer_uri"),
-        tls=b"ssl" in tuple(auth_context.get("transport_security_type", ())),
-    )
-
-
-@dataclass(frozen=True)
-class AllowEntry:
-    kind: str  # "CN", "DNS", "URI" or "" (a bare name: CN or DNS)
-    value: str
-
-
-def parse_allow_list(entries: Sequence[str]) -> tuple[AllowEntry, ...]:
-    """Raises AllowListError for an entry with an unknown kind or no name."""
-    out = []
-    for raw in entries:
-        entry = raw.strip()
-        kind, value = "", entry
-        if entry[:3].upper() == "CN=":
-            kind, value = "CN", entry[3:]
-        elif ":" in entry and entry.split(":", 1)[0].upper() in _KINDS[1:]:
-            kind, value = entry.split(":", 1)[0].upper(), entry.split(":", 1)[1]
-        elif ":" in entry or "=" in entry:
-            raise AllowListError(f"grpc.allowed_clients: {raw!r} is not CN=name, DNS:name, URI:uri or a bare name")
-        if not value:
-            raise AllowListError(f"grpc.allowed_clients: {raw!r} names nobody")
-        out.append(AllowEntry(kind, value))
-    return tuple(out)
-
-
 class Policy:
     """The decision alone, without gRPC plumbing (what the interceptor asks)."""
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from baton.identity import AllowListError, PeerIdentity
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc, manager_pb2, manager_pb2_grpc
 from manager.devca import DevPki, Issued, make_dev_pki
-from supervisor.authz import AllowListError, PeerIdentity, Policy
+from supervisor.authz import Policy
 from tests.conftest import Release, SupervisorProc, UpdateHost, wait_for
 from tests.manager_fixtures import (
     ManagerProc,
