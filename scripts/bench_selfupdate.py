@@ -1,0 +1,306 @@
+"""Benchmark 4: the control plane's unavailable window and Agent restarts during a self-update, vs stop + start."""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import itertools
+import json
+import shutil
+import socket
+import threading
+import time
+from typing import Any
+
+from benchlib import (
+    FAST_RECONNECT,
+    PY,
+    READY_AGENT,
+    BatonSupervisor,
+    Ctx,
+    Package,
+    Section,
+    SummaryRow,
+    build_package,
+    fmt_s,
+    fmt_spread,
+    fmt_x,
+    follow_update,
+    free_port,
+    make_keys,
+    median,
+    table,
+    wait_for,
+    yes_no,
+)
+
+NAME = "selfupdate"
+TITLE = "4. Supervisor self-update"
+AGENT_NAMES = ("web", "worker", "chatty")
+POLL_PERIOD_S = 0.005
+CONNECT_PERIOD_S = 0.01
+SETTLE_S = 0.5
+
+
+class Probes:
+    """Two threads against the public TCP port: GetStatus every ~5 ms, a bare TCP connect every ~10 ms."""
+
+    def __init__(self, port: int, limit_s: float = 600) -> None:
+        self.target = f"127.0.0.1:{port}"
+        self.port = port
+        self.ok: list[float] = []  # completion times (time.time(), to compare with the journal) of answers
+        self.rpc_errors: collections.Counter[str] = collections.Counter()
+        self.connects: collections.Counter[str] = collections.Counter()
+        self.refused_at: list[float] = []
+        self._stop = threading.Event()
+        self._deadline = time.monotonic() + limit_s
+        self._threads = [threading.Thread(target=self._poll, daemon=True),
+                         threading.Thread(target=self._connect, daemon=True)]
+
+    def __enter__(self) -> Probes:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(40)
+
+    def _running(self) -> bool:
+        return not self._stop.is_set() and time.monotonic() < self._deadline
+
+    def _poll(self) -> None:
+        import grpc
+
+        from baton.pb import daemon_pb2, daemon_pb2_grpc
+
+        req = daemon_pb2.GetStatusRequest()
+        while self._running():
+            t0 = time.perf_counter()
+            channel = grpc.insecure_channel(self.target, options=FAST_RECONNECT)
+            try:
+                daemon_pb2_grpc.DaemonServiceStub(channel).GetStatus(req, timeout=30, wait_for_ready=True)
+                self.ok.append(time.time())
+            except grpc.RpcError as e:
+                self.rpc_errors[e.code().name] += 1
+            finally:
+                channel.close()
+            self._stop.wait(max(0.0, POLL_PERIOD_S - (time.perf_counter() - t0)))
+
+    def _connect(self) -> None:
+        while self._running():
+            t0 = time.perf_counter()
+            at = time.time()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2):
+                    pass
+                self.connects["accepted"] += 1
+            except ConnectionRefusedError:
+                self.connects["refused"] += 1
+                self.refused_at.append(at)
+            except TimeoutError:
+                self.connects["timed out"] += 1
+            except OSError as e:
+                self.connects[type(e).__name__] += 1
+            self._stop.wait(max(0.0, CONNECT_PERIOD_S - (time.perf_counter() - t0)))
+
+    def window(self, t_from: float, t_to: float) -> tuple[float, float, float]:
+        """The longest time between two successful answers over gaps that overlap [t_from, t_to]: (length, from, to).
+        """
+        ok = sorted(self.ok)
+        i = max(0, bisect.bisect_left(ok, t_from) - 1)
+        j = min(len(ok), bisect.bisect_right(ok, t_to) + 1)
+        gaps = [(b - a, a, b) for a, b in itertools.pairwise(ok[i:j])]
+        return max(gaps, default=(float("nan"), t_from, t_to))
+
+    def refused_between(self, t_from: float, t_to: float) -> int:
+        return sum(t_from <= t <= t_to for t in self.refused_at)
+
+    def typical_gap(self) -> float:
+        ok = sorted(self.ok)
+        return median(b - a for a, b in itertools.pairwise(ok))
+
+
+def _agents(sup: BatonSupervisor) -> dict[str, tuple[int, int]]:
+    return {n: (a.pid, a.restarts) for n, a in sup.agents().items()}
+
+
+def _all_running(sup: BatonSupervisor) -> bool:
+    return sup.count_running() == len(AGENT_NAMES)
+
+
+def _supervisor_package(ctx: Ctx, version: str, keys: Any) -> Package:
+    from supervisor.install_self import write_tree
+
+    tree = ctx.work / "trees" / f"supervisor-{version}"
+    write_tree(tree, version)
+    pkg = build_package(tree, ctx.work / "pkgs" / f"supervisor-{version}.tar.gz", "supervisor", version, keys)
+    shutil.rmtree(tree)
+    return pkg
+
+
+def run(ctx: Ctx) -> Section:
+    runs = ctx.runs(3, 2)
+    keys = make_keys(ctx.work / "keys")
+    agent_py = ctx.work / "ready_agent.py"
+    agent_py.write_text(READY_AGENT)
+    port = free_port()
+    sup = BatonSupervisor(
+        ctx, ctx.work / "sup",
+        [{"name": n, "command": PY, "args": ["-u", str(agent_py)], "notify": True, "restart": "always"}
+         for n in AGENT_NAMES],
+        tcp_port=port, update={"trusted_keys": [str(keys.public)], "handshake_timeout_s": 30.0, "max_backups": 2})
+    sup.install_self("1.0.0")
+    ctx.log(f"building {runs} supervisor packages")
+    pkgs = [_supervisor_package(ctx, f"1.0.{i + 1}", keys) for i in range(runs)]
+    sup.start(from_layout=True)
+    wait_for(lambda: _all_running(sup), 30, what="the agents to run")
+
+    upd: dict[str, list[Any]] = {k: [] for k in ("window", "refused", "agent_restarts", "total", "same_pid",
+                                                 "handover", "handshake", "errors", "old_side", "new_side",
+                                                 "rpc_failed")}
+    ss: dict[str, list[Any]] = {k: [] for k in ("window", "refused", "agent_restarts", "serving", "all_running",
+                                                "errors", "rpc_failed")}
+    typical: list[float] = []
+
+    def self_update(pkg: Package) -> None:
+        before = _agents(sup)
+        pid = sup.pid
+        with Probes(port) as probes:
+            time.sleep(SETTLE_S)
+            t0 = time.time()
+            uid = sup.stub.PushUpdate(pkg.request(), timeout=10).update_id
+            final = follow_update(sup, uid, timeout=120)
+            t1 = time.time()
+            time.sleep(SETTLE_S)
+        if not final.success:
+            raise RuntimeError(f"self-update {uid} failed: {final.error}")
+        wait_for(lambda: _all_running(sup), 30, what="the agents to run")
+        after = _agents(sup)
+        status = sup.status()
+        if status.supervisor_version != pkg.version:
+            raise RuntimeError(f"supervisor reports {status.supervisor_version}, not {pkg.version}")
+        steps = {t.step: t.seconds for t in final.timings}
+        gap, gap_from, gap_to = probes.window(t0, t1)
+        history = {h["state"]: h["at"] for h in json.loads(
+            (sup.state_dir / "updates" / uid / "journal.json").read_text())["history"]}
+        upd["window"].append(gap)
+        upd["old_side"].append(history["watching"] - gap_from)
+        upd["new_side"].append(gap_to - history["watching"])
+        upd["rpc_failed"].append(sum(probes.rpc_errors.values()))
+        upd["refused"].append(probes.refused_between(t0, t1))
+        upd["agent_restarts"].append(sum(before[n] != after.get(n) for n in before))
+        upd["total"].append(t1 - t0)
+        upd["same_pid"].append(status.pid == pid)
+        upd["handover"].append(steps.get("handover", float("nan")))
+        upd["handshake"].append(steps.get("handshake", float("nan")))
+        upd["errors"].append(dict(probes.rpc_errors) | {f"connect {k}": v for k, v in probes.connects.items()
+                                                         if k != "accepted"})
+        typical.append(probes.typical_gap())
+
+    def stop_start() -> None:
+        before = _agents(sup)
+        with Probes(port) as probes:
+            time.sleep(SETTLE_S)
+            t0 = time.time()
+            sup.stop()
+            sup.start(from_layout=True, wait=False)
+            sup.wait_serving()
+            t_serving = time.time()
+            wait_for(lambda: _all_running(sup), 30, interval=0.01, what="the agents to run")
+            t_all = time.time()
+            time.sleep(SETTLE_S)
+        after = _agents(sup)
+        ss["window"].append(probes.window(t0, t_all)[0])
+        ss["rpc_failed"].append(sum(probes.rpc_errors.values()))
+        ss["refused"].append(probes.refused_between(t0, t_all))
+        ss["agent_restarts"].append(sum(before[n] != after.get(n) for n in before))
+        ss["serving"].append(t_serving - t0)
+        ss["all_running"].append(t_all - t0)
+        ss["errors"].append(dict(probes.rpc_errors) | {f"connect {k}": v for k, v in probes.connects.items()
+                                                        if k != "accepted"})
+
+    try:
+        for i, pkg in enumerate(pkgs):
+            ctx.log(f"run {i + 1}/{runs}: self-update to {pkg.version}, and a stop + start")
+            if i % 2 == 0:
+                self_update(pkg)
+                stop_start()
+            else:
+                stop_start()
+                self_update(pkg)
+    finally:
+        sup.stop()
+
+    w_upd, w_ss = median(upd["window"]), median(ss["window"])
+    restarts = sum(upd["agent_restarts"])
+    refused = sum(upd["refused"])
+    s = Section(NAME, TITLE)
+    s.add(f"A supervisor installed in its versioned layout and started through `current/bin/supervisor` (as "
+          f"systemd would), listening on 127.0.0.1:{port} and a Unix socket, with {len(AGENT_NAMES)} Python agents "
+          "(`READY=1`). During each event two probes run against the TCP port: a client calling `GetStatus` every "
+          f"{POLL_PERIOD_S * 1000:.0f} ms (a fresh channel per call, `wait_for_ready`, reconnect backoff 10-100 ms so "
+          "the figure is the server's, not the client library's), and a bare TCP `connect()` every "
+          f"{CONNECT_PERIOD_S * 1000:.0f} ms counting refusals. The **window** is the longest time between two "
+          "successful `GetStatus` answers. **Self-update**: `PushUpdate` of a new supervisor version (tar.gz of the "
+          "code) until `WatchUpdate` shows it final. **Stop + start**: SIGTERM to the supervisor (it stops its "
+          "agents), wait for it to exit, start it again the same way, until it serves and all agents run. The two "
+          f"alternate; {runs} of each, median [min, max]. Outside events, answers come every "
+          f"{fmt_s(median(typical))} (median).", "")
+    s.add(*table(["", "self-update", "stop + start", "ratio"], [
+        ("**window** without an answer", fmt_spread(upd["window"]), fmt_spread(ss["window"]),
+         f"{fmt_x(w_ss / w_upd)} (stop+start / self-update)"),
+        ("refused TCP connections (all events)", str(refused), str(sum(ss["refused"])), ""),
+        ("`GetStatus` calls that failed (all events)", str(sum(upd["rpc_failed"])), str(sum(ss["rpc_failed"])),
+         ""),
+        ("Agent restarts (pid changed, all events)", f"{restarts} of {len(AGENT_NAMES) * runs}",
+         f"{sum(ss['agent_restarts'])} of {len(AGENT_NAMES) * runs}", ""),
+        ("supervisor pid unchanged", f"{sum(upd['same_pid'])} of {runs}", "no (a new process)", ""),
+        ("time until serving again", "—", fmt_spread(ss["serving"]), ""),
+        ("time until all agents run again", "— (they never stopped)", fmt_spread(ss["all_running"]), ""),
+        ("self-update push to final status", fmt_spread(upd["total"]), "—", ""),
+        ("of which `handover` (PREPARE to exec) / `handshake` (exec to HEALTHY)",
+         f"{fmt_s(median(upd['handover']))} / {fmt_s(median(upd['handshake']))}", "—", ""),
+        ("window: last answer of the old process to EXEC sent / EXEC to first answer of the new one",
+         f"{fmt_s(median(upd['old_side']))} / {fmt_s(median(upd['new_side']))}", "—", ""),
+    ]), "")
+    errs = [f"self-update: {e}" for e in upd["errors"] if e] + [f"stop + start: {e}" for e in ss["errors"] if e]
+    if errs:
+        s.add("Probe errors per event (gRPC status codes; connect failures): " + "; ".join(errs) + ".", "")
+    ok_window = w_upd < 0.5 * median(ss["serving"])
+    s.add(*table(["target", "figure", "met"], [
+        ("zero Agent restarts", f"{restarts}", yes_no(restarts == 0)),
+        ("no refused connections", f"{refused}", yes_no(refused == 0)),
+        ("window well under the stop-and-start time (taken as: under half of it)",
+         f"{fmt_s(w_upd)} against {fmt_s(median(ss['serving']))} until serving", yes_no(ok_window)),
+    ]), "")
+    s.add("- During a self-update the old supervisor stops accepting, hands its listening sockets and agent table "
+          "to the helper, and execs the new version in the same pid; connections made meanwhile wait in the "
+          "kernel's backlog and are answered once the new version serves, so a client sees a delay, not a refusal, "
+          "and no agent is touched. A stop + start closes the port (connections are refused) and stops and starts "
+          "every agent.",
+          f"- The window splits into {fmt_s(median(upd['old_side']))} from the old process's last answer to EXEC "
+          "(PREPARE: stop accepting, stop the Manager client, release the agents, persist the table, send STATE "
+          f"with the descriptors) and {fmt_s(median(upd['new_side']))} from EXEC to the new process's first "
+          "answer (interpreter start, imports of gRPC and the rest, handshake, adoption, serving)."
+          + (" The old side is consistent with the gRPC server's stop grace in the PREPARE handling (`grace=0.2` "
+             "in `supervisor/daemon.py`), which runs to its end while a stream is open, such as the "
+             "`WatchUpdate` that follows this very update." if 0.18 <= median(upd["old_side"]) <= 0.3 else ""),
+          f"- {'Where we lose: ' if not ok_window else ''}a stop + start here costs "
+          f"{fmt_s(median(ss['serving']))} until it serves again, because these agents exit within 50 ms of "
+          "SIGTERM and it pays the same interpreter start as the self-update's new process; so the window is "
+          + ("longer than a stop + start's" if w_upd > w_ss else "not much shorter" if not ok_window else "shorter")
+          + f" ({fmt_s(w_upd)} against {fmt_s(w_ss)}). The stop + start time "
+          "grows with the agents' stop and start times (up to each agent's `stop_timeout_s`); the self-update "
+          "window does not depend on the agents.")
+    s.summary = [
+        SummaryRow("self-update", "control-plane window", fmt_s(w_upd), f"stop + start {fmt_s(w_ss)}",
+                   f"{fmt_x(w_ss / w_upd)} " + ("shorter" if w_ss > w_upd else "(longer)"), "well under stop + start",
+                   yes_no(ok_window)),
+        SummaryRow("self-update", "Agent restarts / refused connections", f"{restarts} / {refused}",
+                   f"{sum(ss['agent_restarts'])} / {sum(ss['refused'])}", "—", "0 / 0",
+                   yes_no(restarts == 0 and refused == 0)),
+    ]
+    return s
+
