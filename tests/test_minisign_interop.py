@@ -110,7 +110,7 @@ def test_file_signed_by_minisign_verifies_with_baton(package: Path, minisign_key
 
 def test_key_id_is_printed_as_minisign_prints_it(minisign_keys: tuple[Path, Path]) -> None:
     pub, _ = minisign_keys
-    m = re.match(r"untrusted comment: minisign public key ([0-9A-F]{16})\n", pub.read_text())
+    m = re.match(r"untrusted comment: minisign public key ([0-9A-F]{1,16})\n", pub.read_text())
     assert m is not None
     assert load_public_key(pub).key_id_hex == m.group(1)
 
