@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import time
-import tomllib
 import uuid
 import xmlrpc.client
 from collections.abc import Callable, Iterable, Sequence
@@ -349,35 +348,20 @@ def machine_info() -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- config
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str | Path):
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(v)
-
-
 def dump_toml(cfg: dict[str, Any]) -> str:
-    lines: list[str] = []
-    for section, body in cfg.items():
-        if section == "agents":
-            continue
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
-        lines.append("")
-    for agent in cfg.get("agents", []):
-        lines.append("[[agents]]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in agent.items()]
-        lines.append("")
-    text = "\n".join(lines)
-    tomllib.loads(text)
-    return text
+    """A config file from plain data (paths as strings)."""
+    import tomli_w
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return tomli_w.dumps(plain(cfg))
 
 
 # ---------------------------------------------------------------------------------------------- keys, packages

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -45,35 +44,20 @@ def wait_for(pred: Callable[[], Any], timeout: float = 15.0, interval: float = 0
     raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
 
 
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str | Path):
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(v)
-
-
 def dump_toml(cfg: dict[str, Any]) -> str:
-    lines: list[str] = []
-    for section, body in cfg.items():
-        if section == "agents":
-            continue
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in body.items()]
-        lines.append("")
-    for agent in cfg.get("agents", []):
-        lines.append("[[agents]]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in agent.items()]
-        lines.append("")
-    text = "\n".join(lines)
-    tomllib.loads(text)
-    return text
+    """A config file from plain data (paths as strings)."""
+    import tomli_w
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return tomli_w.dumps(plain(cfg))
 
 
 def agent(name: str, script: str, **kw: Any) -> dict[str, Any]:
