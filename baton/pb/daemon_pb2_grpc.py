@@ -75,6 +75,11 @@ class DaemonServiceStub:
                 request_serializer=baton_dot_pb_dot_daemon__pb2.UpdateRef.SerializeToString,
                 response_deserializer=baton_dot_pb_dot_daemon__pb2.UpdateStatus.FromString,
                 _registered_method=True)
+        self.CancelUpdate = channel.unary_unary(
+                '/baton.v1.DaemonService/CancelUpdate',
+                request_serializer=baton_dot_pb_dot_daemon__pb2.UpdateRef.SerializeToString,
+                response_deserializer=baton_dot_pb_dot_daemon__pb2.UpdateStatus.FromString,
+                _registered_method=True)
 
 
 class DaemonServiceServicer:
@@ -130,6 +135,14 @@ class DaemonServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelUpdate(self, request, context):
+        """Contract version 2: cancels a running update. Before SWITCHING it ends FAILED (reason "cancelled")
+        with its download removed; from SWITCHING on it rolls back. A final update is returned unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DaemonServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +183,11 @@ def add_DaemonServiceServicer_to_server(servicer, server):
             ),
             'WatchUpdate': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchUpdate,
+                    request_deserializer=baton_dot_pb_dot_daemon__pb2.UpdateRef.FromString,
+                    response_serializer=baton_dot_pb_dot_daemon__pb2.UpdateStatus.SerializeToString,
+            ),
+            'CancelUpdate': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelUpdate,
                     request_deserializer=baton_dot_pb_dot_daemon__pb2.UpdateRef.FromString,
                     response_serializer=baton_dot_pb_dot_daemon__pb2.UpdateStatus.SerializeToString,
             ),
@@ -388,6 +406,33 @@ class DaemonService:
             request,
             target,
             '/baton.v1.DaemonService/WatchUpdate',
+            baton_dot_pb_dot_daemon__pb2.UpdateRef.SerializeToString,
+            baton_dot_pb_dot_daemon__pb2.UpdateStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelUpdate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.DaemonService/CancelUpdate',
             baton_dot_pb_dot_daemon__pb2.UpdateRef.SerializeToString,
             baton_dot_pb_dot_daemon__pb2.UpdateStatus.FromString,
             options,
