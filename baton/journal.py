@@ -8,6 +8,12 @@ the record (REQUESTED) and reads it. Byte-level download progress is not
 worth an fsync: it goes to ``progress.json`` beside it, written with a plain
 atomic rename.
 
+The record guards its own state: :meth:`UpdateRecord.moved` is the only way to
+a new state and refuses a move that ``baton.states.UPDATE_TRANSITIONS`` does
+not list (``IllegalTransition``), and :meth:`Journal.save` refuses a record
+whose state is not the last one ``moved`` recorded (a ``replace(state=...)``),
+so no writer, helper or supervisor, can put a state on disk around the table.
+
 Format version 1. Readers ignore unknown keys, so a newer writer can add some.
 """
 
@@ -23,7 +29,7 @@ from typing import Any
 
 from baton import durable
 from baton.errors import BatonError
-from baton.states import UpdateState
+from baton.states import UPDATE_TRANSITIONS, IllegalTransition, UpdateState, check_move
 
 JOURNAL_FORMAT = 1
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -86,6 +92,18 @@ class UpdateRecord:
         return self.state.final
 
     def moved(self, state: UpdateState, note: str = "", **changes: Any) -> UpdateRecord:
+        """This record in ``state``, with the move in its history.
+
+        Raises:
+            IllegalTransition: the move is not in UPDATE_TRANSITIONS (a fresh record's only move is its
+                creation, REQUESTED -> REQUESTED, which starts the history).
+        """
+        what = f"update {self.update_id}"
+        if self.history:
+            check_move(UPDATE_TRANSITIONS, self.state, state, what)
+        elif not (self.state is UpdateState.REQUESTED and state is UpdateState.REQUESTED):
+            raise IllegalTransition(f"{what}: a new record starts in requested, not "
+                                    f"{self.state.value} -> {state.value}")
         now = time.time()
         return replace(self, state=state, updated_at=now, history=(*self.history, Transition(state.value, now, note)),
                        **changes)
@@ -153,6 +171,11 @@ class Journal:
         self.save(rec.moved(UpdateState.REQUESTED))
 
     def save(self, rec: UpdateRecord) -> None:
+        """Write ``rec`` durably; IllegalTransition if its state was not reached through ``moved``."""
+        if not rec.history or rec.history[-1].state != rec.state.value:
+            last = rec.history[-1].state if rec.history else "nothing"
+            raise IllegalTransition(f"update {rec.update_id}: state {rec.state.value} was not reached by a "
+                                    f"guarded move (last recorded: {last})")
         durable.write_json(self.path(rec.update_id), rec.to_json(), 0o600)
 
     def load(self, update_id: str) -> UpdateRecord:

@@ -1,19 +1,15 @@
-"""The update state machine of one Agent update: every state, transition and failure, in one place.
+"""The driver of one Agent update: from whatever state its journal holds to a final state.
 
-::
+The states and every legal move are ``baton.states.UPDATE_TRANSITIONS`` (with
+the diagram); the journal record refuses any other move, so this module only
+decides which legal move to make and does the work of each state.
 
-    REQUESTED -> DOWNLOADING -> VERIFYING -> STAGING -> SWITCHING -> RESTARTING -> WATCHING -> COMMITTED
-        |             |             |           |           |             |            |
-        +-------------+-------------+-----------+--> FAILED +-------------+------------+--> ROLLING_BACK
-                                                                                               |
-                                                                                         ROLLED_BACK
-
-Before SWITCHING nothing outside the download and journal areas has changed,
-so a failure there is FAILED: the staging directory and the download are
-removed and the running agent was never touched. From SWITCHING on, the
-``current`` link may point at the new version, so any failure rolls back:
-switch the link back, restart the old version through the supervisor, check it
-is healthy. Only COMMITTED moves the component's high-water mark.
+Before SWITCHING (``PRE_SWITCH``) nothing outside the download and journal
+areas has changed, so a failure there is FAILED: the staging directory and the
+download are removed and the running agent was never touched. From SWITCHING
+on, the ``current`` link may point at the new version, so any failure rolls
+back: switch the link back, restart the old version through the supervisor,
+check it is healthy. Only COMMITTED moves the component's high-water mark.
 
 A helper that starts on a journal left unfinished by a killed helper does what
 :data:`RECOVERY` says for the state it finds. The journal write of a state
@@ -36,24 +32,11 @@ from baton.config import Config
 from baton.errors import BatonError
 from baton.journal import Journal, UpdateRecord
 from baton.marks import Marks
+from baton.states import PRE_SWITCH
 from baton.states import UpdateState as S
 from helper.control import HealthCheckFailed, SupervisorControl, SupervisorUnavailable
 from helper.download import DownloadedFile, DownloadProgress
 from helper.installer import Installer
-
-TRANSITIONS: dict[S, frozenset[S]] = {
-    S.REQUESTED: frozenset({S.DOWNLOADING, S.FAILED}),
-    S.DOWNLOADING: frozenset({S.DOWNLOADING, S.VERIFYING, S.FAILED}),
-    S.VERIFYING: frozenset({S.DOWNLOADING, S.STAGING, S.FAILED}),
-    S.STAGING: frozenset({S.DOWNLOADING, S.SWITCHING, S.FAILED}),
-    S.SWITCHING: frozenset({S.RESTARTING, S.ROLLING_BACK}),
-    S.RESTARTING: frozenset({S.WATCHING, S.ROLLING_BACK}),
-    S.WATCHING: frozenset({S.COMMITTED, S.ROLLING_BACK}),
-    S.ROLLING_BACK: frozenset({S.ROLLING_BACK, S.ROLLED_BACK}),
-    S.COMMITTED: frozenset(),
-    S.ROLLED_BACK: frozenset(),
-    S.FAILED: frozenset(),
-}
 
 RECOVERY: dict[S, str] = {
     S.REQUESTED: "start from the beginning",
@@ -65,8 +48,10 @@ RECOVERY: dict[S, str] = {
     S.WATCHING: "roll back",
     S.ROLLING_BACK: "roll back again (idempotent)",
 }
+"""What a helper started on an unfinished journal does, by the state it finds (a supervisor self-update
+instead commits from SWITCHING, RESTARTING or WATCHING when the new version already serves, through
+RESTARTING and WATCHING: ``helper/self_update.py``)."""
 
-PRE_SWITCH = frozenset({S.REQUESTED, S.DOWNLOADING, S.VERIFYING, S.STAGING})
 MAX_ATTEMPTS = 5
 ControlFactory = Callable[[], SupervisorControl]
 
@@ -88,8 +73,7 @@ class UpdateRun:
     # ---- journal -------------------------------------------------------------------------------------
 
     def _move(self, state: S, note: str = "", **changes: object) -> None:
-        if state not in TRANSITIONS[self.rec.state]:
-            raise RuntimeError(f"update {self.update_id}: illegal transition {self.rec.state.value} -> {state.value}")
+        """Record ``state`` durably before its work (the record raises IllegalTransition off the table)."""
         self.rec = self.rec.moved(state, note, **changes)
         self.journal.save(self.rec)
         logger.info("update {} {} {}: {}{}", self.update_id, self.rec.component, self.rec.to_version, state.value,

@@ -16,6 +16,13 @@ Any failure from SWITCHING on (no HELLO within ``handshake_timeout_s``, an exit,
 wrong protocol or version, UNHEALTHY, a failed check) rolls back: the link goes
 back, the new process is killed, the old version is started (by systemd's restart
 policy under systemd, by the helper otherwise) and must pass the same handshake.
+
+What the helper holds and has asked of which process is one ``Custody`` value
+(``baton.states.CUSTODY_TRANSITIONS``), not a set of flags: the rollback reads it
+to decide between "the old supervisor never stopped, the link back is enough"
+(UNTOUCHED) and "kill whatever runs and start the old version" (anything else).
+A helper killed mid-handover leaves no custody; its successor
+(:meth:`SelfUpdateRun._resume_after_crash`) looks at what runs instead.
 """
 
 from __future__ import annotations
@@ -28,7 +35,6 @@ import socket
 import subprocess
 import time
 from dataclasses import replace
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -39,9 +45,10 @@ from baton import handover as wire
 from baton.agent_table import AgentTable
 from baton.config import Config
 from baton.errors import BatonError
-from baton.journal import Journal
+from baton.journal import Journal, UpdateRecord
 from baton.layout import ComponentLayout
 from baton.pb import daemon_pb2, daemon_pb2_grpc
+from baton.states import CUSTODY_TRANSITIONS, Custody, check_move
 from baton.states import UpdateState as S
 from helper.machine import ControlFactory, UpdateRun
 
@@ -71,20 +78,32 @@ def process_alive(pid: int) -> bool:
 
 
 class HandoverSession:
-    """The helper's custody of a supervisor's state and descriptors between two supervisor processes."""
+    """The helper's custody of a supervisor's state and descriptors between two supervisor processes.
+
+    Where the custody stands is one :class:`~baton.states.Custody` value, changed only by :meth:`_to`, which
+    refuses a move that ``CUSTODY_TRANSITIONS`` does not list.
+    """
 
     def __init__(self, cfg: Config, update_id: str, expect_version: str) -> None:
         self.cfg = cfg
         self.update_id = update_id
         self.path = cfg.run_dir / f"handover-{update_id}.sock"
         self.listener = wire.seqpacket_listener(self.path)
-        self.state: dict[str, Any] = {}
+        self.state: wire.State | None = None
         self.fds: list[int] = []
         self.stdio: dict[str, int] = {}
         self.pid = 0
-        self.exec_sent = False
-        self.spawned = 0
+        self._custody = Custody.UNTOUCHED
         self.announce(expect_version)
+
+    @property
+    def custody(self) -> Custody:
+        return self._custody
+
+    def _to(self, new: Custody) -> None:
+        check_move(CUSTODY_TRANSITIONS, self._custody, new, f"handover {self.update_id}")
+        logger.debug("handover {}: custody {} -> {}", self.update_id, self._custody.value, new.value)
+        self._custody = new
 
     def announce(self, expect_version: str) -> None:
         wire.ActiveHandover(self.update_id, str(self.path), os.getpid(), expect_version, time.time()).write(
@@ -103,33 +122,44 @@ class HandoverSession:
             return
         self.pid = _control_pid(self.cfg)
         with conn:
-            wire.send(conn, {"type": wire.PREPARE, "update_id": self.update_id})
-            self.exec_sent = True  # unless it refuses, the supervisor now quiesces and execs whatever happens
-            msg, fds = wire.recv(conn, PREPARE_TIMEOUT_S, "state")
-            if msg["type"] == wire.REFUSED:
-                self.exec_sent = False
-                raise wire.HandoverRefused(f"the running supervisor refused to hand over: {msg.get('reason')}")
-            if msg["type"] != wire.STATE:
-                raise wire.HandoverRefused(f"expected state, got {msg['type']}")
-            wire.negotiate(int(msg.get("protocol", 0)))
-            self.state, self.fds, self.pid = msg, fds, int(msg["pid"])
+            wire.send(conn, wire.Prepare(self.update_id))
+            self._to(Custody.ASKED)  # unless it refuses, the supervisor now quiesces and execs whatever happens
+            frame, fds = wire.recv(conn, PREPARE_TIMEOUT_S, "state")
+            try:
+                if isinstance(frame.message, wire.Refused):
+                    self._to(Custody.UNTOUCHED)
+                    raise wire.HandoverRefused(
+                        f"the running supervisor refused to hand over: {frame.message.reason}")
+                state = frame.expect(wire.State)
+                wire.negotiate(frame.protocol)
+                if state.pid <= 0:
+                    raise wire.ProtocolError("handover message 'state' from the supervisor lacks its pid")
+            except wire.HandoverError:
+                wire.close_fds(fds)
+                raise
+            self._to(Custody.HOLDING)
+            self.state, self.fds, self.pid = state, fds, state.pid
             self._dup_stdio()
             faults.crash_point("handover-state-received")
-            wire.send(conn, {"type": wire.EXEC})
-            self.exec_sent = True
+            wire.send(conn, wire.Exec())
+            self._to(Custody.EXEC_SENT)
         logger.info("handover: got {} agents and {} descriptors from supervisor pid {}; it execs now",
-                    len(msg.get("agents", [])), len(fds), self.pid)
+                    len(state.agents), len(fds), self.pid)
         faults.crash_point("handover-exec-sent")
 
     def _state_from_disk(self) -> None:
+        """No state from a running supervisor: the persisted agent table, without descriptors."""
+        wire.close_fds(self.fds)
         records = AgentTable(self.cfg.node.state_dir / "agents.json").load()
-        self.state = {"type": wire.STATE, "agents": [r.to_dict() for r in records], "fds": []}
+        self.state = wire.State(agents=tuple(records), fds=())
         self.fds = []
+        self.stdio = {}
 
     def _dup_stdio(self) -> None:
-        for desc, fd in zip(self.state.get("fds", []), self.fds, strict=False):
-            if desc.get("kind") == "stdio":
-                self.stdio[str(desc["name"])] = fd
+        assert self.state is not None
+        for desc, fd in zip(self.state.fds, self.fds, strict=False):
+            if desc.kind == "stdio":
+                self.stdio[desc.name] = fd
 
     # ---- starting a supervisor ourselves ---------------------------------------------------------------------
 
@@ -138,7 +168,6 @@ class HandoverSession:
         if _under_systemd():
             logger.info("handover: leaving the start to systemd's restart policy")
             return
-        self.spawned += 1
         launcher = ComponentLayout(self.cfg.node.install_root, "supervisor").current_link / "bin" / "supervisor"
         out = self.stdio.get("stdout")
         err = self.stdio.get("stderr")
@@ -151,13 +180,14 @@ class HandoverSession:
                                 start_new_session=True, close_fds=True)
         if log is not None:
             log.close()
+        self._to(Custody.SPAWNED)
         self.pid = proc.pid
         proc.returncode = 0
         logger.info("handover: started {} as pid {}", launcher, proc.pid)
 
     # ---- the handshake -------------------------------------------------------------------------------------
 
-    def await_supervisor(self, expect_version: str, timeout_s: float) -> dict[str, Any]:
+    def await_supervisor(self, expect_version: str, timeout_s: float) -> wire.Healthy:
         """HELLO -> STATE(+fds) -> HEALTHY, checked, -> COMMIT. Raises a HandoverError on any failure."""
         self.announce(expect_version)
         deadline = time.monotonic() + timeout_s
@@ -173,50 +203,51 @@ class HandoverSession:
                         continue
                     return self._handshake(conn, expect_version, deadline)
             if self.pid and not process_alive(self.pid):
-                if self.spawned == 0 and not _under_systemd() and not self.exec_sent:
-                    self.start_supervisor()
-                    continue
-                if _under_systemd() and not self.exec_sent and self.spawned == 0:
-                    self.pid = 0  # systemd's restart policy starts the next one
+                if self._custody in (Custody.UNTOUCHED, Custody.KILLED):
+                    # nobody was asked to exec and we started nothing since: it died on its own
+                    if _under_systemd():
+                        self.pid = 0  # systemd's restart policy starts the next one
+                    else:
+                        self.start_supervisor()
                     continue
                 raise SupervisorDied(f"supervisor pid {self.pid} exited before its handshake")
 
-    def _handshake(self, conn: socket.socket, expect_version: str, deadline: float) -> dict[str, Any]:
-        hello, extra = wire.recv(conn, max(0.01, deadline - time.monotonic()), "hello")
-        for fd in extra:
-            os.close(fd)
-        if hello["type"] != wire.HELLO:
-            raise wire.HandoverRefused(f"expected hello, got {hello['type']}")
-        self.pid = int(hello.get("pid", self.pid))
+    def _refuse(self, conn: socket.socket, reason: str) -> None:
+        with contextlib.suppress(OSError):
+            wire.send(conn, wire.Refused(reason))
+
+    def _handshake(self, conn: socket.socket, expect_version: str, deadline: float) -> wire.Healthy:
         try:
-            protocol = wire.negotiate(int(hello.get("protocol", 0)))
-        except wire.HandoverRefused as e:
-            with contextlib.suppress(OSError):
-                wire.send(conn, {"type": wire.REFUSED, "reason": str(e)})
+            frame, extra = wire.recv(conn, max(0.01, deadline - time.monotonic()), "hello")
+            wire.close_fds(extra)
+            hello = frame.expect(wire.Hello)
+            self.pid = hello.pid
+            protocol = wire.negotiate(frame.protocol)
+        except (wire.HandoverRefused, wire.ProtocolError) as e:
+            self._refuse(conn, str(e))
             raise
-        if hello.get("version") != expect_version:
-            reason = f"supervisor {hello.get('version')} answered; expected {expect_version}"
-            with contextlib.suppress(OSError):
-                wire.send(conn, {"type": wire.REFUSED, "reason": reason})
+        if hello.version != expect_version:
+            reason = f"supervisor {hello.version} answered; expected {expect_version}"
+            self._refuse(conn, reason)
             raise wire.HandoverRefused(reason)
         faults.crash_point("handover-hello")
-        if not self.state:
+        if self.state is None:
             self._state_from_disk()
-        descs = [d for d in self.state.get("fds", []) if d.get("kind") != "stdio"]
-        fds = [fd for d, fd in zip(self.state.get("fds", []), self.fds, strict=False) if d.get("kind") != "stdio"]
-        wire.send(conn, {"type": wire.STATE, "agents": self.state.get("agents", []), "fds": descs,
-                         "supervisor_version": self.state.get("supervisor_version", ""), "negotiated": protocol},
-                  fds)
-        report, extra = wire.recv(conn, max(0.01, deadline - time.monotonic()), "health report")
-        for fd in extra:
-            os.close(fd)
-        if report["type"] == wire.UNHEALTHY:
-            raise Unhealthy(f"supervisor {expect_version} reported unhealthy: {report.get('reason')}")
-        if report["type"] != wire.HEALTHY:
-            raise wire.HandoverRefused(f"expected healthy, got {report['type']}")
+        assert self.state is not None
+        kept = [(d, fd) for d, fd in zip(self.state.fds, self.fds, strict=False) if d.kind != "stdio"]
+        self._to(Custody.HANDED)  # from here this process has (or may have) our state: a rollback kills it
+        wire.send(conn, wire.State(agents=self.state.agents, fds=tuple(d for d, _ in kept),
+                                   supervisor_version=self.state.supervisor_version, negotiated=protocol),
+                  [fd for _, fd in kept])
+        frame, extra = wire.recv(conn, max(0.01, deadline - time.monotonic()), "health report")
+        wire.close_fds(extra)
+        if isinstance(frame.message, wire.Unhealthy):
+            raise Unhealthy(f"supervisor {expect_version} reported unhealthy: {frame.message.reason}")
+        report = frame.expect(wire.Healthy, "healthy")
         faults.crash_point("handover-healthy")
         self.check_serving(expect_version)
-        wire.send(conn, {"type": wire.COMMIT})
+        wire.send(conn, wire.Commit())
+        self._to(Custody.COMMITTED)
         logger.info("handover: supervisor {} pid {} is healthy and committed", expect_version, self.pid)
         return report
 
@@ -238,24 +269,28 @@ class HandoverSession:
     # ---- rollback support ----------------------------------------------------------------------------------
 
     def kill_supervisor(self) -> None:
-        if not self.pid or not process_alive(self.pid):
-            return
-        logger.warning("handover: killing supervisor pid {}", self.pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-        deadline = time.monotonic() + KILL_WAIT_S
-        while process_alive(self.pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        """SIGKILL whatever supervisor we know of; the state and our copies of the descriptors stay with us."""
+        self._to(Custody.KILLED)
+        if self.pid and process_alive(self.pid):
+            logger.warning("handover: killing supervisor pid {}", self.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            deadline = time.monotonic() + KILL_WAIT_S
+            while process_alive(self.pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        self.pid = 0  # under systemd, its restart policy starts the next one; we wait for its HELLO
 
     def close(self) -> None:
+        if self._custody is Custody.CLOSED:
+            return
+        self._to(Custody.CLOSED)
         wire.ActiveHandover.clear(self.cfg.run_dir)
         self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        wire.close_fds(self.fds)
         self.fds = []
+        self.stdio = {}
 
 
 def running_supervisor(cfg: Config) -> tuple[str, bool]:
@@ -314,13 +349,10 @@ class SelfUpdateRun(UpdateRun):
         session = self.session
         if session is None:
             self._recover_without_session(old, notes)
-        elif not session.exec_sent and session.spawned == 0 and session.pid and process_alive(session.pid):
+        elif session.custody is Custody.UNTOUCHED and session.pid and process_alive(session.pid):
             logger.info("handover: the old supervisor never stopped; switching the link back is enough")
         else:
             session.kill_supervisor()
-            session.pid = 0  # under systemd, its restart policy starts the old version; we wait for its HELLO
-            session.spawned = 0
-            session.exec_sent = False
             session.start_supervisor()
             try:
                 session.await_supervisor(old, self.cfg.update.handshake_timeout_s)
@@ -344,10 +376,7 @@ class SelfUpdateRun(UpdateRun):
         self.session = session
         if version:
             session.pid = _control_pid(self.cfg)
-            session.exec_sent = True
             session.kill_supervisor()
-            session.pid = 0
-            session.exec_sent = False
         session._state_from_disk()
         session.start_supervisor()
         try:
@@ -355,12 +384,12 @@ class SelfUpdateRun(UpdateRun):
         except (wire.HandoverError, OSError) as e:
             notes.append(f"the old version {old} did not come back cleanly: {e}")
 
-    def run(self) -> Any:
+    def run(self) -> UpdateRecord:
         if not self.rec.final and self.rec.state in (S.RESTARTING, S.WATCHING, S.SWITCHING):
             return self._resume_after_crash()
         return super().run()
 
-    def _resume_after_crash(self) -> Any:
+    def _resume_after_crash(self) -> UpdateRecord:
         """Killed mid-handover: commit if the new version is up and healthy, else roll back."""
         self.rec = replace(self.rec, attempts=self.rec.attempts + 1, helper_pid=os.getpid())
         self.journal.save(self.rec)
@@ -375,9 +404,11 @@ class SelfUpdateRun(UpdateRun):
         wire.ActiveHandover.clear(self.cfg.run_dir)
         if version == req.version and serving and self.installer.layout.current_version() == req.version:
             logger.info("update {}: supervisor {} runs and serves; committing", self.update_id, version)
-            if self.rec.state is not S.WATCHING:
-                self.rec = self.rec.moved(S.WATCHING, "recovery")
-                self.journal.save(self.rec)
+            # through the table, never around it: the restart and the watch happened, as observed now
+            if self.rec.state is S.SWITCHING:
+                self._move(S.RESTARTING, "recovery")
+            if self.rec.state is S.RESTARTING:
+                self._move(S.WATCHING, "recovery")
             self._commit()
         else:
             self._rollback(f"the helper was interrupted during the handover (running: {version or 'nothing'})")

@@ -7,7 +7,8 @@ restart policy treats as a failure). Output goes to a per-agent FIFO that the
 agent holds open read-write: it never gets EPIPE while no supervisor runs, and
 the supervisor of the moment drains it into a rotating log file.
 
-State changes are guarded by :data:`baton.states.AGENT_TRANSITIONS`; every
+State changes are guarded by :data:`baton.states.AGENT_TRANSITIONS` in
+:meth:`Agent._set_state`, the only writer (``Agent.state`` is read-only); every
 change is persisted to the agent table so a later supervisor process can adopt
 the agents instead of starting second instances.
 """
@@ -34,7 +35,7 @@ from baton.agent_table import AgentRecord, AgentTable
 from baton.config import AgentConfig, Config
 from baton.errors import BatonError
 from baton.layout import ComponentLayout
-from baton.states import AGENT_TRANSITIONS, AgentState
+from baton.states import AGENT_KEPT_STATES, AGENT_TRANSITIONS, AgentState, IllegalTransition, check_move
 from supervisor.agent_log import RotatingLog
 from supervisor.notify_socket import NotifySocket
 
@@ -42,7 +43,6 @@ F_SETPIPE_SZ = 1031
 PIPE_BYTES = 1 << 20
 KILL_WAIT_S = 5.0
 STABLE_RUN_S = 30.0
-KEPT_STATES = frozenset({AgentState.STOPPED.value, AgentState.EXITED.value, AgentState.FATAL.value})
 
 
 class AgentError(BatonError):
@@ -96,7 +96,7 @@ class Agent:
         self.dir = config.node.state_dir / "agents" / cfg.name
         self.layout = ComponentLayout(config.node.install_root, cfg.name)
         self.log = RotatingLog(config.log_dir / f"{cfg.name}.log", cfg.log_max_bytes, cfg.log_backups)
-        self.state = AgentState.STOPPED
+        self._state = AgentState.STOPPED
         self.pid = 0
         self.start_time = 0.0
         self.version = ""
@@ -189,14 +189,30 @@ class Agent:
 
     # ---- state ---------------------------------------------------------------------------------
 
+    @property
+    def state(self) -> AgentState:
+        """Read-only: every change goes through :meth:`_set_state` (or :meth:`restore_state`)."""
+        return self._state
+
     def _set_state(self, new: AgentState) -> None:
-        if new is self.state:
+        """Move to ``new`` (staying is a no-op); IllegalTransition if AGENT_TRANSITIONS has no such edge."""
+        if new is self._state:
             return
-        if new not in AGENT_TRANSITIONS[self.state]:
-            raise RuntimeError(f"agent {self.name}: illegal transition {self.state.value} -> {new.value}")
-        logger.info("agent {} {} -> {}", self.name, self.state.value, new.value)
-        self.state = new
+        check_move(AGENT_TRANSITIONS, self._state, new, f"agent {self.name}")
+        logger.info("agent {} {} -> {}", self.name, self._state.value, new.value)
+        self._state = new
         self._on_change(self)
+
+    def restore_state(self, kept: AgentState) -> None:
+        """Keep the state an earlier supervisor process left for an agent without a process (stopped stays
+        stopped). Only a fresh agent (STOPPED, no process) restores, and only to AGENT_KEPT_STATES; not
+        persisted here (the caller persists the whole table once every agent is set up)."""
+        if self._state is not AgentState.STOPPED or self.pid or kept not in AGENT_KEPT_STATES:
+            raise IllegalTransition(f"agent {self.name}: cannot restore {kept.value} in state "
+                                    f"{self._state.value} (pid {self.pid})")
+        if kept is not self._state:
+            logger.info("agent {} {} -> {} (kept from the agent table)", self.name, self._state.value, kept.value)
+        self._state = kept
 
     def snapshot(self) -> AgentSnapshot:
         return AgentSnapshot(
@@ -509,8 +525,8 @@ class ProcessManager:
                 continue
             if prev is not None:
                 agent.restarts = prev.restarts
-                if not prev.pid and prev.state in KEPT_STATES:
-                    agent.state = AgentState(prev.state)
+                if not prev.pid and prev.state in {s.value for s in AGENT_KEPT_STATES}:
+                    agent.restore_state(AgentState(prev.state))
                     agent.consecutive_failures = prev.consecutive_failures
                     continue
             if agent.cfg.autostart:

@@ -231,15 +231,14 @@ class Supervisor:
 
     async def _finish_handover(self, received: ReceivedState) -> None:
         problems = await self.health_problems(received.records)
+        msg: handover.wire.Healthy | handover.wire.Unhealthy
         if problems:
-            msg = {"type": handover.wire.UNHEALTHY, "reason": "; ".join(problems), "version": self.version,
-                   "pid": os.getpid()}
+            msg = handover.wire.Unhealthy(reason="; ".join(problems), version=self.version, pid=os.getpid())
         else:
-            msg = {"type": handover.wire.HEALTHY, "version": self.version, "pid": os.getpid(),
-                   "agents": {s.name: s.pid for s in self.pm_required.snapshots()}}
+            msg = handover.wire.Healthy(version=self.version, pid=os.getpid(),
+                                        agents={s.name: s.pid for s in self.pm_required.snapshots()})
         reply = await asyncio.to_thread(received.report, msg)
-        logger.info("handover: reported {}; the helper answered {}", msg["type"],
-                    reply.get("type") if reply else "nothing")
+        logger.info("handover: reported {}; the helper answered {}", msg.TYPE, reply.TYPE if reply else "nothing")
 
     async def health_problems(self, records: list[AgentRecord]) -> list[str]:
         """Why this process must not be committed as the supervisor: agents not adopted, gRPC not serving."""
@@ -270,7 +269,7 @@ class Supervisor:
             return "no config file to restart with"
         return ""
 
-    async def quiesce(self) -> tuple[dict[str, Any], list[int]]:
+    async def quiesce(self) -> tuple[handover.wire.State, list[int]]:
         """Stop everything but the agents and return the handover state with its descriptors.
 
         SIGTERM and SIGINT are blocked from here on: one that arrives during the handover stays pending
@@ -287,26 +286,26 @@ class Supervisor:
         self.pm.release_all()
         self.pm.persist()
         records = self.pm.table.load()
-        descs: list[dict[str, str]] = []
+        descs: list[handover.wire.FdDescriptor] = []
         fds: list[int] = []
         for key, s in self.front.detach():
-            descs.append({"kind": "listen", "address": key})
+            descs.append(handover.wire.FdDescriptor("listen", key))
             fds.append(s.fileno())
             self._handed_over.append(s)
         for agent in self.pm.agents.values():
             fifo_fd, notify_sock = agent.detach_channels()
             if fifo_fd >= 0:
-                descs.append({"kind": "fifo", "agent": agent.name})
+                descs.append(handover.wire.FdDescriptor("fifo", agent.name))
                 fds.append(fifo_fd)
             if notify_sock is not None:
-                descs.append({"kind": "notify", "agent": agent.name})
+                descs.append(handover.wire.FdDescriptor("notify", agent.name))
                 fds.append(notify_sock.fileno())
                 self._handed_over.append(notify_sock)
         for name, fd in (("stdout", 1), ("stderr", 2)):
-            descs.append({"kind": "stdio", "name": name})
+            descs.append(handover.wire.FdDescriptor("stdio", name))
             fds.append(fd)
-        state = {"type": handover.wire.STATE, "supervisor_version": self.version, "pid": os.getpid(),
-                 "agents": [r.to_dict() for r in records], "fds": descs}
+        state = handover.wire.State(agents=tuple(records), fds=tuple(descs), supervisor_version=self.version,
+                                    pid=os.getpid())
         if self.server is not None:
             await self.server.stop(grace=0)  # in-flight calls end at the exec anyway; every ms here is downtime
         return state, fds

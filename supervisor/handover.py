@@ -20,7 +20,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
@@ -61,16 +61,15 @@ class ReceivedState:
             s.close()
         self.listen.clear()
 
-    def report(self, msg: dict[str, Any]) -> dict[str, Any] | None:
+    def report(self, msg: wire.Healthy | wire.Unhealthy) -> wire.Message | None:
         """Send HEALTHY/UNHEALTHY and wait for the helper's verdict (None: the helper is gone)."""
         try:
             faults.crash_point("handover-adopted", faults.SUPERVISOR)
             wire.send(self.conn, msg)
             faults.crash_point("handover-healthy-sent", faults.SUPERVISOR)
             reply, fds = wire.recv(self.conn, COMMIT_TIMEOUT_S, "commit")
-            for fd in fds:
-                os.close(fd)
-            return reply
+            wire.close_fds(fds)
+            return reply.message
         except wire.HandoverError as e:
             logger.warning("handover: no verdict from the helper: {}", e)
             return None
@@ -97,43 +96,39 @@ def receive(cfg: Config, version: str) -> ReceivedState | None:
         logger.warning("handover {} announced but its helper is gone ({}); starting on my own", active.update_id, e)
         return None
     try:
-        wire.send(conn, {"type": wire.HELLO, "version": version, "pid": os.getpid(), "update_id": active.update_id})
+        wire.send(conn, wire.Hello(version=version, pid=os.getpid(), update_id=active.update_id))
         faults.crash_point("handover-hello-sent", faults.SUPERVISOR)
-        msg, fds = wire.recv(conn, STATE_TIMEOUT_S, "state")
+        frame, fds = wire.recv(conn, STATE_TIMEOUT_S, "state")
     except wire.HandoverError as e:
         conn.close()
         logger.warning("handover {}: {}; starting on my own", active.update_id, e)
         return None
-    if msg["type"] != wire.STATE:
-        for fd in fds:
-            os.close(fd)
+    msg = frame.message
+    if not isinstance(msg, wire.State):
+        wire.close_fds(fds)
         conn.close()
-        logger.error("handover {}: the helper answered {}: {}", active.update_id, msg["type"], msg.get("reason", ""))
+        logger.error("handover {}: the helper answered {}: {}", active.update_id, msg.TYPE,
+                     msg.reason if isinstance(msg, wire.Refused) else "")
         raise SystemExit(3)
     try:
-        protocol = wire.negotiate(int(msg.get("protocol", 0)))
+        protocol = wire.negotiate(frame.protocol)
     except wire.HandoverRefused as e:
-        for fd in fds:
-            os.close(fd)
+        wire.close_fds(fds)
         conn.close()
         logger.error("handover {}: {}", active.update_id, e)
         raise SystemExit(3) from None
-    state = ReceivedState(conn=conn, protocol=protocol,
-                          records=[AgentRecord.from_dict(d) for d in msg.get("agents", [])],
-                          from_version=str(msg.get("supervisor_version", "")))
-    descs = msg.get("fds", [])
-    for desc, fd in zip(descs, fds, strict=False):
-        kind = desc.get("kind")
-        if kind == "listen":
-            state.listen[str(desc["address"])] = socket.socket(fileno=fd)
-        elif kind == "fifo":
-            state.fifos[str(desc["agent"])] = fd
-        elif kind == "notify":
-            state.notify[str(desc["agent"])] = socket.socket(fileno=fd)
+    state = ReceivedState(conn=conn, protocol=protocol, records=list(msg.agents),
+                          from_version=msg.supervisor_version)
+    for desc, fd in zip(msg.fds, fds, strict=False):
+        if desc.kind == "listen":
+            state.listen[desc.name] = socket.socket(fileno=fd)
+        elif desc.kind == "fifo":
+            state.fifos[desc.name] = fd
+        elif desc.kind == "notify":
+            state.notify[desc.name] = socket.socket(fileno=fd)
         else:
             os.close(fd)
-    for fd in fds[len(descs):]:
-        os.close(fd)
+    wire.close_fds(fds[len(msg.fds):])
     logger.info("handover {}: received {} agents and {} descriptors from the helper (protocol {})",
                 active.update_id, len(state.records), len(fds), protocol)
     return state
@@ -180,32 +175,29 @@ class HandoverEndpoint:
 
     async def _serve(self, conn: socket.socket) -> None:
         try:
-            msg, fds = await asyncio.to_thread(wire.recv, conn, 10.0, "prepare")
-            for fd in fds:
-                os.close(fd)
-            if msg["type"] != wire.PREPARE:
-                raise wire.HandoverRefused(f"expected prepare, got {msg['type']}")
-            wire.negotiate(int(msg.get("protocol", 0)))
+            frame, fds = await asyncio.to_thread(wire.recv, conn, 10.0, "prepare")
+            wire.close_fds(fds)
+            prepare = frame.expect(wire.Prepare)
+            wire.negotiate(frame.protocol)
             problem = self.sup.cannot_hand_over()
             if problem:
                 raise wire.HandoverRefused(problem)
         except wire.HandoverError as e:
             logger.warning("handover refused: {}", e)
             with contextlib.suppress(OSError):
-                wire.send(conn, {"type": wire.REFUSED, "reason": str(e)})
+                wire.send(conn, wire.Refused(str(e)))
             conn.close()
             self._busy = False
             return
-        logger.info("handover {}: handing over to the helper", msg.get("update_id", "?"))
+        logger.info("handover {}: handing over to the helper", prepare.update_id)
         try:
             state, fds = await self.sup.quiesce()
             faults.crash_point("handover-quiesced", faults.SUPERVISOR)
             wire.send(conn, state, fds)
             faults.crash_point("handover-state-sent", faults.SUPERVISOR)
             reply, extra = await asyncio.to_thread(wire.recv, conn, EXEC_CONFIRM_TIMEOUT_S, "exec")
-            for fd in extra:
-                os.close(fd)
-            logger.info("handover: helper answered {}; exec of the current version", reply.get("type"))
+            wire.close_fds(extra)
+            logger.info("handover: helper answered {}; exec of the current version", reply.message.TYPE)
         except (wire.HandoverError, OSError) as e:
             logger.error("handover: {}; exec of the current version anyway (it adopts what runs)", e)
         finally:

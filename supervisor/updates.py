@@ -33,13 +33,11 @@ from baton.config import SUPERVISOR_COMPONENT, Config
 from baton.journal import Journal, JournalError, UpdateRecord, UpdateRequestRecord, valid_update_id
 from baton.layout import ComponentLayout
 from baton.pb import common_pb2, daemon_pb2
-from baton.states import UpdateState
+from baton.states import PRE_SWITCH, UpdateState
 from supervisor import systemd
 from supervisor.install_self import running_from_layout
 
 MAX_HELPER_STARTS = 5
-PRE_SWITCH_STATES = frozenset({UpdateState.REQUESTED, UpdateState.DOWNLOADING, UpdateState.VERIFYING,
-                               UpdateState.STAGING})
 RESPAWN_DELAY_S = 0.5
 WATCH_POLL_S = 0.1
 HELPER_EXIT_WAIT_S = 5.0
@@ -303,7 +301,8 @@ class UpdateManager:
         with contextlib.suppress(OSError):
             tail = (self.journal.dir(update_id) / "helper.log").read_text(errors="replace").strip().splitlines()[-1]
         reason = f"the helper failed {starts} times without finishing: {tail}"
-        if rec.state in PRE_SWITCH_STATES:
+        if rec.state in PRE_SWITCH:
+            # through the record's guard, like every state write (UPDATE_TRANSITIONS: pre-switch -> FAILED)
             rec = rec.moved(UpdateState.FAILED, reason, error=reason, finished_at=time.time(), settled=True)
             self.journal.save(rec)
             if self.active.get(rec.component) == update_id:
