@@ -77,16 +77,13 @@ _MISSING: Any = object()
 
 
 def _get(d: Mapping[str, Any], msg_type: str, key: str, kind: type, default: Any = _MISSING) -> Any:
-    """``d[key]`` if it is a ``kind`` (an int is not a bool; a float may be an int), else ProtocolError."""
+    """``d[key]`` if it is a ``kind`` (a bool is not an int), else ProtocolError; ``default`` if absent."""
     if key not in d:
         if default is _MISSING:
             raise ProtocolError(f"handover message {msg_type!r} lacks {key!r}")
         return default
     v = d[key]
-    ok = isinstance(v, kind) and not (kind is not bool and isinstance(v, bool))
-    if kind is float and isinstance(v, int) and not isinstance(v, bool):
-        ok = True
-    if not ok:
+    if not isinstance(v, kind) or (kind is not bool and isinstance(v, bool)):
         raise ProtocolError(f"handover message {msg_type!r}: {key!r} must be {kind.__name__}, "
                             f"not {type(v).__name__}")
     return v
