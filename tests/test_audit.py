@@ -157,6 +157,29 @@ def test_the_audit_log_is_kept_across_a_self_update(make_self_host):
     assert calls == [("RestartAgent", "ok"), ("PushUpdate", "ok"), ("StopAgent", "ok")]
 
 
+def test_a_self_update_that_rolls_back_keeps_the_log_too(make_self_host):
+    host = make_self_host(tcp=False)
+    update_id = host.push(host.supervisor_package("1.1.0", "exit_at_start"))
+    assert host.wait_final(update_id, timeout=90).state == common_pb2.UPDATE_STATE_ROLLED_BACK
+    host.sup.stub.RestartAgent(daemon_pb2.AgentRef(name="chatty"), timeout=15)  # the old version, writing on
+
+    calls = [(r.call, r.outcome) for r in records(host.sup.state_dir) if r.caller.pid == os.getpid()]
+    assert calls == [("PushUpdate", "ok"), ("RestartAgent", "ok")]
+
+
+def test_a_mutating_method_is_recorded_without_being_named_anywhere(make_supervisor):
+    """CancelUpdate (contract version 2) is in no list: every method not known to be read-only is recorded."""
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True)])
+    sup.start()
+    code = "OK"
+    try:
+        sup.stub.CancelUpdate(daemon_pb2.UpdateRef(update_id="no-such-update"), timeout=15)
+    except grpc.RpcError as e:
+        code = e.code().name
+    [rec] = records(sup.state_dir)
+    assert (rec.call, rec.args, rec.code) == ("CancelUpdate", {"update_id": "no-such-update"}, code)
+
+
 def test_rotation_renames_files_and_every_record_reads_back_in_order(tmp_path):
     log = AuditLog(tmp_path, max_bytes=600, backups=3)
     for i in range(12):

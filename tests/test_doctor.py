@@ -230,3 +230,11 @@ def test_the_fix_for_a_world_writable_download_dir_is_a_command_that_works(updat
     assert shlex.split(bad["fix"])[0] == "chmod"
     run_fix(bad["fix"])
     assert doctor(update_host.sup.config_path)[0] == 0
+
+
+def test_the_troubleshooting_guide_has_a_section_for_every_check():
+    from supervisor.doctor import CHECKS
+
+    guide = (ROOT / "docs" / "troubleshooting.md").read_text()
+    for name in ["config", *(n for n, _ in CHECKS)]:
+        assert f'<a id="doctor-{name}"></a>' in guide, name
