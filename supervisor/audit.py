@@ -85,13 +85,15 @@ class Callers:
     def bound_socket(self, caller: Caller) -> tuple[socket.socket, str]:
         """A Unix stream socket bound to a fresh abstract name registered for ``caller``; release it after."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        name = f"{self._prefix}{next(self._count)}"
-        try:
-            sock.bind("\0" + name)
-        except OSError:
-            return sock, ""  # the name is taken (never by us): the call is recorded with an unknown caller
-        self._by_name[name] = caller
-        return sock, name
+        for _ in range(3):  # abstract names are visible to every user, who may squat on the next one
+            name = f"{self._prefix}{next(self._count)}-{secrets.token_hex(4)}"
+            try:
+                sock.bind("\0" + name)
+            except OSError:
+                continue
+            self._by_name[name] = caller
+            return sock, name
+        return sock, ""  # unbound: the call is recorded with an unknown caller, never with a wrong one
 
     def release(self, name: str) -> None:
         self._by_name.pop(name, None)

@@ -139,10 +139,9 @@ class Front:
         try:
             sock = writer.get_extra_info("socket")
             backend = self.backend
-            caller = (0, -1)
+            creds: tuple[int, int, int] | None = None  # (pid, uid, gid) of a local peer
             if sock is not None and sock.family == socket.AF_UNIX:
-                pid, uid, gid = peer_credentials(sock)
-                caller = (pid, uid)
+                creds = pid, uid, gid = peer_credentials(sock)
                 if not self.policy.allows(uid, gid, pid):
                     logger.warning("refused local connection from pid {} uid {}: not allowed", pid, uid)
                     writer.close()
@@ -154,7 +153,7 @@ class Front:
                     return
                 backend = self.local_backend
             try:
-                b_reader, b_writer, name = await self._open_backend(backend, caller, writer)
+                b_reader, b_writer, name = await self._open_backend(backend, creds, writer)
             except OSError as e:
                 logger.error("gRPC backend unavailable: {}", e)
                 writer.close()
@@ -167,15 +166,16 @@ class Front:
                 self.audit.callers.release(name)
             self._conns.discard(task)
 
-    async def _open_backend(self, backend: Path, local: tuple[int, int], writer: asyncio.StreamWriter
+    async def _open_backend(self, backend: Path, creds: tuple[int, int, int] | None, writer: asyncio.StreamWriter
                             ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
         """Connect to gRPC; with an audit trail, from an address that names the caller (supervisor/audit.py)."""
         if self.audit is None:
             r, w = await asyncio.open_unix_connection(str(backend), limit=SPLICE_CHUNK)
             return r, w, ""
-        pid, uid = local
-        caller = self.audit.local_caller(uid, pid) if uid >= 0 else self.audit.remote_caller(
-            writer.get_extra_info("peername"))
+        if creds is not None:
+            caller = self.audit.local_caller(uid=creds[1], pid=creds[0])
+        else:
+            caller = self.audit.remote_caller(writer.get_extra_info("peername"))
         sock, name = self.audit.callers.bound_socket(caller)
         try:
             sock.setblocking(False)
