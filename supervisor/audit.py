@@ -343,7 +343,12 @@ def cmd_audit(ns: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"supervisor audit: {e}", file=sys.stderr)
         return 2
-    records = AuditLog(cfg.node.state_dir).read(since)
+    try:
+        records = AuditLog(cfg.node.state_dir).read(since)
+    except OSError as e:
+        print(f"supervisor audit: cannot read {e.filename}: {e.strerror} (run it as the supervisor's user)",
+              file=sys.stderr)
+        return 1
     if ns.json:
         for r in records:
             print(json.dumps(r.to_json(), sort_keys=True))
