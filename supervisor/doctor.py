@@ -145,7 +145,11 @@ def _existing(path: Path) -> Path:
 
 
 def _gib(n: float) -> str:
-    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+    """A size for people: 77.8 GiB, 12.0 MiB, 3.2 KiB, 0 bytes."""
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} bytes"
 
 
 def check_disk_space(ctx: Context) -> list[Finding]:
@@ -212,7 +216,8 @@ def check_layout(ctx: Context) -> list[Finding]:
                                f"helper --rollback {comp} --config {c.source}" if installed
                                else f"push a version of {comp} again"))
         else:
-            out.append(Finding("layout", OK, f"{comp}: current {cur}, {len(installed) - 1} backups"))
+            n = len(installed) - 1
+            out.append(Finding("layout", OK, f"{comp}: current {cur}, {n} backup{'' if n == 1 else 's'}"))
         for d in sorted(lay.versions_dir.iterdir()):
             if d.name == cur or (not d.name.startswith(".") and (d / MARKER).is_file()):
                 continue
@@ -243,12 +248,16 @@ def check_supervisor(ctx: Context) -> list[Finding]:
     path = supervisor_socket(ctx.cfg)
     fix = (f"start it: systemctl start baton-supervisor (or supervisor run --config {ctx.cfg.source}); "
            f"why it stopped: {ctx.cfg.log_dir / 'supervisor.log'}, journalctl -u baton-supervisor")
+    if not path.is_socket():
+        return [Finding("supervisor", PROBLEM, f"not running: no socket at {path}", fix)]
     try:
         with grpc.insecure_channel(f"unix:{path}") as ch:
             st = daemon_pb2_grpc.DaemonServiceStub(ch).GetStatus(daemon_pb2.GetStatusRequest(),
                                                                  timeout=PROBE_TIMEOUT_S)
     except grpc.RpcError as e:
-        return [Finding("supervisor", PROBLEM, f"no answer on {path}: {e.code().name} {e.details()}", fix)]
+        why = "nothing accepts connections (a stale socket)" if e.code() == grpc.StatusCode.UNAVAILABLE else \
+            f"{e.code().name} {str(e.details())[:200]}"
+        return [Finding("supervisor", PROBLEM, f"no answer on {path}: {why}", fix)]
     return [Finding("supervisor", OK, f"pid {st.pid}, version {st.supervisor_version}, up {st.uptime_seconds:.0f}s,"
                                       f" {len(st.agents)} agents, answering on {path}")]
 
