@@ -238,3 +238,19 @@ def test_the_troubleshooting_guide_has_a_section_for_every_check():
     guide = (ROOT / "docs" / "troubleshooting.md").read_text()
     for name in ["config", *(n for n, _ in CHECKS)]:
         assert f'<a id="doctor-{name}"></a>' in guide, name
+
+
+def test_an_installed_supervisor_version_carries_the_unit_its_doctor_compares_with(make_self_host, tmp_path):
+    host = make_self_host(tcp=False)
+    version_dir = host.sup_layout.version_dir("1.0.0")
+    shipped = version_dir / "share" / "baton-supervisor.service"
+    assert shipped.read_text() == (ROOT / "packaging" / "systemd" / "baton-supervisor.service").read_text()
+    unit = tmp_path / "baton-supervisor.service"
+    unit.write_text(shipped.read_text().replace("/opt/baton/supervisor/current/bin/supervisor", str(host.launcher)))
+    res = subprocess.run([str(host.launcher), "doctor", "--config", str(host.sup.config_path), "--json",
+                          "--systemd-unit", str(unit)], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "BATON_PYTHON": PY})
+    checks = json.loads(res.stdout)["checks"]
+    assert res.returncode == 0, [c for c in checks if c["status"] != "ok"]
+    assert worst(checks, "systemd-unit")["message"] == f"{unit} matches {shipped}"
+    assert "supervisor: current 1.0.0" in " ".join(c["message"] for c in checks if c["check"] == "layout")
