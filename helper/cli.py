@@ -100,12 +100,32 @@ def cmd_rollback(ns: argparse.Namespace) -> int:
 
     _setup_logging()
     cfg = _load(ns.config)
+    started = time.time()
     try:
-        print(manual_rollback(cfg, ns.rollback))
+        done = manual_rollback(cfg, ns.rollback)
     except (RollbackError, BatonError) as e:
+        _audit(cfg, "helper --rollback", {"component": ns.rollback}, started, "failed", str(e))
         print(f"helper --rollback: {e}", file=sys.stderr)
         return EXIT_FAILED
+    _audit(cfg, "helper --rollback", {"component": ns.rollback}, started, "ok", done)
+    print(done)
     return 0
+
+
+def _audit(cfg: Config, call: str, args: dict[str, str], started: float, outcome: str, message: str) -> None:
+    """A manual command's own audit record (baton/audit.py); not being able to write it is said, not fatal."""
+    import os
+
+    from baton.audit import AuditError, AuditLog, AuditRecord, Caller, operator_name
+
+    rec = AuditRecord(time=started, caller=Caller(kind="helper", identity=operator_name(), uid=os.getuid(),
+                                                  pid=os.getpid()),
+                      call=call, outcome=outcome, code="OK" if outcome == "ok" else "FAILED", message=message,
+                      args=args, duration_ms=int((time.time() - started) * 1000))
+    try:
+        AuditLog(cfg.node.state_dir).append(rec)
+    except AuditError as e:
+        print(f"helper: warning: {e}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

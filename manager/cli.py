@@ -25,7 +25,7 @@ from loguru import logger
 from baton.errors import BatonError
 from manager.errors import ManagerError, PushRefused, UnknownNode
 from manager.publish import PackageRef, publish
-from manager.push import ClientTls, Pusher, PushOptions, Target, new_update_id, state_of
+from manager.push import ClientTls, Operator, Pusher, PushOptions, Target, new_update_id, state_of
 from manager.rollout import Rollout, RolloutEvent, RolloutReport, RolloutSpec, RolloutState
 from manager.store import SqliteStore, Store
 
@@ -173,7 +173,8 @@ def cmd_push(ns: argparse.Namespace) -> int:
         detail = f" {status.bytes_done}/{status.bytes_total} bytes" if state == "downloading" else ""
         say(out, f"{node}: {state}{detail}{': ' + status.error if status.error and status.finished else ''}")
 
-    options = PushOptions(force=ns.force, allow_downgrade=ns.allow_downgrade, timeout_s=ns.timeout)
+    options = PushOptions(force=ns.force, allow_downgrade=ns.allow_downgrade, timeout_s=ns.timeout,
+                          operator=Operator.current(ns.as_operator))
     with Pusher(store, Target(ns.node, address), client_tls(ns, store), options, on_progress=progress) as pusher:
         update_id = pusher.start(pkg, new_update_id())
         say(out, f"update {update_id} accepted by {ns.node}: {pkg.component} -> {pkg.version}")
@@ -207,7 +208,7 @@ def cmd_rollout(ns: argparse.Namespace) -> int:
             say(sys.stdout, f"  {event.node}: {event.message}")
 
     if ns.resume:
-        rollout = Rollout.resume(store, ns.resume, addr, tls, show)
+        rollout = Rollout.resume(store, ns.resume, addr, tls, show, operator=Operator.current(ns.as_operator))
         say(sys.stdout, f"resuming rollout {rollout.id}: {rollout.spec.package.component} "
                         f"{rollout.spec.package.version} on {plural(len(rollout.spec.nodes), 'node')}")
     else:
@@ -221,7 +222,7 @@ def cmd_rollout(ns: argparse.Namespace) -> int:
         spec = RolloutSpec(package_ref(ns, store), tuple(nodes), canary=ns.canary, batch_size=ns.batch_size,
                            max_failures=ns.max_failures, force=ns.force, allow_downgrade=ns.allow_downgrade,
                            timeout_s=ns.timeout)
-        rollout = Rollout.create(store, spec, addr, tls, show)
+        rollout = Rollout.create(store, spec, addr, tls, show, operator=Operator.current(ns.as_operator))
         say(sys.stdout, f"rollout {rollout.id}: {spec.package.component} {spec.package.version} on "
                         f"{plural(len(nodes), 'node')} (canary {spec.canary}, batches of {spec.batch_size}, "
                         f"halt above {plural(spec.max_failures, 'failure')})")
@@ -246,14 +247,16 @@ def cmd_rollouts(ns: argparse.Namespace) -> int:
     items = store.rollouts()
     if ns.json:
         print(json.dumps([{"id": r.id, "state": r.state, "spec": r.spec, "progress": r.progress,
-                           "created_at": r.created_at, "updated_at": r.updated_at} for r in items], indent=2))
+                           "created_at": r.created_at, "updated_at": r.updated_at, "started_by": r.started_by,
+                           "started_on": r.started_on} for r in items], indent=2))
         return EXIT_OK
-    rows = [("ROLLOUT", "STATE", "COMPONENT", "VERSION", "NODES", "DONE", "CREATED", "REASON")]
+    rows = [("ROLLOUT", "STATE", "COMPONENT", "VERSION", "NODES", "DONE", "CREATED", "BY", "REASON")]
     for r in items:
         nodes = r.progress.get("nodes", {})
         done = sum(1 for p in nodes.values() if p["step"] in ("succeeded", "failed"))
         rows.append((r.id, r.state, r.spec["package"]["component"], r.spec["package"]["version"], str(len(nodes)),
-                     str(done), fmt_time(r.created_at), short(r.progress.get("reason", ""))))
+                     str(done), fmt_time(r.created_at), Operator(r.started_by, r.started_on).describe(),
+                     short(r.progress.get("reason", ""))))
     print(table(rows))
     return EXIT_OK
 
@@ -280,12 +283,12 @@ def cmd_nodes(ns: argparse.Namespace) -> int:
 
 
 def updates_table(items: Sequence[Any]) -> str:
-    rows = [("UPDATE", "NODE", "COMPONENT", "FROM", "TO", "STATE", "RESULT", "CREATED", "TOOK", "ERROR")]
+    rows = [("UPDATE", "NODE", "COMPONENT", "FROM", "TO", "STATE", "RESULT", "CREATED", "TOOK", "BY", "ERROR")]
     for u in items:
         result = "ok" if u.success else "rolled back" if u.rolled_back else "failed" if u.state.final else "-"
         took = f"{u.finished_at - u.created_at:.1f}s" if u.finished_at else "-"
         rows.append((u.update_id, u.node, u.component, u.from_version or "-", u.to_version, u.state.value, result,
-                     fmt_time(u.created_at), took, short(u.error)))
+                     fmt_time(u.created_at), took, Operator(u.started_by, u.started_on).describe(), short(u.error)))
     return table(rows)
 
 
@@ -328,6 +331,8 @@ def _package(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to follow one update (default 600)")
     _tls(p, "the Manager's client")
     p.add_argument("--no-tls", action="store_true", help="do not use the TLS files serve recorded")
+    p.add_argument("--as", dest="as_operator", default="", metavar="NAME",
+                   help="who starts this, for the record (default: $SUDO_USER, else $USER)")
 
 
 def parser() -> argparse.ArgumentParser:

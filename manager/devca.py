@@ -115,7 +115,7 @@ def make_ca(outdir: Path, name: str = "Baton development CA", stem: str = "ca") 
 
 
 def issue(ca: Authority, outdir: Path, stem: str, common_name: str, sans: list[x509.GeneralName], *,
-          expired: bool = False) -> Issued:
+          expired: bool = False, valid_days: float = LEAF_VALID_DAYS) -> Issued:
     """A leaf signed by ``ca`` for TLS server and client use, written as ``<stem>.pem``/``<stem>.key``."""
     outdir = Path(outdir)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -123,7 +123,7 @@ def issue(ca: Authority, outdir: Path, stem: str, common_name: str, sans: list[x
     if expired:
         not_before, not_after = now - datetime.timedelta(days=30), now - datetime.timedelta(days=1)
     else:
-        not_before, not_after = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=LEAF_VALID_DAYS)
+        not_before, not_after = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=valid_days)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Baton"),
@@ -163,8 +163,8 @@ def issue_manager(ca: Authority, outdir: Path, name: str, *, stem: str = "", exp
     return issue(ca, outdir, stem or f"manager-{name}", name, manager_sans(name), expired=expired)
 
 
-def issue_node(ca: Authority, outdir: Path, node_id: str) -> Issued:
-    return issue(ca, outdir, f"node-{node_id}", node_id, node_sans(node_id))
+def issue_node(ca: Authority, outdir: Path, node_id: str, *, valid_days: float = LEAF_VALID_DAYS) -> Issued:
+    return issue(ca, outdir, f"node-{node_id}", node_id, node_sans(node_id), valid_days=valid_days)
 
 
 def make_dev_pki(outdir: Path, managers: list[str], nodes: list[str], *, expired: list[str] | None = None,

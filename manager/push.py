@@ -56,12 +56,39 @@ class Target:
 
 
 @dataclass(frozen=True)
+class Operator:
+    """Who starts a push or rollout: a name (``--as``, else the login behind sudo) and the host it ran on.
+
+    Taken from the command's environment, so it says who typed the command, not who they may be: the
+    Manager's own TLS identity is the same for every operator.
+    """
+
+    name: str = ""
+    host: str = ""
+
+    @classmethod
+    def current(cls, explicit: str = "") -> Operator:
+        import socket
+
+        from baton.audit import operator_name
+
+        return cls(explicit or operator_name(), socket.gethostname())
+
+    def describe(self) -> str:
+        return f"{self.name}@{self.host}" if self.host else self.name or "-"
+
+
+NO_OPERATOR = Operator()
+
+
+@dataclass(frozen=True)
 class PushOptions:
     force: bool = False
     allow_downgrade: bool = False
     timeout_s: float = 600.0  # to follow one update to its end
     rpc_timeout_s: float = RPC_TIMEOUT_S
     watch: bool = True  # False: poll GetUpdate only (a resumed rollout)
+    operator: Operator = NO_OPERATOR
 
 
 @dataclass(frozen=True)
@@ -127,7 +154,9 @@ class Pusher:
 
     def start(self, pkg: PackageRef, update_id: str, rollout_id: str = "") -> str:
         self.store.create_update(UpdateRow(update_id=update_id, node=self.target.node_id, component=pkg.component,
-                                           to_version=pkg.version, created_at=time.time(), rollout_id=rollout_id))
+                                           to_version=pkg.version, created_at=time.time(), rollout_id=rollout_id,
+                                           started_by=self.options.operator.name,
+                                           started_on=self.options.operator.host))
         request = pkg.request(self.target.node_id, update_id, force=self.options.force,
                               allow_downgrade=self.options.allow_downgrade)
         try:

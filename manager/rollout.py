@@ -32,7 +32,7 @@ from typing import Any
 
 from manager.errors import PushRefused, RolloutError
 from manager.publish import PackageRef
-from manager.push import ClientTls, Outcome, Pusher, PushOptions, Target, new_update_id, state_of
+from manager.push import NO_OPERATOR, ClientTls, Operator, Outcome, Pusher, PushOptions, Target, new_update_id, state_of
 from manager.store import RolloutRow, Store
 
 MAX_PARALLEL = 32
@@ -133,8 +133,10 @@ class Rollout:
 
     def __init__(self, store: Store, rollout_id: str, spec: RolloutSpec, progress: dict[str, NodeProgress],
                  addresses: Mapping[str, str], tls: ClientTls | None,
-                 on_event: Callable[[RolloutEvent], None] | None = None, resumed: bool = False) -> None:
+                 on_event: Callable[[RolloutEvent], None] | None = None, resumed: bool = False,
+                 operator: Operator = NO_OPERATOR) -> None:
         self.store = store
+        self.operator = operator  # who runs this process: recorded on each update it pushes
         self.id = rollout_id
         self.spec = spec
         self.progress = progress
@@ -146,7 +148,7 @@ class Rollout:
 
     @classmethod
     def create(cls, store: Store, spec: RolloutSpec, addresses: Mapping[str, str], tls: ClientTls | None,
-               on_event: Callable[[RolloutEvent], None] | None = None) -> Rollout:
+               on_event: Callable[[RolloutEvent], None] | None = None, operator: Operator = NO_OPERATOR) -> Rollout:
         missing = [n for n in spec.nodes if not addresses.get(n)]
         if missing:
             raise RolloutError(f"no address for {', '.join(missing)} (not registered; use --node-address)")
@@ -154,12 +156,12 @@ class Rollout:
         progress = {n: NodeProgress(batch=i) for i, batch in enumerate(spec.batches()) for n in batch}
         now = time.time()
         store.create_rollout(RolloutRow(rollout_id, spec.to_json(), RolloutState.RUNNING.value,
-                                        _progress_json(progress), now, now))
-        return cls(store, rollout_id, spec, progress, addresses, tls, on_event)
+                                        _progress_json(progress), now, now, operator.name, operator.host))
+        return cls(store, rollout_id, spec, progress, addresses, tls, on_event, operator=operator)
 
     @classmethod
     def resume(cls, store: Store, rollout_id: str, addresses: Mapping[str, str], tls: ClientTls | None,
-               on_event: Callable[[RolloutEvent], None] | None = None) -> Rollout:
+               on_event: Callable[[RolloutEvent], None] | None = None, operator: Operator = NO_OPERATOR) -> Rollout:
         row = store.rollout(rollout_id)
         if row is None:
             raise RolloutError(f"no rollout {rollout_id!r}")
@@ -170,7 +172,7 @@ class Rollout:
         missing = [n for n, p in progress.items() if not p.step.done and not addresses.get(n)]
         if missing:
             raise RolloutError(f"no address for {', '.join(missing)} (not registered; use --node-address)")
-        return cls(store, rollout_id, spec, progress, addresses, tls, on_event, resumed=True)
+        return cls(store, rollout_id, spec, progress, addresses, tls, on_event, resumed=True, operator=operator)
 
     # ---- the run -----------------------------------------------------------------------------------
 
@@ -242,7 +244,8 @@ class Rollout:
     def _drive_one(self, node: str) -> Outcome:
         p = self.progress[node]
         options = PushOptions(force=self.spec.force, allow_downgrade=self.spec.allow_downgrade,
-                              timeout_s=self.spec.timeout_s, watch=p.step == NodeStep.PENDING)
+                              timeout_s=self.spec.timeout_s, watch=p.step == NodeStep.PENDING,
+                              operator=self.operator)
         if p.step == NodeStep.RUNNING:
             row = self.store.update(p.update_id)
             if row is not None and row.state.final:  # its result arrived while no rollout process ran

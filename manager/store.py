@@ -78,6 +78,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE updates ADD COLUMN last_log TEXT NOT NULL DEFAULT ''",
         "CREATE INDEX updates_by_state ON updates (state)",
     ),
+    # 3: who started each push and rollout (the operator's name and the host the command ran on).
+    (
+        "ALTER TABLE updates ADD COLUMN started_by TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE updates ADD COLUMN started_on TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE rollouts ADD COLUMN started_by TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE rollouts ADD COLUMN started_on TEXT NOT NULL DEFAULT ''",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -112,6 +119,8 @@ class UpdateRow:
     reported_at: float | None = None  # when the supervisor's result arrived
     reports: int = 0  # how many times it arrived (the repeats were answered duplicate=True)
     last_log: str = ""
+    started_by: str = ""  # the operator who started it ("" for an update only a node reported)
+    started_on: str = ""  # the host their command ran on
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -120,7 +129,7 @@ class UpdateRow:
             "success": self.success, "rolled_back": self.rolled_back, "error": self.error,
             "timings": self.timings, "created_at": self.created_at, "finished_at": self.finished_at,
             "rollout_id": self.rollout_id, "reported_at": self.reported_at, "reports": self.reports,
-            "last_log": self.last_log,
+            "last_log": self.last_log, "started_by": self.started_by, "started_on": self.started_on,
         }
 
 
@@ -151,6 +160,8 @@ class RolloutRow:
     progress: dict[str, Any]
     created_at: float
     updated_at: float
+    started_by: str = ""
+    started_on: str = ""
 
 
 class Store(Protocol):
@@ -287,10 +298,10 @@ class SqliteStore:
         with self._tx() as c:
             cur = c.execute(
                 """INSERT INTO updates (update_id, node, component, from_version, to_version, state, created_at,
-                                        rollout_id)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (update_id) DO NOTHING""",
+                                        rollout_id, started_by, started_on)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (update_id) DO NOTHING""",
                 (row.update_id, row.node, row.component, row.from_version, row.to_version, row.state.value,
-                 row.created_at or time.time(), row.rollout_id),
+                 row.created_at or time.time(), row.rollout_id, row.started_by, row.started_on),
             )
             return cur.rowcount > 0
 
@@ -363,10 +374,10 @@ class SqliteStore:
 
     def create_rollout(self, row: RolloutRow) -> None:
         with self._tx() as c:
-            c.execute("INSERT INTO rollouts (id, spec, state, progress, created_at, updated_at) "
-                      "VALUES (?, ?, ?, ?, ?, ?)",
+            c.execute("INSERT INTO rollouts (id, spec, state, progress, created_at, updated_at, started_by, "
+                      "started_on) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                       (row.id, json.dumps(row.spec), row.state, json.dumps(row.progress), row.created_at,
-                       row.updated_at))
+                       row.updated_at, row.started_by, row.started_on))
 
     def save_rollout(self, rollout_id: str, state: str, progress: dict[str, Any]) -> None:
         with self._tx() as c:
@@ -405,9 +416,11 @@ def _update(r: sqlite3.Row) -> UpdateRow:
         rolled_back=bool(r["rolled_back"]), error=r["error"], timings=json.loads(r["timings"]),
         created_at=r["created_at"], finished_at=r["finished_at"], rollout_id=r["rollout_id"],
         reported_at=r["reported_at"], reports=r["reports"], last_log=r["last_log"],
+        started_by=r["started_by"], started_on=r["started_on"],
     )
 
 
 def _rollout(r: sqlite3.Row) -> RolloutRow:
     return RolloutRow(id=r["id"], spec=json.loads(r["spec"]), state=r["state"], progress=json.loads(r["progress"]),
-                      created_at=r["created_at"], updated_at=r["updated_at"])
+                      created_at=r["created_at"], updated_at=r["updated_at"], started_by=r["started_by"],
+                      started_on=r["started_on"])

@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seconds", type=float, default=5.0, help="how long to keep running at the end")
     d.add_argument("--keep", action="store_true", help="keep the temporary directory")
     d.set_defaults(fn=cmd_demo)
+    from supervisor import audit, doctor
+
+    audit.add_parser(sub)
+    doctor.add_parser(sub)
     return p
 
 

@@ -25,11 +25,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from loguru import logger
 
 from baton.agent_table import AgentRecord
+from baton.audit import AuditLog
 from baton.config import Config
 from baton.errors import BatonError
 from baton.pb import daemon_pb2_grpc
 from supervisor import handover, systemd
 from supervisor.agents import AgentSnapshot, ProcessManager, same_process
+from supervisor.audit import AuditInterceptor, AuditTrail, Callers
 from supervisor.daemon_service import DaemonService, agent_info
 from supervisor.front import Front, UnixPeerPolicy, bind_tcp, bind_unix
 from supervisor.handover import ReceivedState
@@ -91,6 +93,7 @@ class Supervisor:
         self.endpoint: handover.HandoverEndpoint | None = None
         self._handed_over: list[socket.socket] = []  # kept open until the exec
         self._watchdog: asyncio.Task[None] | None = None
+        self.audit = AuditTrail(AuditLog(cfg.node.state_dir), Callers())
 
     @property
     def backend_path(self) -> Path:
@@ -109,7 +112,9 @@ class Supervisor:
         from supervisor.tls import server_credentials
 
         creds = server_credentials(self.cfg.grpc)
-        interceptors = [AuthzInterceptor(Policy(self.cfg.grpc.allowed_clients))] if creds is not None else []
+        interceptors: list[grpc.aio.ServerInterceptor] = [AuditInterceptor(self.audit)]  # first: sees refusals too
+        if creds is not None:
+            interceptors.append(AuthzInterceptor(Policy(self.cfg.grpc.allowed_clients)))
         if creds is not None and not self.cfg.grpc.allowed_clients:
             logger.warning("TLS is on but grpc.allowed_clients is empty: no client may change anything over TCP")
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
@@ -198,7 +203,7 @@ class Supervisor:
                 logger.warning("trusted key {} is missing or unreadable: every update will be refused", key)
         await self._start_grpc()
         self.front = Front(self.backend_path, UnixPeerPolicy(self.cfg.grpc.unix_socket_group),
-                           local_backend=self.local_backend_path)
+                           local_backend=self.local_backend_path, audit=self.audit)
         await self.front.serve(self._listening_sockets(received))
         if received is not None:
             await self.pm.start(channels=received.channels(), records=received.records)

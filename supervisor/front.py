@@ -18,10 +18,14 @@ import socket
 import struct
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
 from baton.errors import BatonError
+
+if TYPE_CHECKING:
+    from supervisor.audit import AuditTrail
 
 BACKLOG = 512
 SPLICE_CHUNK = 256 * 1024
@@ -106,8 +110,10 @@ class Front:
     SO_PEERCRED check needs no certificate, a TCP peer always does when TLS is configured.
     """
 
-    def __init__(self, backend: Path, unix_policy: UnixPeerPolicy, local_backend: Path | None = None) -> None:
+    def __init__(self, backend: Path, unix_policy: UnixPeerPolicy, local_backend: Path | None = None,
+                 audit: AuditTrail | None = None) -> None:
         self.backend = backend
+        self.audit = audit
         self.local_backend = local_backend or backend
         self.policy = unix_policy
         self.sockets: dict[str, socket.socket] = {}
@@ -129,18 +135,25 @@ class Front:
         task = asyncio.current_task()
         assert task is not None
         self._conns.add(task)
+        name = ""
         try:
             sock = writer.get_extra_info("socket")
             backend = self.backend
+            creds: tuple[int, int, int] | None = None  # (pid, uid, gid) of a local peer
             if sock is not None and sock.family == socket.AF_UNIX:
-                pid, uid, gid = peer_credentials(sock)
+                creds = pid, uid, gid = peer_credentials(sock)
                 if not self.policy.allows(uid, gid, pid):
                     logger.warning("refused local connection from pid {} uid {}: not allowed", pid, uid)
                     writer.close()
+                    if self.audit is not None:
+                        await self.audit.refused_connection(
+                            self.audit.local_caller(uid, pid),
+                            f"uid {uid} may not use the local socket (only root, uid {os.getuid()} or the members "
+                            "of grpc.unix_socket_group)")
                     return
                 backend = self.local_backend
             try:
-                b_reader, b_writer = await asyncio.open_unix_connection(str(backend), limit=SPLICE_CHUNK)
+                b_reader, b_writer, name = await self._open_backend(backend, creds, writer)
             except OSError as e:
                 logger.error("gRPC backend unavailable: {}", e)
                 writer.close()
@@ -149,7 +162,30 @@ class Front:
         except asyncio.CancelledError:
             writer.close()  # shutting down: end quietly (a cancelled handler task is logged by asyncio)
         finally:
+            if self.audit is not None and name:
+                self.audit.callers.release(name)
             self._conns.discard(task)
+
+    async def _open_backend(self, backend: Path, creds: tuple[int, int, int] | None, writer: asyncio.StreamWriter
+                            ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+        """Connect to gRPC; with an audit trail, from an address that names the caller (supervisor/audit.py)."""
+        if self.audit is None:
+            r, w = await asyncio.open_unix_connection(str(backend), limit=SPLICE_CHUNK)
+            return r, w, ""
+        if creds is not None:
+            caller = self.audit.local_caller(uid=creds[1], pid=creds[0])
+        else:
+            caller = self.audit.remote_caller(writer.get_extra_info("peername"))
+        sock, name = self.audit.callers.bound_socket(caller)
+        try:
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, str(backend))
+            r, w = await asyncio.open_unix_connection(sock=sock, limit=SPLICE_CHUNK)
+        except BaseException:
+            sock.close()
+            self.audit.callers.release(name)
+            raise
+        return r, w, name
 
     async def stop_accepting(self) -> None:
         """Stop accepting; the listening sockets stay open (connections wait in the backlog)."""

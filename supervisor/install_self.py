@@ -57,6 +57,12 @@ def write_tree(dest: Path, version: str, source: Path | None = None) -> Path:
         shutil.copytree(source / pkg, lib / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
                         dirs_exist_ok=True)
     (dest / "VERSION").write_text(version + "\n")
+    unit = source / "packaging" / "systemd" / "baton-supervisor.service"  # a checkout
+    if not unit.is_file():
+        unit = source.parent / "share" / "baton-supervisor.service"  # an installed version
+    if unit.is_file():  # what `supervisor doctor` compares an installed unit with
+        (dest / "share").mkdir(exist_ok=True)
+        shutil.copy(unit, dest / "share" / unit.name)
     bin_dir = dest / "bin"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "supervisor").write_text(LAUNCHER)

@@ -189,14 +189,15 @@ def result(update_id: str, state: str = "committed", **kw: object) -> ResultRow:
 def test_store_migrates_an_old_database_in_order_and_refuses_a_newer_one(tmp_path):
     db = tmp_path / "m.db"
     old = SqliteStore(db, migrate_to=1)
-    old.create_update(UpdateRow(update_id="u1", node="node-1", component="app", to_version="1.1.0"))
+    old._conn.execute("INSERT INTO updates (update_id, node, component, to_version, state, created_at) "
+                      "VALUES ('u1', 'node-1', 'app', '1.1.0', 'requested', 1.0)")  # as version 1 code wrote it
     old.close()
 
     store = SqliteStore(db)
-    assert store._conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert store._conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     row = store.update("u1")
-    assert (row.state, row.reports, row.reported_at) == (UpdateState.REQUESTED, 0, None)
+    assert (row.state, row.reports, row.reported_at, row.started_by) == (UpdateState.REQUESTED, 0, None, "")
     store._conn.execute("PRAGMA user_version = 99")
     store.close()
     with pytest.raises(SchemaTooNew):

@@ -1,0 +1,365 @@
+"""The supervisor's side of the audit trail (the log itself: ``baton/audit.py``).
+
+Every call that is not known to be read-only (``authz.READ_ONLY_METHODS``) is
+recorded, so a mutating method added later is audited without a change here.
+:class:`AuditInterceptor` is the outermost interceptor: it wraps the
+authorization check, so a call the allow-list refuses is recorded as refused.
+
+Who called: gRPC's own view of a peer is the Front's spliced connection
+(``context.peer()`` is ``unix:`` for everyone), so the Front binds each backend
+connection to a fresh abstract Unix address and :class:`Callers` remembers who
+is behind it: uid, pid and command line from SO_PEERCRED for a local peer, the
+TCP address for a remote one, whose certificate identity the interceptor then
+reads from the TLS auth context. A local peer the Front hangs up on never
+reaches gRPC; :meth:`AuditTrail.refused_connection` records it instead (at most
+one record per uid per second, the rest counted in the next).
+
+A record is written after the call ends, with the outcome; writing it is
+fsynced off the event loop. A record that cannot be written is logged as an
+error and does not fail the call: an operator repairing a full disk must still
+be able to stop an agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import re
+import secrets
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+from loguru import logger
+
+from baton.audit import (
+    OUTCOME_CANCELLED,
+    OUTCOME_FAILED,
+    OUTCOME_OK,
+    OUTCOME_REFUSED,
+    AuditError,
+    AuditLog,
+    AuditRecord,
+    Caller,
+    format_time,
+    shorten,
+)
+from baton.identity import peer_identity
+from supervisor.authz import READ_ONLY_METHODS
+
+REFUSED_CODES = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
+RESULT_FIELDS = ("update_id",)  # fields of a response worth keeping in the record
+REFUSAL_RECORD_INTERVAL_S = 1.0
+_ABSTRACT_PREFIX = "unix-abstract:"
+
+
+def local_caller(uid: int, pid: int) -> Caller:
+    return Caller(kind="local", uid=uid, pid=pid, command=_command_line(pid))
+
+
+def _command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read(4096)
+    except OSError:
+        return ""
+    return shorten(raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace"), 200)
+
+
+class Callers:
+    """Who is behind each backend connection the Front opened, by the abstract address it is bound to."""
+
+    def __init__(self) -> None:
+        self._prefix = f"baton-front-{os.getpid()}-{secrets.token_hex(6)}-"
+        self._count = itertools.count()
+        self._by_name: dict[str, Caller] = {}
+
+    def bound_socket(self, caller: Caller) -> tuple[socket.socket, str]:
+        """A Unix stream socket bound to a fresh abstract name registered for ``caller``; release it after."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        for _ in range(3):  # abstract names are visible to every user, who may squat on the next one
+            name = f"{self._prefix}{next(self._count)}-{secrets.token_hex(4)}"
+            try:
+                sock.bind("\0" + name)
+            except OSError:
+                continue
+            self._by_name[name] = caller
+            return sock, name
+        return sock, ""  # unbound: the call is recorded with an unknown caller, never with a wrong one
+
+    def release(self, name: str) -> None:
+        self._by_name.pop(name, None)
+
+    def lookup(self, peer: str) -> Caller | None:
+        if not peer.startswith(_ABSTRACT_PREFIX):
+            return None
+        return self._by_name.get(peer[len(_ABSTRACT_PREFIX):])
+
+
+def request_args(request: Any) -> dict[str, Any]:
+    """The call's arguments for the record: no secrets, nothing long.
+
+    A signature is not secret but is four lines of base64: the record keeps the key id that made it.
+    """
+    from google.protobuf.json_format import MessageToDict
+    from google.protobuf.message import Message
+
+    if not isinstance(request, Message):
+        return {}
+    args = MessageToDict(request, preserving_proto_field_name=True)
+    if "signature" in args:
+        args["signature_key_id"] = _signature_key_id(str(args.pop("signature")))
+    return {k: shorten(v) if isinstance(v, str) else v for k, v in args.items()}
+
+
+def _signature_key_id(text: str) -> str:
+    from baton.signing import SignatureError, parse_signature
+
+    try:
+        return parse_signature(text).key_id_hex
+    except SignatureError:
+        return "unparseable"
+
+
+def _result(response: Any) -> dict[str, Any]:
+    return {f: getattr(response, f) for f in RESULT_FIELDS if getattr(response, f, "")}
+
+
+class AuditTrail:
+    """Writes the supervisor's records; shared by the interceptor and the Front."""
+
+    def __init__(self, log: AuditLog, callers: Callers) -> None:
+        self.log = log
+        self.callers = callers
+        self._last_refusal: dict[int, float] = {}
+        self._suppressed: dict[int, int] = {}
+
+    @staticmethod
+    def local_caller(uid: int, pid: int) -> Caller:
+        return local_caller(uid, pid)
+
+    @staticmethod
+    def remote_caller(peername: Any) -> Caller:
+        """A TCP peer: ``tls`` once its certificate is read, ``tcp`` when the port has no TLS."""
+        address = ""
+        if isinstance(peername, tuple) and len(peername) >= 2:
+            host = str(peername[0])
+            address = f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}"
+        return Caller(kind="tcp", address=address)
+
+    async def write(self, rec: AuditRecord) -> None:
+        try:
+            await asyncio.to_thread(self.log.append, rec)
+        except AuditError as e:
+            logger.error("audit record not written ({} {} by {}): {}", rec.call, rec.outcome,
+                         rec.caller.describe(), e)
+
+    async def refused_connection(self, caller: Caller, why: str) -> None:
+        uid = caller.uid if caller.uid is not None else -1
+        now = time.monotonic()
+        if now - self._last_refusal.get(uid, -1e9) < REFUSAL_RECORD_INTERVAL_S:
+            self._suppressed[uid] = self._suppressed.get(uid, 0) + 1
+            return
+        self._last_refusal[uid] = now
+        more = self._suppressed.pop(uid, 0)
+        msg = why + (f" (and {more} more refused connections from uid {uid} not recorded one by one)" if more else "")
+        await self.write(AuditRecord(time=time.time(), caller=caller, call="connect", outcome=OUTCOME_REFUSED,
+                                     code=grpc.StatusCode.PERMISSION_DENIED.name, message=msg))
+
+    def caller_of(self, context: grpc.aio.ServicerContext) -> Caller:
+        peer = context.peer() or ""
+        caller = self.callers.lookup(peer) or Caller(kind="unknown", address=peer)
+        ident = peer_identity(context.auth_context())
+        if ident.tls or ident.has_certificate:
+            caller = replace(caller, kind="tls", identity=ident.describe())
+        return caller
+
+
+class AuditInterceptor(grpc.aio.ServerInterceptor):
+    """Records every call not known to be read-only, with its outcome. Register it first (outermost)."""
+
+    def __init__(self, trail: AuditTrail) -> None:
+        self.trail = trail
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method in READ_ONLY_METHODS:
+            return handler
+        return _audited(handler, method.rsplit("/", 1)[-1], self.trail)
+
+
+class _Call:
+    """One audited call: collects the outcome, writes the record at the end."""
+
+    def __init__(self, trail: AuditTrail, name: str, request: Any, context: grpc.aio.ServicerContext) -> None:
+        self.trail = trail
+        self.name = name
+        self.context = context
+        self.started = time.time()
+        self.t0 = time.monotonic()
+        self.caller = trail.caller_of(context)
+        self.args = request_args(request)
+
+    async def done(self, response: Any = None, exc: BaseException | None = None) -> None:
+        code = self.context.code() if exc is not None else None
+        message = ""
+        if isinstance(exc, asyncio.CancelledError):
+            outcome, code_name = OUTCOME_CANCELLED, grpc.StatusCode.CANCELLED.name
+        elif exc is None:
+            outcome, code_name = OUTCOME_OK, grpc.StatusCode.OK.name
+        else:
+            status = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+            outcome = OUTCOME_REFUSED if status in REFUSED_CODES else OUTCOME_FAILED
+            code_name = status.name
+            details = self.context.details() if isinstance(exc, grpc.aio.AbortError) else None
+            message = str(details if details else exc)
+        rec = AuditRecord(time=self.started, caller=self.caller, call=self.name, outcome=outcome, code=code_name,
+                          message=shorten(message, 1000), args=self.args,
+                          result=_result(response) if response is not None else {},
+                          duration_ms=int((time.monotonic() - self.t0) * 1000))
+        await self.trail.write(rec)
+
+
+def _audited(original: grpc.RpcMethodHandler, name: str, trail: AuditTrail) -> grpc.RpcMethodHandler:
+    """The same handler, recorded, for each of the four call shapes."""
+    handler: Any = original
+    ser = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = _Call(trail, name, request, context)
+            try:
+                response = await inner_uu(request, context)
+            except BaseException as e:
+                await call.done(exc=e)
+                raise
+            await call.done(response)
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **ser)
+    if handler.unary_stream is not None:
+        inner_us = handler.unary_stream
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            call = _Call(trail, name, request, context)
+            try:
+                async for item in inner_us(request, context):
+                    yield item
+            except BaseException as e:
+                await call.done(exc=e)
+                raise
+            await call.done()
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **ser)
+    if handler.stream_unary is not None:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = _Call(trail, name, None, context)
+            try:
+                response = await inner_su(requests, context)
+            except BaseException as e:
+                await call.done(exc=e)
+                raise
+            await call.done(response)
+            return response
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **ser)
+    inner_ss = handler.stream_stream
+
+    async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        call = _Call(trail, name, None, context)
+        try:
+            async for item in inner_ss(requests, context):
+                yield item
+        except BaseException as e:
+            await call.done(exc=e)
+            raise
+        await call.done()
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, **ser)
+
+
+# ---- `supervisor audit` ----------------------------------------------------------------------------------
+
+_SINCE_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, now: float) -> float:
+    """``90s``, ``30m``, ``1h``, ``7d`` ago, or an ISO 8601 time (UTC if it names no zone).
+
+    Raises:
+        ValueError: neither.
+    """
+    from baton.audit import parse_time
+
+    m = _SINCE_RE.match(text.strip())
+    if m:
+        return now - float(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        return parse_time(text.strip())
+    except ValueError:
+        raise ValueError(f"--since {text!r}: expected a duration like 30m, 1h, 7d or an ISO time "
+                         "like 2026-01-31T12:00:00Z") from None
+
+
+def format_records(records: list[AuditRecord]) -> str:
+    rows = [("TIME (UTC)", "CALLER", "CALL", "ARGS", "OUTCOME")]
+    for r in records:
+        args = " ".join(f"{k}={v}" for k, v in sorted(r.args.items()))
+        args += "".join(f" -> {k}={v}" for k, v in r.result.items())
+        outcome = r.outcome if r.outcome == OUTCOME_OK else f"{r.outcome} {r.code}: {r.message}"
+        rows.append((format_time(r.time), r.caller.describe(), r.call, args or "-", outcome))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)), row[-1]]).rstrip()
+                     for row in rows)
+
+
+def cmd_audit(ns: argparse.Namespace) -> int:
+    from baton.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(Path(ns.config))
+    except ConfigError as e:
+        print(f"supervisor: config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        since = parse_since(ns.since, time.time()) if ns.since else None
+    except ValueError as e:
+        print(f"supervisor audit: {e}", file=sys.stderr)
+        return 2
+    try:
+        records = AuditLog(cfg.node.state_dir).read(since)
+    except OSError as e:
+        print(f"supervisor audit: cannot read {e.filename}: {e.strerror} (run it as the supervisor's user)",
+              file=sys.stderr)
+        return 1
+    if ns.json:
+        for r in records:
+            print(json.dumps(r.to_json(), sort_keys=True))
+    else:
+        print(format_records(records))
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    a = sub.add_parser("audit", help="show who changed what on this host (the audit log)")
+    a.add_argument("--config", "-c", default="/etc/baton/supervisor.toml")
+    a.add_argument("--since", help="only records since: a duration (30m, 1h, 7d) or an ISO time")
+    a.add_argument("--json", action="store_true", help="one JSON record per line, as stored")
+    a.set_defaults(fn=cmd_audit)

@@ -1,0 +1,215 @@
+"""The audit trail: one record per mutating call with who made it and what came of it (baton/audit.py,
+supervisor/audit.py), read back with `supervisor audit`, kept across a self-update."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from baton.audit import AuditLog, AuditRecord, Caller
+from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
+from baton.signing import load_public_key
+from manager.devca import make_dev_pki
+from tests.conftest import PY, ROOT, agent, wait_for
+from tests.test_unix_peer import open_dir, run_client  # noqa: F401  (open_dir is a fixture)
+
+ALLOWED = "URI:spiffe://baton/manager/manager-1"
+
+
+def records(state_dir: Path, call: str | None = None) -> list[AuditRecord]:
+    return [r for r in AuditLog(state_dir).read() if call is None or r.call == call]
+
+
+def audit_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "-m", "supervisor", "audit", "--config", str(config), *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60)
+
+
+def test_a_push_is_recorded_with_the_local_caller_and_the_signing_key_id_not_the_signature(update_host):
+    pkg = update_host.release.build("1.1.0")
+    update_id = update_host.push(pkg)
+    update_host.wait_final(update_id)
+
+    [rec] = records(update_host.sup.state_dir, "PushUpdate")
+    assert rec.outcome == "ok" and rec.code == "OK"
+    assert (rec.caller.kind, rec.caller.uid, rec.caller.pid) == ("local", os.getuid(), os.getpid())
+    assert rec.args["component"] == "app" and rec.args["version"] == "1.1.0"
+    assert rec.args["signature_key_id"] == load_public_key(update_host.release.public_key).key_id_hex
+    assert "signature" not in rec.args
+    assert rec.result == {"update_id": update_id}
+    raw = (update_host.sup.state_dir / "audit" / "audit.log").read_text()
+    assert pkg.signature.splitlines()[1] not in raw, "the signature text is not in the log"
+    st = (update_host.sup.state_dir / "audit" / "audit.log").stat()
+    assert st.st_mode & 0o777 == 0o600
+
+
+def test_a_stop_is_recorded_and_read_back_by_supervisor_audit(make_supervisor):
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True)])
+    sup.start()
+    sup.wait_agent("web", "running")
+    sup.stub.StopAgent(daemon_pb2.AgentRef(name="web"), timeout=15)
+    with pytest.raises(grpc.RpcError) as e:
+        sup.stub.StopAgent(daemon_pb2.AgentRef(name="nope"), timeout=15)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    sup.status()  # read-only calls are not recorded
+
+    ok, missing = records(sup.state_dir)
+    assert (ok.call, ok.args, ok.outcome) == ("StopAgent", {"name": "web"}, "ok")
+    assert (missing.outcome, missing.code) == ("failed", "NOT_FOUND") and "nope" in missing.message
+
+    res = audit_cli(sup.config_path, "--since", "1h", "--json")
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [(d["call"], d["outcome"]) for d in lines] == [("StopAgent", "ok"), ("StopAgent", "failed")]
+    assert lines[0]["caller"]["uid"] == os.getuid()
+    table = audit_cli(sup.config_path).stdout
+    assert "StopAgent" in table and "name=web" in table and "failed NOT_FOUND" in table
+    future = audit_cli(sup.config_path, "--since", "2999-01-01T00:00:00Z", "--json")
+    assert future.returncode == 0 and future.stdout == ""
+    bad = audit_cli(sup.config_path, "--since", "yesterday")
+    assert bad.returncode == 2 and "--since 'yesterday'" in bad.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running a client as another user needs root")
+def test_a_local_unprivileged_user_is_refused_and_audited_as_refused(make_supervisor, open_dir):  # noqa: F811
+    sock = open_dir / "supervisor.sock"
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True)], extra={"grpc": {"unix_socket": str(sock)}})
+    sup.socket = sock
+    sup.start()
+    sock.chmod(0o666)  # past the file permissions: SO_PEERCRED refuses nobody, and the refusal is recorded
+
+    nobody = run_client(sock, "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+    assert nobody["closed_at_once"]
+    rec = wait_for(lambda: records(sup.state_dir, "connect"), 10, what="the refusal record")[0]
+    assert (rec.outcome, rec.code, rec.caller.kind, rec.caller.uid) == ("refused", "PERMISSION_DENIED", "local", 65534)
+    assert rec.caller.pid and "uid 65534 may not use the local socket" in rec.message
+    assert SYSTEM_CLIENT_MARK in rec.caller.command
+
+
+SYSTEM_CLIENT_MARK = "-I -c"  # run_client's command line, as /proc shows it
+
+
+def test_a_tls_client_is_recorded_by_its_certificate_identity_allowed_or_refused(make_supervisor, tmp_path):
+    pki = make_dev_pki(tmp_path / "pki", ["manager-1", "manager-2"], ["node-1"])
+    node = pki.nodes["node-1"]
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True)], tcp=True, extra={"grpc": {
+        "tls_cert": str(node.cert), "tls_key": str(node.key), "tls_ca": str(pki.ca.cert),
+        "allowed_clients": [ALLOWED]}})
+    sup.start()
+    sup.wait_agent("web", "running")
+    address = sup.cfg["grpc"]["listen"][0]
+
+    def stub(client):  # type: ignore[no-untyped-def]
+        creds = grpc.ssl_channel_credentials(root_certificates=pki.ca.cert.read_bytes(),
+                                             private_key=client.key.read_bytes(),
+                                             certificate_chain=client.cert.read_bytes())
+        ch = grpc.secure_channel(address, creds, options=[("grpc.ssl_target_name_override", "node-1")])
+        return ch, daemon_pb2_grpc.DaemonServiceStub(ch)
+
+    ch1, allowed = stub(pki.managers["manager-1"])
+    ch2, other = stub(pki.managers["manager-2"])
+    with ch1, ch2:
+        assert allowed.RestartAgent(daemon_pb2.AgentRef(name="web"), timeout=15).state
+        with pytest.raises(grpc.RpcError) as e:
+            other.StopAgent(daemon_pb2.AgentRef(name="web"), timeout=15)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    sup.wait_agent("web", "running")  # the refused stop did nothing
+
+    ok, refused = records(sup.state_dir)
+    assert (ok.call, ok.outcome, ok.caller.kind) == ("RestartAgent", "ok", "tls")
+    assert ALLOWED in ok.caller.identity and ok.caller.address.startswith("127.0.0.1:")
+    assert (refused.call, refused.outcome, refused.code) == ("StopAgent", "refused", "PERMISSION_DENIED")
+    assert "manager-2" in refused.caller.identity and "allowed_clients" in refused.message
+
+
+def test_a_manual_helper_rollback_writes_its_own_record(update_host):
+    update_host.wait_final(update_host.push(update_host.release.build("1.1.0")))
+    res = subprocess.run([PY, "-m", "helper", "--rollback", "app", "--config", str(update_host.sup.config_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**os.environ, "SUDO_USER": "alice"})
+    assert res.returncode == 0, res.stderr
+    [rec] = records(update_host.sup.state_dir, "helper --rollback")
+    assert (rec.caller.kind, rec.caller.identity, rec.caller.uid) == ("helper", "alice", os.getuid())
+    assert rec.args == {"component": "app"} and rec.outcome == "ok" and "1.1.0 -> 1.0.0" in rec.message
+
+    refused = subprocess.run([PY, "-m", "helper", "--rollback", "nope", "--config",
+                              str(update_host.sup.config_path)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert refused.returncode == 1
+    failed = records(update_host.sup.state_dir, "helper --rollback")[-1]
+    assert (failed.outcome, failed.args) == ("failed", {"component": "nope"}) and "unknown component" in failed.message
+
+
+def test_the_audit_log_is_kept_across_a_self_update(make_self_host):
+    host = make_self_host(tcp=False)
+    host.sup.stub.RestartAgent(daemon_pb2.AgentRef(name="chatty"), timeout=15)
+    update_id = host.push(host.supervisor_package("1.1.0"))
+    assert host.wait_final(update_id, timeout=90).state == common_pb2.UPDATE_STATE_COMMITTED
+    assert host.sup.status().supervisor_version == "1.1.0"
+    host.sup.stub.StopAgent(daemon_pb2.AgentRef(name="chatty"), timeout=15)
+
+    calls = [(r.call, r.outcome) for r in records(host.sup.state_dir) if r.caller.pid == os.getpid()]
+    assert calls == [("RestartAgent", "ok"), ("PushUpdate", "ok"), ("StopAgent", "ok")]
+
+
+def test_a_self_update_that_rolls_back_keeps_the_log_too(make_self_host):
+    host = make_self_host(tcp=False)
+    update_id = host.push(host.supervisor_package("1.1.0", "exit_at_start"))
+    assert host.wait_final(update_id, timeout=90).state == common_pb2.UPDATE_STATE_ROLLED_BACK
+    host.sup.stub.RestartAgent(daemon_pb2.AgentRef(name="chatty"), timeout=15)  # the old version, writing on
+
+    calls = [(r.call, r.outcome) for r in records(host.sup.state_dir) if r.caller.pid == os.getpid()]
+    assert calls == [("PushUpdate", "ok"), ("RestartAgent", "ok")]
+
+
+def test_a_mutating_method_is_recorded_without_being_named_anywhere(make_supervisor):
+    """CancelUpdate (contract version 2) is in no list: every method not known to be read-only is recorded."""
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True)])
+    sup.start()
+    code = "OK"
+    try:
+        sup.stub.CancelUpdate(daemon_pb2.UpdateRef(update_id="no-such-update"), timeout=15)
+    except grpc.RpcError as e:
+        code = e.code().name
+    [rec] = records(sup.state_dir)
+    assert (rec.call, rec.args, rec.code) == ("CancelUpdate", {"update_id": "no-such-update"}, code)
+
+
+def test_rotation_renames_files_and_every_record_reads_back_in_order(tmp_path):
+    log = AuditLog(tmp_path, max_bytes=600, backups=3)
+    for i in range(12):
+        log.append(AuditRecord(time=1000.0 + i, caller=Caller(kind="local", uid=0, pid=i), call="StopAgent",
+                               outcome="ok", args={"name": f"a{i}"}))
+    files = log.files()
+    assert 3 <= len(files) <= 4 and {p.name for p in files} <= {"audit.log", "audit.log.1", "audit.log.2",
+                                                                  "audit.log.3"}, "three backups at most"
+    got = [r.caller.pid for r in log.read()]
+    assert got == sorted(got) and got[-1] == 11, "the oldest rotate away first; the rest stay in order"
+    assert [r.caller.pid for r in log.read(since=1010.0)] == [10, 11]
+
+
+def test_a_torn_last_line_damages_only_itself(tmp_path):
+    log = AuditLog(tmp_path)
+    log.append(AuditRecord(time=1.0, caller=Caller(kind="helper"), call="helper --rollback", outcome="ok"))
+    with open(log.path, "ab") as f:
+        f.write(b'{"v":1,"time":"2026-01-01T0')  # a crash mid-write
+    log.append(AuditRecord(time=2.0, caller=Caller(kind="helper"), call="helper --rollback", outcome="failed"))
+    assert [r.outcome for r in log.read()] == ["ok", "failed"]
+
+
+def test_an_audit_log_that_is_a_symlink_is_not_followed(tmp_path):
+    from baton.audit import AuditError
+
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    log = AuditLog(tmp_path / "state")
+    log.dir.mkdir(parents=True)
+    log.path.symlink_to(target)
+    with pytest.raises(AuditError):
+        log.append(AuditRecord(time=time.time(), caller=Caller(kind="helper"), call="x", outcome="ok"))
+    assert target.read_text() == ""
