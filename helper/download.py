@@ -769,7 +769,10 @@ def _open_dest(dest: Path, owned: FileIdentity | None, created: Callable[[FileId
 
 def _open_own(dest: Path, owned: FileIdentity | None) -> int | None:
     """The descriptor of ``dest`` if it is the recorded, private file; None after removing a stale one of ours."""
-    st = os.lstat(dest)
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:  # gone since the O_EXCL create failed: create it
+        return None
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
         raise UntrustedDownloadFile(dest, "it is not a regular file")
     if st.st_uid != os.geteuid():

@@ -512,3 +512,18 @@ def test_limits_are_built_from_the_validated_config_only() -> None:
             defaults.min_rate_bytes_per_s, defaults.min_rate_window_s, defaults.free_space_reserve_bytes,
             defaults.file_url_root) == (u.connect_timeout_s, u.read_timeout_s, u.download_timeout_s,
                                         u.min_rate_bytes_per_s, u.min_rate_window_s, u.free_space_reserve_bytes, None)
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("srv/packages", "must be an absolute path"),
+    ("/srv/../etc", "without '..'"),
+    ("/", "not /"),
+])
+def test_a_bad_file_url_root_is_refused_by_the_config_naming_the_key(value: str, problem: str) -> None:
+    from baton.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"node": {"id": "n"}, "grpc": {"unix_socket": "/run/b.sock"},
+                          "update": {"file_url_root": value}})
+    assert str(info.value).startswith("update.file_url_root: ")
+    assert problem in str(info.value)
