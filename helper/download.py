@@ -522,7 +522,7 @@ def _fetch_http(url: str, offset: int, expected_size: int, limits: DownloadLimit
     transport = _deadline_transport(_DeadlineBackend(url, deadline, limits.total_timeout_s))
     with (
         httpx.Client(timeout=timeout, follow_redirects=True, max_redirects=limits.max_redirects,
-                     transport=transport) as client,
+                     transport=transport, trust_env=False) as client,
         client.stream("GET", url, headers=headers) as response,
     ):
         start = _check_response(response, url, offset, expected_size)
@@ -534,12 +534,12 @@ def _deadline_transport(backend: httpcore.NetworkBackend) -> httpx.HTTPTransport
 
     httpx has no public hook for httpcore's ``network_backend``, so its pool is
     replaced by one built with the same public httpcore API; one connection,
-    no retries.
+    no retries. The client is made with ``trust_env=False``: a proxy taken from
+    the environment would get a transport of its own, outside the deadline.
     """
-    transport = httpx.HTTPTransport(retries=0)
-    transport._pool = httpcore.ConnectionPool(
-        ssl_context=httpx.create_ssl_context(), max_connections=1, network_backend=backend
-    )
+    ssl_context = httpx.create_ssl_context()  # certifi, or SSL_CERT_FILE/SSL_CERT_DIR as httpx reads them
+    transport = httpx.HTTPTransport(verify=ssl_context, retries=0)
+    transport._pool = httpcore.ConnectionPool(ssl_context=ssl_context, max_connections=1, network_backend=backend)
     return transport
 
 
