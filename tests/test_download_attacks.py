@@ -94,8 +94,10 @@ def test_a_package_file_planted_and_rewritten_by_the_download_dir_owner_is_never
 ) -> None:
     downloads = open_dir / "downloads"
     downloads.mkdir()
-    os.chown(downloads, 65534, 65534)  # a download_dir `nobody` owns
     host = make_host(make_supervisor, release, download_dir=str(downloads), read_timeout_s=10.0)
+    # Handed to `nobody` after the start: the helper must hold even if the config check is passed or
+    # the directory changes hands later.
+    os.chown(downloads, 65534, 65534)
 
     tree = release.tree("1.1.0")
     (tree / "padding.bin").write_bytes(os.urandom(256 * 1024))  # room for the unsigned archive in the prefix
@@ -140,10 +142,10 @@ def test_a_package_file_planted_and_rewritten_by_the_download_dir_owner_is_never
         attacker.kill()
         attacker.wait(10)
 
+    assert not list(host.install_root.rglob("PWNED")), "the unsigned archive was installed"
     assert st.state == FAILED, (st.state, st.error)
     assert "UntrustedDownloadFile" in st.error and "owned by uid 65534" in st.error, st.error
     assert_nothing_changed(host, before_disk, before_app)
-    assert not list(host.install_root.rglob("PWNED"))
     later_push_works(host)
 
 
