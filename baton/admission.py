@@ -7,10 +7,11 @@ check is the authoritative one (the state may have changed in between).
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlsplit
 
 from baton.config import SUPERVISOR_COMPONENT, Config
-from baton.errors import BatonError
+from baton.errors import BatonError, clip
 from baton.layout import ComponentLayout
 from baton.marks import Marks
 from baton.versions import compare_versions, validate_version
@@ -43,6 +44,33 @@ class KnownBadVersion(UpdateRefused):
         super().__init__(f"{component} {version} failed before and is not retried automatically; set force to retry")
 
 
+def file_url_relative_path(url: str, root: Path) -> PurePosixPath | None:
+    """The path a ``file://`` URL names relative to ``root``, or None if it is not beneath it.
+
+    Purely lexical: absolute, no ``..``, no NUL, under ``root`` as configured.
+    The supervisor checks a push with it; the helper opens the result component
+    by component and refuses symlinks and anything but a regular file.
+    """
+    raw = unquote(urlsplit(url).path)
+    if "\0" in raw or not raw.startswith("/"):
+        return None
+    path = PurePosixPath(raw)
+    if ".." in path.parts or not path.is_relative_to(root):
+        return None
+    rel = path.relative_to(root)
+    return rel if rel.parts else None
+
+
+def _check_file_url(cfg: Config, download_url: str) -> None:
+    root = cfg.update.file_url_root
+    if root is None:
+        raise InvalidRequest("file:// download URLs are disabled on this node (update.file_url_root is not set); "
+                             "serve the package over https")
+    if file_url_relative_path(download_url, root) is None:
+        raise InvalidRequest(f"download_url {clip(download_url)!r} is not a file beneath "
+                             f"update.file_url_root {str(root)!r}")
+
+
 def updatable_components(cfg: Config) -> list[str]:
     return [a.name for a in cfg.agents if a.packaged] + [SUPERVISOR_COMPONENT]
 
@@ -61,7 +89,9 @@ def check_request(cfg: Config, *, component: str, version: str, download_url: st
         raise InvalidRequest(str(e)) from None
     scheme = urlsplit(download_url).scheme.lower()
     if scheme not in ("http", "https", "file"):
-        raise InvalidRequest(f"download_url must be http(s):// or file://, got {download_url!r}")
+        raise InvalidRequest(f"download_url must be http(s):// or file://, got {clip(download_url)!r}")
+    if scheme == "file":
+        _check_file_url(cfg, download_url)
     if not _SHA256.match(sha256):
         raise InvalidRequest("sha256 must be 64 hex digits")
     if size <= 0 or size > cfg.update.max_package_bytes:

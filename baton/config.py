@@ -92,6 +92,7 @@ class UpdateConfig:
     health_timeout_s: float = 30.0
     health_window_s: float = 5.0
     handshake_timeout_s: float = 60.0
+    file_url_root: Path | None = None  # file:// download URLs are refused unless they name a file beneath it
 
 
 @dataclass(frozen=True)
@@ -307,6 +308,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"update.{name}", "must be greater than 0")
     if u.health_window_s < 0:
         raise ConfigError("update.health_window_s", "must be 0 or more")
+    if u.file_url_root is not None and (".." in u.file_url_root.parts or u.file_url_root == Path("/")):
+        raise ConfigError("update.file_url_root", "must be a directory of packages, without '..', not /")
     if cfg.log.level.upper() not in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError("log.level", f"unknown level {cfg.log.level!r}")
     seen: dict[str, int] = {}

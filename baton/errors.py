@@ -7,3 +7,11 @@ operator needs to act; a bug in the caller raises ``RuntimeError``/``ValueError`
 
 class BatonError(Exception):
     """Base class of every error Baton reports to a user."""
+
+
+MAX_QUOTED_CHARS = 200  # of a URL, header, server message or pushed value quoted in an error
+
+
+def clip(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was: remote or pushed data never floods an error."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from baton.config import UpdateConfig
 from baton.durable import fsync_dir
 from baton.errors import BatonError
 
@@ -73,6 +74,11 @@ class ExtractLimits:
     def __post_init__(self) -> None:
         if min(self.max_files, self.max_unpacked_bytes, self.max_path_length, self.max_header_bytes) < 0:
             raise ValueError("ExtractLimits must not be negative")
+
+    @classmethod
+    def from_config(cls, u: UpdateConfig) -> ExtractLimits:
+        """The limits the validated ``[update]`` section names; the rest are format bounds, not policy."""
+        return cls(max_files=u.max_files, max_unpacked_bytes=u.max_unpacked_bytes)
 
     def max_stream_bytes(self) -> int:
         """Decompressed bytes a conforming archive can need: data, plus headers and padding per member."""

@@ -20,7 +20,7 @@ from baton.journal import UpdateRecord
 from baton.layout import ComponentLayout
 from baton.signing import PublicKey, load_trusted_keys
 from helper.archive import ExtractLimits, extract_package
-from helper.download import DownloadedFile, DownloadLimits, DownloadProgress, download
+from helper.download import DownloadedFile, DownloadLimits, DownloadProgress, FileIdentity, download
 from helper.verify import VerifiedPackage, verify_package
 
 
@@ -41,21 +41,14 @@ class Installer:
         """Fail closed: no key, or a key that cannot be read, refuses every update."""
         return load_trusted_keys(self.cfg.update.trusted_keys)
 
-    def limits(self) -> DownloadLimits:
-        u = self.cfg.update
-        return DownloadLimits(
-            connect_timeout_s=u.connect_timeout_s,
-            read_timeout_s=u.read_timeout_s,
-            total_timeout_s=u.download_timeout_s,
-            min_rate_bytes_per_s=u.min_rate_bytes_per_s,
-            min_rate_window_s=u.min_rate_window_s,
-            free_space_reserve_bytes=u.free_space_reserve_bytes,
-        )
-
-    def download(self, rec: UpdateRecord, progress: Callable[[DownloadProgress], None]) -> DownloadedFile:
+    def download(self, rec: UpdateRecord, progress: Callable[[DownloadProgress], None],
+                 created: Callable[[FileIdentity], None]) -> DownloadedFile:
+        """Fetch into the helper's own file; resume only the one the journal recorded (``created`` records it)."""
         self.cfg.download_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        owned = FileIdentity(*rec.download_file) if rec.download_file else None
         return download(rec.request.download_url, self.package_path(rec.update_id),
-                        expected_size=rec.request.size, limits=self.limits(), progress=progress)
+                        expected_size=rec.request.size, limits=DownloadLimits.from_config(self.cfg.update),
+                        progress=progress, owned=owned, created=created)
 
     def verify(self, dl: DownloadedFile, rec: UpdateRecord, keys: tuple[PublicKey, ...]) -> VerifiedPackage:
         req = rec.request
@@ -74,8 +67,7 @@ class Installer:
         """Extract the verified bytes into a fresh private directory, then move it into place."""
         u = self.cfg.update
         self.layout.versions_dir.mkdir(parents=True, exist_ok=True)
-        staged = extract_package(dl.file, self.layout.versions_dir,
-                                 ExtractLimits(max_files=u.max_files, max_unpacked_bytes=u.max_unpacked_bytes))
+        staged = extract_package(dl.file, self.layout.versions_dir, ExtractLimits.from_config(u))
         return self.layout.install(staged, version)
 
     def discard_download(self, update_id: str) -> None:

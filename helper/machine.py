@@ -35,7 +35,7 @@ from baton.marks import Marks
 from baton.states import PRE_SWITCH
 from baton.states import UpdateState as S
 from helper.control import HealthCheckFailed, SupervisorControl, SupervisorUnavailable
-from helper.download import DownloadedFile, DownloadProgress
+from helper.download import DownloadedFile, DownloadProgress, FileIdentity
 from helper.installer import Installer
 
 RECOVERY: dict[S, str] = {
@@ -93,6 +93,11 @@ class UpdateRun:
         if p.bytes_done > 0 and p.bytes_done < p.bytes_total:
             faults.crash_point("downloading-bytes")
 
+    def _record_download_file(self, ident: FileIdentity) -> None:
+        """Durably, before a byte is written: a later attempt resumes only this file."""
+        self.rec = replace(self.rec, download_file=(ident.dev, ident.ino))
+        self.journal.save(self.rec)
+
     @property
     def control(self) -> SupervisorControl:
         if self._control is None:
@@ -147,7 +152,7 @@ class UpdateRun:
             self.installer.remove_staging_leftovers()
             self._move(S.DOWNLOADING, "" if self.rec.attempts == 1 else "recovery")
             t0 = time.monotonic()
-            dl = self.installer.download(self.rec, self._progress)
+            dl = self.installer.download(self.rec, self._progress, self._record_download_file)
             self._move(S.VERIFYING, timings=self._timed("download", t0))
             t0 = time.monotonic()
             verified = self.installer.verify(dl, self.rec, keys)

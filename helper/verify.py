@@ -12,10 +12,13 @@ verified are the bytes installed.
 from __future__ import annotations
 
 import hmac
+import os
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from baton.digest import Digests, digest_stream
 from baton.errors import BatonError
@@ -106,6 +109,30 @@ def verify_package(
     return VerifiedPackage(manifest, verified.key_id_hex, digests.sha256_hex, digests.size)
 
 
+def open_regular_file(what: str, path: Path | str) -> BinaryIO:
+    """Open ``path`` for reading if it is a regular file: a FIFO or a device would block or never end.
+
+    ``O_NONBLOCK`` makes the open of a FIFO return at once; the type is checked
+    on the opened descriptor, so a swap after a check cannot slip one in.
+
+    Raises:
+        UnreadableFile: it cannot be opened, or is not a regular file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise UnreadableFile(what, path, e.strerror or str(e)) from e
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a file")
+        raise UnreadableFile(what, path, f"{kind}, not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def read_signature_text(path: Path | str) -> str:
     """The text of a ``.minisig`` file, bounded in size.
 
@@ -113,11 +140,11 @@ def read_signature_text(path: Path | str) -> str:
         UnreadableFile: the file cannot be read.
         SignatureFormatError: it is too large or not UTF-8.
     """
-    try:
-        with open(path, "rb") as f:
+    with open_regular_file("signature file", path) as f:
+        try:
             data = f.read(MAX_SIGNATURE_FILE_BYTES + 1)
-    except OSError as e:
-        raise UnreadableFile("signature file", path, e.strerror or str(e)) from e
+        except OSError as e:
+            raise UnreadableFile("signature file", path, e.strerror or str(e)) from e
     if len(data) > MAX_SIGNATURE_FILE_BYTES:
         raise SignatureFormatError(f"{path}: larger than {MAX_SIGNATURE_FILE_BYTES} bytes; not a signature")
     try:
@@ -145,11 +172,11 @@ def verify_file(
         Every error of :func:`verify_package` except the size and hash mismatches.
     """
     signature_text = read_signature_text(signature_path)
-    try:
-        with open(path, "rb") as f:
+    with open_regular_file("package", path) as f:
+        try:
             digests = digest_stream(f)
-    except OSError as e:
-        raise UnreadableFile("package", path, e.strerror or str(e)) from e
+        except OSError as e:
+            raise UnreadableFile("package", path, e.strerror or str(e)) from e
     return verify_package(
         digests,
         expected_sha256=digests.sha256_hex,

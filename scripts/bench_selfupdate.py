@@ -150,7 +150,8 @@ def run(ctx: Ctx) -> Section:
         ctx, ctx.work / "sup",
         [{"name": n, "command": PY, "args": ["-u", str(agent_py)], "notify": True, "restart": "always"}
          for n in AGENT_NAMES],
-        tcp_port=port, update={"trusted_keys": [str(keys.public)], "handshake_timeout_s": 30.0, "max_backups": 2})
+        tcp_port=port, update={"trusted_keys": [str(keys.public)], "handshake_timeout_s": 30.0, "max_backups": 2,
+                               "file_url_root": str(ctx.work / "pkgs")})
     sup.install_self("1.0.0")
     ctx.log(f"building {runs} supervisor packages")
     pkgs = [_supervisor_package(ctx, f"1.0.{i + 1}", keys) for i in range(runs)]

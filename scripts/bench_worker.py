@@ -67,11 +67,12 @@ def main() -> int:
         with open(ns.source, "rb") as f:
             digests = digest_stream(f, parallel=not ns.serial)
     else:
+        from baton.config import UpdateConfig
         from helper.download import DownloadLimits, download
 
         dest = Path(ns.dest)
         dest.unlink(missing_ok=True)
-        limits = DownloadLimits(free_space_reserve_bytes=0)
+        limits = DownloadLimits.from_config(UpdateConfig(free_space_reserve_bytes=0))
         dl = download(ns.source, dest, expected_size=ns.size, limits=limits)
         dl.close()
         digests = dl.digests

@@ -357,3 +357,88 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             if self.server.stopping.wait(1 / _RATE_SLICES_PER_S):
                 raise ConnectionAbortedError("server stopping")
+
+
+class RawServer:
+    """A TCP server on 127.0.0.1 that answers every request with the same raw bytes, HTTP or not.
+
+    The hostile mirror that breaks HTTP itself: a head dripped one byte per
+    ``drip_s``, conflicting headers, a malformed status line, a huge head.
+    ``stop()`` wakes a dripping answer, closes every connection and joins every thread.
+    """
+
+    def __init__(self, response: bytes, drip_s: float = 0.0) -> None:
+        self.response = response
+        self.drip_s = drip_s
+        self.connections = 0
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
+        self._listener: socket.socket | None = None
+
+    def __enter__(self) -> RawServer:
+        self._listener = socket.create_server((HOST, 0))
+        self._listener.settimeout(0.05)
+        self._spawn(self._accept_loop)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stopping.set()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for t in list(self._threads):
+            t.join(timeout=5)
+        if self._listener is not None:
+            self._listener.close()
+
+    def url(self, name: str) -> str:
+        assert self._listener is not None
+        return f"http://{HOST}:{self._listener.getsockname()[1]}/{quote(name)}"
+
+    def _spawn(self, target: object, *args: object) -> None:
+        t = threading.Thread(target=target, args=args, name="rawserver", daemon=True)  # type: ignore[arg-type]
+        self._threads.append(t)
+        t.start()
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self._conns.add(conn)
+                self.connections += 1
+            self._spawn(self._answer, conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(5)
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 65536:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            if not self.drip_s:
+                conn.sendall(self.response)
+                return
+            for i in range(len(self.response)):
+                conn.sendall(self.response[i : i + 1])
+                if self._stopping.wait(self.drip_s):
+                    return
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()

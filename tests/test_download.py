@@ -16,6 +16,7 @@ import pytest
 
 from baton.errors import BatonError
 from helper.download import (
+    MAX_RESPONSE_HEAD_BYTES,
     ConnectionFailed,
     DownloadedFile,
     DownloadError,
@@ -25,15 +26,19 @@ from helper.download import (
     DownloadTooLarge,
     DownloadTooSlow,
     DownloadTruncated,
+    FileIdentity,
     HttpStatusError,
     InsufficientSpace,
+    ProtocolViolation,
     UnsupportedUrl,
+    UntrustedDownloadFile,
     download,
 )
-from tests.pkgserver import PackageServer
+from tests.pkgserver import PackageServer, RawServer
 
 NAME = "pkg.bin"
 SIZE = 1024 * 1024 + 123  # not a multiple of any chunk size
+NOBODY_UID = 65534
 GENEROUS_S = 10.0  # upper bound on anything expected to be quick; never a speed assertion
 
 LIMITS = DownloadLimits(
@@ -70,6 +75,10 @@ def dest(tmp_path: Path) -> Path:
     downloads = tmp_path / "downloads"
     downloads.mkdir(mode=0o700)
     return downloads / NAME
+
+
+def with_root(root: Path) -> DownloadLimits:
+    return DownloadLimits(**{**LIMITS.__dict__, "file_url_root": root})
 
 
 def fetch(url: str, dest: Path, limits: DownloadLimits = LIMITS, **kwargs: object) -> DownloadedFile:
@@ -118,9 +127,9 @@ def test_returned_handle_is_read_only_and_closed_by_the_context_manager(server: 
     assert result.file.closed
 
 
-def test_file_url_is_copied_and_hashed(tmp_path: Path, payload: bytes, dest: Path) -> None:
+def test_file_url_beneath_the_root_is_copied_and_hashed(tmp_path: Path, payload: bytes, dest: Path) -> None:
     source = tmp_path / "served" / NAME
-    with fetch(source.as_uri(), dest) as result:
+    with fetch(source.as_uri(), dest, with_root(tmp_path / "served")) as result:
         assert_digests_of(result, payload)
         assert result.file.read() == payload
 
@@ -129,7 +138,7 @@ def test_file_url_of_the_wrong_size_is_refused(tmp_path: Path, dest: Path) -> No
     source = tmp_path / "other.bin"
     source.write_bytes(b"x" * (SIZE + 1))
     with pytest.raises(DownloadTooLarge):
-        fetch(source.as_uri(), dest)
+        fetch(source.as_uri(), dest, with_root(tmp_path))
 
 
 def test_progress_sees_increasing_bytes_and_the_total(server: PackageServer, dest: Path) -> None:
@@ -266,11 +275,12 @@ def test_every_refusal_is_a_download_error() -> None:
 
 def test_interrupted_download_resumes_with_a_range_request(server: PackageServer, payload: bytes, dest: Path) -> None:
     server.on(NAME).truncate_at(300_000)
+    made: list[FileIdentity] = []
     with pytest.raises(DownloadTruncated):
-        fetch(server.url(NAME), dest)
+        fetch(server.url(NAME), dest, created=made.append)
     server.on(NAME).reset()
     seen: list[DownloadProgress] = []
-    with fetch(server.url(NAME), dest, progress=seen.append) as result:
+    with fetch(server.url(NAME), dest, progress=seen.append, owned=made[0]) as result:
         assert result.resumed_from == 300_000
         assert_digests_of(result, payload)
         assert result.file.read() == payload
@@ -280,22 +290,37 @@ def test_interrupted_download_resumes_with_a_range_request(server: PackageServer
 
 def test_server_without_range_support_restarts_from_zero(server: PackageServer, payload: bytes, dest: Path) -> None:
     server.on(NAME).truncate_at(300_000)
+    made: list[FileIdentity] = []
     with pytest.raises(DownloadTruncated):
-        fetch(server.url(NAME), dest)
+        fetch(server.url(NAME), dest, created=made.append)
     server.on(NAME).reset().no_range()
-    with fetch(server.url(NAME), dest) as result:
+    with fetch(server.url(NAME), dest, owned=made[0]) as result:
         assert result.resumed_from == 0
         assert_digests_of(result, payload)
     assert server.requests_for(NAME)[-1].range == "bytes=300000-"
     assert dest.read_bytes() == payload
 
 
-def test_complete_file_is_hashed_without_a_request(server: PackageServer, payload: bytes, dest: Path) -> None:
-    dest.write_bytes(payload)
-    with fetch(server.url(NAME), dest) as result:
+def test_complete_recorded_file_is_hashed_without_a_request(
+    server: PackageServer, payload: bytes, dest: Path
+) -> None:
+    made: list[FileIdentity] = []
+    fetch(server.url(NAME), dest, created=made.append).close()
+    server.reset_all()
+    with fetch(server.url(NAME), dest, owned=made[0]) as result:
         assert_digests_of(result, payload)
         assert result.resumed_from == SIZE
     assert server.requests == []
+
+
+def test_a_file_the_helper_did_not_record_is_never_resumed(server: PackageServer, payload: bytes, dest: Path) -> None:
+    dest.write_bytes(payload[:1000])  # ours by owner, but not a file download() created and reported
+    made: list[FileIdentity] = []
+    with fetch(server.url(NAME), dest, created=made.append) as result:
+        assert result.resumed_from == 0
+        assert_digests_of(result, payload)
+    assert server.requests_for(NAME)[-1].range is None
+    assert made == [FileIdentity.of(dest.stat())]
 
 
 def test_file_longer_than_expected_is_discarded_and_fetched_again(
@@ -329,3 +354,176 @@ def test_insufficient_free_space_is_refused_before_any_byte_is_written(server: P
     assert info.value.free_bytes <= free + 2**30
     assert not dest.exists()
     assert server.requests == []
+
+
+# ------------------------------------------------------------------ a server that breaks HTTP itself
+
+
+def test_response_head_dripped_a_byte_at_a_time_hits_the_whole_download_deadline(dest: Path) -> None:
+    # Each byte comes well inside the read timeout: only a deadline over the whole request stops it.
+    head = b"HTTP/1.1 200 OK\r\n" + b"X-Drip: " + b"a" * 4000 + b"\r\n\r\n"
+    limits = DownloadLimits(**{**LIMITS.__dict__, "read_timeout_s": 5, "total_timeout_s": 1.0})
+    with RawServer(head, drip_s=0.05) as raw:
+        started = time.monotonic()
+        with pytest.raises(DownloadTimeout) as info:
+            fetch(raw.url(NAME), dest, limits)
+        assert time.monotonic() - started < GENEROUS_S
+    assert info.value.limit_s == 1.0
+    assert "whole download" in str(info.value)
+
+
+def test_two_different_content_lengths_are_a_protocol_violation_not_a_connection_failure(dest: Path) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nContent-Length: 20\r\n\r\n" + b"x" * 20
+    with RawServer(answer) as raw, pytest.raises(ProtocolViolation) as info:
+        fetch(raw.url(NAME), dest)
+    assert "cannot connect" not in str(info.value)
+    assert "Content-Length" in str(info.value)
+
+
+def test_a_2_mib_response_head_is_cut_off_at_the_head_cap(dest: Path) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (2 * 1024 * 1024) + b"\r\n\r\n"
+    with RawServer(answer) as raw, pytest.raises(ProtocolViolation) as info:
+        fetch(raw.url(NAME), dest)
+    assert f"response head longer than {MAX_RESPONSE_HEAD_BYTES} bytes" in str(info.value)
+
+
+def test_a_malformed_status_line_is_reported_as_such_and_clipped(dest: Path) -> None:
+    answer = b"HTTP/1.1 TWO-HUNDRED " + b"A" * 50_000 + b"\r\n\r\n"
+    with RawServer(answer) as raw, pytest.raises(ProtocolViolation) as info:
+        fetch(raw.url(NAME), dest)
+    assert "status line" in str(info.value)
+    assert len(str(info.value)) < 1000
+
+
+def test_a_long_url_is_clipped_in_errors(dest: Path) -> None:
+    with socket.socket() as bound_not_listening:
+        bound_not_listening.bind(("127.0.0.1", 0))
+        port = bound_not_listening.getsockname()[1]
+        with pytest.raises(DownloadError) as info:
+            fetch(f"http://127.0.0.1:{port}/{'p' * 100_000}", dest)
+    assert len(str(info.value)) < 1000
+
+
+# ------------------------------------------------------------------ the download file is the helper's own
+
+
+def test_a_download_file_someone_else_owns_is_refused_and_left_alone(server: PackageServer, dest: Path) -> None:
+    dest.write_bytes(b"planted")
+    os.chown(dest, NOBODY_UID, -1)
+    dest.chmod(0o600)
+    with pytest.raises(UntrustedDownloadFile) as info:
+        fetch(server.url(NAME), dest, owned=FileIdentity.of(dest.stat()))
+    assert f"owned by uid {NOBODY_UID}" in str(info.value)
+    assert dest.read_bytes() == b"planted"
+    assert server.requests == []
+
+
+def test_a_symlink_at_the_download_path_is_refused(server: PackageServer, tmp_path: Path, dest: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"root's file")
+    dest.symlink_to(target)
+    with pytest.raises(UntrustedDownloadFile):
+        fetch(server.url(NAME), dest)
+    assert target.read_bytes() == b"root's file"
+
+
+def test_a_recorded_file_that_gained_a_link_is_not_resumed(server: PackageServer, payload: bytes, dest: Path) -> None:
+    server.on(NAME).truncate_at(300_000)
+    made: list[FileIdentity] = []
+    with pytest.raises(DownloadTruncated):
+        fetch(server.url(NAME), dest, created=made.append)
+    os.link(dest, dest.with_name("second-link"))
+    server.on(NAME).reset()
+    with fetch(server.url(NAME), dest, owned=made[0]) as result:
+        assert result.resumed_from == 0
+        assert_digests_of(result, payload)
+    assert dest.with_name("second-link").stat().st_size == 300_000  # the linked inode was left alone
+
+
+def test_the_download_file_is_created_exclusively_and_private(server: PackageServer, dest: Path) -> None:
+    made: list[FileIdentity] = []
+    with fetch(server.url(NAME), dest, created=made.append):
+        st = dest.lstat()
+    assert made == [FileIdentity.of(st)]
+    assert (st.st_uid, st.st_nlink, stat.S_IMODE(st.st_mode)) == (os.geteuid(), 1, 0o600)
+
+
+# ------------------------------------------------------------------ file:// policy
+
+
+def test_file_urls_are_refused_without_a_configured_root(tmp_path: Path, dest: Path) -> None:
+    with pytest.raises(UnsupportedUrl) as info:
+        fetch((tmp_path / "served" / NAME).as_uri(), dest)
+    assert "update.file_url_root" in str(info.value)
+
+
+def shadow_size() -> str:
+    return str(os.stat("/etc/shadow").st_size)
+
+
+def test_etc_shadow_outside_the_root_is_refused_without_revealing_its_size(tmp_path: Path, dest: Path) -> None:
+    with pytest.raises(UnsupportedUrl) as info:
+        fetch("file:///etc/shadow", dest, with_root(tmp_path / "served"))
+    assert shadow_size() not in str(info.value).replace(str(SIZE), "")
+
+
+def test_dot_dot_out_of_the_root_is_refused(tmp_path: Path, dest: Path) -> None:
+    with pytest.raises(UnsupportedUrl):
+        fetch(f"file://{tmp_path}/served/../../../../etc/shadow", dest, with_root(tmp_path / "served"))
+
+
+def test_a_symlink_beneath_the_root_to_etc_shadow_is_refused_without_revealing_its_size(
+    tmp_path: Path, dest: Path
+) -> None:
+    (tmp_path / "served").mkdir(exist_ok=True)
+    link = tmp_path / "served" / "shadow.pkg"
+    link.symlink_to("/etc/shadow")
+    with pytest.raises(ConnectionFailed) as info:
+        fetch(link.as_uri(), dest, with_root(tmp_path / "served"))
+    assert "symbolic link" in str(info.value)
+    assert shadow_size() not in str(info.value).replace(str(SIZE), "")
+
+
+def test_a_fifo_beneath_the_root_is_refused_without_blocking(tmp_path: Path, dest: Path) -> None:
+    (tmp_path / "served").mkdir(exist_ok=True)
+    fifo = tmp_path / "served" / "pkg.fifo"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    with pytest.raises(UnsupportedUrl) as info:
+        fetch(fifo.as_uri(), dest, with_root(tmp_path / "served"))
+    assert time.monotonic() - started < GENEROUS_S
+    assert "not a regular file" in str(info.value)
+
+
+# ------------------------------------------------------------------ limits come from the config
+
+
+def test_limits_are_built_from_the_validated_config_only() -> None:
+    from baton.config import UpdateConfig, config_from_dict
+
+    cfg = config_from_dict({"node": {"id": "n"}, "grpc": {"unix_socket": "/run/b.sock"},
+                            "update": {"download_timeout_s": 7.5, "min_rate_window_s": 3.0,
+                                       "file_url_root": "/srv/packages"}})
+    limits = DownloadLimits.from_config(cfg.update)
+    assert (limits.total_timeout_s, limits.min_rate_window_s, limits.file_url_root) == (7.5, 3.0, Path("/srv/packages"))
+    defaults = DownloadLimits.from_config(UpdateConfig())
+    u = UpdateConfig()
+    assert (defaults.connect_timeout_s, defaults.read_timeout_s, defaults.total_timeout_s,
+            defaults.min_rate_bytes_per_s, defaults.min_rate_window_s, defaults.free_space_reserve_bytes,
+            defaults.file_url_root) == (u.connect_timeout_s, u.read_timeout_s, u.download_timeout_s,
+                                        u.min_rate_bytes_per_s, u.min_rate_window_s, u.free_space_reserve_bytes, None)
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("srv/packages", "must be an absolute path"),
+    ("/srv/../etc", "without '..'"),
+    ("/", "not /"),
+])
+def test_a_bad_file_url_root_is_refused_by_the_config_naming_the_key(value: str, problem: str) -> None:
+    from baton.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"node": {"id": "n"}, "grpc": {"unix_socket": "/run/b.sock"},
+                          "update": {"file_url_root": value}})
+    assert str(info.value).startswith("update.file_url_root: ")
+    assert problem in str(info.value)

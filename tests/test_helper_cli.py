@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 from tests.conftest import PY, ROOT
@@ -100,3 +101,34 @@ def test_package_signed_with_the_minisign_tool_is_installed_by_an_update(update_
     st = update_host.wait_final(uid)
     assert st.success, st.error
     assert update_host.sup.agent("app").version == "1.1.0"
+
+
+def verify_within(package: str, signature: str, key: str) -> subprocess.CompletedProcess[str]:
+    """``helper verify`` with a timeout well past what a refusal needs: a hang fails the test, not the run."""
+    return subprocess.run([PY, "-m", "helper", "verify", package, "--signature", signature, "--component", "app",
+                           "--version", "1.1.0", "--key", key], capture_output=True, text=True, cwd=ROOT, timeout=30)
+
+
+def test_verify_refuses_dev_zero_as_the_package_without_reading_it(release):
+    pkg = release.build("1.1.0")
+    res = verify_within("/dev/zero", sig_file(pkg), str(release.public_key))
+    assert res.returncode != 0
+    assert "REFUSED" in res.stderr and "a device, not a regular file" in res.stderr
+
+
+def test_verify_refuses_a_fifo_as_the_package_without_blocking(release, tmp_path):
+    pkg = release.build("1.1.0")
+    fifo = tmp_path / "pkg.fifo"
+    os.mkfifo(fifo)
+    res = verify_within(str(fifo), sig_file(pkg), str(release.public_key))
+    assert res.returncode != 0
+    assert "a FIFO, not a regular file" in res.stderr
+
+
+def test_verify_refuses_a_fifo_as_the_signature_without_blocking(release, tmp_path):
+    pkg = release.build("1.1.0")
+    fifo = tmp_path / "sig.fifo"
+    os.mkfifo(fifo)
+    res = verify_within(str(pkg.path), str(fifo), str(release.public_key))
+    assert res.returncode != 0
+    assert "signature file" in res.stderr and "a FIFO, not a regular file" in res.stderr
