@@ -67,15 +67,11 @@ FATAL_TAIL_LINES = 3
 
 
 def _socket_path(ns: argparse.Namespace) -> Path:
-    """``--socket``, else ``grpc.unix_socket`` of ``--config``."""
-    from supervisor.ctl import CtlError
-
+    """``--socket``, else ``grpc.unix_socket`` of ``--config``, else its private ``<state_dir>/run/control.sock``."""
     if ns.socket:
         return Path(ns.socket)
     cfg = _load(ns.config)
-    if cfg.grpc.unix_socket is None:
-        raise CtlError(f"{ns.config} sets no grpc.unix_socket; pass --socket")
-    return cfg.grpc.unix_socket
+    return cfg.grpc.unix_socket or cfg.run_dir / "control.sock"
 
 
 def _ctl(fn: Any) -> Any:

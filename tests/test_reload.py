@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import psutil
 
@@ -50,7 +51,7 @@ def test_reload_starts_new_stops_removed_restarts_changed_and_leaves_unchanged_a
     assert after["change"] not in (0, before["change"])
     assert gone(before["remove"]) and gone(before["change"])
     sup.wait_agent("new", "running")
-    assert "CHANGED=1" in open(f"/proc/{after['change']}/environ").read().replace("\0", " ")
+    assert "CHANGED=1" in Path(f"/proc/{after['change']}/environ").read_text().replace("\0", " ")
     assert sup.proc.poll() is None
 
 
