@@ -139,6 +139,7 @@ class Agent:
         self.err_log = (RotatingLog(config.log_dir / f"{cfg.name}.stderr.log", cfg.log_max_bytes, cfg.log_backups)
                         if cfg.stderr == "separate" else None)
         self.kept = False
+        self._adopting = False
         self._err_fd = -1
         self._followers: dict[bool, set[asyncio.Queue[bytes | None]]] = {False: set(), True: set()}
         self.state = AgentState.STOPPED
@@ -302,7 +303,8 @@ class Agent:
             return
         if new not in AGENT_TRANSITIONS[self.state]:
             raise RuntimeError(f"agent {self.name}: illegal transition {self.state.value} -> {new.value}")
-        logger.info("agent {} {} -> {}", self.name, self.state.value, new.value)
+        if not self._adopting:  # taking over a running process is one line (adopt), not a fake start
+            logger.info("agent {} {} -> {}", self.name, self.state.value, new.value)
         self.state = new
         self._on_change(self)
 
@@ -534,13 +536,18 @@ class Agent:
         self.consecutive_failures = rec.consecutive_failures
         self.adopted = True
         self._watch(pidfd)
-        self._set_state(AgentState.STARTING)
-        if rec.state == AgentState.RUNNING.value:
-            self._became_running()
-        elif not self.cfg.notify:
-            remaining = max(0.0, self.cfg.start_seconds - (time.time() - rec.start_time))
-            self._timer = self._loop.call_later(remaining, self._start_seconds_passed, self.pid)
-        logger.info("agent {} adopted pid {} ({})", self.name, self.pid, "child" if self._is_child else "non-child")
+        self._adopting = True
+        try:
+            self._set_state(AgentState.STARTING)
+            if rec.state == AgentState.RUNNING.value:
+                self._became_running()
+            elif not self.cfg.notify:
+                remaining = max(0.0, self.cfg.start_seconds - (time.time() - rec.start_time))
+                self._timer = self._loop.call_later(remaining, self._start_seconds_passed, self.pid)
+        finally:
+            self._adopting = False
+        logger.info("agent {} adopted pid {} ({}), {}", self.name, self.pid,
+                    "child" if self._is_child else "non-child", self.state.value)
         return True
 
     def release(self) -> None:
