@@ -8,6 +8,7 @@ exit 2 without starting anything. Limits carry their unit in their names.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import os
 import re
@@ -32,6 +33,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 STDERR_MODES = ("merged", "separate")
+# The directory that relative paths in the file being read resolve against (None: relative paths refused).
+_BASE_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar("baton_config_base_dir", default=None)
 
 
 def signal_number(name: str) -> int:
@@ -170,7 +173,7 @@ class Config:
 
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     """Read, merge over defaults, apply environment overrides, validate."""
-    path = Path(path)
+    path = Path(path).absolute()
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
@@ -202,17 +205,31 @@ def config_from_dict(
     agents_raw = raw.get("agents", [])
     if not isinstance(agents_raw, list):
         raise ConfigError("agents", "must be an array of tables ([[agents]])")
-    cfg = Config(
+    token = _BASE_DIR.set(source.parent if source is not None else None)
+    try:
+        cfg = _build_config(raw, agents_raw, source)
+    finally:
+        _BASE_DIR.reset(token)
+    _validate(cfg)
+    return cfg
+
+
+def _build_config(raw: Mapping[str, Any], agents_raw: list[Any], source: Path | None) -> Config:
+    base = _BASE_DIR.get()
+    agents = tuple(_build(AgentConfig, a, f"agents[{i}]") for i, a in enumerate(agents_raw))
+    if base is not None:  # an unpackaged command written relative (bin/web, ./web) is relative to the file too
+        agents = tuple(dataclasses.replace(a, command=str(base / a.command))
+                       if not a.packaged and "/" in a.command and not Path(a.command).is_absolute() else a
+                       for a in agents)
+    return Config(
         node=_build(NodeConfig, raw.get("node", {}), "node"),
         grpc=_build(GrpcConfig, raw.get("grpc", {}), "grpc"),
         manager=_build(ManagerConfig, raw.get("manager", {}), "manager"),
         update=_build(UpdateConfig, raw.get("update", {}), "update"),
         log=_build(LogConfig, raw.get("log", {}), "log"),
-        agents=tuple(_build(AgentConfig, a, f"agents[{i}]") for i, a in enumerate(agents_raw)),
+        agents=agents,
         source=source,
     )
-    _validate(cfg)
-    return cfg
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
@@ -270,7 +287,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(key, "must be a non-empty path string")
         p = Path(value)
         if not p.is_absolute():
-            raise ConfigError(key, f"must be an absolute path, got {value!r}")
+            base = _BASE_DIR.get()
+            if base is None:
+                raise ConfigError(key, f"must be an absolute path, got {value!r}")
+            p = Path(os.path.normpath(base / p))
         return p
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
