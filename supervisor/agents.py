@@ -198,10 +198,10 @@ class Agent:
         """Open the output FIFO(s) and the notify socket (or take them over from a handover)."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._fifo_fd = self._open_fifo(self.fifo_path, fifo_fd, self._drain)
-        if self.err_log is not None:
+        if self.err_log is not None or err_fd is not None or self.err_fifo_path.exists():
+            # With stderr merged by the config now, a running agent started with it separate may still write
+            # to stderr.fifo: keep draining it (into the output log) so that the agent never blocks on it.
             self._err_fd = self._open_fifo(self.err_fifo_path, err_fd, self._drain_err)
-        elif err_fd is not None:
-            os.close(err_fd)  # stderr is merged now: the agent's next start writes to the output FIFO
         if self.cfg.notify:
             self._notify = NotifySocket(self.notify_path, self._on_notify)
             self._notify.open(self._loop, notify_sock if isinstance(notify_sock, socket.socket) else None)
@@ -240,8 +240,7 @@ class Agent:
         self._drain_fd(self._fifo_fd, self.log, False)
 
     def _drain_err(self) -> None:
-        if self.err_log is not None:
-            self._drain_fd(self._err_fd, self.err_log, True)
+        self._drain_fd(self._err_fd, self.err_log or self.log, self.err_log is not None)
 
     def _drain_fd(self, fd: int, log: RotatingLog, stderr: bool) -> None:
         if fd < 0:
@@ -264,6 +263,11 @@ class Agent:
                     q.put_nowait(None)
 
     # ---- tail and clear ------------------------------------------------------------------------------
+
+    def flush_output(self) -> None:
+        """Drain what the agent wrote so far into its log files (before reading them)."""
+        self._drain()
+        self._drain_err()
 
     def log_for(self, stderr: bool) -> RotatingLog:
         if not stderr:

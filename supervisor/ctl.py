@@ -69,8 +69,11 @@ class Client:
             raise self.error(e) from None
 
     def error(self, e: grpc.RpcError) -> CtlError:
-        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if e.code() == grpc.StatusCode.UNAVAILABLE or (e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                                                       and not self.path.exists()):
             return self.unreachable(e)
+        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return CtlError(f"no answer from the supervisor at {self.path} in time (raise --timeout or --wait)")
         return CtlError(e.details() or e.code().name)
 
     def agents(self) -> list[common_pb2.AgentInfo]:

@@ -146,7 +146,7 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
             return
         try:
-            (agent._drain_err if request.stderr else agent._drain)()  # what the agent wrote so far is in the file
+            agent.flush_output()
             head = log.last_lines(min(request.lines, TAIL_MAX_LINES))
             if head:
                 yield daemon_pb2.LogChunk(data=head)
