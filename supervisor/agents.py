@@ -139,6 +139,7 @@ class Agent:
         self.err_log = (RotatingLog(config.log_dir / f"{cfg.name}.stderr.log", cfg.log_max_bytes, cfg.log_backups)
                         if cfg.stderr == "separate" else None)
         self.kept = False
+        self.retiring = False  # leaving the config: being stopped for good, never started again
         self._adopting = False
         self._err_fd = -1
         self._followers: dict[bool, set[asyncio.Queue[bytes | None]]] = {False: set(), True: set()}
@@ -569,6 +570,7 @@ class Agent:
 
     async def start(self) -> None:
         async with self._lock:
+            self._refuse_if_retiring()
             if self.state in (AgentState.STARTING, AgentState.RUNNING):
                 return
             if self.state is AgentState.STOPPING:
@@ -609,8 +611,13 @@ class Agent:
         logger.info("agent {}: sending {} to pid {}", self.name, signal.Signals(signum).name, self.pid)
         os.killpg(self.pid, signum)
 
+    def _refuse_if_retiring(self) -> None:
+        if self.retiring:
+            raise AgentError(f"agent {self.name} left the config and is being stopped for good")
+
     async def restart(self) -> None:
         async with self._lock:
+            self._refuse_if_retiring()
             await self._stop()
             self.consecutive_failures = 0
             self._spawn()
@@ -731,6 +738,7 @@ class ProcessManager:
         return agent
 
     def _retire(self, agent: Agent) -> asyncio.Task[None]:
+        agent.retiring = True
         task = self._loop.create_task(self._stop_and_forget(agent))
         self._retiring[agent.name] = task
         return task

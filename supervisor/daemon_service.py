@@ -88,7 +88,10 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
     async def StartAgent(self, request: daemon_pb2.AgentRef, context: grpc.aio.ServicerContext
     ) -> common_pb2.AgentInfo:
         agent = await self._agent(request.name, context)
-        await agent.start()
+        try:
+            await agent.start()
+        except AgentError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         return agent_info(agent.snapshot())
 
     async def StopAgent(self, request: daemon_pb2.AgentRef, context: grpc.aio.ServicerContext
@@ -100,7 +103,10 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
     async def RestartAgent(self, request: daemon_pb2.AgentRef, context: grpc.aio.ServicerContext
     ) -> common_pb2.AgentInfo:
         agent = await self._agent(request.name, context)
-        await agent.restart()
+        try:
+            await agent.restart()
+        except AgentError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         return agent_info(agent.snapshot())
 
     async def PushUpdate(self, request: daemon_pb2.UpdateRequest, context: grpc.aio.ServicerContext
