@@ -201,7 +201,11 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="supervisor", description="Baton supervisor: keeps Agents running.")
+    p = argparse.ArgumentParser(prog="supervisor", description="Baton supervisor: keeps Agents running.",
+                                epilog="examples:\n  supervisor status\n  supervisor restart web\n"
+                                       "  supervisor tail -f web\n  supervisor reload\n"
+                                       "(README.md, section \"Operating Baton\")",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"baton supervisor {supervisor_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
     def client_args(sp: argparse.ArgumentParser, json_flag: bool = True) -> None:

@@ -112,6 +112,8 @@ class Supervisor:
         self.endpoint: handover.HandoverEndpoint | None = None
         self._handed_over: list[socket.socket] = []  # kept open until the exec
         self._watchdog: asyncio.Task[None] | None = None
+        self._reloads: set[asyncio.Task[None]] = set()
+        self._agents_ready = asyncio.Event()  # a reload (SIGHUP, RPC) that comes while starting waits for it
 
     @property
     def backend_path(self) -> Path:
@@ -201,6 +203,7 @@ class Supervisor:
         Only ``agents`` is applied; other sections that differ are named in ``not_applied`` and take effect
         at the next start (listening sockets, directories and the Manager client are not rebuilt live).
         """
+        await self._agents_ready.wait()
         assert self.cfg.source is not None and self.pm is not None
         new = await asyncio.to_thread(load_config, self.cfg.source)
         not_applied = tuple(f.name for f in dataclasses.fields(Config)
@@ -228,10 +231,9 @@ class Supervisor:
             except ConfigError as e:
                 logger.error("reload refused, the running config stays: {}", e)
 
-        if self.pm is None:
-            logger.warning("SIGHUP before the agents were started: ignored")
-            return
-        asyncio.get_running_loop().create_task(run())
+        task = asyncio.get_running_loop().create_task(run())
+        self._reloads.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._reloads.discard)
 
     async def _feed_watchdog(self, interval: float) -> None:
         while True:
@@ -271,6 +273,7 @@ class Supervisor:
         else:
             await self.pm.start()
         await self.updates.start()
+        self._agents_ready.set()
         self.endpoint = handover.HandoverEndpoint(self)
         self.endpoint.start()
         await self._set_serving(True)

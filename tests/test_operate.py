@@ -237,3 +237,20 @@ def _check_nobody_agent(sup: SupervisorProc, nobody: Any) -> None:
     assert "cwd /\n" in text
     assert (sup.state_dir / "agents" / "low" / "notify.sock").stat().st_uid == nobody.pw_uid
     assert Path(sup.state_dir / "agents" / "low" / "output.fifo").stat().st_mode & 0o777 == 0o600
+
+
+def test_group_alone_changes_only_the_group(make_supervisor):
+    import grp
+
+    nogroup = grp.getgrgid(pwd_nobody_gid())
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True, group=nogroup.gr_name)]).start()
+    a = sup.wait_agent("web", "running")
+    p = psutil.Process(a.pid)
+    assert p.uids().real == os.getuid()
+    assert p.gids().real == p.gids().effective == nogroup.gr_gid
+
+
+def pwd_nobody_gid() -> int:
+    import pwd
+
+    return pwd.getpwnam("nobody").pw_gid
