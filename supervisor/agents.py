@@ -429,6 +429,11 @@ class Agent:
         if not self.cfg.user and not self.cfg.group:
             return out
         uid, gid = -1, -1
+        try:
+            pwd.getpwnam(self.cfg.user or "root")
+            grp.getgrnam(self.cfg.group or "root")
+        except KeyError as e:
+            raise AgentError(f"no such user or group: {e}") from None
         if self.cfg.user:
             pw = pwd.getpwnam(self.cfg.user)
             uid, gid = pw.pw_uid, pw.pw_gid
@@ -609,7 +614,10 @@ class Agent:
         if not self.state.has_process or not self.pid:
             raise AgentError(f"agent {self.name} is {self.state.value}: no process to signal")
         logger.info("agent {}: sending {} to pid {}", self.name, signal.Signals(signum).name, self.pid)
-        os.killpg(self.pid, signum)
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            raise AgentError(f"agent {self.name}: its process is gone") from None
 
     def _refuse_if_retiring(self) -> None:
         if self.retiring:
