@@ -26,6 +26,9 @@ class AgentRecord:
     restarts: int
     consecutive_failures: int
     state: str
+    # How to stop it, so a supervisor whose config no longer names it can still stop it to completion.
+    stop_signal: str = "TERM"
+    stop_timeout_s: float = 10.0
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -40,6 +43,8 @@ class AgentRecord:
             restarts=int(d.get("restarts", 0)),  # type: ignore[call-overload]
             consecutive_failures=int(d.get("consecutive_failures", 0)),  # type: ignore[call-overload]
             state=str(d.get("state", "running")),
+            stop_signal=str(d.get("stop_signal", "TERM")),
+            stop_timeout_s=float(d.get("stop_timeout_s", 10.0)),  # type: ignore[arg-type]
         )
 
 

@@ -8,6 +8,7 @@ exit 2 without starting anything. Limits carry their unit in their names.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import os
 import re
@@ -29,6 +30,16 @@ ENV_OVERRIDES = {
 RESTART_POLICIES = ("always", "on-failure", "never")
 SUPERVISOR_COMPONENT = "supervisor"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+STDERR_MODES = ("merged", "separate")
+# The directory that relative paths in the file being read resolve against (None: relative paths refused).
+_BASE_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar("baton_config_base_dir", default=None)
+
+
+def signal_number(name: str) -> int:
+    """``TERM``, ``SIGTERM`` or ``term`` -> 15; KeyError for an unknown name."""
+    return int(signal.Signals["SIG" + name.strip().upper().removeprefix("SIG")])
 
 
 class ConfigError(BatonError):
@@ -121,10 +132,18 @@ class AgentConfig:
     autostart: bool = True
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 3
+    user: str = ""                # run as this user (its primary group unless `group`); "" = as the supervisor
+    group: str = ""
+    umask: str = ""               # octal, e.g. "027"; "" = the supervisor's
+    stderr: str = "merged"        # "merged" into the output log, or "separate" (<log_dir>/<name>.stderr.log)
 
     @property
     def stop_signum(self) -> int:
-        return int(signal.Signals["SIG" + self.stop_signal])
+        return signal_number(self.stop_signal)
+
+    @property
+    def umask_value(self) -> int | None:
+        return int(self.umask, 8) if self.umask else None
 
 
 @dataclass(frozen=True)
@@ -155,7 +174,7 @@ class Config:
 
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     """Read, merge over defaults, apply environment overrides, validate."""
-    path = Path(path)
+    path = Path(path).absolute()
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
@@ -183,21 +202,35 @@ def config_from_dict(
     known = {"node", "grpc", "manager", "update", "log", "agents"}
     for k in raw:
         if k not in known:
-            raise ConfigError(k, f"unknown section (known: {', '.join(sorted(known))})")
+            raise ConfigError(k, _unknown(k, known, "section"))
     agents_raw = raw.get("agents", [])
     if not isinstance(agents_raw, list):
         raise ConfigError("agents", "must be an array of tables ([[agents]])")
-    cfg = Config(
+    token = _BASE_DIR.set(source.parent if source is not None else None)
+    try:
+        cfg = _build_config(raw, agents_raw, source)
+    finally:
+        _BASE_DIR.reset(token)
+    _validate(cfg)
+    return cfg
+
+
+def _build_config(raw: Mapping[str, Any], agents_raw: list[Any], source: Path | None) -> Config:
+    base = _BASE_DIR.get()
+    agents = tuple(_build(AgentConfig, a, f"agents[{i}]") for i, a in enumerate(agents_raw))
+    if base is not None:  # an unpackaged command written relative (bin/web, ./web) is relative to the file too
+        agents = tuple(dataclasses.replace(a, command=str(base / a.command))
+                       if not a.packaged and "/" in a.command and not Path(a.command).is_absolute() else a
+                       for a in agents)
+    return Config(
         node=_build(NodeConfig, raw.get("node", {}), "node"),
         grpc=_build(GrpcConfig, raw.get("grpc", {}), "grpc"),
         manager=_build(ManagerConfig, raw.get("manager", {}), "manager"),
         update=_build(UpdateConfig, raw.get("update", {}), "update"),
         log=_build(LogConfig, raw.get("log", {}), "log"),
-        agents=tuple(_build(AgentConfig, a, f"agents[{i}]") for i, a in enumerate(agents_raw)),
+        agents=agents,
         source=source,
     )
-    _validate(cfg)
-    return cfg
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
@@ -207,7 +240,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
         if k not in names:
-            raise ConfigError(f"{prefix}.{k}", f"unknown key (known: {', '.join(sorted(names))})")
+            raise ConfigError(f"{prefix}.{k}", _unknown(k, names, "key"))
     kwargs = {}
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}"
@@ -216,6 +249,16 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(key, "is required")
     return cls(**kwargs)
+
+
+def _unknown(name: str, known: set[str], what: str) -> str:
+    """'unknown key (did you mean restart?)', or the known names when nothing is close."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    if close:
+        return f"unknown {what} (did you mean {close[0]}?)"
+    return f"unknown {what} (known: {', '.join(sorted(known))})"
 
 
 def _type_name(tp: Any) -> str:
@@ -245,7 +288,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(key, "must be a non-empty path string")
         p = Path(value)
         if not p.is_absolute():
-            raise ConfigError(key, f"must be an absolute path, got {value!r}")
+            base = _BASE_DIR.get()
+            if base is None:
+                raise ConfigError(key, f"must be an absolute path, got {value!r}")
+            p = Path(os.path.normpath(base / p))
         return p
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -334,8 +380,12 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key}.command", "must stay inside the version directory")
         if a.restart not in RESTART_POLICIES:
             raise ConfigError(f"{key}.restart", f"must be one of {', '.join(RESTART_POLICIES)}, got {a.restart!r}")
-        if "SIG" + a.stop_signal not in signal.Signals.__members__:
-            raise ConfigError(f"{key}.stop_signal", f"unknown signal {a.stop_signal!r} (e.g. TERM, INT, QUIT)")
+        try:
+            signal_number(a.stop_signal)
+        except KeyError:
+            raise ConfigError(f"{key}.stop_signal", f"unknown signal {a.stop_signal!r} (e.g. TERM, SIGINT, QUIT)"
+                              ) from None
+        _validate_identity(a, key)
         for name in ("stop_timeout_s", "backoff_initial_s", "backoff_max_s"):
             if getattr(a, name) <= 0:
                 raise ConfigError(f"{key}.{name}", "must be greater than 0")
@@ -346,3 +396,24 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key}.{bad}", "is out of range")
         if a.working_dir is not None and not a.working_dir.is_dir():
             raise ConfigError(f"{key}.working_dir", f"directory {a.working_dir} not found")
+
+
+def _validate_identity(a: AgentConfig, key: str) -> None:
+    """user/group name existing accounts, umask is octal, stderr one of STDERR_MODES."""
+    import grp
+    import pwd
+
+    if a.user:
+        try:
+            pwd.getpwnam(a.user)
+        except KeyError:
+            raise ConfigError(f"{key}.user", f"no such user {a.user!r}") from None
+    if a.group:
+        try:
+            grp.getgrnam(a.group)
+        except KeyError:
+            raise ConfigError(f"{key}.group", f"no such group {a.group!r}") from None
+    if a.umask and not re.fullmatch(r"0?[0-7]{3}", a.umask):
+        raise ConfigError(f"{key}.umask", f"must be an octal mode like \"027\", got {a.umask!r}")
+    if a.stderr not in STDERR_MODES:
+        raise ConfigError(f"{key}.stderr", f"must be one of {', '.join(STDERR_MODES)}, got {a.stderr!r}")

@@ -89,7 +89,8 @@ def _get(d: Mapping[str, Any], msg_type: str, key: str, kind: type, default: Any
     return v
 
 
-FD_KINDS: dict[str, str] = {"listen": "address", "fifo": "agent", "notify": "agent", "stdio": "name"}
+FD_KINDS: dict[str, str] = {"listen": "address", "fifo": "agent", "stderr_fifo": "agent", "notify": "agent",
+                            "stdio": "name"}
 """Descriptor kind -> the field that names it (a listen address, an agent, a stdio stream)."""
 
 

@@ -70,6 +70,34 @@ class RotatingLog:
         except FileNotFoundError:
             return ""
 
+    def last_lines(self, n: int, max_bytes: int = 1 << 20) -> bytes:
+        """The last ``n`` lines of the current file (at most ``max_bytes`` of them), for ``supervisor tail``."""
+        if n <= 0:
+            return b""
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(max(0, size - max_bytes))
+                data = f.read()
+        except FileNotFoundError:
+            return b""
+        lines = data.splitlines(keepends=True)
+        return b"".join(lines[-n:])
+
+    def clear(self) -> int:
+        """Truncate the log and remove its rotated files; returns the bytes removed."""
+        removed = self._size
+        for i in range(1, self.backups + 1):
+            old = self.path.with_name(f"{self.path.name}.{i}")
+            with contextlib.suppress(FileNotFoundError):
+                removed += old.stat().st_size
+                old.unlink()
+        if self._fd >= 0:
+            os.ftruncate(self._fd, 0)
+        self._size = 0
+        self._at_line_start = True
+        return removed
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import grp
 import os
+import pwd
 import signal
 import socket
 import stat
@@ -32,7 +34,7 @@ import psutil
 from loguru import logger
 
 from baton.agent_table import AgentRecord, AgentTable
-from baton.config import AgentConfig, Config
+from baton.config import AgentConfig, Config, signal_number
 from baton.errors import BatonError
 from baton.layout import ComponentLayout
 from baton.states import AGENT_KEPT_STATES, AGENT_TRANSITIONS, AgentState, IllegalTransition, check_move
@@ -43,9 +45,14 @@ F_SETPIPE_SZ = 1031
 PIPE_BYTES = 1 << 20
 KILL_WAIT_S = 5.0
 STABLE_RUN_S = 30.0
+FOLLOW_QUEUE_CHUNKS = 256  # a `tail -f` client this far behind is cut off rather than slowing the agent
 
 
 class AgentError(BatonError):
+    pass
+
+
+class BadSignal(AgentError):
     pass
 
 
@@ -67,6 +74,19 @@ class AgentSnapshot:
     last_error: str
     adopted: bool
     status_text: str
+    kept: bool = False
+    log_path: str = ""
+
+    @property
+    def last_exit_signal(self) -> str:
+        """``SIGKILL`` for an exit by signal 9 (statuses are stored as -signal), else ""."""
+        st = self.last_exit_status
+        if st is None or st >= 0:
+            return ""
+        try:
+            return signal.Signals(-st).name
+        except ValueError:
+            return f"signal {-st}"
 
 
 def process_start_time(pid: int) -> float | None:
@@ -82,9 +102,29 @@ def same_process(pid: int, start_time: float) -> bool:
     return t is not None and abs(t - start_time) < 0.05
 
 
+def parse_signal(name: str) -> int:
+    """``HUP``, ``SIGHUP`` or ``1`` -> 1, as kill(1) and supervisorctl accept them."""
+    text = name.strip()
+    try:
+        num = int(text) if text.isdigit() else signal_number(text)
+        return int(signal.Signals(num))
+    except (KeyError, ValueError):
+        raise BadSignal(f"unknown signal {name!r} (e.g. HUP, SIGUSR1, TERM)") from None
+
+
 def _kill_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+@dataclass
+class Identity:
+    """Popen's privilege-dropping arguments (None/-1: unchanged)."""
+
+    user: int | None = None
+    group: int | None = None
+    extra_groups: list[int] | None = None
+    umask: int = -1
 
 
 class Agent:
@@ -96,6 +136,13 @@ class Agent:
         self.dir = config.node.state_dir / "agents" / cfg.name
         self.layout = ComponentLayout(config.node.install_root, cfg.name)
         self.log = RotatingLog(config.log_dir / f"{cfg.name}.log", cfg.log_max_bytes, cfg.log_backups)
+        self.err_log = (RotatingLog(config.log_dir / f"{cfg.name}.stderr.log", cfg.log_max_bytes, cfg.log_backups)
+                        if cfg.stderr == "separate" else None)
+        self.kept = False
+        self.retiring = False  # leaving the config: being stopped for good, never started again
+        self._adopting = False
+        self._err_fd = -1
+        self._followers: dict[bool, set[asyncio.Queue[bytes | None]]] = {False: set(), True: set()}
         self._state = AgentState.STOPPED
         self.pid = 0
         self.start_time = 0.0
@@ -127,59 +174,126 @@ class Agent:
     def notify_path(self) -> Path:
         return self.dir / "notify.sock"
 
-    def open_channels(self, fifo_fd: int | None = None, notify_sock: object | None = None) -> None:
-        """Open the output FIFO and the notify socket (or take them over from a handover)."""
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if fifo_fd is None:
+    @property
+    def err_fifo_path(self) -> Path:
+        return self.dir / "stderr.fifo"
+
+    def _open_fifo(self, path: Path, fd: int | None, drain: Callable[[], None]) -> int:
+        if fd is None:
             try:
-                st = os.lstat(self.fifo_path)
+                st = os.lstat(path)
                 if not stat.S_ISFIFO(st.st_mode):
-                    os.unlink(self.fifo_path)
-                    os.mkfifo(self.fifo_path, 0o600)
+                    os.unlink(path)
+                    os.mkfifo(path, 0o600)
             except FileNotFoundError:
-                os.mkfifo(self.fifo_path, 0o600)
-            fifo_fd = os.open(self.fifo_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+                os.mkfifo(path, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         with contextlib.suppress(OSError):
-            fcntl.fcntl(fifo_fd, F_SETPIPE_SZ, PIPE_BYTES)
-        os.set_blocking(fifo_fd, False)
-        self._fifo_fd = fifo_fd
-        self._loop.add_reader(fifo_fd, self._drain)
+            fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_BYTES)
+        os.set_blocking(fd, False)
+        self._loop.add_reader(fd, drain)
+        return fd
+
+    def open_channels(self, fifo_fd: int | None = None, notify_sock: object | None = None,
+                      err_fd: int | None = None) -> None:
+        """Open the output FIFO(s) and the notify socket (or take them over from a handover)."""
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._fifo_fd = self._open_fifo(self.fifo_path, fifo_fd, self._drain)
+        if self.err_log is not None or err_fd is not None or self.err_fifo_path.exists():
+            # With stderr merged by the config now, a running agent started with it separate may still write
+            # to stderr.fifo: keep draining it (into the output log) so that the agent never blocks on it.
+            self._err_fd = self._open_fifo(self.err_fifo_path, err_fd, self._drain_err)
         if self.cfg.notify:
             self._notify = NotifySocket(self.notify_path, self._on_notify)
             self._notify.open(self._loop, notify_sock if isinstance(notify_sock, socket.socket) else None)
 
     def close_channels(self, unlink: bool = True) -> None:
-        if self._fifo_fd >= 0:
-            self._drain()
-            self._loop.remove_reader(self._fifo_fd)
-            os.close(self._fifo_fd)
-            self._fifo_fd = -1
-        if self._notify is not None:
-            self._notify.close(self._loop, unlink=unlink)
-            self._notify = None
-        self.log.close()
+        fd, sock, err_fd = self.detach_channels()
+        for f in (fd, err_fd):
+            if f >= 0:
+                os.close(f)
+        if sock is not None:
+            sock.close()
+            if unlink:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.notify_path)
+        self._end_followers()
 
-    def detach_channels(self) -> tuple[int, socket.socket | None]:
-        """Give the output FIFO and notify socket away without closing them (a handover passes them on)."""
-        fd = self._fifo_fd
+    def detach_channels(self) -> tuple[int, socket.socket | None, int]:
+        """Give the output FIFO(s) and notify socket away without closing them (a handover passes them on)."""
+        fd, err_fd = self._fifo_fd, self._err_fd
         if fd >= 0:
             self._drain()
             self._loop.remove_reader(fd)
             self._fifo_fd = -1
+        if err_fd >= 0:
+            self._drain_err()
+            self._loop.remove_reader(err_fd)
+            self._err_fd = -1
         sock = self._notify.detach(self._loop) if self._notify is not None else None
         self._notify = None
         self.log.close()
-        return fd, sock
+        if self.err_log is not None:
+            self.err_log.close()
+        return fd, sock, err_fd
 
     def _drain(self) -> None:
+        self._drain_fd(self._fifo_fd, self.log, False)
+
+    def _drain_err(self) -> None:
+        self._drain_fd(self._err_fd, self.err_log or self.log, self.err_log is not None)
+
+    def _drain_fd(self, fd: int, log: RotatingLog, stderr: bool) -> None:
+        if fd < 0:
+            return
         for _ in range(64):
             try:
-                data = os.read(self._fifo_fd, 65536)
+                data = os.read(fd, 65536)
             except (BlockingIOError, InterruptedError):
                 return
             if not data:
                 return
-            self.log.write(data)
+            log.write(data)
+            for q in list(self._followers[stderr]):
+                try:
+                    q.put_nowait(data)
+                except asyncio.QueueFull:
+                    self._followers[stderr].discard(q)
+                    with contextlib.suppress(asyncio.QueueEmpty):
+                        q.get_nowait()
+                    q.put_nowait(None)
+
+    # ---- tail and clear ------------------------------------------------------------------------------
+
+    def flush_output(self) -> None:
+        """Drain what the agent wrote so far into its log files (before reading them)."""
+        self._drain()
+        self._drain_err()
+
+    def log_for(self, stderr: bool) -> RotatingLog:
+        if not stderr:
+            return self.log
+        if self.err_log is None:
+            raise AgentError(f"agent {self.name} writes stderr into its output log (set stderr = \"separate\")")
+        return self.err_log
+
+    def follow(self, stderr: bool) -> asyncio.Queue[bytes | None]:
+        """A queue of every new chunk of output; None ends it (the agent was removed or the reader fell behind)."""
+        self.log_for(stderr)
+        q: asyncio.Queue[bytes | None] = asyncio.Queue(FOLLOW_QUEUE_CHUNKS)
+        self._followers[stderr].add(q)
+        return q
+
+    def unfollow(self, q: asyncio.Queue[bytes | None]) -> None:
+        for qs in self._followers.values():
+            qs.discard(q)
+
+    def _end_followers(self) -> None:
+        for qs in self._followers.values():
+            for q in qs:
+                with contextlib.suppress(asyncio.QueueFull):
+                    q.put_nowait(None)
+            qs.clear()
 
     def _on_notify(self, fields: dict[str, str]) -> None:
         if "STATUS" in fields:
@@ -199,7 +313,8 @@ class Agent:
         if new is self._state:
             return
         check_move(AGENT_TRANSITIONS, self._state, new, f"agent {self.name}")
-        logger.info("agent {} {} -> {}", self.name, self._state.value, new.value)
+        if not self._adopting:  # taking over a running process is one line (adopt), not a fake start
+            logger.info("agent {} {} -> {}", self.name, self._state.value, new.value)
         self._state = new
         self._on_change(self)
 
@@ -226,6 +341,8 @@ class Agent:
             last_error=self.last_error,
             adopted=self.adopted,
             status_text=self.status_text,
+            kept=self.kept,
+            log_path=str(self.log.path),
         )
 
     def record(self) -> AgentRecord:
@@ -238,6 +355,8 @@ class Agent:
             restarts=self.restarts,
             consecutive_failures=self.consecutive_failures,
             state=self.state.value,
+            stop_signal=self.cfg.stop_signal,
+            stop_timeout_s=self.cfg.stop_timeout_s,
         )
 
     def _cancel_timers(self) -> None:
@@ -273,20 +392,28 @@ class Agent:
             env["BATON_AGENT_VERSION"] = version
             if self.cfg.notify:
                 env["NOTIFY_SOCKET"] = str(self.notify_path)
+            ident = self._identity(env)
             out = os.open(self.fifo_path, os.O_RDWR | os.O_CLOEXEC)
+            err = os.open(self.err_fifo_path, os.O_RDWR | os.O_CLOEXEC) if self.err_log is not None else out
             try:
                 popen = subprocess.Popen(
                     [str(cmd), *self.cfg.args],
                     stdin=subprocess.DEVNULL,
                     stdout=out,
-                    stderr=out,
+                    stderr=err,
                     cwd=str(cwd),
                     env=env,
                     start_new_session=True,
                     close_fds=True,
+                    user=ident.user,
+                    group=ident.group,
+                    extra_groups=ident.extra_groups,
+                    umask=ident.umask,
                 )
             finally:
                 os.close(out)
+                if err != out:
+                    os.close(err)
         except (OSError, AgentError) as e:
             self.last_error = f"cannot start: {e}"
             logger.error("agent {}: {}", self.name, self.last_error)
@@ -306,6 +433,38 @@ class Agent:
         logger.info("agent {} started pid {} version {}", self.name, self.pid, version or "-")
         if not self.cfg.notify:
             self._timer = self._loop.call_later(self.cfg.start_seconds, self._start_seconds_passed, self.pid)
+
+    def _identity(self, env: dict[str, str]) -> Identity:
+        """Popen arguments that drop to ``user``/``group`` and set ``umask`` in the child before the exec.
+
+        The output FIFOs are opened by us and inherited, so they need no permission; the notify socket is
+        reached by path, so it is given to the agent's uid and its directories get the search bit only.
+        """
+        umask = self.cfg.umask_value
+        out = Identity(umask=-1 if umask is None else umask)
+        if not self.cfg.user and not self.cfg.group:
+            return out
+        uid, gid = -1, -1
+        try:
+            pwd.getpwnam(self.cfg.user or "root")
+            grp.getgrnam(self.cfg.group or "root")
+        except KeyError as e:
+            raise AgentError(f"no such user or group: {e}") from None
+        if self.cfg.user:
+            pw = pwd.getpwnam(self.cfg.user)
+            uid, gid = pw.pw_uid, pw.pw_gid
+            out.user = uid
+            out.extra_groups = [g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid]
+            env.update(USER=pw.pw_name, LOGNAME=pw.pw_name, HOME=pw.pw_dir)
+        if self.cfg.group:
+            gid = grp.getgrnam(self.cfg.group).gr_gid
+        out.group = gid
+        if self.cfg.notify and self._notify is not None:
+            os.chown(self.notify_path, uid, gid)
+            for d in (self.dir, self.dir.parent, self._config.node.state_dir):
+                with contextlib.suppress(OSError):
+                    os.chmod(d, stat.S_IMODE(os.stat(d).st_mode) | 0o111)
+        return out
 
     def _watch(self, pidfd: int) -> None:
         self._pidfd = pidfd
@@ -403,13 +562,18 @@ class Agent:
         self.consecutive_failures = rec.consecutive_failures
         self.adopted = True
         self._watch(pidfd)
-        self._set_state(AgentState.STARTING)
-        if rec.state == AgentState.RUNNING.value:
-            self._became_running()
-        elif not self.cfg.notify:
-            remaining = max(0.0, self.cfg.start_seconds - (time.time() - rec.start_time))
-            self._timer = self._loop.call_later(remaining, self._start_seconds_passed, self.pid)
-        logger.info("agent {} adopted pid {} ({})", self.name, self.pid, "child" if self._is_child else "non-child")
+        self._adopting = True
+        try:
+            self._set_state(AgentState.STARTING)
+            if rec.state == AgentState.RUNNING.value:
+                self._became_running()
+            elif not self.cfg.notify:
+                remaining = max(0.0, self.cfg.start_seconds - (time.time() - rec.start_time))
+                self._timer = self._loop.call_later(remaining, self._start_seconds_passed, self.pid)
+        finally:
+            self._adopting = False
+        logger.info("agent {} adopted pid {} ({}), {}", self.name, self.pid,
+                    "child" if self._is_child else "non-child", self.state.value)
         return True
 
     def release(self) -> None:
@@ -427,6 +591,7 @@ class Agent:
 
     async def start(self) -> None:
         async with self._lock:
+            self._refuse_if_retiring()
             if self.state in (AgentState.STARTING, AgentState.RUNNING):
                 return
             if self.state is AgentState.STOPPING:
@@ -460,8 +625,23 @@ class Agent:
                 await asyncio.wait_for(self._exited.wait(), KILL_WAIT_S)
         _kill_group(pgid, signal.SIGKILL)
 
+    def send_signal(self, signum: int) -> None:
+        """Signal the agent's process group (``supervisor signal HUP web``); an agent without a process refuses."""
+        if not self.state.has_process or not self.pid:
+            raise AgentError(f"agent {self.name} is {self.state.value}: no process to signal")
+        logger.info("agent {}: sending {} to pid {}", self.name, signal.Signals(signum).name, self.pid)
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            raise AgentError(f"agent {self.name}: its process is gone") from None
+
+    def _refuse_if_retiring(self) -> None:
+        if self.retiring:
+            raise AgentError(f"agent {self.name} left the config and is being stopped for good")
+
     async def restart(self) -> None:
         async with self._lock:
+            self._refuse_if_retiring()
             await self._stop()
             self.consecutive_failures = 0
             self._spawn()
@@ -470,14 +650,37 @@ class Agent:
         await self._exited.wait()
 
 
+@dataclass(frozen=True)
+class ReloadResult:
+    """What a reload did, by agent name."""
+
+    started: tuple[str, ...] = ()
+    stopped: tuple[str, ...] = ()
+    restarted: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+
+
+def retired_config(rec: AgentRecord) -> AgentConfig:
+    """Enough of a config to stop an agent that the config no longer names: its recorded stop signal and timeout."""
+    return AgentConfig(name=rec.name, command="", stop_signal=rec.stop_signal, stop_timeout_s=rec.stop_timeout_s,
+                       autostart=False, restart="never")
+
+
 class ProcessManager:
-    """All agents of this host, and the agent table that lets a successor adopt them."""
+    """All agents of this host, and the agent table that lets a successor adopt them.
+
+    An agent that leaves the config (at start, or at a reload) is *retired*: it stays in ``agents`` (so
+    ``status`` shows it stopping and the table keeps its pid across a crash) until its stop signal, and
+    SIGKILL after its ``stop_timeout_s``, have ended it; only then is it forgotten.
+    """
 
     def __init__(self, config: Config, on_change: Callable[[AgentSnapshot], None] | None = None) -> None:
         self.config = config
         self.table = AgentTable(config.node.state_dir / "agents.json")
         self._listeners: list[Callable[[AgentSnapshot], None]] = [on_change] if on_change else []
         self.agents: dict[str, Agent] = {}
+        self._retiring: dict[str, asyncio.Task[None]] = {}
+        self._reload_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
 
     def add_listener(self, fn: Callable[[AgentSnapshot], None]) -> None:
@@ -501,27 +704,43 @@ class ProcessManager:
     def snapshots(self) -> list[AgentSnapshot]:
         return [a.snapshot() for a in self.agents.values()]
 
-    async def start(self, channels: dict[str, tuple[int | None, object | None]] | None = None,
+    def configured(self) -> list[Agent]:
+        """The agents of the config (not those being retired)."""
+        return [a for n, a in self.agents.items() if n not in self._retiring]
+
+    async def start(self, channels: dict[str, tuple[int | None, object | None, int | None]] | None = None,
                     records: list[AgentRecord] | None = None) -> None:
         """Adopt agents left running by an earlier process, then start the others that autostart.
 
-        ``records`` and ``channels`` come from a handover; otherwise the persisted table is read and the
-        channels are opened by path.
+        ``records`` and ``channels`` come from a handover (their agents are *kept*: shown as such, not as
+        restarted); otherwise the persisted table is read and the channels are opened by path. Agents in the
+        records but not in the config are adopted and retired.
         """
+        handed_over = records is not None
         channels = channels or {}
         by_name = {r.name: r for r in (records if records is not None else self.table.load())}
         for cfg in self.config.agents:
-            agent = Agent(cfg, self.config, self._changed)
-            self.agents[cfg.name] = agent
-            fifo_fd, notify_sock = channels.get(cfg.name, (None, None))
-            agent.open_channels(fifo_fd, notify_sock)
+            self._add(cfg, channels.get(cfg.name))
         for name, rec in by_name.items():
-            if name not in self.agents and rec.pid and same_process(rec.pid, rec.start_time):
-                logger.warning("agent {} (pid {}) is no longer configured; stopping it", name, rec.pid)
-                _kill_group(rec.pid, signal.SIGTERM)
-        for name, agent in self.agents.items():
+            if name in self.agents or not rec.pid or not same_process(rec.pid, rec.start_time):
+                ch = channels.get(name)
+                if name not in self.agents and ch is not None:
+                    _close_channel_fds(ch)
+                continue
+            logger.warning("agent {} (pid {}) is no longer configured; stopping it", name, rec.pid)
+            old = self._add(retired_config(rec), channels.get(name))
+            if old.adopt(rec):
+                old.kept = handed_over
+                self._retire(old)
+            else:
+                old.close_channels()
+                del self.agents[name]
+        for name, agent in list(self.agents.items()):
+            if name in self._retiring:
+                continue
             prev = by_name.get(name)
             if prev is not None and prev.pid and agent.adopt(prev):
+                agent.kept = handed_over
                 continue
             if prev is not None:
                 agent.restarts = prev.restarts
@@ -535,12 +754,90 @@ class ProcessManager:
                 agent._spawn()
         self.persist()
 
+    def _add(self, cfg: AgentConfig, channels: tuple[int | None, object | None, int | None] | None) -> Agent:
+        agent = Agent(cfg, self.config, self._changed)
+        self.agents[cfg.name] = agent
+        fifo_fd, notify_sock, err_fd = channels or (None, None, None)
+        agent.open_channels(fifo_fd, notify_sock, err_fd)
+        return agent
+
+    def _retire(self, agent: Agent) -> asyncio.Task[None]:
+        agent.retiring = True
+        task = self._loop.create_task(self._stop_and_forget(agent))
+        self._retiring[agent.name] = task
+        return task
+
+    async def _stop_and_forget(self, agent: Agent) -> None:
+        try:
+            await agent.stop()
+            while agent.state.has_process:  # SIGKILLed but not yet reaped (a process in D state): keep waiting
+                await agent.wait_exit()
+            agent.close_channels()
+            if self.agents.get(agent.name) is agent:
+                del self.agents[agent.name]
+            logger.info("agent {} stopped and removed", agent.name)
+        finally:
+            if self._retiring.get(agent.name) is asyncio.current_task():
+                del self._retiring[agent.name]
+            self.persist()
+
+    async def wait_retired(self) -> None:
+        """Until every agent that left the config is gone (tests, shutdown)."""
+        while self._retiring:
+            await asyncio.gather(*list(self._retiring.values()), return_exceptions=True)
+
+    async def reload(self, config: Config) -> ReloadResult:
+        """Apply a new list of agents: start the new, retire the removed, restart the changed, leave the rest.
+
+        ``config`` must differ from the current one only in ``agents`` (the daemon keeps the other sections
+        until its next start). Returns once removed and changed agents have stopped and new ones were started.
+        """
+        async with self._reload_lock:
+            old = {a.name: a for a in self.configured()}
+            new = {c.name: c for c in config.agents}
+            self.config = config
+            removed = [n for n in old if n not in new]
+            changed = [n for n in old if n in new and old[n].cfg != new[n]]
+            added = [n for n in new if n not in old]
+            unchanged = [n for n in old if n in new and old[n].cfg == new[n]]
+            for name in removed + changed:
+                logger.info("reload: {} agent {}", "stopping removed" if name in removed else "restarting changed",
+                            name)
+                self._retire(old[name])
+            waits = [self._retiring[n] for n in removed + changed]
+            waits += [t for n, t in self._retiring.items() if n in added]  # a name coming back
+            await asyncio.gather(*waits, return_exceptions=True)
+            for name in changed + added:
+                agent = self._add(new[name], None)
+                if name in changed:
+                    agent.restarts = old[name].restarts
+                if agent.cfg.autostart:
+                    agent._spawn()
+            for name in unchanged:
+                old[name]._config = config
+            self.persist()
+            logger.info("reload: started {}, stopped {}, restarted {}, unchanged {}", added or "-",
+                        removed or "-", changed or "-", len(unchanged))
+            return ReloadResult(tuple(added), tuple(removed), tuple(changed), tuple(unchanged))
+
     async def stop_all(self) -> None:
-        await asyncio.gather(*(a.stop() for a in self.agents.values()))
+        await asyncio.gather(*(a.stop() for a in list(self.agents.values())))
+        await self.wait_retired()
         self.persist()
-        for a in self.agents.values():
+        for a in list(self.agents.values()):
             a.close_channels()
 
     def release_all(self) -> None:
         for a in self.agents.values():
             a.release()
+        for t in self._retiring.values():
+            t.cancel()  # the next supervisor adopts and retires them again (their records are kept)
+        self._retiring.clear()
+
+
+def _close_channel_fds(ch: tuple[int | None, object | None, int | None]) -> None:
+    for fd in (ch[0], ch[2]):
+        if fd is not None:
+            os.close(fd)
+    if isinstance(ch[1], socket.socket):
+        ch[1].close()

@@ -43,49 +43,144 @@ def cmd_check_config(ns: argparse.Namespace) -> int:
 
 
 def _fmt_agents(agents: list[Any]) -> str:
-    from baton.pb import common_pb2
+    from supervisor.ctl import state_name
 
     rows = [("NAME", "STATE", "PID", "VERSION", "UPTIME", "RESTARTS", "LAST EXIT", "NOTE")]
     now = time.time()
     for a in agents:
-        state = common_pb2.AgentState.Name(a.state).removeprefix("AGENT_STATE_").lower()
         uptime = f"{now - a.start_time:.0f}s" if a.pid else "-"
-        last = str(a.last_exit_status) if a.has_exit_status else "-"
-        note = a.last_error + (" (adopted)" if a.adopted else "")
-        rows.append((a.name, state, str(a.pid or "-"), a.version or "-", uptime, str(a.restarts), last, note))
+        last = (a.last_exit_signal or str(a.last_exit_status)) if a.has_exit_status else "-"
+        if a.kept:
+            how = "kept across a supervisor update"
+        elif a.adopted:
+            how = "adopted after a supervisor restart"
+        else:
+            how = ""
+        note = "; ".join(x for x in (a.last_error, how) if x)
+        rows.append((a.name, state_name(a.state), str(a.pid or "-"), a.version or "-", uptime, str(a.restarts), last,
+                     note))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
-def cmd_status(ns: argparse.Namespace) -> int:
+FATAL_TAIL_LINES = 3
+
+
+def _socket_path(ns: argparse.Namespace) -> Path:
+    """``--socket``, else ``grpc.unix_socket`` of ``--config``, else its private ``<state_dir>/run/control.sock``."""
+    if ns.socket:
+        return Path(ns.socket)
+    cfg = _load(ns.config)
+    return cfg.grpc.unix_socket or cfg.run_dir / "control.sock"
+
+
+def _ctl(fn: Any) -> Any:
+    """Run an operator command: a CtlError is one line on stderr and exit 1."""
+    from supervisor.ctl import CtlError
+
+    def run(ns: argparse.Namespace) -> int:
+        try:
+            return int(fn(ns))
+        except CtlError as e:
+            print(f"supervisor: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+
+    return run
+
+
+def _last_lines(c: Any, name: str) -> list[str]:
+    """The last lines of a fatal agent's log, for the note under the status table ([] if not allowed)."""
     import grpc
 
-    from baton.pb import daemon_pb2, daemon_pb2_grpc
+    from baton.pb import daemon_pb2
 
-    if ns.socket:
-        target = f"unix:{ns.socket}"
-    else:
-        cfg = _load(ns.config)
-        if cfg.grpc.unix_socket is None:
-            print("supervisor: the config has no grpc.unix_socket; pass --socket", file=sys.stderr)
-            return 1
-        target = f"unix:{cfg.grpc.unix_socket}"
-    with grpc.insecure_channel(target) as ch:
-        stub = daemon_pb2_grpc.DaemonServiceStub(ch)
-        try:
-            st = stub.GetStatus(daemon_pb2.GetStatusRequest(), timeout=ns.timeout)
-        except grpc.RpcError as e:
-            print(f"supervisor: cannot reach the supervisor at {target}: {e.code().name} {e.details()}",
-                  file=sys.stderr)
-            return 1
+    try:
+        chunks = c.stub.TailLog(daemon_pb2.TailRequest(name=name, lines=FATAL_TAIL_LINES), timeout=c.timeout)
+        return b"".join(ch.data for ch in chunks).decode(errors="replace").splitlines()
+    except grpc.RpcError:
+        return []
+
+
+def cmd_status(ns: argparse.Namespace) -> int:
+    from baton.pb import common_pb2, daemon_pb2
+    from supervisor.ctl import client, to_json
+
+    with client(_socket_path(ns), ns.timeout) as c:
+        st = c.call("GetStatus", daemon_pb2.GetStatusRequest())
+        fatal = {a.name: _last_lines(c, a.name) for a in st.agents if a.state == common_pb2.AGENT_STATE_FATAL}
     if ns.json:
-        from google.protobuf.json_format import MessageToJson
+        import json
 
-        print(MessageToJson(st))
+        print(json.dumps(to_json(st), indent=2))
         return 0
-    print(f"node {st.node_id}  supervisor {st.supervisor_version}  pid {st.pid}  up {st.uptime_seconds:.0f}s  "
-          f"manager {'connected' if st.manager_connected else 'not connected'}")
+    head = f"node {st.node_id}  supervisor {st.supervisor_version}  pid {st.pid}  up {st.uptime_seconds:.0f}s"
+    if st.manager_configured:
+        head += f"  manager {'connected' if st.manager_connected else 'not connected'}"
+    print(head)
     print(_fmt_agents(list(st.agents)))
+    for a in st.agents:
+        if a.name in fatal:
+            print(f"\n{a.name} is fatal (`supervisor start {a.name}` retries); its log {a.log_path} ends:")
+            for line in fatal[a.name] or ["(empty)"]:
+                print(f"  {line}")
+    return 0
+
+
+def cmd_control(ns: argparse.Namespace) -> int:
+    from supervisor.ctl import client, control, emit
+
+    with client(_socket_path(ns), ns.timeout) as c:
+        results, ok = control(c, ns.action, ns.names, ns.wait, getattr(ns, "signal", ""))
+    emit(results, ns.json)
+    return 0 if ok else 1
+
+
+def cmd_tail(ns: argparse.Namespace) -> int:
+    import grpc
+
+    from baton.pb import daemon_pb2
+    from supervisor.ctl import client
+
+    with client(_socket_path(ns), ns.timeout) as c:
+        req = daemon_pb2.TailRequest(name=ns.name, lines=ns.lines, follow=ns.follow, stderr=ns.stderr)
+        out = sys.stdout.buffer
+        try:
+            for chunk in c.stub.TailLog(req, timeout=None if ns.follow else ns.timeout):
+                out.write(chunk.data)
+                out.flush()
+        except grpc.RpcError as e:
+            raise c.error(e) from None
+    return 0
+
+
+def cmd_clear(ns: argparse.Namespace) -> int:
+    from baton.pb import daemon_pb2
+    from supervisor.ctl import client
+
+    with client(_socket_path(ns), ns.timeout) as c:
+        resp = c.call("ClearLog", daemon_pb2.ClearLogRequest(name=ns.name, stderr=ns.stderr))
+    print(f"{ns.name}: cleared {'stderr log' if ns.stderr else 'log'} ({resp.bytes_removed} bytes)")
+    return 0
+
+
+def cmd_reload(ns: argparse.Namespace) -> int:
+    from baton.pb import daemon_pb2
+    from supervisor.ctl import client, to_json
+
+    with client(_socket_path(ns), ns.timeout) as c:
+        r = c.call("Reload", daemon_pb2.ReloadRequest(), timeout=ns.wait)
+    if ns.json:
+        import json
+
+        print(json.dumps(to_json(r), indent=2))
+        return 0
+    for label, names in (("started", r.started), ("stopped", r.stopped), ("restarted", r.restarted),
+                         ("unchanged", r.unchanged)):
+        print(f"{label}: {', '.join(names) or '-'}")
+    if r.not_applied:
+        print(f"not applied until the next supervisor start: [{'], ['.join(r.not_applied)}]")
     return 0
 
 
@@ -106,27 +201,78 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="supervisor", description="Baton supervisor: keeps Agents running.")
+    p = argparse.ArgumentParser(prog="supervisor", description="Baton supervisor: keeps Agents running.",
+                                epilog="examples:\n  supervisor status\n  supervisor restart web\n"
+                                       "  supervisor tail -f web\n  supervisor reload\n"
+                                       "(README.md, section \"Operating Baton\")",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"baton supervisor {supervisor_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run the supervisor daemon")
+    def client_args(sp: argparse.ArgumentParser, json_flag: bool = True) -> None:
+        sp.add_argument("--config", "-c", default="/etc/baton/supervisor.toml",
+                        help="config file whose grpc.unix_socket to use (default: %(default)s)")
+        sp.add_argument("--socket", help="the supervisor's Unix socket (instead of reading the config)")
+        sp.add_argument("--timeout", type=float, default=5.0, help="seconds per call (default: %(default)s)")
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="print JSON (every field, zeros included)")
+
+    def command(name: str, help: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    r = command("run", "run the supervisor daemon", "supervisor run --config /etc/baton/supervisor.toml")
     r.add_argument("--config", "-c", required=True, help="TOML config file")
     r.add_argument("--json", action="store_true", help="log one JSON object per line")
     r.set_defaults(fn=cmd_run)
-    c = sub.add_parser("check-config", help="validate a config file without starting anything")
+    c = command("check-config", "validate a config file without starting anything",
+                "supervisor check-config /etc/baton/supervisor.toml")
     c.add_argument("file")
     c.set_defaults(fn=cmd_check_config)
-    s = sub.add_parser("status", help="show the agents of the local supervisor")
-    s.add_argument("--config", "-c", default="/etc/baton/supervisor.toml")
-    s.add_argument("--socket", help="the supervisor's Unix socket (instead of reading the config)")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--timeout", type=float, default=5.0)
-    s.set_defaults(fn=cmd_status)
-    i = sub.add_parser("install-self", help="install this code as a supervisor version under install_root")
+    s = command("status", "show the agents of the local supervisor", "supervisor status --json")
+    client_args(s)
+    s.set_defaults(fn=_ctl(cmd_status))
+    for action, help, example in (
+        ("start", "start agents (a fatal agent is reset and started) and wait until they run",
+         "supervisor start web worker"),
+        ("stop", "stop agents (stop signal, SIGKILL after stop_timeout_s) and wait until they stopped",
+         "supervisor stop all"),
+        ("restart", "stop and start agents and wait until they run again", "supervisor restart web"),
+    ):
+        a = command(action, help, example)
+        a.add_argument("names", nargs="+", metavar="NAME", help="agent names, or `all`")
+        a.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the new state")
+        client_args(a)
+        a.set_defaults(fn=_ctl(cmd_control), action=action)
+    g = command("signal", "send a signal to agents' process groups", "supervisor signal HUP web")
+    g.add_argument("signal", help="HUP, SIGHUP, USR1, ... or a number")
+    g.add_argument("names", nargs="+", metavar="NAME", help="agent names, or `all`")
+    g.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the state to settle")
+    client_args(g)
+    g.set_defaults(fn=_ctl(cmd_control), action="signal")
+    t = command("tail", "print an agent's output, through the supervisor (no access to the log dir needed)",
+                "supervisor tail -f -n 50 web")
+    t.add_argument("name", metavar="NAME")
+    t.add_argument("-n", "--lines", type=int, default=10, help="last lines to print first (default: %(default)s)")
+    t.add_argument("-f", "--follow", action="store_true", help="keep printing new output until interrupted")
+    t.add_argument("--stderr", action="store_true", help='the separate stderr log (agents with stderr = "separate")')
+    client_args(t, json_flag=False)
+    t.set_defaults(fn=_ctl(cmd_tail))
+    cl = command("clear", "empty an agent's log and remove its rotated files", "supervisor clear web")
+    cl.add_argument("name", metavar="NAME")
+    cl.add_argument("--stderr", action="store_true", help="clear the separate stderr log instead")
+    client_args(cl, json_flag=False)
+    cl.set_defaults(fn=_ctl(cmd_clear))
+    rl = command("reload", "re-read the config: start new agents, stop removed ones, restart changed ones",
+                 "supervisor reload --config /etc/baton/supervisor.toml")
+    rl.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the reload to finish")
+    client_args(rl)
+    rl.set_defaults(fn=_ctl(cmd_reload))
+    i = command("install-self", "install this code as a supervisor version under install_root",
+                "supervisor install-self --config /etc/baton/supervisor.toml")
     i.add_argument("--config", "-c", required=True)
     i.add_argument("--version", help="the version to install as (default: this code's version)")
     i.set_defaults(fn=cmd_install_self)
-    d = sub.add_parser("demo", help="run a self-contained demo in a temporary directory")
+    d = command("demo", "run a self-contained demo in a temporary directory", "supervisor demo --seconds 10")
     d.add_argument("--seconds", type=float, default=5.0, help="how long to keep running at the end")
     d.add_argument("--keep", action="store_true", help="keep the temporary directory")
     d.set_defaults(fn=cmd_demo)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import os
 import signal
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,11 +28,11 @@ from loguru import logger
 
 from baton.agent_table import AgentRecord
 from baton.audit import AuditLog
-from baton.config import Config
+from baton.config import Config, load_config
 from baton.errors import BatonError
 from baton.pb import daemon_pb2_grpc
 from supervisor import handover, systemd
-from supervisor.agents import AgentSnapshot, ProcessManager, same_process
+from supervisor.agents import AgentSnapshot, ProcessManager, ReloadResult, same_process
 from supervisor.audit import AuditInterceptor, AuditTrail, Callers
 from supervisor.daemon_service import DaemonService, agent_info
 from supervisor.front import Front, UnixPeerPolicy, bind_tcp, bind_unix
@@ -44,11 +46,30 @@ from supervisor.version import supervisor_version
 
 SERVICE_NAME = "baton.v1.DaemonService"
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+HANDLED_SIGNALS = STOP_SIGNALS | {signal.SIGHUP}  # blocked across a handover's exec, so none is lost or fatal
 PENDING_STOP_ENV = "BATON_PENDING_STOP"
 
 
 class AlreadyRunning(BatonError):
     pass
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    """A reload's outcome: what happened to each agent, and config sections that wait for the next start."""
+
+    agents: ReloadResult
+    not_applied: tuple[str, ...]
+
+
+def status_line(snaps: list[AgentSnapshot]) -> str:
+    """systemd's STATUS=: how many agents run, start and have failed."""
+    from baton.states import AgentState
+
+    count = {s: sum(1 for a in snaps if a.state is s) for s in AgentState}
+    failed = count[AgentState.FATAL] + count[AgentState.BACKOFF]
+    return (f"{count[AgentState.RUNNING]} running, {count[AgentState.STARTING]} starting, {failed} failed "
+            f"of {len(snaps)} agents")
 
 
 def prepare_dirs(cfg: Config) -> None:
@@ -94,6 +115,8 @@ class Supervisor:
         self._handed_over: list[socket.socket] = []  # kept open until the exec
         self._watchdog: asyncio.Task[None] | None = None
         self.audit = AuditTrail(AuditLog(cfg.node.state_dir), Callers())
+        self._reloads: set[asyncio.Task[None]] = set()
+        self._agents_ready = asyncio.Event()  # a reload (SIGHUP, RPC) that comes while starting waits for it
 
     @property
     def backend_path(self) -> Path:
@@ -120,7 +143,7 @@ class Supervisor:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
         daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
             DaemonService(self.cfg.node.id, self.version, self.started_at, self.pm_required, self.updates,
-                          manager_connected=self),
+                          manager_connected=self, reload=self.reload),
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -172,6 +195,50 @@ class Supervisor:
     def _agent_changed(self, snap: AgentSnapshot) -> None:
         if self.manager is not None:
             self.manager.agents_changed()
+        if self.pm is not None:
+            systemd.notify(f"STATUS={status_line(self.pm.snapshots())}")
+
+    @property
+    def manager_configured(self) -> bool:
+        return bool(self.cfg.manager.address)
+
+    async def reload(self) -> Reloaded:
+        """Re-read the config file and apply its agents; ConfigError (nothing changed) for a bad file.
+
+        Only ``agents`` is applied; other sections that differ are named in ``not_applied`` and take effect
+        at the next start (listening sockets, directories and the Manager client are not rebuilt live).
+        """
+        await self._agents_ready.wait()
+        assert self.cfg.source is not None and self.pm is not None
+        new = await asyncio.to_thread(load_config, self.cfg.source)
+        not_applied = tuple(f.name for f in dataclasses.fields(Config)
+                            if f.name not in ("agents", "source") and getattr(new, f.name) != getattr(self.cfg, f.name))
+        if not_applied:
+            logger.warning("reload: changes to [{}] take effect at the next supervisor start", ", ".join(not_applied))
+        merged = dataclasses.replace(self.cfg, agents=new.agents)
+        systemd.notify("RELOADING=1\nSTATUS=reloading the config")
+        try:
+            result = await self.pm.reload(merged)
+        finally:
+            self.cfg = merged
+            if self.updates is not None:
+                self.updates.cfg = merged
+            systemd.notify(f"READY=1\nSTATUS={status_line(self.pm.snapshots())}")
+        return Reloaded(result, not_applied)
+
+    def _reload_on_signal(self) -> None:
+        async def run() -> None:
+            from baton.config import ConfigError
+
+            logger.info("SIGHUP: reloading {}", self.cfg.source)
+            try:
+                await self.reload()
+            except ConfigError as e:
+                logger.error("reload refused, the running config stays: {}", e)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._reloads.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._reloads.discard)
 
     async def _feed_watchdog(self, interval: float) -> None:
         while True:
@@ -183,7 +250,8 @@ class Supervisor:
         loop.set_exception_handler(_log_loop_exception)
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._stop.set)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked across a handover's exec
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # blocked across a handover's exec
         if os.environ.pop(PENDING_STOP_ENV, None):
             logger.info("a stop was requested during the handover; stopping once it completes")
             self._stop.set()
@@ -210,6 +278,7 @@ class Supervisor:
         else:
             await self.pm.start()
         await self.updates.start()
+        self._agents_ready.set()
         self.endpoint = handover.HandoverEndpoint(self)
         self.endpoint.start()
         await self._set_serving(True)
@@ -217,7 +286,7 @@ class Supervisor:
                     os.getpid(), ", ".join(self.front.addresses()), len(self.pm.agents))
         if received is not None:
             await self._finish_handover(received)
-        systemd.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {len(self.pm.agents)} agents")
+        systemd.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={status_line(self.pm.snapshots())}")
         if self.cfg.manager.address:
             self.manager = ManagerClient(
                 self.cfg.manager, self.cfg.node.id, self.version, self.started_at,
@@ -282,7 +351,7 @@ class Supervisor:
         thread already handled is passed on in ``BATON_PENDING_STOP``. Either way the new process stops cleanly
         once the handover completes.
         """
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         await self._stop_control_plane()
         assert self.front is not None and self.pm is not None
         await self.front.stop_accepting()
@@ -298,10 +367,13 @@ class Supervisor:
             fds.append(s.fileno())
             self._handed_over.append(s)
         for agent in self.pm.agents.values():
-            fifo_fd, notify_sock = agent.detach_channels()
+            fifo_fd, notify_sock, err_fd = agent.detach_channels()
             if fifo_fd >= 0:
                 descs.append(handover.wire.FdDescriptor("fifo", agent.name))
                 fds.append(fifo_fd)
+            if err_fd >= 0:
+                descs.append(handover.wire.FdDescriptor("stderr_fifo", agent.name))
+                fds.append(err_fd)
             if notify_sock is not None:
                 descs.append(handover.wire.FdDescriptor("notify", agent.name))
                 fds.append(notify_sock.fileno())

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
 
 import grpc
 
+from baton.config import ConfigError
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
 from baton.states import AgentState
-from supervisor.agents import AgentSnapshot, ProcessManager, UnknownAgent
+from supervisor.agents import AgentError, AgentSnapshot, ProcessManager, UnknownAgent, parse_signal
+
+TAIL_MAX_LINES = 10_000
 
 
 class UpdateManager(Protocol):
@@ -39,18 +43,23 @@ def agent_info(s: AgentSnapshot) -> common_pb2.AgentInfo:
         version=s.version,
         last_error=s.last_error,
         adopted=s.adopted,
+        last_exit_signal=s.last_exit_signal,
+        kept=s.kept,
+        log_path=s.log_path,
     )
 
 
 class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
     def __init__(self, node_id: str, version: str, started_at: float, pm: ProcessManager,
-                 updates: UpdateManager | None, manager_connected: object = None) -> None:
+                 updates: UpdateManager | None, manager_connected: object = None,
+                 reload: Callable[[], Awaitable[Any]] | None = None) -> None:
         self.node_id = node_id
         self.version = version
         self.started_at = started_at
         self.pm = pm
         self.updates = updates
         self._manager_connected = manager_connected
+        self._reload = reload
 
     async def GetStatus(self, request: daemon_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> daemon_pb2.Status:
@@ -63,6 +72,7 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
             pid=os.getpid(),
             started_at=self.started_at,
             manager_connected=connected,
+            manager_configured=bool(getattr(self._manager_connected, "manager_configured", False)),
         )
 
     async def ListAgents(self, request: daemon_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
@@ -78,7 +88,10 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
     async def StartAgent(self, request: daemon_pb2.AgentRef, context: grpc.aio.ServicerContext
     ) -> common_pb2.AgentInfo:
         agent = await self._agent(request.name, context)
-        await agent.start()
+        try:
+            await agent.start()
+        except AgentError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         return agent_info(agent.snapshot())
 
     async def StopAgent(self, request: daemon_pb2.AgentRef, context: grpc.aio.ServicerContext
@@ -90,7 +103,10 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
     async def RestartAgent(self, request: daemon_pb2.AgentRef, context: grpc.aio.ServicerContext
     ) -> common_pb2.AgentInfo:
         agent = await self._agent(request.name, context)
-        await agent.restart()
+        try:
+            await agent.restart()
+        except AgentError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         return agent_info(agent.snapshot())
 
     async def PushUpdate(self, request: daemon_pb2.UpdateRequest, context: grpc.aio.ServicerContext
@@ -114,3 +130,59 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
         assert self.updates is not None
         async for status in self.updates.watch(request.update_id, context):
             yield status
+
+    # ---- contract version 2: the operator's methods (supervisor signal|tail|clear|reload) ---------------
+
+    async def SignalAgent(self, request: daemon_pb2.SignalRequest, context: grpc.aio.ServicerContext
+                          ) -> common_pb2.AgentInfo:
+        agent = await self._agent(request.name, context)
+        try:
+            agent.send_signal(parse_signal(request.signal))
+        except AgentError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        return agent_info(agent.snapshot())
+
+    async def TailLog(self, request: daemon_pb2.TailRequest, context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[daemon_pb2.LogChunk]:
+        agent = await self._agent(request.name, context)
+        try:
+            log = agent.log_for(request.stderr)
+            queue = agent.follow(request.stderr) if request.follow else None
+        except AgentError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            return
+        try:
+            agent.flush_output()
+            head = log.last_lines(min(request.lines, TAIL_MAX_LINES))
+            if head:
+                yield daemon_pb2.LogChunk(data=head)
+            while queue is not None:
+                data = await queue.get()
+                if data is None:
+                    return
+                yield daemon_pb2.LogChunk(data=data)
+        finally:
+            if queue is not None:
+                agent.unfollow(queue)
+
+    async def ClearLog(self, request: daemon_pb2.ClearLogRequest, context: grpc.aio.ServicerContext
+                       ) -> daemon_pb2.ClearLogResponse:
+        agent = await self._agent(request.name, context)
+        try:
+            removed = agent.log_for(request.stderr).clear()
+        except AgentError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        return daemon_pb2.ClearLogResponse(bytes_removed=removed)
+
+    async def Reload(self, request: daemon_pb2.ReloadRequest, context: grpc.aio.ServicerContext
+                     ) -> daemon_pb2.ReloadResponse:
+        if self._reload is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this supervisor cannot reload")
+        assert self._reload is not None
+        try:
+            done = await asyncio.shield(self._reload())  # a client that goes away does not cut a reload short
+        except ConfigError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"config error: {e}; the running config stays")
+        r = done.agents
+        return daemon_pb2.ReloadResponse(started=r.started, stopped=r.stopped, restarted=r.restarted,
+                                         unchanged=r.unchanged, not_applied=done.not_applied)

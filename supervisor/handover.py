@@ -47,11 +47,13 @@ class ReceivedState:
     listen: dict[str, socket.socket] = field(default_factory=dict)
     fifos: dict[str, int] = field(default_factory=dict)
     notify: dict[str, socket.socket] = field(default_factory=dict)
+    err_fifos: dict[str, int] = field(default_factory=dict)
     from_version: str = ""
 
-    def channels(self) -> dict[str, tuple[int | None, object | None]]:
-        names = set(self.fifos) | set(self.notify)
-        return {n: (self.fifos.get(n), self.notify.get(n)) for n in names}
+    def channels(self) -> dict[str, tuple[int | None, object | None, int | None]]:
+        """Per agent: (output FIFO, notify socket, stderr FIFO), each None when not handed over."""
+        names = set(self.fifos) | set(self.notify) | set(self.err_fifos)
+        return {n: (self.fifos.get(n), self.notify.get(n), self.err_fifos.get(n)) for n in names}
 
     def take_listen(self, address: str) -> socket.socket | None:
         return self.listen.pop(address, None)
@@ -124,6 +126,8 @@ def receive(cfg: Config, version: str) -> ReceivedState | None:
             state.listen[desc.name] = socket.socket(fileno=fd)
         elif desc.kind == "fifo":
             state.fifos[desc.name] = fd
+        elif desc.kind == "stderr_fifo":
+            state.err_fifos[desc.name] = fd
         elif desc.kind == "notify":
             state.notify[desc.name] = socket.socket(fileno=fd)
         else:

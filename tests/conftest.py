@@ -553,9 +553,9 @@ SELF_AGENTS = [
 def make_self_host(make_supervisor: Callable[..., SupervisorProc], release: Release
                    ) -> Callable[..., SelfUpdateHost]:
     def make(name: str = "sup", env: dict[str, str] | None = None, tcp: bool = True,
-             update: dict[str, Any] | None = None) -> SelfUpdateHost:
+             update: dict[str, Any] | None = None, agents: list[dict[str, Any]] | None = None) -> SelfUpdateHost:
         sup = make_supervisor(
-            list(SELF_AGENTS), name=name, tcp=tcp,
+            list(agents or SELF_AGENTS), name=name, tcp=tcp,
             extra={"update": {"trusted_keys": [str(release.public_key)], "handshake_timeout_s": 20.0,
                               "free_space_reserve_bytes": 0, "max_backups": 2, **(update or {})}},
         )
@@ -565,8 +565,8 @@ def make_self_host(make_supervisor: Callable[..., SupervisorProc], release: Rele
 
         install_self(load_config(sup.config_path), "1.0.0")
         sup.start(launcher=sup.base / "install" / "supervisor" / "current" / "bin" / "supervisor", env=env)
-        for a in ("web", "worker", "chatty"):
-            sup.wait_agent(a, "running")
+        for a in (agents or SELF_AGENTS):
+            sup.wait_agent(a["name"], "running")
         return SelfUpdateHost(sup, release)
 
     return make

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,10 +42,12 @@ BAD = {
                      "manager.tls_ca", "not found"),
     "missing_tls_file": (BASE.replace("[grpc]", "[grpc]\ntls_cert = \"/nope/c.pem\"\ntls_key = \"/nope/k.pem\"\n"
                                       "tls_ca = \"/nope/ca.pem\""), "grpc.tls_cert", "not found"),
-    "relative_path": (BASE.replace('state_dir = "/tmp/baton-cfg-test/state"', 'state_dir = "state"'),
-                      "node.state_dir", "absolute path"),
+    "relative_missing_file": (BASE + "[manager]\naddress = \"127.0.0.1:1\"\ntls_ca = \"certs/ca.pem\"\n",
+                              "manager.tls_ca", "/certs/ca.pem not found"),
     "relative_command": (BASE + "[[agents]]\nname = \"web\"\ncommand = \"bin/web\"\n", "agents[0].command",
-                         "absolute path"),
+                         "/bin/web is not an executable file"),
+    "bare_command": (BASE + "[[agents]]\nname = \"web\"\ncommand = \"web\"\n", "agents[0].command",
+                     "absolute path"),
     "duplicate_agent": (BASE + AGENT + AGENT, "agents[1].name", "duplicate agent name 'web'"),
     "bad_policy": (BASE + AGENT + "restart = \"sometimes\"\n", "agents[0].restart", "must be one of"),
     "bad_signal": (BASE + AGENT + "stop_signal = \"NOPE\"\n", "agents[0].stop_signal", "unknown signal"),
@@ -62,9 +65,11 @@ def test_bad_config_names_the_key_and_the_problem(tmp_path, case):
         load_config(write(tmp_path, body), environ={})
     assert key in str(e.value)
     assert problem in str(e.value)
+    if "/" in problem:
+        assert f"{tmp_path}{problem}" in str(e.value), "a path in an error is shown absolute"
 
 
-@pytest.mark.parametrize("case", ["unknown_key", "duplicate_agent", "relative_path", "missing_file"])
+@pytest.mark.parametrize("case", ["unknown_key", "duplicate_agent", "relative_missing_file", "missing_file"])
 def test_run_with_bad_config_exits_2_and_starts_nothing(tmp_path, case):
     body, key, _ = BAD[case]
     body = body.replace("/tmp/baton-cfg-test", str(tmp_path))
@@ -126,3 +131,44 @@ def test_example_config_in_packaging_is_valid():
         raw.get("update", {}).pop(k, None)
     cfg = config_from_dict(raw, environ={})
     assert cfg.node.id
+
+
+def test_relative_paths_resolve_against_the_config_files_directory(tmp_path, monkeypatch):
+    (tmp_path / "bin").mkdir()
+    web = tmp_path / "bin" / "web"
+    web.write_text("#!/bin/sh\n")
+    web.chmod(0o755)
+    body = BASE.replace('state_dir = "/tmp/baton-cfg-test/state"', 'state_dir = "state"')
+    body += "[[agents]]\nname = \"web\"\ncommand = \"bin/web\"\nworking_dir = \".\"\n"
+    write(tmp_path, body)
+    monkeypatch.chdir("/")
+    cfg = load_config(Path(os.path.relpath(tmp_path / "c.toml", "/")), environ={})
+    assert cfg.node.state_dir == tmp_path / "state"
+    assert cfg.agents[0].command == str(web)
+    assert cfg.agents[0].working_dir == tmp_path
+
+
+def test_unknown_key_suggests_the_closest_known_one(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE + AGENT + "restrat = \"always\"\n"), environ={})
+    assert str(e.value) == "agents[0].restrat: unknown key (did you mean restart?)"
+
+
+@pytest.mark.parametrize("name", ["TERM", "SIGTERM", "sigint", "HUP"])
+def test_stop_signal_accepts_names_with_and_without_sig(tmp_path, name):
+    cfg = load_config(write(tmp_path, BASE + AGENT + f"stop_signal = \"{name}\"\n"), environ={})
+    import signal
+
+    assert cfg.agents[0].stop_signum == signal.Signals["SIG" + name.upper().removeprefix("SIG")]
+
+
+@pytest.mark.parametrize(("line", "key", "problem"), [
+    ('user = "no-such-user-here"', "agents[0].user", "no such user"),
+    ('group = "no-such-group-here"', "agents[0].group", "no such group"),
+    ('umask = "999"', "agents[0].umask", "octal"),
+    ('stderr = "elsewhere"', "agents[0].stderr", "merged, separate"),
+])
+def test_bad_user_group_umask_or_stderr_is_refused(tmp_path, line, key, problem):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE + AGENT + line + "\n"), environ={})
+    assert str(e.value).startswith(key) and problem in str(e.value)

@@ -143,3 +143,29 @@ def test_allow_list_entries_match_by_kind_and_a_bare_name_matches_the_common_nam
     for bad in ("IP:127.0.0.1", "O=Baton", "CN=", "DNS:", "spiffe://baton/manager/manager-1"):
         with pytest.raises(AllowListError):
             Policy([bad])
+
+
+def test_operator_methods_over_tls_are_for_allowed_clients_only_tail_included(
+        make_manager, make_supervisor, release, pki):
+    """Agent output may hold secrets: TailLog is not read-only, like SignalAgent, ClearLog and Reload."""
+    _, host = tls_node(make_manager, make_supervisor, release, pki)
+    address = host.sup.cfg["grpc"]["listen"][0]
+    before = host.sup.agent("app")
+    calls = {
+        "TailLog": lambda s: list(s.TailLog(daemon_pb2.TailRequest(name="app", lines=5), timeout=5)),
+        "ClearLog": lambda s: s.ClearLog(daemon_pb2.ClearLogRequest(name="app"), timeout=5),
+        "SignalAgent": lambda s: s.SignalAgent(daemon_pb2.SignalRequest(name="app", signal="CONT"), timeout=5),
+        "Reload": lambda s: s.Reload(daemon_pb2.ReloadRequest(), timeout=30),
+    }
+    with channel(address, pki.ca.cert, pki.managers["manager-2"], "node-1") as ch:
+        stub = daemon_pb2_grpc.DaemonServiceStub(ch)
+        for name, call in calls.items():
+            with pytest.raises(grpc.RpcError) as e:
+                call(stub)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
+            assert "allowed_clients" in (e.value.details() or ""), name
+    assert host.sup.log_of("app").stat().st_size > 0, "the refused ClearLog cleared nothing"
+    with channel(address, pki.ca.cert, pki.manager, "node-1") as ch:
+        chunks = calls["TailLog"](daemon_pb2_grpc.DaemonServiceStub(ch))
+    assert b"versioned_agent" in b"".join(c.data for c in chunks)
+    assert host.sup.agent("app").pid == before.pid

@@ -97,8 +97,31 @@ def agent_pids(host) -> dict[str, int]:
 def test_unit_starts_and_reports_ready(systemd, unit_host):
     props = systemd.show("baton-supervisor.service", "ActiveState", "SubState", "StatusText", "MainPID", "Type")
     assert props["ActiveState"] == "active" and props["Type"] == "notify"
-    assert props["StatusText"].startswith("serving 3 agents")
     assert int(props["MainPID"]) == unit_host.sup.status().pid
+    wait_for(lambda: systemd.show("baton-supervisor.service", "StatusText")["StatusText"]
+             == "3 running, 0 starting, 0 failed of 3 agents", what="STATUS= counting the running agents")
+
+
+@needs_systemd
+def test_systemctl_reload_applies_the_config_and_refuses_a_bad_one(systemd, unit_host):
+    from tests.conftest import agent
+
+    sup = unit_host.sup
+    before = agent_pids(unit_host)
+    sup.cfg["agents"] = [*SELF_AGENTS[:2], agent("extra", "ready_agent.py", notify=True)]  # chatty out, extra in
+    sup.write_config()
+    res = systemd.systemctl("reload", "baton-supervisor.service", timeout=120)
+    assert res.returncode == 0, res.stderr + sup.output()
+    after = agent_pids(unit_host)
+    assert set(after) == {"web", "worker", "extra"}
+    assert after["web"] == before["web"] and after["worker"] == before["worker"]
+    sup.cfg["agents"].append({"name": "bad", "command": "/nonexistent/agent"})
+    sup.write_config()
+    res = systemd.systemctl("reload", "baton-supervisor.service", timeout=120)
+    assert res.returncode != 0
+    assert systemd.show("baton-supervisor.service", "ActiveState", "MainPID") == {
+        "ActiveState": "active", "MainPID": str(sup.status().pid)}
+    assert agent_pids(unit_host) == after
 
 
 @needs_systemd

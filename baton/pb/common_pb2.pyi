@@ -98,6 +98,9 @@ class AgentInfo(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     ADOPTED_FIELD_NUMBER: _builtins.int
+    LAST_EXIT_SIGNAL_FIELD_NUMBER: _builtins.int
+    KEPT_FIELD_NUMBER: _builtins.int
+    LOG_PATH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: Global___AgentState.ValueType
     pid: _builtins.int
@@ -114,6 +117,12 @@ class AgentInfo(_message.Message):
     last_error: _builtins.str
     adopted: _builtins.bool
     """taken over from an earlier supervisor process"""
+    last_exit_signal: _builtins.str
+    """"SIGKILL" when the last exit was by a signal, else "" """
+    kept: _builtins.bool
+    """handed over intact by a supervisor self-update (start_time is the agent's own)"""
+    log_path: _builtins.str
+    """the agent's output log on the supervisor's host"""
     def __init__(
         self,
         *,
@@ -127,10 +136,13 @@ class AgentInfo(_message.Message):
         version: _builtins.str = ...,
         last_error: _builtins.str = ...,
         adopted: _builtins.bool = ...,
+        last_exit_signal: _builtins.str = ...,
+        kept: _builtins.bool = ...,
+        log_path: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopted", b"adopted", "has_exit_status", b"has_exit_status", "last_error", b"last_error", "last_exit_status", b"last_exit_status", "name", b"name", "pid", b"pid", "restarts", b"restarts", "start_time", b"start_time", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopted", b"adopted", "has_exit_status", b"has_exit_status", "kept", b"kept", "last_error", b"last_error", "last_exit_signal", b"last_exit_signal", "last_exit_status", b"last_exit_status", "log_path", b"log_path", "name", b"name", "pid", b"pid", "restarts", b"restarts", "start_time", b"start_time", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -80,6 +80,26 @@ class DaemonServiceStub:
                 request_serializer=baton_dot_pb_dot_daemon__pb2.UpdateRef.SerializeToString,
                 response_deserializer=baton_dot_pb_dot_daemon__pb2.UpdateStatus.FromString,
                 _registered_method=True)
+        self.SignalAgent = channel.unary_unary(
+                '/baton.v1.DaemonService/SignalAgent',
+                request_serializer=baton_dot_pb_dot_daemon__pb2.SignalRequest.SerializeToString,
+                response_deserializer=baton_dot_pb_dot_common__pb2.AgentInfo.FromString,
+                _registered_method=True)
+        self.TailLog = channel.unary_stream(
+                '/baton.v1.DaemonService/TailLog',
+                request_serializer=baton_dot_pb_dot_daemon__pb2.TailRequest.SerializeToString,
+                response_deserializer=baton_dot_pb_dot_daemon__pb2.LogChunk.FromString,
+                _registered_method=True)
+        self.ClearLog = channel.unary_unary(
+                '/baton.v1.DaemonService/ClearLog',
+                request_serializer=baton_dot_pb_dot_daemon__pb2.ClearLogRequest.SerializeToString,
+                response_deserializer=baton_dot_pb_dot_daemon__pb2.ClearLogResponse.FromString,
+                _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/baton.v1.DaemonService/Reload',
+                request_serializer=baton_dot_pb_dot_daemon__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=baton_dot_pb_dot_daemon__pb2.ReloadResponse.FromString,
+                _registered_method=True)
 
 
 class DaemonServiceServicer:
@@ -143,6 +163,37 @@ class DaemonServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SignalAgent(self, request, context):
+        """Contract version 2: operator methods (`supervisor signal|tail|clear|reload`). None is read-only: over TLS
+        only identities in grpc.allowed_clients may call them; local Unix-socket peers pass SO_PEERCRED first.
+        Sends a signal to the agent's process group; returns the agent as it is right after.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TailLog(self, request, context):
+        """The last lines of the agent's log, then (with follow) every new chunk until the client goes away.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearLog(self, request, context):
+        """Truncates the agent's log (and its rotated files).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reload(self, request, context):
+        """Re-reads the config file: starts new agents, stops removed ones, restarts changed ones, leaves the rest.
+        A bad config is refused with INVALID_ARGUMENT (the one-line config error) and nothing changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DaemonServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +241,26 @@ def add_DaemonServiceServicer_to_server(servicer, server):
                     servicer.CancelUpdate,
                     request_deserializer=baton_dot_pb_dot_daemon__pb2.UpdateRef.FromString,
                     response_serializer=baton_dot_pb_dot_daemon__pb2.UpdateStatus.SerializeToString,
+            ),
+            'SignalAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignalAgent,
+                    request_deserializer=baton_dot_pb_dot_daemon__pb2.SignalRequest.FromString,
+                    response_serializer=baton_dot_pb_dot_common__pb2.AgentInfo.SerializeToString,
+            ),
+            'TailLog': grpc.unary_stream_rpc_method_handler(
+                    servicer.TailLog,
+                    request_deserializer=baton_dot_pb_dot_daemon__pb2.TailRequest.FromString,
+                    response_serializer=baton_dot_pb_dot_daemon__pb2.LogChunk.SerializeToString,
+            ),
+            'ClearLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearLog,
+                    request_deserializer=baton_dot_pb_dot_daemon__pb2.ClearLogRequest.FromString,
+                    response_serializer=baton_dot_pb_dot_daemon__pb2.ClearLogResponse.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=baton_dot_pb_dot_daemon__pb2.ReloadRequest.FromString,
+                    response_serializer=baton_dot_pb_dot_daemon__pb2.ReloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -435,6 +506,114 @@ class DaemonService:
             '/baton.v1.DaemonService/CancelUpdate',
             baton_dot_pb_dot_daemon__pb2.UpdateRef.SerializeToString,
             baton_dot_pb_dot_daemon__pb2.UpdateStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignalAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.DaemonService/SignalAgent',
+            baton_dot_pb_dot_daemon__pb2.SignalRequest.SerializeToString,
+            baton_dot_pb_dot_common__pb2.AgentInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TailLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/baton.v1.DaemonService/TailLog',
+            baton_dot_pb_dot_daemon__pb2.TailRequest.SerializeToString,
+            baton_dot_pb_dot_daemon__pb2.LogChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.DaemonService/ClearLog',
+            baton_dot_pb_dot_daemon__pb2.ClearLogRequest.SerializeToString,
+            baton_dot_pb_dot_daemon__pb2.ClearLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.DaemonService/Reload',
+            baton_dot_pb_dot_daemon__pb2.ReloadRequest.SerializeToString,
+            baton_dot_pb_dot_daemon__pb2.ReloadResponse.FromString,
             options,
             channel_credentials,
             insecure,
