@@ -7,13 +7,8 @@ import json
 import re
 import time
 
-import pytest
-
 from baton.pb import common_pb2
-from baton.states import UpdateState
-from manager.errors import SchemaTooNew
 from manager.packages import PackageServer
-from manager.store import SCHEMA_VERSION, ResultRow, SqliteStore, UpdateRow
 from tests.conftest import wait_for
 from tests.manager_fixtures import (
     journal_ids,
@@ -174,51 +169,7 @@ def test_rollout_resumes_after_a_manager_restart_without_pushing_any_node_twice(
     wait_for(lambda: all(u["reports"] == 1 for u in manager.updates()), 10, what="every result recorded once")
 
 
-# ---- the store and the package server on their own ---------------------------------------------------------
-
-
-def result(update_id: str, state: str = "committed", **kw: object) -> ResultRow:
-    fields: dict[str, object] = dict(update_id=update_id, node="node-1", component="app", from_version="1.0.0",
-                                     to_version="1.1.0", state=UpdateState(state), success=state == "committed",
-                                     rolled_back=state == "rolled_back", error="", timings={"download": 0.1},
-                                     started_at=1.0, finished_at=2.0)
-    fields.update(kw)
-    return ResultRow(**fields)  # type: ignore[arg-type]
-
-
-def test_store_migrates_an_old_database_in_order_and_refuses_a_newer_one(tmp_path):
-    db = tmp_path / "m.db"
-    old = SqliteStore(db, migrate_to=1)
-    old.create_update(UpdateRow(update_id="u1", node="node-1", component="app", to_version="1.1.0"))
-    old.close()
-
-    store = SqliteStore(db)
-    assert store._conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
-    assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    row = store.update("u1")
-    assert (row.state, row.reports, row.reported_at) == (UpdateState.REQUESTED, 0, None)
-    store._conn.execute("PRAGMA user_version = 99")
-    store.close()
-    with pytest.raises(SchemaTooNew):
-        SqliteStore(db)
-
-
-def test_store_deduplicates_results_by_update_id_and_never_moves_a_final_update_back(tmp_path):
-    store = SqliteStore(tmp_path / "m.db")
-    store.create_update(UpdateRow(update_id="u1", node="node-1", component="app", to_version="1.1.0"))
-    store.progress_update("u1", UpdateState.DOWNLOADING)
-    assert store.record_result(result("u1")) is False
-    assert store.record_result(result("u1")) is True, "the second delivery is a duplicate"
-    store.progress_update("u1", UpdateState.WATCHING)  # a late progress line from a pusher
-    store.finish_update(UpdateRow(update_id="u1", node="node-1", component="app", to_version="1.1.0",
-                                  state=UpdateState.FAILED, error="pusher's view"))
-    row = store.update("u1")
-    assert (row.state, row.success, row.reports, row.error) == (UpdateState.COMMITTED, True, 2, "")
-
-    assert store.record_result(result("u2", "rolled_back", error="not ready")) is False, "unknown ids are recorded"
-    assert [u.update_id for u in store.updates(state="rolled_back")] == ["u2"]
-    assert [u.update_id for u in store.updates(node="node-1", component="app")] == ["u2", "u1"], \
-        "oldest first: u2 started (started_at=1.0) before u1 was pushed"
+# ---- the package server on its own (the store: tests/test_store_contract.py) ----------------------------
 
 
 def test_package_server_serves_ranges_and_nothing_outside_its_directory(tmp_path):
