@@ -423,15 +423,18 @@ class _SqlStore:
     _CLAIM_LOCK = ""  # PostgreSQL: FOR UPDATE SKIP LOCKED
 
     def claim_rollout(self, owner: str, lease_s: float) -> str | None:
-        """Take the oldest active rollout nobody holds (or whose owner's lease ran out); its id, or None."""
+        """Take the oldest active rollout nobody holds (or whose owner's lease ran out); its id, or None.
+
+        A replica never gets back a rollout it holds: it is driving that one already.
+        """
         now = time.time()
         with self._tx() as c:
             row = self._exec(
                 c,
                 f"""SELECT id FROM rollouts
-                    WHERE state IN (?, ?) AND (owner = '' OR owner = ? OR lease_until < ?)
+                    WHERE state IN (?, ?) AND (owner = '' OR lease_until < ?)
                     ORDER BY created_at LIMIT 1 {self._CLAIM_LOCK}""",
-                (*ACTIVE_ROLLOUT_STATES, owner, now),
+                (*ACTIVE_ROLLOUT_STATES, now),
             ).fetchone()
             if row is None:
                 return None
@@ -534,7 +537,7 @@ class PostgresStore(_SqlStore):
         import psycopg
         from psycopg.rows import dict_row
 
-        self.url = url
+        self.url = _redacted(url)
         self._lock = threading.Lock()
         try:
             self._conn: psycopg.Connection[dict[str, Any]] = psycopg.connect(

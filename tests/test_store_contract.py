@@ -127,7 +127,7 @@ def test_only_one_replica_claims_a_rollout_until_its_lease_runs_out(store_url):
     a.create_rollout(rollout_row("r-done", 0.5, state="completed"))
     assert a.claim_rollout("replica-a", 0.5) == "r-1"
     assert b.claim_rollout("replica-b", 0.5) is None, "held by a, and a finished rollout is never claimed"
-    assert a.claim_rollout("replica-a", 0.5) == "r-1", "the owner may claim it again"
+    assert a.claim_rollout("replica-a", 0.5) is None, "a replica is not handed what it drives already"
     assert a.save_rollout("r-1", "running", {"nodes": {}, "n": 1}, owner="replica-a")
     assert not b.save_rollout("r-1", "running", {"nodes": {}, "n": 2}, owner="replica-b"), "not the owner"
     time.sleep(0.6)
