@@ -8,8 +8,12 @@ import json
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from baton.config import ConfigError, load_config
 from tests.conftest import PY, ROOT, Release, SupervisorProc, UpdateHost, wait_for
 from tests.manager_fixtures import (
     ManagerProc,
@@ -220,3 +224,50 @@ def test_a_database_url_of_an_unknown_kind_is_refused_with_one_line():
                          cwd=ROOT, timeout=30)
     assert (res.returncode, res.stderr.strip()) == (
         2, "baton-manager: mysql://x/y: unknown database URL (postgresql://... or sqlite:///PATH)")
+
+
+# ---- the supervisor's side of the fleet config -------------------------------------------------------------
+
+NODE = """
+[node]
+id = "n1"
+state_dir = "/tmp/baton-fleet-cfg/state"
+install_root = "/tmp/baton-fleet-cfg/install"
+{labels}
+[grpc]
+unix_socket = "/tmp/baton-fleet-cfg/s.sock"
+[manager]
+address = {address}
+"""
+
+
+def fleet_config(tmp_path: Path, address: str, labels: str = "") -> Path:
+    p = tmp_path / "c.toml"
+    p.write_text(NODE.format(address=address, labels=labels))
+    return p
+
+
+def test_manager_address_takes_a_list_or_a_comma_separated_string_and_node_labels_a_table(tmp_path):
+    listed = load_config(fleet_config(tmp_path, '["127.0.0.1:1", "[::1]:2"]', 'labels = {role = "web", zone = "a"}'))
+    assert listed.manager.addresses == ("127.0.0.1:1", "[::1]:2")
+    assert dict(listed.node.labels) == {"role": "web", "zone": "a"}
+    joined = load_config(fleet_config(tmp_path, '"127.0.0.1:1, 127.0.0.1:2"'))
+    assert joined.manager.addresses == ("127.0.0.1:1", "127.0.0.1:2")
+    assert load_config(fleet_config(tmp_path, '"127.0.0.1:1"')).manager.addresses == ("127.0.0.1:1",)
+
+
+@pytest.mark.parametrize(("address", "labels", "line"), [
+    ('["127.0.0.1:1", 7]', "", "manager.address[1]: must be one HOST:PORT string, got 7"),
+    ('"127.0.0.1:1,nowhere"', "", "manager.address: 'nowhere' is not HOST:PORT"),
+    ('"127.0.0.1:1"', 'labels = {"bad key" = "x"}', "node.labels.bad key: bad key='x': keys and values are "
+                                                    "letters, digits, . _ - (up to 64)"),
+    ('"127.0.0.1:1"', 'labels = {role = 3}', "node.labels.role: must be a string, got int 3"),
+])
+def test_a_bad_manager_address_or_label_is_refused_at_check_config_with_one_line(tmp_path, address, labels, line):
+    path = fleet_config(tmp_path, address, labels)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == line
+    res = subprocess.run([PY, "-m", "supervisor", "check-config", str(path)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=30)
+    assert res.returncode == 2 and res.stderr.strip().endswith(line) and "\n" not in res.stderr.strip()
