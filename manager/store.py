@@ -529,22 +529,35 @@ def _pg(sql: str) -> str:
 
 class PostgresStore(_SqlStore):
     """The PostgreSQL implementation of :class:`Store` (psycopg 3): one connection per process, shared by
-    its threads under a lock, autocommit outside the explicit transactions."""
+    its threads under a lock, autocommit outside the explicit transactions. A connection the server
+    dropped (a restart, a failover) is replaced at the next call; the call that found it broken fails."""
 
     _CLAIM_LOCK = "FOR UPDATE SKIP LOCKED"
 
     def __init__(self, url: str, *, migrate_to: int = SCHEMA_VERSION) -> None:
         import psycopg
-        from psycopg.rows import dict_row
 
         self.url = _redacted(url)
+        self._dsn = url
         self._lock = threading.Lock()
         try:
-            self._conn: psycopg.Connection[dict[str, Any]] = psycopg.connect(
-                url, autocommit=True, row_factory=dict_row, connect_timeout=int(BUSY_TIMEOUT_S))
+            self._conn: psycopg.Connection[dict[str, Any]] = self._connect()
             self._migrate(migrate_to)
         except psycopg.Error as e:
             raise StoreError(f"cannot open the database {_redacted(url)}: {str(e).strip()}") from None
+
+    def _connect(self) -> psycopg.Connection[dict[str, Any]]:
+        import psycopg
+        from psycopg.rows import dict_row
+
+        return psycopg.connect(self._dsn, autocommit=True, row_factory=dict_row,
+                               connect_timeout=int(BUSY_TIMEOUT_S))
+
+    def _live(self) -> psycopg.Connection[dict[str, Any]]:
+        """The connection, replaced first if the server dropped it. Called under the lock."""
+        if self._conn.closed or self._conn.broken:
+            self._conn = self._connect()
+        return self._conn
 
     def schema_version(self) -> int:
         with self._lock:
@@ -582,15 +595,17 @@ class PostgresStore(_SqlStore):
 
     @contextmanager
     def _tx(self) -> Iterator[Any]:
-        with self._lock, self._conn.transaction():
-            yield self._conn
+        with self._lock:
+            conn = self._live()
+            with conn.transaction():
+                yield conn
 
     def _exec(self, c: Any, sql: str, args: tuple[Any, ...] = ()) -> Any:
         return c.execute(_pg(sql).encode(), args)
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         with self._lock:
-            return self._conn.execute(_pg(sql).encode(), args).fetchall()
+            return self._live().execute(_pg(sql).encode(), args).fetchall()
 
 
 def _redacted(url: str) -> str:

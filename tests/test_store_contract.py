@@ -207,3 +207,16 @@ def test_an_old_database_is_migrated_in_order_and_a_newer_one_is_refused(store_u
     store.close()
     with pytest.raises(SchemaTooNew):
         open_store(store_url)
+
+
+def test_postgres_store_replaces_a_connection_the_server_dropped(pg_url):
+    import psycopg
+
+    store = PostgresStore(pg_url)
+    store.set_setting("k", "v")
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (store._conn.info.backend_pid,))
+    with pytest.raises(psycopg.OperationalError):
+        store.setting("k")  # the call that finds the connection gone fails ...
+    assert store.setting("k") == "v", "... and the next one runs on a new connection"
+    store.close()
