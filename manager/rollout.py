@@ -50,7 +50,7 @@ from baton.states import UpdateState
 from manager.errors import NodeOffline, PushRefused, RolloutError
 from manager.publish import PackageRef
 from manager.push import ClientTls, Outcome, Pusher, PushOptions, Target, new_update_id, state_of
-from manager.store import RolloutRow, Store, UpdateRow
+from manager.store import RolloutNodeRow, RolloutRow, Store, UpdateRow
 
 MAX_PARALLEL = 32
 TICK_S = 0.2  # how often the owner looks at the store (control, reconnected nodes) and its workers
@@ -162,20 +162,10 @@ def new_rollout(store: Store, spec: RolloutSpec) -> str:
     if missing:
         raise RolloutError(f"no address for {', '.join(missing)} (not registered; use --node-address)")
     rollout_id = "r-" + uuid.uuid4().hex[:10]
-    progress = {n: NodeProgress(batch=i) for i, batch in enumerate(spec.batches()) for n in batch}
     now = time.time()
-    store.create_rollout(RolloutRow(rollout_id, spec.to_json(), RolloutState.RUNNING.value,
-                                    progress_json(progress), now, now))
+    store.create_rollout(RolloutRow(rollout_id, spec.to_json(), RolloutState.RUNNING.value, {"reason": ""}, now, now),
+                         [RolloutNodeRow(n, batch=i) for i, batch in enumerate(spec.batches()) for n in batch])
     return rollout_id
-
-
-def progress_json(progress: dict[str, NodeProgress], reason: str = "", **extra: Any) -> dict[str, Any]:
-    """The progress document: per node its step, batch, update id, error; per batch its counts; the reason."""
-    batches: dict[str, dict[str, int]] = {}
-    for p in progress.values():
-        counts = batches.setdefault(str(p.batch), {})
-        counts[p.step.value] = counts.get(p.step.value, 0) + 1
-    return {"nodes": {n: p.to_json() for n, p in progress.items()}, "batches": batches, "reason": reason, **extra}
 
 
 class LostLease(Exception):
@@ -198,6 +188,7 @@ class RolloutDriver:
         self.stop = stop or threading.Event()
         self.spec = RolloutSpec.from_json(row.spec)
         self.progress = {n: NodeProgress.from_json(p) for n, p in row.progress["nodes"].items()}
+        self._position = {n: i for i, n in enumerate(self.spec.nodes)}
         self.offline_deadline = float(row.progress.get("offline_deadline", 0.0))
         # Steps found PUSHING were saved by an earlier owner: that push may have arrived.
         self._maybe_sent = {n for n, p in self.progress.items() if p.update_id}
@@ -207,25 +198,30 @@ class RolloutDriver:
         self._workers: dict[str, threading.Thread] = {}
         self._stopping = False  # no new pushes (cancelled, lost, or serve stopping)
         self._lost = False
-        self._next_renew = time.monotonic() + lease_s / 3
 
     # ---- the store ---------------------------------------------------------------------------------
 
-    def _save(self) -> None:
-        """Saved before it is acted on, and only while we own the rollout (else LostLease)."""
-        extra = {"offline_deadline": self.offline_deadline} if self.offline_deadline else {}
-        if not self.store.save_rollout(self.id, self.state.value, progress_json(self.progress, self.reason, **extra),
-                                       owner=self.owner):
+    def _fenced(self, saved: bool) -> None:
+        """A save is made only while we own the rollout: one refused means another replica has it."""
+        if not saved:
             self._lost = True
             raise LostLease(self.id)
 
+    def _save(self) -> None:
+        extra = {"offline_deadline": self.offline_deadline} if self.offline_deadline else {}
+        self._fenced(self.store.save_rollout(self.id, self.state.value, {"reason": self.reason, **extra},
+                                             owner=self.owner))
+
     def _set(self, node: str, **changes: Any) -> NodeProgress:
+        """A node's step, saved before it is acted on: the store always knows at least as much as the nodes."""
         with self._lock:
             if self._lost:
                 raise LostLease(self.id)
             p = replace(self.progress[node], **changes)
+            self._fenced(self.store.save_rollout_node(self.id, RolloutNodeRow(
+                node, p.batch, position=self._position[node], step=p.step.value, update_id=p.update_id, error=p.error,
+                offline_since=p.offline_since, cancel=p.cancel), owner=self.owner))
             self.progress[node] = p
-            self._save()
         logger.info("rollout {}: {} {}{}{}", self.id, node, p.step.value, f" ({p.update_id})" if p.update_id else "",
                     f": {p.error}" if p.error else "")
         return p
@@ -238,22 +234,32 @@ class RolloutDriver:
             self._save()
         logger.info("rollout {} {}{}", self.id, state.value, f": {reason}" if reason else "")
 
+    def _keep_lease(self, done: threading.Event) -> None:
+        """Renew the lease every third of it, on its own thread so a slow call elsewhere cannot lose it."""
+        while not done.wait(self.lease_s / 3):
+            try:
+                renewed = self.store.renew_lease(self.id, self.owner, self.lease_s)
+            except Exception as e:  # the database blinked: the next try may work, within the lease
+                logger.warning("rollout {}: lease not renewed: {!r}", self.id, e)
+                continue
+            if not renewed:
+                self._lost = True
+                return
+
     def _tick(self) -> str:
-        """Renew the lease when due; returns the control asked ("", "pause", "cancel")."""
+        """Returns the control asked ("", "pause", "cancel"); raises LostLease once the lease is gone."""
         if self._lost:
             raise LostLease(self.id)
-        if time.monotonic() >= self._next_renew:
-            if not self.store.renew_lease(self.id, self.owner, self.lease_s):
-                self._lost = True
-                raise LostLease(self.id)
-            self._next_renew = time.monotonic() + self.lease_s / 3
-        row = self.store.rollout(self.id)
+        row = self.store.rollout(self.id, with_nodes=False)
         return row.control if row is not None else "cancel"
 
     # ---- the run -----------------------------------------------------------------------------------
 
     def run(self) -> RolloutState | None:
         """Until the rollout ends (its final state) or is lost or serve stops (None: another replica goes on)."""
+        done = threading.Event()
+        keeper = threading.Thread(target=self._keep_lease, args=(done,), name=f"lease-{self.id}", daemon=True)
+        keeper.start()
         try:
             return self._run()
         except LostLease:
@@ -262,10 +268,15 @@ class RolloutDriver:
             return None
         finally:
             self._stopping = True
+            done.set()
 
     def _run(self) -> RolloutState | None:
         if self.state.final:
             return self.state
+        known = {n.node for n in self.store.rollout_nodes(self.id)}
+        for node in self.progress:
+            if node not in known:  # a rollout started before schema 3: its nodes get their rows first
+                self._set(node)
         batches = self.spec.batches()
         for i, batch in enumerate(batches):
             ended = self._run_batch(i, batch)

@@ -32,9 +32,9 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -98,6 +98,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE rollouts ADD COLUMN lease_until REAL NOT NULL DEFAULT 0",
         "ALTER TABLE rollouts ADD COLUMN control TEXT NOT NULL DEFAULT ''",
         "CREATE INDEX rollouts_by_state ON rollouts (state, created_at)",
+        # One row per node of a rollout: a step is one small write, and progress per batch is a query.
+        """CREATE TABLE rollout_nodes (
+            rollout_id TEXT NOT NULL,
+            node TEXT NOT NULL,
+            position INTEGER NOT NULL,
+            batch INTEGER NOT NULL,
+            step TEXT NOT NULL DEFAULT 'pending',
+            update_id TEXT NOT NULL DEFAULT '',
+            error TEXT NOT NULL DEFAULT '',
+            offline_since REAL NOT NULL DEFAULT 0,
+            cancel TEXT NOT NULL DEFAULT '',
+            updated_at REAL NOT NULL DEFAULT 0,
+            PRIMARY KEY (rollout_id, node))""",
+        "CREATE INDEX rollout_nodes_by_batch ON rollout_nodes (rollout_id, batch, step)",
     ),
 )
 ACTIVE_ROLLOUT_STATES = ("running", "paused")  # a serve replica carries these out
@@ -173,11 +187,30 @@ class ResultRow:
 
 
 @dataclass(frozen=True)
+class RolloutNodeRow:
+    """One node of a rollout: its place, its batch, and the step the rollout is at with it."""
+
+    node: str
+    batch: int
+    position: int = 0  # its place in the rollout's order
+    step: str = "pending"
+    update_id: str = ""
+    error: str = ""
+    offline_since: float = 0.0
+    cancel: str = ""
+    updated_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "batch": self.batch, "update_id": self.update_id, "error": self.error,
+                "offline_since": self.offline_since, "cancel": self.cancel}
+
+
+@dataclass(frozen=True)
 class RolloutRow:
     id: str
     spec: dict[str, Any]
     state: str
-    progress: dict[str, Any]
+    progress: dict[str, Any]  # "reason", "offline_deadline"; read back with "nodes" and "batches" added
     created_at: float
     updated_at: float
     owner: str = ""  # the serve replica carrying it out, "" when none
@@ -200,9 +233,12 @@ class Store(Protocol):
     def update(self, update_id: str) -> UpdateRow | None: ...
     def updates(self, node: str = "", component: str = "", state: str = "", rollout_id: str = ""
                 ) -> list[UpdateRow]: ...
-    def create_rollout(self, row: RolloutRow) -> None: ...
+    def create_rollout(self, row: RolloutRow, nodes: Sequence[RolloutNodeRow] = ()) -> None: ...
     def save_rollout(self, rollout_id: str, state: str, progress: dict[str, Any], owner: str = "") -> bool: ...
-    def rollout(self, rollout_id: str) -> RolloutRow | None: ...
+    def save_rollout_node(self, rollout_id: str, node: RolloutNodeRow, owner: str = "") -> bool: ...
+    def rollout_nodes(self, rollout_id: str) -> list[RolloutNodeRow]: ...
+    def rollout_batches(self, rollout_id: str) -> dict[int, dict[str, int]]: ...
+    def rollout(self, rollout_id: str, with_nodes: bool = True) -> RolloutRow | None: ...
     def rollouts(self) -> list[RolloutRow]: ...
     def claim_rollout(self, owner: str, lease_s: float) -> str | None: ...
     def renew_lease(self, rollout_id: str, owner: str, lease_s: float) -> bool: ...
@@ -392,12 +428,24 @@ class _SqlStore:
 
     # ---- rollouts --------------------------------------------------------------------------------------
 
-    def create_rollout(self, row: RolloutRow) -> None:
+    def create_rollout(self, row: RolloutRow, nodes: Sequence[RolloutNodeRow] = ()) -> None:
+        """The rollout and its nodes, in their order (``progress`` keeps only the rollout's own fields)."""
         with self._tx() as c:
             self._exec(c, "INSERT INTO rollouts (id, spec, state, progress, created_at, updated_at) "
                           "VALUES (?, ?, ?, ?, ?, ?)",
-                       (row.id, json.dumps(row.spec), row.state, json.dumps(row.progress), row.created_at,
-                        row.updated_at))
+                       (row.id, json.dumps(row.spec), row.state, json.dumps(_own_fields(row.progress)),
+                        row.created_at, row.updated_at))
+            for i, n in enumerate(nodes):
+                self._exec(c, """INSERT INTO rollout_nodes (rollout_id, node, position, batch, step, update_id, error,
+                                                            offline_since, cancel, updated_at)
+                                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                           (row.id, n.node, i, n.batch, n.step, n.update_id, n.error, n.offline_since, n.cancel,
+                            row.created_at))
+
+    def _owned(self, c: Any, rollout_id: str, owner: str) -> bool:
+        """Inside a transaction: whether ``owner`` holds the rollout, its row locked until the commit."""
+        row = self._exec(c, f"SELECT owner FROM rollouts WHERE id = ? {self._ROW_LOCK}", (rollout_id,)).fetchone()
+        return row is not None and row["owner"] == owner
 
     def save_rollout(self, rollout_id: str, state: str, progress: dict[str, Any], owner: str = "") -> bool:
         """Write the rollout's state and progress; with ``owner``, only while that replica still owns it.
@@ -405,6 +453,7 @@ class _SqlStore:
         False means another replica took the rollout over: the caller must stop acting on it (a fence, so
         a replica that was merely slow never pushes after its lease passed to another).
         """
+        progress = _own_fields(progress)
         sql = "UPDATE rollouts SET state = ?, progress = ?, updated_at = ? WHERE id = ?"
         args: tuple[Any, ...] = (state, json.dumps(progress), time.time(), rollout_id)
         if owner:
@@ -413,14 +462,57 @@ class _SqlStore:
         with self._tx() as c:
             return bool(self._exec(c, sql, args).rowcount > 0)
 
-    def rollout(self, rollout_id: str) -> RolloutRow | None:
+    def save_rollout_node(self, rollout_id: str, node: RolloutNodeRow, owner: str = "") -> bool:
+        """Write one node's step; with ``owner``, only while that replica still owns the rollout (a fence).
+
+        An upsert: a rollout started before schema 3 kept its nodes in ``progress`` and gets its rows here.
+        """
+        with self._tx() as c:
+            if owner and not self._owned(c, rollout_id, owner):
+                return False
+            self._exec(c, """INSERT INTO rollout_nodes (rollout_id, node, position, batch, step, update_id, error,
+                                                        offline_since, cancel, updated_at)
+                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                             ON CONFLICT (rollout_id, node) DO UPDATE SET step = excluded.step,
+                               update_id = excluded.update_id, error = excluded.error,
+                               offline_since = excluded.offline_since, cancel = excluded.cancel,
+                               updated_at = excluded.updated_at""",
+                       (rollout_id, node.node, node.position, node.batch, node.step, node.update_id, node.error,
+                        node.offline_since, node.cancel, time.time()))
+            return True
+
+    def rollout_nodes(self, rollout_id: str) -> list[RolloutNodeRow]:
+        """Its nodes in the rollout's order."""
+        return [_rollout_node(r) for r in self._query(
+            "SELECT * FROM rollout_nodes WHERE rollout_id = ? ORDER BY position", (rollout_id,))]
+
+    def rollout_batches(self, rollout_id: str) -> dict[int, dict[str, int]]:
+        """Progress per batch: for each batch, how many of its nodes are at each step."""
+        out: dict[int, dict[str, int]] = {}
+        for r in self._query("SELECT batch, step, COUNT(*) AS n FROM rollout_nodes WHERE rollout_id = ? "
+                             "GROUP BY batch, step ORDER BY batch, step", (rollout_id,)):
+            out.setdefault(int(r["batch"]), {})[r["step"]] = int(r["n"])
+        return out
+
+    def rollout(self, rollout_id: str, with_nodes: bool = True) -> RolloutRow | None:
+        """The rollout; with its nodes and batches in ``progress`` unless ``with_nodes`` is False."""
         rows = self._query("SELECT * FROM rollouts WHERE id = ?", (rollout_id,))
-        return _rollout(rows[0]) if rows else None
+        if not rows:
+            return None
+        row = _rollout(rows[0])
+        if not with_nodes:
+            return row
+        return _with_nodes(row, self.rollout_nodes(rollout_id))
 
     def rollouts(self) -> list[RolloutRow]:
-        return [_rollout(r) for r in self._query("SELECT * FROM rollouts ORDER BY created_at")]
+        nodes: dict[str, list[RolloutNodeRow]] = {}
+        for r in self._query("SELECT * FROM rollout_nodes ORDER BY rollout_id, position"):
+            nodes.setdefault(r["rollout_id"], []).append(_rollout_node(r))
+        return [_with_nodes(_rollout(r), nodes.get(r["id"], []))
+                for r in self._query("SELECT * FROM rollouts ORDER BY created_at")]
 
     _CLAIM_LOCK = ""  # PostgreSQL: FOR UPDATE SKIP LOCKED
+    _ROW_LOCK = ""  # PostgreSQL: FOR UPDATE (SQLite's BEGIN IMMEDIATE locks the whole database)
 
     def claim_rollout(self, owner: str, lease_s: float) -> str | None:
         """Take the oldest active rollout nobody holds (or whose owner's lease ran out); its id, or None.
@@ -533,6 +625,7 @@ class PostgresStore(_SqlStore):
     dropped (a restart, a failover) is replaced at the next call; the call that found it broken fails."""
 
     _CLAIM_LOCK = "FOR UPDATE SKIP LOCKED"
+    _ROW_LOCK = "FOR UPDATE"
 
     def __init__(self, url: str, *, migrate_to: int = SCHEMA_VERSION) -> None:
         import psycopg
@@ -647,3 +740,27 @@ def _rollout(r: Any) -> RolloutRow:
     return RolloutRow(id=r["id"], spec=json.loads(r["spec"]), state=r["state"], progress=json.loads(r["progress"]),
                       created_at=r["created_at"], updated_at=r["updated_at"], owner=r["owner"],
                       lease_until=r["lease_until"], control=r["control"])
+
+
+def _rollout_node(r: Any) -> RolloutNodeRow:
+    return RolloutNodeRow(node=r["node"], batch=r["batch"], position=r["position"], step=r["step"],
+                          update_id=r["update_id"], error=r["error"], offline_since=r["offline_since"],
+                          cancel=r["cancel"], updated_at=r["updated_at"])
+
+
+def _with_nodes(row: RolloutRow, nodes: list[RolloutNodeRow]) -> RolloutRow:
+    """``progress`` as the commands show it: the rollout's own fields, each node, and counts per batch.
+
+    A rollout from before schema 3 kept its nodes in ``progress``: those, overridden by any row since.
+    """
+    merged: dict[str, dict[str, Any]] = {**row.progress.get("nodes", {}), **{n.node: n.to_json() for n in nodes}}
+    batches: dict[str, dict[str, int]] = {}
+    for p in merged.values():
+        counts = batches.setdefault(str(p["batch"]), {})
+        counts[p["step"]] = counts.get(p["step"], 0) + 1
+    return replace(row, progress={**row.progress, "nodes": merged, "batches": batches})
+
+
+def _own_fields(progress: dict[str, Any]) -> dict[str, Any]:
+    """What the rollouts row keeps of a progress document: not its nodes (table rollout_nodes) nor counts."""
+    return {k: v for k, v in progress.items() if k not in ("nodes", "batches")}

@@ -5,6 +5,7 @@ Every test runs against each, the PostgreSQL one on a fresh database of the sess
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from manager.store import (
     Node,
     PostgresStore,
     ResultRow,
+    RolloutNodeRow,
     RolloutRow,
     SqliteStore,
     Store,
@@ -181,6 +183,26 @@ def test_pause_resume_and_cancel_are_recorded_for_the_owner_and_a_cancel_is_fina
         store.control_rollout("r-1", "explode")
 
 
+def test_a_rollouts_nodes_keep_their_order_and_their_steps_are_fenced_and_counted_per_batch(store):
+    nodes = [RolloutNodeRow("node-3", 0), RolloutNodeRow("node-1", 1), RolloutNodeRow("node-2", 1)]
+    store.create_rollout(rollout_row("r-1"), nodes)
+    assert [n.node for n in store.rollout_nodes("r-1")] == ["node-3", "node-1", "node-2"], "the rollout's order"
+    assert store.claim_rollout("replica-a", 60) == "r-1"
+    assert store.save_rollout_node("r-1", RolloutNodeRow("node-3", 0, step="succeeded", update_id="u3"),
+                                   owner="replica-a")
+    assert store.save_rollout_node("r-1", RolloutNodeRow("node-1", 1, step="running", update_id="u1"),
+                                   owner="replica-a")
+    assert not store.save_rollout_node("r-1", RolloutNodeRow("node-2", 1, step="pushing", update_id="u2"),
+                                       owner="replica-b"), "only the owner writes a step"
+    assert store.rollout_batches("r-1") == {0: {"succeeded": 1}, 1: {"pending": 1, "running": 1}}
+    progress = store.rollout("r-1").progress
+    assert progress["nodes"]["node-1"] == {"step": "running", "batch": 1, "update_id": "u1", "error": "",
+                                           "offline_since": 0.0, "cancel": ""}
+    assert progress["batches"] == {"0": {"succeeded": 1}, "1": {"pending": 1, "running": 1}}
+    assert "nodes" not in store.rollout("r-1", with_nodes=False).progress
+    assert [r.progress["nodes"]["node-3"]["step"] for r in store.rollouts()] == ["succeeded"]
+
+
 def test_settings_are_shared_through_the_store(store):
     assert store.setting("packages_url") is None
     store.set_setting("packages_url", "http://a")
@@ -193,11 +215,21 @@ def test_an_old_database_is_migrated_in_order_and_a_newer_one_is_refused(store_u
     arg = store_url if cls is PostgresStore else Path(store_url.removeprefix("sqlite://"))
     old = cls(arg, migrate_to=1)  # type: ignore[arg-type]
     old.create_update(UpdateRow(update_id="u1", node="node-1", component="app", to_version="1.1.0"))
+    nodes = {"node-1": {"step": "succeeded", "batch": 0, "update_id": "u1", "error": ""},
+             "node-2": {"step": "pending", "batch": 1, "update_id": "", "error": ""}}
+    sql = "INSERT INTO rollouts (id, spec, state, progress, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)"
+    old._conn.execute(sql.replace("?", "%s") if cls is PostgresStore else sql,  # a rollout as version 1 kept it
+                      ("r-old", json.dumps({"nodes": ["node-1", "node-2"]}), "halted",
+                       json.dumps({"nodes": nodes, "reason": "r"}), 1.0, 1.0))
     old.close()
 
     store = open_store(store_url)
     row = store.update("u1")
     assert (row.state, row.reports, row.reported_at) == (UpdateState.REQUESTED, 0, None)
+    rollout = store.rollout("r-old")
+    assert {n: p["step"] for n, p in rollout.progress["nodes"].items()} == {"node-1": "succeeded", "node-2": "pending"}
+    assert (rollout.progress["batches"], rollout.owner, rollout.control) == (
+        {"0": {"succeeded": 1}, "1": {"pending": 1}}, "", ""), "its nodes as it kept them, in the new columns' defaults"
     if isinstance(store, PostgresStore):
         assert store.schema_version() == SCHEMA_VERSION
         store._conn.execute("UPDATE schema_version SET version = 99")
