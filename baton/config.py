@@ -304,6 +304,8 @@ def _validate(cfg: Config) -> None:
         _require_file(getattr(cfg.grpc, name), f"grpc.{name}")
         _require_file(getattr(cfg.manager, name), f"manager.{name}")
     m = cfg.manager
+    if m.address.strip() and not m.addresses:
+        raise ConfigError("manager.address", f"{m.address!r} names no HOST:PORT")
     for addr in m.addresses:
         if ":" not in addr or not addr.rsplit(":", 1)[1].isdigit():
             raise ConfigError("manager.address", f"{addr!r} is not HOST:PORT")

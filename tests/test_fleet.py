@@ -259,6 +259,7 @@ def test_manager_address_takes_a_list_or_a_comma_separated_string_and_node_label
 @pytest.mark.parametrize(("address", "labels", "line"), [
     ('["127.0.0.1:1", 7]', "", "manager.address[1]: must be one HOST:PORT string, got 7"),
     ('"127.0.0.1:1,nowhere"', "", "manager.address: 'nowhere' is not HOST:PORT"),
+    ('" , "', "", "manager.address: ' , ' names no HOST:PORT"),
     ('"127.0.0.1:1"', 'labels = {"bad key" = "x"}', "node.labels.bad key: bad key='x': keys and values are "
                                                     "letters, digits, . _ - (up to 64)"),
     ('"127.0.0.1:1"', 'labels = {role = 3}', "node.labels.role: must be a string, got int 3"),
