@@ -286,8 +286,6 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
 class _SqlStore:
     """The statements, written once with ``?`` placeholders; a subclass supplies the connection."""
 
-    _lock: threading.Lock
-
     @contextmanager
     def _tx(self) -> Iterator[Any]:
         raise NotImplementedError
@@ -610,6 +608,7 @@ class SqliteStore(_SqlStore):
             return self._conn.execute(sql, args).fetchall()
 
 
+PG_POOL_SIZE = 8  # connections per process: the service's worker threads (manager/service.py WORKERS)
 _PG_SCHEMA_LOCK = 0x6261746F6E  # "baton": the advisory lock replicas take to migrate one at a time
 _PLACEHOLDER = re.compile(r"\?")
 
@@ -620,23 +619,31 @@ def _pg(sql: str) -> str:
 
 
 class PostgresStore(_SqlStore):
-    """The PostgreSQL implementation of :class:`Store` (psycopg 3): one connection per process, shared by
-    its threads under a lock, autocommit outside the explicit transactions. A connection the server
-    dropped (a restart, a failover) is replaced at the next call; the call that found it broken fails."""
+    """The PostgreSQL implementation of :class:`Store` (psycopg 3).
+
+    A small pool of connections (``pool_size``, opened as needed), so the service's threads and the
+    rollouts' workers run their statements in parallel; autocommit outside the explicit transactions. A
+    connection the server dropped (a restart, a failover) is replaced when it is next taken; the call
+    that found it broken fails.
+    """
 
     _CLAIM_LOCK = "FOR UPDATE SKIP LOCKED"
     _ROW_LOCK = "FOR UPDATE"
 
-    def __init__(self, url: str, *, migrate_to: int = SCHEMA_VERSION) -> None:
+    def __init__(self, url: str, *, migrate_to: int = SCHEMA_VERSION, pool_size: int = PG_POOL_SIZE) -> None:
         import psycopg
 
         self.url = _redacted(url)
         self._dsn = url
-        self._lock = threading.Lock()
+        self.pool_size = pool_size
+        self._cond = threading.Condition()
+        self._idle: list[psycopg.Connection[dict[str, Any]]] = []
+        self._opened = 0
         try:
-            self._conn: psycopg.Connection[dict[str, Any]] = self._connect()
-            self._migrate(migrate_to)
+            with self._checkout() as conn:
+                self._migrate(conn, migrate_to)
         except psycopg.Error as e:
+            self.close()
             raise StoreError(f"cannot open the database {_redacted(url)}: {str(e).strip()}") from None
 
     def _connect(self) -> psycopg.Connection[dict[str, Any]]:
@@ -646,59 +653,78 @@ class PostgresStore(_SqlStore):
         return psycopg.connect(self._dsn, autocommit=True, row_factory=dict_row,
                                connect_timeout=int(BUSY_TIMEOUT_S))
 
-    def _live(self) -> psycopg.Connection[dict[str, Any]]:
-        """The connection, replaced first if the server dropped it. Called under the lock."""
-        if self._conn.closed or self._conn.broken:
-            self._conn = self._connect()
-        return self._conn
+    @contextmanager
+    def _checkout(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+        """A connection of the pool for one call; a new one when none is idle and the pool is not full."""
+        with self._cond:
+            while not self._idle and self._opened >= self.pool_size:
+                self._cond.wait()
+            conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                self._opened += 1
+        try:
+            if conn is None or conn.closed or conn.broken:
+                conn = self._connect()
+        except BaseException:
+            with self._cond:
+                self._opened -= 1
+                self._cond.notify()
+            raise
+        try:
+            yield conn
+        finally:
+            with self._cond:
+                self._idle.append(conn)
+                self._cond.notify()
 
     def schema_version(self) -> int:
-        with self._lock:
-            return self._version()
+        with self._checkout() as conn:
+            return self._version(conn)
 
-    def _version(self) -> int:
-        row = self._conn.execute("SELECT to_regclass('schema_version') AS t").fetchone()
+    @staticmethod
+    def _version(conn: psycopg.Connection[dict[str, Any]]) -> int:
+        row = conn.execute("SELECT to_regclass('schema_version') AS t").fetchone()
         if row is None or row["t"] is None:
             return 0
-        got = self._conn.execute("SELECT version FROM schema_version").fetchone()
+        got = conn.execute("SELECT version FROM schema_version").fetchone()
         return int(got["version"]) if got else 0
 
-    def _migrate(self, target: int) -> int:
-        with self._lock:
-            current = self._version()
-            if current > SCHEMA_VERSION:
-                raise _too_new(current)
-            while current < target:
-                with self._conn.transaction():
-                    self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK,))
-                    self._conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-                    current = self._version()  # another replica may have migrated meanwhile
-                    if current > SCHEMA_VERSION:
-                        raise _too_new(current)
-                    if current < target:
-                        for stmt in MIGRATIONS[current]:
-                            self._conn.execute(_pg(stmt).encode())
-                        current += 1
-                        self._conn.execute("DELETE FROM schema_version")
-                        self._conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (current,))
-            return current
+    def _migrate(self, conn: psycopg.Connection[dict[str, Any]], target: int) -> int:
+        current = self._version(conn)
+        if current > SCHEMA_VERSION:
+            raise _too_new(current)
+        while current < target:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK,))
+                conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+                current = self._version(conn)  # another replica may have migrated meanwhile
+                if current > SCHEMA_VERSION:
+                    raise _too_new(current)
+                if current < target:
+                    for stmt in MIGRATIONS[current]:
+                        conn.execute(_pg(stmt).encode())
+                    current += 1
+                    conn.execute("DELETE FROM schema_version")
+                    conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (current,))
+        return current
 
     def close(self) -> None:
-        self._conn.close()
+        with self._cond:
+            for conn in self._idle:
+                conn.close()
+            self._idle.clear()
 
     @contextmanager
     def _tx(self) -> Iterator[Any]:
-        with self._lock:
-            conn = self._live()
-            with conn.transaction():
-                yield conn
+        with self._checkout() as conn, conn.transaction():
+            yield conn
 
     def _exec(self, c: Any, sql: str, args: tuple[Any, ...] = ()) -> Any:
         return c.execute(_pg(sql).encode(), args)
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
-        with self._lock:
-            return self._live().execute(_pg(sql).encode(), args).fetchall()
+        with self._checkout() as conn:
+            return conn.execute(_pg(sql).encode(), args).fetchall()
 
 
 def _redacted(url: str) -> str:

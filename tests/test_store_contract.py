@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from baton.states import UpdateState
@@ -123,6 +124,25 @@ def test_one_result_delivered_to_two_replicas_at_once_counts_one_first_delivery(
         s.close()
 
 
+def test_one_store_shared_by_many_threads_records_every_result_once(store):
+    barrier = threading.Barrier(8)
+    firsts: list[bool] = []
+
+    def deliver(i: int) -> None:
+        barrier.wait()
+        for j in range(10):
+            store.touch_node(f"node-{i}")
+            firsts.append(not store.record_result(result(f"u{i}-{j}", node=f"node-{i}")))
+
+    threads = [threading.Thread(target=deliver, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert firsts.count(True) == 80
+    assert len(store.updates()) == 80 and all(u.reports == 1 for u in store.updates())
+
+
 def test_only_one_replica_claims_a_rollout_until_its_lease_runs_out(store_url):
     a, b = open_store(store_url), open_store(store_url)
     a.create_rollout(rollout_row("r-1"))
@@ -218,8 +238,9 @@ def test_an_old_database_is_migrated_in_order_and_a_newer_one_is_refused(store_u
     nodes = {"node-1": {"step": "succeeded", "batch": 0, "update_id": "u1", "error": ""},
              "node-2": {"step": "pending", "batch": 1, "update_id": "", "error": ""}}
     sql = "INSERT INTO rollouts (id, spec, state, progress, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)"
-    old._conn.execute(sql.replace("?", "%s") if cls is PostgresStore else sql,  # a rollout as version 1 kept it
-                      ("r-old", json.dumps({"nodes": ["node-1", "node-2"]}), "halted",
+    conn = psycopg.connect(store_url, autocommit=True) if cls is PostgresStore else old._conn
+    conn.execute(sql.replace("?", "%s") if cls is PostgresStore else sql,  # a rollout as version 1 kept it
+                 ("r-old", json.dumps({"nodes": ["node-1", "node-2"]}), "halted",
                        json.dumps({"nodes": nodes, "reason": "r"}), 1.0, 1.0))
     old.close()
 
@@ -232,7 +253,8 @@ def test_an_old_database_is_migrated_in_order_and_a_newer_one_is_refused(store_u
         {"0": {"succeeded": 1}, "1": {"pending": 1}}, "", ""), "its nodes as it kept them, in the new columns' defaults"
     if isinstance(store, PostgresStore):
         assert store.schema_version() == SCHEMA_VERSION
-        store._conn.execute("UPDATE schema_version SET version = 99")
+        with psycopg.connect(store_url, autocommit=True) as conn:
+            conn.execute("UPDATE schema_version SET version = 99")
     else:
         assert store._conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         store._conn.execute("PRAGMA user_version = 99")
@@ -242,12 +264,11 @@ def test_an_old_database_is_migrated_in_order_and_a_newer_one_is_refused(store_u
 
 
 def test_postgres_store_replaces_a_connection_the_server_dropped(pg_url):
-    import psycopg
-
     store = PostgresStore(pg_url)
     store.set_setting("k", "v")
     with psycopg.connect(pg_url, autocommit=True) as admin:
-        admin.execute("SELECT pg_terminate_backend(%s)", (store._conn.info.backend_pid,))
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE datname = current_database() AND pid <> pg_backend_pid()")
     with pytest.raises(psycopg.OperationalError):
         store.setting("k")  # the call that finds the connection gone fails ...
     assert store.setting("k") == "v", "... and the next one runs on a new connection"
