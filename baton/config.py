@@ -30,6 +30,7 @@ ENV_OVERRIDES = {
 RESTART_POLICIES = ("always", "on-failure", "never")
 SUPERVISOR_COMPONENT = "supervisor"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_LABEL_VALUE_RE = re.compile(r"^[A-Za-z0-9_.-]{0,64}$")
 
 
 STDERR_MODES = ("merged", "separate")
@@ -54,6 +55,7 @@ class NodeConfig:
     id: str = ""
     state_dir: Path = Path("/var/lib/baton")
     install_root: Path = Path("/opt/baton")
+    labels: Mapping[str, str] = field(default_factory=dict)  # sent at registration; rollouts select by them
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class GrpcConfig:
 
 @dataclass(frozen=True)
 class ManagerConfig:
-    address: str = ""
+    address: str = ""  # one HOST:PORT, or several replicas: a list or "A:1,B:2" (kept comma-joined)
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -83,6 +85,11 @@ class ManagerConfig:
     retry_initial_s: float = 0.5
     retry_max_s: float = 30.0
     rpc_timeout_s: float = 5.0
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """The Manager replicas, in the order the supervisor tries them."""
+        return tuple(a.strip() for a in self.address.split(",") if a.strip())
 
 
 @dataclass(frozen=True)
@@ -199,6 +206,12 @@ def config_from_dict(
             if not isinstance(sect, dict):
                 raise ConfigError(section, "must be a table")
             sect[key] = value
+    manager_raw = raw.get("manager")
+    if isinstance(manager_raw, dict) and isinstance(manager_raw.get("address"), list):
+        for i, a in enumerate(manager_raw["address"]):
+            if not isinstance(a, str) or not a or "," in a:
+                raise ConfigError(f"manager.address[{i}]", f"must be one HOST:PORT string, got {a!r}")
+        manager_raw["address"] = ",".join(manager_raw["address"])
     known = {"node", "grpc", "manager", "update", "log", "agents"}
     for k in raw:
         if k not in known:
@@ -322,6 +335,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("node.id", "is required (or set BATON_NODE_ID)")
     if not _NAME_RE.match(cfg.node.id):
         raise ConfigError("node.id", f"{cfg.node.id!r} is not a valid node id (letters, digits, . _ -)")
+    for k, v in cfg.node.labels.items():
+        if not _NAME_RE.match(k) or not _LABEL_VALUE_RE.match(v):
+            raise ConfigError(f"node.labels.{k}", f"{k}={v!r}: keys and values are letters, digits, . _ - "
+                              "(up to 64)")
     if not cfg.grpc.listen and cfg.grpc.unix_socket is None:
         raise ConfigError("grpc", "set listen and/or unix_socket: the supervisor must be reachable")
     for i, addr in enumerate(cfg.grpc.listen):
@@ -334,6 +351,11 @@ def _validate(cfg: Config) -> None:
         _require_file(getattr(cfg.grpc, name), f"grpc.{name}")
         _require_file(getattr(cfg.manager, name), f"manager.{name}")
     m = cfg.manager
+    if m.address.strip() and not m.addresses:
+        raise ConfigError("manager.address", f"{m.address!r} names no HOST:PORT")
+    for addr in m.addresses:
+        if ":" not in addr or not addr.rsplit(":", 1)[1].isdigit():
+            raise ConfigError("manager.address", f"{addr!r} is not HOST:PORT")
     from baton.identity import AllowListError, parse_allow_list
 
     try:

@@ -1,10 +1,13 @@
 """``baton-manager``: serve, push, rollout, and the history (nodes, updates, rollouts).
 
-Every command opens the same SQLite database (``--db``, default
-``$BATON_MANAGER_DB`` or ``./baton-manager.db``). ``serve`` records its package
-directory, package URL and TLS files there, so ``push`` and ``rollout`` need
-only the package, its component and version. Exit codes: 0 done, 1 an update
-failed or a rollout did not complete, 2 bad input or an unusable database.
+Every command opens the same database (``--db``, default ``$BATON_MANAGER_DB``
+or ``./baton-manager.db``): a SQLite file (a path or ``sqlite:///PATH``) or a
+PostgreSQL database (``postgresql://...``) shared by several ``serve`` replicas.
+``serve`` records its package directory, package URL and TLS files there, so
+``push`` and ``rollout`` need only the package, its component and version.
+``rollout`` records the rollout and follows it; the ``serve`` replicas carry it
+out. Exit codes: 0 done, 1 an update failed or a rollout did not complete, 2
+bad input or an unusable database.
 """
 
 from __future__ import annotations
@@ -26,8 +29,19 @@ from baton.errors import BatonError
 from manager.errors import ManagerError, PushRefused, UnknownNode
 from manager.publish import PackageRef, publish
 from manager.push import ClientTls, Operator, Pusher, PushOptions, Target, new_update_id, state_of
-from manager.rollout import Rollout, RolloutEvent, RolloutReport, RolloutSpec, RolloutState
-from manager.store import SqliteStore, Store
+from manager.rollout import (
+    DEFAULT_LEASE_S,
+    MAX_PARALLEL,
+    OFFLINE_WAIT_S,
+    NodeProgress,
+    RolloutRunner,
+    RolloutSpec,
+    RolloutState,
+    follow,
+    new_rollout,
+)
+from manager.store import ACTIVE_ROLLOUT_STATES, RolloutRow, Store
+from manager.store import open_store as store_at
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_DB = "baton-manager.db"
@@ -40,8 +54,8 @@ class UsageError(ManagerError):
 # ---- shared pieces ------------------------------------------------------------------------------------
 
 
-def open_store(ns: argparse.Namespace) -> SqliteStore:
-    return SqliteStore(Path(ns.db))
+def open_store(ns: argparse.Namespace) -> Store:
+    return store_at(ns.db)
 
 
 def client_tls(ns: argparse.Namespace, store: Store) -> ClientTls | None:
@@ -58,15 +72,20 @@ def client_tls(ns: argparse.Namespace, store: Store) -> ClientTls | None:
     return None
 
 
-def addresses(store: Store, overrides: Sequence[str]) -> dict[str, str]:
-    """Registered addresses, overridden by ``NODE=HOST:PORT``."""
-    out = {n.id: n.address for n in store.nodes() if n.address}
-    for item in overrides:
+def node_overrides(items: Sequence[str]) -> dict[str, str]:
+    """``--node-address NODE=HOST:PORT`` flags."""
+    out: dict[str, str] = {}
+    for item in items:
         node, sep, addr = item.partition("=")
         if not sep or not node or ":" not in addr:
             raise UsageError(f"--node-address {item!r}: expected NODE=HOST:PORT")
         out[node] = addr
     return out
+
+
+def addresses(store: Store, overrides: Sequence[str]) -> dict[str, str]:
+    """Registered addresses, overridden by ``NODE=HOST:PORT``."""
+    return {**{n.id: n.address for n in store.nodes() if n.address}, **node_overrides(overrides)}
 
 
 def package_ref(ns: argparse.Namespace, store: Store) -> PackageRef:
@@ -141,15 +160,21 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     for key, value in zip(("tls_cert", "tls_key", "tls_ca"), tls, strict=True):
         store.set_setting(key, str(Path(value).resolve()) if value else "")
     store.set_setting("manager_address", ns.listen)
+    if not ns.rollout_lease > 0:
+        raise UsageError("--rollout-lease must be greater than 0")
+    push_tls = ClientTls(ca=Path(ns.tls_ca), cert=Path(ns.tls_cert), key=Path(ns.tls_key)) if all(tls) else None
+    runner = RolloutRunner(store, push_tls, lease_s=ns.rollout_lease)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
+    runner.start()
     logger.info("baton-manager serving ManagerService on {} ({}), database {}{}", ns.listen,
-                "mutual TLS" if creds else "insecure", ns.db,
+                "mutual TLS" if creds else "insecure", getattr(store, "url", ns.db),
                 f", packages from {ns.packages} at {ns.http_url or packages.url}" if packages else "")
     stop.wait()
     logger.info("baton-manager stopping")
+    runner.stop()
     server.stop(grace=2.0).wait()
     if packages is not None:
         packages.stop()
@@ -194,51 +219,104 @@ def cmd_push(ns: argparse.Namespace) -> int:
 # ---- rollout ------------------------------------------------------------------------------------------
 
 
+def parse_selector(text: str) -> dict[str, str]:
+    """``role=web,zone=a`` -> {"role": "web", "zone": "a"}."""
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or not key:
+            raise UsageError(f"--selector {text!r}: expected KEY=VALUE[,KEY=VALUE...]")
+        out[key] = value
+    return out
+
+
 def cmd_rollout(ns: argparse.Namespace) -> int:
     store = open_store(ns)
-    addr = addresses(store, ns.node_address)
-    tls = client_tls(ns, store)
-
-    def show(event: RolloutEvent) -> None:
-        if event.kind == "batch":
-            say(sys.stdout, event.message)
-        elif event.kind == "end":
-            say(sys.stdout, f"rollout {rollout.id} {event.message}")
-        else:
-            say(sys.stdout, f"  {event.node}: {event.message}")
-
-    if ns.resume:
-        rollout = Rollout.resume(store, ns.resume, addr, tls, show, operator=Operator.current(ns.as_operator))
-        say(sys.stdout, f"resuming rollout {rollout.id}: {rollout.spec.package.component} "
-                        f"{rollout.spec.package.version} on {plural(len(rollout.spec.nodes), 'node')}")
+    if ns.action in ("pause", "resume", "cancel"):
+        return control_rollout(store, ns)
+    if ns.action == "follow" or ns.resume:
+        rollout_id = ns.id or ns.resume
+        if not rollout_id:
+            raise UsageError("rollout follow needs the rollout ID")
+        if ns.resume:
+            say(sys.stdout, "rollouts continue by themselves in `baton-manager serve`; --resume only follows one")
+        return follow_rollout(store, rollout_id, ns)
+    if ns.id:
+        raise UsageError(f"unexpected {ns.id!r}: a new rollout takes options only")
+    if not (ns.package and ns.component and ns.version):
+        raise UsageError("rollout needs --package, --component and --version")
+    if any([ns.tls_cert, ns.tls_key, ns.tls_ca, ns.no_tls]):
+        raise UsageError("--tls-* are for push: the serve replicas carry out a rollout with their own certificate")
+    chosen = [bool(ns.nodes), ns.all, bool(ns.selector)]
+    if sum(chosen) != 1:
+        raise UsageError("name the nodes with one of --nodes A,B,C, --all or --selector KEY=VALUE,...")
+    selector = parse_selector(ns.selector) if ns.selector else {}
+    if ns.nodes:
+        nodes = [n for item in ns.nodes for n in item.split(",") if n]
     else:
-        if not (ns.package and ns.component and ns.version):
-            raise UsageError("rollout needs --package, --component and --version (or --resume ID)")
-        nodes = [n for item in ns.nodes for n in item.split(",") if n] if ns.nodes else []
-        if ns.all:
-            nodes = [n.id for n in store.nodes()]
-        if not nodes:
-            raise UsageError("name the nodes with --nodes A,B,C or --all")
-        spec = RolloutSpec(package_ref(ns, store), tuple(nodes), canary=ns.canary, batch_size=ns.batch_size,
-                           max_failures=ns.max_failures, force=ns.force, allow_downgrade=ns.allow_downgrade,
-                           timeout_s=ns.timeout)
-        rollout = Rollout.create(store, spec, addr, tls, show, operator=Operator.current(ns.as_operator))
-        say(sys.stdout, f"rollout {rollout.id}: {spec.package.component} {spec.package.version} on "
-                        f"{plural(len(nodes), 'node')} (canary {spec.canary}, batches of {spec.batch_size}, "
-                        f"halt above {plural(spec.max_failures, 'failure')})")
-    report = rollout.run()
-    print(rollout_table(report, rollout.spec, store))
-    ok = report.state == RolloutState.COMPLETED and report.failures == 0
-    return EXIT_OK if ok else EXIT_FAILED
+        nodes = [n.id for n in store.nodes() if n.matches(selector)]
+    if not nodes:
+        raise UsageError(f"no registered node has the labels {ns.selector}" if selector else "no nodes to update")
+    overrides = node_overrides(ns.node_address)
+    spec = RolloutSpec(package_ref(ns, store), tuple(nodes), canary=ns.canary, batch_size=ns.batch_size,
+                       max_failures=ns.max_failures, force=ns.force, allow_downgrade=ns.allow_downgrade,
+                       timeout_s=ns.timeout, max_parallel=ns.max_parallel, offline_wait_s=ns.offline_wait,
+                       addresses={n: a for n, a in overrides.items() if n in nodes}, selector=selector)
+    rollout_id = new_rollout(store, spec, Operator.current(ns.as_operator))
+    say(sys.stdout, f"rollout {rollout_id}: {spec.package.component} {spec.package.version} on "
+                    f"{plural(len(nodes), 'node')} (canary {spec.canary}, batches of {spec.batch_size}, "
+                    f"at most {spec.max_parallel} at once, halt above {plural(spec.max_failures, 'failure')})")
+    if ns.no_follow:
+        if ns.json:
+            print(json.dumps({"rollout_id": rollout_id}))
+        return EXIT_OK
+    return follow_rollout(store, rollout_id, ns)
 
 
-def rollout_table(report: RolloutReport, spec: RolloutSpec, store: Store) -> str:
+def follow_rollout(store: Store, rollout_id: str, ns: argparse.Namespace) -> int:
+    """Follow until it ends; Ctrl-C stops following only: the serve replicas carry the rollout on."""
+    row = store.rollout(rollout_id)
+    if row is None:
+        raise UsageError(f"no rollout {rollout_id!r}")
+    if row.state in ACTIVE_ROLLOUT_STATES and not row.owner:
+        say(sys.stdout, f"rollout {rollout_id} waits for a `baton-manager serve` on this database to carry it out")
+    try:
+        row = follow(store, rollout_id, lambda line: say(sys.stdout, line))
+    except KeyboardInterrupt:
+        say(sys.stdout, f"stopped following; rollout {rollout_id} goes on (baton-manager rollout follow {rollout_id})")
+        return EXIT_OK
+    print(rollout_table(row, store))
+    return EXIT_OK if row.state == RolloutState.COMPLETED.value and not any(
+        p["step"] in ("failed", "skipped") for p in row.progress["nodes"].values()) else EXIT_FAILED
+
+
+def control_rollout(store: Store, ns: argparse.Namespace) -> int:
+    if not ns.id:
+        raise UsageError(f"rollout {ns.action} needs the rollout ID")
+    row = store.rollout(ns.id)
+    if row is None:
+        raise UsageError(f"no rollout {ns.id!r}")
+    control = {"pause": "pause", "resume": "", "cancel": "cancel"}[ns.action]
+    if not store.control_rollout(ns.id, control):
+        row = store.rollout(ns.id)
+        state = row.state if row else "gone"
+        why = "it is being cancelled" if row and row.control == "cancel" else f"it is {state}"
+        raise UsageError(f"cannot {ns.action} rollout {ns.id}: {why}")
+    say(sys.stdout, {"pause": f"rollout {ns.id}: pausing (running updates finish, no new pushes)",
+                     "resume": f"rollout {ns.id}: resuming",
+                     "cancel": f"rollout {ns.id}: cancelling (no new pushes; running updates are asked to cancel)",
+                     }[ns.action])
+    return EXIT_OK
+
+
+def rollout_table(row: RolloutRow, store: Store) -> str:
+    spec = RolloutSpec.from_json(row.spec)
     rows = [("NODE", "BATCH", "STEP", "UPDATE", "STATE", "ERROR")]
-    for node, p in report.nodes.items():
-        row = store.update(p.update_id) if p.update_id else None
-        rows.append((node, "canary" if p.batch == 0 and spec.canary else str(p.batch), p.step.value,
-                     p.update_id or "-", row.state.value if row else "-",
-                     short(p.error or (row.error if row else ""))))
+    for node, raw in row.progress["nodes"].items():
+        p = NodeProgress.from_json(raw)
+        u = store.update(p.update_id) if p.update_id else None
+        rows.append((node, spec.batch_label(p.batch), p.step.value, p.update_id or "-", u.state.value if u else "-",
+                     short(p.error or (u.error if u else "") or p.cancel)))
     return table(rows)
 
 
@@ -247,13 +325,14 @@ def cmd_rollouts(ns: argparse.Namespace) -> int:
     items = store.rollouts()
     if ns.json:
         print(json.dumps([{"id": r.id, "state": r.state, "spec": r.spec, "progress": r.progress,
-                           "created_at": r.created_at, "updated_at": r.updated_at, "started_by": r.started_by,
-                           "started_on": r.started_on} for r in items], indent=2))
+                           "created_at": r.created_at, "updated_at": r.updated_at, "owner": r.owner,
+                           "control": r.control, "started_by": r.started_by, "started_on": r.started_on}
+                          for r in items], indent=2))
         return EXIT_OK
     rows = [("ROLLOUT", "STATE", "COMPONENT", "VERSION", "NODES", "DONE", "CREATED", "BY", "REASON")]
     for r in items:
         nodes = r.progress.get("nodes", {})
-        done = sum(1 for p in nodes.values() if p["step"] in ("succeeded", "failed"))
+        done = sum(1 for p in nodes.values() if p["step"] in ("succeeded", "failed", "skipped", "cancelled"))
         rows.append((r.id, r.state, r.spec["package"]["component"], r.spec["package"]["version"], str(len(nodes)),
                      str(done), fmt_time(r.created_at), Operator(r.started_by, r.started_on).describe(),
                      short(r.progress.get("reason", ""))))
@@ -270,7 +349,7 @@ def cmd_nodes(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps([{"id": n.id, "version": n.version, "hostname": n.hostname, "address": n.address,
                            "identity": n.identity, "registered_at": n.registered_at, "last_seen": n.last_seen,
-                           "agents": list(n.agents)} for n in nodes], indent=2))
+                           "agents": list(n.agents), "labels": dict(n.labels)} for n in nodes], indent=2))
         return EXIT_OK
     rows = [("NODE", "ADDRESS", "SUPERVISOR", "HOSTNAME", "LAST SEEN", "AGENTS", "IDENTITY")]
     for n in nodes:
@@ -308,7 +387,8 @@ def cmd_updates(ns: argparse.Namespace) -> int:
 
 def _db(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=os.environ.get("BATON_MANAGER_DB", DEFAULT_DB),
-                   help="the SQLite database (default: $BATON_MANAGER_DB or ./baton-manager.db)")
+                   help="the database: a SQLite file (PATH or sqlite:///PATH) or postgresql://... "
+                        "(default: $BATON_MANAGER_DB or ./baton-manager.db)")
 
 
 def _tls(p: argparse.ArgumentParser, what: str) -> None:
@@ -347,6 +427,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--http-url", help="the package server's URL as nodes reach it (default http://HOST:PORT)")
     s.add_argument("--heartbeat-interval", type=float, default=0.0,
                    help="seconds between supervisor heartbeats (0: the supervisors' own setting)")
+    s.add_argument("--rollout-lease", type=float, default=DEFAULT_LEASE_S,
+                   help="seconds a replica holds a rollout without renewing before another takes it over "
+                        f"(default {DEFAULT_LEASE_S:.0f})")
     _tls(s, "the Manager's server")
     s.set_defaults(func=cmd_serve)
 
@@ -358,14 +441,26 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="the final record as JSON (progress goes to stderr)")
     s.set_defaults(func=cmd_push)
 
-    s = sub.add_parser("rollout", help="a staged rollout: canary, then batches, halting on failures")
+    s = sub.add_parser("rollout", help="a staged rollout (canary, batches, halting on failures), carried out by "
+                                       "serve; or pause|resume|cancel|follow ID")
     _db(s)
+    s.add_argument("action", nargs="?", choices=("pause", "resume", "cancel", "follow"),
+                   help="control a rollout (pause: no new pushes; cancel: also cancel running updates)")
+    s.add_argument("id", nargs="?", help="the rollout ID for pause|resume|cancel|follow")
     s.add_argument("--nodes", action="append", metavar="A,B,C", help="the nodes, in order (repeatable)")
     s.add_argument("--all", action="store_true", help="every registered node, by id")
+    s.add_argument("--selector", metavar="KEY=VALUE,...", help="every registered node with these labels, by id")
+    s.add_argument("--max-parallel", type=int, default=MAX_PARALLEL,
+                   help=f"nodes updating at once (default {MAX_PARALLEL})")
+    s.add_argument("--offline-wait", type=float, default=OFFLINE_WAIT_S,
+                   help="seconds after the last batch to wait for offline nodes before skipping them "
+                        f"(default {OFFLINE_WAIT_S:.0f})")
+    s.add_argument("--no-follow", action="store_true", help="submit it and return")
+    s.add_argument("--json", action="store_true", help="with --no-follow: the rollout id as JSON")
     s.add_argument("--canary", type=int, default=1, help="nodes updated first, alone (default 1)")
     s.add_argument("--batch-size", type=int, default=1, help="nodes per batch after the canary (default 1)")
     s.add_argument("--max-failures", type=int, default=0, help="halt once more nodes than this failed (default 0)")
-    s.add_argument("--resume", metavar="ID", help="continue an interrupted rollout")
+    s.add_argument("--resume", metavar="ID", help="(no longer needed: serve continues rollouts) follow ID")
     _package(s, required=False)
     s.set_defaults(func=cmd_rollout)
 

@@ -37,3 +37,7 @@ class PushRefused(ManagerError):
 
 class RolloutError(ManagerError):
     """A rollout cannot be started or resumed as asked."""
+
+
+class NodeOffline(PushRefused):
+    """The node could not be reached for a push (UNAVAILABLE, DEADLINE_EXCEEDED): a rollout retries it later."""

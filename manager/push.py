@@ -27,12 +27,13 @@ import grpc
 
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
 from baton.states import UpdateState
-from manager.errors import PushRefused
+from manager.errors import NodeOffline, PushRefused
 from manager.publish import PackageRef
 from manager.store import Store, UpdateRow
 
 POLL_S = 0.25
 RPC_TIMEOUT_S = 10.0
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,8 @@ class PushOptions:
     timeout_s: float = 600.0  # to follow one update to its end
     rpc_timeout_s: float = RPC_TIMEOUT_S
     watch: bool = True  # False: poll GetUpdate only (a resumed rollout)
-    operator: Operator = NO_OPERATOR
+    offline_ok: bool = False  # an unreachable node raises NodeOffline and leaves the row open (rollouts retry)
+    operator: Operator = NO_OPERATOR  # recorded on each update pushed
 
 
 @dataclass(frozen=True)
@@ -165,12 +167,27 @@ class Pusher:
             code: grpc.StatusCode = e.code()
             details = str(e.details())
             if code != grpc.StatusCode.ALREADY_EXISTS and not self.has(update_id):
+                if self.options.offline_ok and code in _UNREACHABLE:
+                    raise NodeOffline(self.target.node_id, code.name, details) from None
                 error = f"refused by {self.target.node_id}: {code.name}: {details}"
                 self.store.finish_update(UpdateRow(update_id=update_id, node=self.target.node_id,
                                                    component=pkg.component, to_version=pkg.version,
                                                    state=UpdateState.FAILED, error=error, finished_at=time.time()))
                 raise PushRefused(self.target.node_id, code.name, details) from None
         return update_id
+
+    def cancel(self, update_id: str) -> str:
+        """Ask the node to cancel the update (DaemonService.CancelUpdate); returns what came of it, in words.
+
+        A supervisor before contract version 2 answers UNIMPLEMENTED: the update runs on, and that is said.
+        """
+        try:
+            status = self.stub.CancelUpdate(daemon_pb2.UpdateRef(update_id=update_id),
+                                            timeout=self.options.rpc_timeout_s)
+        except grpc.RpcError as e:
+            return f"could not cancel: {e.code().name}: {e.details()}"
+        state = state_of(status).value
+        return f"cancel asked: the update is {state}" if status.finished else f"cancelling (was {state})"
 
     def has(self, update_id: str) -> bool:
         """Whether the node knows this update (a push that got through)."""

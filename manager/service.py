@@ -89,7 +89,8 @@ class ManagerService(manager_pb2_grpc.ManagerServiceServicer):
         address = reachable_address(request.grpc_address, context.peer())
         self.store.register_node(Node(id=request.node_id, version=request.supervisor_version,
                                       hostname=request.hostname, address=address, identity=identity,
-                                      agents=tuple(agents_json(request.agents))))
+                                      agents=tuple(agents_json(request.agents)),
+                                      labels=tuple(sorted(request.labels.items()))))
         logger.info("node {} registered (supervisor {}, {}{})", request.node_id, request.supervisor_version,
                     address or "no address", f", {identity}" if identity else "")
         return manager_pb2.RegisterResponse(heartbeat_interval_seconds=self.heartbeat_interval_s)

@@ -1,13 +1,21 @@
-"""What the Manager remembers: nodes, every update, rollouts. A small interface, SQLite behind it.
+"""What the Manager remembers: nodes, every update, rollouts. One interface, two databases behind it.
 
 The Manager's commands are separate processes (``serve`` records what
-supervisors report; ``push`` and ``rollout`` record what they start), so the
-database is shared between processes: SQLite in WAL mode (readers never block
-the writer), a busy timeout for the writers, ``synchronous=FULL`` because an
-acknowledged result must survive a crash (the supervisor forgets it after our
-ack). The schema version is ``PRAGMA user_version``; ``MIGRATIONS`` are applied
-in order, each in its own transaction, and a database newer than this code is
-refused rather than written to.
+supervisors report and carries out rollouts; ``push`` and ``rollout`` record
+what they start), so the database is shared between processes, and with
+PostgreSQL between several ``serve`` replicas on several machines:
+
+- SQLite (the embedded default, one machine): WAL mode (readers never block the
+  writer), a busy timeout for the writers, ``synchronous=FULL`` because an
+  acknowledged result must survive a crash (the supervisor forgets it after our
+  ack). The schema version is ``PRAGMA user_version``.
+- PostgreSQL (psycopg 3): the same tables and the same statements; the schema
+  version is the ``schema_version`` table, and migrations take an advisory lock
+  so replicas starting together migrate once.
+
+``MIGRATIONS`` are applied in order, each in its own transaction, and a database
+newer than this code is refused rather than written to. ``open_store(url)``
+chooses the database: ``postgresql://...``, ``sqlite:///path`` or a bare path.
 
 Update rows obey two rules, so that the two writers of a row (a push following
 its update, the supervisor's result) cannot go backwards:
@@ -20,17 +28,21 @@ its update, the supervisor's result) cannot go backwards:
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from baton.states import UpdateState
 from manager.errors import SchemaTooNew, StoreError
+
+if TYPE_CHECKING:
+    import psycopg
 
 BUSY_TIMEOUT_S = 10.0
 FINAL_STATES = tuple(s.value for s in UpdateState if s.final)
@@ -78,7 +90,30 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE updates ADD COLUMN last_log TEXT NOT NULL DEFAULT ''",
         "CREATE INDEX updates_by_state ON updates (state)",
     ),
-    # 3: who started each push and rollout (the operator's name and the host the command ran on).
+    # 3: fleet scale: node labels; a rollout carried out by the serve replica holding its lease, and the
+    # pause/resume/cancel asked of it.
+    (
+        "ALTER TABLE nodes ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'",
+        "ALTER TABLE rollouts ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE rollouts ADD COLUMN lease_until REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE rollouts ADD COLUMN control TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX rollouts_by_state ON rollouts (state, created_at)",
+        # One row per node of a rollout: a step is one small write, and progress per batch is a query.
+        """CREATE TABLE rollout_nodes (
+            rollout_id TEXT NOT NULL,
+            node TEXT NOT NULL,
+            position INTEGER NOT NULL,
+            batch INTEGER NOT NULL,
+            step TEXT NOT NULL DEFAULT 'pending',
+            update_id TEXT NOT NULL DEFAULT '',
+            error TEXT NOT NULL DEFAULT '',
+            offline_since REAL NOT NULL DEFAULT 0,
+            cancel TEXT NOT NULL DEFAULT '',
+            updated_at REAL NOT NULL DEFAULT 0,
+            PRIMARY KEY (rollout_id, node))""",
+        "CREATE INDEX rollout_nodes_by_batch ON rollout_nodes (rollout_id, batch, step)",
+    ),
+    # 4: who started each push and rollout (the operator's name and the host the command ran on).
     (
         "ALTER TABLE updates ADD COLUMN started_by TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE updates ADD COLUMN started_on TEXT NOT NULL DEFAULT ''",
@@ -86,6 +121,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE rollouts ADD COLUMN started_on TEXT NOT NULL DEFAULT ''",
     ),
 )
+ACTIVE_ROLLOUT_STATES = ("running", "paused")  # a serve replica carries these out
+ROLLOUT_CONTROLS = ("", "pause", "cancel")  # what `rollout pause|resume|cancel` leaves for the owner
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -99,6 +136,12 @@ class Node:
     registered_at: float = 0.0
     last_seen: float = 0.0
     agents: tuple[dict[str, Any], ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()  # sorted (key, value) pairs from its [node] labels
+
+    def matches(self, selector: dict[str, str]) -> bool:
+        """Whether every ``key=value`` of the selector is among its labels."""
+        mine = dict(self.labels)
+        return all(mine.get(k) == v for k, v in selector.items())
 
 
 @dataclass(frozen=True)
@@ -153,19 +196,41 @@ class ResultRow:
 
 
 @dataclass(frozen=True)
+class RolloutNodeRow:
+    """One node of a rollout: its place, its batch, and the step the rollout is at with it."""
+
+    node: str
+    batch: int
+    position: int = 0  # its place in the rollout's order
+    step: str = "pending"
+    update_id: str = ""
+    error: str = ""
+    offline_since: float = 0.0
+    cancel: str = ""
+    updated_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "batch": self.batch, "update_id": self.update_id, "error": self.error,
+                "offline_since": self.offline_since, "cancel": self.cancel}
+
+
+@dataclass(frozen=True)
 class RolloutRow:
     id: str
     spec: dict[str, Any]
     state: str
-    progress: dict[str, Any]
+    progress: dict[str, Any]  # "reason", "offline_deadline"; read back with "nodes" and "batches" added
     created_at: float
     updated_at: float
-    started_by: str = ""
-    started_on: str = ""
+    owner: str = ""  # the serve replica carrying it out, "" when none
+    lease_until: float = 0.0  # the owner's lease: another replica may take it over after this
+    control: str = ""  # "", "pause" or "cancel": asked by `rollout pause|cancel`, acted on by the owner
+    started_by: str = ""  # the operator who submitted it
+    started_on: str = ""  # the host their command ran on
 
 
 class Store(Protocol):
-    """The storage interface the service and the commands use; SQLite today, a server database later."""
+    """The storage interface the service and the commands use: :class:`SqliteStore` or :class:`PostgresStore`."""
 
     def register_node(self, node: Node) -> None: ...
     def touch_node(self, node_id: str, version: str = "") -> bool: ...
@@ -179,10 +244,17 @@ class Store(Protocol):
     def update(self, update_id: str) -> UpdateRow | None: ...
     def updates(self, node: str = "", component: str = "", state: str = "", rollout_id: str = ""
                 ) -> list[UpdateRow]: ...
-    def create_rollout(self, row: RolloutRow) -> None: ...
-    def save_rollout(self, rollout_id: str, state: str, progress: dict[str, Any]) -> None: ...
-    def rollout(self, rollout_id: str) -> RolloutRow | None: ...
+    def create_rollout(self, row: RolloutRow, nodes: Sequence[RolloutNodeRow] = ()) -> None: ...
+    def save_rollout(self, rollout_id: str, state: str, progress: dict[str, Any], owner: str = "") -> bool: ...
+    def save_rollout_node(self, rollout_id: str, node: RolloutNodeRow, owner: str = "") -> bool: ...
+    def rollout_nodes(self, rollout_id: str) -> list[RolloutNodeRow]: ...
+    def rollout_batches(self, rollout_id: str) -> dict[int, dict[str, int]]: ...
+    def rollout(self, rollout_id: str, with_nodes: bool = True) -> RolloutRow | None: ...
     def rollouts(self) -> list[RolloutRow]: ...
+    def claim_rollout(self, owner: str, lease_s: float) -> str | None: ...
+    def renew_lease(self, rollout_id: str, owner: str, lease_s: float) -> bool: ...
+    def release_rollout(self, rollout_id: str, owner: str) -> None: ...
+    def control_rollout(self, rollout_id: str, control: str) -> bool: ...
     def set_setting(self, key: str, value: str) -> None: ...
     def setting(self, key: str) -> str | None: ...
     def close(self) -> None: ...
@@ -190,6 +262,11 @@ class Store(Protocol):
 
 def schema_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _too_new(current: int) -> SchemaTooNew:
+    return SchemaTooNew(f"database schema version {current} is newer than this Manager's "
+                        f"({SCHEMA_VERSION}); upgrade the Manager")
 
 
 def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
@@ -200,8 +277,7 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
     """
     current = schema_version(conn)
     if current > SCHEMA_VERSION:
-        raise SchemaTooNew(f"database schema version {current} is newer than this Manager's "
-                           f"({SCHEMA_VERSION}); upgrade the Manager")
+        raise _too_new(current)
     while current < target:
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -218,11 +294,298 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
     return current
 
 
-class SqliteStore:
+class _SqlStore:
+    """The statements, written once with ``?`` placeholders; a subclass supplies the connection."""
+
+    @contextmanager
+    def _tx(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        raise NotImplementedError
+
+    def _exec(self, c: Any, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        """Run one statement inside ``_tx`` and return its cursor."""
+        return c.execute(sql, args)
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # ---- nodes -----------------------------------------------------------------------------------------
+
+    def register_node(self, node: Node) -> None:
+        now = time.time()
+        with self._tx() as c:
+            self._exec(
+                c,
+                """INSERT INTO nodes (id, version, hostname, address, identity, registered_at, last_seen, agents,
+                                      labels)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (id) DO UPDATE SET version = excluded.version, hostname = excluded.hostname,
+                     address = excluded.address, identity = excluded.identity,
+                     registered_at = excluded.registered_at, last_seen = excluded.last_seen,
+                     agents = excluded.agents, labels = excluded.labels""",
+                (node.id, node.version, node.hostname, node.address, node.identity, now, now,
+                 json.dumps(list(node.agents)), json.dumps(dict(node.labels), sort_keys=True)),
+            )
+
+    def touch_node(self, node_id: str, version: str = "") -> bool:
+        """A heartbeat: False when the node is unknown (it should register again)."""
+        with self._tx() as c:
+            cur = self._exec(c, "UPDATE nodes SET last_seen = ?, version = COALESCE(NULLIF(?, ''), version) "
+                                "WHERE id = ?", (time.time(), version, node_id))
+            return bool(cur.rowcount > 0)
+
+    def set_agents(self, node_id: str, agents: list[dict[str, Any]]) -> bool:
+        with self._tx() as c:
+            cur = self._exec(c, "UPDATE nodes SET agents = ?, last_seen = ? WHERE id = ?",
+                             (json.dumps(agents), time.time(), node_id))
+            return bool(cur.rowcount > 0)
+
+    def node(self, node_id: str) -> Node | None:
+        rows = self._query("SELECT * FROM nodes WHERE id = ?", (node_id,))
+        return _node(rows[0]) if rows else None
+
+    def nodes(self) -> list[Node]:
+        return [_node(r) for r in self._query("SELECT * FROM nodes ORDER BY id")]
+
+    # ---- updates ---------------------------------------------------------------------------------------
+
+    def create_update(self, row: UpdateRow) -> bool:
+        """Record an update we are about to push; False if it is recorded already (a resumed push)."""
+        with self._tx() as c:
+            cur = self._exec(
+                c,
+                """INSERT INTO updates (update_id, node, component, from_version, to_version, state, created_at,
+                                        rollout_id, started_by, started_on)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (update_id) DO NOTHING""",
+                (row.update_id, row.node, row.component, row.from_version, row.to_version, row.state.value,
+                 row.created_at or time.time(), row.rollout_id, row.started_by, row.started_on),
+            )
+            return bool(cur.rowcount > 0)
+
+    def progress_update(self, update_id: str, state: UpdateState, from_version: str = "") -> None:
+        """A non-final state seen while following; ignored once the row is final or reported."""
+        if state.final:
+            raise ValueError("progress_update takes non-final states; use finish_update")
+        with self._tx() as c:
+            self._exec(
+                c,
+                f"""UPDATE updates SET state = ?, from_version = COALESCE(NULLIF(?, ''), from_version)
+                    WHERE update_id = ? AND reported_at IS NULL
+                      AND state NOT IN ({",".join("?" * len(FINAL_STATES))})""",
+                (state.value, from_version, update_id, *FINAL_STATES),
+            )
+
+    def finish_update(self, row: UpdateRow) -> None:
+        """The final state as the pusher saw it (or a refused push); ignored once the result has arrived."""
+        if not row.state.final:
+            raise ValueError("finish_update takes final states")
+        with self._tx() as c:
+            self._exec(
+                c,
+                """UPDATE updates SET state = ?, success = ?, rolled_back = ?, error = ?, timings = ?,
+                     finished_at = ?, last_log = ?, from_version = COALESCE(NULLIF(?, ''), from_version)
+                   WHERE update_id = ? AND reported_at IS NULL""",
+                (row.state.value, int(row.success), int(row.rolled_back), row.error, json.dumps(row.timings),
+                 row.finished_at or time.time(), row.last_log, row.from_version, row.update_id),
+            )
+
+    def record_result(self, result: ResultRow) -> bool:
+        """Upsert a supervisor's result by update id in one statement; True if it had arrived before.
+
+        One statement, so two replicas given the same result at once still count it once each: the row's
+        ``reports`` after the upsert says whether this delivery was the first.
+        """
+        now = time.time()
+        with self._tx() as c:
+            cur = self._exec(
+                c,
+                """INSERT INTO updates (update_id, node, component, from_version, to_version, state, success,
+                                        rolled_back, error, timings, created_at, finished_at, reported_at,
+                                        reports, last_log)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?)
+                   ON CONFLICT (update_id) DO UPDATE SET
+                     state = excluded.state, success = excluded.success, rolled_back = excluded.rolled_back,
+                     error = excluded.error, timings = excluded.timings, finished_at = excluded.finished_at,
+                     from_version = excluded.from_version, last_log = excluded.last_log,
+                     reported_at = COALESCE(updates.reported_at, excluded.reported_at),
+                     reports = updates.reports + 1
+                   RETURNING reports""",
+                (result.update_id, result.node, result.component, result.from_version, result.to_version,
+                 result.state.value, int(result.success), int(result.rolled_back), result.error,
+                 json.dumps(result.timings), result.started_at or now, result.finished_at or now, now,
+                 result.last_log),
+            )
+            return int(cur.fetchone()["reports"]) > 1
+
+    def update(self, update_id: str) -> UpdateRow | None:
+        rows = self._query("SELECT * FROM updates WHERE update_id = ?", (update_id,))
+        return _update(rows[0]) if rows else None
+
+    def updates(self, node: str = "", component: str = "", state: str = "", rollout_id: str = ""
+                ) -> list[UpdateRow]:
+        """The history, oldest first, filtered by any of node, component, state (a state name), rollout."""
+        where, args = [], []
+        for col, value in (("node", node), ("component", component), ("state", state.lower()),
+                           ("rollout_id", rollout_id)):
+            if value:
+                where.append(f"{col} = ?")
+                args.append(value)
+        sql = "SELECT * FROM updates" + (" WHERE " + " AND ".join(where) if where else "")
+        return [_update(r) for r in self._query(sql + " ORDER BY created_at, update_id", tuple(args))]
+
+    # ---- rollouts --------------------------------------------------------------------------------------
+
+    def create_rollout(self, row: RolloutRow, nodes: Sequence[RolloutNodeRow] = ()) -> None:
+        """The rollout and its nodes, in their order (``progress`` keeps only the rollout's own fields)."""
+        with self._tx() as c:
+            self._exec(c, "INSERT INTO rollouts (id, spec, state, progress, created_at, updated_at, started_by, "
+                          "started_on) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (row.id, json.dumps(row.spec), row.state, json.dumps(_own_fields(row.progress)),
+                        row.created_at, row.updated_at, row.started_by, row.started_on))
+            for i, n in enumerate(nodes):
+                self._exec(c, """INSERT INTO rollout_nodes (rollout_id, node, position, batch, step, update_id, error,
+                                                            offline_since, cancel, updated_at)
+                                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                           (row.id, n.node, i, n.batch, n.step, n.update_id, n.error, n.offline_since, n.cancel,
+                            row.created_at))
+
+    def _owned(self, c: Any, rollout_id: str, owner: str) -> bool:
+        """Inside a transaction: whether ``owner`` holds the rollout, its row locked until the commit."""
+        row = self._exec(c, f"SELECT owner FROM rollouts WHERE id = ? {self._ROW_LOCK}", (rollout_id,)).fetchone()
+        return row is not None and row["owner"] == owner
+
+    def save_rollout(self, rollout_id: str, state: str, progress: dict[str, Any], owner: str = "") -> bool:
+        """Write the rollout's state and progress; with ``owner``, only while that replica still owns it.
+
+        False means another replica took the rollout over: the caller must stop acting on it (a fence, so
+        a replica that was merely slow never pushes after its lease passed to another).
+        """
+        progress = _own_fields(progress)
+        sql = "UPDATE rollouts SET state = ?, progress = ?, updated_at = ? WHERE id = ?"
+        args: tuple[Any, ...] = (state, json.dumps(progress), time.time(), rollout_id)
+        if owner:
+            sql += " AND owner = ?"
+            args += (owner,)
+        with self._tx() as c:
+            return bool(self._exec(c, sql, args).rowcount > 0)
+
+    def save_rollout_node(self, rollout_id: str, node: RolloutNodeRow, owner: str = "") -> bool:
+        """Write one node's step; with ``owner``, only while that replica still owns the rollout (a fence).
+
+        An upsert: a rollout started before schema 3 kept its nodes in ``progress`` and gets its rows here.
+        """
+        with self._tx() as c:
+            if owner and not self._owned(c, rollout_id, owner):
+                return False
+            self._exec(c, """INSERT INTO rollout_nodes (rollout_id, node, position, batch, step, update_id, error,
+                                                        offline_since, cancel, updated_at)
+                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                             ON CONFLICT (rollout_id, node) DO UPDATE SET step = excluded.step,
+                               update_id = excluded.update_id, error = excluded.error,
+                               offline_since = excluded.offline_since, cancel = excluded.cancel,
+                               updated_at = excluded.updated_at""",
+                       (rollout_id, node.node, node.position, node.batch, node.step, node.update_id, node.error,
+                        node.offline_since, node.cancel, time.time()))
+            return True
+
+    def rollout_nodes(self, rollout_id: str) -> list[RolloutNodeRow]:
+        """Its nodes in the rollout's order."""
+        return [_rollout_node(r) for r in self._query(
+            "SELECT * FROM rollout_nodes WHERE rollout_id = ? ORDER BY position", (rollout_id,))]
+
+    def rollout_batches(self, rollout_id: str) -> dict[int, dict[str, int]]:
+        """Progress per batch: for each batch, how many of its nodes are at each step."""
+        out: dict[int, dict[str, int]] = {}
+        for r in self._query("SELECT batch, step, COUNT(*) AS n FROM rollout_nodes WHERE rollout_id = ? "
+                             "GROUP BY batch, step ORDER BY batch, step", (rollout_id,)):
+            out.setdefault(int(r["batch"]), {})[r["step"]] = int(r["n"])
+        return out
+
+    def rollout(self, rollout_id: str, with_nodes: bool = True) -> RolloutRow | None:
+        """The rollout; with its nodes and batches in ``progress`` unless ``with_nodes`` is False."""
+        rows = self._query("SELECT * FROM rollouts WHERE id = ?", (rollout_id,))
+        if not rows:
+            return None
+        row = _rollout(rows[0])
+        if not with_nodes:
+            return row
+        return _with_nodes(row, self.rollout_nodes(rollout_id))
+
+    def rollouts(self) -> list[RolloutRow]:
+        nodes: dict[str, list[RolloutNodeRow]] = {}
+        for r in self._query("SELECT * FROM rollout_nodes ORDER BY rollout_id, position"):
+            nodes.setdefault(r["rollout_id"], []).append(_rollout_node(r))
+        return [_with_nodes(_rollout(r), nodes.get(r["id"], []))
+                for r in self._query("SELECT * FROM rollouts ORDER BY created_at")]
+
+    _CLAIM_LOCK = ""  # PostgreSQL: FOR UPDATE SKIP LOCKED
+    _ROW_LOCK = ""  # PostgreSQL: FOR UPDATE (SQLite's BEGIN IMMEDIATE locks the whole database)
+
+    def claim_rollout(self, owner: str, lease_s: float) -> str | None:
+        """Take the oldest active rollout nobody holds (or whose owner's lease ran out); its id, or None.
+
+        A replica never gets back a rollout it holds: it is driving that one already.
+        """
+        now = time.time()
+        with self._tx() as c:
+            row = self._exec(
+                c,
+                f"""SELECT id FROM rollouts
+                    WHERE state IN (?, ?) AND (owner = '' OR lease_until < ?)
+                    ORDER BY created_at LIMIT 1 {self._CLAIM_LOCK}""",
+                (*ACTIVE_ROLLOUT_STATES, now),
+            ).fetchone()
+            if row is None:
+                return None
+            self._exec(c, "UPDATE rollouts SET owner = ?, lease_until = ? WHERE id = ?",
+                       (owner, now + lease_s, row["id"]))
+            return str(row["id"])
+
+    def renew_lease(self, rollout_id: str, owner: str, lease_s: float) -> bool:
+        """Extend the lease; False when it is no longer ours (taken over): stop at once."""
+        with self._tx() as c:
+            cur = self._exec(c, "UPDATE rollouts SET lease_until = ? WHERE id = ? AND owner = ?",
+                             (time.time() + lease_s, rollout_id, owner))
+            return bool(cur.rowcount > 0)
+
+    def release_rollout(self, rollout_id: str, owner: str) -> None:
+        with self._tx() as c:
+            self._exec(c, "UPDATE rollouts SET owner = '', lease_until = 0 WHERE id = ? AND owner = ?",
+                       (rollout_id, owner))
+
+    def control_rollout(self, rollout_id: str, control: str) -> bool:
+        """Ask the owner to pause (``pause``), go on (``""``) or cancel (``cancel``); False once it ended.
+
+        A cancel is never taken back by a later pause or resume.
+        """
+        if control not in ROLLOUT_CONTROLS:
+            raise ValueError(f"unknown rollout control {control!r}")
+        with self._tx() as c:
+            cur = self._exec(c, "UPDATE rollouts SET control = ?, updated_at = ? "
+                                "WHERE id = ? AND state IN (?, ?) AND control <> 'cancel'",
+                             (control, time.time(), rollout_id, *ACTIVE_ROLLOUT_STATES))
+            return bool(cur.rowcount > 0)
+
+    # ---- settings --------------------------------------------------------------------------------------
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self._tx() as c:
+            self._exec(c, "INSERT INTO settings (key, value) VALUES (?, ?) "
+                          "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+
+    def setting(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM settings WHERE key = ?", (key,))
+        return str(rows[0]["value"]) if rows else None
+
+
+class SqliteStore(_SqlStore):
     """The SQLite implementation of :class:`Store`; safe to share between threads of one process."""
 
     def __init__(self, path: Path, *, migrate_to: int = SCHEMA_VERSION) -> None:
         self.path = Path(path)
+        self.url = str(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
@@ -251,165 +614,156 @@ class SqliteStore:
                 raise
             self._conn.execute("COMMIT")
 
-    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         with self._lock:
             return self._conn.execute(sql, args).fetchall()
 
-    # ---- nodes -----------------------------------------------------------------------------------------
 
-    def register_node(self, node: Node) -> None:
-        now = time.time()
-        with self._tx() as c:
-            c.execute(
-                """INSERT INTO nodes (id, version, hostname, address, identity, registered_at, last_seen, agents)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT (id) DO UPDATE SET version = excluded.version, hostname = excluded.hostname,
-                     address = excluded.address, identity = excluded.identity,
-                     registered_at = excluded.registered_at, last_seen = excluded.last_seen,
-                     agents = excluded.agents""",
-                (node.id, node.version, node.hostname, node.address, node.identity, now, now,
-                 json.dumps(list(node.agents))),
-            )
-
-    def touch_node(self, node_id: str, version: str = "") -> bool:
-        """A heartbeat: False when the node is unknown (it should register again)."""
-        with self._tx() as c:
-            cur = c.execute("UPDATE nodes SET last_seen = ?, version = COALESCE(NULLIF(?, ''), version) "
-                            "WHERE id = ?", (time.time(), version, node_id))
-            return cur.rowcount > 0
-
-    def set_agents(self, node_id: str, agents: list[dict[str, Any]]) -> bool:
-        with self._tx() as c:
-            cur = c.execute("UPDATE nodes SET agents = ?, last_seen = ? WHERE id = ?",
-                            (json.dumps(agents), time.time(), node_id))
-            return cur.rowcount > 0
-
-    def node(self, node_id: str) -> Node | None:
-        rows = self._query("SELECT * FROM nodes WHERE id = ?", (node_id,))
-        return _node(rows[0]) if rows else None
-
-    def nodes(self) -> list[Node]:
-        return [_node(r) for r in self._query("SELECT * FROM nodes ORDER BY id")]
-
-    # ---- updates ---------------------------------------------------------------------------------------
-
-    def create_update(self, row: UpdateRow) -> bool:
-        """Record an update we are about to push; False if it is recorded already (a resumed push)."""
-        with self._tx() as c:
-            cur = c.execute(
-                """INSERT INTO updates (update_id, node, component, from_version, to_version, state, created_at,
-                                        rollout_id, started_by, started_on)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (update_id) DO NOTHING""",
-                (row.update_id, row.node, row.component, row.from_version, row.to_version, row.state.value,
-                 row.created_at or time.time(), row.rollout_id, row.started_by, row.started_on),
-            )
-            return cur.rowcount > 0
-
-    def progress_update(self, update_id: str, state: UpdateState, from_version: str = "") -> None:
-        """A non-final state seen while following; ignored once the row is final or reported."""
-        if state.final:
-            raise ValueError("progress_update takes non-final states; use finish_update")
-        with self._tx() as c:
-            c.execute(
-                f"""UPDATE updates SET state = ?, from_version = COALESCE(NULLIF(?, ''), from_version)
-                    WHERE update_id = ? AND reported_at IS NULL
-                      AND state NOT IN ({",".join("?" * len(FINAL_STATES))})""",
-                (state.value, from_version, update_id, *FINAL_STATES),
-            )
-
-    def finish_update(self, row: UpdateRow) -> None:
-        """The final state as the pusher saw it (or a refused push); ignored once the result has arrived."""
-        if not row.state.final:
-            raise ValueError("finish_update takes final states")
-        with self._tx() as c:
-            c.execute(
-                """UPDATE updates SET state = ?, success = ?, rolled_back = ?, error = ?, timings = ?,
-                     finished_at = ?, last_log = ?, from_version = COALESCE(NULLIF(?, ''), from_version)
-                   WHERE update_id = ? AND reported_at IS NULL""",
-                (row.state.value, int(row.success), int(row.rolled_back), row.error, json.dumps(row.timings),
-                 row.finished_at or time.time(), row.last_log, row.from_version, row.update_id),
-            )
-
-    def record_result(self, result: ResultRow) -> bool:
-        """Upsert a supervisor's result by update id; True if it had arrived before (a duplicate)."""
-        with self._tx() as c:
-            prev = c.execute("SELECT reported_at FROM updates WHERE update_id = ?", (result.update_id,)).fetchone()
-            duplicate = prev is not None and prev["reported_at"] is not None
-            now = time.time()
-            c.execute(
-                """INSERT INTO updates (update_id, node, component, from_version, to_version, state, success,
-                                        rolled_back, error, timings, created_at, finished_at, reported_at,
-                                        reports, last_log)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?)
-                   ON CONFLICT (update_id) DO UPDATE SET
-                     state = excluded.state, success = excluded.success, rolled_back = excluded.rolled_back,
-                     error = excluded.error, timings = excluded.timings, finished_at = excluded.finished_at,
-                     from_version = excluded.from_version, last_log = excluded.last_log,
-                     reported_at = COALESCE(updates.reported_at, excluded.reported_at),
-                     reports = updates.reports + 1""",
-                (result.update_id, result.node, result.component, result.from_version, result.to_version,
-                 result.state.value, int(result.success), int(result.rolled_back), result.error,
-                 json.dumps(result.timings), result.started_at or now, result.finished_at or now, now,
-                 result.last_log),
-            )
-            return duplicate
-
-    def update(self, update_id: str) -> UpdateRow | None:
-        rows = self._query("SELECT * FROM updates WHERE update_id = ?", (update_id,))
-        return _update(rows[0]) if rows else None
-
-    def updates(self, node: str = "", component: str = "", state: str = "", rollout_id: str = ""
-                ) -> list[UpdateRow]:
-        """The history, oldest first, filtered by any of node, component, state (a state name), rollout."""
-        where, args = [], []
-        for col, value in (("node", node), ("component", component), ("state", state.lower()),
-                           ("rollout_id", rollout_id)):
-            if value:
-                where.append(f"{col} = ?")
-                args.append(value)
-        sql = "SELECT * FROM updates" + (" WHERE " + " AND ".join(where) if where else "")
-        return [_update(r) for r in self._query(sql + " ORDER BY created_at, update_id", tuple(args))]
-
-    # ---- rollouts --------------------------------------------------------------------------------------
-
-    def create_rollout(self, row: RolloutRow) -> None:
-        with self._tx() as c:
-            c.execute("INSERT INTO rollouts (id, spec, state, progress, created_at, updated_at, started_by, "
-                      "started_on) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                      (row.id, json.dumps(row.spec), row.state, json.dumps(row.progress), row.created_at,
-                       row.updated_at, row.started_by, row.started_on))
-
-    def save_rollout(self, rollout_id: str, state: str, progress: dict[str, Any]) -> None:
-        with self._tx() as c:
-            c.execute("UPDATE rollouts SET state = ?, progress = ?, updated_at = ? WHERE id = ?",
-                      (state, json.dumps(progress), time.time(), rollout_id))
-
-    def rollout(self, rollout_id: str) -> RolloutRow | None:
-        rows = self._query("SELECT * FROM rollouts WHERE id = ?", (rollout_id,))
-        return _rollout(rows[0]) if rows else None
-
-    def rollouts(self) -> list[RolloutRow]:
-        return [_rollout(r) for r in self._query("SELECT * FROM rollouts ORDER BY created_at")]
-
-    # ---- settings --------------------------------------------------------------------------------------
-
-    def set_setting(self, key: str, value: str) -> None:
-        with self._tx() as c:
-            c.execute("INSERT INTO settings (key, value) VALUES (?, ?) "
-                      "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
-
-    def setting(self, key: str) -> str | None:
-        rows = self._query("SELECT value FROM settings WHERE key = ?", (key,))
-        return str(rows[0]["value"]) if rows else None
+PG_POOL_SIZE = 8  # connections per process: the service's worker threads (manager/service.py WORKERS)
+_PG_SCHEMA_LOCK = 0x6261746F6E  # "baton": the advisory lock replicas take to migrate one at a time
+_PLACEHOLDER = re.compile(r"\?")
 
 
-def _node(r: sqlite3.Row) -> Node:
+def _pg(sql: str) -> str:
+    """Our statements in PostgreSQL's dialect: ``%s`` placeholders, DOUBLE PRECISION for REAL."""
+    return re.sub(r"\bREAL\b", "DOUBLE PRECISION", _PLACEHOLDER.sub("%s", sql))
+
+
+class PostgresStore(_SqlStore):
+    """The PostgreSQL implementation of :class:`Store` (psycopg 3).
+
+    A small pool of connections (``pool_size``, opened as needed), so the service's threads and the
+    rollouts' workers run their statements in parallel; autocommit outside the explicit transactions. A
+    connection the server dropped (a restart, a failover) is replaced when it is next taken; the call
+    that found it broken fails.
+    """
+
+    _CLAIM_LOCK = "FOR UPDATE SKIP LOCKED"
+    _ROW_LOCK = "FOR UPDATE"
+
+    def __init__(self, url: str, *, migrate_to: int = SCHEMA_VERSION, pool_size: int = PG_POOL_SIZE) -> None:
+        import psycopg
+
+        self.url = _redacted(url)
+        self._dsn = url
+        self.pool_size = pool_size
+        self._cond = threading.Condition()
+        self._idle: list[psycopg.Connection[dict[str, Any]]] = []
+        self._opened = 0
+        try:
+            with self._checkout() as conn:
+                self._migrate(conn, migrate_to)
+        except psycopg.Error as e:
+            self.close()
+            raise StoreError(f"cannot open the database {_redacted(url)}: {str(e).strip()}") from None
+
+    def _connect(self) -> psycopg.Connection[dict[str, Any]]:
+        import psycopg
+        from psycopg.rows import dict_row
+
+        return psycopg.connect(self._dsn, autocommit=True, row_factory=dict_row,
+                               connect_timeout=int(BUSY_TIMEOUT_S))
+
+    @contextmanager
+    def _checkout(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+        """A connection of the pool for one call; a new one when none is idle and the pool is not full."""
+        with self._cond:
+            while not self._idle and self._opened >= self.pool_size:
+                self._cond.wait()
+            conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                self._opened += 1
+        try:
+            if conn is None or conn.closed or conn.broken:
+                conn = self._connect()
+        except BaseException:
+            with self._cond:
+                self._opened -= 1
+                self._cond.notify()
+            raise
+        try:
+            yield conn
+        finally:
+            with self._cond:
+                self._idle.append(conn)
+                self._cond.notify()
+
+    def schema_version(self) -> int:
+        with self._checkout() as conn:
+            return self._version(conn)
+
+    @staticmethod
+    def _version(conn: psycopg.Connection[dict[str, Any]]) -> int:
+        row = conn.execute("SELECT to_regclass('schema_version') AS t").fetchone()
+        if row is None or row["t"] is None:
+            return 0
+        got = conn.execute("SELECT version FROM schema_version").fetchone()
+        return int(got["version"]) if got else 0
+
+    def _migrate(self, conn: psycopg.Connection[dict[str, Any]], target: int) -> int:
+        current = self._version(conn)
+        if current > SCHEMA_VERSION:
+            raise _too_new(current)
+        while current < target:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK,))
+                conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+                current = self._version(conn)  # another replica may have migrated meanwhile
+                if current > SCHEMA_VERSION:
+                    raise _too_new(current)
+                if current < target:
+                    for stmt in MIGRATIONS[current]:
+                        conn.execute(_pg(stmt).encode())
+                    current += 1
+                    conn.execute("DELETE FROM schema_version")
+                    conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (current,))
+        return current
+
+    def close(self) -> None:
+        with self._cond:
+            for conn in self._idle:
+                conn.close()
+            self._idle.clear()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Any]:
+        with self._checkout() as conn, conn.transaction():
+            yield conn
+
+    def _exec(self, c: Any, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        return c.execute(_pg(sql).encode(), args)
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        with self._checkout() as conn:
+            return conn.execute(_pg(sql).encode(), args).fetchall()
+
+
+def _redacted(url: str) -> str:
+    """A database URL without its password, for messages and logs."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+def open_store(url: str) -> SqliteStore | PostgresStore:
+    """``postgresql://...`` (or ``postgres://``), ``sqlite:///path``, or a bare path to a SQLite file."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(url)
+    if url.startswith("sqlite://"):
+        path = url.removeprefix("sqlite://")
+        if not path.startswith("/"):
+            raise StoreError(f"{url}: expected sqlite:///ABSOLUTE/PATH")
+        return SqliteStore(Path(path))
+    if "://" in url:
+        raise StoreError(f"{_redacted(url)}: unknown database URL (postgresql://... or sqlite:///PATH)")
+    return SqliteStore(Path(url))
+
+
+def _node(r: Any) -> Node:
     return Node(id=r["id"], version=r["version"], hostname=r["hostname"], address=r["address"],
                 identity=r["identity"], registered_at=r["registered_at"], last_seen=r["last_seen"],
-                agents=tuple(json.loads(r["agents"])))
+                agents=tuple(json.loads(r["agents"])), labels=tuple(sorted(json.loads(r["labels"]).items())))
 
 
-def _update(r: sqlite3.Row) -> UpdateRow:
+def _update(r: Any) -> UpdateRow:
     return UpdateRow(
         update_id=r["update_id"], node=r["node"], component=r["component"], from_version=r["from_version"],
         to_version=r["to_version"], state=UpdateState(r["state"]), success=bool(r["success"]),
@@ -420,7 +774,32 @@ def _update(r: sqlite3.Row) -> UpdateRow:
     )
 
 
-def _rollout(r: sqlite3.Row) -> RolloutRow:
+def _rollout(r: Any) -> RolloutRow:
     return RolloutRow(id=r["id"], spec=json.loads(r["spec"]), state=r["state"], progress=json.loads(r["progress"]),
-                      created_at=r["created_at"], updated_at=r["updated_at"], started_by=r["started_by"],
+                      created_at=r["created_at"], updated_at=r["updated_at"], owner=r["owner"],
+                      lease_until=r["lease_until"], control=r["control"], started_by=r["started_by"],
                       started_on=r["started_on"])
+
+
+def _rollout_node(r: Any) -> RolloutNodeRow:
+    return RolloutNodeRow(node=r["node"], batch=r["batch"], position=r["position"], step=r["step"],
+                          update_id=r["update_id"], error=r["error"], offline_since=r["offline_since"],
+                          cancel=r["cancel"], updated_at=r["updated_at"])
+
+
+def _with_nodes(row: RolloutRow, nodes: list[RolloutNodeRow]) -> RolloutRow:
+    """``progress`` as the commands show it: the rollout's own fields, each node, and counts per batch.
+
+    A rollout from before schema 3 kept its nodes in ``progress``: those, overridden by any row since.
+    """
+    merged: dict[str, dict[str, Any]] = {**row.progress.get("nodes", {}), **{n.node: n.to_json() for n in nodes}}
+    batches: dict[str, dict[str, int]] = {}
+    for p in merged.values():
+        counts = batches.setdefault(str(p["batch"]), {})
+        counts[p["step"]] = counts.get(p["step"], 0) + 1
+    return replace(row, progress={**row.progress, "nodes": merged, "batches": batches})
+
+
+def _own_fields(progress: dict[str, Any]) -> dict[str, Any]:
+    """What the rollouts row keeps of a progress document: not its nodes (table rollout_nodes) nor counts."""
+    return {k: v for k, v in progress.items() if k not in ("nodes", "batches")}

@@ -292,6 +292,7 @@ class Supervisor:
                 self.cfg.manager, self.cfg.node.id, self.version, self.started_at,
                 lambda: [agent_info(s) for s in self.pm_required.snapshots()],
                 grpc_address=self.cfg.grpc.listen[0] if self.cfg.grpc.listen else "",
+                labels=self.cfg.node.labels,
             )
             self.manager.start()
             self.outbox = ResultOutbox(self.updates, self.manager, self.cfg.node.id)

@@ -3,6 +3,11 @@
 It runs as one background task with its own timeouts and exponential backoff,
 so a Manager that is down or slow never stalls supervision. When the Manager
 comes back the client registers again and sends the current agent states.
+
+``manager.address`` may name several replicas of the Manager (one database
+behind them). The client talks to one at a time; when a call fails (or the
+result outbox reports a failed delivery) it moves at once to the next address
+and registers there. Only after every address failed in a row does it back off.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import grpc
 from loguru import logger
@@ -20,16 +25,20 @@ from baton.config import ManagerConfig
 from baton.pb import common_pb2, manager_pb2, manager_pb2_grpc
 
 
-def manager_channel(cfg: ManagerConfig) -> grpc.aio.Channel:
+def manager_channel(cfg: ManagerConfig, address: str) -> grpc.aio.Channel:
     if cfg.tls_ca is None:
-        return grpc.aio.insecure_channel(cfg.address)
+        return grpc.aio.insecure_channel(address)
     creds = grpc.ssl_channel_credentials(
         root_certificates=cfg.tls_ca.read_bytes(),
         private_key=cfg.tls_key.read_bytes() if cfg.tls_key else None,
         certificate_chain=cfg.tls_cert.read_bytes() if cfg.tls_cert else None,
     )
     options = [("grpc.ssl_target_name_override", cfg.server_name)] if cfg.server_name else []
-    return grpc.aio.secure_channel(cfg.address, creds, options=options)
+    return grpc.aio.secure_channel(address, creds, options=options)
+
+
+class _Failover(Exception):
+    """Raised inside the client's loop to move to the next replica."""
 
 
 class ManagerClient:
@@ -41,6 +50,7 @@ class ManagerClient:
         started_at: float,
         agents: Callable[[], list[common_pb2.AgentInfo]],
         grpc_address: str = "",
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         self.cfg = cfg
         self.node_id = node_id
@@ -48,6 +58,7 @@ class ManagerClient:
         self.started_at = started_at
         self._agents = agents
         self._grpc_address = grpc_address
+        self.labels = dict(labels or {})
         self.connected = False
         self.registrations = 0
         self._dirty = asyncio.Event()
@@ -55,6 +66,18 @@ class ManagerClient:
         self._channel: grpc.aio.Channel | None = None
         self._stub: manager_pb2_grpc.ManagerServiceStub | None = None
         self._seq = 0
+        self._addresses = cfg.addresses
+        self._index = 0  # the replica in use
+        self._broken = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        """The Manager replica the client talks to now."""
+        return self._addresses[self._index]
+
+    def call_failed(self) -> None:
+        """Another task's call to the Manager failed: move to the next replica without waiting for a heartbeat."""
+        self._broken.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="manager-client")
@@ -76,27 +99,42 @@ class ManagerClient:
 
     async def _run(self) -> None:
         delay = self.cfg.retry_initial_s
+        failed_in_a_row = 0
         while True:
             try:
                 if self._channel is None:
-                    self._channel = manager_channel(self.cfg)
+                    self._channel = manager_channel(self.cfg, self.address)
                     self._stub = manager_pb2_grpc.ManagerServiceStub(self._channel)
                 await self._register()
                 delay = self.cfg.retry_initial_s
+                failed_in_a_row = 0
                 await self._connected_loop()
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as e:
                 if self.connected:
-                    logger.warning("lost the Manager at {}: {}", self.cfg.address, e.code().name)
+                    logger.warning("lost the Manager at {}: {}", self.address, e.code().name)
                 else:
-                    logger.debug("Manager at {} unavailable: {}; retrying in {:.1f}s", self.cfg.address,
-                                 e.code().name, delay)
+                    logger.debug("Manager at {} unavailable: {}", self.address, e.code().name)
+            except _Failover:
+                logger.warning("a call to the Manager at {} failed; moving to the next replica", self.address)
             except Exception as e:
-                logger.warning("Manager client error: {!r}; retrying in {:.1f}s", e, delay)
+                logger.warning("Manager client error: {!r}", e)
             self.connected = False
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.cfg.retry_max_s)
+            failed_in_a_row += 1
+            if len(self._addresses) > 1:
+                await self._next_replica()
+            if failed_in_a_row % len(self._addresses) == 0:  # every replica failed once more: back off
+                logger.debug("no Manager replica answered; retrying in {:.1f}s", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.cfg.retry_max_s)
+
+    async def _next_replica(self) -> None:
+        if self._channel is not None:
+            await self._channel.close(None)
+        self._channel = None
+        self._stub = None
+        self._index = (self._index + 1) % len(self._addresses)
 
     async def _register(self) -> None:
         assert self._stub is not None
@@ -107,6 +145,7 @@ class ManagerClient:
                 hostname=socket.gethostname(),
                 grpc_address=self._grpc_address,
                 agents=self._agents(),
+                labels=dict(self.labels),
             ),
             timeout=self.cfg.rpc_timeout_s,
         )
@@ -114,7 +153,8 @@ class ManagerClient:
         self.connected = True
         self.registrations += 1
         self._dirty.clear()
-        logger.info("registered with the Manager at {}", self.cfg.address)
+        self._broken.clear()
+        logger.info("registered with the Manager at {}", self.address)
 
     async def _connected_loop(self) -> None:
         assert self._stub is not None
@@ -122,8 +162,14 @@ class ManagerClient:
         next_sync = time.monotonic() + self.cfg.sync_interval_s
         while True:
             timeout = max(0.0, min(next_beat, next_sync) - time.monotonic())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), timeout)
+            waiters = [asyncio.ensure_future(self._dirty.wait()), asyncio.ensure_future(self._broken.wait())]
+            try:
+                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+            if self._broken.is_set():
+                raise _Failover
             now = time.monotonic()
             if self._dirty.is_set() or now >= next_sync:
                 self._dirty.clear()

@@ -46,6 +46,8 @@ class ResultOutbox:
                                                             timeout=self.manager.cfg.rpc_timeout_s)
                     except grpc.aio.AioRpcError as e:
                         logger.debug("result of update {} not delivered: {}", rec.update_id, e.code().name)
+                        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                            self.manager.call_failed()  # this replica is gone or stuck: try the next one
                         break
                     self.updates.mark_reported(rec.update_id)
                     logger.info("result of update {} delivered to the Manager{}", rec.update_id,

@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc, manager_pb2, manager_pb2_grpc
+from tests.pg_fixture import pg_cluster, pg_url  # noqa: F401  (a real PostgreSQL per session)
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENTS = Path(__file__).resolve().parent / "agents"

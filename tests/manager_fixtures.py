@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from baton.pb import daemon_pb2
-from manager.store import SqliteStore, UpdateRow
+from manager.store import UpdateRow, open_store
 from tests.conftest import (
     PY,
     ROOT,
@@ -47,10 +47,12 @@ def port_open(port: int) -> bool:
 class ManagerProc:
     """A real ``baton-manager serve`` on 127.0.0.1, and its CLI on the same database."""
 
-    def __init__(self, base: Path, reaper: ProcessReaper, tls: dict[str, Path] | None = None) -> None:
+    def __init__(self, base: Path, reaper: ProcessReaper, tls: dict[str, Path] | None = None, db: str = "",
+                 args: tuple[str, ...] = ()) -> None:
         self.base = base
         self.reaper = reaper
-        self.db = base / "manager.db"
+        self.db = db or str(base / "manager.db")  # a SQLite path, or postgresql://... shared by replicas
+        self.args = args  # more `serve` flags
         self.packages = base / "packages"
         self.port = free_port()
         self.http_port = free_port()
@@ -69,7 +71,7 @@ class ManagerProc:
     def start(self) -> ManagerProc:
         self.base.mkdir(parents=True, exist_ok=True)
         argv = [PY, "-m", "manager", "serve", "--listen", self.address, "--packages", str(self.packages),
-                "--http", f"127.0.0.1:{self.http_port}"]
+                "--http", f"127.0.0.1:{self.http_port}", *self.args]
         if self.tls:
             argv += ["--tls-cert", str(self.tls["cert"]), "--tls-key", str(self.tls["key"]),
                      "--tls-ca", str(self.tls["ca"])]
@@ -116,7 +118,7 @@ class ManagerProc:
         return {n["id"]: n for n in json.loads(self.cli("nodes", "--json").stdout)}
 
     def row(self, update_id: str) -> UpdateRow | None:
-        store = SqliteStore(self.db)
+        store = open_store(self.db)
         try:
             return store.update(update_id)
         finally:
@@ -125,11 +127,12 @@ class ManagerProc:
 
 @pytest.fixture(name="make_manager")
 def make_manager_fixture(tmp_path: Path, reaper: ProcessReaper) -> Iterator[Callable[..., ManagerProc]]:
-    """``make_manager(name="manager", tls=None)`` starts one; test modules import this to use it."""
+    """``make_manager(name="manager", tls=None, db="", args=())`` starts one; test modules import this to use it."""
     made: list[ManagerProc] = []
 
-    def make(name: str = "manager", tls: dict[str, Path] | None = None) -> ManagerProc:
-        m = ManagerProc(tmp_path / name, reaper, tls)
+    def make(name: str = "manager", tls: dict[str, Path] | None = None, db: str = "", args: tuple[str, ...] = ()
+             ) -> ManagerProc:
+        m = ManagerProc(tmp_path / name, reaper, tls, db, args)
         made.append(m)
         return m.start()
 

@@ -5,15 +5,11 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import signal
 import time
 
-import pytest
-
 from baton.pb import common_pb2
-from baton.states import UpdateState
-from manager.errors import SchemaTooNew
 from manager.packages import PackageServer
-from manager.store import SCHEMA_VERSION, ResultRow, SqliteStore, UpdateRow
 from tests.conftest import wait_for
 from tests.manager_fixtures import (
     journal_ids,
@@ -93,8 +89,8 @@ def test_rollout_halts_when_the_canary_fails_and_leaves_the_other_nodes_untouche
     assert rollout["state"] == "halted"
     assert {n: p["step"] for n, p in rollout["progress"]["nodes"].items()} == {
         "node-1": "failed", "node-2": "pending", "node-3": "pending"}
-    resumed = manager.cli("rollout", "--resume", rollout["id"], check=False)
-    assert resumed.returncode == 2 and "halted" in resumed.stderr, "a halted rollout stays halted"
+    resumed = manager.cli("rollout", "resume", rollout["id"], check=False)
+    assert resumed.returncode == 2 and "it is halted" in resumed.stderr, "a halted rollout stays halted"
 
 
 def test_result_of_an_update_that_finishes_while_the_manager_is_down_arrives_once_after_it_restarts(
@@ -140,13 +136,13 @@ def test_supervisor_killed_before_it_could_report_delivers_the_result_once_after
     assert (row.state.value, row.success, row.reports, row.node) == ("committed", True, 1, "node-1")
 
 
-def test_rollout_resumes_after_a_manager_restart_without_pushing_any_node_twice(
+def test_rollout_goes_on_by_itself_after_a_serve_restart_without_pushing_any_node_twice(
         make_manager, make_supervisor, release):
     manager = make_manager()
     hosts = make_fleet(make_supervisor, release, manager, 3, update={"health_window_s": 2.0})
     pkg = signed(release.build("1.1.0"))
     log = manager.base / "rollout.out"
-    first = manager.popen("rollout", "--all", "--canary", "1", "--batch-size", "2", *package_args(pkg), log=log)
+    follower = manager.popen("rollout", "--all", "--canary", "1", "--batch-size", "2", *package_args(pkg), log=log)
 
     def canary_update() -> str:
         rollout = json.loads(manager.cli("rollouts", "--json").stdout)[0]
@@ -156,14 +152,15 @@ def test_rollout_resumes_after_a_manager_restart_without_pushing_any_node_twice(
     update_id = wait_for(canary_update, 20, interval=0.1, what="the canary's push")
     wait_for(lambda: node_update(hosts[0], update_id).state == common_pb2.UPDATE_STATE_WATCHING, 20,
              what="the canary to be past its download")
-    first.kill()  # the rollout process and the Manager both go away mid-canary
-    first.wait(5)
-    manager.stop()
+    follower.send_signal(signal.SIGINT)  # Ctrl-C stops following, not the rollout
+    assert follower.wait(10) == 0
+    assert "stopped following" in log.read_text()
+    manager.stop()  # the serve carrying the rollout out goes away mid-canary
     assert hosts[0].wait_final(update_id).success
     manager.start()
 
     rollout_id = ROLLOUT_ID.search(log.read_text()).group(1)
-    res = manager.cli("rollout", "--resume", rollout_id)
+    res = manager.cli("rollout", "follow", rollout_id)
     assert "completed: 3 of 3 nodes updated" in res.stdout
     assert [h.sup.agent("app").version for h in hosts] == ["1.1.0"] * 3
     assert [len(journal_ids(h)) for h in hosts] == [1, 1, 1], "each node got exactly one push"
@@ -172,54 +169,11 @@ def test_rollout_resumes_after_a_manager_restart_without_pushing_any_node_twice(
     assert sorted(u["node"] for u in history) == ["node-1", "node-2", "node-3"]
     assert all(u["state"] == "committed" for u in history)
     wait_for(lambda: all(u["reports"] == 1 for u in manager.updates()), 10, what="every result recorded once")
+    old = manager.cli("rollout", "--resume", rollout_id)
+    assert "--resume only follows" in old.stdout and "completed" in old.stdout, "the old flag is a harmless alias"
 
 
-# ---- the store and the package server on their own ---------------------------------------------------------
-
-
-def result(update_id: str, state: str = "committed", **kw: object) -> ResultRow:
-    fields: dict[str, object] = dict(update_id=update_id, node="node-1", component="app", from_version="1.0.0",
-                                     to_version="1.1.0", state=UpdateState(state), success=state == "committed",
-                                     rolled_back=state == "rolled_back", error="", timings={"download": 0.1},
-                                     started_at=1.0, finished_at=2.0)
-    fields.update(kw)
-    return ResultRow(**fields)  # type: ignore[arg-type]
-
-
-def test_store_migrates_an_old_database_in_order_and_refuses_a_newer_one(tmp_path):
-    db = tmp_path / "m.db"
-    old = SqliteStore(db, migrate_to=1)
-    old._conn.execute("INSERT INTO updates (update_id, node, component, to_version, state, created_at) "
-                      "VALUES ('u1', 'node-1', 'app', '1.1.0', 'requested', 1.0)")  # as version 1 code wrote it
-    old.close()
-
-    store = SqliteStore(db)
-    assert store._conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
-    assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    row = store.update("u1")
-    assert (row.state, row.reports, row.reported_at, row.started_by) == (UpdateState.REQUESTED, 0, None, "")
-    store._conn.execute("PRAGMA user_version = 99")
-    store.close()
-    with pytest.raises(SchemaTooNew):
-        SqliteStore(db)
-
-
-def test_store_deduplicates_results_by_update_id_and_never_moves_a_final_update_back(tmp_path):
-    store = SqliteStore(tmp_path / "m.db")
-    store.create_update(UpdateRow(update_id="u1", node="node-1", component="app", to_version="1.1.0"))
-    store.progress_update("u1", UpdateState.DOWNLOADING)
-    assert store.record_result(result("u1")) is False
-    assert store.record_result(result("u1")) is True, "the second delivery is a duplicate"
-    store.progress_update("u1", UpdateState.WATCHING)  # a late progress line from a pusher
-    store.finish_update(UpdateRow(update_id="u1", node="node-1", component="app", to_version="1.1.0",
-                                  state=UpdateState.FAILED, error="pusher's view"))
-    row = store.update("u1")
-    assert (row.state, row.success, row.reports, row.error) == (UpdateState.COMMITTED, True, 2, "")
-
-    assert store.record_result(result("u2", "rolled_back", error="not ready")) is False, "unknown ids are recorded"
-    assert [u.update_id for u in store.updates(state="rolled_back")] == ["u2"]
-    assert [u.update_id for u in store.updates(node="node-1", component="app")] == ["u2", "u1"], \
-        "oldest first: u2 started (started_at=1.0) before u1 was pushed"
+# ---- the package server on its own (the store: tests/test_store_contract.py) ----------------------------
 
 
 def test_package_server_serves_ranges_and_nothing_outside_its_directory(tmp_path):
