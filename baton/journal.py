@@ -44,6 +44,7 @@ class UpdateRequestRecord:
     size: int
     allow_downgrade: bool = False
     force: bool = False
+    reinstall: bool = False
 
 
 @dataclass(frozen=True)

@@ -158,7 +158,7 @@ class UpdateRun:
             if self.rec.state is S.REQUESTED:
                 check_request(self.cfg, component=req.component, version=req.version, download_url=req.download_url,
                               sha256=req.sha256, size=req.size, signature=req.signature, node_id=req.node_id,
-                              allow_downgrade=req.allow_downgrade, force=req.force)
+                              allow_downgrade=req.allow_downgrade, force=req.force, reinstall=req.reinstall)
             keys = self.installer.trusted_keys()
             self.installer.remove_staging_leftovers()
             self._move(S.DOWNLOADING, "" if self.rec.attempts == 1 else "recovery")

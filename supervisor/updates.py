@@ -30,6 +30,7 @@ from loguru import logger
 
 from baton.admission import UnknownComponent, UpdateRefused, check_request
 from baton.config import SUPERVISOR_COMPONENT, Config
+from baton.errors import clip
 from baton.journal import Journal, JournalError, UpdateRecord, UpdateRequestRecord, valid_update_id
 from baton.layout import ComponentLayout
 from baton.pb import common_pb2, daemon_pb2
@@ -153,11 +154,11 @@ class UpdateManager:
             await context.abort(grpc.StatusCode.ABORTED,
                                 f"update {running} of {req.component} is still running; try again when it ends")
         if req.update_id and not valid_update_id(req.update_id):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid update_id {req.update_id!r}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid update_id {clip(req.update_id)}")
         try:
             check_request(self.cfg, component=req.component, version=req.version, download_url=req.download_url,
                           sha256=req.sha256, size=req.size, signature=req.signature, node_id=req.node_id,
-                          allow_downgrade=req.allow_downgrade, force=req.force)
+                          allow_downgrade=req.allow_downgrade, force=req.force, reinstall=req.reinstall)
             if req.component == SUPERVISOR_COMPONENT and not running_from_layout(self.cfg):
                 raise UpdateRefused(f"this supervisor does not run from {self.cfg.node.install_root}/supervisor, "
                                     "so it cannot replace itself; install it with `supervisor install-self`")
@@ -171,7 +172,7 @@ class UpdateManager:
             request=UpdateRequestRecord(
                 node_id=req.node_id or self.cfg.node.id, component=req.component, version=req.version,
                 download_url=req.download_url, sha256=req.sha256.lower(), signature=req.signature, size=req.size,
-                allow_downgrade=req.allow_downgrade, force=req.force,
+                allow_downgrade=req.allow_downgrade, force=req.force, reinstall=req.reinstall,
             ),
             from_version=ComponentLayout(self.cfg.node.install_root, req.component).current_version() or "",
         )
