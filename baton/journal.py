@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,6 +27,10 @@ from baton.errors import BatonError
 from baton.states import UpdateState
 
 JOURNAL_FORMAT = 1
+# Cancel (docs/protocols.md): the supervisor writes <update dir>/cancel durably, then sends CANCEL_SIGNAL to the
+# helper pid the journal names; the helper checks the file between steps and on the signal.
+CANCELLED = "cancelled"  # the reason and error of a cancelled update
+CANCEL_SIGNAL = signal.SIGUSR1
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -142,6 +147,16 @@ class Journal:
 
     def progress_path(self, update_id: str) -> Path:
         return self.dir(update_id) / "progress.json"
+
+    def cancel_path(self, update_id: str) -> Path:
+        return self.dir(update_id) / "cancel"
+
+    def request_cancel(self, update_id: str) -> None:
+        """Durable before the helper is signalled: a helper started later, or restarted, still sees it."""
+        durable.write_bytes(self.cancel_path(update_id), f"{time.time()}\n".encode(), 0o600)
+
+    def cancel_requested(self, update_id: str) -> bool:
+        return self.cancel_path(update_id).exists()
 
     def create(self, rec: UpdateRecord) -> None:
         d = self.dir(rec.update_id)

@@ -17,6 +17,21 @@ from pathlib import Path
 from baton import durable
 
 MARKER = ".baton-installed"
+STAGING_PREFIX = ".staging-"
+TRASH_PREFIX = ".trash-"
+
+
+def reserved_name_problem(path: str) -> str | None:
+    """Why a package path may not be installed, if one of its components is a name this layout uses itself.
+
+    A package member named like the marker would make a half-moved directory
+    look installed; ones named like staging or trash directories would be
+    swept by the cleanup of those.
+    """
+    for part in path.split("/"):
+        if part == MARKER or part.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+            return f"{part!r} is a name Baton reserves for its own bookkeeping"
+    return None
 
 
 class ComponentLayout:
@@ -81,7 +96,7 @@ class ComponentLayout:
         """Remove a version: marker first, so a crash midway leaves an incomplete (ignored) directory."""
         d = self.version_dir(version)
         durable.remove_file(d / MARKER)
-        trash = self.versions_dir / f".trash-{version}-{os.getpid()}"
+        trash = self.versions_dir / f"{TRASH_PREFIX}{version}-{os.getpid()}"
         if d.exists():
             os.replace(d, trash)
             durable.fsync_dir(self.versions_dir)

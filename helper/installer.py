@@ -17,7 +17,7 @@ from pathlib import Path
 from baton.config import Config
 from baton.errors import BatonError
 from baton.journal import UpdateRecord
-from baton.layout import ComponentLayout
+from baton.layout import STAGING_PREFIX, ComponentLayout
 from baton.signing import PublicKey, load_trusted_keys
 from helper.archive import ExtractLimits, extract_package
 from helper.download import DownloadedFile, DownloadLimits, DownloadProgress, download
@@ -98,5 +98,5 @@ class Installer:
 
     def remove_staging_leftovers(self) -> None:
         if self.layout.versions_dir.is_dir():
-            for d in self.layout.versions_dir.glob(".staging-*"):
+            for d in self.layout.versions_dir.glob(f"{STAGING_PREFIX}*"):
                 shutil.rmtree(d, ignore_errors=True)

@@ -31,7 +31,7 @@ from loguru import logger
 from baton.admission import UnknownComponent, UpdateRefused, check_request
 from baton.config import SUPERVISOR_COMPONENT, Config
 from baton.errors import clip
-from baton.journal import Journal, JournalError, UpdateRecord, UpdateRequestRecord, valid_update_id
+from baton.journal import CANCEL_SIGNAL, Journal, JournalError, UpdateRecord, UpdateRequestRecord, valid_update_id
 from baton.layout import ComponentLayout
 from baton.pb import common_pb2, daemon_pb2
 from baton.states import UpdateState
@@ -45,6 +45,7 @@ RESPAWN_DELAY_S = 0.5
 WATCH_POLL_S = 0.1
 HELPER_EXIT_WAIT_S = 5.0
 HELPER_ANNOUNCE_S = 15.0
+CANCEL_WAIT_S = 5.0
 
 _STATE_PB = {s: getattr(common_pb2, f"UPDATE_STATE_{s.name}") for s in UpdateState}
 
@@ -218,6 +219,45 @@ class UpdateManager:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no update {update_id!r}")
         assert rec is not None
         return update_status(rec, await self._progress(update_id))
+
+    async def cancel(self, update_id: str, context: grpc.aio.ServicerContext) -> daemon_pb2.UpdateStatus:
+        """Ask the update's helper to stop (docs/protocols.md, "Cancel"); a final update is returned unchanged.
+
+        Before SWITCHING the helper ends it FAILED ("cancelled"), from SWITCHING on it rolls back. A self-update
+        past STAGING is refused: the handover cannot be interrupted safely, and it commits or rolls back on its
+        own. Returns once the update is final, or after ``CANCEL_WAIT_S`` with the state it is in.
+        """
+        rec = await self._load(update_id)
+        if rec is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no update {clip(update_id)}")
+        assert rec is not None
+        if rec.final:
+            return update_status(rec, await self._progress(update_id))
+        if rec.component == SUPERVISOR_COMPONENT and rec.state not in PRE_SWITCH_STATES:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"update {update_id} replaces the supervisor and is {rec.state.value}: the handover "
+                                "cannot be interrupted safely; it commits or rolls back on its own")
+        self.journal.request_cancel(update_id)
+        self._signal_helper(rec)
+        logger.warning("update {} of {}: cancel requested in state {}", update_id, rec.component, rec.state.value)
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while not (rec.final and rec.settled) and time.monotonic() < deadline:
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), WATCH_POLL_S)
+            rec = await self._load(update_id) or rec
+        return update_status(rec, await self._progress(update_id))
+
+    def _signal_helper(self, rec: UpdateRecord) -> None:
+        """Wake the helper the journal names (it installs its handler before it journals its pid)."""
+        if not rec.helper_pid:
+            return  # not started yet: it reads the cancel file before its first step
+        try:
+            proc = psutil.Process(rec.helper_pid)
+            if proc.status() != psutil.STATUS_ZOMBIE and rec.update_id in proc.cmdline():
+                os.kill(rec.helper_pid, CANCEL_SIGNAL)
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            pass
 
     async def watch(self, update_id: str, context: grpc.aio.ServicerContext
                     ) -> AsyncIterator[daemon_pb2.UpdateStatus]:
