@@ -9,6 +9,7 @@ exit 2 without starting anything. Limits carry their unit in their names.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import signal
@@ -92,6 +93,8 @@ class UpdateConfig:
     health_timeout_s: float = 30.0
     health_window_s: float = 5.0
     handshake_timeout_s: float = 60.0
+    keep_updates: int = 100  # final update records kept in the journal (newest first), once reported
+    keep_updates_days: float = 30.0  # and none older than this, once reported
 
 
 @dataclass(frozen=True)
@@ -307,6 +310,10 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"update.{name}", "must be greater than 0")
     if u.health_window_s < 0:
         raise ConfigError("update.health_window_s", "must be 0 or more")
+    if u.keep_updates < 0:
+        raise ConfigError("update.keep_updates", "must be 0 or more")
+    if not (math.isfinite(u.keep_updates_days) and u.keep_updates_days > 0):
+        raise ConfigError("update.keep_updates_days", "must be finite and greater than 0")
     if cfg.log.level.upper() not in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError("log.level", f"unknown level {cfg.log.level!r}")
     seen: dict[str, int] = {}

@@ -117,7 +117,8 @@ class UpdateManager:
     # ---- start-up ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Resume every update a killed helper or supervisor left unfinished."""
+        """Resume every update a killed helper or supervisor left unfinished; prune old settled records."""
+        self.prune_journal()
         for rec in self.journal.unfinished():
             self.active[rec.component] = rec.update_id
             if self._watch_running_helper(rec):
@@ -332,6 +333,7 @@ class UpdateManager:
                         f": {rec.error}" if rec.error else "")
             if self.active.get(rec.component) == rec.update_id:
                 del self.active[rec.component]
+            self.prune_journal()
             return
         logger.warning("update {}: helper pid {} died (status {}) in state {}; starting another",
                        rec.update_id, helper.pid, status, rec.state.value)
@@ -401,3 +403,21 @@ class UpdateManager:
         from baton import durable
 
         durable.write_bytes(self._reported_marker(update_id), f"{time.time()}\n".encode(), 0o600)
+        self.prune_journal()
+
+    def prune_journal(self) -> None:
+        """Drop final records past ``update.keep_updates``/``keep_updates_days``; never an undelivered one."""
+        u = self.cfg.update
+
+        def delivered(rec: UpdateRecord) -> bool:
+            if rec.update_id in self.helpers or self.active.get(rec.component) == rec.update_id:
+                return False
+            return not self.cfg.manager.address or self._reported_marker(rec.update_id).exists()
+
+        try:
+            removed = self.journal.prune(u.keep_updates, u.keep_updates_days * 86400.0, delivered)
+        except OSError as e:
+            logger.warning("pruning the update journal failed: {}", e)
+            return
+        if removed:
+            logger.info("pruned {} settled update record(s) from the journal: {}", len(removed), ", ".join(removed))
