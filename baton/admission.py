@@ -92,8 +92,6 @@ def check_request(cfg: Config, *, component: str, version: str, download_url: st
     marks = Marks(cfg.node.state_dir)
     layout = ComponentLayout(cfg.node.install_root, component)
     current = layout.current_version()
-    if layout.is_installed(version) and not reinstall:
-        raise AlreadyInstalled(component, version, current == version)
     if reinstall and component == SUPERVISOR_COMPONENT:
         raise InvalidRequest("reinstall is for agents only; the supervisor is replaced by a newer version")
     floor = marks.highest(component) or current
@@ -104,5 +102,7 @@ def check_request(cfg: Config, *, component: str, version: str, download_url: st
             newer = False
         if not newer:
             raise Downgrade(component, version, floor)
+    if layout.is_installed(version) and not reinstall:
+        raise AlreadyInstalled(component, version, current == version)
     if not force and version in marks.failed(component):
         raise KnownBadVersion(component, version)

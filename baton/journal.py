@@ -68,6 +68,7 @@ class UpdateRecord:
     request: UpdateRequestRecord
     state: UpdateState = UpdateState.REQUESTED
     from_version: str = ""
+    from_dir: str = ""  # what ``current`` named at push: where a rollback goes (a reinstall shares the version)
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     finished_at: float = 0.0
@@ -114,6 +115,7 @@ class UpdateRecord:
             request=UpdateRequestRecord(**known_req),
             state=UpdateState(d["state"]),
             from_version=d.get("from_version", ""),
+            from_dir=d.get("from_dir", ""),
             created_at=d.get("created_at", 0.0),
             updated_at=d.get("updated_at", 0.0),
             finished_at=d.get("finished_at", 0.0),

@@ -96,6 +96,7 @@ class UpdateRun:
         self.marks = Marks(cfg.node.state_dir)
         self._last_progress = 0.0
         self._cancel_seen = False
+        self._staged_dir = ""  # the directory this run installed (versions/<v>, or <v>..r1 for a reinstall)
         self._interruptible = False  # inside the download: the cancel signal raises at once
 
     # ---- journal -------------------------------------------------------------------------------------
@@ -217,7 +218,7 @@ class UpdateRun:
             self._check_cancel()
             self._move(S.STAGING, timings=self._timed("verify", t0))
             t0 = time.monotonic()
-            self.installer.stage(dl, req.version)
+            self._staged_dir = self.installer.stage(dl, req.version).name
             self.rec = replace(self.rec, timings=self._timed("stage", t0))
             self._check_cancel()
             return True
@@ -249,7 +250,7 @@ class UpdateRun:
         if self._cancel_pending():  # asked for while we moved: from here on a cancel rolls back
             self._rollback(CANCELLED)
             return
-        self.installer.layout.switch(req.version)
+        self.installer.layout.switch_dir(self._staged_dir)
         self._move(S.RESTARTING, timings=self._timed("switch", t0))
         try:
             t0 = time.monotonic()
@@ -281,8 +282,11 @@ class UpdateRun:
         old = self.rec.from_version
         last_log = self._agent_log_tail(req.component)
         notes = []
-        if old and layout.is_installed(old):
-            layout.switch(old)
+        back = self.rec.from_dir if layout.is_installed_dir(self.rec.from_dir) else ""
+        if not back and old and layout.is_installed(old):
+            back = layout.version_dir(old).name
+        if back:
+            layout.switch_dir(back)
             try:
                 self.control.restart(req.component)
                 u = self.cfg.update

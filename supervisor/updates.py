@@ -169,6 +169,7 @@ class UpdateManager:
         except UpdateRefused as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         update_id = req.update_id or uuid.uuid4().hex[:16]
+        layout = ComponentLayout(self.cfg.node.install_root, req.component)
         rec = UpdateRecord(
             update_id=update_id,
             request=UpdateRequestRecord(
@@ -176,7 +177,8 @@ class UpdateManager:
                 download_url=req.download_url, sha256=req.sha256.lower(), signature=req.signature, size=req.size,
                 allow_downgrade=req.allow_downgrade, force=req.force, reinstall=req.reinstall,
             ),
-            from_version=ComponentLayout(self.cfg.node.install_root, req.component).current_version() or "",
+            from_version=layout.current_version() or "",
+            from_dir=layout.current_dir_name() or "",
         )
         try:
             self.journal.create(rec)
