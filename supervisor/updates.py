@@ -241,6 +241,7 @@ class UpdateManager:
                                 f"update {update_id} replaces the supervisor and is {rec.state.value}: the handover "
                                 "cannot be interrupted safely; it commits or rolls back on its own")
         self.journal.request_cancel(update_id)
+        rec = await self._load(update_id) or rec  # read after the request: a pid journaled since has its handler
         self._signal_helper(rec)
         logger.warning("update {} of {}: cancel requested in state {}", update_id, rec.component, rec.state.value)
         deadline = time.monotonic() + CANCEL_WAIT_S
