@@ -26,7 +26,7 @@ class UpdateRefused(BatonError):
 
 class UnknownComponent(UpdateRefused):
     def __init__(self, component: str, known: list[str]) -> None:
-        super().__init__(f"unknown component {clip(component)}; updatable: {', '.join(known) or 'none'}")
+        super().__init__(f"unknown component {clip(component)!r}; updatable: {', '.join(known) or 'none'}")
         self.component = component
 
 
@@ -67,16 +67,16 @@ def check_request(cfg: Config, *, component: str, version: str, download_url: st
     if component not in known:
         raise UnknownComponent(component, known)
     if node_id and node_id != cfg.node.id:
-        raise InvalidRequest(f"request is for node {clip(node_id)}, this is {cfg.node.id!r}")
+        raise InvalidRequest(f"request is for node {clip(node_id)!r}, this is {cfg.node.id!r}")
     try:
         validate_version(version)
     except BatonError as e:
         raise InvalidRequest(str(e)) from None
     if len(download_url) > MAX_URL_CHARS:
-        raise InvalidRequest(f"download_url is longer than {MAX_URL_CHARS} characters: {clip(download_url)}")
+        raise InvalidRequest(f"download_url is longer than {MAX_URL_CHARS} characters: {clip(download_url)!r}")
     scheme = urlsplit(download_url).scheme.lower()
     if scheme not in ("http", "https", "file"):
-        raise InvalidRequest(f"download_url must be http(s):// or file://, got {clip(download_url)}")
+        raise InvalidRequest(f"download_url must be http(s):// or file://, got {clip(download_url)!r}")
     if not _SHA256.match(sha256):
         raise InvalidRequest("sha256 must be 64 hex digits")
     if size <= 0 or size > cfg.update.max_package_bytes:

@@ -9,16 +9,9 @@ class BatonError(Exception):
     """Base class of every error Baton reports to a user."""
 
 
-MAX_ECHO_CHARS = 120
+MAX_QUOTED_CHARS = 200  # of a URL, header, server message or pushed value quoted in an error
 
 
-def clip(text: str, limit: int = MAX_ECHO_CHARS) -> str:
-    """``text`` from a remote or a user, quoted for an error message and cut to ``limit`` characters.
-
-    An error goes back to a gRPC client in trailing metadata (8 KiB by default):
-    echoing a 100 KiB version string whole would hide the reason behind a
-    metadata-size error. The full length is noted so the cut is visible.
-    """
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
+def clip(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was: remote or pushed data never floods an error."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

@@ -40,7 +40,7 @@ class InvalidVersion(BatonError):
     """A version string Baton cannot order or cannot use as a directory name."""
 
     def __init__(self, version: str, problem: str) -> None:
-        super().__init__(f"invalid version {clip(version)}: {problem}")
+        super().__init__(f"invalid version {clip(version)!r}: {problem}")
         self.version = version
         self.problem = problem
 

@@ -156,7 +156,7 @@ class UpdateManager:
             await context.abort(grpc.StatusCode.ABORTED,
                                 f"update {running} of {req.component} is still running; try again when it ends")
         if req.update_id and not valid_update_id(req.update_id):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid update_id {clip(req.update_id)}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid update_id {clip(req.update_id)!r}")
         try:
             check_request(self.cfg, component=req.component, version=req.version, download_url=req.download_url,
                           sha256=req.sha256, size=req.size, signature=req.signature, node_id=req.node_id,
@@ -232,7 +232,7 @@ class UpdateManager:
         """
         rec = await self._load(update_id)
         if rec is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no update {clip(update_id)}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no update {clip(update_id)!r}")
         assert rec is not None
         if rec.final:
             return update_status(rec, await self._progress(update_id))
