@@ -14,9 +14,11 @@ from baton.config import SUPERVISOR_COMPONENT, Config
 from baton.errors import BatonError, clip
 from baton.layout import ComponentLayout
 from baton.marks import Marks
+from baton.signing import MAX_SIGNATURE_FILE_BYTES, parse_signature
 from baton.versions import compare_versions, validate_version
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+MAX_URL_CHARS = 8192
 
 
 class UpdateRefused(BatonError):
@@ -25,7 +27,7 @@ class UpdateRefused(BatonError):
 
 class UnknownComponent(UpdateRefused):
     def __init__(self, component: str, known: list[str]) -> None:
-        super().__init__(f"unknown component {component!r}; updatable: {', '.join(known) or 'none'}")
+        super().__init__(f"unknown component {clip(component)!r}; updatable: {', '.join(known) or 'none'}")
         self.component = component
 
 
@@ -37,6 +39,13 @@ class Downgrade(UpdateRefused):
     def __init__(self, component: str, version: str, highest: str) -> None:
         super().__init__(f"{component} {version} is not newer than {highest}, the highest version committed; "
                          "set allow_downgrade to install it anyway")
+
+
+class AlreadyInstalled(UpdateRefused):
+    def __init__(self, component: str, version: str, current: bool) -> None:
+        where = "installed and current" if current else "installed"
+        super().__init__(f"{component} {version} is already {where}; its directory is never overwritten: "
+                         "set reinstall to install it again into a fresh directory")
 
 
 class KnownBadVersion(UpdateRefused):
@@ -76,17 +85,23 @@ def updatable_components(cfg: Config) -> list[str]:
 
 
 def check_request(cfg: Config, *, component: str, version: str, download_url: str, sha256: str, size: int,
-                  signature: str, node_id: str, allow_downgrade: bool, force: bool) -> None:
-    """Raise an :class:`UpdateRefused` subclass naming the problem, or return."""
+                  signature: str, node_id: str, allow_downgrade: bool, force: bool, reinstall: bool = False) -> None:
+    """Raise an :class:`UpdateRefused` subclass naming the problem, or return.
+
+    Everything is checked before anything is downloaded or journaled; text from
+    the caller is echoed clipped (:func:`baton.errors.clip`).
+    """
     known = updatable_components(cfg)
     if component not in known:
         raise UnknownComponent(component, known)
     if node_id and node_id != cfg.node.id:
-        raise InvalidRequest(f"request is for node {node_id!r}, this is {cfg.node.id!r}")
+        raise InvalidRequest(f"request is for node {clip(node_id)!r}, this is {cfg.node.id!r}")
     try:
         validate_version(version)
     except BatonError as e:
         raise InvalidRequest(str(e)) from None
+    if len(download_url) > MAX_URL_CHARS:
+        raise InvalidRequest(f"download_url is longer than {MAX_URL_CHARS} characters: {clip(download_url)!r}")
     scheme = urlsplit(download_url).scheme.lower()
     if scheme not in ("http", "https", "file"):
         raise InvalidRequest(f"download_url must be http(s):// or file://, got {clip(download_url)!r}")
@@ -98,14 +113,26 @@ def check_request(cfg: Config, *, component: str, version: str, download_url: st
         raise InvalidRequest(f"size must be between 1 and max_package_bytes={cfg.update.max_package_bytes}, got {size}")
     if not signature.strip():
         raise InvalidRequest("signature is empty: unsigned packages are never installed")
+    if len(signature.encode("utf-8", "surrogatepass")) > MAX_SIGNATURE_FILE_BYTES:
+        raise InvalidRequest(f"signature is longer than {MAX_SIGNATURE_FILE_BYTES} bytes: not a minisign signature")
+    try:
+        parse_signature(signature)
+    except BatonError as e:
+        raise InvalidRequest(f"signature: {e}") from None
     marks = Marks(cfg.node.state_dir)
-    floor = marks.highest(component) or ComponentLayout(cfg.node.install_root, component).current_version()
-    if floor and not allow_downgrade:
+    layout = ComponentLayout(cfg.node.install_root, component)
+    current = layout.current_version()
+    if reinstall and component == SUPERVISOR_COMPONENT:
+        raise InvalidRequest("reinstall is for agents only; the supervisor is replaced by a newer version")
+    floor = marks.highest(component) or current
+    if floor and not allow_downgrade and not (reinstall and version == current):
         try:
             newer = compare_versions(version, floor) > 0
         except BatonError:
             newer = False
         if not newer:
             raise Downgrade(component, version, floor)
+    if layout.is_installed(version) and not reinstall:
+        raise AlreadyInstalled(component, version, current == version)
     if not force and version in marks.failed(component):
         raise KnownBadVersion(component, version)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import math
 import os
 import re
 import signal
@@ -111,6 +112,8 @@ class UpdateConfig:
     health_window_s: float = 5.0
     handshake_timeout_s: float = 60.0
     file_url_root: Path | None = None  # file:// download URLs are refused unless they name a file beneath it
+    keep_updates: int = 100  # final update records kept in the journal (newest first), once reported
+    keep_updates_days: float = 30.0  # and none older than this, once reported
 
 
 @dataclass(frozen=True)
@@ -378,6 +381,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("update.health_window_s", "must be 0 or more")
     if u.file_url_root is not None and (".." in u.file_url_root.parts or u.file_url_root == Path("/")):
         raise ConfigError("update.file_url_root", "must be a directory of packages, without '..', not /")
+    if u.keep_updates < 0:
+        raise ConfigError("update.keep_updates", "must be 0 or more")
+    if not (math.isfinite(u.keep_updates_days) and u.keep_updates_days > 0):
+        raise ConfigError("update.keep_updates_days", "must be finite and greater than 0")
     if cfg.log.level.upper() not in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError("log.level", f"unknown level {cfg.log.level!r}")
     seen: dict[str, int] = {}

@@ -22,7 +22,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,12 @@ from baton.errors import BatonError
 from baton.states import UPDATE_TRANSITIONS, IllegalTransition, UpdateState, check_move
 
 JOURNAL_FORMAT = 1
+# Cancel (docs/protocols.md): the supervisor writes <update dir>/cancel durably, then sends CANCEL_SIGNAL to the
+# helper pid the journal names; the helper checks the file between steps and on the signal.
+CANCELLED = "cancelled"  # the reason and error of a cancelled update
+CANCEL_SIGNAL = signal.SIGUSR1
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_PRUNED_PREFIX = ".pruned-"  # not a valid update id, so never read as a record
 
 
 class JournalError(BatonError):
@@ -50,6 +58,7 @@ class UpdateRequestRecord:
     size: int
     allow_downgrade: bool = False
     force: bool = False
+    reinstall: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,7 @@ class UpdateRecord:
     request: UpdateRequestRecord
     state: UpdateState = UpdateState.REQUESTED
     from_version: str = ""
+    from_dir: str = ""  # what ``current`` named at push: where a rollback goes (a reinstall shares the version)
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     finished_at: float = 0.0
@@ -124,6 +134,7 @@ class UpdateRecord:
             request=UpdateRequestRecord(**known_req),
             state=UpdateState(d["state"]),
             from_version=d.get("from_version", ""),
+            from_dir=d.get("from_dir", ""),
             created_at=d.get("created_at", 0.0),
             updated_at=d.get("updated_at", 0.0),
             finished_at=d.get("finished_at", 0.0),
@@ -161,6 +172,16 @@ class Journal:
 
     def progress_path(self, update_id: str) -> Path:
         return self.dir(update_id) / "progress.json"
+
+    def cancel_path(self, update_id: str) -> Path:
+        return self.dir(update_id) / "cancel"
+
+    def request_cancel(self, update_id: str) -> None:
+        """Durable before the helper is signalled: a helper started later, or restarted, still sees it."""
+        durable.write_bytes(self.cancel_path(update_id), f"{time.time()}\n".encode(), 0o600)
+
+    def cancel_requested(self, update_id: str) -> bool:
+        return self.cancel_path(update_id).exists()
 
     def create(self, rec: UpdateRecord) -> None:
         d = self.dir(rec.update_id)
@@ -217,3 +238,34 @@ class Journal:
             return dict(json.loads(self.progress_path(update_id).read_text()))
         except (OSError, ValueError):
             return {}
+
+    def prune(self, keep: int, max_age_s: float, delivered: Callable[[UpdateRecord], bool],
+              now: float | None = None) -> list[str]:
+        """Remove delivered final records beyond the newest ``keep`` or finished more than ``max_age_s`` ago.
+
+        Only final, settled records for which ``delivered`` says yes (the Manager
+        has it, or there is no Manager) are removed; unfinished ones never count
+        or go. Each removal is durable: the directory is renamed out of the
+        record namespace and the rename fsynced before it is deleted, so a crash
+        leaves a whole record or a leftover the next prune deletes.
+        """
+        now = time.time() if now is None else now
+        self._sweep_pruned()
+        final = [r for r in self.all() if r.final and r.settled]
+        final.sort(key=lambda r: (r.finished_at or r.updated_at, r.created_at), reverse=True)
+        removed: list[str] = []
+        for i, rec in enumerate(final):
+            too_many = i >= keep
+            too_old = now - (rec.finished_at or rec.updated_at) > max_age_s
+            if (too_many or too_old) and delivered(rec):
+                gone = self.root / f"{_PRUNED_PREFIX}{rec.update_id}"
+                os.replace(self.dir(rec.update_id), gone)
+                durable.fsync_dir(self.root)
+                shutil.rmtree(gone, ignore_errors=True)
+                removed.append(rec.update_id)
+        return removed
+
+    def _sweep_pruned(self) -> None:
+        if self.root.is_dir():
+            for d in self.root.glob(f"{_PRUNED_PREFIX}*"):
+                shutil.rmtree(d, ignore_errors=True)

@@ -51,7 +51,10 @@ SIGNATURE_BYTES = 64
 BLAKE2B512_BYTES = 64
 # minisign refuses a trusted comment of TRUSTEDCOMMENTMAXBYTES - sizeof "trusted comment: " or more.
 TRUSTED_COMMENT_MAX_BYTES = 8192 - len(TRUSTED_COMMENT_PREFIX) - 2
-MAX_SIGNATURE_FILE_BYTES = 64 * 1024
+# The largest .minisig minisign can write: an untrusted comment of at most 1024 bytes, the signature
+# line, a trusted comment under 8192 bytes and the comment signature. Capped at push (baton/admission.py)
+# and when a signature file is read: a longer text is not a signature, and it would be journaled.
+MAX_SIGNATURE_FILE_BYTES = 10 * 1024
 MAX_KEY_FILE_BYTES = 64 * 1024
 # hashlib.scrypt cannot be given more than INT_MAX bytes of memory.
 _SCRYPT_MAXMEM_LIMIT = 2**31 - 1

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from baton.errors import BatonError
+from baton.errors import BatonError, clip
 
 MAX_VERSION_CHARS = 64
 
@@ -40,7 +40,7 @@ class InvalidVersion(BatonError):
     """A version string Baton cannot order or cannot use as a directory name."""
 
     def __init__(self, version: str, problem: str) -> None:
-        super().__init__(f"invalid version {version!r}: {problem}")
+        super().__init__(f"invalid version {clip(version)!r}: {problem}")
         self.version = version
         self.problem = problem
 

@@ -29,6 +29,7 @@ from typing import BinaryIO, Protocol
 from baton.config import UpdateConfig
 from baton.durable import fsync_dir
 from baton.errors import BatonError
+from baton.layout import reserved_name_problem
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _BLOCK = tarfile.BLOCKSIZE
@@ -194,6 +195,9 @@ def _check_name(name: str, limits: ExtractLimits) -> str:
     key = posixpath.normpath(name)
     if key == ".." or key.startswith("../") or key.startswith("/"):
         raise UnsafeArchive(name, "path leaves the package")
+    reserved = reserved_name_problem(key)
+    if reserved is not None:
+        raise UnsafeArchive(name, reserved)
     return key
 
 

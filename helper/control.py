@@ -8,6 +8,7 @@ watches what the supervisor reports.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -68,14 +69,19 @@ class SupervisorControl:
     def stop(self, name: str) -> common_pb2.AgentInfo:
         return self._call("StopAgent", daemon_pb2.AgentRef(name=name))  # type: ignore[return-value]
 
-    def wait_healthy(self, name: str, version: str, ready_timeout_s: float, window_s: float) -> common_pb2.AgentInfo:
+    def wait_healthy(self, name: str, version: str, ready_timeout_s: float, window_s: float,
+                     check: Callable[[], None] | None = None) -> common_pb2.AgentInfo:
         """Ready (READY=1 or start_seconds) within ``ready_timeout_s``, then up for ``window_s`` with one pid.
+
+        ``check`` runs at every poll; whatever it raises (a cancel) ends the wait.
 
         Raises:
             HealthCheckFailed: with what was seen (state, exit status, last error).
         """
+        check = check or (lambda: None)
         deadline = time.monotonic() + ready_timeout_s
         while True:
+            check()
             a = self.agent(name)
             if a.version != version and a.pid:
                 raise HealthCheckFailed(f"agent {name} runs version {a.version!r}, expected {version!r}")
@@ -92,6 +98,7 @@ class SupervisorControl:
         pid, restarts = a.pid, a.restarts
         window_end = time.monotonic() + window_s
         while time.monotonic() < window_end:
+            check()
             time.sleep(min(POLL_S, max(0.0, window_end - time.monotonic())))
             a = self.agent(name)
             if a.state != common_pb2.AGENT_STATE_RUNNING or a.pid != pid or a.restarts != restarts:

@@ -17,7 +17,7 @@ from pathlib import Path
 from baton.config import Config
 from baton.errors import BatonError
 from baton.journal import UpdateRecord
-from baton.layout import ComponentLayout
+from baton.layout import STAGING_PREFIX, ComponentLayout, version_of_dir
 from baton.signing import PublicKey, load_trusted_keys
 from helper.archive import ExtractLimits, extract_package
 from helper.download import DownloadedFile, DownloadLimits, DownloadProgress, FileIdentity, download
@@ -75,20 +75,29 @@ class Installer:
             self.package_path(update_id).unlink()
 
     def discard_version(self, version: str) -> None:
-        if version and version != self.layout.current_version():
-            self.layout.remove(version)
+        """Remove every copy of ``version`` but the current directory (a failed reinstall's new copy included)."""
+        if not version or not self.layout.versions_dir.is_dir():
+            return
+        current = self.layout.current_dir_name()
+        for d in self.layout.versions_dir.iterdir():
+            if d.name != current and not d.name.startswith(".") and version_of_dir(d.name) == version:
+                self.layout.remove_dir(d.name)
 
     def prune(self, keep: int) -> list[str]:
-        """Keep the current version and the ``keep`` most recently installed others."""
+        """Keep the current directory and the ``keep`` most recently installed other versions.
+
+        Another copy of the current version (the one a reinstall replaced) is no backup: it goes.
+        """
         self.layout.remove_incomplete()
-        current = self.layout.current_version()
-        others = [v for v in self.layout.installed_versions() if v != current]
-        removed = others[keep:]
-        for v in removed:
-            self.layout.remove(v)
+        current, current_version = self.layout.current_dir_name(), self.layout.current_version()
+        others = [n for n in self.layout.installed_dirs() if n != current]
+        removed = [n for n in others if version_of_dir(n) == current_version]
+        removed += [n for n in others if version_of_dir(n) != current_version][keep:]
+        for n in removed:
+            self.layout.remove_dir(n)
         return removed
 
     def remove_staging_leftovers(self) -> None:
         if self.layout.versions_dir.is_dir():
-            for d in self.layout.versions_dir.glob(".staging-*"):
+            for d in self.layout.versions_dir.glob(f"{STAGING_PREFIX}*"):
                 shutil.rmtree(d, ignore_errors=True)

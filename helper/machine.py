@@ -19,7 +19,9 @@ or may not have been done; every step is idempotent.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -30,7 +32,7 @@ from baton import faults
 from baton.admission import check_request
 from baton.config import Config
 from baton.errors import BatonError
-from baton.journal import Journal, UpdateRecord
+from baton.journal import CANCEL_SIGNAL, CANCELLED, Journal, UpdateRecord
 from baton.marks import Marks
 from baton.states import PRE_SWITCH
 from baton.states import UpdateState as S
@@ -56,6 +58,15 @@ MAX_ATTEMPTS = 5
 ControlFactory = Callable[[], SupervisorControl]
 
 
+class UpdateCancelled(BaseException):
+    """The operator cancelled the update (``DaemonService.CancelUpdate``).
+
+    A ``BaseException``, like ``asyncio.CancelledError``, so that no ``except
+    Exception`` on its way out of the download (which wraps every ``Exception``
+    in a ``DownloadError``) turns a cancel into an ordinary failure.
+    """
+
+
 class UpdateRun:
     """Drives one update from whatever state its journal holds to a final state."""
 
@@ -69,6 +80,9 @@ class UpdateRun:
         self.installer = Installer(cfg, self.rec.component)
         self.marks = Marks(cfg.node.state_dir)
         self._last_progress = 0.0
+        self._cancel_seen = False
+        self._staged_dir = ""  # the directory this run installed (versions/<v>, or <v>..r1 for a reinstall)
+        self._interruptible = False  # inside the download: the cancel signal raises at once
 
     # ---- journal -------------------------------------------------------------------------------------
 
@@ -98,6 +112,30 @@ class UpdateRun:
         self.rec = replace(self.rec, download_file=(ident.dev, ident.ino))
         self.journal.save(self.rec)
 
+    # ---- cancel: <journal dir>/cancel, then CANCEL_SIGNAL (docs/protocols.md) ----------------------------------
+
+    def _listen_for_cancel(self) -> None:
+        """Installed before the helper's pid is journaled, so the supervisor never signals a helper without it."""
+        with contextlib.suppress(ValueError):  # not the main thread: the file is still checked between steps
+            signal.signal(CANCEL_SIGNAL, self._on_cancel_signal)
+
+    def _on_cancel_signal(self, signum: int, frame: object) -> None:
+        self._cancel_seen = True
+        if self._interruptible:
+            raise UpdateCancelled()
+
+    def _cancel_pending(self) -> bool:
+        if not self._cancel_seen and self.journal.cancel_requested(self.update_id):
+            self._cancel_seen = True
+        return self._cancel_seen
+
+    def _check_cancel(self) -> None:
+        if self._cancel_pending():
+            raise UpdateCancelled()
+
+    def _was_cancelled(self) -> bool:
+        return any(t.note == CANCELLED for t in self.rec.history)
+
     @property
     def control(self) -> SupervisorControl:
         if self._control is None:
@@ -109,6 +147,7 @@ class UpdateRun:
     def run(self) -> UpdateRecord:
         if self.rec.final and self.rec.settled:
             return self.rec
+        self._listen_for_cancel()
         self.rec = replace(self.rec, attempts=self.rec.attempts + 1, helper_pid=os.getpid())
         self.journal.save(self.rec)
         if self.rec.final:
@@ -144,26 +183,39 @@ class UpdateRun:
         req = self.rec.request
         dl: DownloadedFile | None = None
         try:
+            self._check_cancel()
             if self.rec.state is S.REQUESTED:
                 check_request(self.cfg, component=req.component, version=req.version, download_url=req.download_url,
                               sha256=req.sha256, size=req.size, signature=req.signature, node_id=req.node_id,
-                              allow_downgrade=req.allow_downgrade, force=req.force)
+                              allow_downgrade=req.allow_downgrade, force=req.force, reinstall=req.reinstall)
             keys = self.installer.trusted_keys()
             self.installer.remove_staging_leftovers()
             self._move(S.DOWNLOADING, "" if self.rec.attempts == 1 else "recovery")
             t0 = time.monotonic()
-            dl = self.installer.download(self.rec, self._progress, self._record_download_file)
+            self._interruptible = True
+            try:
+                self._check_cancel()
+                dl = self.installer.download(self.rec, self._progress, self._record_download_file)
+            finally:
+                self._interruptible = False
+            self._check_cancel()
             self._move(S.VERIFYING, timings=self._timed("download", t0))
             t0 = time.monotonic()
             verified = self.installer.verify(dl, self.rec, keys)
             logger.info("update {}: signature by key {} over manifest {!r}", self.update_id, verified.key_id_hex,
                         verified.manifest)
+            self._check_cancel()
             self._move(S.STAGING, timings=self._timed("verify", t0))
             t0 = time.monotonic()
-            self.installer.stage(dl, req.version)
+            self._staged_dir = self.installer.stage(dl, req.version).name
             self.rec = replace(self.rec, timings=self._timed("stage", t0))
+            self._check_cancel()
             return True
-        except BatonError as e:
+        except UpdateCancelled:
+            self._fail(CANCELLED)
+            return False
+        except (BatonError, OSError, ValueError) as e:
+            # Anything before the switch, a disk error included, is a clean FAILED: never a helper crash loop.
             self._fail(str(e), error_class=type(e).__name__)
             return False
         finally:
@@ -184,18 +236,26 @@ class UpdateRun:
         req = self.rec.request
         t0 = time.monotonic()
         self._move(S.SWITCHING)
-        self.installer.layout.switch(req.version)
+        if self._cancel_pending():  # asked for while we moved: from here on a cancel rolls back
+            self._rollback(CANCELLED)
+            return
+        self.installer.layout.switch_dir(self._staged_dir)
         self._move(S.RESTARTING, timings=self._timed("switch", t0))
         try:
             t0 = time.monotonic()
+            self._check_cancel()
             self.control.restart(req.component)
             self._move(S.WATCHING, timings=self._timed("restart", t0))
             t0 = time.monotonic()
             u = self.cfg.update
-            self.control.wait_healthy(req.component, req.version, u.health_timeout_s, u.health_window_s)
+            self.control.wait_healthy(req.component, req.version, u.health_timeout_s, u.health_window_s,
+                                      check=self._check_cancel)
             self.rec = replace(self.rec, timings=self._timed("health", t0))
         except (HealthCheckFailed, SupervisorUnavailable) as e:
             self._rollback(str(e))
+            return
+        except UpdateCancelled:
+            self._rollback(CANCELLED)
             return
         self._commit()
 
@@ -211,8 +271,11 @@ class UpdateRun:
         old = self.rec.from_version
         last_log = self._agent_log_tail(req.component)
         notes = []
-        if old and layout.is_installed(old):
-            layout.switch(old)
+        back = self.rec.from_dir if layout.is_installed_dir(self.rec.from_dir) else ""
+        if not back and old and layout.is_installed(old):
+            back = layout.version_dir(old).name
+        if back:
+            layout.switch_dir(back)
             try:
                 self.control.restart(req.component)
                 u = self.cfg.update
@@ -244,10 +307,14 @@ class UpdateRun:
             logger.info("update {} committed {} {}; pruned {}", self.update_id, req.component, req.version,
                         removed or "nothing")
         elif self.rec.state is S.ROLLED_BACK:
-            self.marks.record_failure(req.component, req.version)
+            if not self._was_cancelled():  # a cancelled version is not known bad
+                self.marks.record_failure(req.component, req.version)
             self.installer.discard_version(req.version)
-        self.installer.remove_staging_leftovers()
-        self.installer.discard_download(self.update_id)
+        try:
+            self.installer.remove_staging_leftovers()
+            self.installer.discard_download(self.update_id)
+        except OSError as e:  # best effort: the next update sweeps again; a final update must settle
+            logger.warning("update {}: cleanup incomplete: {}", self.update_id, e)
         faults.crash_point("settling")
         self.rec = replace(self.rec, settled=True, timings=self._timed("settle", t0))
         self.journal.save(self.rec)

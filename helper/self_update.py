@@ -45,7 +45,7 @@ from baton import handover as wire
 from baton.agent_table import AgentTable
 from baton.config import Config
 from baton.errors import BatonError
-from baton.journal import Journal, UpdateRecord
+from baton.journal import CANCELLED, Journal, UpdateRecord
 from baton.layout import ComponentLayout
 from baton.pb import daemon_pb2, daemon_pb2_grpc
 from baton.states import CUSTODY_TRANSITIONS, Custody, check_move
@@ -319,6 +319,9 @@ class SelfUpdateRun(UpdateRun):
         req = self.rec.request
         t0 = time.monotonic()
         self._move(S.SWITCHING)
+        if self._cancel_pending():  # asked for while we moved; after this the supervisor refuses a cancel
+            self._rollback(CANCELLED)
+            return
         self.installer.layout.switch(req.version)
         self._move(S.RESTARTING, timings=self._timed("switch", t0))
         t0 = time.monotonic()

@@ -36,7 +36,7 @@ from loguru import logger
 from baton.agent_table import AgentRecord, AgentTable
 from baton.config import AgentConfig, Config, signal_number
 from baton.errors import BatonError
-from baton.layout import ComponentLayout
+from baton.layout import ComponentLayout, version_of_dir
 from baton.states import AGENT_KEPT_STATES, AGENT_TRANSITIONS, AgentState, IllegalTransition, check_move
 from supervisor.agent_log import RotatingLog
 from supervisor.notify_socket import NotifySocket
@@ -378,7 +378,7 @@ class Agent:
         cmd = Path(self.cfg.command)
         if not cmd.is_absolute():
             cmd = vdir / cmd
-        return cmd, self.cfg.working_dir or vdir, vdir.name
+        return cmd, self.cfg.working_dir or vdir, version_of_dir(vdir.name)
 
     def _spawn(self) -> None:
         self._cancel_timers()

@@ -28,6 +28,8 @@ class UpdateManager(Protocol):
 
     def watch(self, update_id: str, context: grpc.aio.ServicerContext) -> AsyncIterator[daemon_pb2.UpdateStatus]: ...
 
+    async def cancel(self, update_id: str, context: grpc.aio.ServicerContext) -> daemon_pb2.UpdateStatus: ...
+
 _AGENT_STATE_PB = {s: getattr(common_pb2, f"AGENT_STATE_{s.name}") for s in AgentState}
 
 
@@ -130,6 +132,13 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
         assert self.updates is not None
         async for status in self.updates.watch(request.update_id, context):
             yield status
+
+    async def CancelUpdate(self, request: daemon_pb2.UpdateRef, context: grpc.aio.ServicerContext
+                           ) -> daemon_pb2.UpdateStatus:
+        if self.updates is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "updates are not enabled on this supervisor")
+        assert self.updates is not None
+        return await self.updates.cancel(request.update_id, context)
 
     # ---- contract version 2: the operator's methods (supervisor signal|tail|clear|reload) ---------------
 

@@ -30,7 +30,8 @@ from loguru import logger
 
 from baton.admission import UnknownComponent, UpdateRefused, check_request
 from baton.config import SUPERVISOR_COMPONENT, Config
-from baton.journal import Journal, JournalError, UpdateRecord, UpdateRequestRecord, valid_update_id
+from baton.errors import clip
+from baton.journal import CANCEL_SIGNAL, Journal, JournalError, UpdateRecord, UpdateRequestRecord, valid_update_id
 from baton.layout import ComponentLayout
 from baton.pb import common_pb2, daemon_pb2
 from baton.states import PRE_SWITCH, UpdateState
@@ -42,6 +43,7 @@ RESPAWN_DELAY_S = 0.5
 WATCH_POLL_S = 0.1
 HELPER_EXIT_WAIT_S = 5.0
 HELPER_ANNOUNCE_S = 15.0
+CANCEL_WAIT_S = 5.0
 
 _STATE_PB = {s: getattr(common_pb2, f"UPDATE_STATE_{s.name}") for s in UpdateState}
 
@@ -113,7 +115,8 @@ class UpdateManager:
     # ---- start-up ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Resume every update a killed helper or supervisor left unfinished."""
+        """Resume every update a killed helper or supervisor left unfinished; prune old settled records."""
+        self.prune_journal()
         for rec in self.journal.unfinished():
             self.active[rec.component] = rec.update_id
             if self._watch_running_helper(rec):
@@ -151,11 +154,11 @@ class UpdateManager:
             await context.abort(grpc.StatusCode.ABORTED,
                                 f"update {running} of {req.component} is still running; try again when it ends")
         if req.update_id and not valid_update_id(req.update_id):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid update_id {req.update_id!r}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid update_id {clip(req.update_id)!r}")
         try:
             check_request(self.cfg, component=req.component, version=req.version, download_url=req.download_url,
                           sha256=req.sha256, size=req.size, signature=req.signature, node_id=req.node_id,
-                          allow_downgrade=req.allow_downgrade, force=req.force)
+                          allow_downgrade=req.allow_downgrade, force=req.force, reinstall=req.reinstall)
             if req.component == SUPERVISOR_COMPONENT and not running_from_layout(self.cfg):
                 raise UpdateRefused(f"this supervisor does not run from {self.cfg.node.install_root}/supervisor, "
                                     "so it cannot replace itself; install it with `supervisor install-self`")
@@ -164,14 +167,16 @@ class UpdateManager:
         except UpdateRefused as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         update_id = req.update_id or uuid.uuid4().hex[:16]
+        layout = ComponentLayout(self.cfg.node.install_root, req.component)
         rec = UpdateRecord(
             update_id=update_id,
             request=UpdateRequestRecord(
                 node_id=req.node_id or self.cfg.node.id, component=req.component, version=req.version,
                 download_url=req.download_url, sha256=req.sha256.lower(), signature=req.signature, size=req.size,
-                allow_downgrade=req.allow_downgrade, force=req.force,
+                allow_downgrade=req.allow_downgrade, force=req.force, reinstall=req.reinstall,
             ),
-            from_version=ComponentLayout(self.cfg.node.install_root, req.component).current_version() or "",
+            from_version=layout.current_version() or "",
+            from_dir=layout.current_dir_name() or "",
         )
         try:
             self.journal.create(rec)
@@ -215,6 +220,46 @@ class UpdateManager:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no update {update_id!r}")
         assert rec is not None
         return update_status(rec, await self._progress(update_id))
+
+    async def cancel(self, update_id: str, context: grpc.aio.ServicerContext) -> daemon_pb2.UpdateStatus:
+        """Ask the update's helper to stop (docs/protocols.md, "Cancel"); a final update is returned unchanged.
+
+        Before SWITCHING the helper ends it FAILED ("cancelled"), from SWITCHING on it rolls back. A self-update
+        past STAGING is refused: the handover cannot be interrupted safely, and it commits or rolls back on its
+        own. Returns once the update is final, or after ``CANCEL_WAIT_S`` with the state it is in.
+        """
+        rec = await self._load(update_id)
+        if rec is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no update {clip(update_id)!r}")
+        assert rec is not None
+        if rec.final:
+            return update_status(rec, await self._progress(update_id))
+        if rec.component == SUPERVISOR_COMPONENT and rec.state not in PRE_SWITCH:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"update {update_id} replaces the supervisor and is {rec.state.value}: the handover "
+                                "cannot be interrupted safely; it commits or rolls back on its own")
+        self.journal.request_cancel(update_id)
+        rec = await self._load(update_id) or rec  # read after the request: a pid journaled since has its handler
+        self._signal_helper(rec)
+        logger.warning("update {} of {}: cancel requested in state {}", update_id, rec.component, rec.state.value)
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while not (rec.final and rec.settled) and time.monotonic() < deadline:
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), WATCH_POLL_S)
+            rec = await self._load(update_id) or rec
+        return update_status(rec, await self._progress(update_id))
+
+    def _signal_helper(self, rec: UpdateRecord) -> None:
+        """Wake the helper the journal names (it installs its handler before it journals its pid)."""
+        if not rec.helper_pid:
+            return  # not started yet: it reads the cancel file before its first step
+        try:
+            proc = psutil.Process(rec.helper_pid)
+            if proc.status() != psutil.STATUS_ZOMBIE and rec.update_id in proc.cmdline():
+                os.kill(rec.helper_pid, CANCEL_SIGNAL)
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            pass
 
     async def watch(self, update_id: str, context: grpc.aio.ServicerContext
                     ) -> AsyncIterator[daemon_pb2.UpdateStatus]:
@@ -289,6 +334,7 @@ class UpdateManager:
                         f": {rec.error}" if rec.error else "")
             if self.active.get(rec.component) == rec.update_id:
                 del self.active[rec.component]
+            self.prune_journal()
             return
         logger.warning("update {}: helper pid {} died (status {}) in state {}; starting another",
                        rec.update_id, helper.pid, status, rec.state.value)
@@ -359,3 +405,21 @@ class UpdateManager:
         from baton import durable
 
         durable.write_bytes(self._reported_marker(update_id), f"{time.time()}\n".encode(), 0o600)
+        self.prune_journal()
+
+    def prune_journal(self) -> None:
+        """Drop final records past ``update.keep_updates``/``keep_updates_days``; never an undelivered one."""
+        u = self.cfg.update
+
+        def delivered(rec: UpdateRecord) -> bool:
+            if rec.update_id in self.helpers or self.active.get(rec.component) == rec.update_id:
+                return False
+            return not self.cfg.manager.address or self._reported_marker(rec.update_id).exists()
+
+        try:
+            removed = self.journal.prune(u.keep_updates, u.keep_updates_days * 86400.0, delivered)
+        except OSError as e:
+            logger.warning("pruning the update journal failed: {}", e)
+            return
+        if removed:
+            logger.info("pruned {} settled update record(s) from the journal: {}", len(removed), ", ".join(removed))

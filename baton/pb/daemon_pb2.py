@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from baton.pb import common_pb2 as baton_dot_pb_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x61ton/pb/daemon.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/pb/common.proto\"\x12\n\x10GetStatusRequest\"\xca\x01\n\x06Status\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1a\n\x12supervisor_version\x18\x02 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12#\n\x06\x61gents\x18\x04 \x03(\x0b\x32\x13.baton.v1.AgentInfo\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x12\n\nstarted_at\x18\x06 \x01(\x01\x12\x19\n\x11manager_connected\x18\x07 \x01(\x08\x12\x1a\n\x12manager_configured\x18\x08 \x01(\x08\"\x13\n\x11ListAgentsRequest\"9\n\x12ListAgentsResponse\x12#\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x13.baton.v1.AgentInfo\"\x18\n\x08\x41gentRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xc6\x01\n\rUpdateRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tcomponent\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x14\n\x0c\x64ownload_url\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x11\n\tsignature\x18\x06 \x01(\t\x12\x0c\n\x04size\x18\x07 \x01(\x04\x12\x17\n\x0f\x61llow_downgrade\x18\x08 \x01(\x08\x12\x11\n\tupdate_id\x18\t \x01(\t\x12\r\n\x05\x66orce\x18\n \x01(\x08\"#\n\x0eUpdateAccepted\x12\x11\n\tupdate_id\x18\x01 \x01(\t\"\x1e\n\tUpdateRef\x12\x11\n\tupdate_id\x18\x01 \x01(\t\"\xee\x02\n\x0cUpdateStatus\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x11\n\tcomponent\x18\x02 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x03 \x01(\t\x12\x12\n\nto_version\x18\x04 \x01(\t\x12$\n\x05state\x18\x05 \x01(\x0e\x32\x15.baton.v1.UpdateState\x12\x0c\n\x04step\x18\x06 \x01(\t\x12\x12\n\nbytes_done\x18\x07 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x08 \x01(\x04\x12\x1d\n\x15rate_bytes_per_second\x18\t \x01(\x01\x12\x10\n\x08\x66inished\x18\n \x01(\x08\x12\x0f\n\x07success\x18\x0b \x01(\x08\x12\x13\n\x0brolled_back\x18\x0c \x01(\x08\x12\r\n\x05\x65rror\x18\r \x01(\t\x12%\n\x07timings\x18\x0e \x03(\x0b\x32\x14.baton.v1.StepTiming\x12\x12\n\nupdated_at\x18\x0f \x01(\x01\x12\x10\n\x08last_log\x18\x10 \x01(\t\"-\n\rSignalRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\t\"J\n\x0bTailRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05lines\x18\x02 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\x12\x0e\n\x06stderr\x18\x04 \x01(\x08\"\x18\n\x08LogChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"/\n\x0f\x43learLogRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06stderr\x18\x02 \x01(\x08\")\n\x10\x43learLogResponse\x12\x15\n\rbytes_removed\x18\x01 \x01(\x04\"\x0f\n\rReloadRequest\"m\n\x0eReloadResponse\x12\x0f\n\x07started\x18\x01 \x03(\t\x12\x0f\n\x07stopped\x18\x02 \x03(\t\x12\x11\n\trestarted\x18\x03 \x03(\t\x12\x11\n\tunchanged\x18\x04 \x03(\t\x12\x13\n\x0bnot_applied\x18\x05 \x03(\t2\xa4\x06\n\rDaemonService\x12\x39\n\tGetStatus\x12\x1a.baton.v1.GetStatusRequest\x1a\x10.baton.v1.Status\x12G\n\nListAgents\x12\x1b.baton.v1.ListAgentsRequest\x1a\x1c.baton.v1.ListAgentsResponse\x12\x35\n\nStartAgent\x12\x12.baton.v1.AgentRef\x1a\x13.baton.v1.AgentInfo\x12\x34\n\tStopAgent\x12\x12.baton.v1.AgentRef\x1a\x13.baton.v1.AgentInfo\x12\x37\n\x0cRestartAgent\x12\x12.baton.v1.AgentRef\x1a\x13.baton.v1.AgentInfo\x12?\n\nPushUpdate\x12\x17.baton.v1.UpdateRequest\x1a\x18.baton.v1.UpdateAccepted\x12\x38\n\tGetUpdate\x12\x13.baton.v1.UpdateRef\x1a\x16.baton.v1.UpdateStatus\x12<\n\x0bWatchUpdate\x12\x13.baton.v1.UpdateRef\x1a\x16.baton.v1.UpdateStatus0\x01\x12;\n\x0c\x43\x61ncelUpdate\x12\x13.baton.v1.UpdateRef\x1a\x16.baton.v1.UpdateStatus\x12;\n\x0bSignalAgent\x12\x17.baton.v1.SignalRequest\x1a\x13.baton.v1.AgentInfo\x12\x36\n\x07TailLog\x12\x15.baton.v1.TailRequest\x1a\x12.baton.v1.LogChunk0\x01\x12\x41\n\x08\x43learLog\x12\x19.baton.v1.ClearLogRequest\x1a\x1a.baton.v1.ClearLogResponse\x12;\n\x06Reload\x12\x17.baton.v1.ReloadRequest\x1a\x18.baton.v1.ReloadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x61ton/pb/daemon.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/pb/common.proto\"\x12\n\x10GetStatusRequest\"\xca\x01\n\x06Status\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1a\n\x12supervisor_version\x18\x02 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12#\n\x06\x61gents\x18\x04 \x03(\x0b\x32\x13.baton.v1.AgentInfo\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x12\n\nstarted_at\x18\x06 \x01(\x01\x12\x19\n\x11manager_connected\x18\x07 \x01(\x08\x12\x1a\n\x12manager_configured\x18\x08 \x01(\x08\"\x13\n\x11ListAgentsRequest\"9\n\x12ListAgentsResponse\x12#\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x13.baton.v1.AgentInfo\"\x18\n\x08\x41gentRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xd9\x01\n\rUpdateRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tcomponent\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x14\n\x0c\x64ownload_url\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x11\n\tsignature\x18\x06 \x01(\t\x12\x0c\n\x04size\x18\x07 \x01(\x04\x12\x17\n\x0f\x61llow_downgrade\x18\x08 \x01(\x08\x12\x11\n\tupdate_id\x18\t \x01(\t\x12\r\n\x05\x66orce\x18\n \x01(\x08\x12\x11\n\treinstall\x18\x0b \x01(\x08\"#\n\x0eUpdateAccepted\x12\x11\n\tupdate_id\x18\x01 \x01(\t\"\x1e\n\tUpdateRef\x12\x11\n\tupdate_id\x18\x01 \x01(\t\"\xee\x02\n\x0cUpdateStatus\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x11\n\tcomponent\x18\x02 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x03 \x01(\t\x12\x12\n\nto_version\x18\x04 \x01(\t\x12$\n\x05state\x18\x05 \x01(\x0e\x32\x15.baton.v1.UpdateState\x12\x0c\n\x04step\x18\x06 \x01(\t\x12\x12\n\nbytes_done\x18\x07 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x08 \x01(\x04\x12\x1d\n\x15rate_bytes_per_second\x18\t \x01(\x01\x12\x10\n\x08\x66inished\x18\n \x01(\x08\x12\x0f\n\x07success\x18\x0b \x01(\x08\x12\x13\n\x0brolled_back\x18\x0c \x01(\x08\x12\r\n\x05\x65rror\x18\r \x01(\t\x12%\n\x07timings\x18\x0e \x03(\x0b\x32\x14.baton.v1.StepTiming\x12\x12\n\nupdated_at\x18\x0f \x01(\x01\x12\x10\n\x08last_log\x18\x10 \x01(\t\"-\n\rSignalRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\t\"J\n\x0bTailRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05lines\x18\x02 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\x12\x0e\n\x06stderr\x18\x04 \x01(\x08\"\x18\n\x08LogChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"/\n\x0f\x43learLogRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06stderr\x18\x02 \x01(\x08\")\n\x10\x43learLogResponse\x12\x15\n\rbytes_removed\x18\x01 \x01(\x04\"\x0f\n\rReloadRequest\"m\n\x0eReloadResponse\x12\x0f\n\x07started\x18\x01 \x03(\t\x12\x0f\n\x07stopped\x18\x02 \x03(\t\x12\x11\n\trestarted\x18\x03 \x03(\t\x12\x11\n\tunchanged\x18\x04 \x03(\t\x12\x13\n\x0bnot_applied\x18\x05 \x03(\t2\xa4\x06\n\rDaemonService\x12\x39\n\tGetStatus\x12\x1a.baton.v1.GetStatusRequest\x1a\x10.baton.v1.Status\x12G\n\nListAgents\x12\x1b.baton.v1.ListAgentsRequest\x1a\x1c.baton.v1.ListAgentsResponse\x12\x35\n\nStartAgent\x12\x12.baton.v1.AgentRef\x1a\x13.baton.v1.AgentInfo\x12\x34\n\tStopAgent\x12\x12.baton.v1.AgentRef\x1a\x13.baton.v1.AgentInfo\x12\x37\n\x0cRestartAgent\x12\x12.baton.v1.AgentRef\x1a\x13.baton.v1.AgentInfo\x12?\n\nPushUpdate\x12\x17.baton.v1.UpdateRequest\x1a\x18.baton.v1.UpdateAccepted\x12\x38\n\tGetUpdate\x12\x13.baton.v1.UpdateRef\x1a\x16.baton.v1.UpdateStatus\x12<\n\x0bWatchUpdate\x12\x13.baton.v1.UpdateRef\x1a\x16.baton.v1.UpdateStatus0\x01\x12;\n\x0c\x43\x61ncelUpdate\x12\x13.baton.v1.UpdateRef\x1a\x16.baton.v1.UpdateStatus\x12;\n\x0bSignalAgent\x12\x17.baton.v1.SignalRequest\x1a\x13.baton.v1.AgentInfo\x12\x36\n\x07TailLog\x12\x15.baton.v1.TailRequest\x1a\x12.baton.v1.LogChunk0\x01\x12\x41\n\x08\x43learLog\x12\x19.baton.v1.ClearLogRequest\x1a\x1a.baton.v1.ClearLogResponse\x12;\n\x06Reload\x12\x17.baton.v1.ReloadRequest\x1a\x18.baton.v1.ReloadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,27 +43,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTREF']._serialized_start=363
   _globals['_AGENTREF']._serialized_end=387
   _globals['_UPDATEREQUEST']._serialized_start=390
-  _globals['_UPDATEREQUEST']._serialized_end=588
-  _globals['_UPDATEACCEPTED']._serialized_start=590
-  _globals['_UPDATEACCEPTED']._serialized_end=625
-  _globals['_UPDATEREF']._serialized_start=627
-  _globals['_UPDATEREF']._serialized_end=657
-  _globals['_UPDATESTATUS']._serialized_start=660
-  _globals['_UPDATESTATUS']._serialized_end=1026
-  _globals['_SIGNALREQUEST']._serialized_start=1028
-  _globals['_SIGNALREQUEST']._serialized_end=1073
-  _globals['_TAILREQUEST']._serialized_start=1075
-  _globals['_TAILREQUEST']._serialized_end=1149
-  _globals['_LOGCHUNK']._serialized_start=1151
-  _globals['_LOGCHUNK']._serialized_end=1175
-  _globals['_CLEARLOGREQUEST']._serialized_start=1177
-  _globals['_CLEARLOGREQUEST']._serialized_end=1224
-  _globals['_CLEARLOGRESPONSE']._serialized_start=1226
-  _globals['_CLEARLOGRESPONSE']._serialized_end=1267
-  _globals['_RELOADREQUEST']._serialized_start=1269
-  _globals['_RELOADREQUEST']._serialized_end=1284
-  _globals['_RELOADRESPONSE']._serialized_start=1286
-  _globals['_RELOADRESPONSE']._serialized_end=1395
-  _globals['_DAEMONSERVICE']._serialized_start=1398
-  _globals['_DAEMONSERVICE']._serialized_end=2202
+  _globals['_UPDATEREQUEST']._serialized_end=607
+  _globals['_UPDATEACCEPTED']._serialized_start=609
+  _globals['_UPDATEACCEPTED']._serialized_end=644
+  _globals['_UPDATEREF']._serialized_start=646
+  _globals['_UPDATEREF']._serialized_end=676
+  _globals['_UPDATESTATUS']._serialized_start=679
+  _globals['_UPDATESTATUS']._serialized_end=1045
+  _globals['_SIGNALREQUEST']._serialized_start=1047
+  _globals['_SIGNALREQUEST']._serialized_end=1092
+  _globals['_TAILREQUEST']._serialized_start=1094
+  _globals['_TAILREQUEST']._serialized_end=1168
+  _globals['_LOGCHUNK']._serialized_start=1170
+  _globals['_LOGCHUNK']._serialized_end=1194
+  _globals['_CLEARLOGREQUEST']._serialized_start=1196
+  _globals['_CLEARLOGREQUEST']._serialized_end=1243
+  _globals['_CLEARLOGRESPONSE']._serialized_start=1245
+  _globals['_CLEARLOGRESPONSE']._serialized_end=1286
+  _globals['_RELOADREQUEST']._serialized_start=1288
+  _globals['_RELOADREQUEST']._serialized_end=1303
+  _globals['_RELOADRESPONSE']._serialized_start=1305
+  _globals['_RELOADRESPONSE']._serialized_end=1414
+  _globals['_DAEMONSERVICE']._serialized_start=1417
+  _globals['_DAEMONSERVICE']._serialized_end=2221
 # @@protoc_insertion_point(module_scope)
