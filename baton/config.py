@@ -9,6 +9,9 @@ exit 2 without starting anything. Limits carry their unit in their names.
 from __future__ import annotations
 
 import dataclasses
+import grp
+import ipaddress
+import math
 import os
 import re
 import signal
@@ -28,6 +31,8 @@ ENV_OVERRIDES = {
 }
 RESTART_POLICIES = ("always", "on-failure", "never")
 SUPERVISOR_COMPONENT = "supervisor"
+MAX_DURATION_S = 366 * 24 * 3600.0  # every ``*_s`` value: finite, 0 or more and at most a year
+LOOPBACK_NAMES = ("localhost",)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -54,10 +59,24 @@ class GrpcConfig:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     allowed_clients: tuple[str, ...] = ()
+    # Plain TCP (no tls_*) only with this opt-in, only on loopback, and read-only (supervisor/authz.py).
+    insecure_tcp: bool = False
+    # Operator powers (PushUpdate's allow_downgrade and force): TLS identities, and local Unix-socket peer uids.
+    allow_downgrade_clients: tuple[str, ...] = ()
+    allow_downgrade_uids: tuple[int, ...] = (0,)
 
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    @property
+    def push_address(self) -> str:
+        """Where the Manager may push: a TLS listener, else the Unix socket (plain TCP is read-only)."""
+        if self.listen and self.tls:
+            return self.listen[0]
+        if self.unix_socket is not None:
+            return f"unix:{self.unix_socket}"
+        return self.listen[0] if self.listen else ""
 
 
 @dataclass(frozen=True)
@@ -212,6 +231,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         key = f"{prefix}.{f.name}"
         if f.name in data:
             kwargs[f.name] = _convert(hints[f.name], data[f.name], key)
+            if hints[f.name] is float and f.name.endswith("_s") and not 0 <= kwargs[f.name] <= MAX_DURATION_S:
+                raise ConfigError(key, f"must be between 0 and {MAX_DURATION_S:.0f} seconds, got {data[f.name]!r}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(key, "is required")
     return cls(**kwargs)
@@ -238,10 +259,15 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin is Mapping:
         if not isinstance(value, Mapping):
             raise ConfigError(key, f"must be a table, got {type(value).__name__}")
+        for k in value:
+            if not k or "=" in k or "\0" in k:
+                raise ConfigError(f"{key}.{k}", "is not a valid name (empty, or contains '=' or a NUL character)")
         return {str(k): _convert(str, v, f"{key}.{k}") for k, v in value.items()}
     if tp is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(key, "must be a non-empty path string")
+        if "\0" in value:
+            raise ConfigError(key, "must not contain a NUL character")
         p = Path(value)
         if not p.is_absolute():
             raise ConfigError(key, f"must be an absolute path, got {value!r}")
@@ -249,6 +275,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(key, f"must be a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -261,13 +289,104 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(key, f"must be a string, got {type(value).__name__} {value!r}")
+        if "\0" in value:
+            raise ConfigError(key, "must not contain a NUL character")
         return value
     raise RuntimeError(f"unsupported config type {tp} for {key}")
 
 
-def _require_file(path: Path | None, key: str) -> None:
-    if path is not None and not path.is_file():
-        raise ConfigError(key, f"file {path} not found")
+def _require_file(path: Path | None, key: str, marker: bytes = b"") -> None:
+    """The file exists, is a regular file, can be read, and (with ``marker``) holds that PEM marker."""
+    if path is None:
+        return
+    if not path.is_file():
+        raise ConfigError(key, f"file {path} not found" if not path.exists() else f"{path} is not a regular file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024 * 1024)
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
+    if marker and marker not in head:
+        raise ConfigError(key, f"{path} holds no {marker.decode().strip('-')} (PEM)")
+
+
+def _split_address(addr: str, key: str) -> tuple[str, int]:
+    """HOST:PORT (``[v6]:PORT``) with a port from 1 to 65535."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(key, f"{addr!r} is not HOST:PORT")
+    if not 1 <= int(port) <= 65535:
+        raise ConfigError(key, f"port {port} is out of range (1-65535)")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate_grpc(g: GrpcConfig) -> None:
+    """TCP needs mutual TLS, or the explicit loopback-only ``insecure_tcp`` opt-in (read-only RPCs)."""
+    from baton.identity import AllowListError, parse_allow_list
+
+    if not g.listen and g.unix_socket is None:
+        raise ConfigError("grpc", "set listen and/or unix_socket: the supervisor must be reachable")
+    tls_parts = (g.tls_cert, g.tls_key, g.tls_ca)
+    if any(tls_parts) and not all(tls_parts):
+        raise ConfigError("grpc.tls_cert", "tls_cert, tls_key and tls_ca must be set together")
+    for i, addr in enumerate(g.listen):
+        key = f"grpc.listen[{i}]"
+        host, _ = _split_address(addr, key)
+        if g.tls:
+            continue
+        if not g.insecure_tcp:
+            raise ConfigError(key, f"{addr} would serve TCP without TLS: set grpc.tls_cert, tls_key and tls_ca "
+                              "(or grpc.insecure_tcp = true for read-only access on a loopback address)")
+        if not is_loopback(host):
+            raise ConfigError(key, f"{addr} is not a loopback address (127.0.0.0/8, ::1, localhost): "
+                              "grpc.insecure_tcp is only allowed on loopback")
+    if g.insecure_tcp and g.tls:
+        raise ConfigError("grpc.insecure_tcp", "must not be set with TLS (it is for listeners without TLS)")
+    for name, marker in (("tls_cert", b"-----BEGIN CERTIFICATE-----"), ("tls_key", b"PRIVATE KEY-----"),
+                         ("tls_ca", b"-----BEGIN CERTIFICATE-----")):
+        _require_file(getattr(g, name), f"grpc.{name}", marker)
+    for name in ("allowed_clients", "allow_downgrade_clients"):
+        entries = getattr(g, name)
+        if entries and not g.tls:
+            raise ConfigError(f"grpc.{name}", "names TLS client identities: it needs grpc.tls_cert, tls_key and "
+                              "tls_ca")
+        try:
+            parse_allow_list(entries, key=f"grpc.{name}")
+        except AllowListError as e:
+            raise ConfigError(f"grpc.{name}", str(e).removeprefix(f"grpc.{name}: ")) from None
+    for i, uid in enumerate(g.allow_downgrade_uids):
+        if not 0 <= uid < 2**32 - 1:
+            raise ConfigError(f"grpc.allow_downgrade_uids[{i}]", f"{uid} is not a uid")
+    if g.unix_socket_group:
+        try:
+            grp.getgrnam(g.unix_socket_group)
+        except KeyError:
+            raise ConfigError("grpc.unix_socket_group", f"no such group {g.unix_socket_group!r}") from None
+
+
+def _validate_trusted_keys(keys: tuple[Path, ...]) -> None:
+    """Every key file is a readable minisign public key now, not at the first update."""
+    from baton.signing import KeyFormatError, load_public_key
+
+    for i, path in enumerate(keys):
+        key = f"update.trusted_keys[{i}]"
+        if not path.is_file():
+            raise ConfigError(key, f"file {path} not found" if not path.exists() else f"{path} is not a regular file")
+        try:
+            load_public_key(path)
+        except OSError as e:
+            raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
+        except KeyFormatError as e:
+            raise ConfigError(key, f"not a minisign public key: {e}") from None
 
 
 def _validate(cfg: Config) -> None:
@@ -275,32 +394,26 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("node.id", "is required (or set BATON_NODE_ID)")
     if not _NAME_RE.match(cfg.node.id):
         raise ConfigError("node.id", f"{cfg.node.id!r} is not a valid node id (letters, digits, . _ -)")
-    if not cfg.grpc.listen and cfg.grpc.unix_socket is None:
-        raise ConfigError("grpc", "set listen and/or unix_socket: the supervisor must be reachable")
-    for i, addr in enumerate(cfg.grpc.listen):
-        if ":" not in addr or not addr.rsplit(":", 1)[1].isdigit():
-            raise ConfigError(f"grpc.listen[{i}]", f"{addr!r} is not HOST:PORT")
-    tls_parts = (cfg.grpc.tls_cert, cfg.grpc.tls_key, cfg.grpc.tls_ca)
-    if any(tls_parts) and not all(tls_parts):
-        raise ConfigError("grpc.tls_cert", "tls_cert, tls_key and tls_ca must be set together")
+    _validate_grpc(cfg.grpc)
     for name in ("tls_cert", "tls_key", "tls_ca"):
-        _require_file(getattr(cfg.grpc, name), f"grpc.{name}")
-        _require_file(getattr(cfg.manager, name), f"manager.{name}")
+        marker = b"PRIVATE KEY-----" if name == "tls_key" else b"-----BEGIN CERTIFICATE-----"
+        _require_file(getattr(cfg.manager, name), f"manager.{name}", marker)
     m = cfg.manager
-    from baton.identity import AllowListError, parse_allow_list
-
-    try:
-        parse_allow_list(cfg.grpc.allowed_clients)
-    except AllowListError as e:
-        raise ConfigError("grpc.allowed_clients", str(e).removeprefix("grpc.allowed_clients: ")) from None
     if (m.tls_cert is None) != (m.tls_key is None):
         raise ConfigError("manager.tls_cert", "tls_cert and tls_key must be set together")
     for name in ("heartbeat_interval_s", "sync_interval_s", "retry_initial_s", "retry_max_s", "rpc_timeout_s"):
         if getattr(m, name) <= 0:
             raise ConfigError(f"manager.{name}", "must be greater than 0")
+    if m.address and m.address.rpartition(":")[2].isdigit():
+        _split_address(m.address, "manager.address")
     u = cfg.update
-    if u.max_backups < 0:
-        raise ConfigError("update.max_backups", "must be 0 or more")
+    for name in ("max_backups", "min_rate_bytes_per_s", "free_space_reserve_bytes"):
+        if getattr(u, name) < 0:
+            raise ConfigError(f"update.{name}", "must be 0 or more")
+    for name in ("max_package_bytes", "max_files", "max_unpacked_bytes", "min_rate_window_s"):
+        if getattr(u, name) <= 0:
+            raise ConfigError(f"update.{name}", "must be greater than 0")
+    _validate_trusted_keys(u.trusted_keys)
     for name in ("verify_timeout_s", "download_timeout_s", "connect_timeout_s", "read_timeout_s",
                  "health_timeout_s", "handshake_timeout_s"):
         if getattr(u, name) <= 0:
@@ -343,3 +456,18 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key}.{bad}", "is out of range")
         if a.working_dir is not None and not a.working_dir.is_dir():
             raise ConfigError(f"{key}.working_dir", f"directory {a.working_dir} not found")
+    _validate_dirs(cfg)
+
+
+def _validate_dirs(cfg: Config) -> None:
+    """Directories root writes to: owned by root (or our user), not writable by others (baton/strict_modes.py)."""
+    from baton.strict_modes import UnsafePath, check_dir
+
+    for key, path in (("node.state_dir", cfg.node.state_dir), ("update.download_dir", cfg.download_dir),
+                      ("log.dir", cfg.log_dir), ("node.install_root", cfg.node.install_root)):
+        try:
+            check_dir(path)
+        except UnsafePath as e:
+            raise ConfigError(key, str(e)) from None
+        except OSError as e:
+            raise ConfigError(key, f"cannot check {path}: {e.strerror}") from None

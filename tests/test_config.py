@@ -100,7 +100,7 @@ def test_defaults_fill_what_the_file_leaves_out(tmp_path):
 
 
 def test_environment_overrides_node_id_and_listen_address(tmp_path):
-    cfg = load_config(write(tmp_path, BASE), environ={"BATON_NODE_ID": "from-env",
+    cfg = load_config(write(tmp_path, BASE + "insecure_tcp = true\n"), environ={"BATON_NODE_ID": "from-env",
                                                       "BATON_GRPC_LISTEN": "127.0.0.1:9001,[::1]:9002"})
     assert cfg.node.id == "from-env"
     assert cfg.grpc.listen == ("127.0.0.1:9001", "[::1]:9002")

@@ -16,7 +16,7 @@ import pytest
 from baton.identity import AllowListError, PeerIdentity
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc, manager_pb2, manager_pb2_grpc
 from manager.devca import DevPki, Issued, make_dev_pki
-from supervisor.authz import Policy
+from supervisor.authz import Channel, Policy
 from tests.conftest import Release, SupervisorProc, UpdateHost, wait_for
 from tests.manager_fixtures import (
     ManagerProc,
@@ -139,7 +139,7 @@ def test_allow_list_entries_match_by_kind_and_a_bare_name_matches_the_common_nam
         assert Policy([entry]).denial(push, peer), entry
     assert Policy([]).denial("/baton.v1.DaemonService/GetStatus", peer) is None, "read-only"
     assert Policy([]).denial("/baton.v1.DaemonService/SomethingNew", peer), "unknown methods are denied"
-    assert Policy([]).denial(push, PeerIdentity()) is None, "the local port: no TLS, no certificate"
+    assert Policy([]).denial(push, PeerIdentity(), Channel.LOCAL) is None, "the local port: no TLS, no certificate"
     for bad in ("IP:127.0.0.1", "O=Baton", "CN=", "DNS:", "spiffe://baton/manager/manager-1"):
         with pytest.raises(AllowListError):
             Policy([bad])
