@@ -171,8 +171,13 @@ class Config:
         return next((a for a in self.agents if a.name == name), None)
 
 
-def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Read, merge over defaults, apply environment overrides, validate."""
+def load_config(path: Path, environ: Mapping[str, str] | None = None, *, key_files: bool = True) -> Config:
+    """Read, merge over defaults, apply environment overrides, validate.
+
+    ``key_files=False`` skips reading the trusted keys, the TLS files and resolving the socket group: for the
+    helper, which reads the keys itself when it verifies (a key removed since the supervisor started is then
+    a clean TrustedKeyError on that update rather than a helper that cannot start).
+    """
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -182,11 +187,13 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
         raise ConfigError("", f"cannot read config file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("", f"{path} is not valid TOML: {e}") from None
-    return config_from_dict(raw, environ=os.environ if environ is None else environ, source=path.resolve())
+    return config_from_dict(raw, environ=os.environ if environ is None else environ, source=path.resolve(),
+                            key_files=key_files)
 
 
 def config_from_dict(
-    raw: Mapping[str, Any], environ: Mapping[str, str] | None = None, source: Path | None = None
+    raw: Mapping[str, Any], environ: Mapping[str, str] | None = None, source: Path | None = None,
+    key_files: bool = True,
 ) -> Config:
     raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
     for var, (section, key) in ENV_OVERRIDES.items():
@@ -214,7 +221,7 @@ def config_from_dict(
         agents=tuple(_build(AgentConfig, a, f"agents[{i}]") for i, a in enumerate(agents_raw)),
         source=source,
     )
-    _validate(cfg)
+    _validate(cfg, key_files)
     return cfg
 
 
@@ -295,12 +302,14 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     raise RuntimeError(f"unsupported config type {tp} for {key}")
 
 
-def _require_file(path: Path | None, key: str, marker: bytes = b"") -> None:
-    """The file exists, is a regular file, can be read, and (with ``marker``) holds that PEM marker."""
+def _require_file(path: Path | None, key: str, marker: bytes = b"", read: bool = True) -> None:
+    """The file exists, is a regular file and (``read``) can be read and holds the PEM ``marker``."""
     if path is None:
         return
     if not path.is_file():
         raise ConfigError(key, f"file {path} not found" if not path.exists() else f"{path} is not a regular file")
+    if not read:
+        return
     try:
         with open(path, "rb") as f:
             head = f.read(1024 * 1024)
@@ -329,7 +338,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _validate_grpc(g: GrpcConfig) -> None:
+def _validate_grpc(g: GrpcConfig, key_files: bool = True) -> None:
     """TCP needs mutual TLS, or the explicit loopback-only ``insecure_tcp`` opt-in (read-only RPCs)."""
     from baton.identity import AllowListError, parse_allow_list
 
@@ -353,7 +362,7 @@ def _validate_grpc(g: GrpcConfig) -> None:
         raise ConfigError("grpc.insecure_tcp", "must not be set with TLS (it is for listeners without TLS)")
     for name, marker in (("tls_cert", b"-----BEGIN CERTIFICATE-----"), ("tls_key", b"PRIVATE KEY-----"),
                          ("tls_ca", b"-----BEGIN CERTIFICATE-----")):
-        _require_file(getattr(g, name), f"grpc.{name}", marker)
+        _require_file(getattr(g, name), f"grpc.{name}", marker, key_files)
     for name in ("allowed_clients", "allow_downgrade_clients"):
         entries = getattr(g, name)
         if entries and not g.tls:
@@ -366,7 +375,7 @@ def _validate_grpc(g: GrpcConfig) -> None:
     for i, uid in enumerate(g.allow_downgrade_uids):
         if not 0 <= uid < 2**32 - 1:
             raise ConfigError(f"grpc.allow_downgrade_uids[{i}]", f"{uid} is not a uid")
-    if g.unix_socket_group:
+    if g.unix_socket_group and key_files:
         try:
             grp.getgrnam(g.unix_socket_group)
         except KeyError:
@@ -389,15 +398,15 @@ def _validate_trusted_keys(keys: tuple[Path, ...]) -> None:
             raise ConfigError(key, f"not a minisign public key: {e}") from None
 
 
-def _validate(cfg: Config) -> None:
+def _validate(cfg: Config, key_files: bool = True) -> None:
     if not cfg.node.id:
         raise ConfigError("node.id", "is required (or set BATON_NODE_ID)")
     if not _NAME_RE.match(cfg.node.id):
         raise ConfigError("node.id", f"{cfg.node.id!r} is not a valid node id (letters, digits, . _ -)")
-    _validate_grpc(cfg.grpc)
+    _validate_grpc(cfg.grpc, key_files)
     for name in ("tls_cert", "tls_key", "tls_ca"):
         marker = b"PRIVATE KEY-----" if name == "tls_key" else b"-----BEGIN CERTIFICATE-----"
-        _require_file(getattr(cfg.manager, name), f"manager.{name}", marker)
+        _require_file(getattr(cfg.manager, name), f"manager.{name}", marker, key_files)
     m = cfg.manager
     if (m.tls_cert is None) != (m.tls_key is None):
         raise ConfigError("manager.tls_cert", "tls_cert and tls_key must be set together")
@@ -413,7 +422,8 @@ def _validate(cfg: Config) -> None:
     for name in ("max_package_bytes", "max_files", "max_unpacked_bytes", "min_rate_window_s"):
         if getattr(u, name) <= 0:
             raise ConfigError(f"update.{name}", "must be greater than 0")
-    _validate_trusted_keys(u.trusted_keys)
+    if key_files:
+        _validate_trusted_keys(u.trusted_keys)
     for name in ("verify_timeout_s", "download_timeout_s", "connect_timeout_s", "read_timeout_s",
                  "health_timeout_s", "handshake_timeout_s"):
         if getattr(u, name) <= 0:

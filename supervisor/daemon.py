@@ -197,9 +197,6 @@ class Supervisor:
         received = await asyncio.to_thread(handover.receive, self.cfg, self.version)
         self.pm = ProcessManager(self.cfg, self._agent_changed)
         self.updates = UpdateManager(self.cfg)
-        for key in self.cfg.update.trusted_keys:
-            if not os.access(key, os.R_OK):
-                logger.warning("trusted key {} is missing or unreadable: every update will be refused", key)
         await self._start_grpc()
         self.front = Front(self.backend_path,
                            UnixPeerPolicy(self.cfg.grpc.unix_socket_group, self.cfg.grpc.allow_downgrade_uids),
