@@ -268,7 +268,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(key, f"must be a table, got {type(value).__name__}")
         for k in value:
             if not k or "=" in k or "\0" in k:
-                raise ConfigError(f"{key}.{k}", "is not a valid name (empty, or contains '=' or a NUL character)")
+                raise ConfigError(f"{key}.{k}".replace("\0", "\\0"),
+                                  "is not a valid name (empty, or contains '=' or a NUL character)")
         return {str(k): _convert(str, v, f"{key}.{k}") for k, v in value.items()}
     if tp is Path:
         if not isinstance(value, str) or not value:
