@@ -143,3 +143,26 @@ def test_allow_list_entries_match_by_kind_and_a_bare_name_matches_the_common_nam
     for bad in ("IP:127.0.0.1", "O=Baton", "CN=", "DNS:", "spiffe://baton/manager/manager-1"):
         with pytest.raises(AllowListError):
             Policy([bad])
+
+
+def test_downgrade_over_tls_needs_an_identity_in_allow_downgrade_clients(make_manager, make_supervisor, release,
+                                                                         pki):
+    manager = make_manager(tls={"cert": pki.manager.cert, "key": pki.manager.key, "ca": pki.ca.cert})
+    node = pki.nodes["node-1"]
+    operator = "URI:spiffe://baton/manager/manager-2"
+    host = start_node(make_supervisor, release, "node-1", node_config(manager, release), grpc={
+        "tls_cert": str(node.cert), "tls_key": str(node.key), "tls_ca": str(pki.ca.cert),
+        "allowed_clients": [ALLOWED], "allow_downgrade_clients": [operator]})
+    host.sup.wait_agent("app", "running")
+    address = host.sup.cfg["grpc"]["listen"][0]
+    old = release.build("0.9.0")
+    with channel(address, pki.ca.cert, pki.manager, "node-1") as ch:  # allowed to push, not an operator
+        for flags in ({"allow_downgrade": True}, {"force": True}):
+            with pytest.raises(grpc.RpcError) as e:
+                daemon_pb2_grpc.DaemonServiceStub(ch).PushUpdate(old.request(**flags), timeout=5)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "allow_downgrade_clients" in (e.value.details() or "")
+    assert journal_ids(host) == []
+    with channel(address, pki.ca.cert, pki.managers["manager-2"], "node-1") as ch:  # the operator
+        accepted = daemon_pb2_grpc.DaemonServiceStub(ch).PushUpdate(old.request(allow_downgrade=True), timeout=5)
+    assert journal_ids(host) == [accepted.update_id]

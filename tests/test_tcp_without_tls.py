@@ -267,3 +267,5 @@ def test_operator_powers_need_an_operator_identity_or_uid():
     assert policy.denial(push, manager, Channel.TLS, plain) is None
     assert policy.denial(push, PeerIdentity(), Channel.LOCAL, plain) is None
     assert policy.denial(push, PeerIdentity(), Channel.UNKNOWN, plain), "an unlabelled peer is read-only"
+    cancel = "/baton.v1.DaemonService/CancelUpdate"
+    assert "read-only" in (policy.denial(cancel, PeerIdentity(), Channel.INSECURE_TCP) or ""), "cancel mutates"
