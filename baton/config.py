@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import grp
+import ipaddress
 import math
 import os
 import re
@@ -30,6 +32,8 @@ ENV_OVERRIDES = {
 }
 RESTART_POLICIES = ("always", "on-failure", "never")
 SUPERVISOR_COMPONENT = "supervisor"
+MAX_DURATION_S = 366 * 24 * 3600.0  # every ``*_s`` value: finite, 0 or more and at most a year
+LOOPBACK_NAMES = ("localhost",)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _LABEL_VALUE_RE = re.compile(r"^[A-Za-z0-9_.-]{0,64}$")
 
@@ -68,10 +72,24 @@ class GrpcConfig:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     allowed_clients: tuple[str, ...] = ()
+    # Plain TCP (no tls_*) only with this opt-in, only on loopback, and read-only (supervisor/authz.py).
+    insecure_tcp: bool = False
+    # Operator powers (PushUpdate's allow_downgrade and force): TLS identities, and local Unix-socket peer uids.
+    allow_downgrade_clients: tuple[str, ...] = ()
+    allow_downgrade_uids: tuple[int, ...] = (0,)
 
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    @property
+    def push_address(self) -> str:
+        """Where the Manager may push: a TLS listener, else the Unix socket (plain TCP is read-only)."""
+        if self.listen and self.tls:
+            return self.listen[0]
+        if self.unix_socket is not None:
+            return f"unix:{self.unix_socket}"
+        return self.listen[0] if self.listen else ""
 
 
 @dataclass(frozen=True)
@@ -182,8 +200,13 @@ class Config:
         return next((a for a in self.agents if a.name == name), None)
 
 
-def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Read, merge over defaults, apply environment overrides, validate."""
+def load_config(path: Path, environ: Mapping[str, str] | None = None, *, key_files: bool = True) -> Config:
+    """Read, merge over defaults, apply environment overrides, validate.
+
+    ``key_files=False`` skips reading the trusted keys, the TLS files and resolving the socket group: for the
+    helper, which reads the keys itself when it verifies (a key removed since the supervisor started is then
+    a clean TrustedKeyError on that update rather than a helper that cannot start).
+    """
     path = Path(path).absolute()
     try:
         raw = tomllib.loads(path.read_text())
@@ -193,11 +216,13 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
         raise ConfigError("", f"cannot read config file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("", f"{path} is not valid TOML: {e}") from None
-    return config_from_dict(raw, environ=os.environ if environ is None else environ, source=path.resolve())
+    return config_from_dict(raw, environ=os.environ if environ is None else environ, source=path.resolve(),
+                            key_files=key_files)
 
 
 def config_from_dict(
-    raw: Mapping[str, Any], environ: Mapping[str, str] | None = None, source: Path | None = None
+    raw: Mapping[str, Any], environ: Mapping[str, str] | None = None, source: Path | None = None,
+    key_files: bool = True,
 ) -> Config:
     raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
     for var, (section, key) in ENV_OVERRIDES.items():
@@ -227,7 +252,7 @@ def config_from_dict(
         cfg = _build_config(raw, agents_raw, source)
     finally:
         _BASE_DIR.reset(token)
-    _validate(cfg)
+    _validate(cfg, key_files)
     return cfg
 
 
@@ -262,6 +287,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         key = f"{prefix}.{f.name}"
         if f.name in data:
             kwargs[f.name] = _convert(hints[f.name], data[f.name], key)
+            if hints[f.name] is float and f.name.endswith("_s") and not 0 <= kwargs[f.name] <= MAX_DURATION_S:
+                raise ConfigError(key, f"must be between 0 and {MAX_DURATION_S:.0f} seconds, got {data[f.name]!r}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(key, "is required")
     return cls(**kwargs)
@@ -298,10 +325,16 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin is Mapping:
         if not isinstance(value, Mapping):
             raise ConfigError(key, f"must be a table, got {type(value).__name__}")
+        for k in value:
+            if not k or "=" in k or "\0" in k:
+                raise ConfigError(f"{key}.{k}".replace("\0", "\\0"),
+                                  "is not a valid name (empty, or contains '=' or a NUL character)")
         return {str(k): _convert(str, v, f"{key}.{k}") for k, v in value.items()}
     if tp is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(key, "must be a non-empty path string")
+        if "\0" in value:
+            raise ConfigError(key, "must not contain a NUL character")
         p = Path(value)
         if not p.is_absolute():
             base = _BASE_DIR.get()
@@ -312,6 +345,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(key, f"must be a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -324,16 +359,109 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(key, f"must be a string, got {type(value).__name__} {value!r}")
+        if "\0" in value:
+            raise ConfigError(key, "must not contain a NUL character")
         return value
     raise RuntimeError(f"unsupported config type {tp} for {key}")
 
 
-def _require_file(path: Path | None, key: str) -> None:
-    if path is not None and not path.is_file():
-        raise ConfigError(key, f"file {path} not found")
+def _require_file(path: Path | None, key: str, marker: bytes = b"", read: bool = True) -> None:
+    """The file exists, is a regular file and (``read``) can be read and holds the PEM ``marker``."""
+    if path is None:
+        return
+    if not path.is_file():
+        raise ConfigError(key, f"file {path} not found" if not path.exists() else f"{path} is not a regular file")
+    if not read:
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024 * 1024)
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
+    if marker and marker not in head:
+        raise ConfigError(key, f"{path} holds no {marker.decode().strip('-')} (PEM)")
 
 
-def _validate(cfg: Config) -> None:
+def _split_address(addr: str, key: str) -> tuple[str, int]:
+    """HOST:PORT (``[v6]:PORT``) with a port from 1 to 65535."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(key, f"{addr!r} is not HOST:PORT")
+    if not 1 <= int(port) <= 65535:
+        raise ConfigError(key, f"port {port} is out of range (1-65535)")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate_grpc(g: GrpcConfig, key_files: bool = True) -> None:
+    """TCP needs mutual TLS, or the explicit loopback-only ``insecure_tcp`` opt-in (read-only RPCs)."""
+    from baton.identity import AllowListError, parse_allow_list
+
+    if not g.listen and g.unix_socket is None:
+        raise ConfigError("grpc", "set listen and/or unix_socket: the supervisor must be reachable")
+    tls_parts = (g.tls_cert, g.tls_key, g.tls_ca)
+    if any(tls_parts) and not all(tls_parts):
+        raise ConfigError("grpc.tls_cert", "tls_cert, tls_key and tls_ca must be set together")
+    for i, addr in enumerate(g.listen):
+        key = f"grpc.listen[{i}]"
+        host, _ = _split_address(addr, key)
+        if g.tls:
+            continue
+        if not g.insecure_tcp:
+            raise ConfigError(key, f"{addr} would serve TCP without TLS: set grpc.tls_cert, tls_key and tls_ca "
+                              "(or grpc.insecure_tcp = true for read-only access on a loopback address)")
+        if not is_loopback(host):
+            raise ConfigError(key, f"{addr} is not a loopback address (127.0.0.0/8, ::1, localhost): "
+                              "grpc.insecure_tcp is only allowed on loopback")
+    if g.insecure_tcp and g.tls:
+        raise ConfigError("grpc.insecure_tcp", "must not be set with TLS (it is for listeners without TLS)")
+    for name, marker in (("tls_cert", b"-----BEGIN CERTIFICATE-----"), ("tls_key", b"PRIVATE KEY-----"),
+                         ("tls_ca", b"-----BEGIN CERTIFICATE-----")):
+        _require_file(getattr(g, name), f"grpc.{name}", marker, key_files)
+    for name in ("allowed_clients", "allow_downgrade_clients"):
+        entries = getattr(g, name)
+        if entries and not g.tls:
+            raise ConfigError(f"grpc.{name}", "names TLS client identities: it needs grpc.tls_cert, tls_key and "
+                              "tls_ca")
+        try:
+            parse_allow_list(entries, key=f"grpc.{name}")
+        except AllowListError as e:
+            raise ConfigError(f"grpc.{name}", str(e).removeprefix(f"grpc.{name}: ")) from None
+    for i, uid in enumerate(g.allow_downgrade_uids):
+        if not 0 <= uid < 2**32 - 1:
+            raise ConfigError(f"grpc.allow_downgrade_uids[{i}]", f"{uid} is not a uid")
+    if g.unix_socket_group and key_files:
+        try:
+            grp.getgrnam(g.unix_socket_group)
+        except KeyError:
+            raise ConfigError("grpc.unix_socket_group", f"no such group {g.unix_socket_group!r}") from None
+
+
+def _validate_trusted_keys(keys: tuple[Path, ...]) -> None:
+    """Every key file is a readable minisign public key now, not at the first update."""
+    from baton.signing import KeyFormatError, load_public_key
+
+    for i, path in enumerate(keys):
+        key = f"update.trusted_keys[{i}]"
+        if not path.is_file():
+            raise ConfigError(key, f"file {path} not found" if not path.exists() else f"{path} is not a regular file")
+        try:
+            load_public_key(path)
+        except OSError as e:
+            raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
+        except KeyFormatError as e:
+            raise ConfigError(key, f"not a minisign public key: {e}") from None
+
+
+def _validate(cfg: Config, key_files: bool = True) -> None:
     if not cfg.node.id:
         raise ConfigError("node.id", "is required (or set BATON_NODE_ID)")
     if not _NAME_RE.match(cfg.node.id):
@@ -342,37 +470,29 @@ def _validate(cfg: Config) -> None:
         if not _NAME_RE.match(k) or not _LABEL_VALUE_RE.match(v):
             raise ConfigError(f"node.labels.{k}", f"{k}={v!r}: keys and values are letters, digits, . _ - "
                               "(up to 64)")
-    if not cfg.grpc.listen and cfg.grpc.unix_socket is None:
-        raise ConfigError("grpc", "set listen and/or unix_socket: the supervisor must be reachable")
-    for i, addr in enumerate(cfg.grpc.listen):
-        if ":" not in addr or not addr.rsplit(":", 1)[1].isdigit():
-            raise ConfigError(f"grpc.listen[{i}]", f"{addr!r} is not HOST:PORT")
-    tls_parts = (cfg.grpc.tls_cert, cfg.grpc.tls_key, cfg.grpc.tls_ca)
-    if any(tls_parts) and not all(tls_parts):
-        raise ConfigError("grpc.tls_cert", "tls_cert, tls_key and tls_ca must be set together")
+    _validate_grpc(cfg.grpc, key_files)
     for name in ("tls_cert", "tls_key", "tls_ca"):
-        _require_file(getattr(cfg.grpc, name), f"grpc.{name}")
-        _require_file(getattr(cfg.manager, name), f"manager.{name}")
+        marker = b"PRIVATE KEY-----" if name == "tls_key" else b"-----BEGIN CERTIFICATE-----"
+        _require_file(getattr(cfg.manager, name), f"manager.{name}", marker, key_files)
     m = cfg.manager
     if m.address.strip() and not m.addresses:
         raise ConfigError("manager.address", f"{m.address!r} names no HOST:PORT")
     for addr in m.addresses:
-        if ":" not in addr or not addr.rsplit(":", 1)[1].isdigit():
-            raise ConfigError("manager.address", f"{addr!r} is not HOST:PORT")
-    from baton.identity import AllowListError, parse_allow_list
-
-    try:
-        parse_allow_list(cfg.grpc.allowed_clients)
-    except AllowListError as e:
-        raise ConfigError("grpc.allowed_clients", str(e).removeprefix("grpc.allowed_clients: ")) from None
+        _split_address(addr, "manager.address")
     if (m.tls_cert is None) != (m.tls_key is None):
         raise ConfigError("manager.tls_cert", "tls_cert and tls_key must be set together")
     for name in ("heartbeat_interval_s", "sync_interval_s", "retry_initial_s", "retry_max_s", "rpc_timeout_s"):
         if getattr(m, name) <= 0:
             raise ConfigError(f"manager.{name}", "must be greater than 0")
     u = cfg.update
-    if u.max_backups < 0:
-        raise ConfigError("update.max_backups", "must be 0 or more")
+    for name in ("max_backups", "min_rate_bytes_per_s", "free_space_reserve_bytes"):
+        if getattr(u, name) < 0:
+            raise ConfigError(f"update.{name}", "must be 0 or more")
+    for name in ("max_package_bytes", "max_files", "max_unpacked_bytes", "min_rate_window_s"):
+        if getattr(u, name) <= 0:
+            raise ConfigError(f"update.{name}", "must be greater than 0")
+    if key_files:
+        _validate_trusted_keys(u.trusted_keys)
     for name in ("verify_timeout_s", "download_timeout_s", "connect_timeout_s", "read_timeout_s",
                  "health_timeout_s", "handshake_timeout_s"):
         if getattr(u, name) <= 0:
@@ -425,6 +545,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key}.{bad}", "is out of range")
         if a.working_dir is not None and not a.working_dir.is_dir():
             raise ConfigError(f"{key}.working_dir", f"directory {a.working_dir} not found")
+    _validate_dirs(cfg)
 
 
 def _validate_identity(a: AgentConfig, key: str) -> None:
@@ -446,3 +567,17 @@ def _validate_identity(a: AgentConfig, key: str) -> None:
         raise ConfigError(f"{key}.umask", f"must be an octal mode like \"027\", got {a.umask!r}")
     if a.stderr not in STDERR_MODES:
         raise ConfigError(f"{key}.stderr", f"must be one of {', '.join(STDERR_MODES)}, got {a.stderr!r}")
+
+
+def _validate_dirs(cfg: Config) -> None:
+    """Directories root writes to: owned by root (or our user), not writable by others (baton/strict_modes.py)."""
+    from baton.strict_modes import UnsafePath, check_dir
+
+    for key, path in (("node.state_dir", cfg.node.state_dir), ("update.download_dir", cfg.download_dir),
+                      ("log.dir", cfg.log_dir), ("node.install_root", cfg.node.install_root)):
+        try:
+            check_dir(path)
+        except UnsafePath as e:
+            raise ConfigError(key, str(e)) from None
+        except OSError as e:
+            raise ConfigError(key, f"cannot check {path}: {e.strerror}") from None

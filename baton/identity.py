@@ -74,8 +74,8 @@ class AllowEntry:
     value: str
 
 
-def parse_allow_list(entries: Sequence[str]) -> tuple[AllowEntry, ...]:
-    """Raises AllowListError for an entry with an unknown kind or no name."""
+def parse_allow_list(entries: Sequence[str], key: str = "grpc.allowed_clients") -> tuple[AllowEntry, ...]:
+    """Raises AllowListError (naming ``key``) for an entry with an unknown kind or no name."""
     out = []
     for raw in entries:
         entry = raw.strip()
@@ -85,8 +85,8 @@ def parse_allow_list(entries: Sequence[str]) -> tuple[AllowEntry, ...]:
         elif ":" in entry and entry.split(":", 1)[0].upper() in _KINDS[1:]:
             kind, value = entry.split(":", 1)[0].upper(), entry.split(":", 1)[1]
         elif ":" in entry or "=" in entry:
-            raise AllowListError(f"grpc.allowed_clients: {raw!r} is not CN=name, DNS:name, URI:uri or a bare name")
+            raise AllowListError(f"{key}: {raw!r} is not CN=name, DNS:name, URI:uri or a bare name")
         if not value:
-            raise AllowListError(f"grpc.allowed_clients: {raw!r} names nobody")
+            raise AllowListError(f"{key}: {raw!r} names nobody")
         out.append(AllowEntry(kind, value))
     return tuple(out)

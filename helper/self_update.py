@@ -50,6 +50,7 @@ from baton.layout import ComponentLayout
 from baton.pb import daemon_pb2, daemon_pb2_grpc
 from baton.states import CUSTODY_TRANSITIONS, Custody, check_move
 from baton.states import UpdateState as S
+from baton.strict_modes import log_opener
 from helper.machine import ControlFactory, UpdateRun
 
 PREPARE_TIMEOUT_S = 30.0
@@ -174,7 +175,7 @@ class HandoverSession:
         log = None
         if out is None:
             self.cfg.log_dir.mkdir(parents=True, exist_ok=True)
-            log = open(self.cfg.log_dir / "supervisor.out", "ab")  # noqa: SIM115
+            log = open(self.cfg.log_dir / "supervisor.out", "ab", opener=log_opener)  # noqa: SIM115
         proc = subprocess.Popen([str(launcher), "run", "--config", str(self.cfg.source)], stdin=subprocess.DEVNULL,
                                 stdout=out if out is not None else log, stderr=err if err is not None else log,
                                 start_new_session=True, close_fds=True)

@@ -12,6 +12,10 @@ import contextlib
 import os
 from pathlib import Path
 
+from loguru import logger
+
+from baton.strict_modes import UnsafePath, open_log
+
 MAX_LINE_OVERSHOOT = 64 * 1024
 
 
@@ -21,13 +25,13 @@ class RotatingLog:
         self.max_bytes = max_bytes
         self.backups = backups
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        self._fd = open_log(self.path)
         self._size = os.fstat(self._fd).st_size
         self._at_line_start = True
 
     def write(self, data: bytes) -> None:
         """Append, rotating at a line boundary; a file passes ``max_bytes`` by at most one line."""
-        while data:
+        while data and self._fd >= 0:
             room = self.max_bytes - self._size
             if len(data) <= room:
                 self._append(data)
@@ -59,15 +63,19 @@ class RotatingLog:
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         self._size = 0
+        try:
+            self._fd = open_log(self.path)
+        except (UnsafePath, OSError) as e:
+            self._fd = -1  # output is dropped rather than written where someone else chose
+            logger.error("agent log {}: {}; the agent's output is discarded until restart", self.path, e)
 
     def tail(self, max_bytes: int = 4096) -> str:
         try:
-            with open(self.path, "rb") as f:
+            with open(self.path, "rb", opener=_read_nofollow) as f:
                 f.seek(max(0, os.fstat(f.fileno()).st_size - max_bytes))
                 return f.read().decode(errors="replace")
-        except FileNotFoundError:
+        except OSError:  # missing, or a link someone planted: nothing to quote
             return ""
 
     def last_lines(self, n: int, max_bytes: int = 1 << 20) -> bytes:
@@ -102,3 +110,7 @@ class RotatingLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _read_nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)

@@ -53,7 +53,7 @@ from baton.audit import (
     shorten,
 )
 from baton.identity import peer_identity
-from supervisor.authz import READ_ONLY_METHODS
+from supervisor.authz import READ_ONLY_METHODS, Channel, peer_label
 
 REFUSED_CODES = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
 RESULT_FIELDS = ("update_id",)  # fields of a response worth keeping in the record
@@ -82,18 +82,23 @@ class Callers:
         self._count = itertools.count()
         self._by_name: dict[str, Caller] = {}
 
-    def bound_socket(self, caller: Caller) -> tuple[socket.socket, str]:
-        """A Unix stream socket bound to a fresh abstract name registered for ``caller``; release it after."""
+    def bound_socket(self, caller: Caller, channel: Channel) -> tuple[socket.socket, str]:
+        """A Unix stream socket bound to a fresh abstract name registered for ``caller``; release it after.
+
+        The name is also the channel's label (:func:`supervisor.authz.peer_label`), which authz reads.
+        """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         for _ in range(3):  # abstract names are visible to every user, who may squat on the next one
-            name = f"{self._prefix}{next(self._count)}-{secrets.token_hex(4)}"
+            label = peer_label(channel, f"{self._prefix}{next(self._count)}-{secrets.token_hex(4)}")
             try:
-                sock.bind("\0" + name)
+                sock.bind(label)
             except OSError:
                 continue
+            name = label[1:]
             self._by_name[name] = caller
             return sock, name
-        return sock, ""  # unbound: the call is recorded with an unknown caller, never with a wrong one
+        sock.close()  # the call must not go out unlabelled: authz would see an unknown channel
+        raise OSError("no free abstract address to label the connection with")
 
     def release(self, name: str) -> None:
         self._by_name.pop(name, None)

@@ -1,19 +1,28 @@
 """Who may change things through the supervisor's gRPC API.
 
-With TLS configured, the supervisor's gRPC server has two private ports
-(``supervisor/daemon.py``): a TLS port that the public TCP sockets are spliced
-to, and an insecure port for the local Unix sockets, whose peers were already
-checked with SO_PEERCRED (``supervisor/front.py``). Both ports look alike to a
-handler (``context.peer()`` is ``unix:`` on either), but their transports do
-not: the TLS port only completes a handshake with a client certificate from
-our CA (so every call on it carries an x509 identity, transport ``ssl``), and
-the local port carries none (transport ``insecure``). The interceptor decides
-on that:
+The supervisor owns the public sockets and splices each accepted connection to
+one of gRPC's two private ports (``supervisor/front.py``): TCP connections to
+the TLS port (or, with ``grpc.insecure_tcp``, to a plain one), Unix-socket
+connections to the local port once their peer passed the SO_PEERCRED check.
+A handler cannot tell those ports apart by itself, so the front labels every
+spliced connection: it binds its end to an abstract socket address
+``baton.<channel>.<random>`` before connecting, and gRPC reports that address
+as the call's peer (``unix-abstract:baton.local.3f2a...``). Only root can reach
+the private ports (the run directory is 0700), so the label cannot be forged.
 
-- local (insecure transport, no certificate): every method;
-- TLS: read-only methods for any certificate from our CA; mutating methods
-  (and any method not known to be read-only) only for an identity named in
-  ``grpc.allowed_clients``; otherwise PERMISSION_DENIED naming the identity.
+How a call reached us (:class:`Channel`) and what it asks decide:
+
+- ``tls`` (transport ``ssl``: a certificate from our CA): read-only methods for
+  anyone; mutating methods (and any method not known to be read-only) for an
+  identity in ``grpc.allowed_clients`` or ``grpc.allow_downgrade_clients``;
+- ``tcp`` (TCP without TLS, only with ``grpc.insecure_tcp`` on loopback) and
+  any unlabelled peer: read-only methods only;
+- ``local`` and ``operator`` (Unix-socket peers): every method.
+
+Operator powers (``PushUpdate`` with ``allow_downgrade``, ``force`` or ``reinstall``) need, in
+addition, an operator: a TLS identity in ``grpc.allow_downgrade_clients`` or a
+local peer whose uid is in ``grpc.allow_downgrade_uids`` (default: root only).
+Everyone else gets PERMISSION_DENIED naming the rule.
 
 Allow-list entries: ``CN=name``, ``DNS:name``, ``URI:uri``, or a bare ``name``
 matching the common name or a DNS SAN.
@@ -21,6 +30,7 @@ matching the common name or a DNS SAN.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -36,22 +46,68 @@ READ_ONLY_METHODS = frozenset({
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
 })
+# Request fields that only an operator may set, per method.
+OPERATOR_FIELDS = {
+    "/baton.v1.DaemonService/PushUpdate": ("allow_downgrade", "force", "reinstall"),
+}
+PEER_LABEL_PREFIX = "baton."
+
+
+class Channel(enum.Enum):
+    """How a call reached gRPC (the front's label, or the TLS transport)."""
+
+    TLS = "tls"
+    INSECURE_TCP = "tcp"
+    LOCAL = "local"
+    OPERATOR = "operator"
+    UNKNOWN = "unknown"
+
+
+def peer_label(channel: Channel, token: str) -> str:
+    """The abstract socket address the front binds its end of a spliced connection to."""
+    return f"\0{PEER_LABEL_PREFIX}{channel.value}.{token}"
+
+
+def channel_of(peer: str, identity: PeerIdentity) -> Channel:
+    if identity.tls:
+        return Channel.TLS
+    kind, _, name = peer.partition(":")
+    if kind == "unix-abstract" and name.startswith(PEER_LABEL_PREFIX):
+        label = name.removeprefix(PEER_LABEL_PREFIX).split(".", 1)[0]
+        for ch in (Channel.INSECURE_TCP, Channel.LOCAL, Channel.OPERATOR):
+            if ch.value == label:
+                return ch
+    return Channel.UNKNOWN
+
+
 class Policy:
     """The decision alone, without gRPC plumbing (what the interceptor asks)."""
 
-    def __init__(self, allowed_clients: Sequence[str]) -> None:
+    def __init__(self, allowed_clients: Sequence[str], operators: Sequence[str] = ()) -> None:
         self.allowed = parse_allow_list(allowed_clients)
+        self.operators = parse_allow_list(operators, key="grpc.allow_downgrade_clients")
 
-    def denial(self, method: str, peer: PeerIdentity) -> str | None:
+    def denial(self, method: str, peer: PeerIdentity, channel: Channel | None = None,
+               request: Any = None) -> str | None:
         """None when the call may go ahead, else why not (the PERMISSION_DENIED message)."""
-        if not peer.tls and not peer.has_certificate:
-            return None  # the local port: its peers passed the SO_PEERCRED check
+        if channel is None:
+            channel = Channel.TLS if peer.tls else Channel.UNKNOWN
+        name = method.rsplit("/", 1)[-1]
         if method in READ_ONLY_METHODS:
             return None
-        if any(peer.matches(e) for e in self.allowed):
-            return None
-        return (f"{method.rsplit('/', 1)[-1]} refused: client identity {peer.describe()} is not in "
-                "grpc.allowed_clients")
+        if channel in (Channel.INSECURE_TCP, Channel.UNKNOWN):
+            return (f"{name} refused: this TCP listener has no TLS (grpc.insecure_tcp) and serves read-only "
+                    "methods only; use the Unix socket or mutual TLS")
+        operator = channel is Channel.OPERATOR or (
+            channel is Channel.TLS and any(peer.matches(e) for e in self.operators))
+        if channel is Channel.TLS and not operator and not any(peer.matches(e) for e in self.allowed):
+            return f"{name} refused: client identity {peer.describe()} is not in grpc.allowed_clients"
+        wanted = [f for f in OPERATOR_FIELDS.get(method, ()) if request is not None and getattr(request, f, False)]
+        if wanted and not operator:
+            who = (f"client identity {peer.describe()} is not in grpc.allow_downgrade_clients"
+                   if channel is Channel.TLS else "the local peer's uid is not in grpc.allow_downgrade_uids")
+            return f"{name} with {' and '.join(wanted)} is an operator power: {who}"
+        return None
 
 
 class AuthzInterceptor(grpc.aio.ServerInterceptor):
@@ -72,8 +128,9 @@ class AuthzInterceptor(grpc.aio.ServerInterceptor):
         return _guarded(handler, method, self.policy)
 
 
-async def _check(policy: Policy, method: str, context: grpc.aio.ServicerContext) -> None:
-    why = policy.denial(method, peer_identity(context.auth_context()))
+async def _check(policy: Policy, method: str, context: grpc.aio.ServicerContext, request: Any = None) -> None:
+    identity = peer_identity(context.auth_context())
+    why = policy.denial(method, identity, channel_of(context.peer(), identity), request)
     if why is not None:
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
 
@@ -86,7 +143,7 @@ def _guarded(original: grpc.RpcMethodHandler, method: str, policy: Policy) -> gr
         inner_uu = handler.unary_unary
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await _check(policy, method, context)
+            await _check(policy, method, context, request)
             return await inner_uu(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, **ser)
@@ -94,7 +151,7 @@ def _guarded(original: grpc.RpcMethodHandler, method: str, policy: Policy) -> gr
         inner_us = handler.unary_stream
 
         async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await _check(policy, method, context)
+            await _check(policy, method, context, request)
             async for item in inner_us(request, context):
                 yield item
 

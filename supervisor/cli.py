@@ -26,9 +26,14 @@ def _load(path: str) -> Config:
 
 def cmd_run(ns: argparse.Namespace) -> int:
     cfg = _load(ns.config)
-    setup_logging(cfg.log.level, json=ns.json or cfg.log.json, file=cfg.log_dir / "supervisor.log")
-    from supervisor.daemon import run_supervisor
+    from supervisor.daemon import prepare_dirs, run_supervisor
 
+    try:
+        prepare_dirs(cfg)
+        setup_logging(cfg.log.level, json=ns.json or cfg.log.json, file=cfg.log_dir / "supervisor.log")
+    except (BatonError, OSError) as e:
+        print(f"supervisor: {e}", file=sys.stderr)
+        return 1
     try:
         return run_supervisor(cfg)
     except BatonError as e:

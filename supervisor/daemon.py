@@ -31,6 +31,7 @@ from baton.audit import AuditLog
 from baton.config import Config, load_config
 from baton.errors import BatonError
 from baton.pb import daemon_pb2_grpc
+from baton.strict_modes import make_dirs
 from supervisor import handover, systemd
 from supervisor.agents import AgentSnapshot, ProcessManager, ReloadResult, same_process
 from supervisor.audit import AuditInterceptor, AuditTrail, Callers
@@ -73,11 +74,10 @@ def status_line(snaps: list[AgentSnapshot]) -> str:
 
 
 def prepare_dirs(cfg: Config) -> None:
+    """Create what is missing with our modes; a directory that exists keeps its mode (baton/strict_modes.py)."""
     for d, mode in ((cfg.node.state_dir, 0o700), (cfg.run_dir, 0o700), (cfg.log_dir, 0o750),
                     (cfg.node.install_root, 0o755), (cfg.download_dir, 0o700)):
-        d.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(PermissionError):
-            os.chmod(d, mode)
+        make_dirs(d, mode)
 
 
 def lock_state_dir(cfg: Config) -> int:
@@ -134,12 +134,17 @@ class Supervisor:
         from supervisor.authz import AuthzInterceptor, Policy
         from supervisor.tls import server_credentials
 
-        creds = server_credentials(self.cfg.grpc)
-        interceptors: list[grpc.aio.ServerInterceptor] = [AuditInterceptor(self.audit)]  # first: sees refusals too
-        if creds is not None:
-            interceptors.append(AuthzInterceptor(Policy(self.cfg.grpc.allowed_clients)))
-        if creds is not None and not self.cfg.grpc.allowed_clients:
+        g = self.cfg.grpc
+        creds = server_credentials(g)
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            AuditInterceptor(self.audit),  # first: sees refusals too
+            AuthzInterceptor(Policy(g.allowed_clients, g.allow_downgrade_clients)),
+        ]
+        if creds is not None and not (g.allowed_clients or g.allow_downgrade_clients):
             logger.warning("TLS is on but grpc.allowed_clients is empty: no client may change anything over TCP")
+        if creds is None and g.listen:
+            logger.warning("grpc.insecure_tcp: {} without TLS, read-only methods only (no authentication)",
+                           ", ".join(g.listen))
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
         daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
             DaemonService(self.cfg.node.id, self.version, self.started_at, self.pm_required, self.updates,
@@ -266,11 +271,9 @@ class Supervisor:
         received = await asyncio.to_thread(handover.receive, self.cfg, self.version)
         self.pm = ProcessManager(self.cfg, self._agent_changed)
         self.updates = UpdateManager(self.cfg)
-        for key in self.cfg.update.trusted_keys:
-            if not os.access(key, os.R_OK):
-                logger.warning("trusted key {} is missing or unreadable: every update will be refused", key)
         await self._start_grpc()
-        self.front = Front(self.backend_path, UnixPeerPolicy(self.cfg.grpc.unix_socket_group),
+        self.front = Front(self.backend_path,
+                           UnixPeerPolicy(self.cfg.grpc.unix_socket_group, self.cfg.grpc.allow_downgrade_uids),
                            local_backend=self.local_backend_path, audit=self.audit)
         await self.front.serve(self._listening_sockets(received))
         if received is not None:
@@ -291,7 +294,7 @@ class Supervisor:
             self.manager = ManagerClient(
                 self.cfg.manager, self.cfg.node.id, self.version, self.started_at,
                 lambda: [agent_info(s) for s in self.pm_required.snapshots()],
-                grpc_address=self.cfg.grpc.listen[0] if self.cfg.grpc.listen else "",
+                grpc_address=self.cfg.grpc.push_address,
                 labels=self.cfg.node.labels,
             )
             self.manager.start()

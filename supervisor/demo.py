@@ -79,6 +79,7 @@ install_root = "{self.base}/install"
 [grpc]
 unix_socket = "{self.base}/run/supervisor.sock"
 listen = ["127.0.0.1:{self.grpc_port}"]
+insecure_tcp = true   # loopback, read-only: the Manager pushes over the Unix socket (TCP needs mutual TLS)
 
 [manager]
 address = "127.0.0.1:{self.manager_port}"

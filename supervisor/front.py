@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import grp
 import os
+import secrets
 import socket
 import struct
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from baton.errors import BatonError
+from supervisor.authz import Channel, peer_label
 
 if TYPE_CHECKING:
     from supervisor.audit import AuditTrail
@@ -80,11 +82,16 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 
 class UnixPeerPolicy:
-    """Root, our own uid, or members of a configured group may use the local socket."""
+    """Root, our own uid, or members of a configured group may use the local socket; some uids are operators."""
 
-    def __init__(self, group: str = "") -> None:
+    def __init__(self, group: str = "", operator_uids: Iterable[int] = (0,)) -> None:
         self.uids = {0, os.getuid()}
         self.gid = grp.getgrnam(group).gr_gid if group else None
+        self.operator_uids = frozenset(operator_uids)
+
+    def channel(self, uid: int) -> Channel:
+        """How supervisor/authz.py sees this allowed peer: an operator (grpc.allow_downgrade_uids) or not."""
+        return Channel.OPERATOR if uid in self.operator_uids else Channel.LOCAL
 
     def allows(self, uid: int, gid: int, pid: int) -> bool:
         if uid in self.uids:
@@ -107,7 +114,9 @@ class Front:
     """Splices TCP connections to ``backend`` and Unix ones to ``local_backend`` (default: the same).
 
     The two backends are gRPC's TLS and local ports (``supervisor/authz.py``): a local peer that passed the
-    SO_PEERCRED check needs no certificate, a TCP peer always does when TLS is configured.
+    SO_PEERCRED check needs no certificate, a TCP peer always does when TLS is configured. Each spliced
+    connection is labelled with how it arrived (:func:`supervisor.authz.peer_label`), which the gRPC
+    interceptor reads as the call's peer address.
     """
 
     def __init__(self, backend: Path, unix_policy: UnixPeerPolicy, local_backend: Path | None = None,
@@ -138,7 +147,7 @@ class Front:
         name = ""
         try:
             sock = writer.get_extra_info("socket")
-            backend = self.backend
+            backend, channel = self.backend, Channel.INSECURE_TCP
             creds: tuple[int, int, int] | None = None  # (pid, uid, gid) of a local peer
             if sock is not None and sock.family == socket.AF_UNIX:
                 creds = pid, uid, gid = peer_credentials(sock)
@@ -151,9 +160,9 @@ class Front:
                             f"uid {uid} may not use the local socket (only root, uid {os.getuid()} or the members "
                             "of grpc.unix_socket_group)")
                     return
-                backend = self.local_backend
+                backend, channel = self.local_backend, self.policy.channel(uid)
             try:
-                b_reader, b_writer, name = await self._open_backend(backend, creds, writer)
+                b_reader, b_writer, name = await self._open_backend(backend, channel, creds, writer)
             except OSError as e:
                 logger.error("gRPC backend unavailable: {}", e)
                 writer.close()
@@ -166,17 +175,18 @@ class Front:
                 self.audit.callers.release(name)
             self._conns.discard(task)
 
-    async def _open_backend(self, backend: Path, creds: tuple[int, int, int] | None, writer: asyncio.StreamWriter
-                            ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
-        """Connect to gRPC; with an audit trail, from an address that names the caller (supervisor/audit.py)."""
+    async def _open_backend(self, backend: Path, channel: Channel, creds: tuple[int, int, int] | None,
+                            writer: asyncio.StreamWriter) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+        """Connect to gRPC from an abstract address labelled with ``channel`` (what authz reads) and, with an
+        audit trail, registered for the caller (supervisor/audit.py)."""
         if self.audit is None:
-            r, w = await asyncio.open_unix_connection(str(backend), limit=SPLICE_CHUNK)
+            r, w = await _open_labelled(backend, channel)
             return r, w, ""
         if creds is not None:
             caller = self.audit.local_caller(uid=creds[1], pid=creds[0])
         else:
             caller = self.audit.remote_caller(writer.get_extra_info("peername"))
-        sock, name = self.audit.callers.bound_socket(caller)
+        sock, name = self.audit.callers.bound_socket(caller, channel)
         try:
             sock.setblocking(False)
             await asyncio.get_running_loop().sock_connect(sock, str(backend))
@@ -212,6 +222,19 @@ class Front:
         out = list(self.sockets.items())
         self.sockets.clear()
         return out
+
+
+async def _open_labelled(backend: Path, channel: Channel) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to a gRPC port from an abstract address that names ``channel`` (the peer gRPC reports)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.setblocking(False)
+        s.bind(peer_label(channel, secrets.token_hex(8)))
+        await asyncio.get_running_loop().sock_connect(s, str(backend))
+    except BaseException:
+        s.close()
+        raise
+    return await asyncio.open_unix_connection(sock=s, limit=SPLICE_CHUNK)
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -35,6 +35,7 @@ from baton.journal import CANCEL_SIGNAL, Journal, JournalError, UpdateRecord, Up
 from baton.layout import ComponentLayout
 from baton.pb import common_pb2, daemon_pb2
 from baton.states import PRE_SWITCH, UpdateState
+from baton.strict_modes import log_opener
 from supervisor import systemd
 from supervisor.install_self import running_from_layout
 
@@ -300,7 +301,7 @@ class UpdateManager:
             argv = ["systemd-run", f"--unit=baton-helper-{update_id}-{n}", "--collect", "--quiet",
                     f"--property=StandardOutput=append:{log_path}", f"--property=StandardError=append:{log_path}",
                     *env, *argv]
-        with open(log_path, "ab") as log:
+        with open(log_path, "ab", opener=log_opener) as log:
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True, close_fds=True)
         helper = HelperProcess(update_id, popen, popen.pid, os.pidfd_open(popen.pid))

@@ -114,6 +114,8 @@ class SupervisorProc:
             cfg["grpc"]["listen"] = [f"127.0.0.1:{free_port()}"]
         for section, body in (extra or {}).items():
             cfg.setdefault(section, {}).update(body)
+        if tcp and "tls_cert" not in cfg["grpc"]:
+            cfg["grpc"]["insecure_tcp"] = True  # read-only on loopback; mutating calls use the Unix socket
         self.cfg = cfg
         self.proc: subprocess.Popen[bytes] | None = None
         self._channel: grpc.Channel | None = None

@@ -167,8 +167,8 @@ def node_config(manager: ManagerProc, release: Release, update: dict[str, Any] |
 def start_node(make_supervisor: Callable[..., SupervisorProc], release: Release, node_id: str,
                extra: dict[str, dict[str, Any]], grpc: dict[str, Any] | None = None, wait: bool = True
                ) -> UpdateHost:
-    sup = make_supervisor([dict(PACKAGED_APP)], name=node_id, node_id=node_id, tcp=True, extra=extra)
-    sup.cfg["grpc"].update(grpc or {})
+    sup = make_supervisor([dict(PACKAGED_APP)], name=node_id, node_id=node_id, tcp=True,
+                          extra={**extra, "grpc": {**extra.get("grpc", {}), **(grpc or {})}})
     install_version(sup.base / "install", "app", "1.0.0", release.tree("1.0.0"))
     sup.start(wait=False)
     if wait:

@@ -55,6 +55,39 @@ BAD = {
     "no_listener": (BASE.replace('unix_socket = "/tmp/baton-cfg-test/s.sock"', ""), "grpc", "listen"),
     "reserved_name": (BASE + AGENT.replace('"web"', '"supervisor"'), "agents[0].name", "reserved"),
     "not_toml": ("[node\nid=", "", "not valid TOML"),
+    # Values that crashed the helper or the supervisor later, or switched a safety check off.
+    "nan_timeout": (BASE + "[update]\nhealth_timeout_s = nan\n", "update.health_timeout_s", "finite"),
+    "nan_window": (BASE + "[update]\nhealth_window_s = nan\n", "update.health_window_s", "finite"),
+    "inf_timeout": (BASE + "[update]\ndownload_timeout_s = inf\n", "update.download_timeout_s", "finite"),
+    "negative_inf_backoff": (BASE + AGENT + "backoff_max_s = -inf\n", "agents[0].backoff_max_s", "finite"),
+    "nan_start_seconds": (BASE + AGENT + "start_seconds = nan\n", "agents[0].start_seconds", "finite"),
+    "huge_timeout": (BASE + "[manager]\nrpc_timeout_s = 1e300\n", "manager.rpc_timeout_s", "between 0 and"),
+    "negative_limit": (BASE + "[update]\nmax_files = -1\n", "update.max_files", "greater than 0"),
+    "negative_package_limit": (BASE + "[update]\nmax_package_bytes = -5\n", "update.max_package_bytes",
+                               "greater than 0"),
+    "negative_rate": (BASE + "[update]\nmin_rate_bytes_per_s = -1\n", "update.min_rate_bytes_per_s", "0 or more"),
+    "negative_reserve": (BASE + "[update]\nfree_space_reserve_bytes = -1\n", "update.free_space_reserve_bytes",
+                         "0 or more"),
+    "zero_rate_window": (BASE + "[update]\nmin_rate_window_s = 0\n", "update.min_rate_window_s", "greater than 0"),
+    "port_out_of_range": (BASE + 'listen = ["127.0.0.1:99999"]\ninsecure_tcp = true\n', "grpc.listen[0]",
+                          "out of range"),
+    "port_zero": (BASE + 'listen = ["127.0.0.1:0"]\ninsecure_tcp = true\n', "grpc.listen[0]", "out of range"),
+    "manager_port": (BASE + '[manager]\naddress = "127.0.0.1:70000"\n', "manager.address", "out of range"),
+    "unknown_group": (BASE + 'unix_socket_group = "no-such-group-baton"\n', "grpc.unix_socket_group",
+                      "no such group"),
+    "nul_in_env": (BASE + AGENT + 'env = { A = "x\\u0000y" }\n', "agents[0].env.A", "NUL"),
+    "nul_in_env_name": (BASE + AGENT + 'env = { "A\\u0000" = "x" }\n', "agents[0].env.A", "not a valid name"),
+    "equals_in_env_name": (BASE + AGENT + 'env = { "A=B" = "x" }\n', "agents[0].env.A=B", "not a valid name"),
+    "nul_in_args": (BASE + AGENT + 'args = ["ok", "x\\u0000"]\n', "agents[0].args[1]", "NUL"),
+    "nul_in_command": (BASE + '[[agents]]\nname = "web"\ncommand = "/bin/true\\u0000x"\n', "agents[0].command",
+                       "NUL"),
+    "nul_in_node_id": (BASE.replace('id = "n1"', 'id = "n\\u00001"'), "node.id", "NUL"),
+    "missing_trusted_key": (BASE + '[update]\ntrusted_keys = ["/nonexistent/release.pub"]\n',
+                            "update.trusted_keys[0]", "not found"),
+    "allowed_clients_without_tls": (BASE + 'allowed_clients = ["CN=manager-1"]\n', "grpc.allowed_clients",
+                                    "needs grpc.tls_cert"),
+    "tcp_without_tls": (BASE + 'listen = ["127.0.0.1:7443"]\n', "grpc.listen[0]", "without TLS"),
+    "negative_uid": (BASE + "allow_downgrade_uids = [-1]\n", "grpc.allow_downgrade_uids[0]", "not a uid"),
 }
 
 
@@ -69,7 +102,9 @@ def test_bad_config_names_the_key_and_the_problem(tmp_path, case):
         assert f"{tmp_path}{problem}" in str(e.value), "a path in an error is shown absolute"
 
 
-@pytest.mark.parametrize("case", ["unknown_key", "duplicate_agent", "relative_missing_file", "missing_file"])
+@pytest.mark.parametrize("case", ["unknown_key", "duplicate_agent", "relative_missing_file", "missing_file",
+                                  "nan_timeout", "port_out_of_range", "unknown_group", "nul_in_args",
+                                  "missing_trusted_key"])
 def test_run_with_bad_config_exits_2_and_starts_nothing(tmp_path, case):
     body, key, _ = BAD[case]
     body = body.replace("/tmp/baton-cfg-test", str(tmp_path))
@@ -105,7 +140,7 @@ def test_defaults_fill_what_the_file_leaves_out(tmp_path):
 
 
 def test_environment_overrides_node_id_and_listen_address(tmp_path):
-    cfg = load_config(write(tmp_path, BASE), environ={"BATON_NODE_ID": "from-env",
+    cfg = load_config(write(tmp_path, BASE + "insecure_tcp = true\n"), environ={"BATON_NODE_ID": "from-env",
                                                       "BATON_GRPC_LISTEN": "127.0.0.1:9001,[::1]:9002"})
     assert cfg.node.id == "from-env"
     assert cfg.grpc.listen == ("127.0.0.1:9001", "[::1]:9002")
@@ -172,3 +207,61 @@ def test_bad_user_group_umask_or_stderr_is_refused(tmp_path, line, key, problem)
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, BASE + AGENT + line + "\n"), environ={})
     assert str(e.value).startswith(key) and problem in str(e.value)
+
+
+def check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "-m", "supervisor", "check-config", str(path)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+
+
+@pytest.mark.parametrize("case", ["nan_window", "negative_limit", "zero_rate_window", "port_out_of_range",
+                                  "unknown_group", "nul_in_env", "missing_trusted_key", "tcp_without_tls"])
+def test_check_config_refuses_a_bad_value_in_one_line_naming_the_key_with_exit_2(tmp_path, case):
+    body, key, problem = BAD[case]
+    res = check_config(write(tmp_path, body))
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert key in lines[0] and problem in lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_trusted_key_that_is_not_a_minisign_public_key_is_refused(tmp_path):
+    garbled = tmp_path / "release.pub"
+    garbled.write_text("untrusted comment: minisign public key\nnot base64 at all\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE + f'[update]\ntrusted_keys = ["{garbled}"]\n'), environ={})
+    assert e.value.key == "update.trusted_keys[0]"
+    assert "not a minisign public key" in str(e.value)
+
+
+def test_trusted_key_that_is_a_directory_or_a_fifo_is_refused_without_reading_it(tmp_path):
+    fifo = tmp_path / "release.pub"
+    os.mkfifo(fifo)
+    for path in (tmp_path, fifo):
+        with pytest.raises(ConfigError) as e:
+            load_config(write(tmp_path, BASE + f'[update]\ntrusted_keys = ["{path}"]\n'), environ={})
+        assert "not a regular file" in str(e.value)
+
+
+def test_a_real_trusted_key_is_accepted(tmp_path, release):
+    cfg = load_config(write(tmp_path, BASE + f'[update]\ntrusted_keys = ["{release.public_key}"]\n'), environ={})
+    assert cfg.update.trusted_keys == (release.public_key,)
+
+
+@pytest.mark.parametrize("name", ["tls_cert", "tls_key", "tls_ca"])
+def test_tls_file_that_cannot_be_read_or_holds_no_pem_is_refused(tmp_path, name):
+    files = {n: tmp_path / f"{n}.pem" for n in ("tls_cert", "tls_key", "tls_ca")}
+    files["tls_cert"].write_text("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
+    files["tls_ca"].write_text("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
+    files["tls_key"].write_text("-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n")
+    files[name].write_text("garbage\n")
+    grpc = "".join(f'{n} = "{p}"\n' for n, p in files.items())
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE + grpc), environ={})
+    assert e.value.key == f"grpc.{name}" and "PEM" in str(e.value)
+    files[name].unlink()
+    files[name].mkdir()
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE + grpc), environ={})
+    assert e.value.key == f"grpc.{name}" and "not a regular file" in str(e.value)

@@ -16,7 +16,7 @@ import pytest
 from baton.identity import AllowListError, PeerIdentity
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc, manager_pb2, manager_pb2_grpc
 from manager.devca import DevPki, Issued, make_dev_pki
-from supervisor.authz import Policy
+from supervisor.authz import Channel, Policy
 from tests.conftest import Release, SupervisorProc, UpdateHost, wait_for
 from tests.manager_fixtures import (
     ManagerProc,
@@ -139,7 +139,7 @@ def test_allow_list_entries_match_by_kind_and_a_bare_name_matches_the_common_nam
         assert Policy([entry]).denial(push, peer), entry
     assert Policy([]).denial("/baton.v1.DaemonService/GetStatus", peer) is None, "read-only"
     assert Policy([]).denial("/baton.v1.DaemonService/SomethingNew", peer), "unknown methods are denied"
-    assert Policy([]).denial(push, PeerIdentity()) is None, "the local port: no TLS, no certificate"
+    assert Policy([]).denial(push, PeerIdentity(), Channel.LOCAL) is None, "the local port: no TLS, no certificate"
     for bad in ("IP:127.0.0.1", "O=Baton", "CN=", "DNS:", "spiffe://baton/manager/manager-1"):
         with pytest.raises(AllowListError):
             Policy([bad])
@@ -169,3 +169,26 @@ def test_operator_methods_over_tls_are_for_allowed_clients_only_tail_included(
         chunks = calls["TailLog"](daemon_pb2_grpc.DaemonServiceStub(ch))
     assert b"versioned_agent" in b"".join(c.data for c in chunks)
     assert host.sup.agent("app").pid == before.pid
+
+
+def test_downgrade_over_tls_needs_an_identity_in_allow_downgrade_clients(make_manager, make_supervisor, release,
+                                                                         pki):
+    manager = make_manager(tls={"cert": pki.manager.cert, "key": pki.manager.key, "ca": pki.ca.cert})
+    node = pki.nodes["node-1"]
+    operator = "URI:spiffe://baton/manager/manager-2"
+    host = start_node(make_supervisor, release, "node-1", node_config(manager, release), grpc={
+        "tls_cert": str(node.cert), "tls_key": str(node.key), "tls_ca": str(pki.ca.cert),
+        "allowed_clients": [ALLOWED], "allow_downgrade_clients": [operator]})
+    host.sup.wait_agent("app", "running")
+    address = host.sup.cfg["grpc"]["listen"][0]
+    old = release.build("0.9.0")
+    with channel(address, pki.ca.cert, pki.manager, "node-1") as ch:  # allowed to push, not an operator
+        for flags in ({"allow_downgrade": True}, {"force": True}):
+            with pytest.raises(grpc.RpcError) as e:
+                daemon_pb2_grpc.DaemonServiceStub(ch).PushUpdate(old.request(**flags), timeout=5)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "allow_downgrade_clients" in (e.value.details() or "")
+    assert journal_ids(host) == []
+    with channel(address, pki.ca.cert, pki.managers["manager-2"], "node-1") as ch:  # the operator
+        accepted = daemon_pb2_grpc.DaemonServiceStub(ch).PushUpdate(old.request(allow_downgrade=True), timeout=5)
+    assert journal_ids(host) == [accepted.update_id]
