@@ -200,12 +200,14 @@ class Config:
         return next((a for a in self.agents if a.name == name), None)
 
 
-def load_config(path: Path, environ: Mapping[str, str] | None = None, *, key_files: bool = True) -> Config:
+def load_config(path: Path, environ: Mapping[str, str] | None = None, *, host_checks: bool = True) -> Config:
     """Read, merge over defaults, apply environment overrides, validate.
 
-    ``key_files=False`` skips reading the trusted keys, the TLS files and resolving the socket group: for the
-    helper, which reads the keys itself when it verifies (a key removed since the supervisor started is then
-    a clean TrustedKeyError on that update rather than a helper that cannot start).
+    ``host_checks=False`` checks the values only and skips what depends on the host: reading the trusted keys
+    and TLS files, resolving the socket group and judging directory owners and modes. For the helper, which
+    reads the keys itself when it verifies and guards its own download file (so a key removed or a directory
+    changed since the supervisor started is a clean failure of that update rather than a helper that cannot
+    start), and for ``supervisor doctor``, which judges each of those itself and prints the fix.
     """
     path = Path(path).absolute()
     try:
@@ -217,12 +219,12 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None, *, key_fil
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("", f"{path} is not valid TOML: {e}") from None
     return config_from_dict(raw, environ=os.environ if environ is None else environ, source=path.resolve(),
-                            key_files=key_files)
+                            host_checks=host_checks)
 
 
 def config_from_dict(
     raw: Mapping[str, Any], environ: Mapping[str, str] | None = None, source: Path | None = None,
-    key_files: bool = True,
+    host_checks: bool = True,
 ) -> Config:
     raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
     for var, (section, key) in ENV_OVERRIDES.items():
@@ -252,7 +254,7 @@ def config_from_dict(
         cfg = _build_config(raw, agents_raw, source)
     finally:
         _BASE_DIR.reset(token)
-    _validate(cfg, key_files)
+    _validate(cfg, host_checks)
     return cfg
 
 
@@ -401,7 +403,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _validate_grpc(g: GrpcConfig, key_files: bool = True) -> None:
+def _validate_grpc(g: GrpcConfig, host_checks: bool = True) -> None:
     """TCP needs mutual TLS, or the explicit loopback-only ``insecure_tcp`` opt-in (read-only RPCs)."""
     from baton.identity import AllowListError, parse_allow_list
 
@@ -425,7 +427,7 @@ def _validate_grpc(g: GrpcConfig, key_files: bool = True) -> None:
         raise ConfigError("grpc.insecure_tcp", "must not be set with TLS (it is for listeners without TLS)")
     for name, marker in (("tls_cert", b"-----BEGIN CERTIFICATE-----"), ("tls_key", b"PRIVATE KEY-----"),
                          ("tls_ca", b"-----BEGIN CERTIFICATE-----")):
-        _require_file(getattr(g, name), f"grpc.{name}", marker, key_files)
+        _require_file(getattr(g, name), f"grpc.{name}", marker, host_checks)
     for name in ("allowed_clients", "allow_downgrade_clients"):
         entries = getattr(g, name)
         if entries and not g.tls:
@@ -438,7 +440,7 @@ def _validate_grpc(g: GrpcConfig, key_files: bool = True) -> None:
     for i, uid in enumerate(g.allow_downgrade_uids):
         if not 0 <= uid < 2**32 - 1:
             raise ConfigError(f"grpc.allow_downgrade_uids[{i}]", f"{uid} is not a uid")
-    if g.unix_socket_group and key_files:
+    if g.unix_socket_group and host_checks:
         try:
             grp.getgrnam(g.unix_socket_group)
         except KeyError:
@@ -461,7 +463,7 @@ def _validate_trusted_keys(keys: tuple[Path, ...]) -> None:
             raise ConfigError(key, f"not a minisign public key: {e}") from None
 
 
-def _validate(cfg: Config, key_files: bool = True) -> None:
+def _validate(cfg: Config, host_checks: bool = True) -> None:
     if not cfg.node.id:
         raise ConfigError("node.id", "is required (or set BATON_NODE_ID)")
     if not _NAME_RE.match(cfg.node.id):
@@ -470,10 +472,10 @@ def _validate(cfg: Config, key_files: bool = True) -> None:
         if not _NAME_RE.match(k) or not _LABEL_VALUE_RE.match(v):
             raise ConfigError(f"node.labels.{k}", f"{k}={v!r}: keys and values are letters, digits, . _ - "
                               "(up to 64)")
-    _validate_grpc(cfg.grpc, key_files)
+    _validate_grpc(cfg.grpc, host_checks)
     for name in ("tls_cert", "tls_key", "tls_ca"):
         marker = b"PRIVATE KEY-----" if name == "tls_key" else b"-----BEGIN CERTIFICATE-----"
-        _require_file(getattr(cfg.manager, name), f"manager.{name}", marker, key_files)
+        _require_file(getattr(cfg.manager, name), f"manager.{name}", marker, host_checks)
     m = cfg.manager
     if m.address.strip() and not m.addresses:
         raise ConfigError("manager.address", f"{m.address!r} names no HOST:PORT")
@@ -491,7 +493,7 @@ def _validate(cfg: Config, key_files: bool = True) -> None:
     for name in ("max_package_bytes", "max_files", "max_unpacked_bytes", "min_rate_window_s"):
         if getattr(u, name) <= 0:
             raise ConfigError(f"update.{name}", "must be greater than 0")
-    if key_files:
+    if host_checks:
         _validate_trusted_keys(u.trusted_keys)
     for name in ("verify_timeout_s", "download_timeout_s", "connect_timeout_s", "read_timeout_s",
                  "health_timeout_s", "handshake_timeout_s"):
@@ -545,7 +547,8 @@ def _validate(cfg: Config, key_files: bool = True) -> None:
             raise ConfigError(f"{key}.{bad}", "is out of range")
         if a.working_dir is not None and not a.working_dir.is_dir():
             raise ConfigError(f"{key}.working_dir", f"directory {a.working_dir} not found")
-    _validate_dirs(cfg)
+    if host_checks:
+        _validate_dirs(cfg)
 
 
 def _validate_identity(a: AgentConfig, key: str) -> None:

@@ -32,7 +32,7 @@ def _setup_logging(json: bool = False) -> None:
 
 def _load(path: str) -> Config:
     try:
-        return load_config(Path(path), key_files=False)
+        return load_config(Path(path), host_checks=False)
     except ConfigError as e:
         print(f"helper: config error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None

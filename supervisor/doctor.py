@@ -41,7 +41,7 @@ UNIT_PATHS = (Path("/etc/systemd/system") / UNIT_NAME, Path("/usr/lib/systemd/sy
 # Unit settings the handover depends on (docs/handover.md#under-systemd): a difference is a problem.
 UNIT_CRITICAL = ("Type", "NotifyAccess", "KillMode")
 # Settings each site sets for itself: never compared.
-UNIT_SITE_SPECIFIC = ("Description", "Documentation", "Environment", "ExecStart")
+UNIT_SITE_SPECIFIC = ("Description", "Documentation", "Environment", "ExecStart", "ExecReload")
 
 
 @dataclass(frozen=True)
@@ -427,7 +427,7 @@ def check_systemd_unit(ctx: Context) -> list[Finding]:
         return [Finding("systemd-unit", WARNING, f"{installed} is installed but this release has no shipped unit "
                                                  "to compare it with", "")]
     have, want = parse_unit(installed.read_text()), parse_unit(ship.read_text())
-    fix = (f"copy {ship} to {installed} (keep your ExecStart= and Environment= lines), then systemctl "
+    fix = (f"copy {ship} to {installed} (keep your ExecStart=, ExecReload= and Environment= lines), then systemctl "
            "daemon-reload && systemctl restart baton-supervisor")
     out = []
     for (section, key), value in want.items():
@@ -464,7 +464,7 @@ def run_checks(config: Path, *, now: float | None = None, cert_days: float = CER
                unit_paths: Iterable[Path] = UNIT_PATHS) -> list[Finding]:
     """Every finding, config first; with a config that does not load, that is the only one."""
     try:
-        cfg = load_config(config)
+        cfg = load_config(config, host_checks=False)  # each host check below is one finding with its fix
     except ConfigError as e:
         return [Finding("config", PROBLEM, str(e), f"correct it, then: supervisor check-config {config}")]
     out = [Finding("config", OK, f"{config} validates (node {cfg.node.id}, {len(cfg.agents)} agents)")]

@@ -81,13 +81,18 @@ def test_unfinished_update_is_never_pruned(make_supervisor, release, pkgserver):
     host.sup.terminate()
     host.sup.start()
     assert running in _records(host) and done not in _records(host)
-    host.wait_final(running, timeout=60)
+    # keep_updates = 0 and no Manager: once final and settled it may be pruned at once, so either is the end
+    def ended() -> bool:
+        recs = {r.update_id: r for r in Journal(host.sup.state_dir).all()}
+        return running not in recs or recs[running].final
+
+    wait_for(ended, 60, what="the unfinished update to finish")
 
 
 @pytest.mark.parametrize(("key", "value", "problem"), [
     ("keep_updates", -1, "update.keep_updates: must be 0 or more"),
     ("keep_updates_days", 0, "update.keep_updates_days: must be finite and greater than 0"),
-    ("keep_updates_days", float("inf"), "update.keep_updates_days: must be finite and greater than 0"),
+    ("keep_updates_days", float("inf"), "update.keep_updates_days: must be a finite number"),
 ])
 def test_bad_retention_is_refused_by_check_config(tmp_path, key, value, problem):
     from tests.conftest import dump_toml
