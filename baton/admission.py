@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from baton.config import SUPERVISOR_COMPONENT, Config
 from baton.errors import BatonError
+from baton.holds import Hold, Holds
 from baton.layout import ComponentLayout
 from baton.marks import Marks
 from baton.versions import compare_versions, validate_version
@@ -43,6 +44,12 @@ class KnownBadVersion(UpdateRefused):
         super().__init__(f"{component} {version} failed before and is not retried automatically; set force to retry")
 
 
+class Held(UpdateRefused):
+    def __init__(self, hold: Hold) -> None:
+        super().__init__(f"{hold.describe()}; pushes are refused until `helper unhold {hold.component}`")
+        self.hold = hold
+
+
 def updatable_components(cfg: Config) -> list[str]:
     return [a.name for a in cfg.agents if a.packaged] + [SUPERVISOR_COMPONENT]
 
@@ -53,6 +60,9 @@ def check_request(cfg: Config, *, component: str, version: str, download_url: st
     known = updatable_components(cfg)
     if component not in known:
         raise UnknownComponent(component, known)
+    hold = Holds(cfg.node.state_dir).get(component)
+    if hold is not None:
+        raise Held(hold)
     if node_id and node_id != cfg.node.id:
         raise InvalidRequest(f"request is for node {node_id!r}, this is {cfg.node.id!r}")
     try:

@@ -1,4 +1,4 @@
-"""Command line: ``supervisor run|check-config|status|demo`` and ``--version``."""
+"""Command line: ``supervisor run|check-config|status|demo|update|updates|cancel`` and ``--version``."""
 
 from __future__ import annotations
 
@@ -86,6 +86,9 @@ def cmd_status(ns: argparse.Namespace) -> int:
     print(f"node {st.node_id}  supervisor {st.supervisor_version}  pid {st.pid}  up {st.uptime_seconds:.0f}s  "
           f"manager {'connected' if st.manager_connected else 'not connected'}")
     print(_fmt_agents(list(st.agents)))
+    from supervisor.cli_update import holds_lines
+
+    print("\n".join(holds_lines(list(st.holds))), end="\n" if st.holds else "")
     return 0
 
 
@@ -130,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seconds", type=float, default=5.0, help="how long to keep running at the end")
     d.add_argument("--keep", action="store_true", help="keep the temporary directory")
     d.set_defaults(fn=cmd_demo)
+    from supervisor.cli_update import add_parsers as add_update_parsers
+
+    add_update_parsers(sub)  # update, updates, cancel
     return p
 
 

@@ -115,7 +115,7 @@ class Supervisor:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
         daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
             DaemonService(self.cfg.node.id, self.version, self.started_at, self.pm_required, self.updates,
-                          manager_connected=self),
+                          manager_connected=self, state_dir=self.cfg.node.state_dir),
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

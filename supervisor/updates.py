@@ -216,6 +216,13 @@ class UpdateManager:
         assert rec is not None
         return update_status(rec, await self._progress(update_id))
 
+    async def recent(self, limit: int, component: str) -> daemon_pb2.ListUpdatesResponse:
+        """Newest first, with each one's progress; reads the journal off the event loop."""
+        records = await asyncio.to_thread(self.journal.all)
+        chosen = [r for r in reversed(records) if not component or r.component == component][:limit]
+        return daemon_pb2.ListUpdatesResponse(
+            updates=[update_status(r, await self._progress(r.update_id)) for r in chosen])
+
     async def watch(self, update_id: str, context: grpc.aio.ServicerContext
                     ) -> AsyncIterator[daemon_pb2.UpdateStatus]:
         last: tuple[object, ...] | None = None
