@@ -16,6 +16,9 @@ from baton.layout import ComponentLayout
 from baton.marks import Marks
 from baton.versions import compare_versions, validate_version
 
+# gRPC trailing metadata on a refused PushUpdate saying why, for callers that record it (the Manager): "held"
+REFUSAL_METADATA_KEY = "baton-refusal"
+
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 

@@ -28,7 +28,7 @@ import grpc
 import psutil
 from loguru import logger
 
-from baton.admission import UnknownComponent, UpdateRefused, check_request
+from baton.admission import REFUSAL_METADATA_KEY, Held, UnknownComponent, UpdateRefused, check_request
 from baton.config import SUPERVISOR_COMPONENT, Config
 from baton.journal import Journal, JournalError, UpdateRecord, UpdateRequestRecord, valid_update_id
 from baton.layout import ComponentLayout
@@ -161,6 +161,9 @@ class UpdateManager:
                                     "so it cannot replace itself; install it with `supervisor install-self`")
         except UnknownComponent as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except Held as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e),
+                                trailing_metadata=((REFUSAL_METADATA_KEY, "held"),))
         except UpdateRefused as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         update_id = req.update_id or uuid.uuid4().hex[:16]

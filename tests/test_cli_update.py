@@ -245,3 +245,56 @@ def test_admission_refuses_a_held_component_with_its_own_error_class(update_host
         check_request(cfg, component="app", version="1.1.0", download_url=pkg.url, sha256=pkg.sha256,
                       size=pkg.size, signature=pkg.signature, node_id="", allow_downgrade=False, force=False)
     assert e.value.hold.reason == "late"
+
+
+def test_manager_records_a_push_refused_by_a_hold_as_held(update_host, tmp_path):
+    from baton.states import UpdateState
+    from manager.errors import PushRefused
+    from manager.publish import PackageRef
+    from manager.push import Pusher, Target
+    from manager.store import SqliteStore
+
+    helper(update_host, "hold", "app", "--reason", "audit week")
+    pkg = update_host.release.build("1.1.0")
+    store = SqliteStore(tmp_path / "manager.db")
+    ref = PackageRef("app", "1.1.0", pkg.url, pkg.sha256, pkg.size, pkg.signature)
+    with Pusher(store, Target("node-1", f"unix:{update_host.sup.socket}"), None) as pusher, \
+            pytest.raises(PushRefused) as e:
+        pusher.push(ref, update_id="feedfacefeedface")
+    assert e.value.code == "FAILED_PRECONDITION"
+    row = store.update("feedfacefeedface")
+    assert row is not None and row.state == UpdateState.FAILED
+    assert row.error.startswith("held on node-1: app is held since"), row.error
+    assert "audit week" in row.error
+
+
+def test_update_on_a_terminal_redraws_one_progress_line(update_host, pkgserver):
+    import os
+    import pty
+
+    pkg = update_host.release.build("1.1.0")
+    sig = write_signature(pkg)
+    (pkgserver.root / pkg.path.name).write_bytes(pkg.path.read_bytes())
+    pkgserver.on(pkg.path.name).rate_limit(max(pkg.size // 3, 256))
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([PY, "-m", "supervisor", "update", "app", "--url", pkgserver.url(pkg.path.name),
+                             "--signature", str(sig), "--socket", str(update_host.sup.socket)],
+                            stdout=slave, stderr=subprocess.PIPE, cwd=ROOT)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the command exited and closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(120) == 0, proc.stderr.read() if proc.stderr else ""
+    text = out.decode(errors="replace")
+    import re
+
+    assert re.search("\r(?!\n)", text), text  # a carriage return that redraws (the pty adds \r before \n)
+    assert "downloading" in text and "/s" in text and "ETA" in text, text
+    assert "committed app 1.1.0" in text
