@@ -102,6 +102,39 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The optional Prometheus endpoint (off unless ``listen`` is set; loopback unless ``allow_remote``)."""
+
+    listen: str = ""  # HOST:PORT, e.g. "127.0.0.1:9464"
+    allow_remote: bool = False
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return parse_metrics_listen(self.listen, self.allow_remote, "metrics.listen") if self.listen else None
+
+
+def parse_metrics_listen(listen: str, allow_remote: bool, key: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as (host, port); a non-loopback host only with ``allow_remote``.
+
+    The metrics endpoint has no authentication, so by default only this host may read it.
+    """
+    import ipaddress
+
+    host, sep, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(key, f"{listen!r} is not HOST:PORT (e.g. 127.0.0.1:9464)")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        raise ConfigError(key, f"{host!r} is not an IP address (use 127.0.0.1 or ::1)") from None
+    if not loopback and not allow_remote:
+        raise ConfigError(key, f"{host} is not a loopback address; the endpoint has no authentication, so set "
+                               "metrics.allow_remote = true to expose it beyond this host")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     name: str
     command: str
@@ -134,6 +167,7 @@ class Config:
     update: UpdateConfig = field(default_factory=UpdateConfig)
     log: LogConfig = field(default_factory=LogConfig)
     agents: tuple[AgentConfig, ...] = ()
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: Path | None = None
 
     @property
@@ -179,7 +213,7 @@ def config_from_dict(
             if not isinstance(sect, dict):
                 raise ConfigError(section, "must be a table")
             sect[key] = value
-    known = {"node", "grpc", "manager", "update", "log", "agents"}
+    known = {"node", "grpc", "manager", "update", "log", "agents", "metrics"}
     for k in raw:
         if k not in known:
             raise ConfigError(k, f"unknown section (known: {', '.join(sorted(known))})")
@@ -194,6 +228,7 @@ def config_from_dict(
         log=_build(LogConfig, raw.get("log", {}), "log"),
         agents=tuple(_build(AgentConfig, a, f"agents[{i}]") for i, a in enumerate(agents_raw)),
         source=source,
+        metrics=_build(MetricsConfig, raw.get("metrics", {}), "metrics"),
     )
     _validate(cfg)
     return cfg
@@ -307,6 +342,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"update.{name}", "must be greater than 0")
     if u.health_window_s < 0:
         raise ConfigError("update.health_window_s", "must be 0 or more")
+    _ = cfg.metrics.address  # raises the ConfigError naming metrics.listen
     if cfg.log.level.upper() not in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError("log.level", f"unknown level {cfg.log.level!r}")
     seen: dict[str, int] = {}

@@ -141,6 +141,20 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     for key, value in zip(("tls_cert", "tls_key", "tls_ca"), tls, strict=True):
         store.set_setting(key, str(Path(value).resolve()) if value else "")
     store.set_setting("manager_address", ns.listen)
+    metrics = None
+    if ns.metrics:
+        from baton.config import ConfigError, parse_metrics_listen
+
+        try:
+            host, metrics_port = parse_metrics_listen(ns.metrics, ns.metrics_allow_remote, "--metrics")
+        except ConfigError as e:
+            raise UsageError(str(e)) from None
+        from manager.metrics import start_metrics  # prometheus_client: loaded only when asked for
+
+        try:
+            metrics = start_metrics(store, host, metrics_port, ns.heartbeat_interval)
+        except OSError as e:
+            raise UsageError(f"cannot serve metrics on {ns.metrics}: {e.strerror or e}") from None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -151,6 +165,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     stop.wait()
     logger.info("baton-manager stopping")
     server.stop(grace=2.0).wait()
+    if metrics is not None:
+        metrics.stop()
     if packages is not None:
         packages.stop()
     store.close()
@@ -342,6 +358,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--http-url", help="the package server's URL as nodes reach it (default http://HOST:PORT)")
     s.add_argument("--heartbeat-interval", type=float, default=0.0,
                    help="seconds between supervisor heartbeats (0: the supervisors' own setting)")
+    s.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics here (loopback only unless --metrics-allow-remote)")
+    s.add_argument("--metrics-allow-remote", action="store_true", help="allow a non-loopback --metrics address")
     _tls(s, "the Manager's server")
     s.set_defaults(func=cmd_serve)
 

@@ -91,6 +91,7 @@ class Supervisor:
         self.endpoint: handover.HandoverEndpoint | None = None
         self._handed_over: list[socket.socket] = []  # kept open until the exec
         self._watchdog: asyncio.Task[None] | None = None
+        self.metrics: Any = None  # baton.metrics.MetricsServer, only with [metrics] listen (imported lazily)
 
     @property
     def backend_path(self) -> Path:
@@ -207,6 +208,11 @@ class Supervisor:
         await self.updates.start()
         self.endpoint = handover.HandoverEndpoint(self)
         self.endpoint.start()
+        address = self.cfg.metrics.address
+        if address is not None:
+            from supervisor.metrics import start_metrics  # prometheus_client: loaded only when configured
+
+            self.metrics = start_metrics(self, *address)
         await self._set_serving(True)
         logger.info("supervisor {} (node {}, pid {}) serving on {}; {} agents", self.version, self.cfg.node.id,
                     os.getpid(), ", ".join(self.front.addresses()), len(self.pm.agents))
@@ -348,6 +354,8 @@ class Supervisor:
             await self.updates.stop()
 
     async def _shutdown(self) -> None:
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
         await self._stop_control_plane()
         if self.endpoint is not None:
             self.endpoint.close()
