@@ -298,3 +298,31 @@ def test_update_on_a_terminal_redraws_one_progress_line(update_host, pkgserver):
     assert re.search("\r(?!\n)", text), text  # a carriage return that redraws (the pty adds \r before \n)
     assert "downloading" in text and "/s" in text and "ETA" in text, text
     assert "committed app 1.1.0" in text
+
+
+def test_updates_watch_prints_a_new_table_when_an_update_appears(update_host):
+    proc = subprocess.Popen([PY, "-m", "supervisor", "updates", "--watch", "--interval", "0.2", "--socket",
+                             str(update_host.sup.socket)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    update_host.sup.reaper.track(proc.pid)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "no update recorded"
+        st = update_host.wait_final(update_host.push(update_host.release.build("1.1.0")))
+        seen = ""
+        while st.update_id not in seen or " committed" not in seen:
+            line = proc.stdout.readline()
+            assert line, f"the watch ended: {seen}"
+            seen += line
+        assert "app" in seen
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.mark.parametrize("argv", [("supervisor", "update"), ("supervisor", "updates"), ("supervisor", "cancel"),
+                                  ("helper", "hold"), ("helper", "unhold")])
+def test_every_new_command_has_help_with_an_example(argv):
+    r = cli(*argv, "--help")
+    assert r.returncode == 0, r.stderr
+    assert "example" in r.stdout
