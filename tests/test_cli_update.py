@@ -326,3 +326,33 @@ def test_every_new_command_has_help_with_an_example(argv):
     r = cli(*argv, "--help")
     assert r.returncode == 0, r.stderr
     assert "example" in r.stdout
+
+
+def test_loopback_package_server_answers_only_its_one_path_with_ranges_and_stops(tmp_path):
+    import http.client
+    from urllib.parse import urlsplit
+
+    from supervisor.cli_update import serve_file
+
+    pkg = tmp_path / "app-1.1.0.tar.gz"
+    pkg.write_bytes(bytes(range(256)) * 40)
+    with serve_file(pkg) as url:
+        u = urlsplit(url)
+        assert u.hostname == "127.0.0.1"
+
+        def get(path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, str]:
+            conn = http.client.HTTPConnection("127.0.0.1", u.port, timeout=10)
+            conn.request("GET", path, headers=headers or {})
+            r = conn.getresponse()
+            body = r.read()
+            conn.close()
+            return r.status, body, r.getheader("Content-Range", "")
+
+        assert get(u.path)[:2] == (200, pkg.read_bytes())
+        assert get(u.path, {"Range": "bytes=1000-"}) == (206, pkg.read_bytes()[1000:], "bytes 1000-10239/10240")
+        assert get("/" + pkg.name)[0] == 404
+        assert get(u.path.rsplit("/", 1)[0] + "/../../etc/passwd")[0] == 404
+    conn = http.client.HTTPConnection("127.0.0.1", u.port, timeout=5)
+    with pytest.raises(OSError):
+        conn.request("GET", u.path)
+        conn.getresponse()
