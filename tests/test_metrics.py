@@ -133,3 +133,26 @@ def test_manager_refuses_a_non_loopback_metrics_address(tmp_path):
                        env={**os.environ, "BATON_MANAGER_DB": str(tmp_path / "m.db")})
     assert r.returncode != 0
     assert "--metrics: 0.0.0.0 is not a loopback address" in r.stderr
+
+
+def test_supervisor_metrics_survive_a_self_update_and_count_its_handover(make_self_host):
+    host = make_self_host(tcp=False)
+    port = free_port()
+    host.sup.terminate()
+    host.sup.cfg["metrics"] = {"listen": f"127.0.0.1:{port}"}
+    host.sup.start(launcher=host.launcher)
+    wait_for(lambda: port_open(port), 10, what="the metrics endpoint")
+    assert value(scrape(port), "baton_handover_seconds_count") == 0
+
+    st = host.wait_final(host.push(host.supervisor_package("1.1.0")), timeout=90)
+    assert st.success, st.error
+    assert host.sup.status().supervisor_version == "1.1.0"
+
+    def handover_counted() -> bool:
+        return port_open(port) and value(scrape(port), "baton_handover_seconds_count") == 1
+
+    wait_for(handover_counted, 20, what="the new supervisor's metrics to count the handover")
+    after = scrape(port)
+    assert value(after, "baton_supervisor_info", node="node-1", version="1.1.0") == 1
+    assert value(after, "baton_handover_seconds_sum") > 0
+    assert value(after, "baton_updates_finished_total", component="supervisor", result="committed") == 1
