@@ -12,10 +12,14 @@ from urllib.parse import unquote, urlsplit
 
 from baton.config import SUPERVISOR_COMPONENT, Config
 from baton.errors import BatonError, clip
+from baton.holds import Hold, Holds
 from baton.layout import ComponentLayout
 from baton.marks import Marks
 from baton.signing import MAX_SIGNATURE_FILE_BYTES, parse_signature
 from baton.versions import compare_versions, validate_version
+
+# gRPC trailing metadata on a refused PushUpdate saying why, for callers that record it (the Manager): "held"
+REFUSAL_METADATA_KEY = "baton-refusal"
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 MAX_URL_CHARS = 8192
@@ -80,6 +84,12 @@ def _check_file_url(cfg: Config, download_url: str) -> None:
                              f"update.file_url_root {str(root)!r}")
 
 
+class Held(UpdateRefused):
+    def __init__(self, hold: Hold) -> None:
+        super().__init__(f"{hold.describe()}; pushes are refused until `helper unhold {hold.component}`")
+        self.hold = hold
+
+
 def updatable_components(cfg: Config) -> list[str]:
     return [a.name for a in cfg.agents if a.packaged] + [SUPERVISOR_COMPONENT]
 
@@ -94,6 +104,9 @@ def check_request(cfg: Config, *, component: str, version: str, download_url: st
     known = updatable_components(cfg)
     if component not in known:
         raise UnknownComponent(component, known)
+    hold = Holds(cfg.node.state_dir).get(component)
+    if hold is not None:
+        raise Held(hold)
     if node_id and node_id != cfg.node.id:
         raise InvalidRequest(f"request is for node {clip(node_id)!r}, this is {cfg.node.id!r}")
     try:

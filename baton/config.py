@@ -142,6 +142,39 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The optional Prometheus endpoint (off unless ``listen`` is set; loopback unless ``allow_remote``)."""
+
+    listen: str = ""  # HOST:PORT, e.g. "127.0.0.1:9464"
+    allow_remote: bool = False
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return parse_metrics_listen(self.listen, self.allow_remote, "metrics.listen") if self.listen else None
+
+
+def parse_metrics_listen(listen: str, allow_remote: bool, key: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as (host, port); a non-loopback host only with ``allow_remote``.
+
+    The metrics endpoint has no authentication, so by default only this host may read it.
+    """
+    import ipaddress
+
+    host, sep, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(key, f"{listen!r} is not HOST:PORT (e.g. 127.0.0.1:9464)")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        raise ConfigError(key, f"{host!r} is not an IP address (use 127.0.0.1 or ::1)") from None
+    if not loopback and not allow_remote:
+        raise ConfigError(key, f"{host} is not a loopback address; the endpoint has no authentication, so set "
+                               "metrics.allow_remote = true to expose it beyond this host")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     name: str
     command: str
@@ -182,6 +215,7 @@ class Config:
     update: UpdateConfig = field(default_factory=UpdateConfig)
     log: LogConfig = field(default_factory=LogConfig)
     agents: tuple[AgentConfig, ...] = ()
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: Path | None = None
 
     @property
@@ -242,7 +276,7 @@ def config_from_dict(
             if not isinstance(a, str) or not a or "," in a:
                 raise ConfigError(f"manager.address[{i}]", f"must be one HOST:PORT string, got {a!r}")
         manager_raw["address"] = ",".join(manager_raw["address"])
-    known = {"node", "grpc", "manager", "update", "log", "agents"}
+    known = {"node", "grpc", "manager", "update", "log", "agents", "metrics"}
     for k in raw:
         if k not in known:
             raise ConfigError(k, _unknown(k, known, "section"))
@@ -273,6 +307,7 @@ def _build_config(raw: Mapping[str, Any], agents_raw: list[Any], source: Path | 
         log=_build(LogConfig, raw.get("log", {}), "log"),
         agents=agents,
         source=source,
+        metrics=_build(MetricsConfig, raw.get("metrics", {}), "metrics"),
     )
 
 
@@ -507,6 +542,7 @@ def _validate(cfg: Config, host_checks: bool = True) -> None:
         raise ConfigError("update.keep_updates", "must be 0 or more")
     if not (math.isfinite(u.keep_updates_days) and u.keep_updates_days > 0):
         raise ConfigError("update.keep_updates_days", "must be finite and greater than 0")
+    _ = cfg.metrics.address  # raises the ConfigError naming metrics.listen
     if cfg.log.level.upper() not in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError("log.level", f"unknown level {cfg.log.level!r}")
     seen: dict[str, int] = {}

@@ -61,6 +61,7 @@ class AgentState(enum.Enum):
     STOPPING = "stopping"
     EXITED = "exited"
     FATAL = "fatal"
+    NOT_INSTALLED = "not_installed"  # a packaged agent with no version yet: waits for its first update
 
     @property
     def has_process(self) -> bool:
@@ -68,17 +69,21 @@ class AgentState(enum.Enum):
 
 
 AGENT_TRANSITIONS: dict[AgentState, frozenset[AgentState]] = {
-    AgentState.STOPPED: frozenset({AgentState.STARTING, AgentState.BACKOFF, AgentState.FATAL}),
+    AgentState.STOPPED: frozenset({AgentState.STARTING, AgentState.BACKOFF, AgentState.FATAL,
+                                   AgentState.NOT_INSTALLED}),
     AgentState.STARTING: frozenset(
         {AgentState.RUNNING, AgentState.BACKOFF, AgentState.STOPPING, AgentState.EXITED, AgentState.FATAL}
     ),
     AgentState.RUNNING: frozenset(
         {AgentState.BACKOFF, AgentState.STOPPING, AgentState.EXITED, AgentState.FATAL}
     ),
-    AgentState.BACKOFF: frozenset({AgentState.STARTING, AgentState.STOPPED, AgentState.FATAL}),
+    AgentState.BACKOFF: frozenset({AgentState.STARTING, AgentState.STOPPED, AgentState.FATAL,
+                                   AgentState.NOT_INSTALLED}),
     AgentState.STOPPING: frozenset({AgentState.STOPPED}),
     AgentState.EXITED: frozenset({AgentState.STARTING, AgentState.STOPPED}),
     AgentState.FATAL: frozenset({AgentState.STARTING, AgentState.STOPPED}),
+    # no restart counted, no start_retries burnt: a start (an update's restart) once a version is installed
+    AgentState.NOT_INSTALLED: frozenset({AgentState.STARTING, AgentState.STOPPED}),
 }
 
 # The states a later supervisor process keeps for an agent without a process (from the agent table) instead

@@ -3,7 +3,8 @@
 ``helper apply --update-id ID``      carry out (or resume) one update from its journal
 ``helper verify PACKAGE ...``        check a package offline exactly as an update would
 ``helper --rollback [COMPONENT]``    switch back to the previous version by hand
-``helper --status``                  components, current and backup versions, unfinished updates
+``helper --status``                  components, current and backup versions, holds, unfinished updates
+``helper hold|unhold COMPONENT``     refuse pushes for a component, or accept them again (helper/holds.py)
 """
 
 from __future__ import annotations
@@ -89,9 +90,12 @@ def cmd_verify(ns: argparse.Namespace) -> int:
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
+    from helper.holds import status_lines
     from helper.recovery import status_report
 
-    print(status_report(_load(ns.config)))
+    cfg = _load(ns.config)
+    print(status_report(cfg))
+    print("\n".join(status_lines(cfg)))
     return 0
 
 
@@ -150,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--node", help="this node's id, checked against the manifest's nodes=")
     v.add_argument("--config", "-c", dest="config", default=None)
     v.set_defaults(fn=cmd_verify)
+    from helper.holds import add_parsers
+
+    add_parsers(sub)
     return p
 
 
@@ -163,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.cmd is None:
         p.print_usage(sys.stderr)
         return EXIT_USAGE
+    if hasattr(ns, "fn_cfg"):
+        return int(ns.fn_cfg(_load(ns.config), ns))
     return int(ns.fn(ns))
 
 

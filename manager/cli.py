@@ -164,6 +164,20 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         raise UsageError("--rollout-lease must be greater than 0")
     push_tls = ClientTls(ca=Path(ns.tls_ca), cert=Path(ns.tls_cert), key=Path(ns.tls_key)) if all(tls) else None
     runner = RolloutRunner(store, push_tls, lease_s=ns.rollout_lease)
+    metrics = None
+    if ns.metrics:
+        from baton.config import ConfigError, parse_metrics_listen
+
+        try:
+            host, metrics_port = parse_metrics_listen(ns.metrics, ns.metrics_allow_remote, "--metrics")
+        except ConfigError as e:
+            raise UsageError(str(e)) from None
+        from manager.metrics import start_metrics  # prometheus_client: loaded only when asked for
+
+        try:
+            metrics = start_metrics(store, host, metrics_port, ns.heartbeat_interval)
+        except OSError as e:
+            raise UsageError(f"cannot serve metrics on {ns.metrics}: {e.strerror or e}") from None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -176,6 +190,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     logger.info("baton-manager stopping")
     runner.stop()
     server.stop(grace=2.0).wait()
+    if metrics is not None:
+        metrics.stop()
     if packages is not None:
         packages.stop()
     store.close()
@@ -430,6 +446,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--rollout-lease", type=float, default=DEFAULT_LEASE_S,
                    help="seconds a replica holds a rollout without renewing before another takes it over "
                         f"(default {DEFAULT_LEASE_S:.0f})")
+    s.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics here (loopback only unless --metrics-allow-remote)")
+    s.add_argument("--metrics-allow-remote", action="store_true", help="allow a non-loopback --metrics address")
     _tls(s, "the Manager's server")
     s.set_defaults(func=cmd_serve)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import grpc
 
+from baton.admission import REFUSAL_METADATA_KEY
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
 from baton.states import UpdateState
 from manager.errors import NodeOffline, PushRefused
@@ -170,6 +171,9 @@ class Pusher:
                 if self.options.offline_ok and code in _UNREACHABLE:
                     raise NodeOffline(self.target.node_id, code.name, details) from None
                 error = f"refused by {self.target.node_id}: {code.name}: {details}"
+                trailing = [(m.key, m.value) for m in (e.trailing_metadata() or ())]
+                if (REFUSAL_METADATA_KEY, "held") in trailing:
+                    error = f"held on {self.target.node_id}: {details}"
                 self.store.finish_update(UpdateRow(update_id=update_id, node=self.target.node_id,
                                                    component=pkg.component, to_version=pkg.version,
                                                    state=UpdateState.FAILED, error=error, finished_at=time.time()))

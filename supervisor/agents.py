@@ -380,8 +380,17 @@ class Agent:
             cmd = vdir / cmd
         return cmd, self.cfg.working_dir or vdir, version_of_dir(vdir.name)
 
+    def waiting_for_install(self) -> bool:
+        """A packaged agent with no version installed: nothing to start until an update installs one."""
+        return self.cfg.packaged and self.layout.current_dir() is None
+
     def _spawn(self) -> None:
         self._cancel_timers()
+        if self.waiting_for_install():
+            self.last_error = (f"no version installed yet; install its first with "
+                               f"`supervisor update {self.name} --package FILE`")
+            self._set_state(AgentState.NOT_INSTALLED)
+            return
         try:
             cmd, cwd, version = self._resolve()
             env = dict(os.environ)
@@ -749,7 +758,7 @@ class ProcessManager:
                     agent.consecutive_failures = prev.consecutive_failures
                     continue
             if agent.cfg.autostart:
-                if prev is not None:
+                if prev is not None and not agent.waiting_for_install():
                     agent.restarts += 1
                 agent._spawn()
         self.persist()

@@ -43,6 +43,7 @@ READ_ONLY_METHODS = frozenset({
     "/baton.v1.DaemonService/ListAgents",
     "/baton.v1.DaemonService/GetUpdate",
     "/baton.v1.DaemonService/WatchUpdate",
+    "/baton.v1.DaemonService/ListUpdates",
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
 })

@@ -1,4 +1,4 @@
-"""Command line: ``supervisor run|check-config|status|demo`` and ``--version``."""
+"""Command line: ``supervisor run|check-config|status|demo|update|updates|cancel`` and ``--version``."""
 
 from __future__ import annotations
 
@@ -130,6 +130,9 @@ def cmd_status(ns: argparse.Namespace) -> int:
             print(f"\n{a.name} is fatal (`supervisor start {a.name}` retries); its log {a.log_path} ends:")
             for line in fatal[a.name] or ["(empty)"]:
                 print(f"  {line}")
+    from supervisor.cli_update import holds_lines
+
+    print("\n".join(holds_lines(list(st.holds))), end="\n" if st.holds else "")
     return 0
 
 
@@ -285,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit.add_parser(sub)
     doctor.add_parser(sub)
+
+    from supervisor.cli_update import add_parsers as add_update_parsers
+
+    add_update_parsers(sub)  # update, updates, cancel
     return p
 
 

@@ -117,6 +117,7 @@ class Supervisor:
         self.audit = AuditTrail(AuditLog(cfg.node.state_dir), Callers())
         self._reloads: set[asyncio.Task[None]] = set()
         self._agents_ready = asyncio.Event()  # a reload (SIGHUP, RPC) that comes while starting waits for it
+        self.metrics: Any = None  # baton.metrics.MetricsServer, only with [metrics] listen (imported lazily)
 
     @property
     def backend_path(self) -> Path:
@@ -148,7 +149,7 @@ class Supervisor:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
         daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
             DaemonService(self.cfg.node.id, self.version, self.started_at, self.pm_required, self.updates,
-                          manager_connected=self, reload=self.reload),
+                          manager_connected=self, reload=self.reload, state_dir=self.cfg.node.state_dir),
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -284,6 +285,11 @@ class Supervisor:
         self._agents_ready.set()
         self.endpoint = handover.HandoverEndpoint(self)
         self.endpoint.start()
+        address = self.cfg.metrics.address
+        if address is not None:
+            from supervisor.metrics import start_metrics  # prometheus_client: loaded only when configured
+
+            self.metrics = start_metrics(self, *address)
         await self._set_serving(True)
         logger.info("supervisor {} (node {}, pid {}) serving on {}; {} agents", self.version, self.cfg.node.id,
                     os.getpid(), ", ".join(self.front.addresses()), len(self.pm.agents))
@@ -429,6 +435,8 @@ class Supervisor:
             await self.updates.stop()
 
     async def _shutdown(self) -> None:
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
         await self._stop_control_plane()
         if self.endpoint is not None:
             self.endpoint.close()

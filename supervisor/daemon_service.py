@@ -6,11 +6,13 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
 
 from baton.config import ConfigError
+from baton.holds import Holds
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
 from baton.states import AgentState
 from supervisor.agents import AgentError, AgentSnapshot, ProcessManager, UnknownAgent, parse_signal
@@ -29,6 +31,10 @@ class UpdateManager(Protocol):
     def watch(self, update_id: str, context: grpc.aio.ServicerContext) -> AsyncIterator[daemon_pb2.UpdateStatus]: ...
 
     async def cancel(self, update_id: str, context: grpc.aio.ServicerContext) -> daemon_pb2.UpdateStatus: ...
+    async def recent(self, limit: int, component: str) -> daemon_pb2.ListUpdatesResponse: ...
+
+DEFAULT_LIST_LIMIT = 50
+MAX_LIST_LIMIT = 1000
 
 _AGENT_STATE_PB = {s: getattr(common_pb2, f"AGENT_STATE_{s.name}") for s in AgentState}
 
@@ -54,7 +60,8 @@ def agent_info(s: AgentSnapshot) -> common_pb2.AgentInfo:
 class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
     def __init__(self, node_id: str, version: str, started_at: float, pm: ProcessManager,
                  updates: UpdateManager | None, manager_connected: object = None,
-                 reload: Callable[[], Awaitable[Any]] | None = None) -> None:
+                 reload: Callable[[], Awaitable[Any]] | None = None,
+                 state_dir: Path | None = None) -> None:
         self.node_id = node_id
         self.version = version
         self.started_at = started_at
@@ -62,6 +69,7 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
         self.updates = updates
         self._manager_connected = manager_connected
         self._reload = reload
+        self._holds = Holds(state_dir) if state_dir is not None else None
 
     async def GetStatus(self, request: daemon_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> daemon_pb2.Status:
@@ -75,6 +83,8 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
             started_at=self.started_at,
             manager_connected=connected,
             manager_configured=bool(getattr(self._manager_connected, "manager_configured", False)),
+            holds=[daemon_pb2.ComponentHold(component=h.component, reason=h.reason, since=h.since)
+                   for h in (self._holds.all() if self._holds is not None else [])],
         )
 
     async def ListAgents(self, request: daemon_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
@@ -195,3 +205,11 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
         r = done.agents
         return daemon_pb2.ReloadResponse(started=r.started, stopped=r.stopped, restarted=r.restarted,
                                          unchanged=r.unchanged, not_applied=done.not_applied)
+
+    async def ListUpdates(self, request: daemon_pb2.ListUpdatesRequest, context: grpc.aio.ServicerContext
+                          ) -> daemon_pb2.ListUpdatesResponse:
+        if self.updates is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "updates are not enabled on this supervisor")
+        assert self.updates is not None
+        limit = min(request.limit or DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT)
+        return await self.updates.recent(limit, request.component)

@@ -28,7 +28,7 @@ import grpc
 import psutil
 from loguru import logger
 
-from baton.admission import UnknownComponent, UpdateRefused, check_request
+from baton.admission import REFUSAL_METADATA_KEY, Held, UnknownComponent, UpdateRefused, check_request
 from baton.config import SUPERVISOR_COMPONENT, Config
 from baton.errors import clip
 from baton.journal import CANCEL_SIGNAL, Journal, JournalError, UpdateRecord, UpdateRequestRecord, valid_update_id
@@ -165,6 +165,9 @@ class UpdateManager:
                                     "so it cannot replace itself; install it with `supervisor install-self`")
         except UnknownComponent as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except Held as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e),
+                                trailing_metadata=((REFUSAL_METADATA_KEY, "held"),))
         except UpdateRefused as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         update_id = req.update_id or uuid.uuid4().hex[:16]
@@ -261,6 +264,13 @@ class UpdateManager:
                 os.kill(rec.helper_pid, CANCEL_SIGNAL)
         except (psutil.Error, ProcessLookupError, PermissionError):
             pass
+
+    async def recent(self, limit: int, component: str) -> daemon_pb2.ListUpdatesResponse:
+        """Newest first, with each one's progress; reads the journal off the event loop."""
+        records = await asyncio.to_thread(self.journal.all)
+        chosen = [r for r in reversed(records) if not component or r.component == component][:limit]
+        return daemon_pb2.ListUpdatesResponse(
+            updates=[update_status(r, await self._progress(r.update_id)) for r in chosen])
 
     async def watch(self, update_id: str, context: grpc.aio.ServicerContext
                     ) -> AsyncIterator[daemon_pb2.UpdateStatus]:

@@ -59,6 +59,7 @@ class ManagerProc:
         self.tls = tls
         self.log = base / "manager.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_args: list[str] = []  # more ``serve`` flags (e.g. --metrics)
 
     @property
     def address(self) -> str:
@@ -75,6 +76,7 @@ class ManagerProc:
         if self.tls:
             argv += ["--tls-cert", str(self.tls["cert"]), "--tls-key", str(self.tls["key"]),
                      "--tls-ca", str(self.tls["ca"])]
+        argv += self.extra_args
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env)
         self.reaper.track(self.proc.pid)

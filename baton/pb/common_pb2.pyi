@@ -35,6 +35,8 @@ class _AgentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgentState
     AGENT_STATE_STOPPING: _AgentState.ValueType  # 5
     AGENT_STATE_EXITED: _AgentState.ValueType  # 6
     AGENT_STATE_FATAL: _AgentState.ValueType  # 7
+    AGENT_STATE_NOT_INSTALLED: _AgentState.ValueType  # 8
+    """packaged, no version installed yet: waits for its first update"""
 
 class AgentState(_AgentState, metaclass=_AgentStateEnumTypeWrapper): ...
 
@@ -46,6 +48,8 @@ AGENT_STATE_BACKOFF: AgentState.ValueType  # 4
 AGENT_STATE_STOPPING: AgentState.ValueType  # 5
 AGENT_STATE_EXITED: AgentState.ValueType  # 6
 AGENT_STATE_FATAL: AgentState.ValueType  # 7
+AGENT_STATE_NOT_INSTALLED: AgentState.ValueType  # 8
+"""packaged, no version installed yet: waits for its first update"""
 Global___AgentState: _TypeAlias = AgentState  # noqa: Y015
 
 class _UpdateState:

@@ -100,6 +100,11 @@ class DaemonServiceStub:
                 request_serializer=baton_dot_pb_dot_daemon__pb2.ReloadRequest.SerializeToString,
                 response_deserializer=baton_dot_pb_dot_daemon__pb2.ReloadResponse.FromString,
                 _registered_method=True)
+        self.ListUpdates = channel.unary_unary(
+                '/baton.v1.DaemonService/ListUpdates',
+                request_serializer=baton_dot_pb_dot_daemon__pb2.ListUpdatesRequest.SerializeToString,
+                response_deserializer=baton_dot_pb_dot_daemon__pb2.ListUpdatesResponse.FromString,
+                _registered_method=True)
 
 
 class DaemonServiceServicer:
@@ -194,6 +199,13 @@ class DaemonServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListUpdates(self, request, context):
+        """Read-only: the most recent updates of this node, newest first (from its journal).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DaemonServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -261,6 +273,11 @@ def add_DaemonServiceServicer_to_server(servicer, server):
                     servicer.Reload,
                     request_deserializer=baton_dot_pb_dot_daemon__pb2.ReloadRequest.FromString,
                     response_serializer=baton_dot_pb_dot_daemon__pb2.ReloadResponse.SerializeToString,
+            ),
+            'ListUpdates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUpdates,
+                    request_deserializer=baton_dot_pb_dot_daemon__pb2.ListUpdatesRequest.FromString,
+                    response_serializer=baton_dot_pb_dot_daemon__pb2.ListUpdatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -614,6 +631,33 @@ class DaemonService:
             '/baton.v1.DaemonService/Reload',
             baton_dot_pb_dot_daemon__pb2.ReloadRequest.SerializeToString,
             baton_dot_pb_dot_daemon__pb2.ReloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUpdates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.DaemonService/ListUpdates',
+            baton_dot_pb_dot_daemon__pb2.ListUpdatesRequest.SerializeToString,
+            baton_dot_pb_dot_daemon__pb2.ListUpdatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

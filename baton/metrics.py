@@ -1,0 +1,77 @@
+"""The Prometheus endpoint both the supervisor and the reference Manager can serve (``prometheus_client``).
+
+Import this module only when metrics are configured: the daemon pays nothing
+(not even the import) when ``[metrics] listen`` is unset. Values are computed
+at scrape time by a collector from the process's own state (no counters to
+keep in step with events), so a scrape always shows what the process knows.
+The HTTP server runs in its own thread; a port still held by a previous
+process (a supervisor handing over to its successor) is retried for a while.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from loguru import logger
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.registry import Collector
+
+BIND_RETRY_S = 30.0
+BIND_RETRY_INTERVAL_S = 0.25
+
+
+class MetricsServer:
+    """Serves one registry on ``host:port`` until :meth:`stop`."""
+
+    def __init__(self, host: str, port: int, collectors: Iterable[Collector]) -> None:
+        self.host = host
+        self.port = port
+        self.registry = CollectorRegistry(auto_describe=False)
+        for c in collectors:
+            self.registry.register(c)
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._binder: threading.Thread | None = None
+        self.last_error: OSError | None = None
+
+    def start(self, retry: bool = False) -> MetricsServer:
+        """Bind now; a busy port raises OSError, or with ``retry`` is tried again in the background."""
+        if self._try_bind():
+            return self
+        if not retry:
+            assert self.last_error is not None
+            raise self.last_error
+        self._binder = threading.Thread(target=self._keep_binding, name="metrics-bind", daemon=True)
+        self._binder.start()
+        return self
+
+    def _try_bind(self) -> bool:
+        try:
+            self._server, self._thread = start_http_server(self.port, addr=self.host, registry=self.registry)
+        except OSError as e:
+            self.last_error = e
+            return False
+        logger.info("metrics: serving Prometheus metrics on http://{}:{}/metrics", self.host, self.port)
+        return True
+
+    def _keep_binding(self) -> None:
+        deadline = time.monotonic() + BIND_RETRY_S
+        while not self._stopped.wait(BIND_RETRY_INTERVAL_S):
+            if self._try_bind():
+                return
+            if time.monotonic() > deadline:
+                logger.error("metrics: cannot listen on {}:{}: {}; no metrics endpoint", self.host, self.port,
+                             self.last_error)
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
