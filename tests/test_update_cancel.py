@@ -176,3 +176,22 @@ def test_self_update_cancelled_during_its_download_leaves_the_supervisor_running
     assert host.sup.status().pid == pid
     assert host.sup_layout.current_version() == "1.0.0"
     assert host.sup_layout.installed_versions() == ["1.0.0"]
+
+
+def test_supervisor_cancel_command_cancels_a_running_update(make_supervisor, release, pkgserver):
+    import subprocess
+    import sys
+
+    host = _host(make_supervisor, release)
+    before = host.sup.agent("app")
+    pkg, url = _slow_package(host, pkgserver)
+    uid = host.push(pkg, download_url=url)
+    wait_for(lambda: _downloading(host, uid), 30, what="the download to be under way")
+    r = subprocess.run([sys.executable, "-m", "supervisor", "cancel", uid, "--config", str(host.sup.config_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"update {uid}: ")
+    st = host.wait_final(uid, timeout=30)
+    assert (st.state, st.error) == (FAILED, CANCELLED)
+    after = host.sup.agent("app")
+    assert (after.pid, after.version) == (before.pid, before.version)
