@@ -51,3 +51,11 @@ class Marks:
         if version not in failed:
             failed.append(version)
         self._save(component, highest, failed)
+
+    def clear_failed(self, component: str, version: str | None = None) -> list[str]:
+        """Forget one failed version (or all of them); returns what was forgotten. The mark stays."""
+        highest, failed = self._load(component)
+        gone = [v for v in failed if version is None or v == version]
+        if gone:
+            self._save(component, highest, [v for v in failed if v not in gone])
+        return gone

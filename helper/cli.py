@@ -154,9 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--node", help="this node's id, checked against the manifest's nodes=")
     v.add_argument("--config", "-c", dest="config", default=None)
     v.set_defaults(fn=cmd_verify)
-    from helper.holds import add_parsers
+    from helper import failed_marks, holds
 
-    add_parsers(sub)
+    holds.add_parsers(sub)
+    failed_marks.add_parsers(sub)
     return p
 
 
@@ -171,7 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         p.print_usage(sys.stderr)
         return EXIT_USAGE
     if hasattr(ns, "fn_cfg"):
-        return int(ns.fn_cfg(_load(ns.config), ns))
+        cfg = _load(ns.config)
+        started = time.time()
+        rc = int(ns.fn_cfg(cfg, ns))
+        if getattr(ns, "audit_call", ""):  # hold, unhold, clear-failed: a change made by hand, recorded
+            args = {k: str(v) for k, v in vars(ns).items() if k in ("component", "version", "reason") and v}
+            _audit(cfg, f"helper {ns.audit_call}", args, started, "ok" if rc == 0 else "failed", f"exit status {rc}")
+        return rc
     return int(ns.fn(ns))
 
 

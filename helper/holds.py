@@ -68,9 +68,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     h.add_argument("--config", "-c", dest="config", default=argparse.SUPPRESS)
     h.add_argument("component")
     h.add_argument("--reason", default="", help="why (shown in refusals and status)")
-    h.set_defaults(fn_cfg=cmd_hold)
+    h.set_defaults(fn_cfg=cmd_hold, audit_call="hold")
     u = sub.add_parser("unhold", help="accept pushes for COMPONENT again", epilog=HOLD_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     u.add_argument("--config", "-c", dest="config", default=argparse.SUPPRESS)
     u.add_argument("component")
-    u.set_defaults(fn_cfg=cmd_unhold)
+    u.set_defaults(fn_cfg=cmd_unhold, audit_call="unhold")
