@@ -59,10 +59,26 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "lib"))
-from {module} import main  # noqa: E402
+try:
+    from {module} import main
+except BaseException:  # a broken dependency: say so where the helper that started us will look
+    import traceback
 
+    text = traceback.format_exc()
+    sys.stderr.write(text)
+    if os.environ.get("{start_log_env}"):
+        try:
+            with open(os.environ["{start_log_env}"], "a") as f:
+                f.write(text)
+        except OSError:
+            pass
+    sys.exit(1)
 sys.exit(main())
 '''
+# Where a launcher that cannot even import its entry point writes the traceback; the supervisor sets it before
+# its exec and the helper before it starts one, then quotes it as the failed update's last_log.
+START_LOG_ENV = "BATON_START_LOG"
+START_LOG_NAME = "supervisor-start.log"
 _TARGET_PROBE = (
     "import sys, sysconfig; "
     "print(sys.implementation.name, sys.version_info[0], sys.version_info[1], sysconfig.get_platform())"
@@ -280,7 +296,8 @@ def write_release_tree(root: Path, version: str, *, lock: Path, python: str, sou
     bin_dir = root / "bin"
     bin_dir.mkdir()
     for name, module in ENTRY_POINTS.items():
-        (bin_dir / name).write_text(LAUNCHER.format(python=python, name=name, module=module))
+        (bin_dir / name).write_text(LAUNCHER.format(python=python, name=name, module=module,
+                                                       start_log_env=START_LOG_ENV))
         os.chmod(bin_dir / name, 0o755)
     for dest, src in SHARE_FILES.items():
         (root / "share" / dest).parent.mkdir(parents=True, exist_ok=True)

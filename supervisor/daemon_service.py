@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import AsyncIterator
@@ -42,6 +43,13 @@ def agent_info(s: AgentSnapshot) -> common_pb2.AgentInfo:
     )
 
 
+@functools.cache
+def _dependencies() -> dict[str, str]:
+    from helper.release import dependency_versions
+
+    return dependency_versions()
+
+
 class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
     def __init__(self, node_id: str, version: str, started_at: float, pm: ProcessManager,
                  updates: UpdateManager | None, manager_connected: object = None) -> None:
@@ -63,6 +71,7 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
             pid=os.getpid(),
             started_at=self.started_at,
             manager_connected=connected,
+            dependencies=_dependencies(),
         )
 
     async def ListAgents(self, request: daemon_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext

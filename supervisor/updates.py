@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -35,7 +34,7 @@ from baton.layout import ComponentLayout
 from baton.pb import common_pb2, daemon_pb2
 from baton.states import UpdateState
 from supervisor import systemd
-from supervisor.install_self import running_from_layout
+from supervisor.install_self import helper_command, running_from_layout
 
 MAX_HELPER_STARTS = 5
 PRE_SWITCH_STATES = frozenset({UpdateState.REQUESTED, UpdateState.DOWNLOADING, UpdateState.VERIFYING,
@@ -249,7 +248,7 @@ class UpdateManager:
             logger.error("update {}: cannot start a helper without a config file", update_id)
             return
         log_path = self.journal.dir(update_id) / "helper.log"
-        argv = [sys.executable, "-m", "helper", "apply", "--config", str(self.cfg.source), "--update-id",
+        argv = [*helper_command(), "apply", "--config", str(self.cfg.source), "--update-id",
                 update_id, "--socket", str(self.control_socket)]
         if systemd.under_systemd() and shutil.which("systemd-run"):
             # Its own transient unit: outside what systemd stops or kills with the supervisor's service.

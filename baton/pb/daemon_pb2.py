@@ -25,31 +25,35 @@ _sym_db = _symbol_database.Default()
 from baton.pb import common_pb2 as baton_dot_pb_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x61ton/pb/daemon.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/pb/common.proto\"\x12\n\x10GetStatusRequest\"\xae\x01\n\x06Status\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1a\n\x12supervisor_version\x18\x02 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12#\n\x06\x61gents\x18\x04 \x03(\x0b\x32\x13.baton.v1.AgentInfo\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x12\n\nstarted_at\x18\x06 \x01(\x01\x12\x19\n\x11manager_connected\x18\x07 \x01(\x08\"\x13\n\x11ListAgentsRequest\"9\n\x12ListAgentsResponse\x12#\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x13.baton.v1.AgentInfo\"\x18\n\x08\x41gentRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xc6\x01\n\rUpdateRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tcomponent\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x14\n\x0c\x64ownload_url\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x11\n\tsignature\x18\x06 \x01(\t\x12\x0c\n\x04size\x18\x07 \x01(\x04\x12\x17\n\x0f\x61llow_downgrade\x18\x08 \x01(\x08\x12\x11\n\tupdate_id\x18\t \x01(\t\x12\r\n\x05\x66orce\x18\n \x01(\x08\"#\n\x0eUpdateAccepted\x12\x11\n\tupdate_id\x18\x01 \x01(\t\"\x1e\n\tUpdateRef\x12\x11\n\tupdate_id\x18\x01 \x01(\t\"\xee\x02\n\x0cUpdateStatus\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x11\n\tcomponent\x18\x02 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x03 \x01(\t\x12\x12\n\nto_version\x18\x04 \x01(\t\x12$\n\x05state\x18\x05 \x01(\x0e\x32\x15.baton.v1.UpdateState\x12\x0c\n\x04step\x18\x06 \x01(\t\x12\x12\n\nbytes_done\x18\x07 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x08 \x01(\x04\x12\x1d\n\x15rate_bytes_per_second\x18\t \x01(\x01\x12\x10\n\x08\x66inished\x18\n \x01(\x08\x12\x0f\n\x07success\x18\x0b \x01(\x08\x12\x13\n\x0brolled_back\x18\x0c \x01(\x08\x12\r\n\x05\x65rror\x18\r \x01(\t\x12%\n\x07timings\x18\x0e \x03(\x0b\x32\x14.baton.v1.StepTiming\x12\x12\n\nupdated_at\x18\x0f \x01(\x01\x12\x10\n\x08last_log\x18\x10 \x01(\t2\xaf\x04\n\rDaemonService\x12\x39\n\tGetStatus\x12\x1a.baton.v1.GetStatusRequest\x1a\x10.baton.v1.Status\x12G\n\nListAgents\x12\x1b.baton.v1.ListAgentsRequest\x1a\x1c.baton.v1.ListAgentsResponse\x12\x35\n\nStartAgent\x12\x12.baton.v1.AgentRef\x1a\x13.baton.v1.AgentInfo\x12\x34\n\tStopAgent\x12\x12.baton.v1.AgentRef\x1a\x13.baton.v1.AgentInfo\x12\x37\n\x0cRestartAgent\x12\x12.baton.v1.AgentRef\x1a\x13.baton.v1.AgentInfo\x12?\n\nPushUpdate\x12\x17.baton.v1.UpdateRequest\x1a\x18.baton.v1.UpdateAccepted\x12\x38\n\tGetUpdate\x12\x13.baton.v1.UpdateRef\x1a\x16.baton.v1.UpdateStatus\x12<\n\x0bWatchUpdate\x12\x13.baton.v1.UpdateRef\x1a\x16.baton.v1.UpdateStatus0\x01\x12;\n\x0c\x43\x61ncelUpdate\x12\x13.baton.v1.UpdateRef\x1a\x16.baton.v1.UpdateStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x61ton/pb/daemon.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/pb/common.proto\"\x12\n\x10GetStatusRequest\"\x9d\x02\n\x06Status\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1a\n\x12supervisor_version\x18\x02 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12#\n\x06\x61gents\x18\x04 \x03(\x0b\x32\x13.baton.v1.AgentInfo\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x12\n\nstarted_at\x18\x06 \x01(\x01\x12\x19\n\x11manager_connected\x18\x07 \x01(\x08\x12\x38\n\x0c\x64\x65pendencies\x18\x08 \x03(\x0b\x32\".baton.v1.Status.DependenciesEntry\x1a\x33\n\x11\x44\x65pendenciesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x13\n\x11ListAgentsRequest\"9\n\x12ListAgentsResponse\x12#\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x13.baton.v1.AgentInfo\"\x18\n\x08\x41gentRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xc6\x01\n\rUpdateRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tcomponent\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x14\n\x0c\x64ownload_url\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x11\n\tsignature\x18\x06 \x01(\t\x12\x0c\n\x04size\x18\x07 \x01(\x04\x12\x17\n\x0f\x61llow_downgrade\x18\x08 \x01(\x08\x12\x11\n\tupdate_id\x18\t \x01(\t\x12\r\n\x05\x66orce\x18\n \x01(\x08\"#\n\x0eUpdateAccepted\x12\x11\n\tupdate_id\x18\x01 \x01(\t\"\x1e\n\tUpdateRef\x12\x11\n\tupdate_id\x18\x01 \x01(\t\"\xee\x02\n\x0cUpdateStatus\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x11\n\tcomponent\x18\x02 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x03 \x01(\t\x12\x12\n\nto_version\x18\x04 \x01(\t\x12$\n\x05state\x18\x05 \x01(\x0e\x32\x15.baton.v1.UpdateState\x12\x0c\n\x04step\x18\x06 \x01(\t\x12\x12\n\nbytes_done\x18\x07 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x08 \x01(\x04\x12\x1d\n\x15rate_bytes_per_second\x18\t \x01(\x01\x12\x10\n\x08\x66inished\x18\n \x01(\x08\x12\x0f\n\x07success\x18\x0b \x01(\x08\x12\x13\n\x0brolled_back\x18\x0c \x01(\x08\x12\r\n\x05\x65rror\x18\r \x01(\t\x12%\n\x07timings\x18\x0e \x03(\x0b\x32\x14.baton.v1.StepTiming\x12\x12\n\nupdated_at\x18\x0f \x01(\x01\x12\x10\n\x08last_log\x18\x10 \x01(\t2\xaf\x04\n\rDaemonService\x12\x39\n\tGetStatus\x12\x1a.baton.v1.GetStatusRequest\x1a\x10.baton.v1.Status\x12G\n\nListAgents\x12\x1b.baton.v1.ListAgentsRequest\x1a\x1c.baton.v1.ListAgentsResponse\x12\x35\n\nStartAgent\x12\x12.baton.v1.AgentRef\x1a\x13.baton.v1.AgentInfo\x12\x34\n\tStopAgent\x12\x12.baton.v1.AgentRef\x1a\x13.baton.v1.AgentInfo\x12\x37\n\x0cRestartAgent\x12\x12.baton.v1.AgentRef\x1a\x13.baton.v1.AgentInfo\x12?\n\nPushUpdate\x12\x17.baton.v1.UpdateRequest\x1a\x18.baton.v1.UpdateAccepted\x12\x38\n\tGetUpdate\x12\x13.baton.v1.UpdateRef\x1a\x16.baton.v1.UpdateStatus\x12<\n\x0bWatchUpdate\x12\x13.baton.v1.UpdateRef\x1a\x16.baton.v1.UpdateStatus0\x01\x12;\n\x0c\x43\x61ncelUpdate\x12\x13.baton.v1.UpdateRef\x1a\x16.baton.v1.UpdateStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.pb.daemon_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_STATUS_DEPENDENCIESENTRY']._loaded_options = None
+  _globals['_STATUS_DEPENDENCIESENTRY']._serialized_options = b'8\001'
   _globals['_GETSTATUSREQUEST']._serialized_start=58
   _globals['_GETSTATUSREQUEST']._serialized_end=76
   _globals['_STATUS']._serialized_start=79
-  _globals['_STATUS']._serialized_end=253
-  _globals['_LISTAGENTSREQUEST']._serialized_start=255
-  _globals['_LISTAGENTSREQUEST']._serialized_end=274
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=276
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=333
-  _globals['_AGENTREF']._serialized_start=335
-  _globals['_AGENTREF']._serialized_end=359
-  _globals['_UPDATEREQUEST']._serialized_start=362
-  _globals['_UPDATEREQUEST']._serialized_end=560
-  _globals['_UPDATEACCEPTED']._serialized_start=562
-  _globals['_UPDATEACCEPTED']._serialized_end=597
-  _globals['_UPDATEREF']._serialized_start=599
-  _globals['_UPDATEREF']._serialized_end=629
-  _globals['_UPDATESTATUS']._serialized_start=632
-  _globals['_UPDATESTATUS']._serialized_end=998
-  _globals['_DAEMONSERVICE']._serialized_start=1001
-  _globals['_DAEMONSERVICE']._serialized_end=1560
+  _globals['_STATUS']._serialized_end=364
+  _globals['_STATUS_DEPENDENCIESENTRY']._serialized_start=313
+  _globals['_STATUS_DEPENDENCIESENTRY']._serialized_end=364
+  _globals['_LISTAGENTSREQUEST']._serialized_start=366
+  _globals['_LISTAGENTSREQUEST']._serialized_end=385
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=387
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=444
+  _globals['_AGENTREF']._serialized_start=446
+  _globals['_AGENTREF']._serialized_end=470
+  _globals['_UPDATEREQUEST']._serialized_start=473
+  _globals['_UPDATEREQUEST']._serialized_end=671
+  _globals['_UPDATEACCEPTED']._serialized_start=673
+  _globals['_UPDATEACCEPTED']._serialized_end=708
+  _globals['_UPDATEREF']._serialized_start=710
+  _globals['_UPDATEREF']._serialized_end=740
+  _globals['_UPDATESTATUS']._serialized_start=743
+  _globals['_UPDATESTATUS']._serialized_end=1109
+  _globals['_DAEMONSERVICE']._serialized_start=1112
+  _globals['_DAEMONSERVICE']._serialized_end=1671
 # @@protoc_insertion_point(module_scope)

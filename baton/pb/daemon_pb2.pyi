@@ -40,6 +40,26 @@ Global___GetStatusRequest: _TypeAlias = GetStatusRequest  # noqa: Y015
 class Status(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class DependenciesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NODE_ID_FIELD_NUMBER: _builtins.int
     SUPERVISOR_VERSION_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
@@ -47,6 +67,7 @@ class Status(_message.Message):
     PID_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     MANAGER_CONNECTED_FIELD_NUMBER: _builtins.int
+    DEPENDENCIES_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     supervisor_version: _builtins.str
     uptime_seconds: _builtins.float
@@ -55,6 +76,12 @@ class Status(_message.Message):
     manager_connected: _builtins.bool
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.AgentInfo]: ...
+    @_builtins.property
+    def dependencies(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The Python distributions this supervisor runs with (name -> version, importlib.metadata): a release's
+        bundled dependencies (docs/releases.md). Added in contract version 2; empty from older supervisors.
+        """
+
     def __init__(
         self,
         *,
@@ -65,10 +92,11 @@ class Status(_message.Message):
         pid: _builtins.int = ...,
         started_at: _builtins.float = ...,
         manager_connected: _builtins.bool = ...,
+        dependencies: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "manager_connected", b"manager_connected", "node_id", b"node_id", "pid", b"pid", "started_at", b"started_at", "supervisor_version", b"supervisor_version", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "dependencies", b"dependencies", "manager_connected", b"manager_connected", "node_id", b"node_id", "pid", b"pid", "started_at", b"started_at", "supervisor_version", b"supervisor_version", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
