@@ -16,15 +16,12 @@ import shutil
 import subprocess
 import tarfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import (
-    PY,
-    ROOT,
     SELF_AGENTS,
     Package,
     Release,
@@ -32,95 +29,20 @@ from tests.conftest import (
     stop_everything_of,
     wait_for,
 )
+from tests.release_fixtures import ALT_IDNA, LOCK, Releases, envi, package_cli, unpack
 
 pytestmark = pytest.mark.slow
-
-LOCK = ROOT / "requirements" / "runtime.lock"
-# A pure-Python dependency at another pinned version than runtime.lock's (from pip's configured index).
-ALT_IDNA = ("3.10", "946d195a0d259cbba61165e88e65941f16e9b36ea6ddb97f00452bae8b1287d3")
-BUILD_TIMEOUT_S = 600
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _package_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PY, "-m", "helper.package_tool", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=BUILD_TIMEOUT_S)
-
-
-def _alt_lock(dest: Path) -> Path:
-    """runtime.lock with idna pinned to another version: the second release's only dependency change."""
-    text = LOCK.read_text()
-    version, digest = ALT_IDNA
-    new, n = re.subn(r"^idna==\S+ \\\n(?:    --hash=sha256:[0-9a-f]+(?: \\)?\n)+",
-                     f"idna=={version} \\\n    --hash=sha256:{digest}\n", text, flags=re.M)
-    assert n == 1, "runtime.lock has no idna entry to replace"
-    dest.write_text(new)
-    return dest
-
-
-@dataclass(frozen=True)
-class Releases:
-    """The tarballs of the session: 1.0.0 (the lock), 1.1.0 (idna differs), and derived broken/foreign ones."""
-
-    dir: Path
-    v100: Path
-    v110: Path
-
-    def derived(self, version: str, edit: Callable[[Path], None]) -> Path:
-        """1.0.0's tree as ``version``, changed by ``edit``, packed like a release (not rebuilt)."""
-        from helper.package_tool import build_package
-        from helper.release import read_manifest
-
-        out = self.dir / f"derived-{version}-{edit.__name__}.tar.gz"
-        if out.exists():
-            return out
-        work = self.dir / f"derived-{version}-{edit.__name__}"
-        with tarfile.open(self.v100) as tar:
-            tar.extractall(work, filter="tar")
-        root = work / f"baton-{version}"
-        (work / "baton-1.0.0").rename(root)
-        (root / "VERSION").write_text(version + "\n")
-        manifest = read_manifest(root)
-        assert manifest is not None
-        data = manifest.to_json()
-        data["version"] = version
-        (root / "RELEASE.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        edit(root)
-        build_package(work, out, True)
-        return out
-
-
-@pytest.fixture(scope="session")
-def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
-    d = tmp_path_factory.mktemp("releases")
-    r = _package_cli("release", "--version", "1.0.0", "-o", d)
-    assert r.returncode == 0, r.stderr
-    r = _package_cli("release", "--version", "1.1.0", "--lock", _alt_lock(d / "alt.lock"), "-o",
-                     d / "baton-1.1.0.tar.gz")
-    assert r.returncode == 0, r.stderr
-    return Releases(d, d / "baton-1.0.0-cp311-linux_x86_64.tar.gz", d / "baton-1.1.0.tar.gz")
-
-
-def _unpack(tarball: Path, dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["tar", "-xzf", str(tarball), "-C", str(dest)], check=True)
-    (root,) = dest.iterdir()
-    return root
-
-
-def _envi(*argv: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run with an empty environment from ``/``, as a new host's root shell or a unit would."""
-    return subprocess.run(["env", "-i", *map(str, argv)], capture_output=True, text=True, cwd="/", timeout=timeout)
-
-
 # ---- building ------------------------------------------------------------------------------------------
 
 
 def test_two_builds_of_the_same_commit_and_lock_are_byte_identical(releases: Releases, tmp_path: Path) -> None:
-    r = _package_cli("release", "--version", "1.0.0", "-o", tmp_path)
+    r = package_cli("release", "--version", "1.0.0", "-o", tmp_path)
     assert r.returncode == 0, r.stderr
     again = tmp_path / releases.v100.name
     assert _sha256(again) == _sha256(releases.v100)
@@ -140,7 +62,7 @@ def test_release_manifest_records_python_abi_platform_and_locked_dependencies(re
                                                                               tmp_path: Path) -> None:
     from helper.release import read_manifest, running_target
 
-    root = _unpack(releases.v100, tmp_path)
+    root = unpack(releases.v100, tmp_path)
     manifest = read_manifest(root)
     assert manifest is not None
     assert manifest.target == running_target()
@@ -151,10 +73,10 @@ def test_release_manifest_records_python_abi_platform_and_locked_dependencies(re
 
 def test_release_launchers_run_from_any_directory_with_an_empty_environment(releases: Releases,
                                                                             tmp_path: Path) -> None:
-    root = _unpack(releases.v100, tmp_path)
-    assert _envi(root / "bin" / "supervisor", "--version").stdout.strip() == "baton supervisor 1.0.0"
-    assert "usage: helper" in _envi(root / "bin" / "helper", "--help").stdout
-    assert "release" in _envi(root / "bin" / "baton-package", "--help").stdout
+    root = unpack(releases.v100, tmp_path)
+    assert envi(root / "bin" / "supervisor", "--version").stdout.strip() == "baton supervisor 1.0.0"
+    assert "usage: helper" in envi(root / "bin" / "helper", "--help").stdout
+    assert "release" in envi(root / "bin" / "baton-package", "--help").stdout
 
 
 # ---- installing ----------------------------------------------------------------------------------------
@@ -171,8 +93,8 @@ def host(make_supervisor: Callable[..., SupervisorProc], release: Release) -> Su
 
 
 def _install(host: SupervisorProc, tarball: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    root = _unpack(tarball, host.base / "unpacked" / tarball.name)
-    return _envi(root / "bin" / "supervisor", "install-self", "--config", host.config_path,
+    root = unpack(tarball, host.base / "unpacked" / tarball.name)
+    return envi(root / "bin" / "supervisor", "install-self", "--config", host.config_path,
                  "--unit-dir", host.base / "units", *extra)
 
 
@@ -344,12 +266,12 @@ def test_rollback_with_an_empty_environment_and_no_supervisor_runs_the_previous_
     assert _push(host, release, releases.v110, "1.1.0").success
     _kill_supervisor(host)
     helper = host.base / "install" / "supervisor" / "current" / "bin" / "helper"
-    r = _envi(helper, "--rollback", "--config", host.config_path)
+    r = envi(helper, "--rollback", "--config", host.config_path)
     assert r.returncode == 0, r.stderr
     assert "rolled back 1.1.0 -> 1.0.0" in r.stdout
     st = host.status()
     assert st.supervisor_version == "1.0.0" and st.dependencies["idna"] == "3.20"
-    again = _envi(helper, "--rollback", "--config", host.config_path)
+    again = envi(helper, "--rollback", "--config", host.config_path)
     assert again.returncode == 1
     assert "no earlier good version" in again.stderr and "1.1.0" in again.stderr
     assert host.status().supervisor_version == "1.0.0"
@@ -361,8 +283,8 @@ def test_rollback_to_an_explicit_version_goes_there(running_release: SupervisorP
     host = running_release
     assert _push(host, release, releases.v110, "1.1.0").success
     helper = host.base / "install" / "supervisor" / "current" / "bin" / "helper"
-    assert _envi(helper, "--rollback", "--config", host.config_path).returncode == 0
-    r = _envi(helper, "--rollback", "--to", "1.1.0", "--config", host.config_path)
+    assert envi(helper, "--rollback", "--config", host.config_path).returncode == 0
+    r = envi(helper, "--rollback", "--to", "1.1.0", "--config", host.config_path)
     assert r.returncode == 0, r.stderr
     assert host.status().supervisor_version == "1.1.0"
 
@@ -372,14 +294,14 @@ def test_rollback_from_a_broken_current_release_works_with_the_other_release_hel
     from baton.layout import ComponentLayout
 
     host = running_release
-    broken = _unpack(releases.derived("1.2.0", _break_loguru), host.base / "unpacked" / "broken")
+    broken = unpack(releases.derived("1.2.0", _break_loguru), host.base / "unpacked" / "broken")
     layout = ComponentLayout(host.base / "install", "supervisor")
     staged = layout.versions_dir / ".staging-test"
     shutil.copytree(broken, staged, symlinks=True)
     layout.install(staged, "1.2.0")
     _kill_supervisor(host)
     layout.switch("1.2.0")  # as if a broken release had been made current by hand
-    assert _envi(layout.current_link / "bin" / "helper", "--status", "--config", host.config_path).returncode != 0
-    r = _envi(layout.version_dir("1.0.0") / "bin" / "helper", "--rollback", "--config", host.config_path)
+    assert envi(layout.current_link / "bin" / "helper", "--status", "--config", host.config_path).returncode != 0
+    r = envi(layout.version_dir("1.0.0") / "bin" / "helper", "--rollback", "--config", host.config_path)
     assert r.returncode == 0, r.stderr
     assert host.status().supervisor_version == "1.0.0"

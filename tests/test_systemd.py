@@ -154,3 +154,35 @@ def test_systemctl_stop_stops_every_agent(systemd, unit_host):
     assert res.returncode == 0, res.stderr
     assert systemd.show("baton-supervisor.service", "ActiveState")["ActiveState"] == "inactive"
     assert agents_alive() == []
+
+
+@needs_systemd
+@pytest.mark.slow
+def test_unit_installed_from_a_release_as_the_readme_says_runs_and_self_updates_to_a_release(
+        systemd, make_supervisor, release, releases):
+    """README "Installing from a release": tar -xzf, install-self, daemon-reload, start; the unit is not edited."""
+    from tests.release_fixtures import envi, unpack
+
+    sup = make_supervisor(list(SELF_AGENTS), name="rel",
+                          extra={"update": {"trusted_keys": [str(release.public_key)], "handshake_timeout_s": 30.0,
+                                            "free_space_reserve_bytes": 0}})
+    sup.write_config()
+    root = unpack(releases.v100, sup.base / "unpacked")
+    res = envi(root / "bin" / "supervisor", "install-self", "--config", sup.config_path, "--unit-dir", systemd.units)
+    assert res.returncode == 0, res.stderr
+    for args in (("daemon-reload",), ("start", "baton-supervisor.service")):
+        res = systemd.systemctl(*args, timeout=120)
+        assert res.returncode == 0, res.stderr
+    for a in ("web", "worker", "chatty"):
+        sup.wait_agent(a, "running", timeout=30)
+    host = SelfUpdateHost(sup, release)
+    main_pid = systemd.show("baton-supervisor.service", "MainPID")["MainPID"]
+    assert int(main_pid) == sup.status().pid
+    before = agent_pids(host)
+    uid = host.push(release.sign(releases.v110, "supervisor", "1.1.0"))
+    st = host.wait_final(uid, timeout=120)
+    assert st.state == common_pb2.UPDATE_STATE_COMMITTED, st.error
+    status = sup.status()
+    assert (status.supervisor_version, status.dependencies["idna"]) == ("1.1.0", "3.10")
+    assert systemd.show("baton-supervisor.service", "MainPID", "NRestarts") == {"MainPID": main_pid, "NRestarts": "0"}
+    assert agent_pids(host) == before
