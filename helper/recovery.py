@@ -4,8 +4,8 @@
 version (the highest installed one below the current that is not marked failed,
 or ``--to VERSION``) and restarts it through the supervisor; when the
 supervisor is down it only switches the link, and the next supervisor start
-runs the old version. The version rolled away from is marked failed, so a
-second rollback never moves forward to it.
+runs the old version. The version rolled away from (to a lower one) is marked
+failed, so a second rollback never moves forward to it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from baton.errors import BatonError
 from baton.journal import Journal
 from baton.layout import ComponentLayout
 from baton.marks import Marks
-from baton.versions import previous_good
+from baton.versions import compare_versions, previous_good
 from helper.control import HealthCheckFailed, SupervisorControl, SupervisorUnavailable
 from helper.locks import ComponentLock
 
@@ -86,7 +86,7 @@ def manual_rollback(cfg: Config, component: str, to: str | None = None) -> str:
     with ComponentLock(cfg.node.state_dir, component):
         cur, target = rollback_target(cfg, component, to)
         layout.switch(target)
-        if cur:
+        if cur and compare_versions(target, cur) < 0:
             Marks(cfg.node.state_dir).record_failure(component, cur)
         control = SupervisorControl(cfg.run_dir / "control.sock", rpc_timeout_s=10.0)
         try:

@@ -224,7 +224,8 @@ def prepare_staged(staged: Path, version: str) -> Path:
 
     Raises:
         IncompatibleRelease: built for another Python minor version or platform.
-        ReleaseError: the manifest is unreadable or names another version.
+        ReleaseError: the manifest is unreadable or names another version, or a helper running
+            from a release got a development tree (it would need ``BATON_PYTHON``).
     """
     inner = staged / f"baton-{version}"
     if inner.is_dir() and not inner.is_symlink() and [p.name for p in staged.iterdir()] == [inner.name]:
@@ -235,11 +236,25 @@ def prepare_staged(staged: Path, version: str) -> Path:
         durable.fsync_dir(staged.parent)
     manifest = read_manifest(staged)
     if manifest is None:
+        if release_root_of_running_code() is not None:
+            raise ReleaseError(f"supervisor {version} is not a release (no {MANIFEST_NAME}): a host installed from "
+                               "releases takes only releases (`baton-package release`)")
         return staged
     if manifest.version != version:
         raise ReleaseError(f"{MANIFEST_NAME} says version {manifest.version}, the package is {version}")
     check_compatible(manifest)
+    compile_bytecode(staged)
     return staged
+
+
+def compile_bytecode(root: Path) -> None:
+    """Write ``lib/``'s bytecode now, before the switch: a release ships none (it would not be reproducible),
+    and compiling on first import would put about a second into the self-update's control-plane window."""
+    import compileall
+
+    # A file that does not compile is not fatal here: if it matters, the new version fails its import
+    # and is rolled back with the error as last_log.
+    compileall.compile_dir(str(root / "lib"), quiet=2, workers=1)
 
 
 # --- building ---------------------------------------------------------------------------------------

@@ -427,6 +427,7 @@ def rollback_supervisor(cfg: Config, to: str | None = None) -> str:
     needs nothing from the release it switches to or from.
     """
     from baton.marks import Marks
+    from baton.versions import compare_versions
     from helper.locks import ComponentLock
     from helper.recovery import rollback_target
 
@@ -435,7 +436,7 @@ def rollback_supervisor(cfg: Config, to: str | None = None) -> str:
         cur, target = rollback_target(cfg, "supervisor", to)
         clear_start_log(cfg)
         layout.switch(target)
-        if cur:
+        if cur and compare_versions(target, cur) < 0:  # rolled away from: never chosen again automatically
             Marks(cfg.node.state_dir).record_failure("supervisor", cur)
         session = HandoverSession(cfg, f"rollback-{os.getpid()}", target)
         try:

@@ -136,7 +136,7 @@ def install_release(cfg: Config, release_root: Path, *, force: bool = False,
             version (without ``force``), or a supervisor is running on this config.
         ReleaseError: not a release, or built for another Python or platform.
     """
-    from helper.release import ReleaseError, check_compatible, read_manifest
+    from helper.release import ReleaseError, check_compatible, compile_bytecode, read_manifest
     from helper.self_update import running_supervisor
 
     manifest = read_manifest(release_root)
@@ -165,6 +165,7 @@ def install_release(cfg: Config, release_root: Path, *, force: bool = False,
     if staging.exists():
         shutil.rmtree(staging)
     shutil.copytree(release_root, staging, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    compile_bytecode(staging)
     dest = lay.install(staging, version)
     lay.switch(version)
     marks.committed(SUPERVISOR_COMPONENT, version)

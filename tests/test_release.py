@@ -248,6 +248,18 @@ def test_a_release_for_another_python_or_architecture_is_refused_before_anything
     assert sorted(p.name for p in (sup_root / "versions").iterdir()) == ["1.0.0"]
 
 
+def test_a_host_running_a_release_refuses_a_code_only_development_tree(running_release: SupervisorProc,
+                                                                       release: Release) -> None:
+    from supervisor.install_self import write_tree
+
+    host = running_release
+    tree = write_tree(host.base / "dev-tree", "1.4.0")
+    st = _push(host, release, release.build("1.4.0", component="supervisor", tree=tree).path, "1.4.0")
+    assert not st.success and not st.rolled_back
+    assert "not a release (no RELEASE.json)" in st.error
+    assert os.readlink(host.base / "install" / "supervisor" / "current") == "versions/1.0.0"
+
+
 # ---- rollback from nothing -----------------------------------------------------------------------------
 
 
@@ -280,6 +292,8 @@ def test_rollback_with_an_empty_environment_and_no_supervisor_runs_the_previous_
 
 def test_rollback_to_an_explicit_version_goes_there(running_release: SupervisorProc, release: Release,
                                                     releases: Releases) -> None:
+    from baton.marks import Marks
+
     host = running_release
     assert _push(host, release, releases.v110, "1.1.0").success
     helper = host.base / "install" / "supervisor" / "current" / "bin" / "helper"
@@ -287,6 +301,7 @@ def test_rollback_to_an_explicit_version_goes_there(running_release: SupervisorP
     r = envi(helper, "--rollback", "--to", "1.1.0", "--config", host.config_path)
     assert r.returncode == 0, r.stderr
     assert host.status().supervisor_version == "1.1.0"
+    assert "1.0.0" not in Marks(host.state_dir).failed("supervisor")  # going forward by hand condemns nothing
 
 
 def test_rollback_from_a_broken_current_release_works_with_the_other_release_helper(
