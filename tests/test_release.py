@@ -48,6 +48,22 @@ def test_two_builds_of_the_same_commit_and_lock_are_byte_identical(releases: Rel
     assert _sha256(again) == _sha256(releases.v100)
 
 
+def test_a_launcher_interpreter_of_another_python_minor_version_is_refused_before_building(tmp_path: Path) -> None:
+    fake = tmp_path / "python3.12"
+    fake.write_text("#!/bin/sh\necho cpython 3 12 linux-x86_64\n")  # answers the probe as a 3.12 would
+    fake.chmod(0o755)
+    r = package_cli("release", "--version", "1.0.0", "-o", tmp_path / "out.tar.gz", "--python", fake)
+    assert r.returncode == 1
+    assert f"the launchers' interpreter {fake} is cp312-linux_x86_64" in r.stderr
+    assert not (tmp_path / "out.tar.gz").exists()
+
+
+def test_a_missing_lock_file_is_refused_with_its_path(tmp_path: Path) -> None:
+    r = package_cli("release", "--version", "1.0.0", "-o", tmp_path, "--lock", tmp_path / "nope.lock")
+    assert r.returncode == 1 and f"lock file {tmp_path / 'nope.lock'} not found" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_release_members_have_fixed_owner_and_mtime_and_no_bytecode(releases: Releases) -> None:
     with tarfile.open(releases.v100) as tar:
         members = tar.getmembers()
