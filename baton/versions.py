@@ -137,3 +137,15 @@ def validate_version(s: str) -> str:
     if any(c.isspace() or not c.isprintable() for c in s):
         raise InvalidVersion(s, "it contains whitespace or control characters")
     return s
+
+
+def previous_good(installed: list[str], current: str | None, failed: list[str]) -> str | None:
+    """The version a rollback goes to: the highest installed one below ``current`` that never failed.
+
+    Never a version above ``current`` and never one marked failed, so a second
+    rollback does not move forward again to the version the first one left.
+    """
+    bad = set(failed)
+    below = [v for v in installed if v != current and v not in bad
+             and (current is None or compare_versions(v, current) < 0)]
+    return max(below, key=parse_version) if below else None

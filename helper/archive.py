@@ -3,7 +3,8 @@
 The package is signed, but the signing key may be the thing an attacker got,
 and ``tarfile``'s own ``data`` filter has had bypasses (CVE-2025-4517). So every
 member is checked here first, the whole member list before a single byte is
-written, and the ``data`` filter runs as a second line of defence.
+written, and the ``data`` filter runs as a second line of defence (where the
+interpreter has it: Python 3.11.4 and later).
 
 Decompression is bounded while the archive is read: the unpacked-size limit
 stops a gzip bomb at the member header that announces it, and a cap on the
@@ -132,7 +133,10 @@ def _extract(fileobj: BinaryIO, staging: Path, limits: ExtractLimits) -> None:
     try:
         with tarfile.TarFile(fileobj=stream, mode="r", errorlevel=2, copybufsize=_COPY_BUFFER_BYTES) as tar:
             members = _check_members(tar, limits)
-            tar.extractall(staging, members=members, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(staging, members=members, filter="data")
+            else:  # Python before 3.11.4 (Debian 12's 3.11.2, which runs releases): our own checks only
+                tar.extractall(staging, members=members)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise ArchiveError(f"corrupt or truncated archive: {e}") from e
     finally:

@@ -2,9 +2,10 @@
 
 ``helper apply --update-id ID``      carry out (or resume) one update from its journal
 ``helper verify PACKAGE ...``        check a package offline exactly as an update would
-``helper --rollback [COMPONENT]``    switch back to the previous version by hand
+``helper --rollback [COMPONENT]``    switch back to the previous good version by hand (``--to VERSION``)
 ``helper --status``                  components, current and backup versions, holds, unfinished updates
 ``helper hold|unhold COMPONENT``     refuse pushes for a component, or accept them again (helper/holds.py)
+``helper clear-failed COMPONENT [VERSION]``  forget versions marked failed (helper/failed_marks.py)
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def cmd_rollback(ns: argparse.Namespace) -> int:
     cfg = _load(ns.config)
     started = time.time()
     try:
-        done = manual_rollback(cfg, ns.rollback)
+        done = manual_rollback(cfg, ns.rollback, ns.to)
     except (RollbackError, BatonError) as e:
         _audit(cfg, "helper --rollback", {"component": ns.rollback}, started, "failed", str(e))
         print(f"helper --rollback: {e}", file=sys.stderr)
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help="the supervisor's config file")
     p.add_argument("--rollback", nargs="?", const="supervisor", metavar="COMPONENT",
                    help="switch COMPONENT (default: supervisor) back to its previous version")
+    p.add_argument("--to", metavar="VERSION", help="with --rollback: the installed version to go to "
+                   "(default: the highest one below the current that is not marked failed)")
     p.add_argument("--status", action="store_true", help="list components, versions and unfinished updates")
     sub = p.add_subparsers(dest="cmd")
     a = sub.add_parser("apply", help="carry out or resume one update (started by the supervisor)")

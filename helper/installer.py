@@ -14,13 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
-from baton.config import Config
+from baton.config import SUPERVISOR_COMPONENT, Config
 from baton.errors import BatonError
 from baton.journal import UpdateRecord
 from baton.layout import STAGING_PREFIX, ComponentLayout, version_of_dir
 from baton.signing import PublicKey, load_trusted_keys
 from helper.archive import ExtractLimits, extract_package
 from helper.download import DownloadedFile, DownloadLimits, DownloadProgress, FileIdentity, download
+from helper.release import prepare_staged
 from helper.verify import VerifiedPackage, verify_package
 
 
@@ -68,6 +69,8 @@ class Installer:
         u = self.cfg.update
         self.layout.versions_dir.mkdir(parents=True, exist_ok=True)
         staged = extract_package(dl.file, self.layout.versions_dir, ExtractLimits.from_config(u))
+        if self.layout.component == SUPERVISOR_COMPONENT:
+            staged = prepare_staged(staged, version)  # a release for another Python or platform stops here
         return self.layout.install(staged, version)
 
     def discard_download(self, update_id: str) -> None:

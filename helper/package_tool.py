@@ -8,7 +8,9 @@ tool (see docs/package-format.md):
   tar (or tar.gz) of DIR's tree: the same tree always gives the same bytes, so a
   package can be rebuilt and compared;
 * ``sign FILE --key SEC --component NAME --version VERSION`` writes ``FILE.minisig``
-  whose trusted comment is the manifest, and prints the size and SHA-256 a push needs.
+  whose trusted comment is the manifest, and prints the size and SHA-256 a push needs;
+* ``release --version V -o DIR_OR_FILE`` builds a self-contained supervisor release
+  (helper/release.py, docs/releases.md).
 
 Errors print one line to stderr and exit 1; usage errors exit 2.
 """
@@ -125,7 +127,20 @@ def _parser() -> argparse.ArgumentParser:
     sign.add_argument("--expires", type=_expires_arg, help="RFC 3339 time, Unix seconds, or a duration like 30d, 12h")
     sign.add_argument("--nodes", type=_nodes_arg, help="comma-separated node ids allowed to install it")
     sign.add_argument("-o", "--output", type=Path, help="signature file (default: FILE.minisig)")
+    _add_release_parser(sub)
     return parser
+
+
+def _add_release_parser(sub: argparse._SubParsersAction) -> None:
+    from helper.release import DEFAULT_PYTHON
+
+    release = sub.add_parser("release", help="build a self-contained supervisor release (docs/releases.md)")
+    release.add_argument("--version", required=True, type=_version_arg)
+    release.add_argument("-o", "--output", required=True, type=Path,
+                         help="tarball to write, or a directory for baton-V-<python tag>-<platform>.tar.gz")
+    release.add_argument("--lock", type=Path, help="hashed lock file (default: requirements/runtime.lock)")
+    release.add_argument("--python", default=DEFAULT_PYTHON,
+                         help=f"the interpreter the launchers run (default: {DEFAULT_PYTHON})")
 
 
 # --- keygen -----------------------------------------------------------------------------------------
@@ -315,6 +330,20 @@ def _build(args: argparse.Namespace) -> None:
     print(f"sha256: {digests.sha256_hex}")
 
 
+def _release(args: argparse.Namespace) -> None:
+    from helper.release import build_release
+
+    source = Path(__file__).resolve().parent.parent
+    lock = args.lock or source / "requirements" / "runtime.lock"
+    started = time.monotonic()
+    dest, manifest, digests = build_release(args.version, args.output, lock=lock, python=args.python,
+                                            source=source)
+    print(f"wrote {dest} (supervisor release {manifest.version} for {manifest.target}, "
+          f"{len(manifest.dependencies)} dependencies, {time.monotonic() - started:.1f}s)")
+    print(f"size: {digests.size}")
+    print(f"sha256: {digests.sha256_hex}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     try:
@@ -329,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"key id: {key_id}")
         elif args.command == "build":
             _build(args)
+        elif args.command == "release":
+            _release(args)
         else:
             _sign(args)
     except BatonError as e:

@@ -1,9 +1,11 @@
 """What an operator can do by hand: see versions and unfinished updates, roll back.
 
-``helper --rollback AGENT`` switches the agent back to its most recently
-installed other version and restarts it through the supervisor; when the
+``helper --rollback AGENT`` switches the agent back to its previous good
+version (the highest installed one below the current that is not marked failed,
+or ``--to VERSION``) and restarts it through the supervisor; when the
 supervisor is down it only switches the link, and the next supervisor start
-runs the old version.
+runs the old version. The version rolled away from (to a lower one) is marked
+failed, so a second rollback never moves forward to it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from baton.errors import BatonError
 from baton.journal import Journal
 from baton.layout import ComponentLayout
 from baton.marks import Marks
+from baton.versions import compare_versions, previous_good
 from helper.control import HealthCheckFailed, SupervisorControl, SupervisorUnavailable
 from helper.locks import ComponentLock
 
@@ -47,22 +50,43 @@ def status_report(cfg: Config) -> str:
     return "\n".join(out)
 
 
-def manual_rollback(cfg: Config, component: str) -> str:
+def rollback_target(cfg: Config, component: str, to: str | None = None) -> tuple[str | None, str]:
+    """(current, target) of a manual rollback: ``to`` if given, else the previous good version.
+
+    Raises:
+        RollbackError: ``to`` is not installed or is current, or there is no earlier good version.
+    """
+    layout = ComponentLayout(cfg.node.install_root, component)
+    cur = layout.current_version()
+    if to is not None:
+        if to == cur:
+            raise RollbackError(f"{component}: {to} is already the current version")
+        if not layout.is_installed(to):
+            installed = ", ".join(layout.installed_versions()) or "none"
+            raise RollbackError(f"{component}: version {to} is not installed (installed: {installed})")
+        return cur, to
+    failed = Marks(cfg.node.state_dir).failed(component)
+    target = previous_good(layout.installed_versions(), cur, failed)
+    if target is None:
+        skipped = [v for v in layout.installed_versions() if v != cur]
+        why = f"; not going to {', '.join(skipped)} (newer or marked failed; use --to VERSION)" if skipped else ""
+        raise RollbackError(f"{component}: no earlier good version installed to roll back to "
+                            f"(current {cur or '-'}){why}")
+    return cur, target
+
+
+def manual_rollback(cfg: Config, component: str, to: str | None = None) -> str:
     if component not in components(cfg):
         raise RollbackError(f"unknown component {component!r}; known: {', '.join(components(cfg))}")
     if component == SUPERVISOR_COMPONENT:
         from helper.self_update import rollback_supervisor
 
-        return rollback_supervisor(cfg)
+        return rollback_supervisor(cfg, to)
     layout = ComponentLayout(cfg.node.install_root, component)
     with ComponentLock(cfg.node.state_dir, component):
-        cur = layout.current_version()
-        backups = [v for v in layout.installed_versions() if v != cur]
-        if not backups:
-            raise RollbackError(f"{component}: no earlier version installed to roll back to (current {cur or '-'})")
-        target = backups[0]
+        cur, target = rollback_target(cfg, component, to)
         layout.switch(target)
-        if cur:
+        if cur and compare_versions(target, cur) < 0:
             Marks(cfg.node.state_dir).record_failure(component, cur)
         control = SupervisorControl(cfg.run_dir / "control.sock", rpc_timeout_s=10.0)
         try:

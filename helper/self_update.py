@@ -35,6 +35,7 @@ import socket
 import subprocess
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -52,6 +53,7 @@ from baton.states import CUSTODY_TRANSITIONS, Custody, check_move
 from baton.states import UpdateState as S
 from baton.strict_modes import log_opener
 from helper.machine import ControlFactory, UpdateRun
+from helper.release import START_LOG_ENV, START_LOG_NAME
 
 PREPARE_TIMEOUT_S = 30.0
 KILL_WAIT_S = 10.0
@@ -178,7 +180,8 @@ class HandoverSession:
             log = open(self.cfg.log_dir / "supervisor.out", "ab", opener=log_opener)  # noqa: SIM115
         proc = subprocess.Popen([str(launcher), "run", "--config", str(self.cfg.source)], stdin=subprocess.DEVNULL,
                                 stdout=out if out is not None else log, stderr=err if err is not None else log,
-                                start_new_session=True, close_fds=True)
+                                start_new_session=True, close_fds=True,
+                                env={**os.environ, START_LOG_ENV: str(start_log_path(self.cfg))})
         if log is not None:
             log.close()
         self._to(Custody.SPAWNED)
@@ -314,7 +317,8 @@ class SelfUpdateRun(UpdateRun):
         self.session: HandoverSession | None = None
 
     def _supervisor_log_tail(self, max_bytes: int = 2048) -> str:
-        return self._agent_log_tail("supervisor", max_bytes)
+        """The failed version's own start-up output if it left any (a broken release), else its log."""
+        return start_log_tail(self.cfg, max_bytes) or self._agent_log_tail("supervisor", max_bytes)
 
     def _switch_and_check(self) -> None:
         req = self.rec.request
@@ -323,6 +327,7 @@ class SelfUpdateRun(UpdateRun):
         if self._cancel_pending():  # asked for while we moved; after this the supervisor refuses a cancel
             self._rollback(CANCELLED)
             return
+        clear_start_log(self.cfg)
         self.installer.layout.switch(req.version)
         self._move(S.RESTARTING, timings=self._timed("switch", t0))
         t0 = time.monotonic()
@@ -419,6 +424,25 @@ class SelfUpdateRun(UpdateRun):
         return self.rec
 
 
+def start_log_path(cfg: Config) -> Path:
+    return cfg.log_dir / START_LOG_NAME
+
+
+def clear_start_log(cfg: Config) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(start_log_path(cfg))
+
+
+def start_log_tail(cfg: Config, max_bytes: int = 2048) -> str:
+    """What a supervisor that could not start wrote to the start log (helper/release.py's launcher)."""
+    try:
+        with open(start_log_path(cfg), "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - max_bytes))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _control_pid(cfg: Config) -> int:
     try:
         with grpc.insecure_channel(f"unix:{cfg.run_dir / 'control.sock'}") as ch:
@@ -431,29 +455,32 @@ class SelfUpdateError(BatonError):
     pass
 
 
-def rollback_supervisor(cfg: Config) -> str:
-    """``helper --rollback``: the previous supervisor version, started, whether the current one runs or not."""
+def rollback_supervisor(cfg: Config, to: str | None = None) -> str:
+    """``helper --rollback``: the previous good supervisor version, started, whether the current one runs or not.
+
+    Runs from whichever release's ``bin/helper`` the operator calls (docs/releases.md): it
+    needs nothing from the release it switches to or from.
+    """
+    from baton.marks import Marks
+    from baton.versions import compare_versions
     from helper.locks import ComponentLock
+    from helper.recovery import rollback_target
 
     layout = ComponentLayout(cfg.node.install_root, "supervisor")
     with ComponentLock(cfg.node.state_dir, "supervisor"):
-        cur = layout.current_version()
-        backups = [v for v in layout.installed_versions() if v != cur]
-        if not backups:
-            raise SelfUpdateError(f"supervisor: no earlier version installed to roll back to (current {cur or '-'})")
-        target = backups[0]
+        cur, target = rollback_target(cfg, "supervisor", to)
+        clear_start_log(cfg)
         layout.switch(target)
+        if cur and compare_versions(target, cur) < 0:  # rolled away from: never chosen again automatically
+            Marks(cfg.node.state_dir).record_failure("supervisor", cur)
         session = HandoverSession(cfg, f"rollback-{os.getpid()}", target)
         try:
             session.take_state()
             session.await_supervisor(target, cfg.update.handshake_timeout_s)
         except (wire.HandoverError, OSError) as e:
-            raise SelfUpdateError(f"supervisor: switched {cur} -> {target}, but it did not come up: {e}") from None
+            tail = start_log_tail(cfg)
+            raise SelfUpdateError(f"supervisor: switched {cur} -> {target}, but it did not come up: {e}"
+                                  + (f"; its output ends:\n{tail}" if tail else "")) from None
         finally:
             session.close()
-        if cur:
-            from baton.marks import Marks
-
-            Marks(cfg.node.state_dir).record_failure("supervisor", cur)
     return f"supervisor: rolled back {cur} -> {target}; running (pid {session.pid})"
-

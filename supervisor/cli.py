@@ -193,12 +193,34 @@ def cmd_reload(ns: argparse.Namespace) -> int:
 
 
 def cmd_install_self(ns: argparse.Namespace) -> int:
+    from helper.release import release_root_of_running_code
     from supervisor.install_self import install_self
 
     cfg = _load(ns.config)
+    root = release_root_of_running_code()
+    if root is not None:
+        return install_self_release(ns, cfg, root)
     dest = install_self(cfg, ns.version or supervisor_version())
-    print(f"installed supervisor {dest.name} at {dest}; run it with {dest.parent.parent / 'current/bin/supervisor'}"
-          " (set BATON_PYTHON to the interpreter that has Baton's dependencies)")
+    print(f"installed a development tree {dest.name} at {dest} (Baton's code only: run it with BATON_PYTHON set to "
+          "an interpreter that has the dependencies; hosts install a release, docs/releases.md)")
+    return 0
+
+
+def install_self_release(ns: argparse.Namespace, cfg: Config, root: Path) -> int:
+    """``install-self`` run from an unpacked release: install that release (docs/releases.md)."""
+    from supervisor.install_self import install_release
+
+    if ns.version and ns.version != supervisor_version():
+        print(f"supervisor: this release is {supervisor_version()}, not {ns.version}", file=sys.stderr)
+        return 1
+    try:
+        done = install_release(cfg, root, force=ns.force, unit_dir=None if ns.no_unit else Path(ns.unit_dir))
+    except BatonError as e:
+        print(f"supervisor install-self: {e}", file=sys.stderr)
+        return 1
+    print(f"installed supervisor {done.version} at {done.path}; current -> versions/{done.version}")
+    if done.unit is not None:
+        print(f"wrote {done.unit}; start it with: systemctl daemon-reload && systemctl enable --now {done.unit.name}")
     return 0
 
 
@@ -275,10 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the reload to finish")
     client_args(rl)
     rl.set_defaults(fn=_ctl(cmd_reload))
-    i = command("install-self", "install this code as a supervisor version under install_root",
+    i = command("install-self", "install this release as the current supervisor version under install_root",
                 "supervisor install-self --config /etc/baton/supervisor.toml")
     i.add_argument("--config", "-c", required=True)
     i.add_argument("--version", help="the version to install as (default: this code's version)")
+    i.add_argument("--force", action="store_true", help="install below the highest committed version")
+    i.add_argument("--unit-dir", default="/etc/systemd/system", help="where to write baton-supervisor.service")
+    i.add_argument("--no-unit", action="store_true", help="do not write the systemd unit")
     i.set_defaults(fn=cmd_install_self)
     d = command("demo", "run a self-contained demo in a temporary directory", "supervisor demo --seconds 10")
     d.add_argument("--seconds", type=float, default=5.0, help="how long to keep running at the end")

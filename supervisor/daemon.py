@@ -32,6 +32,7 @@ from baton.config import Config, load_config
 from baton.errors import BatonError
 from baton.pb import daemon_pb2_grpc
 from baton.strict_modes import make_dirs
+from helper.release import START_LOG_ENV, START_LOG_NAME
 from supervisor import handover, systemd
 from supervisor.agents import AgentSnapshot, ProcessManager, ReloadResult, same_process
 from supervisor.audit import AuditInterceptor, AuditTrail, Callers
@@ -404,6 +405,7 @@ class Supervisor:
         logger.info("exec {}", exe)
         logger.complete()
         env = dict(os.environ)
+        env[START_LOG_ENV] = str(self.cfg.log_dir / START_LOG_NAME)  # where a release that cannot start says why
         if self._stop.is_set():
             env[PENDING_STOP_ENV] = "1"  # a stop request that arrived mid-handover: the next process honours it
         os.execve(exe, [exe, "run", "--config", str(self.cfg.source)], env)

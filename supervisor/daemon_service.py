@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -57,6 +58,13 @@ def agent_info(s: AgentSnapshot) -> common_pb2.AgentInfo:
     )
 
 
+@functools.cache
+def _dependencies() -> dict[str, str]:
+    from helper.release import dependency_versions
+
+    return dependency_versions()
+
+
 class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
     def __init__(self, node_id: str, version: str, started_at: float, pm: ProcessManager,
                  updates: UpdateManager | None, manager_connected: object = None,
@@ -85,6 +93,7 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
             manager_configured=bool(getattr(self._manager_connected, "manager_configured", False)),
             holds=[daemon_pb2.ComponentHold(component=h.component, reason=h.reason, since=h.since)
                    for h in (self._holds.all() if self._holds is not None else [])],
+            dependencies=_dependencies(),
         )
 
     async def ListAgents(self, request: daemon_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext

@@ -1,10 +1,10 @@
 """A self-contained demo in a temporary directory: nothing to configure, no external service.
 
 It starts the reference Manager (``baton-manager serve``, SQLite and a package
-server on 127.0.0.1), generates a release key, installs the supervisor into its
-versioned layout (1.0.0), starts it with three agents, kills one to show the
+server on 127.0.0.1), generates a release key, builds a supervisor release
+from this checkout and installs it with ``install-self`` (1.0.0), starts it with three agents, kills one to show the
 restart, has the Manager push a signed update of the ``web`` agent and then a
-signed self-update of the supervisor (the agents keep their pids), shows the
+signed self-update to a second release (1.1.0; the agents keep their pids), shows the
 Manager's update history, and stops everything.
 """
 
@@ -149,13 +149,40 @@ restart = "always"
              f"127.0.0.1:{self.http_port}"], stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
+    def release(self, version: str) -> Path:
+        """``baton-package release`` from this checkout and its lock file, then ``baton-package sign``."""
+        from baton.digest import digest_stream
+        from baton.signing import format_manifest, sign_prehash
+        from helper.release import build_release
+
+        source = Path(__file__).resolve().parent.parent
+        out, manifest, _ = build_release(version, self.base / "release", lock=source / "requirements" / "runtime.lock",
+                                         source=source)
+        with open(out, "rb") as f:
+            digests = digest_stream(f)
+        signature = sign_prehash(self.secret, digests.blake2b512, format_manifest("supervisor", version))
+        out.with_name(out.name + ".minisig").write_text(signature)
+        print(f"   $ baton-package release --version {version} -o release/   -> {out.name} "
+              f"({digests.size / 1e6:.1f} MB, {len(manifest.dependencies)} bundled dependencies)")
+        return out
+
     def install(self) -> None:
         from baton.config import load_config
         from baton.layout import ComponentLayout
-        from supervisor.install_self import install_self
 
         cfg = load_config(self.cfg_path)
-        install_self(cfg, "1.0.0")
+        (self.base / "release").mkdir(exist_ok=True)
+        self.say("a supervisor release (Baton + every locked dependency), installed as the README says")
+        tarball = self.release("1.0.0")
+        subprocess.run(["tar", "-xzf", str(tarball), "-C", str(self.base / "release")], check=True)
+        unpacked = self.base / "release" / "baton-1.0.0"
+        print(f"   $ tar -xzf {tarball.name} && ./baton-1.0.0/bin/supervisor install-self --config supervisor.toml")
+        res = subprocess.run(["env", "-i", str(unpacked / "bin" / "supervisor"), "install-self", "--config",
+                              str(self.cfg_path), "--unit-dir", str(self.base / "systemd")],
+                             capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            raise SystemExit(f"demo: install-self failed: {res.stderr.strip()}")
+        print("\n".join("   " + line for line in res.stdout.strip().splitlines()))
         web = ComponentLayout(cfg.node.install_root, "web")
         web.versions_dir.mkdir(parents=True, exist_ok=True)
         staged = web.versions_dir / ".staging-demo"
@@ -167,7 +194,7 @@ restart = "always"
         launcher = self.base / "install" / "supervisor" / "current" / "bin" / "supervisor"
         log = open(self.base / "supervisor.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen([str(launcher), "run", "--config", str(self.cfg_path)], stdout=log,
-                                     stderr=subprocess.STDOUT, env={**os.environ, "BATON_PYTHON": sys.executable})
+                                     stderr=subprocess.STDOUT, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
         log.close()
         self.channel = grpc.insecure_channel(f"unix:{self.base}/run/supervisor.sock")
         self.stub = daemon_pb2_grpc.DaemonServiceStub(self.channel)
@@ -235,13 +262,10 @@ restart = "always"
         self.wait_running()
         print(self.table())
 
-        from supervisor.install_self import write_tree
-
         before = {a.name: a.pid for a in self.stub.ListAgents(daemon_pb2.ListAgentsRequest()).agents}
-        self.say("the Manager pushes a signed self-update of the supervisor (1.0.0 -> 1.1.0): it execs in place, "
-                 "the helper holds its sockets and agent table meanwhile")
-        tree = write_tree(self.base / "trees" / "supervisor-1.1.0", "1.1.0")
-        self.manager_push(self.package(tree, "supervisor", "1.1.0"), "supervisor", "1.1.0")
+        self.say("the Manager pushes a signed self-update of the supervisor to a second release (1.0.0 -> 1.1.0): "
+                 "it execs in place, the helper holds its sockets and agent table meanwhile")
+        self.manager_push(self.release("1.1.0"), "supervisor", "1.1.0")
         self.wait_running()
         print(self.table())
         after = {a.name: a.pid for a in self.stub.ListAgents(daemon_pb2.ListAgentsRequest()).agents}

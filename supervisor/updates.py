@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -37,7 +36,7 @@ from baton.pb import common_pb2, daemon_pb2
 from baton.states import PRE_SWITCH, UpdateState
 from baton.strict_modes import log_opener
 from supervisor import systemd
-from supervisor.install_self import running_from_layout
+from supervisor.install_self import helper_command, running_from_layout
 
 MAX_HELPER_STARTS = 5
 RESPAWN_DELAY_S = 0.5
@@ -303,7 +302,7 @@ class UpdateManager:
             logger.error("update {}: cannot start a helper without a config file", update_id)
             return
         log_path = self.journal.dir(update_id) / "helper.log"
-        argv = [sys.executable, "-m", "helper", "apply", "--config", str(self.cfg.source), "--update-id",
+        argv = [*helper_command(), "apply", "--config", str(self.cfg.source), "--update-id",
                 update_id, "--socket", str(self.control_socket)]
         if systemd.under_systemd() and shutil.which("systemd-run"):
             # Its own transient unit: outside what systemd stops or kills with the supervisor's service.

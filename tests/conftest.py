@@ -573,3 +573,8 @@ def make_self_host(make_supervisor: Callable[..., SupervisorProc], release: Rele
         return SelfUpdateHost(sup, release)
 
     return make
+
+
+# ---- supervisor releases (slow: built once per session, shared by test_release.py and test_systemd.py) ---------
+
+from tests.release_fixtures import releases  # noqa: E402,F401

@@ -14,6 +14,7 @@ from typing import Any
 from baton.journal import Journal, UpdateRecord, UpdateRequestRecord
 from baton.signing import load_public_key
 from manager.devca import issue_manager, issue_node, make_ca
+from supervisor.install_self import render_unit
 from tests.conftest import PY, ROOT, free_port, wait_for
 from tests.manager_fixtures import make_manager_fixture  # noqa: F401  (the make_manager fixture)
 
@@ -210,7 +211,7 @@ def test_an_installed_unit_that_differs_from_the_shipped_one_is_reported(update_
     shipped = ROOT / "packaging" / "systemd" / "baton-supervisor.service"
     unit = tmp_path / "baton-supervisor.service"
     launcher = update_host.install_root / "supervisor" / "current" / "bin" / "supervisor"
-    text = shipped.read_text().replace("/opt/baton/supervisor/current/bin/supervisor", str(launcher))
+    text = render_unit(shipped.read_text(), launcher.parents[3], update_host.sup.config_path)
     unit.write_text(text.replace("KillMode=process", "KillMode=control-group"))
     code, checks = doctor(update_host.sup.config_path, unit=unit)
     bad = worst(checks, "systemd-unit")
@@ -246,7 +247,7 @@ def test_an_installed_supervisor_version_carries_the_unit_its_doctor_compares_wi
     shipped = version_dir / "share" / "baton-supervisor.service"
     assert shipped.read_text() == (ROOT / "packaging" / "systemd" / "baton-supervisor.service").read_text()
     unit = tmp_path / "baton-supervisor.service"
-    unit.write_text(shipped.read_text().replace("/opt/baton/supervisor/current/bin/supervisor", str(host.launcher)))
+    unit.write_text(render_unit(shipped.read_text(), host.launcher.parents[3], host.sup.config_path))
     res = subprocess.run([str(host.launcher), "doctor", "--config", str(host.sup.config_path), "--json",
                           "--systemd-unit", str(unit)], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "BATON_PYTHON": PY})

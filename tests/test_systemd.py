@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import psutil
 import pytest
@@ -25,14 +26,17 @@ def test_shipped_units_pass_systemd_analyze_verify_silently(tmp_path):
     root = tmp_path / "root"
     (root / "etc/systemd/system").mkdir(parents=True)
     shutil.copytree("/lib/systemd/system", root / "lib/systemd/system", symlinks=True)
-    text = UNIT.read_text()
-    for path in re.findall(r"(?:ExecStart=|BATON_PYTHON=)(/\S+)", text):
+    from supervisor.install_self import render_unit
+
+    text = render_unit(UNIT.read_text(), Path("/opt/baton"), Path("/etc/baton/supervisor.toml"))
+    for path in re.findall(r"(?:ExecStart=)(/\S+)", text):
         p = root / path.lstrip("/")
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("#!/bin/sh\n")
         p.chmod(0o755)
     for unit in sorted((ROOT / "packaging" / "systemd").glob("*.service")):
-        shutil.copy(unit, root / "etc/systemd/system" / unit.name)
+        (root / "etc/systemd/system" / unit.name).write_text(
+            render_unit(unit.read_text(), Path("/opt/baton"), Path("/etc/baton/supervisor.toml")))
         res = subprocess.run(["systemd-analyze", "verify", f"--root={root}", f"/etc/systemd/system/{unit.name}"],
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 0 and res.stdout == "" and res.stderr == "", res.stdout + res.stderr
@@ -47,12 +51,11 @@ def test_verify_would_catch_a_bad_setting(tmp_path):
 
 
 def unit_for_test(sup: SupervisorProc) -> str:
-    """The shipped unit, pointed at the test's install root, config and interpreter, logging to a file."""
-    text = UNIT.read_text()
-    text = text.replace("/opt/baton/supervisor/current/bin/supervisor",
-                        str(sup.base / "install" / "supervisor" / "current" / "bin" / "supervisor"))
-    text = text.replace("/etc/baton/supervisor.toml", str(sup.config_path))
-    text = text.replace("BATON_PYTHON=/opt/baton/venv/bin/python", f"BATON_PYTHON={PY}")
+    """The shipped unit as install-self renders it, for a development tree (BATON_PYTHON), logging to a file."""
+    from supervisor.install_self import render_unit
+
+    text = render_unit(UNIT.read_text(), sup.base / "install", sup.config_path)
+    text = text.replace("[Service]\n", f"[Service]\nEnvironment=BATON_PYTHON={PY}\n", 1)
     text = text.replace("[Unit]\n", "[Unit]\nDefaultDependencies=no\n", 1)
     text = text.replace("WatchdogSec=30s", "WatchdogSec=3s")  # a switch that starved the watchdog would show
     text = re.sub(r"^(After|Wants)=network-online.target\n", "", text, flags=re.M)
@@ -174,3 +177,35 @@ def test_systemctl_stop_stops_every_agent(systemd, unit_host):
     assert res.returncode == 0, res.stderr
     assert systemd.show("baton-supervisor.service", "ActiveState")["ActiveState"] == "inactive"
     assert agents_alive() == []
+
+
+@needs_systemd
+@pytest.mark.slow
+def test_unit_installed_from_a_release_as_the_readme_says_runs_and_self_updates_to_a_release(
+        systemd, make_supervisor, release, releases):
+    """README "Installing from a release": tar -xzf, install-self, daemon-reload, start; the unit is not edited."""
+    from tests.release_fixtures import envi, unpack
+
+    sup = make_supervisor(list(SELF_AGENTS), name="rel",
+                          extra={"update": {"trusted_keys": [str(release.public_key)], "handshake_timeout_s": 30.0,
+                                            "free_space_reserve_bytes": 0}})
+    sup.write_config()
+    root = unpack(releases.v100, sup.base / "unpacked")
+    res = envi(root / "bin" / "supervisor", "install-self", "--config", sup.config_path, "--unit-dir", systemd.units)
+    assert res.returncode == 0, res.stderr
+    for args in (("daemon-reload",), ("start", "baton-supervisor.service")):
+        res = systemd.systemctl(*args, timeout=120)
+        assert res.returncode == 0, res.stderr
+    for a in ("web", "worker", "chatty"):
+        sup.wait_agent(a, "running", timeout=30)
+    host = SelfUpdateHost(sup, release)
+    main_pid = systemd.show("baton-supervisor.service", "MainPID")["MainPID"]
+    assert int(main_pid) == sup.status().pid
+    before = agent_pids(host)
+    uid = host.push(release.sign(releases.v110, "supervisor", "1.1.0"))
+    st = host.wait_final(uid, timeout=120)
+    assert st.state == common_pb2.UPDATE_STATE_COMMITTED, st.error
+    status = sup.status()
+    assert (status.supervisor_version, status.dependencies["idna"]) == ("1.1.0", "3.10")
+    assert systemd.show("baton-supervisor.service", "MainPID", "NRestarts") == {"MainPID": main_pid, "NRestarts": "0"}
+    assert agent_pids(host) == before

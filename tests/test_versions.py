@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from baton.versions import InvalidVersion, compare_versions, parse_version, validate_version
+from baton.versions import InvalidVersion, compare_versions, parse_version, previous_good, validate_version
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -97,3 +97,20 @@ def test_validate_version_refuses_unsafe_directory_names(bad: str, why: str) -> 
 def test_parse_version_refuses_names_that_are_not_safe_directories() -> None:
     with pytest.raises(InvalidVersion, match="longer than 64"):
         parse_version("1." + "0." * 40 + "0")
+
+
+def test_previous_good_is_the_highest_version_below_current() -> None:
+    assert previous_good(["1.0.0", "1.2.0", "0.9.0", "1.1.0"], "1.2.0", []) == "1.1.0"
+
+
+def test_previous_good_skips_versions_marked_failed() -> None:
+    assert previous_good(["1.0.0", "1.1.0", "1.2.0"], "1.2.0", ["1.1.0"]) == "1.0.0"
+
+
+def test_previous_good_never_moves_forward_after_a_rollback() -> None:
+    assert previous_good(["1.1.0", "1.0.0"], "1.0.0", ["1.1.0"]) is None
+    assert previous_good(["1.1.0", "1.0.0"], "1.0.0", []) is None
+
+
+def test_previous_good_without_a_current_link_is_the_highest_good_version() -> None:
+    assert previous_good(["1.0.0", "1.1.0", "2.0.0"], None, ["2.0.0"]) == "1.1.0"

@@ -40,6 +40,26 @@ Global___GetStatusRequest: _TypeAlias = GetStatusRequest  # noqa: Y015
 class Status(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class DependenciesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NODE_ID_FIELD_NUMBER: _builtins.int
     SUPERVISOR_VERSION_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
@@ -49,6 +69,7 @@ class Status(_message.Message):
     MANAGER_CONNECTED_FIELD_NUMBER: _builtins.int
     MANAGER_CONFIGURED_FIELD_NUMBER: _builtins.int
     HOLDS_FIELD_NUMBER: _builtins.int
+    DEPENDENCIES_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     supervisor_version: _builtins.str
     uptime_seconds: _builtins.float
@@ -63,6 +84,12 @@ class Status(_message.Message):
     def holds(self) -> _containers.RepeatedCompositeFieldContainer[Global___ComponentHold]:
         """components whose pushes are refused (`helper hold`)"""
 
+    @_builtins.property
+    def dependencies(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The Python distributions this supervisor runs with (name -> version, importlib.metadata): a release's
+        bundled dependencies (docs/releases.md). Added in contract version 2; empty from older supervisors.
+        """
+
     def __init__(
         self,
         *,
@@ -75,10 +102,11 @@ class Status(_message.Message):
         manager_connected: _builtins.bool = ...,
         manager_configured: _builtins.bool = ...,
         holds: _abc.Iterable[Global___ComponentHold] | None = ...,
+        dependencies: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "holds", b"holds", "manager_configured", b"manager_configured", "manager_connected", b"manager_connected", "node_id", b"node_id", "pid", b"pid", "started_at", b"started_at", "supervisor_version", b"supervisor_version", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "dependencies", b"dependencies", "holds", b"holds", "manager_configured", b"manager_configured", "manager_connected", b"manager_connected", "node_id", b"node_id", "pid", b"pid", "started_at", b"started_at", "supervisor_version", b"supervisor_version", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

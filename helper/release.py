@@ -1,0 +1,355 @@
+"""Self-contained supervisor releases (docs/releases.md).
+
+A release is one directory, ``baton-<version>/``, that becomes
+``<install_root>/supervisor/versions/<version>/`` unchanged::
+
+    bin/supervisor, bin/helper, bin/baton-package   launchers: ``#!<python3> -IS``
+    lib/                                            Baton's packages and every dependency (pip --target)
+    share/                                          the systemd unit template and the example config
+    RELEASE.json                                    the release manifest (version, Python ABI, platform, deps)
+    VERSION
+
+The launchers run the system interpreter isolated (``-I``: no PYTHON* variables,
+no user site, no script directory; ``-S``: no site-packages), put their own
+release's ``lib/`` first on ``sys.path`` (found from the launcher's real path, so
+``current/bin/helper`` runs the current release's code) and call the entry point.
+Nothing is read from the environment, so ``env -i .../bin/helper`` works.
+
+``build_release`` makes the tarball ``baton-<v>-<python tag>-<platform>.tar.gz``
+byte for byte reproducibly: dependencies come from the lock file with
+``pip install --require-hashes --no-deps --no-compile``, modes are normalised,
+and the tar is written by ``baton-package build`` (sorted, mtime 0, owner 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from baton import durable
+from baton.digest import Digests
+from baton.errors import BatonError
+from baton.versions import validate_version
+
+MANIFEST_NAME = "RELEASE.json"
+MANIFEST_FORMAT = 1
+PACKAGES = ("baton", "supervisor", "helper")
+ENTRY_POINTS = {
+    "supervisor": "supervisor.cli",
+    "helper": "helper.cli",
+    "baton-package": "helper.package_tool",
+}
+DEFAULT_PYTHON = "/usr/bin/python3"
+SHARE_FILES = {
+    "systemd/baton-supervisor.service": "packaging/systemd/baton-supervisor.service",
+    "supervisor.example.toml": "packaging/supervisor.example.toml",
+}
+LAUNCHER = '''#!{python} -IS
+"""Baton release launcher: run this release's {name} on the system Python, isolated from the environment."""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "lib"))
+try:
+    from {module} import main
+except BaseException:  # a broken dependency: say so where the helper that started us will look
+    import traceback
+
+    text = traceback.format_exc()
+    sys.stderr.write(text)
+    if os.environ.get("{start_log_env}"):
+        try:
+            with open(os.environ["{start_log_env}"], "a") as f:
+                f.write(text)
+        except OSError:
+            pass
+    sys.exit(1)
+sys.exit(main())
+'''
+# Where a launcher that cannot even import its entry point writes the traceback; the supervisor sets it before
+# its exec and the helper before it starts one, then quotes it as the failed update's last_log.
+START_LOG_ENV = "BATON_START_LOG"
+START_LOG_NAME = "supervisor-start.log"
+_TARGET_PROBE = (
+    "import sys, sysconfig; "
+    "print(sys.implementation.name, sys.version_info[0], sys.version_info[1], sysconfig.get_platform())"
+)
+
+
+class ReleaseError(BatonError):
+    """A release cannot be built, read or used; the message says why."""
+
+
+class IncompatibleRelease(ReleaseError):
+    """The release was built for another Python minor version or architecture than this host runs."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What compiled code in a release is built for: ``cp311`` and ``linux_x86_64``."""
+
+    python_tag: str
+    platform: str
+
+    def __str__(self) -> str:
+        return f"{self.python_tag}-{self.platform}"
+
+
+@dataclass(frozen=True)
+class ReleaseManifest:
+    """``RELEASE.json``: one encoder (``to_json``), one decoder (``from_json``)."""
+
+    version: str
+    target: Target
+    python: str
+    dependencies: tuple[tuple[str, str], ...]
+    lock_sha256: str
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": self.version,
+            "python_tag": self.target.python_tag,
+            "platform": self.target.platform,
+            "python": self.python,
+            "dependencies": dict(self.dependencies),
+            "lock_sha256": self.lock_sha256,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> ReleaseManifest:
+        if not isinstance(data, dict):
+            raise ReleaseError(f"{MANIFEST_NAME}: not a JSON object")
+        if data.get("format") != MANIFEST_FORMAT:
+            raise ReleaseError(f"{MANIFEST_NAME}: unsupported format {data.get('format')!r} "
+                               f"(this helper reads format {MANIFEST_FORMAT})")
+        try:
+            deps = data["dependencies"]
+            if not isinstance(deps, dict):
+                raise TypeError("dependencies")
+            return cls(
+                version=str(data["version"]),
+                target=Target(str(data["python_tag"]), str(data["platform"])),
+                python=str(data["python"]),
+                dependencies=tuple(sorted((str(k), str(v)) for k, v in deps.items())),
+                lock_sha256=str(data["lock_sha256"]),
+            )
+        except (KeyError, TypeError) as e:
+            raise ReleaseError(f"{MANIFEST_NAME}: missing or malformed field {e}") from None
+
+    def write(self, root: Path) -> None:
+        text = json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
+        (root / MANIFEST_NAME).write_text(text)
+
+
+def running_target() -> Target:
+    """The target of the interpreter running this code."""
+    return Target(_python_tag(sys.implementation.name, sys.version_info[0], sys.version_info[1]),
+                  _platform_tag(sysconfig.get_platform()))
+
+
+def _python_tag(impl: str, major: int, minor: int) -> str:
+    return f"{'cp' if impl == 'cpython' else impl}{major}{minor}"
+
+
+def _platform_tag(platform: str) -> str:
+    return platform.replace("-", "_").replace(".", "_")
+
+
+def interpreter_target(python: str) -> Target:
+    """Ask ``python`` (the launchers' interpreter) what it is, isolated as the launchers run it."""
+    try:
+        out = subprocess.run([python, "-IS", "-c", _TARGET_PROBE], capture_output=True, text=True, timeout=60,
+                             check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError) as e:
+        raise ReleaseError(f"cannot run the launchers' interpreter {python}: {e}") from None
+    return Target(_python_tag(out[0], int(out[1]), int(out[2])), _platform_tag(out[3]))
+
+
+def read_manifest(root: Path) -> ReleaseManifest | None:
+    """The manifest of the release at ``root``; None for a tree without one (a development tree)."""
+    try:
+        text = (root / MANIFEST_NAME).read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise ReleaseError(f"{MANIFEST_NAME}: not valid JSON: {e}") from None
+    return ReleaseManifest.from_json(data)
+
+
+def check_compatible(manifest: ReleaseManifest, here: Target | None = None) -> None:
+    """Refuse a release whose compiled dependencies cannot load on this host.
+
+    Raises:
+        IncompatibleRelease: another Python minor version or another platform.
+    """
+    here = here or running_target()
+    if manifest.target != here:
+        raise IncompatibleRelease(
+            f"release {manifest.version} is built for {manifest.target} but this host runs {here} "
+            f"({sys.executable}); build the release on a host like this one")
+
+
+def release_root_of_running_code() -> Path | None:
+    """The release this process runs from (its ``lib/`` holds our packages), or None (a checkout)."""
+    root = Path(__file__).resolve().parent.parent.parent
+    return root if (root / MANIFEST_NAME).is_file() else None
+
+
+def dependency_versions() -> dict[str, str]:
+    """Every distribution on this process's ``sys.path``: a release's bundled dependencies."""
+    found: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            found.setdefault(str(name).lower().replace("_", "-"), dist.version)
+    return found
+
+
+def prepare_staged(staged: Path, version: str) -> Path:
+    """A staged supervisor package: unwrap ``baton-<version>/`` and refuse an incompatible release.
+
+    Runs before the version is installed, so a refused release changes nothing.
+
+    Raises:
+        IncompatibleRelease: built for another Python minor version or platform.
+        ReleaseError: the manifest is unreadable or names another version, or a helper running
+            from a release got a development tree (it would need ``BATON_PYTHON``).
+    """
+    inner = staged / f"baton-{version}"
+    if inner.is_dir() and not inner.is_symlink() and [p.name for p in staged.iterdir()] == [inner.name]:
+        lifted = staged.with_name(staged.name + "-release")
+        os.replace(inner, lifted)
+        os.rmdir(staged)
+        os.replace(lifted, staged)
+        durable.fsync_dir(staged.parent)
+    manifest = read_manifest(staged)
+    if manifest is None:
+        if release_root_of_running_code() is not None:
+            raise ReleaseError(f"supervisor {version} is not a release (no {MANIFEST_NAME}): a host installed from "
+                               "releases takes only releases (`baton-package release`)")
+        return staged
+    if manifest.version != version:
+        raise ReleaseError(f"{MANIFEST_NAME} says version {manifest.version}, the package is {version}")
+    check_compatible(manifest)
+    compile_bytecode(staged)
+    return staged
+
+
+def compile_bytecode(root: Path) -> None:
+    """Write ``lib/``'s bytecode now, before the switch: a release ships none (it would not be reproducible),
+    and compiling on first import would put about a second into the self-update's control-plane window."""
+    import compileall
+
+    # A file that does not compile is not fatal here: if it matters, the new version fails its import
+    # and is rolled back with the error as last_log.
+    compileall.compile_dir(str(root / "lib"), quiet=2, workers=1)
+
+
+# --- building ---------------------------------------------------------------------------------------
+
+
+def release_file_name(version: str, target: Target) -> str:
+    return f"baton-{version}-{target.python_tag}-{target.platform}.tar.gz"
+
+
+def _normalise_modes(root: Path) -> None:
+    """0755 for directories and executables, 0644 for the rest: a build does not depend on the umask."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, 0o755)
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, 0o755 if os.stat(p).st_mode & 0o111 else 0o644)
+        for name in dirnames:
+            if os.path.islink(os.path.join(dirpath, name)):
+                raise ReleaseError(f"{os.path.join(dirpath, name)}: symlinked directory in a release")
+
+
+def _pip_install(lock: Path, lib: Path) -> None:
+    argv = [sys.executable, "-m", "pip", "install", "--require-hashes", "--no-deps", "--no-compile",
+            "--only-binary=:all:", "--disable-pip-version-check", "--no-warn-script-location", "--quiet",
+            "--target", str(lib), "-r", str(lock)]
+    proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise ReleaseError(f"pip could not install {lock}:\n{tail}")
+
+
+def _bundled(lib: Path) -> tuple[tuple[str, str], ...]:
+    deps = []
+    for dist in importlib.metadata.distributions(path=[str(lib)]):
+        deps.append((str(dist.metadata["Name"]).lower().replace("_", "-"), dist.version))
+    return tuple(sorted(deps))
+
+
+def write_release_tree(root: Path, version: str, *, lock: Path, python: str, source: Path) -> ReleaseManifest:
+    """Fill ``root`` (new, empty) with the release tree; returns its manifest."""
+    validate_version(version)
+    here = running_target()
+    target = interpreter_target(python)
+    if target != here:
+        raise ReleaseError(f"pip installs for {here} ({sys.executable}) but the launchers' interpreter {python} "
+                           f"is {target}: run baton-package with a {target.python_tag} interpreter or pass --python")
+    lib = root / "lib"
+    lib.mkdir(parents=True)
+    _pip_install(lock, lib)
+    shutil.rmtree(lib / "bin", ignore_errors=True)  # console scripts naming the build's interpreter
+    for pkg in PACKAGES:
+        shutil.copytree(source / pkg, lib / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    for name, module in ENTRY_POINTS.items():
+        (bin_dir / name).write_text(LAUNCHER.format(python=python, name=name, module=module,
+                                                       start_log_env=START_LOG_ENV))
+        os.chmod(bin_dir / name, 0o755)
+    for dest, src in SHARE_FILES.items():
+        (root / "share" / dest).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / src, root / "share" / dest)
+    (root / "VERSION").write_text(version + "\n")
+    from baton.digest import digest_stream
+
+    with open(lock, "rb") as f:
+        lock_sha256 = digest_stream(f).sha256_hex
+    manifest = ReleaseManifest(version=version, target=target, python=python, dependencies=_bundled(lib),
+                               lock_sha256=lock_sha256)
+    manifest.write(root)
+    for cache in list(root.rglob("__pycache__")):
+        shutil.rmtree(cache)
+    _normalise_modes(root)
+    return manifest
+
+
+def build_release(version: str, output: Path, *, lock: Path, python: str = DEFAULT_PYTHON,
+                  source: Path | None = None) -> tuple[Path, ReleaseManifest, Digests]:
+    """Build ``baton-<version>-<tag>-<platform>.tar.gz`` (into ``output`` if it is a directory).
+
+    Raises:
+        ReleaseError: the interpreter does not match, pip fails, or the lock file is missing.
+    """
+    from helper.package_tool import build_package
+
+    source = source or Path(__file__).resolve().parent.parent
+    if not lock.is_file():
+        raise ReleaseError(f"lock file {lock} not found")
+    work = Path(tempfile.mkdtemp(prefix="baton-release-"))
+    try:
+        root = work / f"baton-{version}"
+        manifest = write_release_tree(root, version, lock=lock, python=python, source=source)
+        dest = output / release_file_name(version, manifest.target) if output.is_dir() else output
+        digests = build_package(work, dest, use_gzip=True)
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(work)
+    return dest, manifest, digests

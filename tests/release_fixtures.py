@@ -1,0 +1,96 @@
+"""Session-scoped supervisor releases for the tests (docs/releases.md): built once, shared by every module.
+
+Building a release runs pip over the whole lock file, so the suite builds two (1.0.0 from
+requirements/runtime.lock, 1.1.0 with idna at another version) and derives the broken and
+foreign ones from 1.0.0's tree. Tests that use them are marked ``slow`` (still run in CI).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PY, ROOT
+
+LOCK = ROOT / "requirements" / "runtime.lock"
+# A pure-Python dependency at another pinned version than runtime.lock's (from pip's configured index).
+ALT_IDNA = ("3.10", "946d195a0d259cbba61165e88e65941f16e9b36ea6ddb97f00452bae8b1287d3")
+BUILD_TIMEOUT_S = 600
+
+
+def package_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "-m", "helper.package_tool", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=BUILD_TIMEOUT_S)
+
+
+def alt_lock(dest: Path) -> Path:
+    """runtime.lock with idna pinned to another version: the second release's only dependency change."""
+    text = LOCK.read_text()
+    version, digest = ALT_IDNA
+    new, n = re.subn(r"^idna==\S+ \\\n(?:    --hash=sha256:[0-9a-f]+(?: \\)?\n)+",
+                     f"idna=={version} \\\n    --hash=sha256:{digest}\n", text, flags=re.M)
+    assert n == 1, "runtime.lock has no idna entry to replace"
+    dest.write_text(new)
+    return dest
+
+
+@dataclass(frozen=True)
+class Releases:
+    """The tarballs of the session: 1.0.0 (the lock), 1.1.0 (idna differs), and derived broken/foreign ones."""
+
+    dir: Path
+    v100: Path
+    v110: Path
+
+    def derived(self, version: str, edit: Callable[[Path], None]) -> Path:
+        """1.0.0's tree as ``version``, changed by ``edit``, packed like a release (not rebuilt)."""
+        from helper.package_tool import build_package
+        from helper.release import read_manifest
+
+        out = self.dir / f"derived-{version}-{edit.__name__}.tar.gz"
+        if out.exists():
+            return out
+        work = self.dir / f"derived-{version}-{edit.__name__}"
+        with tarfile.open(self.v100) as tar:
+            tar.extractall(work, filter="tar")
+        root = work / f"baton-{version}"
+        (work / "baton-1.0.0").rename(root)
+        (root / "VERSION").write_text(version + "\n")
+        manifest = read_manifest(root)
+        assert manifest is not None
+        data = manifest.to_json()
+        data["version"] = version
+        (root / "RELEASE.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        edit(root)
+        build_package(work, out, True)
+        return out
+
+
+@pytest.fixture(scope="session")
+def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
+    d = tmp_path_factory.mktemp("releases")
+    r = package_cli("release", "--version", "1.0.0", "-o", d)
+    assert r.returncode == 0, r.stderr
+    r = package_cli("release", "--version", "1.1.0", "--lock", alt_lock(d / "alt.lock"), "-o",
+                     d / "baton-1.1.0.tar.gz")
+    assert r.returncode == 0, r.stderr
+    return Releases(d, d / "baton-1.0.0-cp311-linux_x86_64.tar.gz", d / "baton-1.1.0.tar.gz")
+
+
+def unpack(tarball: Path, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-xzf", str(tarball), "-C", str(dest)], check=True)
+    (root,) = dest.iterdir()
+    return root
+
+
+def envi(*argv: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run with an empty environment from ``/``, as a new host's root shell or a unit would."""
+    return subprocess.run(["env", "-i", *map(str, argv)], capture_output=True, text=True, cwd="/", timeout=timeout)
