@@ -106,7 +106,8 @@ class SupervisorProc:
         cfg: dict[str, Any] = {
             "node": {"id": node_id, "state_dir": str(self.state_dir), "install_root": str(base / "install")},
             "grpc": {"unix_socket": str(self.socket)},
-            "update": {"file_url_root": str(base.parent)},  # test packages are file:// URLs in the test's tmp_path
+            # test packages are file:// URLs in the test's tmp_path or, for the session's releases, beside it
+            "update": {"file_url_root": str(base.parent.parent)},
             "log": {"level": "DEBUG"},
             "agents": agents,
         }

@@ -176,6 +176,7 @@ def test_a_mutating_method_is_recorded_without_being_named_anywhere(make_supervi
         sup.stub.CancelUpdate(daemon_pb2.UpdateRef(update_id="no-such-update"), timeout=15)
     except grpc.RpcError as e:
         code = e.code().name
+    wait_for(lambda: records(sup.state_dir), 15, what="the CancelUpdate record")
     [rec] = records(sup.state_dir)
     assert (rec.call, rec.args, rec.code) == ("CancelUpdate", {"update_id": "no-such-update"}, code)
 
