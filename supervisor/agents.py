@@ -9,8 +9,9 @@ the supervisor of the moment drains it into a rotating log file.
 
 State changes are guarded by :data:`baton.states.AGENT_TRANSITIONS` in
 :meth:`Agent._set_state`, the only writer (``Agent.state`` is read-only); every
-change is persisted to the agent table so a later supervisor process can adopt
-the agents instead of starting second instances.
+change is persisted to the agent table (one write per event-loop turn) so a
+later supervisor process can adopt the agents instead of starting second
+instances.
 """
 
 from __future__ import annotations
@@ -691,17 +692,31 @@ class ProcessManager:
         self._retiring: dict[str, asyncio.Task[None]] = {}
         self._reload_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
+        self._flush: asyncio.Handle | None = None
 
     def add_listener(self, fn: Callable[[AgentSnapshot], None]) -> None:
         self._listeners.append(fn)
 
     def _changed(self, agent: Agent) -> None:
-        self.persist()
+        self._persist_soon()
         snap = agent.snapshot()
         for fn in self._listeners:
             fn(snap)
 
+    def _persist_soon(self) -> None:
+        """One durable write for every change made in this event-loop turn (see baton/agent_table.py).
+
+        The write runs at the start of the next turn, before any callback woken by these changes (an awaited
+        stop, a gRPC answer in a later turn): whoever learns of a change learns of it after it is on disk, and
+        100 agents restarted in one turn cost one fsync, not 100."""
+        if self._flush is None:
+            self._flush = self._loop.call_soon(self.persist)
+
     def persist(self) -> None:
+        """Write the table now (durably, if it changed)."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
         self.table.save([a.record() for a in self.agents.values()])
 
     def get(self, name: str) -> Agent:
@@ -711,6 +726,8 @@ class ProcessManager:
             raise UnknownAgent(name) from None
 
     def snapshots(self) -> list[AgentSnapshot]:
+        if self._flush is not None:  # what is shown is durable (a pid seen in status is adopted after a crash)
+            self.persist()
         return [a.snapshot() for a in self.agents.values()]
 
     def configured(self) -> list[Agent]:
