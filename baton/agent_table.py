@@ -11,13 +11,14 @@ stopped agent comes back). A lost transition without a new pid (STARTING ->
 RUNNING, RUNNING -> BACKOFF, BACKOFF -> STARTING before the spawn) costs nothing:
 the next supervisor checks each pid against the kernel's start time and starts
 what is gone. So the supervisor does not write the table on every state change
-but once per event-loop turn (``ProcessManager._persist_soon``): every change of
-one turn, e.g. 100 agents killed and restarted together, costs one
-write-temp/fsync/rename/fsync-dir of the whole table, which runs at the start of
-the next turn, before any callback that reacts to those changes and before the
-status shows them (``snapshots`` writes first). A SIGKILL inside the turn that
-spawned an agent (sub-millisecond; the window was the fsync itself before) can
-still lose its new pid, as a crash between fork and write always could.
+(``ProcessManager._persist_soon``): a new pid or a kept state is written at the
+start of the next event-loop turn, before any callback that reacts to it and
+before a status answer shows it (``snapshots`` writes first); any other change
+waits up to 0.2 s and shares that write. The fsync is thus never between an
+agent's exit and its respawn, and every change of one turn (100 agents killed
+and restarted together) costs one write-temp/fsync/rename/fsync-dir. A SIGKILL
+inside the turn that spawned an agent (sub-millisecond) can still lose its new
+pid, as a crash between fork and the write always could.
 ``save`` skips the write when the table did not change.
 """
 
