@@ -740,7 +740,7 @@ class ProcessManager:
             raise UnknownAgent(name) from None
 
     def snapshots(self) -> list[AgentSnapshot]:
-        if self._flush is not None:  # what is shown is durable (a pid seen in status is adopted after a crash)
+        if self._flush is not None and self._flush_urgent:  # a pid shown is durable (adopted after a crash)
             self.persist()
         return [a.snapshot() for a in self.agents.values()]
 
