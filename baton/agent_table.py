@@ -1,9 +1,25 @@
 """The table of running agents, as persisted and as handed over.
 
-The supervisor rewrites it (durably) on every agent state change. A later
-supervisor process, whether started by a handover, by systemd after a crash or
-by a rollback, reads it and adopts each agent whose pid still names the same
-process (same kernel start time) instead of starting a second instance.
+A later supervisor process, whether started by a handover, by systemd after a
+crash or by a rollback, reads it and adopts each agent whose pid still names the
+same process (same kernel start time) instead of starting a second instance.
+
+What a crash must not lose is (a) the pid and start time of every agent that has
+a process (else the next supervisor starts a second instance beside it) and (b)
+a state kept without a process (STOPPED, EXITED, FATAL, NOT_INSTALLED: else a
+stopped agent comes back). A lost transition without a new pid (STARTING ->
+RUNNING, RUNNING -> BACKOFF, BACKOFF -> STARTING before the spawn) costs nothing:
+the next supervisor checks each pid against the kernel's start time and starts
+what is gone. So the supervisor does not write the table on every state change
+(``ProcessManager._persist_soon``): a new pid or a kept state is written at the
+start of the next event-loop turn, before any callback that reacts to it and
+before a status answer shows it (``snapshots`` writes first); any other change
+waits up to 0.2 s and shares that write. The fsync is thus never between an
+agent's exit and its respawn, and every change of one turn (100 agents killed
+and restarted together) costs one write-temp/fsync/rename/fsync-dir. A SIGKILL
+inside the turn that spawned an agent (sub-millisecond) can still lose its new
+pid, as a crash between fork and the write always could.
+``save`` skips the write when the table did not change.
 """
 
 from __future__ import annotations

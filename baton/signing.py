@@ -30,11 +30,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from baton.errors import BatonError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+# cryptography (about 7 MiB resident) is imported where a key is used, not here: the supervisor imports this
+# module only to check a signature's syntax at update admission, and keeps every byte it does not need off its RSS.
 
 SIGALG = b"Ed"
 SIGALG_HASHED = b"ED"
@@ -208,6 +212,7 @@ class SecretKey:
         return PublicKey(self.key_id, self.secret_key[32:])
 
     def _private(self) -> Ed25519PrivateKey:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
         return Ed25519PrivateKey.from_private_bytes(self.secret_key[:32])
 
 
@@ -315,6 +320,7 @@ def load_trusted_keys(paths: Iterable[Path | str]) -> tuple[PublicKey, ...]:
 
 def generate_keypair() -> tuple[SecretKey, PublicKey]:
     """A new Ed25519 key pair with a random 8-byte key id, as ``minisign -G`` makes."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     private = Ed25519PrivateKey.generate()
     pk = private.public_key().public_bytes_raw()
     secret = SecretKey(os.urandom(KEY_ID_BYTES), private.private_bytes_raw() + pk)
@@ -425,6 +431,7 @@ def parse_secret_key(text: str, password: str | None = None) -> SecretKey:
         if kdf_alg == KDF_SCRYPT:
             raise SecretKeyError("wrong password for this secret key")
         raise SecretKeyError("the secret key's checksum does not match; the file is corrupt")
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     derived_pk = Ed25519PrivateKey.from_private_bytes(sk[:32]).public_key().public_bytes_raw()
     if not hmac.compare_digest(derived_pk, sk[32:]):
         raise SecretKeyError("the secret key's public half does not match its seed; the file is corrupt")
@@ -549,6 +556,8 @@ def verify_signature(sig: Signature, blake2b512: bytes, trusted: Sequence[Public
     candidates = [k for k in trusted if hmac.compare_digest(k.key_id, sig.key_id)]
     if not candidates:
         raise UntrustedKey(sig.key_id_hex, [k.key_id_hex for k in trusted])
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     for key in candidates:
         public = Ed25519PublicKey.from_public_bytes(key.public_key)
         try:

@@ -9,8 +9,9 @@ the supervisor of the moment drains it into a rotating log file.
 
 State changes are guarded by :data:`baton.states.AGENT_TRANSITIONS` in
 :meth:`Agent._set_state`, the only writer (``Agent.state`` is read-only); every
-change is persisted to the agent table so a later supervisor process can adopt
-the agents instead of starting second instances.
+change is persisted to the agent table (one write per event-loop turn) so a
+later supervisor process can adopt the agents instead of starting second
+instances.
 """
 
 from __future__ import annotations
@@ -675,6 +676,9 @@ def retired_config(rec: AgentRecord) -> AgentConfig:
                        autostart=False, restart="never")
 
 
+LAZY_WRITE_S = 0.2  # how long a change that a crash may lose waits to share one table write with others
+
+
 class ProcessManager:
     """All agents of this host, and the agent table that lets a successor adopt them.
 
@@ -691,18 +695,43 @@ class ProcessManager:
         self._retiring: dict[str, asyncio.Task[None]] = {}
         self._reload_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
+        self._flush: asyncio.Handle | None = None
+        self._flush_urgent = False
+        self._written_pids: dict[str, int] = {}
 
     def add_listener(self, fn: Callable[[AgentSnapshot], None]) -> None:
         self._listeners.append(fn)
 
     def _changed(self, agent: Agent) -> None:
-        self.persist()
+        self._persist_soon(agent)
         snap = agent.snapshot()
         for fn in self._listeners:
             fn(snap)
 
+    def _persist_soon(self, agent: Agent) -> None:
+        """Coalesce table writes; write soon what a crash must not lose (see baton/agent_table.py).
+
+        A new pid or a state kept without a process is written at the start of the next event-loop turn,
+        before any callback woken by the change (an awaited stop, a gRPC answer in a later turn): whoever
+        learns of it learns of it after it is on disk. Anything else (running, backoff, stopping, counters)
+        waits up to LAZY_WRITE_S and rides along, so the fsync is never between an agent's exit and its
+        respawn, and 100 agents restarted together cost one write, not 100."""
+        urgent = agent.state in AGENT_KEPT_STATES or (agent.pid and agent.pid != self._written_pids.get(agent.name))
+        if self._flush is not None and (not urgent or self._flush_urgent):
+            return
+        if self._flush is not None:
+            self._flush.cancel()
+        self._flush_urgent = bool(urgent)
+        self._flush = (self._loop.call_soon(self.persist) if urgent
+                       else self._loop.call_later(LAZY_WRITE_S, self.persist))
+
     def persist(self) -> None:
+        """Write the table now (durably, if it changed)."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
         self.table.save([a.record() for a in self.agents.values()])
+        self._written_pids = {a.name: a.pid for a in self.agents.values()}
 
     def get(self, name: str) -> Agent:
         try:
@@ -711,6 +740,8 @@ class ProcessManager:
             raise UnknownAgent(name) from None
 
     def snapshots(self) -> list[AgentSnapshot]:
+        if self._flush is not None and self._flush_urgent:  # a pid shown is durable (adopted after a crash)
+            self.persist()
         return [a.snapshot() for a in self.agents.values()]
 
     def configured(self) -> list[Agent]:

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
-from tests.conftest import agent, wait_for
+from tests.conftest import agent, agent_processes, wait_for
 
 RUNNING = common_pb2.AGENT_STATE_RUNNING
 
@@ -192,6 +192,20 @@ def test_second_supervisor_on_same_state_dir_refuses_to_start(make_supervisor):
     other.start(wait=False)
     assert other.proc.wait(20) == 1
     assert "supervisor.lock" in other.output()
+
+
+def test_supervisor_killed_right_after_an_agent_restarted_adopts_the_new_process(make_supervisor):
+    """The table is written once per event-loop turn: a new pid must still be on disk before anyone sees it."""
+    sup = make_supervisor([agent("w", "crash_agent.py", start_seconds=0.2, backoff_initial_s=0.05)]).start()
+    first = sup.wait_agent("w", "running").pid
+    os.kill(first, signal.SIGKILL)
+    new = wait_for(lambda: sup.agent("w").pid not in (0, first) and sup.agent("w").pid, timeout=10,
+                   interval=0.001, what="the restarted agent's pid in the status")
+    sup.kill()
+    sup.start()
+    a = sup.wait_agent("w", "running")
+    assert a.pid == new and a.adopted
+    assert agent_processes(sup.state_dir, "w") == [new]
 
 
 def test_agents_survive_a_killed_supervisor_and_are_adopted_by_the_next_one(make_supervisor):
