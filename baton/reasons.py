@@ -163,6 +163,12 @@ def from_pb(number: int) -> FailureReason:
         return FailureReason.UNSPECIFIED
 
 
+def reason_name(number: int) -> str:
+    """What a store keeps for a peer's reason: its name, or "" for UNSPECIFIED (committed, or not said)."""
+    reason = from_pb(number)
+    return "" if reason is FailureReason.UNSPECIFIED else reason.value
+
+
 def classify(exc: BaseException) -> FailureReason:
     """The reason an exception stands for: its class or the nearest base class named in ``BY_EXCEPTION``."""
     own = getattr(exc, "reason", None)
