@@ -112,9 +112,10 @@ NEXT_STEP: dict[FailureReason, str] = {
     R.UNSPECIFIED: "",
     R.DOWNLOAD_UNREACHABLE: "check that {url} is right and reachable from this node (network policy, proxy, "
                             "the package server's log)",
-    R.DOWNLOAD_TOO_SLOW: "check the network path to the package server, or lower update.min_download_rate",
-    R.DOWNLOAD_TIMEOUT: "check that the package server answers; it stalled (raise update.download_timeout_s "
-                        "only for a known slow link)",
+    R.DOWNLOAD_TOO_SLOW: "check the network path to the package server (or lower update.min_rate_bytes_per_s "
+                         "for a known slow link)",
+    R.DOWNLOAD_TIMEOUT: "check that the package server answers; it stalled (raise update.read_timeout_s or "
+                        "update.download_timeout_s only for a known slow link)",
     R.DOWNLOAD_PROTOCOL: "check the package server or a proxy in between: it did not serve the package as pushed",
     R.DISK_FULL: "free space in {path} (update.download_dir) and the install filesystem, then push again",
     R.DOWNLOAD_FILE_UNTRUSTED: "check who else writes to update.download_dir; it must be root-owned and not "
