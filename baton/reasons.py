@@ -147,8 +147,35 @@ NEXT_STEP: dict[FailureReason, str] = {
     R.INTERNAL: "read the helper's log",
 }
 
-TROUBLESHOOTING: dict[FailureReason, str] = {r: "reason-" + r.value.lower().replace("_", "-") for r in R}
-"""The anchor of each reason's section in docs/troubleshooting.md."""
+TROUBLESHOOTING: dict[FailureReason, str] = {
+    R.UNSPECIFIED: "failure-kinds",
+    R.DOWNLOAD_UNREACHABLE: "failure-download-failed",
+    R.DOWNLOAD_TOO_SLOW: "failure-download-failed",
+    R.DOWNLOAD_TIMEOUT: "failure-download-failed",
+    R.DOWNLOAD_PROTOCOL: "failure-download-failed",
+    R.DOWNLOAD_FILE_UNTRUSTED: "failure-download-failed",
+    R.DISK_FULL: "failure-disk-full",
+    R.SIGNATURE_UNTRUSTED_KEY: "failure-signature-failed",
+    R.SIGNATURE_INVALID: "failure-signature-failed",
+    R.SIGNATURE_MANIFEST_MISMATCH: "failure-signature-failed",
+    R.SIGNATURE_EXPIRED: "failure-signature-failed",
+    R.TRUSTED_KEYS_BROKEN: "failure-signature-failed",
+    R.HASH_MISMATCH: "failure-hash-mismatch",
+    R.SIZE_MISMATCH: "failure-hash-mismatch",
+    R.UNSAFE_ARCHIVE: "failure-unsafe-archive",
+    R.INSTALL_FAILED: "failure-install-failed",
+    R.NEW_VERSION_EXITED: "failure-new-version-exited",
+    R.NEW_VERSION_NOT_READY: "failure-new-version-not-ready",
+    R.HANDSHAKE_TIMEOUT: "failure-handshake-timeout",
+    R.HANDSHAKE_REFUSED: "failure-handshake-timeout",
+    R.ROLLBACK_FAILED: "failure-rollback-failed",
+    R.CANCELLED: "failure-cancelled",
+    R.HELPER_CRASHED: "failure-helper-crashed",
+    R.INCOMPATIBLE_RELEASE: "failure-incompatible-release",
+    R.SUPERVISOR_UNAVAILABLE: "failure-supervisor-unavailable",
+    R.INTERNAL: "failure-internal",
+}
+"""The anchor of each reason's section in docs/troubleshooting.md (several codes share a section)."""
 
 
 def to_pb(value: str) -> int:
@@ -214,4 +241,4 @@ def next_step(reason: FailureReason, known: Mapping[str, str] | None = None) -> 
 def message(reason: FailureReason, detail: str, known: Mapping[str, str] | None = None) -> str:
     """What a person reads: what happened, then what to do (``detail``; next step: ...)."""
     step = next_step(reason, known)
-    return f"{detail}; next step: {step}" if step else detail
+    return f"{detail}; next step: {step} (docs/troubleshooting.md#{reason.anchor})" if step else detail

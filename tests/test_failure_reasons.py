@@ -212,5 +212,12 @@ def test_every_reason_in_the_contract_is_defined_once_with_a_next_step():
 def test_a_disk_error_without_a_class_of_its_own_is_disk_full():
     err = OSError(28, "No space left on device", "/var/lib/baton/downloads/x")
     assert classify(err) is R.DISK_FULL
-    assert message(R.DISK_FULL, str(err), {"path": "/d"}).endswith("next step: " + next_step(R.DISK_FULL,
-                                                                                                 {"path": "/d"}))
+    assert f"next step: {next_step(R.DISK_FULL, {'path': '/d'})}" in message(R.DISK_FULL, str(err), {"path": "/d"})
+
+
+def test_every_reason_has_its_section_in_the_troubleshooting_guide():
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "troubleshooting.md").read_text()
+    for r in FailureReason:
+        if r is not R.UNSPECIFIED:
+            assert f'<a id="{r.anchor}"></a>' in guide, f"no section {r.anchor} for {r.value}"
+            assert f"`{r.value}`" in guide, f"{r.value} is not named in the guide"
