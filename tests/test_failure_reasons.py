@@ -221,3 +221,13 @@ def test_every_reason_has_its_section_in_the_troubleshooting_guide():
         if r is not R.UNSPECIFIED:
             assert f'<a id="{r.anchor}"></a>' in guide, f"no section {r.anchor} for {r.value}"
             assert f"`{r.value}`" in guide, f"{r.value} is not named in the guide"
+
+
+# ---- a supervisor self-update: the handover's failures ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fault", "reason"), [("hang", R.HANDSHAKE_TIMEOUT), ("exit_at_start", R.HANDSHAKE_REFUSED)])
+def test_self_update_whose_new_supervisor_fails_the_handover_has_its_reason(make_self_host, fault, reason):
+    host = make_self_host(tcp=False, update={"handshake_timeout_s": 4.0})
+    st = _ends_with(host, host.push(host.supervisor_package("1.1.0", fault)), ROLLED_BACK, reason)
+    assert "next step: check the new supervisor's log" in st.error, st.error
