@@ -26,6 +26,7 @@ from typing import Any, TextIO
 from loguru import logger
 
 from baton.errors import BatonError
+from baton.reasons import reason_name
 from manager.errors import ManagerError, PushRefused, UnknownNode
 from manager.publish import PackageRef, publish
 from manager.push import ClientTls, Operator, Pusher, PushOptions, Target, new_update_id, state_of
@@ -196,7 +197,9 @@ def cmd_push(ns: argparse.Namespace) -> int:
     def progress(node: str, status: Any) -> None:
         state = state_of(status).value
         detail = f" {status.bytes_done}/{status.bytes_total} bytes" if state == "downloading" else ""
-        say(out, f"{node}: {state}{detail}{': ' + status.error if status.error and status.finished else ''}")
+        why = reason_name(status.reason) if status.finished else ""
+        say(out, f"{node}: {state}{detail}{f' [{why}]' if why else ''}"
+                 f"{': ' + status.error if status.error and status.finished else ''}")
 
     options = PushOptions(force=ns.force, allow_downgrade=ns.allow_downgrade, timeout_s=ns.timeout,
                           operator=Operator.current(ns.as_operator))

@@ -187,7 +187,8 @@ def test_manager_records_the_reason_and_groups_updates_by_it(make_manager, make_
     manager = make_manager()
     make_fleet(make_supervisor, release, manager, 1, update={"health_timeout_s": 4.0})
     pkg = signed(release.build("1.1.0", "exit_at_once"))
-    manager.cli("push", "node-1", *package_args(pkg), check=False)
+    pushed = manager.cli("push", "node-1", *package_args(pkg), check=False)
+    assert "node-1: rolled_back [NEW_VERSION_EXITED]: " in pushed.stdout, pushed.stdout
     wait_for(lambda: manager.updates() and manager.updates()[0]["reports"] == 1, 30, what="the node's result")
     [row] = manager.updates()
     assert (row["state"], row["reason"]) == ("rolled_back", "NEW_VERSION_EXITED")
