@@ -87,6 +87,7 @@ class UpdateRecord:
     attempts: int = 0
     helper_pid: int = 0
     last_log: str = ""
+    reason: str = ""  # a baton.reasons.FailureReason value once the update ended other than committed
     download_file: tuple[int, int] | None = None  # (st_dev, st_ino) of the download file the helper created
     format: int = JOURNAL_FORMAT
 
@@ -147,6 +148,7 @@ class UpdateRecord:
             attempts=d.get("attempts", 0),
             helper_pid=d.get("helper_pid", 0),
             last_log=d.get("last_log", ""),
+            reason=d.get("reason", ""),
             download_file=(int(d["download_file"][0]), int(d["download_file"][1])) if d.get("download_file") else None,
             format=d.get("format", JOURNAL_FORMAT),
         )

@@ -15,6 +15,7 @@ import grpc
 
 from baton.errors import BatonError
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
+from baton.reasons import FailureReason
 
 POLL_S = 0.1
 
@@ -25,6 +26,10 @@ class SupervisorUnavailable(BatonError):
 
 class HealthCheckFailed(BatonError):
     """The new version did not become ready, or did not stay up through the health window."""
+
+    def __init__(self, message: str, reason: FailureReason = FailureReason.NEW_VERSION_NOT_READY) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def state_name(state: int) -> str:
@@ -90,7 +95,7 @@ class SupervisorControl:
             if a.state in (common_pb2.AGENT_STATE_BACKOFF, common_pb2.AGENT_STATE_FATAL,
                            common_pb2.AGENT_STATE_EXITED, common_pb2.AGENT_STATE_STOPPED):
                 raise HealthCheckFailed(f"agent {name} {version} is {state_name(a.state)} before it was ready: "
-                                        f"{_describe(a)}")
+                                        f"{_describe(a)}", FailureReason.NEW_VERSION_EXITED)
             if time.monotonic() > deadline:
                 raise HealthCheckFailed(f"agent {name} {version} not ready within {ready_timeout_s:g}s "
                                         f"(still {state_name(a.state)})")
@@ -103,7 +108,7 @@ class SupervisorControl:
             a = self.agent(name)
             if a.state != common_pb2.AGENT_STATE_RUNNING or a.pid != pid or a.restarts != restarts:
                 raise HealthCheckFailed(f"agent {name} {version} died within the {window_s:g}s health window: "
-                                        f"{state_name(a.state)}, {_describe(a)}")
+                                        f"{state_name(a.state)}, {_describe(a)}", FailureReason.NEW_VERSION_EXITED)
         return a
 
 

@@ -31,9 +31,10 @@ from loguru import logger
 from baton import faults
 from baton.admission import check_request
 from baton.config import Config
-from baton.errors import BatonError
+from baton.errors import MAX_QUOTED_CHARS, BatonError, clip
 from baton.journal import CANCEL_SIGNAL, CANCELLED, Journal, UpdateRecord
 from baton.marks import Marks
+from baton.reasons import FailureReason, classify, facts, message
 from baton.states import PRE_SWITCH
 from baton.states import UpdateState as S
 from helper.control import HealthCheckFailed, SupervisorControl, SupervisorUnavailable
@@ -164,18 +165,19 @@ class UpdateRun:
                 if self._prepare():
                     self._switch_and_check()
             else:
-                self._rollback(self.rec.error or f"the helper was interrupted in state {self.rec.state.value}")
+                why = FailureReason.parse(self.rec.reason) if self.rec.reason else FailureReason.HELPER_CRASHED
+                self._rollback(self.rec.error or f"the helper was interrupted in state {self.rec.state.value}", why)
         finally:
             if self._control is not None:
                 self._control.close()
         return self.rec
 
     def _give_up(self) -> None:
-        reason = f"gave up after {MAX_ATTEMPTS} helper attempts"
+        detail = f"gave up after {MAX_ATTEMPTS} helper attempts"
         if self.rec.state in PRE_SWITCH:
-            self._fail(reason)
+            self._fail(message(FailureReason.HELPER_CRASHED, detail), FailureReason.HELPER_CRASHED)
         else:
-            self._rollback(reason)
+            self._rollback(detail, FailureReason.HELPER_CRASHED)
 
     # ---- before the switch: any failure is FAILED and changes nothing ----------------------------------------
 
@@ -212,22 +214,23 @@ class UpdateRun:
             self._check_cancel()
             return True
         except UpdateCancelled:
-            self._fail(CANCELLED)
+            self._fail(CANCELLED, FailureReason.CANCELLED)
             return False
         except (BatonError, OSError, ValueError) as e:
             # Anything before the switch, a disk error included, is a clean FAILED: never a helper crash loop.
-            self._fail(str(e), error_class=type(e).__name__)
+            why = classify(e)
+            self._fail(message(why, str(e), facts(e)), why, error_class=type(e).__name__)
             return False
         finally:
             if dl is not None:
                 dl.close()
 
-    def _fail(self, reason: str, error_class: str = "") -> None:
+    def _fail(self, detail: str, why: FailureReason, error_class: str = "") -> None:
         self.installer.remove_staging_leftovers()
         if self.rec.state is S.STAGING:
             self.installer.discard_version(self.rec.to_version)
-        error = f"{error_class}: {reason}" if error_class else reason
-        self._move(S.FAILED, error, error=error, success=False, finished_at=time.time())
+        error = f"{error_class}: {detail}" if error_class else detail
+        self._move(S.FAILED, error, error=error, reason=why.value, success=False, finished_at=time.time())
         self._settle()
 
     # ---- the switch and after: any failure rolls back ---------------------------------------------------------
@@ -237,7 +240,7 @@ class UpdateRun:
         t0 = time.monotonic()
         self._move(S.SWITCHING)
         if self._cancel_pending():  # asked for while we moved: from here on a cancel rolls back
-            self._rollback(CANCELLED)
+            self._rollback(CANCELLED, FailureReason.CANCELLED)
             return
         self.installer.layout.switch_dir(self._staged_dir)
         self._move(S.RESTARTING, timings=self._timed("switch", t0))
@@ -252,10 +255,10 @@ class UpdateRun:
                                       check=self._check_cancel)
             self.rec = replace(self.rec, timings=self._timed("health", t0))
         except (HealthCheckFailed, SupervisorUnavailable) as e:
-            self._rollback(str(e))
+            self._rollback(str(e), classify(e))
             return
         except UpdateCancelled:
-            self._rollback(CANCELLED)
+            self._rollback(CANCELLED, FailureReason.CANCELLED)
             return
         self._commit()
 
@@ -263,10 +266,11 @@ class UpdateRun:
         self._move(S.COMMITTED, success=True, finished_at=time.time())
         self._settle()
 
-    def _rollback(self, reason: str) -> None:
+    def _rollback(self, detail: str, why: FailureReason) -> None:
+        """Back to the old version; ``detail`` and ``why`` say what went wrong with the new one."""
         req = self.rec.request
         t0 = time.monotonic()
-        self._move(S.ROLLING_BACK, reason, error=reason)
+        self._move(S.ROLLING_BACK, detail, error=detail, reason=why.value)
         layout = self.installer.layout
         old = self.rec.from_version
         last_log = self._agent_log_tail(req.component)
@@ -290,9 +294,15 @@ class UpdateRun:
                 self.control.stop(req.component)
             except SupervisorUnavailable as e:
                 notes.append(str(e))
-        error = "; ".join([reason, *notes])
-        self._move(S.ROLLED_BACK, error=error, rolled_back=True, success=False, finished_at=time.time(),
-                   last_log=last_log, timings=self._timed("rollback", t0))
+        if notes:
+            why = FailureReason.ROLLBACK_FAILED
+        text = "; ".join([detail, *notes])
+        if why is not FailureReason.CANCELLED:
+            if last_log.strip() and why in (FailureReason.NEW_VERSION_EXITED, FailureReason.NEW_VERSION_NOT_READY):
+                text += f"; its last output: {quote_output(last_log)}"
+            text = message(why, text)
+        self._move(S.ROLLED_BACK, error=text, reason=why.value, rolled_back=True, success=False,
+                   finished_at=time.time(), last_log=last_log, timings=self._timed("rollback", t0))
         self._settle()
 
     # ---- after a final state: idempotent effects, redone by a helper that finds them unsettled ----------------
@@ -327,3 +337,12 @@ class UpdateRun:
                 return f.read().decode(errors="replace")
         except OSError:
             return ""
+
+
+OUTPUT_LINES = 5  # of a failed version's output quoted in the error a person reads
+
+
+def quote_output(log: str, lines: int = OUTPUT_LINES) -> str:
+    """The last ``lines`` lines of ``log`` on one line, clipped: the error stays readable in a table."""
+    tail = " | ".join(line.strip() for line in log.strip().splitlines()[-lines:] if line.strip())
+    return repr(clip(tail[-MAX_QUOTED_CHARS * 2:], MAX_QUOTED_CHARS * 2))

@@ -49,6 +49,7 @@ from baton.errors import BatonError
 from baton.journal import CANCELLED, Journal, UpdateRecord
 from baton.layout import ComponentLayout
 from baton.pb import daemon_pb2, daemon_pb2_grpc
+from baton.reasons import FailureReason, classify, message
 from baton.states import CUSTODY_TRANSITIONS, Custody, check_move
 from baton.states import UpdateState as S
 from baton.strict_modes import log_opener
@@ -325,7 +326,7 @@ class SelfUpdateRun(UpdateRun):
         t0 = time.monotonic()
         self._move(S.SWITCHING)
         if self._cancel_pending():  # asked for while we moved; after this the supervisor refuses a cancel
-            self._rollback(CANCELLED)
+            self._rollback(CANCELLED, FailureReason.CANCELLED)
             return
         clear_start_log(self.cfg)
         self.installer.layout.switch(req.version)
@@ -339,16 +340,16 @@ class SelfUpdateRun(UpdateRun):
             self.session.await_supervisor(req.version, self.cfg.update.handshake_timeout_s)
             self.rec = replace(self.rec, timings=self._timed("handshake", t0))
         except (wire.HandoverError, OSError) as e:
-            self._rollback(f"{type(e).__name__}: {e}")
+            self._rollback(f"{type(e).__name__}: {e}", classify(e))
             return
         self.session.close()
         self._commit()
 
-    def _rollback(self, reason: str) -> None:
+    def _rollback(self, detail: str, why: FailureReason) -> None:
         req = self.rec.request
         t0 = time.monotonic()
         if self.rec.state is not S.ROLLING_BACK:
-            self._move(S.ROLLING_BACK, reason, error=reason)
+            self._move(S.ROLLING_BACK, detail, error=detail, reason=why.value)
         old = self.rec.from_version
         layout = self.installer.layout
         last_log = self._supervisor_log_tail()
@@ -370,9 +371,13 @@ class SelfUpdateRun(UpdateRun):
         if session is not None:
             session.close()
         self.installer.discard_version(req.version)
-        error = "; ".join([reason, *notes])
-        self._move(S.ROLLED_BACK, error=error, rolled_back=True, success=False, finished_at=time.time(),
-                   last_log=last_log, timings=self._timed("rollback", t0))
+        if notes:
+            why = FailureReason.ROLLBACK_FAILED
+        error = "; ".join([detail, *notes])
+        if why is not FailureReason.CANCELLED:
+            error = message(why, error)
+        self._move(S.ROLLED_BACK, error=error, reason=why.value, rolled_back=True, success=False,
+                   finished_at=time.time(), last_log=last_log, timings=self._timed("rollback", t0))
         self._settle()
 
     def _recover_without_session(self, old: str, notes: list[str]) -> None:
@@ -420,7 +425,8 @@ class SelfUpdateRun(UpdateRun):
                 self._move(S.WATCHING, "recovery")
             self._commit()
         else:
-            self._rollback(f"the helper was interrupted during the handover (running: {version or 'nothing'})")
+            self._rollback(f"the helper was interrupted during the handover (running: {version or 'nothing'})",
+                           FailureReason.HELPER_CRASHED)
         return self.rec
 
 

@@ -26,6 +26,7 @@ from typing import Any, TextIO
 from loguru import logger
 
 from baton.errors import BatonError
+from baton.reasons import reason_name
 from manager.errors import ManagerError, PushRefused, UnknownNode
 from manager.publish import PackageRef, publish
 from manager.push import ClientTls, Operator, Pusher, PushOptions, Target, new_update_id, state_of
@@ -212,7 +213,9 @@ def cmd_push(ns: argparse.Namespace) -> int:
     def progress(node: str, status: Any) -> None:
         state = state_of(status).value
         detail = f" {status.bytes_done}/{status.bytes_total} bytes" if state == "downloading" else ""
-        say(out, f"{node}: {state}{detail}{': ' + status.error if status.error and status.finished else ''}")
+        why = reason_name(status.reason) if status.finished else ""
+        say(out, f"{node}: {state}{detail}{f' [{why}]' if why else ''}"
+                 f"{': ' + status.error if status.error and status.finished else ''}")
 
     options = PushOptions(force=ns.force, allow_downgrade=ns.allow_downgrade, timeout_s=ns.timeout,
                           operator=Operator.current(ns.as_operator))
@@ -378,12 +381,32 @@ def cmd_nodes(ns: argparse.Namespace) -> int:
 
 
 def updates_table(items: Sequence[Any]) -> str:
-    rows = [("UPDATE", "NODE", "COMPONENT", "FROM", "TO", "STATE", "RESULT", "CREATED", "TOOK", "BY", "ERROR")]
+    rows = [("UPDATE", "NODE", "COMPONENT", "FROM", "TO", "STATE", "RESULT", "REASON", "CREATED", "TOOK", "BY",
+             "ERROR")]
     for u in items:
         result = "ok" if u.success else "rolled back" if u.rolled_back else "failed" if u.state.final else "-"
         took = f"{u.finished_at - u.created_at:.1f}s" if u.finished_at else "-"
         rows.append((u.update_id, u.node, u.component, u.from_version or "-", u.to_version, u.state.value, result,
-                     fmt_time(u.created_at), took, Operator(u.started_by, u.started_on).describe(), short(u.error)))
+                     u.reason or "-", fmt_time(u.created_at), took, Operator(u.started_by, u.started_on).describe(),
+                     short(u.error)))
+    return table(rows)
+
+
+def by_reason(items: Sequence[Any]) -> dict[str, list[Any]]:
+    """The updates that ended other than committed, grouped by reason code, most frequent first."""
+    groups: dict[str, list[Any]] = {}
+    for u in items:
+        if u.state.final and not u.success:
+            groups.setdefault(u.reason or "FAILURE_REASON_UNSPECIFIED", []).append(u)
+    return dict(sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])))
+
+
+def by_reason_table(items: Sequence[Any]) -> str:
+    rows = [("REASON", "COUNT", "NODES", "LAST ERROR")]
+    for reason, group in by_reason(items).items():
+        nodes = sorted({u.node for u in group})
+        rows.append((reason, str(len(group)), ", ".join(nodes[:5]) + (" ..." if len(nodes) > 5 else ""),
+                     short(group[-1].error)))
     return table(rows)
 
 
@@ -391,7 +414,11 @@ def cmd_updates(ns: argparse.Namespace) -> int:
     store = open_store(ns)
     items = store.updates(node=ns.node or "", component=ns.component or "", state=ns.state or "",
                           rollout_id=ns.rollout or "")
-    if ns.json:
+    if ns.by_reason and ns.json:
+        print(json.dumps({r: [u.update_id for u in g] for r, g in by_reason(items).items()}, indent=2))
+    elif ns.by_reason:
+        print(by_reason_table(items))
+    elif ns.json:
         print(json.dumps([u.to_json() for u in items], indent=2))
     else:
         print(updates_table(items))
@@ -499,6 +526,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--component")
     s.add_argument("--state", help="a state name: committed, rolled_back, failed, downloading, ...")
     s.add_argument("--rollout", metavar="ID")
+    s.add_argument("--by-reason", action="store_true",
+                   help="count the updates that did not commit by failure reason (docs/troubleshooting.md)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_updates)
     return p

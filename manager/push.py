@@ -27,6 +27,7 @@ import grpc
 
 from baton.admission import REFUSAL_METADATA_KEY
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
+from baton.reasons import reason_name
 from baton.states import UpdateState
 from manager.errors import NodeOffline, PushRefused
 from manager.publish import PackageRef
@@ -249,6 +250,7 @@ class Pusher:
             rolled_back=status.rolled_back, error=status.error,
             timings={t.step: t.seconds for t in status.timings},
             finished_at=status.updated_at or time.time(), last_log=status.last_log,
+            reason=reason_name(status.reason),
             created_at=row.created_at if row else 0.0,
         ))
         return Outcome(update_id, self.target.node_id, state, status.success, status.rolled_back, status.error)

@@ -22,6 +22,7 @@ from loguru import logger
 
 from baton.identity import PeerIdentity, peer_identity
 from baton.pb import common_pb2, manager_pb2, manager_pb2_grpc
+from baton.reasons import reason_name
 from baton.states import UpdateState
 from manager.store import Node, ResultRow, Store
 
@@ -62,7 +63,7 @@ def result_row(r: common_pb2.UpdateResult) -> ResultRow:
     return ResultRow(update_id=r.update_id, node=r.node_id, component=r.component, from_version=r.from_version,
                      to_version=r.to_version, state=state, success=r.success, rolled_back=r.rolled_back,
                      error=r.error, timings={t.step: t.seconds for t in r.timings}, started_at=r.started_at,
-                     finished_at=r.finished_at, last_log=r.last_log)
+                     finished_at=r.finished_at, last_log=r.last_log, reason=reason_name(r.reason))
 
 
 class ManagerService(manager_pb2_grpc.ManagerServiceServicer):

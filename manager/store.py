@@ -120,6 +120,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE rollouts ADD COLUMN started_by TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE rollouts ADD COLUMN started_on TEXT NOT NULL DEFAULT ''",
     ),
+    # 5: why an update ended other than committed (a baton.reasons.FailureReason name; '' when committed or
+    # when an older supervisor did not say).
+    (
+        "ALTER TABLE updates ADD COLUMN reason TEXT NOT NULL DEFAULT ''",
+    ),
 )
 ACTIVE_ROLLOUT_STATES = ("running", "paused")  # a serve replica carries these out
 ROLLOUT_CONTROLS = ("", "pause", "cancel")  # what `rollout pause|resume|cancel` leaves for the owner
@@ -162,6 +167,7 @@ class UpdateRow:
     reported_at: float | None = None  # when the supervisor's result arrived
     reports: int = 0  # how many times it arrived (the repeats were answered duplicate=True)
     last_log: str = ""
+    reason: str = ""  # a baton.reasons.FailureReason name, "" when committed or not said
     started_by: str = ""  # the operator who started it ("" for an update only a node reported)
     started_on: str = ""  # the host their command ran on
 
@@ -172,7 +178,8 @@ class UpdateRow:
             "success": self.success, "rolled_back": self.rolled_back, "error": self.error,
             "timings": self.timings, "created_at": self.created_at, "finished_at": self.finished_at,
             "rollout_id": self.rollout_id, "reported_at": self.reported_at, "reports": self.reports,
-            "last_log": self.last_log, "started_by": self.started_by, "started_on": self.started_on,
+            "last_log": self.last_log, "reason": self.reason, "started_by": self.started_by,
+            "started_on": self.started_on,
         }
 
 
@@ -193,6 +200,7 @@ class ResultRow:
     started_at: float
     finished_at: float
     last_log: str = ""
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -385,10 +393,11 @@ class _SqlStore:
             self._exec(
                 c,
                 """UPDATE updates SET state = ?, success = ?, rolled_back = ?, error = ?, timings = ?,
-                     finished_at = ?, last_log = ?, from_version = COALESCE(NULLIF(?, ''), from_version)
+                     finished_at = ?, last_log = ?, reason = ?,
+                     from_version = COALESCE(NULLIF(?, ''), from_version)
                    WHERE update_id = ? AND reported_at IS NULL""",
                 (row.state.value, int(row.success), int(row.rolled_back), row.error, json.dumps(row.timings),
-                 row.finished_at or time.time(), row.last_log, row.from_version, row.update_id),
+                 row.finished_at or time.time(), row.last_log, row.reason, row.from_version, row.update_id),
             )
 
     def record_result(self, result: ResultRow) -> bool:
@@ -403,19 +412,19 @@ class _SqlStore:
                 c,
                 """INSERT INTO updates (update_id, node, component, from_version, to_version, state, success,
                                         rolled_back, error, timings, created_at, finished_at, reported_at,
-                                        reports, last_log)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?)
+                                        reports, last_log, reason)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)
                    ON CONFLICT (update_id) DO UPDATE SET
                      state = excluded.state, success = excluded.success, rolled_back = excluded.rolled_back,
                      error = excluded.error, timings = excluded.timings, finished_at = excluded.finished_at,
-                     from_version = excluded.from_version, last_log = excluded.last_log,
+                     from_version = excluded.from_version, last_log = excluded.last_log, reason = excluded.reason,
                      reported_at = COALESCE(updates.reported_at, excluded.reported_at),
                      reports = updates.reports + 1
                    RETURNING reports""",
                 (result.update_id, result.node, result.component, result.from_version, result.to_version,
                  result.state.value, int(result.success), int(result.rolled_back), result.error,
                  json.dumps(result.timings), result.started_at or now, result.finished_at or now, now,
-                 result.last_log),
+                 result.last_log, result.reason),
             )
             return int(cur.fetchone()["reports"]) > 1
 
@@ -769,7 +778,7 @@ def _update(r: Any) -> UpdateRow:
         to_version=r["to_version"], state=UpdateState(r["state"]), success=bool(r["success"]),
         rolled_back=bool(r["rolled_back"]), error=r["error"], timings=json.loads(r["timings"]),
         created_at=r["created_at"], finished_at=r["finished_at"], rollout_id=r["rollout_id"],
-        reported_at=r["reported_at"], reports=r["reports"], last_log=r["last_log"],
+        reported_at=r["reported_at"], reports=r["reports"], last_log=r["last_log"], reason=r["reason"],
         started_by=r["started_by"], started_on=r["started_on"],
     )
 

@@ -27,6 +27,7 @@ import grpc
 import psutil
 from loguru import logger
 
+from baton import reasons
 from baton.admission import REFUSAL_METADATA_KEY, Held, UnknownComponent, UpdateRefused, check_request
 from baton.config import SUPERVISOR_COMPONENT, Config
 from baton.errors import clip
@@ -66,6 +67,7 @@ def update_status(rec: UpdateRecord, progress: dict[str, object]) -> daemon_pb2.
         timings=[common_pb2.StepTiming(step=k, seconds=v) for k, v in rec.timings.items()],
         updated_at=rec.updated_at,
         last_log=rec.last_log,
+        reason=reasons.to_pb(rec.reason),  # type: ignore[arg-type]
     )
 
 
@@ -84,6 +86,7 @@ def update_result(rec: UpdateRecord, node_id: str) -> common_pb2.UpdateResult:
         started_at=rec.created_at,
         finished_at=rec.finished_at,
         last_log=rec.last_log,
+        reason=reasons.to_pb(rec.reason),  # type: ignore[arg-type]
     )
 
 
@@ -359,7 +362,8 @@ class UpdateManager:
         reason = f"the helper failed {starts} times without finishing: {tail}"
         if rec.state in PRE_SWITCH:
             # through the record's guard, like every state write (UPDATE_TRANSITIONS: pre-switch -> FAILED)
-            rec = rec.moved(UpdateState.FAILED, reason, error=reason, finished_at=time.time(), settled=True)
+            rec = rec.moved(UpdateState.FAILED, reason, error=reason, finished_at=time.time(), settled=True,
+                            reason=reasons.FailureReason.HELPER_CRASHED.value)
             self.journal.save(rec)
             if self.active.get(rec.component) == update_id:
                 del self.active[rec.component]

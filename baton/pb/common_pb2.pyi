@@ -88,6 +88,122 @@ UPDATE_STATE_ROLLED_BACK: UpdateState.ValueType  # 10
 UPDATE_STATE_FAILED: UpdateState.ValueType  # 11
 Global___UpdateState: _TypeAlias = UpdateState  # noqa: Y015
 
+class _FailureReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FailureReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FailureReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FAILURE_REASON_UNSPECIFIED: _FailureReason.ValueType  # 0
+    DOWNLOAD_UNREACHABLE: _FailureReason.ValueType  # 1
+    """connection refused/reset, DNS, or an HTTP error status"""
+    DOWNLOAD_TOO_SLOW: _FailureReason.ValueType  # 2
+    """below update.min_download_rate for its window"""
+    DOWNLOAD_TIMEOUT: _FailureReason.ValueType  # 3
+    """the server stalled past update.download_timeout_s"""
+    DOWNLOAD_PROTOCOL: _FailureReason.ValueType  # 4
+    """the server broke HTTP, sent too much, too little, or the wrong range"""
+    DISK_FULL: _FailureReason.ValueType  # 5
+    """no room in the download or install filesystem"""
+    DOWNLOAD_FILE_UNTRUSTED: _FailureReason.ValueType  # 6
+    """the partial download file was replaced or tampered with"""
+    SIGNATURE_UNTRUSTED_KEY: _FailureReason.ValueType  # 7
+    """signed by a key not in update.trusted_keys"""
+    SIGNATURE_INVALID: _FailureReason.ValueType  # 8
+    """a trusted key's signature does not verify, or is garbled"""
+    SIGNATURE_MANIFEST_MISMATCH: _FailureReason.ValueType  # 9
+    """the signed manifest does not allow this install"""
+    SIGNATURE_EXPIRED: _FailureReason.ValueType  # 10
+    """reserved: the signed manifest's validity has passed"""
+    HASH_MISMATCH: _FailureReason.ValueType  # 11
+    """the file's sha256 is not the pushed one"""
+    SIZE_MISMATCH: _FailureReason.ValueType  # 12
+    """the file's size is not the pushed one"""
+    UNSAFE_ARCHIVE: _FailureReason.ValueType  # 13
+    """the archive escapes its directory, or is too large"""
+    INSTALL_FAILED: _FailureReason.ValueType  # 14
+    """staging or switching failed (permissions, I/O)"""
+    NEW_VERSION_EXITED: _FailureReason.ValueType  # 15
+    """the new version exited before it was ready, or during the health window"""
+    NEW_VERSION_NOT_READY: _FailureReason.ValueType  # 16
+    """the new version never became ready in update.health_timeout_s"""
+    HANDSHAKE_TIMEOUT: _FailureReason.ValueType  # 17
+    """supervisor self-update: the new supervisor did not answer in time"""
+    HANDSHAKE_REFUSED: _FailureReason.ValueType  # 18
+    """supervisor self-update: the new supervisor refused or broke the handover"""
+    ROLLBACK_FAILED: _FailureReason.ValueType  # 19
+    """rolled back, but the old version is not healthy either"""
+    CANCELLED: _FailureReason.ValueType  # 20
+    """the operator cancelled it"""
+    HELPER_CRASHED: _FailureReason.ValueType  # 21
+    """the helper died too often; the update was given up"""
+    INCOMPATIBLE_RELEASE: _FailureReason.ValueType  # 22
+    """the request was refused: downgrade, known-bad version, wrong node"""
+    SUPERVISOR_UNAVAILABLE: _FailureReason.ValueType  # 23
+    """the helper could not reach the supervisor to restart the agent"""
+    TRUSTED_KEYS_BROKEN: _FailureReason.ValueType  # 24
+    """a configured trusted key file is missing or unreadable"""
+    INTERNAL: _FailureReason.ValueType  # 25
+    """anything else: see the message"""
+
+class FailureReason(_FailureReason, metaclass=_FailureReasonEnumTypeWrapper):
+    """Why an update ended other than committed: stable codes, documented in docs/protocols.md, each with its
+    section in docs/troubleshooting.md. UNSPECIFIED on a committed update (or from an older supervisor).
+    """
+
+FAILURE_REASON_UNSPECIFIED: FailureReason.ValueType  # 0
+DOWNLOAD_UNREACHABLE: FailureReason.ValueType  # 1
+"""connection refused/reset, DNS, or an HTTP error status"""
+DOWNLOAD_TOO_SLOW: FailureReason.ValueType  # 2
+"""below update.min_download_rate for its window"""
+DOWNLOAD_TIMEOUT: FailureReason.ValueType  # 3
+"""the server stalled past update.download_timeout_s"""
+DOWNLOAD_PROTOCOL: FailureReason.ValueType  # 4
+"""the server broke HTTP, sent too much, too little, or the wrong range"""
+DISK_FULL: FailureReason.ValueType  # 5
+"""no room in the download or install filesystem"""
+DOWNLOAD_FILE_UNTRUSTED: FailureReason.ValueType  # 6
+"""the partial download file was replaced or tampered with"""
+SIGNATURE_UNTRUSTED_KEY: FailureReason.ValueType  # 7
+"""signed by a key not in update.trusted_keys"""
+SIGNATURE_INVALID: FailureReason.ValueType  # 8
+"""a trusted key's signature does not verify, or is garbled"""
+SIGNATURE_MANIFEST_MISMATCH: FailureReason.ValueType  # 9
+"""the signed manifest does not allow this install"""
+SIGNATURE_EXPIRED: FailureReason.ValueType  # 10
+"""reserved: the signed manifest's validity has passed"""
+HASH_MISMATCH: FailureReason.ValueType  # 11
+"""the file's sha256 is not the pushed one"""
+SIZE_MISMATCH: FailureReason.ValueType  # 12
+"""the file's size is not the pushed one"""
+UNSAFE_ARCHIVE: FailureReason.ValueType  # 13
+"""the archive escapes its directory, or is too large"""
+INSTALL_FAILED: FailureReason.ValueType  # 14
+"""staging or switching failed (permissions, I/O)"""
+NEW_VERSION_EXITED: FailureReason.ValueType  # 15
+"""the new version exited before it was ready, or during the health window"""
+NEW_VERSION_NOT_READY: FailureReason.ValueType  # 16
+"""the new version never became ready in update.health_timeout_s"""
+HANDSHAKE_TIMEOUT: FailureReason.ValueType  # 17
+"""supervisor self-update: the new supervisor did not answer in time"""
+HANDSHAKE_REFUSED: FailureReason.ValueType  # 18
+"""supervisor self-update: the new supervisor refused or broke the handover"""
+ROLLBACK_FAILED: FailureReason.ValueType  # 19
+"""rolled back, but the old version is not healthy either"""
+CANCELLED: FailureReason.ValueType  # 20
+"""the operator cancelled it"""
+HELPER_CRASHED: FailureReason.ValueType  # 21
+"""the helper died too often; the update was given up"""
+INCOMPATIBLE_RELEASE: FailureReason.ValueType  # 22
+"""the request was refused: downgrade, known-bad version, wrong node"""
+SUPERVISOR_UNAVAILABLE: FailureReason.ValueType  # 23
+"""the helper could not reach the supervisor to restart the agent"""
+TRUSTED_KEYS_BROKEN: FailureReason.ValueType  # 24
+"""a configured trusted key file is missing or unreadable"""
+INTERNAL: FailureReason.ValueType  # 25
+"""anything else: see the message"""
+Global___FailureReason: _TypeAlias = FailureReason  # noqa: Y015
+
 @_typing.final
 class AgentInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -191,6 +307,7 @@ class UpdateResult(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     LAST_LOG_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     update_id: _builtins.str
     node_id: _builtins.str
     component: _builtins.str
@@ -204,6 +321,8 @@ class UpdateResult(_message.Message):
     finished_at: _builtins.float
     last_log: _builtins.str
     """after a rollback: the failed version's last log lines"""
+    reason: Global___FailureReason.ValueType
+    """why it ended other than committed (UNSPECIFIED when committed)"""
     @_builtins.property
     def timings(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepTiming]: ...
     def __init__(
@@ -222,10 +341,11 @@ class UpdateResult(_message.Message):
         started_at: _builtins.float = ...,
         finished_at: _builtins.float = ...,
         last_log: _builtins.str = ...,
+        reason: Global___FailureReason.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "error", b"error", "finished_at", b"finished_at", "from_version", b"from_version", "last_log", b"last_log", "node_id", b"node_id", "rolled_back", b"rolled_back", "started_at", b"started_at", "state", b"state", "success", b"success", "timings", b"timings", "to_version", b"to_version", "update_id", b"update_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "error", b"error", "finished_at", b"finished_at", "from_version", b"from_version", "last_log", b"last_log", "node_id", b"node_id", "reason", b"reason", "rolled_back", b"rolled_back", "started_at", b"started_at", "state", b"state", "success", b"success", "timings", b"timings", "to_version", b"to_version", "update_id", b"update_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -310,6 +310,7 @@ class UpdateStatus(_message.Message):
     TIMINGS_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     LAST_LOG_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     update_id: _builtins.str
     component: _builtins.str
     from_version: _builtins.str
@@ -326,6 +327,8 @@ class UpdateStatus(_message.Message):
     updated_at: _builtins.float
     last_log: _builtins.str
     """after a rollback: the failed version's last log lines"""
+    reason: _common_pb2.FailureReason.ValueType
+    """why it ended other than committed (common.proto)"""
     @_builtins.property
     def timings(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.StepTiming]: ...
     def __init__(
@@ -347,10 +350,11 @@ class UpdateStatus(_message.Message):
         timings: _abc.Iterable[_common_pb2.StepTiming] | None = ...,
         updated_at: _builtins.float = ...,
         last_log: _builtins.str = ...,
+        reason: _common_pb2.FailureReason.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "component", b"component", "error", b"error", "finished", b"finished", "from_version", b"from_version", "last_log", b"last_log", "rate_bytes_per_second", b"rate_bytes_per_second", "rolled_back", b"rolled_back", "state", b"state", "step", b"step", "success", b"success", "timings", b"timings", "to_version", b"to_version", "update_id", b"update_id", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "component", b"component", "error", b"error", "finished", b"finished", "from_version", b"from_version", "last_log", b"last_log", "rate_bytes_per_second", b"rate_bytes_per_second", "reason", b"reason", "rolled_back", b"rolled_back", "state", b"state", "step", b"step", "success", b"success", "timings", b"timings", "to_version", b"to_version", "update_id", b"update_id", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
