@@ -129,6 +129,7 @@ def say(out: TextIO, line: str) -> None:
 def cmd_serve(ns: argparse.Namespace) -> int:
     from manager.packages import PackageServer
     from manager.service import make_server, server_credentials
+    from manager.web import WebServer
 
     tls = [ns.tls_cert, ns.tls_key, ns.tls_ca]
     if any(tls) and not all(tls):
@@ -164,17 +165,26 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         raise UsageError("--rollout-lease must be greater than 0")
     push_tls = ClientTls(ca=Path(ns.tls_ca), cert=Path(ns.tls_cert), key=Path(ns.tls_key)) if all(tls) else None
     runner = RolloutRunner(store, push_tls, lease_s=ns.rollout_lease)
+    web: WebServer | None = None
+    if ns.web:
+        web = WebServer(store, ns.web, tls=(Path(ns.tls_cert), Path(ns.tls_key), Path(ns.tls_ca)) if all(tls)
+                        else None, heartbeat_interval_s=ns.heartbeat_interval)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
     runner.start()
+    if web is not None:
+        web.start()
+        logger.info("baton-manager web page at {}", web.url)
     logger.info("baton-manager serving ManagerService on {} ({}), database {}{}", ns.listen,
                 "mutual TLS" if creds else "insecure", getattr(store, "url", ns.db),
                 f", packages from {ns.packages} at {ns.http_url or packages.url}" if packages else "")
     stop.wait()
     logger.info("baton-manager stopping")
     runner.stop()
+    if web is not None:
+        web.stop()
     server.stop(grace=2.0).wait()
     if packages is not None:
         packages.stop()
@@ -430,6 +440,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--rollout-lease", type=float, default=DEFAULT_LEASE_S,
                    help="seconds a replica holds a rollout without renewing before another takes it over "
                         f"(default {DEFAULT_LEASE_S:.0f})")
+    s.add_argument("--web", metavar="HOST:PORT",
+                   help="serve the read-only fleet page there (loopback only unless --tls-* is given, which "
+                        "then requires a client certificate from the same CA)")
     _tls(s, "the Manager's server")
     s.set_defaults(func=cmd_serve)
 
