@@ -27,6 +27,7 @@ from loguru import logger
 
 from baton.errors import BatonError
 from manager.errors import ManagerError, PushRefused, UnknownNode
+from manager.packages import DEFAULT_MAX_DOWNLOADS
 from manager.publish import PackageRef, publish
 from manager.push import ClientTls, Operator, Pusher, PushOptions, Target, new_update_id, state_of
 from manager.rollout import (
@@ -37,6 +38,7 @@ from manager.rollout import (
     RolloutRunner,
     RolloutSpec,
     RolloutState,
+    download_bytes,
     follow,
     new_rollout,
 )
@@ -136,6 +138,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         raise UsageError("--tls-cert, --tls-key and --tls-ca go together")
     if bool(ns.packages) != bool(ns.http):
         raise UsageError("--packages and --http go together")
+    if ns.max_downloads < 1:
+        raise UsageError("--max-downloads must be at least 1")
     store = open_store(ns)
     creds = None
     if all(tls):
@@ -153,7 +157,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     if ns.packages:
         host, _, http_port = ns.http.rpartition(":")
         try:
-            packages = PackageServer(Path(ns.packages), host.strip("[]"), int(http_port)).start()
+            packages = PackageServer(Path(ns.packages), host.strip("[]"), int(http_port),
+                                     max_downloads=ns.max_downloads, on_served=store.add_served_bytes).start()
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot serve packages on {ns.http}: {e}") from None
         store.set_setting("packages_dir", str(Path(ns.packages).resolve()))
@@ -336,7 +341,8 @@ def cmd_rollouts(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps([{"id": r.id, "state": r.state, "spec": r.spec, "progress": r.progress,
                            "created_at": r.created_at, "updated_at": r.updated_at, "owner": r.owner,
-                           "control": r.control, "started_by": r.started_by, "started_on": r.started_on}
+                           "control": r.control, "started_by": r.started_by, "started_on": r.started_on,
+                           "download_bytes": download_bytes(store, r)}
                           for r in items], indent=2))
         return EXIT_OK
     rows = [("ROLLOUT", "STATE", "COMPONENT", "VERSION", "NODES", "DONE", "CREATED", "BY", "REASON")]
@@ -435,6 +441,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--packages", metavar="DIR", help="serve this directory over HTTP")
     s.add_argument("--http", metavar="HOST:PORT", help="the package server's address")
     s.add_argument("--http-url", help="the package server's URL as nodes reach it (default http://HOST:PORT)")
+    s.add_argument("--max-downloads", type=int, default=DEFAULT_MAX_DOWNLOADS, metavar="N",
+                   help="package bodies sent at once; beyond that 503 with Retry-After "
+                        f"(default {DEFAULT_MAX_DOWNLOADS})")
     s.add_argument("--heartbeat-interval", type=float, default=0.0,
                    help="seconds between supervisor heartbeats (0: the supervisors' own setting)")
     s.add_argument("--rollout-lease", type=float, default=DEFAULT_LEASE_S,

@@ -42,6 +42,7 @@ from urllib.parse import quote, unquote, urlsplit
 from loguru import logger
 
 from manager.errors import ManagerError
+from manager.rollout import download_bytes
 from manager.store import Node, RolloutNodeRow, RolloutRow, Store, UpdateRow
 
 REFRESH_MS = 2000
@@ -180,7 +181,8 @@ class FleetView:
                 f'{" (" + _e(r.control) + " asked)" if r.control else ""}</h3>'
                 f'<p class="muted">started {_e(_ago(r.created_at, now))}'
                 f"{' by ' + _e(r.started_by) if r.started_by else ''}"
-                f"{', owner ' + _e(r.owner) if r.owner else ''}{': ' + _e(reason) if reason else ''}</p>")
+                f"{', owner ' + _e(r.owner) if r.owner else ''}{': ' + _e(reason) if reason else ''}; "
+                f'<span class="download-bytes">{download_bytes(self.store, r)}</span> package bytes served</p>')
         by_batch: dict[int, list[RolloutNodeRow]] = {}
         for n in self.store.rollout_nodes(r.id):
             by_batch.setdefault(n.batch, []).append(n)
