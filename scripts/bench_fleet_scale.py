@@ -79,7 +79,8 @@ def _one(ctx: Ctx, kind: str, db: str, replicas: int, sims: int, reals: int, key
             [{"name": "app", "packaged": True, "command": "bin/agent", "notify": True, "restart": "always"}],
             node_id=f"real-{i}", tcp_port=free_port(),
             update={"trusted_keys": [str(keys.public)], "health_window_s": 0.0, "max_backups": 2},
-            extra={"manager": {"address": addresses, "heartbeat_interval_s": 10.0}})
+            extra={"manager": {"address": addresses, "heartbeat_interval_s": 10.0},
+                   "grpc": {"insecure_tcp": True}})  # read-only TCP; the Manager pushes over it as in the tests
         install_version(sup.install_root, "app", "1.0.0", base_tree)
         sup.start(wait=False)
         sups.append(sup)
