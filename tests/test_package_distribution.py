@@ -7,10 +7,11 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import subprocess
 from pathlib import Path
 
 from manager.publish import publish
-from tests.conftest import Release, wait_for
+from tests.conftest import PY, ROOT, Release, free_port, wait_for
 from tests.manager_fixtures import (
     ManagerProc,
     make_manager_fixture,  # noqa: F401  (the make_manager fixture)
@@ -99,3 +100,11 @@ def test_a_rollout_records_the_package_bytes_its_nodes_downloaded(make_manager, 
     assert "completed: 3 of 3 nodes updated" in res.stdout, res.stdout
     [row] = [r for r in json.loads(manager.cli("rollouts", "--json").stdout) if r["id"] == rollout_id]
     assert row["download_bytes"] == 3 * pkg.size, "each node fetched the package once, whole"
+
+
+def test_max_downloads_below_one_is_refused_with_one_line(tmp_path):
+    res = subprocess.run([PY, "-m", "manager", "serve", "--db", str(tmp_path / "m.db"), "--listen",
+                          f"127.0.0.1:{free_port()}", "--max-downloads", "0"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert (res.returncode, res.stderr.strip().splitlines()) == (
+        2, ["baton-manager: --max-downloads must be at least 1"])
