@@ -60,6 +60,8 @@ from baton.errors import BatonError, clip
 PROGRESS_INTERVAL_S = 0.1
 # h11 (inside httpcore) refuses a response head longer than this: the head-size cap.
 MAX_RESPONSE_HEAD_BYTES = httpcore.HTTP11Connection.MAX_INCOMPLETE_EVENT_SIZE
+BUSY_BACKOFF_INITIAL_S = 0.5  # after a 503 without Retry-After; doubles per 503
+BUSY_BACKOFF_MAX_S = 30.0  # and at most this, a Retry-After included
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 
 
@@ -109,6 +111,15 @@ class HttpStatusError(DownloadError):
         super().__init__(f"{clip(url)} answered HTTP {status}")
         self.status = status
         self.url = url
+
+
+class ServerBusy(HttpStatusError):
+    """HTTP 503: the server bounds its concurrent downloads; ``retry_after_s`` is its ``Retry-After``, if any."""
+
+    def __init__(self, url: str, retry_after_s: float | None) -> None:
+        super().__init__(503, url)
+        self.url = url
+        self.retry_after_s = retry_after_s
 
 
 class UnexpectedResponse(DownloadError):
@@ -304,7 +315,8 @@ def download(
         UntrustedDownloadFile: ``dest`` exists and belongs to someone else, or is not a regular file.
         InsufficientSpace: before any byte is written.
         ConnectionFailed, HttpStatusError, UnexpectedResponse, ProtocolViolation, UnsupportedUrl.
-        DownloadTimeout, DownloadTooSlow: the partial file is kept for a resume.
+        DownloadTimeout, DownloadTooSlow: the partial file is kept for a resume. A 503 is retried after its
+            ``Retry-After`` (else a doubling backoff) until the deadline, which then raises DownloadTimeout.
         DownloadTruncated: fewer bytes announced or sent; the partial file is kept.
         DownloadTooLarge: more bytes announced or sent; ``dest`` is removed.
         DownloadError: anything else (disk errors included).
@@ -386,14 +398,18 @@ def _download(
             _hash_existing(wfd, have, digest, limits.chunk_bytes)
         resumed_from = have
 
-        if have < expected_size:
-            with fetch(url, have, expected_size, limits, meter.deadline) as body:
-                if body.start != have:  # the server ignored our Range: start over
-                    have = _restart(wfd)
-                    digest = PackageDigest()
-                resumed_from = have
-                meter.begin(have)
-                have = _receive(body.chunks, wfd, digest, meter, url, have, expected_size)
+        backoff_s = BUSY_BACKOFF_INITIAL_S
+        while have < expected_size:
+            try:
+                with fetch(url, have, expected_size, limits, meter.deadline) as body:
+                    if body.start != have:  # the server ignored our Range: start over
+                        have = _restart(wfd)
+                        digest = PackageDigest()
+                    resumed_from = have
+                    meter.begin(have)
+                    have = _receive(body.chunks, wfd, digest, meter, url, have, expected_size)
+            except ServerBusy as busy:
+                backoff_s = _wait_while_busy(busy, backoff_s, meter.deadline, limits.total_timeout_s)
 
         os.fsync(wfd)
         fsync_dir(dest.parent)
@@ -410,6 +426,24 @@ def _download(
         raise
     finally:
         os.close(wfd)
+
+
+def _wait_while_busy(busy: ServerBusy, backoff_s: float, deadline: float, total_timeout_s: float) -> float:
+    """Sleep as a 503 asks (its ``Retry-After``, else our doubling backoff), never past the deadline.
+
+    Only a 503 is retried: the server is up and said when to come back. Returns the next backoff.
+    """
+    wait_s = busy.retry_after_s if busy.retry_after_s is not None else backoff_s
+    time.sleep(max(0.0, min(wait_s, deadline - time.monotonic())))
+    if time.monotonic() >= deadline:
+        raise DownloadTimeout(busy.url, "the server was busy (HTTP 503) until the deadline", total_timeout_s)
+    return min(backoff_s * 2, BUSY_BACKOFF_MAX_S)
+
+
+def _retry_after_s(response: httpx.Response) -> float | None:
+    """``Retry-After`` in seconds (delta-seconds only; an HTTP-date or garbage counts as absent)."""
+    value = response.headers.get("Retry-After", "").strip()
+    return float(min(int(value), BUSY_BACKOFF_MAX_S)) if value.isdigit() else None
 
 
 def _receive(
@@ -628,6 +662,8 @@ class _DeadlineStream(httpcore.NetworkStream):
 def _check_response(response: httpx.Response, url: str, offset: int, expected_size: int) -> int:
     """Return where the body starts in the file, or raise before the body is read."""
     status = response.status_code
+    if status == 503:
+        raise ServerBusy(url, _retry_after_s(response))
     if status >= 400:
         raise HttpStatusError(status, url)
     if status == 206 and offset:

@@ -28,6 +28,7 @@ from loguru import logger
 from baton.errors import BatonError
 from baton.reasons import reason_name
 from manager.errors import ManagerError, PushRefused, UnknownNode
+from manager.packages import DEFAULT_MAX_DOWNLOADS
 from manager.publish import PackageRef, publish
 from manager.push import ClientTls, Operator, Pusher, PushOptions, Target, new_update_id, state_of
 from manager.rollout import (
@@ -38,6 +39,7 @@ from manager.rollout import (
     RolloutRunner,
     RolloutSpec,
     RolloutState,
+    download_bytes,
     follow,
     new_rollout,
 )
@@ -130,12 +132,15 @@ def say(out: TextIO, line: str) -> None:
 def cmd_serve(ns: argparse.Namespace) -> int:
     from manager.packages import PackageServer
     from manager.service import make_server, server_credentials
+    from manager.web import WebServer
 
     tls = [ns.tls_cert, ns.tls_key, ns.tls_ca]
     if any(tls) and not all(tls):
         raise UsageError("--tls-cert, --tls-key and --tls-ca go together")
     if bool(ns.packages) != bool(ns.http):
         raise UsageError("--packages and --http go together")
+    if ns.max_downloads < 1:
+        raise UsageError("--max-downloads must be at least 1")
     store = open_store(ns)
     creds = None
     if all(tls):
@@ -153,7 +158,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     if ns.packages:
         host, _, http_port = ns.http.rpartition(":")
         try:
-            packages = PackageServer(Path(ns.packages), host.strip("[]"), int(http_port)).start()
+            packages = PackageServer(Path(ns.packages), host.strip("[]"), int(http_port),
+                                     max_downloads=ns.max_downloads, on_served=store.add_served_bytes).start()
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot serve packages on {ns.http}: {e}") from None
         store.set_setting("packages_dir", str(Path(ns.packages).resolve()))
@@ -179,17 +185,26 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             metrics = start_metrics(store, host, metrics_port, ns.heartbeat_interval)
         except OSError as e:
             raise UsageError(f"cannot serve metrics on {ns.metrics}: {e.strerror or e}") from None
+    web: WebServer | None = None
+    if ns.web:
+        web = WebServer(store, ns.web, tls=(Path(ns.tls_cert), Path(ns.tls_key), Path(ns.tls_ca)) if all(tls)
+                        else None, heartbeat_interval_s=ns.heartbeat_interval)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
     runner.start()
+    if web is not None:
+        web.start()
+        logger.info("baton-manager web page at {}", web.url)
     logger.info("baton-manager serving ManagerService on {} ({}), database {}{}", ns.listen,
                 "mutual TLS" if creds else "insecure", getattr(store, "url", ns.db),
                 f", packages from {ns.packages} at {ns.http_url or packages.url}" if packages else "")
     stop.wait()
     logger.info("baton-manager stopping")
     runner.stop()
+    if web is not None:
+        web.stop()
     server.stop(grace=2.0).wait()
     if metrics is not None:
         metrics.stop()
@@ -345,7 +360,8 @@ def cmd_rollouts(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps([{"id": r.id, "state": r.state, "spec": r.spec, "progress": r.progress,
                            "created_at": r.created_at, "updated_at": r.updated_at, "owner": r.owner,
-                           "control": r.control, "started_by": r.started_by, "started_on": r.started_on}
+                           "control": r.control, "started_by": r.started_by, "started_on": r.started_on,
+                           "download_bytes": download_bytes(store, r)}
                           for r in items], indent=2))
         return EXIT_OK
     rows = [("ROLLOUT", "STATE", "COMPONENT", "VERSION", "NODES", "DONE", "CREATED", "BY", "REASON")]
@@ -468,6 +484,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--packages", metavar="DIR", help="serve this directory over HTTP")
     s.add_argument("--http", metavar="HOST:PORT", help="the package server's address")
     s.add_argument("--http-url", help="the package server's URL as nodes reach it (default http://HOST:PORT)")
+    s.add_argument("--max-downloads", type=int, default=DEFAULT_MAX_DOWNLOADS, metavar="N",
+                   help="package bodies sent at once; beyond that 503 with Retry-After "
+                        f"(default {DEFAULT_MAX_DOWNLOADS})")
     s.add_argument("--heartbeat-interval", type=float, default=0.0,
                    help="seconds between supervisor heartbeats (0: the supervisors' own setting)")
     s.add_argument("--rollout-lease", type=float, default=DEFAULT_LEASE_S,
@@ -476,6 +495,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics here (loopback only unless --metrics-allow-remote)")
     s.add_argument("--metrics-allow-remote", action="store_true", help="allow a non-loopback --metrics address")
+    s.add_argument("--web", metavar="HOST:PORT",
+                   help="serve the read-only fleet page there (loopback only unless --tls-* is given, which "
+                        "then requires a client certificate from the same CA)")
     _tls(s, "the Manager's server")
     s.set_defaults(func=cmd_serve)
 

@@ -7,6 +7,18 @@ several ranges are ignored (200, the whole file, as RFC 9110 allows). Only
 regular files inside the directory are served: ``..``, absolute paths, and
 symlinks leading out are refused with 404, and there are no directory listings.
 Packages are public by design (they are signed, not secret).
+
+Content addresses: ``publish`` stores a package as ``<sha256>/<name>`` and names it
+``/by-sha256/<sha256>/<name>`` (the older ``/<sha256>/<name>`` is served too). Such
+a response carries ``ETag: "<sha256>"`` and ``Cache-Control: public, max-age=31536000,
+immutable``, and ``If-None-Match`` with that tag is answered 304: the bytes behind
+the URL never change, so any HTTP cache or CDN in front of the Manager may keep them.
+
+Load: at most ``max_downloads`` package bodies are sent at once; a GET beyond that
+is answered ``503`` with ``Retry-After: RETRY_AFTER_S`` (the helper waits and
+retries within its deadline). ``on_served(sha256, bytes)`` is called after each
+body of a content-addressed package with the bytes actually sent (``serve``
+adds them to the store's counter for that package).
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,7 +38,26 @@ from urllib.parse import unquote, urlsplit
 from loguru import logger
 
 COPY_CHUNK = 256 * 1024
+DEFAULT_MAX_DOWNLOADS = 64  # package bodies sent at once (serve --max-downloads)
+RETRY_AFTER_S = 1  # what a 503 beyond that bound asks the client to wait
+IMMUTABLE = "public, max-age=31536000, immutable"
+BY_SHA256 = "/by-sha256/"
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def content_address(url_path: str) -> tuple[str, str]:
+    """(sha256, the path inside the package directory); sha256 is "" for a path that is not content-addressed.
+
+    ``/by-sha256/<hex>/<name>`` must name a 64-hex digest; ``/<hex>/<name>`` is publish's layout itself.
+    """
+    raw = urlsplit(url_path).path  # still percent-encoded: resolve_inside decodes it, once
+    by_address = raw.startswith(BY_SHA256)
+    rest = raw[len(BY_SHA256) - 1:] if by_address else raw
+    first = unquote(rest.lstrip("/").split("/", 1)[0])
+    if _SHA256_HEX.match(first):
+        return first, rest
+    return "", ("" if by_address else raw)
 
 
 def resolve_inside(root: Path, url_path: str) -> Path | None:
@@ -77,10 +109,42 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(body=True)
 
     def _serve(self, body: bool) -> None:
-        path = resolve_inside(self.server.root, self.path)
+        sha256, rel = content_address(self.path)
+        path = resolve_inside(self.server.root, rel) if rel else None
         if path is None:
             self.send_error(HTTPStatus.NOT_FOUND, "no such package")
             return
+        etag = f'"{sha256}"' if sha256 else ""
+        if etag and etag in {t.strip() for t in self.headers.get("If-None-Match", "").split(",")}:
+            self.send_response(HTTPStatus.NOT_MODIFIED)
+            self._cache_headers(etag)
+            self.end_headers()
+            return
+        slot = self.server.slots if body else None
+        if slot is not None and not slot.acquire(blocking=False):
+            self.send_response(HTTPStatus.SERVICE_UNAVAILABLE)
+            self.send_header("Retry-After", str(RETRY_AFTER_S))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        try:
+            sent = self._send_file(path, body, etag)
+        finally:
+            if slot is not None:
+                slot.release()
+        if sha256 and sent and self.server.on_served is not None:
+            try:
+                self.server.on_served(sha256, sent)
+            except Exception as e:  # counting must never break serving
+                logger.warning("package server: cannot count {} bytes of {}: {}", sent, sha256, e)
+
+    def _cache_headers(self, etag: str) -> None:
+        if etag:
+            self.send_header("ETag", etag)
+            self.send_header("Cache-Control", IMMUTABLE)
+
+    def _send_file(self, path: Path, body: bool, etag: str) -> int:
+        """The file or its range; returns the body bytes sent."""
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             header = self.headers.get("Range")
@@ -90,7 +154,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Range", f"bytes */{size}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
-                return
+                return 0
             if isinstance(rng, tuple):
                 first, last = rng
                 self.send_response(HTTPStatus.PARTIAL_CONTENT)
@@ -102,9 +166,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("Content-Length", str(length))
+            self._cache_headers(etag)
             self.end_headers()
             if not body:
-                return
+                return 0
             f.seek(first)
             remaining = length
             with contextlib.suppress(ConnectionError):
@@ -114,23 +179,30 @@ class _Handler(BaseHTTPRequestHandler):
                         break
                     self.wfile.write(chunk)
                     remaining -= len(chunk)
+            return length - remaining
 
 
 class PackageHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], root: Path) -> None:
+    def __init__(self, address: tuple[str, int], root: Path, max_downloads: int,
+                 on_served: Callable[[str, int], None] | None) -> None:
         self.root = Path(root)
+        self.slots = threading.BoundedSemaphore(max_downloads)
+        self.on_served = on_served
         super().__init__(address, _Handler)
 
 
 class PackageServer:
     """The HTTP server on its own thread: ``start()``, ``url``, ``stop()``."""
 
-    def __init__(self, root: Path, host: str, port: int) -> None:
+    def __init__(self, root: Path, host: str, port: int, *, max_downloads: int = DEFAULT_MAX_DOWNLOADS,
+                 on_served: Callable[[str, int], None] | None = None) -> None:
+        if max_downloads < 1:
+            raise ValueError("max_downloads must be at least 1")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.httpd = PackageHTTPServer((host, port), self.root)
+        self.httpd = PackageHTTPServer((host, port), self.root, max_downloads, on_served)
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="package-server", daemon=True)
 
     @property

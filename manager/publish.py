@@ -2,9 +2,10 @@
 
 The Manager computes the digest and size itself (one pass, ``baton/digest.py``),
 reads the signature from ``FILE.minisig`` beside the file, and copies the file
-into its package directory under ``<sha256>/<name>``: a name is never reused
-for other bytes, so a node resuming a download with Range can never splice two
-files. With ``url`` given the file is not copied and the URL is used as is.
+into its package directory under ``<sha256>/<name>``, named by the URL
+``/by-sha256/<sha256>/<name>``: a name is never reused for other bytes, so a node
+resuming a download with Range can never splice two files, and caches may keep
+it. With ``url`` given the file is not copied and the URL is used as is.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from urllib.parse import quote
 from baton.digest import digest_stream
 from baton.pb import daemon_pb2
 from manager.errors import PackageError
-from manager.packages import copy_into
+from manager.packages import BY_SHA256, copy_into
 
 
 @dataclass(frozen=True)
@@ -76,5 +77,5 @@ def publish(package: Path, component: str, version: str, *, packages_dir: Path |
                 copy_into(package, dest)
         except OSError as e:
             raise PackageError(f"cannot copy {package} into {packages_dir}: {e.strerror}") from None
-        url = f"{base_url.rstrip('/')}/{quote(rel)}"
+        url = f"{base_url.rstrip('/')}{BY_SHA256}{quote(rel)}"
     return PackageRef(component, version, url, digests.sha256_hex, digests.size, signature)

@@ -155,6 +155,9 @@ class NodeProgress:
                    float(d.get("offline_since", 0.0)), d.get("cancel", ""))
 
 
+DOWNLOAD_BASE_KEY = "rollout_download_base:"  # + rollout id: its package's served bytes when it was submitted
+
+
 def new_rollout(store: Store, spec: RolloutSpec, operator: Operator = NO_OPERATOR) -> str:
     """Record a rollout for the serve replicas to carry out; returns its id."""
     known = {n.id: n for n in store.nodes()}
@@ -166,7 +169,19 @@ def new_rollout(store: Store, spec: RolloutSpec, operator: Operator = NO_OPERATO
     store.create_rollout(RolloutRow(rollout_id, spec.to_json(), RolloutState.RUNNING.value, {"reason": ""}, now, now,
                                     started_by=operator.name, started_on=operator.host),
                          [RolloutNodeRow(n, batch=i) for i, batch in enumerate(spec.batches()) for n in batch])
+    store.set_setting(DOWNLOAD_BASE_KEY + rollout_id, str(store.served_bytes(spec.package.sha256)))
     return rollout_id
+
+
+def download_bytes(store: Store, row: RolloutRow) -> int:
+    """Package bytes the Manager's package servers sent for this rollout's package since it was submitted.
+
+    Counted per content address (``Store.served_bytes``), so another push of the same package at the same
+    time counts too; a package fetched from elsewhere (``--url``) counts 0.
+    """
+    base = store.setting(DOWNLOAD_BASE_KEY + row.id)
+    sha256 = str(row.spec.get("package", {}).get("sha256", ""))
+    return max(0, store.served_bytes(sha256) - int(base)) if base and sha256 else 0
 
 
 class LostLease(Exception):

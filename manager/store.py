@@ -129,6 +129,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 ACTIVE_ROLLOUT_STATES = ("running", "paused")  # a serve replica carries these out
 ROLLOUT_CONTROLS = ("", "pause", "cancel")  # what `rollout pause|resume|cancel` leaves for the owner
 SCHEMA_VERSION = len(MIGRATIONS)
+SERVED_BYTES_KEY = "served_bytes:"  # + sha256: the settings row counting that package's bytes sent
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,8 @@ class Store(Protocol):
     def control_rollout(self, rollout_id: str, control: str) -> bool: ...
     def set_setting(self, key: str, value: str) -> None: ...
     def setting(self, key: str) -> str | None: ...
+    def add_served_bytes(self, sha256: str, n: int) -> None: ...
+    def served_bytes(self, sha256: str) -> int: ...
     def close(self) -> None: ...
 
 
@@ -587,6 +590,21 @@ class _SqlStore:
     def setting(self, key: str) -> str | None:
         rows = self._query("SELECT value FROM settings WHERE key = ?", (key,))
         return str(rows[0]["value"]) if rows else None
+
+    # ---- package bytes served ---------------------------------------------------------------------------
+    # A counter per content address, added to by every replica's package server in one statement (no
+    # read-modify-write race), kept among the settings so that it needs no migration.
+
+    def add_served_bytes(self, sha256: str, n: int) -> None:
+        with self._tx() as c:
+            self._exec(c, "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+                          "value = CAST(CAST(settings.value AS BIGINT) + CAST(excluded.value AS BIGINT) AS TEXT)",
+                       (SERVED_BYTES_KEY + sha256, str(int(n))))
+
+    def served_bytes(self, sha256: str) -> int:
+        """Package bytes sent for this content address by every package server on this database."""
+        value = self.setting(SERVED_BYTES_KEY + sha256)
+        return int(value) if value else 0
 
 
 class SqliteStore(_SqlStore):

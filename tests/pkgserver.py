@@ -59,6 +59,8 @@ class _Misbehaviour:
     stall_after: int | None = None
     stall_s: float = 0.0
     rate_bytes_per_s: int | None = None
+    busy_left: int = 0  # answer this many more requests 503
+    retry_after: str = ""  # the 503's Retry-After header, "" for none
 
 
 class Behaviour:
@@ -75,6 +77,10 @@ class Behaviour:
     def status(self, code: int) -> Behaviour:
         """Answer every request with HTTP ``code`` and a short body."""
         return self._set(status=code)
+
+    def busy(self, times: int, retry_after: str = "") -> Behaviour:
+        """Answer the next ``times`` requests 503 (with ``Retry-After: retry_after`` unless ""), then serve."""
+        return self._set(busy_left=times, retry_after=retry_after)
 
     def no_range(self) -> Behaviour:
         """Ignore ``Range`` and answer 200 with the whole file, like a server without range support."""
@@ -203,7 +209,10 @@ class PackageServer:
     def _record(self, request: SeenRequest) -> _Misbehaviour:
         with self._lock:
             self._requests.append(request)
-            return self._behaviours.get(request.path, _Misbehaviour())
+            b = self._behaviours.get(request.path, _Misbehaviour())
+            if b.busy_left:
+                self._behaviours[request.path] = replace(b, busy_left=b.busy_left - 1)
+            return b
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -290,6 +299,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_body(plan, behaviour)
 
     def _plan(self, name: str, b: _Misbehaviour) -> _Plan:
+        if b.busy_left:
+            body = b"busy\n"
+            busy_headers = {"Content-Length": str(len(body))}
+            if b.retry_after:
+                busy_headers["Retry-After"] = b.retry_after
+            return _Plan(503, busy_headers, body)
         if b.status is not None:
             body = f"status {b.status} on request\n".encode()
             return _Plan(b.status, {"Content-Length": str(len(body))}, body)

@@ -234,11 +234,44 @@ def test_http_404_raises_http_status_error(server: PackageServer, dest: Path) ->
     assert info.value.url == server.url("missing.bin")
 
 
-def test_http_503_raises_http_status_error(server: PackageServer, dest: Path) -> None:
-    server.on(NAME).status(503)
+def test_http_503_with_retry_after_is_retried_after_that_many_seconds_and_then_downloads(
+    server: PackageServer, payload: bytes, dest: Path
+) -> None:
+    server.on(NAME).busy(2, retry_after="1")
+    started = time.monotonic()
+    with fetch(server.url(NAME), dest) as result:
+        assert_digests_of(result, payload)
+    assert time.monotonic() - started >= 2.0, "it waited Retry-After (1 s) after each of the two 503s"
+    assert [r.method for r in server.requests_for(NAME)] == ["GET"] * 3
+
+
+def test_http_503_without_retry_after_is_retried_with_backoff(
+    server: PackageServer, payload: bytes, dest: Path
+) -> None:
+    server.on(NAME).busy(2)
+    with fetch(server.url(NAME), dest) as result:
+        assert_digests_of(result, payload)
+    assert len(server.requests_for(NAME)) == 3
+
+
+def test_http_503_until_the_deadline_raises_download_timeout_without_sleeping_past_it(
+    server: PackageServer, dest: Path
+) -> None:
+    server.on(NAME).busy(1000, retry_after="30")
+    limits = DownloadLimits(**{**LIMITS.__dict__, "total_timeout_s": 1.0})
+    started = time.monotonic()
+    with pytest.raises(DownloadTimeout) as info:
+        fetch(server.url(NAME), dest, limits)
+    assert time.monotonic() - started < GENEROUS_S, "Retry-After: 30 was cut at the 1 s deadline"
+    assert "busy (HTTP 503)" in str(info.value) and info.value.limit_s == 1.0
+
+
+def test_other_5xx_statuses_are_not_retried(server: PackageServer, dest: Path) -> None:
+    server.on(NAME).status(502)
     with pytest.raises(HttpStatusError) as info:
         fetch(server.url(NAME), dest)
-    assert info.value.status == 503
+    assert info.value.status == 502
+    assert len(server.requests_for(NAME)) == 1
 
 
 def test_connection_refused_raises_connection_failed(dest: Path) -> None:

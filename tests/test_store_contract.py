@@ -230,6 +230,23 @@ def test_settings_are_shared_through_the_store(store):
     assert store.setting("packages_url") == "http://b"
 
 
+def test_bytes_served_per_package_add_up_across_threads_and_replicas(store_url):
+    stores = [open_store(store_url), open_store(store_url)]
+    sha = "ab" * 32
+    try:
+        threads = [threading.Thread(target=lambda s=s: [s.add_served_bytes(sha, 1000) for _ in range(20)])
+                   for s in stores for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [s.served_bytes(sha) for s in stores] == [120_000, 120_000]
+        assert stores[0].served_bytes("cd" * 32) == 0
+    finally:
+        for s in stores:
+            s.close()
+
+
 def test_an_old_database_is_migrated_in_order_and_a_newer_one_is_refused(store_url):
     cls = PostgresStore if store_url.startswith("postgresql") else SqliteStore
     arg = store_url if cls is PostgresStore else Path(store_url.removeprefix("sqlite://"))
