@@ -43,7 +43,7 @@ from manager.rollout import (
     follow,
     new_rollout,
 )
-from manager.store import ACTIVE_ROLLOUT_STATES, RolloutRow, Store
+from manager.store import ACTIVE_ROLLOUT_STATES, RolloutRow, Store, failures_by_reason
 from manager.store import open_store as store_at
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -408,18 +408,9 @@ def updates_table(items: Sequence[Any]) -> str:
     return table(rows)
 
 
-def by_reason(items: Sequence[Any]) -> dict[str, list[Any]]:
-    """The updates that ended other than committed, grouped by reason code, most frequent first."""
-    groups: dict[str, list[Any]] = {}
-    for u in items:
-        if u.state.final and not u.success:
-            groups.setdefault(u.reason or "FAILURE_REASON_UNSPECIFIED", []).append(u)
-    return dict(sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])))
-
-
 def by_reason_table(items: Sequence[Any]) -> str:
     rows = [("REASON", "COUNT", "NODES", "LAST ERROR")]
-    for reason, group in by_reason(items).items():
+    for reason, group in failures_by_reason(items).items():
         nodes = sorted({u.node for u in group})
         rows.append((reason, str(len(group)), ", ".join(nodes[:5]) + (" ..." if len(nodes) > 5 else ""),
                      short(group[-1].error)))
@@ -431,7 +422,7 @@ def cmd_updates(ns: argparse.Namespace) -> int:
     items = store.updates(node=ns.node or "", component=ns.component or "", state=ns.state or "",
                           rollout_id=ns.rollout or "")
     if ns.by_reason and ns.json:
-        print(json.dumps({r: [u.update_id for u in g] for r, g in by_reason(items).items()}, indent=2))
+        print(json.dumps({r: [u.update_id for u in g] for r, g in failures_by_reason(items).items()}, indent=2))
     elif ns.by_reason:
         print(by_reason_table(items))
     elif ns.json:

@@ -32,7 +32,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -182,6 +182,16 @@ class UpdateRow:
             "last_log": self.last_log, "reason": self.reason, "started_by": self.started_by,
             "started_on": self.started_on,
         }
+
+
+def failures_by_reason(updates: Iterable[UpdateRow]) -> dict[str, list[UpdateRow]]:
+    """The updates that ended other than committed, grouped by failure reason code, most frequent first (the
+    ``updates --by-reason`` table and the web page's); an older supervisor's result counts as UNSPECIFIED."""
+    groups: dict[str, list[UpdateRow]] = {}
+    for u in updates:
+        if u.state.final and not u.success:
+            groups.setdefault(u.reason or "FAILURE_REASON_UNSPECIFIED", []).append(u)
+    return dict(sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])))
 
 
 @dataclass(frozen=True)

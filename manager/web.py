@@ -4,8 +4,10 @@ Three views, server-rendered from the store on every request (no front-end build
 no JavaScript framework, only the standard library):
 
 - ``/``: the nodes (supervisor and agent versions, last heartbeat, online or
-  offline, labels) and the rollouts with their progress per batch and per node;
-- ``/node/<id>``: one node and its update history with each update's error;
+  offline, labels), the rollouts with their progress per batch and per node,
+  and the updates that did not commit grouped by failure reason;
+- ``/node/<id>``: one node and its update history with each update's operator,
+  failure reason and error;
 - ``/live`` and ``/node/<id>/live``: the same content as an HTML fragment. The
   page's one inline script fetches its fragment every ``REFRESH_MS`` and swaps
   it in, so progress moves without reloading the page.
@@ -42,14 +44,16 @@ from urllib.parse import quote, unquote, urlsplit
 from loguru import logger
 
 from manager.errors import ManagerError
+from manager.push import Operator
 from manager.rollout import download_bytes
-from manager.store import Node, RolloutNodeRow, RolloutRow, Store, UpdateRow
+from manager.store import Node, RolloutNodeRow, RolloutRow, Store, UpdateRow, failures_by_reason
 
 REFRESH_MS = 2000
 OFFLINE_AFTER_HEARTBEATS = 3  # a node is offline once this many heartbeat intervals passed without one
 DEFAULT_HEARTBEAT_S = 10.0  # the supervisors' own default ([manager] heartbeat_interval_s)
 MAX_ROLLOUTS = 20  # the most recent ones on the page
 MAX_UPDATES = 200  # of one node's history
+MAX_REASON_NODES = 10  # nodes named per failure reason; the rest are counted
 NODE_URI_PREFIX = "spiffe://baton/node/"
 
 STYLE = """
@@ -131,7 +135,8 @@ class FleetView:
         now = time.time()
         return (f'<p class="muted">as of {_e(_when(now))}</p>'
                 f"<h2>Nodes</h2>{self.nodes_table(self.store.nodes(), now)}"
-                f"<h2>Rollouts</h2>{self.rollouts_section(now)}")
+                f"<h2>Rollouts</h2>{self.rollouts_section(now)}"
+                f"<h2>Failures by reason</h2>{self.reasons_table(self.store.updates())}")
 
     def node(self, node_id: str) -> str | None:
         node = self.store.node(node_id)
@@ -201,22 +206,38 @@ class FleetView:
                         f'<td><ul class="steps">{steps}</ul></td></tr>')
         return head + _table(("batch", "done", "progress", "nodes"), rows, "rollout")
 
+    def reasons_table(self, updates: list[UpdateRow]) -> str:
+        """The updates that did not commit, grouped by their stable reason code (docs/troubleshooting.md has a
+        section per code), with the nodes they happened on and the latest message."""
+        groups = failures_by_reason(updates)
+        if not groups:
+            return '<p class="muted">no failed updates</p>'
+        rows = []
+        for reason, group in groups.items():
+            nodes = sorted({u.node for u in group})
+            links = ", ".join(f'<a href="{_e(_node_href(n))}">{_e(n)}</a>' for n in nodes[:MAX_REASON_NODES])
+            more = f" and {len(nodes) - MAX_REASON_NODES} more" if len(nodes) > MAX_REASON_NODES else ""
+            latest = max(group, key=lambda u: u.finished_at or u.created_at)
+            rows.append(f'<tr data-reason="{_e(reason)}"><td>{_e(reason)}</td><td class="count">{len(group)}</td>'
+                        f"<td>{links}{_e(more)}</td><td class=\"error\">{_e(latest.error or '-')}</td></tr>")
+        return _table(("reason", "updates", "nodes", "latest error"), rows, "reasons")
+
     def updates_table(self, updates: list[UpdateRow]) -> str:
         if not updates:
             return '<p class="muted">no updates</p>'
         rows = []
         for u in updates:
             result = "ok" if u.success else "rolled back" if u.rolled_back else "failed" if u.state.final else "-"
-            reason = str(getattr(u, "reason", "") or "")  # the failure reason, where the store has one
             took = f"{u.finished_at - u.created_at:.1f}s" if u.finished_at else "-"
             rows.append(
                 f'<tr data-update="{_e(u.update_id)}"><td>{_e(u.update_id)}</td><td>{_e(u.component)}</td>'
                 f"<td>{_e(u.from_version or '-')} → {_e(u.to_version)}</td><td>{_e(u.state.value)}</td>"
                 f"<td>{_e(result)}</td><td>{_e(_when(u.created_at))}</td><td>{_e(took)}</td>"
-                f"<td>{_e(u.rollout_id or '-')}</td><td>{_e(reason or '-')}</td>"
+                f"<td>{_e(u.rollout_id or '-')}</td><td>{_e(Operator(u.started_by, u.started_on).describe())}</td>"
+                f"<td>{_e(u.reason or '-')}</td>"
                 f'<td class="error">{_e(u.error or "-")}</td></tr>')
         return _table(("update", "component", "version", "state", "result", "created", "took", "rollout",
-                       "reason", "error"), rows, "updates")
+                       "by", "reason", "error"), rows, "updates")
 
 
 def offline_after(heartbeat_interval_s: float) -> float:

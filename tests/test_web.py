@@ -96,7 +96,7 @@ def test_the_page_shows_a_paused_rollout_move_from_pending_to_succeeded_after_re
     hosts = fleet(make_supervisor, release, [manager], {"node-1": {"role": "web"}, "node-2": {"role": "web"}},
                   update={"health_window_s": 1.5})
     pkg = signed(release.build("1.1.0"))
-    rollout_id = submit(manager, "--all", "--canary", "1", "--batch-size", "1", *package_args(pkg))
+    rollout_id = submit(manager, "--all", "--canary", "1", "--batch-size", "1", "--as", "alice", *package_args(pkg))
     wait_for(lambda: steps(manager, rollout_id)["node-1"] == "running", 30, interval=0.1, what="the canary")
     manager.cli("rollout", "pause", rollout_id)
     wait_for(lambda: steps(manager, rollout_id)["node-1"] == "succeeded", 30, interval=0.2,
@@ -120,7 +120,42 @@ def test_the_page_shows_a_paused_rollout_move_from_pending_to_succeeded_after_re
     follow_link(browser, "node-2")  # its update history
     WebDriverWait(browser, 10).until(lambda d: texts(d, "tr[data-update]"))
     [row] = texts(browser, "tr[data-update]")
-    assert "1.0.0 → 1.1.0" in row and "committed" in row
+    assert "1.0.0 → 1.1.0" in row and "committed" in row and "alice@" in row, row
+
+
+def report(stub: manager_pb2_grpc.ManagerServiceStub, node: str, update_id: str, reason: int, error: str) -> None:
+    """A finished update's result as a supervisor reports it (state and flags follow the reason's kind)."""
+    rolled_back = reason in (common_pb2.NEW_VERSION_EXITED, common_pb2.NEW_VERSION_NOT_READY)
+    state = common_pb2.UPDATE_STATE_ROLLED_BACK if rolled_back else common_pb2.UPDATE_STATE_FAILED
+    if reason == common_pb2.FAILURE_REASON_UNSPECIFIED:
+        state = common_pb2.UPDATE_STATE_COMMITTED
+    now = time.time()
+    stub.ReportUpdateResult(common_pb2.UpdateResult(
+        update_id=update_id, node_id=node, component="app", from_version="1.0.0", to_version="1.1.0",
+        success=state == common_pb2.UPDATE_STATE_COMMITTED, rolled_back=rolled_back, error=error, state=state,
+        reason=reason, started_at=now - 1, finished_at=now), timeout=10)
+
+
+def test_the_page_groups_the_updates_that_did_not_commit_by_failure_reason(
+        make_manager, browser: webdriver.Chrome):
+    manager, web = web_manager(make_manager)
+    with grpc.insecure_channel(manager.address) as ch:
+        stub = manager_pb2_grpc.ManagerServiceStub(ch)
+        for node in ("n1", "n2", "n3"):
+            stub.Register(manager_pb2.RegisterRequest(node_id=node, supervisor_version="1.0.0"), timeout=10)
+        report(stub, "n1", "u-1", common_pb2.HASH_MISMATCH, "sha256 differs")
+        report(stub, "n2", "u-2", common_pb2.HASH_MISMATCH, "sha256 differs again")
+        report(stub, "n3", "u-3", common_pb2.NEW_VERSION_EXITED, "exited with status 3")
+        report(stub, "n3", "u-4", common_pb2.FAILURE_REASON_UNSPECIFIED, "")
+
+    browser.get(f"http://{web}/")
+    rows = texts(browser, "table.reasons tr[data-reason]")
+    assert [r.split("\t")[:3] for r in rows] == [["HASH_MISMATCH", "2", "n1, n2"],
+                                                 ["NEW_VERSION_EXITED", "1", "n3"]], rows
+    follow_link(browser, "n3")  # the node's history names each update's reason
+    WebDriverWait(browser, 10).until(lambda d: texts(d, 'tr[data-update="u-3"]'))
+    [row] = texts(browser, 'tr[data-update="u-3"]')
+    assert "NEW_VERSION_EXITED" in row and "exited with status 3" in row
 
 
 def test_text_from_the_store_is_escaped_on_the_page_and_in_a_node_history(
