@@ -79,6 +79,7 @@ BY_EXCEPTION: dict[str, FailureReason] = {
     "baton.signing.UntrustedKey": R.SIGNATURE_UNTRUSTED_KEY,
     "baton.signing.BadSignature": R.SIGNATURE_INVALID,
     "baton.signing.SignatureFormatError": R.SIGNATURE_INVALID,
+    "baton.signing.PackageExpired": R.SIGNATURE_EXPIRED,
     "baton.signing.ManifestError": R.SIGNATURE_MANIFEST_MISMATCH,
     "baton.signing.ManifestRejected": R.SIGNATURE_MANIFEST_MISMATCH,
     "baton.signing.TrustedKeyError": R.TRUSTED_KEYS_BROKEN,

@@ -24,14 +24,16 @@ FAILED = common_pb2.UPDATE_STATE_FAILED
 ROLLED_BACK = common_pb2.UPDATE_STATE_ROLLED_BACK
 
 
-def refused(update_host, pkg, error_part: str, **overrides) -> daemon_pb2.UpdateStatus:
-    """Push, expect FAILED naming ``error_part``, and prove nothing changed."""
+def refused(update_host, pkg, error_part: str, reason: str, **overrides) -> daemon_pb2.UpdateStatus:
+    """Push, expect FAILED naming ``error_part`` with the stable failure ``reason`` code, and prove nothing
+    changed."""
     before_disk = update_host.disk()
     before = update_host.sup.agent("app")
     st = update_host.wait_final(update_host.push(pkg, **overrides))
     assert st.state == FAILED, (st.state, st.error)
     assert not st.success and not st.rolled_back
     assert error_part in st.error, st.error
+    assert common_pb2.FailureReason.Name(st.reason) == reason, (st.reason, st.error)
     after = update_host.sup.agent("app")
     assert (after.pid, after.restarts, after.version) == (before.pid, before.restarts, before.version)
     assert update_host.disk() == before_disk
@@ -172,12 +174,12 @@ def test_package_signed_by_an_untrusted_key_is_refused(update_host, tmp_path):
     other, _ = generate_keypair()
     pkg = update_host.release.build("1.1.0")
     bad = update_host.release.sign(pkg.path, "app", "1.1.0", secret=other)
-    refused(update_host, bad, "UntrustedKey")
+    refused(update_host, bad, "UntrustedKey", "SIGNATURE_UNTRUSTED_KEY")
 
 
 def test_no_trusted_key_means_every_update_is_refused(update_host):
     update_host.release.public_key.unlink()
-    refused(update_host, update_host.release.build("1.1.0"), "TrustedKeyError")
+    refused(update_host, update_host.release.build("1.1.0"), "TrustedKeyError", "TRUSTED_KEYS_BROKEN")
 
 
 def test_one_flipped_byte_is_refused(update_host):
@@ -185,7 +187,7 @@ def test_one_flipped_byte_is_refused(update_host):
     data = bytearray(pkg.path.read_bytes())
     data[len(data) // 2] ^= 0x01
     pkg.path.write_bytes(bytes(data))
-    refused(update_host, pkg, "HashMismatch")
+    refused(update_host, pkg, "HashMismatch", "HASH_MISMATCH")
 
 
 def test_flipped_byte_with_matching_hash_still_fails_the_signature(update_host):
@@ -195,37 +197,37 @@ def test_flipped_byte_with_matching_hash_still_fails_the_signature(update_host):
     data = bytearray(pkg.path.read_bytes())
     data[100] ^= 0x40
     pkg.path.write_bytes(bytes(data))
-    refused(update_host, pkg, "BadSignature", sha256=hashlib.sha256(data).hexdigest())
+    refused(update_host, pkg, "BadSignature", "SIGNATURE_INVALID", sha256=hashlib.sha256(data).hexdigest())
 
 
 def test_hash_mismatch_is_refused(update_host):
     pkg = update_host.release.build("1.1.0")
-    refused(update_host, pkg, "HashMismatch", sha256="0" * 64)
+    refused(update_host, pkg, "HashMismatch", "HASH_MISMATCH", sha256="0" * 64)
 
 
 def test_size_mismatch_is_refused(update_host):
     pkg = update_host.release.build("1.1.0")
-    refused(update_host, pkg, "", size=pkg.size + 10)
+    refused(update_host, pkg, "", "DOWNLOAD_PROTOCOL", size=pkg.size + 10)
 
 
 def test_signed_component_different_from_request_is_refused(update_host):
     pkg = update_host.release.build("1.1.0", signed_component="other")
-    refused(update_host, pkg, "ManifestMismatch")
+    refused(update_host, pkg, "ManifestMismatch", "SIGNATURE_MANIFEST_MISMATCH")
 
 
 def test_signed_version_different_from_request_is_refused(update_host):
     pkg = update_host.release.build("1.1.0", signed_version="1.0.1")
-    refused(update_host, pkg, "ManifestMismatch")
+    refused(update_host, pkg, "ManifestMismatch", "SIGNATURE_MANIFEST_MISMATCH")
 
 
 def test_expired_package_is_refused(update_host):
     pkg = update_host.release.build("1.1.0", expires=time.time() - 60)
-    refused(update_host, pkg, "PackageExpired")
+    refused(update_host, pkg, "PackageExpired", "SIGNATURE_EXPIRED")
 
 
 def test_package_for_another_node_is_refused(update_host):
     pkg = update_host.release.build("1.1.0", nodes=["node-7", "node-8"])
-    refused(update_host, pkg, "WrongNode")
+    refused(update_host, pkg, "WrongNode", "SIGNATURE_MANIFEST_MISMATCH")
 
 
 def test_package_naming_this_node_is_accepted(update_host):
@@ -245,33 +247,33 @@ def test_truncated_download_is_refused(update_host, pkgserver):
     pkg = update_host.release.build("1.1.0")
     url = _serve(pkgserver, pkg)
     pkgserver.on(pkg.path.name).truncate_at(pkg.size // 2)
-    refused(update_host, pkg, "DownloadTruncated", download_url=url)
+    refused(update_host, pkg, "DownloadTruncated", "DOWNLOAD_PROTOCOL", download_url=url)
 
 
 def test_server_sending_more_than_size_is_cut_off(update_host, pkgserver):
     pkg = update_host.release.build("1.1.0")
     url = _serve(pkgserver, pkg)
     pkgserver.on(pkg.path.name).oversize(1_000_000)
-    refused(update_host, pkg, "DownloadTooLarge", download_url=url)
+    refused(update_host, pkg, "DownloadTooLarge", "DOWNLOAD_PROTOCOL", download_url=url)
 
 
 def test_stalled_server_hits_the_read_timeout(update_host, pkgserver):
     pkg = update_host.release.build("1.1.0")
     url = _serve(pkgserver, pkg)
     pkgserver.on(pkg.path.name).stall_after(100, 30)
-    refused(update_host, pkg, "DownloadTimeout", download_url=url)
+    refused(update_host, pkg, "DownloadTimeout", "DOWNLOAD_TIMEOUT", download_url=url)
 
 
 def test_404_is_refused(update_host, pkgserver):
     pkg = update_host.release.build("1.1.0")
-    refused(update_host, pkg, "404", download_url=pkgserver.url("missing.tar.gz"))
+    refused(update_host, pkg, "404", "DOWNLOAD_UNREACHABLE", download_url=pkgserver.url("missing.tar.gz"))
 
 
 def test_connection_refused_is_refused(update_host):
     from tests.conftest import free_port
 
     pkg = update_host.release.build("1.1.0")
-    refused(update_host, pkg, "ConnectionFailed", download_url=f"http://127.0.0.1:{free_port()}/p.tar.gz")
+    refused(update_host, pkg, "ConnectionFailed", "DOWNLOAD_UNREACHABLE", download_url=f"http://127.0.0.1:{free_port()}/p.tar.gz")
 
 
 # ---- refused by the helper: hostile archives ----------------------------------------------------------------------
@@ -325,7 +327,8 @@ def test_hostile_archive_is_refused(make_supervisor, release, kind):
     from tests.conftest import UpdateHost
 
     host = UpdateHost(sup, release)
-    st = refused(host, _evil(host, kind, EVIL[kind]()), "Archive" if kind.startswith("too_many") else "Unsafe")
+    st = refused(host, _evil(host, kind, EVIL[kind]()), "Archive" if kind.startswith("too_many") else "Unsafe",
+                 "UNSAFE_ARCHIVE")
     assert not Path("/tmp/baton-evil-abs").exists()
     assert not any(p.name.startswith(".staging") for p in host.layout.versions_dir.iterdir())
     assert st.error

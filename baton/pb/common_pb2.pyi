@@ -114,7 +114,7 @@ class _FailureReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Failure
     SIGNATURE_MANIFEST_MISMATCH: _FailureReason.ValueType  # 9
     """the signed manifest does not allow this install"""
     SIGNATURE_EXPIRED: _FailureReason.ValueType  # 10
-    """reserved: the signed manifest's validity has passed"""
+    """the signed manifest's validity has passed"""
     HASH_MISMATCH: _FailureReason.ValueType  # 11
     """the file's sha256 is not the pushed one"""
     SIZE_MISMATCH: _FailureReason.ValueType  # 12
@@ -171,7 +171,7 @@ SIGNATURE_INVALID: FailureReason.ValueType  # 8
 SIGNATURE_MANIFEST_MISMATCH: FailureReason.ValueType  # 9
 """the signed manifest does not allow this install"""
 SIGNATURE_EXPIRED: FailureReason.ValueType  # 10
-"""reserved: the signed manifest's validity has passed"""
+"""the signed manifest's validity has passed"""
 HASH_MISMATCH: FailureReason.ValueType  # 11
 """the file's sha256 is not the pushed one"""
 SIZE_MISMATCH: FailureReason.ValueType  # 12
