@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -239,7 +240,6 @@ def install_self_release(ns: argparse.Namespace, cfg: Config, root: Path) -> int
 
 def enable_installed(cfg: Config, version: str, unit: Path) -> int:
     """``install-self --enable``: start the unit just written; a failure leaves the release installed and says so."""
-    from helper.self_update import start_log_path
     from supervisor.install_self import ENABLE_TIMEOUT_S, EnableFailed, SystemdUnavailable, enable_unit, launcher
 
     print(f"systemctl daemon-reload && systemctl enable --now {unit.name} (waiting up to {ENABLE_TIMEOUT_S:.0f} s "
@@ -253,19 +253,12 @@ def enable_installed(cfg: Config, version: str, unit: Path) -> int:
               f"`{launcher(cfg)} run --config {cfg.source}`", file=sys.stderr)
         return 1
     except EnableFailed as e:
-        start_log = start_log_path(cfg)
-        hint = ""
-        try:
-            lines = start_log.read_text(errors="replace").strip().splitlines()
-            hint = f"; {start_log} ends: {lines[-1]}" if lines else ""
-        except OSError:
-            pass
         print(f"supervisor install-self: {installed} {e}; see `systemctl status {unit.stem}`, `journalctl -u "
-              f"{unit.stem}`, {cfg.log_dir / 'supervisor.log'} and {start_log}, fix the cause, then "
-              f"`systemctl restart {unit.stem}`{hint}", file=sys.stderr)
+              f"{unit.stem}` and {cfg.log_dir / 'supervisor.log'}, fix the cause, then `systemctl restart "
+              f"{unit.stem}`", file=sys.stderr)
         return 1
-    print(f"{up.unit} is enabled and active: supervisor {up.version}, MainPID {up.main_pid}, "
-          f"{up.agents_running} of {up.agents} agents running")
+    states = ", ".join(f"{n} {s}" for s, n in sorted(Counter(up.agent_states).items())) or "none configured"
+    print(f"{up.unit} is enabled and active: supervisor {up.version}, MainPID {up.main_pid}, agents: {states}")
     return 0
 
 

@@ -213,8 +213,7 @@ class Running:
     unit: str
     version: str
     main_pid: int
-    agents: int
-    agents_running: int
+    agent_states: tuple[str, ...]  # one per configured agent: "running", "starting", ...
 
 
 def _systemctl() -> str:
@@ -268,7 +267,7 @@ def enable_unit(cfg: Config, unit: str = UNIT_NAME, timeout: float = ENABLE_TIME
         SystemdUnavailable: no systemctl, or systemd is not running here (nothing was asked of systemd).
         EnableFailed: a systemctl call failed, the unit failed to start, or it did not come up in ``timeout``.
     """
-    from baton.pb import common_pb2
+    from supervisor.ctl import state_name
 
     exe = _systemctl()
     _run_systemctl(exe, "daemon-reload")
@@ -285,8 +284,7 @@ def enable_unit(cfg: Config, unit: str = UNIT_NAME, timeout: float = ENABLE_TIME
             st = _supervisor_status(cfg)
             main_pid = int(state.get("MainPID") or 0)
             if st is not None and st.pid == main_pid:
-                return Running(unit, st.supervisor_version, main_pid, len(st.agents),
-                               sum(1 for a in st.agents if a.state == common_pb2.AGENT_STATE_RUNNING))
+                return Running(unit, st.supervisor_version, main_pid, tuple(state_name(a.state) for a in st.agents))
         if now >= next_progress:
             progress(f"waiting for {unit}: {active or '?'}/{sub or '?'} ({now - t0:.0f} s of {timeout:.0f} s)")
             next_progress += ENABLE_PROGRESS_S

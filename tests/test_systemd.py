@@ -261,7 +261,7 @@ def test_one_command_installs_a_release_enables_and_starts_it_under_systemd_and_
     assert os.readlink(systemd.path_inside(wants)) == str(unit)
     main_pid = props["MainPID"]
     assert int(main_pid) == sup.status().pid
-    assert f"enabled and active: supervisor 1.0.0, MainPID {main_pid}" in res.stdout
+    assert f"{UNIT.name} is enabled and active: supervisor 1.0.0, MainPID {main_pid}, agents: " in res.stdout
     for a in ("web", "worker", "chatty"):
         sup.wait_agent(a, "running", timeout=30)
     host = SelfUpdateHost(sup, release)
@@ -274,3 +274,28 @@ def test_one_command_installs_a_release_enables_and_starts_it_under_systemd_and_
     assert systemd.show(UNIT.name, "MainPID", "NRestarts") == {"MainPID": main_pid, "NRestarts": "0"}
     assert agent_pids(host) == before
     assert not os.path.lexists(unit) and not os.path.lexists(wants), "the machine's own /etc was touched"
+
+
+def _daemon_fails_at_start(root: Path) -> None:
+    """``install-self`` still runs (it never imports the daemon); ``supervisor run`` exits at once."""
+    daemon = root / "lib" / "supervisor" / "daemon.py"
+    daemon.write_text(daemon.read_text() + '\nraise ImportError("this release cannot run (a test)")\n')
+
+
+@needs_systemd
+@pytest.mark.slow
+def test_install_self_enable_of_a_unit_that_fails_to_start_says_where_to_look_and_keeps_the_release(
+        systemd, make_supervisor, releases):
+    from tests.release_fixtures import unpack
+
+    sup = make_supervisor([], name="fails")
+    sup.write_config()
+    root = unpack(releases.derived("1.0.1", _daemon_fails_at_start), sup.base / "unpacked")
+    res = systemd.inside("env", "-i", root / "bin" / "supervisor", "install-self", "--config", sup.config_path,
+                         "--enable")
+    assert res.returncode == 1
+    (line,) = res.stderr.splitlines()
+    assert "supervisor 1.0.1 IS installed" in line and f"{UNIT.name} failed to start" in line
+    assert "see `systemctl status baton-supervisor`, `journalctl -u baton-supervisor`" in line
+    assert os.readlink(sup.base / "install" / "supervisor" / "current") == "versions/1.0.1"
+    assert systemd.show(UNIT.name, "UnitFileState")["UnitFileState"] == "enabled"
