@@ -239,7 +239,7 @@ def _run_systemctl(exe: str, *args: str) -> str:
 
 
 def _unit_state(exe: str, unit: str) -> dict[str, str]:
-    out = _run_systemctl(exe, "show", unit, "-p", "ActiveState,SubState,Result,MainPID")
+    out = _run_systemctl(exe, "show", unit, "-p", "ActiveState,SubState,Result,MainPID,ExecMainStartTimestampMonotonic")
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
@@ -271,6 +271,7 @@ def enable_unit(cfg: Config, unit: str = UNIT_NAME, timeout: float = ENABLE_TIME
 
     exe = _systemctl()
     _run_systemctl(exe, "daemon-reload")
+    asked_us = time.monotonic_ns() // 1000  # systemd's *TimestampMonotonic clock
     _run_systemctl(exe, "enable", "--now", "--no-block", unit)
     t0 = time.monotonic()
     next_progress = t0 + ENABLE_PROGRESS_S
@@ -278,7 +279,8 @@ def enable_unit(cfg: Config, unit: str = UNIT_NAME, timeout: float = ENABLE_TIME
     while (now := time.monotonic()) - t0 < timeout:
         state = _unit_state(exe, unit)
         active, sub = state.get("ActiveState", ""), state.get("SubState", "")
-        if active == "failed" or sub == "auto-restart":
+        ours = int(state.get("ExecMainStartTimestampMonotonic") or 0) >= asked_us  # not a failure from before
+        if ours and (active == "failed" or sub == "auto-restart"):
             raise EnableFailed(f"{unit} failed to start ({active}/{sub}, result {state.get('Result', '?')})")
         if active == "active":
             st = _supervisor_status(cfg)
