@@ -49,7 +49,7 @@ exec unshare --pid --fork --mount --uts --ipc --cgroup --propagation private bas
   umount -R /sys/fs/cgroup
   mount -t cgroup2 cgroup2 /sys/fs/cgroup
   mount -t tmpfs -o mode=755 tmpfs /run
-  mount -t tmpfs -o mode=755 tmpfs /etc/systemd/system
+  mount -t tmpfs -o mode=755 tmpfs /etc/systemd/system || exit 98  # else enable would link in the real /etc
   export container=test SYSTEMD_UNIT_PATH=$unitdir:/etc/systemd/system
   exec /lib/systemd/systemd --system --unit=$target --log-target=console --show-status=0"
 """
