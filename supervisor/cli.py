@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from supervisor.logs import setup_logging
 from supervisor.version import supervisor_version
 
 EXIT_CONFIG = 2
+EXIT_USAGE = 2
 
 
 def _load(path: str) -> Config:
@@ -196,10 +198,18 @@ def cmd_install_self(ns: argparse.Namespace) -> int:
     from helper.release import release_root_of_running_code
     from supervisor.install_self import install_self
 
+    if ns.enable and ns.no_unit:
+        print("supervisor install-self: --enable starts the unit that --no-unit does not write; drop one of them",
+              file=sys.stderr)
+        return EXIT_USAGE
     cfg = _load(ns.config)
     root = release_root_of_running_code()
     if root is not None:
         return install_self_release(ns, cfg, root)
+    if ns.enable:
+        print("supervisor install-self: --enable needs a release (this is a development checkout, which writes no "
+              "unit); build one with `baton-package release` (docs/releases.md)", file=sys.stderr)
+        return EXIT_USAGE
     dest = install_self(cfg, ns.version or supervisor_version())
     print(f"installed a development tree {dest.name} at {dest} (Baton's code only: run it with BATON_PYTHON set to "
           "an interpreter that has the dependencies; hosts install a release, docs/releases.md)")
@@ -219,8 +229,36 @@ def install_self_release(ns: argparse.Namespace, cfg: Config, root: Path) -> int
         print(f"supervisor install-self: {e}", file=sys.stderr)
         return 1
     print(f"installed supervisor {done.version} at {done.path}; current -> versions/{done.version}")
-    if done.unit is not None:
+    if done.unit is None:
+        return 0
+    if not ns.enable:
         print(f"wrote {done.unit}; start it with: systemctl daemon-reload && systemctl enable --now {done.unit.name}")
+        return 0
+    print(f"wrote {done.unit}")
+    return enable_installed(cfg, done.version, done.unit)
+
+
+def enable_installed(cfg: Config, version: str, unit: Path) -> int:
+    """``install-self --enable``: start the unit just written; a failure leaves the release installed and says so."""
+    from supervisor.install_self import ENABLE_TIMEOUT_S, EnableFailed, SystemdUnavailable, enable_unit, launcher
+
+    print(f"systemctl daemon-reload && systemctl enable --now {unit.name} (waiting up to {ENABLE_TIMEOUT_S:.0f} s "
+          "for the supervisor to answer)", flush=True)
+    installed = f"supervisor {version} IS installed (current -> versions/{version}) and {unit} is written, but"
+    try:
+        up = enable_unit(cfg, unit.name, progress=lambda line: print(line, flush=True))
+    except SystemdUnavailable as e:
+        print(f"supervisor install-self: {installed} nothing was enabled: {e}; on a systemd host run `systemctl "
+              f"daemon-reload && systemctl enable --now {unit.name}`, without systemd start it with "
+              f"`{launcher(cfg)} run --config {cfg.source}`", file=sys.stderr)
+        return 1
+    except EnableFailed as e:
+        print(f"supervisor install-self: {installed} {e}; see `systemctl status {unit.stem}`, `journalctl -u "
+              f"{unit.stem}` and {cfg.log_dir / 'supervisor.log'}, fix the cause, then `systemctl restart "
+              f"{unit.stem}`", file=sys.stderr)
+        return 1
+    states = ", ".join(f"{n} {s}" for s, n in sorted(Counter(up.agent_states).items())) or "none configured"
+    print(f"{up.unit} is enabled and active: supervisor {up.version}, MainPID {up.main_pid}, agents: {states}")
     return 0
 
 
@@ -298,12 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
     client_args(rl)
     rl.set_defaults(fn=_ctl(cmd_reload))
     i = command("install-self", "install this release as the current supervisor version under install_root",
-                "supervisor install-self --config /etc/baton/supervisor.toml")
+                "supervisor install-self --config /etc/baton/supervisor.toml --enable")
     i.add_argument("--config", "-c", required=True)
     i.add_argument("--version", help="the version to install as (default: this code's version)")
     i.add_argument("--force", action="store_true", help="install below the highest committed version")
     i.add_argument("--unit-dir", default="/etc/systemd/system", help="where to write baton-supervisor.service")
     i.add_argument("--no-unit", action="store_true", help="do not write the systemd unit")
+    i.add_argument("--enable", action="store_true",
+                   help="then systemctl daemon-reload, enable --now the unit, and wait until the supervisor answers")
     i.set_defaults(fn=cmd_install_self)
     d = command("demo", "run a self-contained demo in a temporary directory", "supervisor demo --seconds 10")
     d.add_argument("--seconds", type=float, default=5.0, help="how long to keep running at the end")

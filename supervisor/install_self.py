@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from baton import durable
 from baton.config import SUPERVISOR_COMPONENT, Config
@@ -183,3 +187,109 @@ def install_release(cfg: Config, release_root: Path, *, force: bool = False,
         text = render_unit(template, cfg.node.install_root.resolve(), cfg.source.resolve())
         durable.write_bytes(unit, text.encode(), 0o644)
     return Installed(version, dest, unit)
+
+
+# --- enabling the unit (install-self --enable) -------------------------------------------------------
+
+SYSTEMD_BOOTED = Path("/run/systemd/system")  # what sd_booted(3) checks: systemd is this machine's manager
+ENABLE_TIMEOUT_S = 60.0
+ENABLE_POLL_S = 0.5
+ENABLE_PROGRESS_S = 5.0
+SYSTEMCTL_TIMEOUT_S = 120.0
+
+
+class SystemdUnavailable(BatonError):
+    """No systemctl, or systemd is not the running manager: nothing was enabled."""
+
+
+class EnableFailed(BatonError):
+    """systemd was asked to enable and start the unit, but it is not running with a supervisor that answers."""
+
+
+@dataclass(frozen=True)
+class Running:
+    """What ``install-self --enable`` saw running once the unit was up."""
+
+    unit: str
+    version: str
+    main_pid: int
+    agent_states: tuple[str, ...]  # one per configured agent: "running", "starting", ...
+
+
+def _systemctl() -> str:
+    """systemctl's path, or :class:`SystemdUnavailable` when it is missing or systemd is not running."""
+    exe = shutil.which("systemctl")  # with PATH unset (env -i) this searches os.defpath
+    if exe is None:
+        raise SystemdUnavailable("systemctl is not on PATH")
+    if not SYSTEMD_BOOTED.is_dir():
+        raise SystemdUnavailable(f"systemd is not running on this machine (no {SYSTEMD_BOOTED})")
+    return exe
+
+
+def _run_systemctl(exe: str, *args: str) -> str:
+    try:
+        res = subprocess.run([exe, *args], capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT_S,
+                             stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise EnableFailed(f"`systemctl {' '.join(args)}` did not finish in {SYSTEMCTL_TIMEOUT_S:.0f} s") from None
+    if res.returncode != 0:
+        why = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1]
+        raise EnableFailed(f"`systemctl {' '.join(args)}` failed: {why}")
+    return res.stdout
+
+
+def _unit_state(exe: str, unit: str) -> dict[str, str]:
+    out = _run_systemctl(exe, "show", unit, "-p", "ActiveState,SubState,Result,MainPID,ExecMainStartTimestampMonotonic")
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def _supervisor_status(cfg: Config) -> Any:
+    """The supervisor's GetStatus on its control socket, or None while it does not answer."""
+    from baton.pb import daemon_pb2
+    from supervisor.ctl import CtlError, client
+
+    try:
+        with client(cfg.run_dir / "control.sock", 3.0) as c:
+            return c.call("GetStatus", daemon_pb2.GetStatusRequest())
+    except CtlError:
+        return None
+
+
+def enable_unit(cfg: Config, unit: str = UNIT_NAME, timeout: float = ENABLE_TIMEOUT_S,
+                progress: Callable[[str], None] = print) -> Running:
+    """``systemctl daemon-reload`` and ``enable --now`` the unit, then wait until it runs a supervisor that answers.
+
+    ``--no-block`` so the wait is ours: bounded, with progress lines, and a start that fails
+    (``failed``, or ``auto-restart`` under ``Restart=always``) ends it at once instead of at the
+    unit's ``TimeoutStartSec``.
+
+    Raises:
+        SystemdUnavailable: no systemctl, or systemd is not running here (nothing was asked of systemd).
+        EnableFailed: a systemctl call failed, the unit failed to start, or it did not come up in ``timeout``.
+    """
+    from supervisor.ctl import state_name
+
+    exe = _systemctl()
+    _run_systemctl(exe, "daemon-reload")
+    asked_us = time.monotonic_ns() // 1000  # systemd's *TimestampMonotonic clock
+    _run_systemctl(exe, "enable", "--now", "--no-block", unit)
+    t0 = time.monotonic()
+    next_progress = t0 + ENABLE_PROGRESS_S
+    state: dict[str, str] = {}
+    while (now := time.monotonic()) - t0 < timeout:
+        state = _unit_state(exe, unit)
+        active, sub = state.get("ActiveState", ""), state.get("SubState", "")
+        ours = int(state.get("ExecMainStartTimestampMonotonic") or 0) >= asked_us  # not a failure from before
+        if ours and (active == "failed" or sub == "auto-restart"):
+            raise EnableFailed(f"{unit} failed to start ({active}/{sub}, result {state.get('Result', '?')})")
+        if active == "active":
+            st = _supervisor_status(cfg)
+            main_pid = int(state.get("MainPID") or 0)
+            if st is not None and st.pid == main_pid:
+                return Running(unit, st.supervisor_version, main_pid, tuple(state_name(a.state) for a in st.agents))
+        if now >= next_progress:
+            progress(f"waiting for {unit}: {active or '?'}/{sub or '?'} ({now - t0:.0f} s of {timeout:.0f} s)")
+            next_progress += ENABLE_PROGRESS_S
+        time.sleep(ENABLE_POLL_S)
+    raise EnableFailed(f"{unit} is not running a supervisor that answers on {cfg.run_dir / 'control.sock'} after "
+                       f"{timeout:.0f} s ({state.get('ActiveState', '?')}/{state.get('SubState', '?')})")

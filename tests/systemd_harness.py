@@ -3,7 +3,9 @@
 Follows ../shared/SYSTEMD.md, recipe A, exactly: the launching shell first moves
 itself out of the root cgroup into a cgroup of its own (in the unified hierarchy
 and each v1 hierarchy the recipe names), then unshares and execs systemd with a
-unit path that holds only the test's units. :meth:`SystemdManager.stop` shuts the
+unit path that holds only the test's units and ``/etc/systemd/system``, which inside the
+namespace is an empty tmpfs: ``systemctl enable`` and ``install-self --enable`` write there, never
+to the machine's own ``/etc``. :meth:`SystemdManager.stop` shuts the
 manager down by its pid (SIGRTMIN+14), kills by pid anything left in the test's
 cgroups, and removes the cgroup directories it made. When the manager (PID 1 of
 its namespace) exits, the kernel kills every process left in the namespace.
@@ -47,7 +49,8 @@ exec unshare --pid --fork --mount --uts --ipc --cgroup --propagation private bas
   umount -R /sys/fs/cgroup
   mount -t cgroup2 cgroup2 /sys/fs/cgroup
   mount -t tmpfs -o mode=755 tmpfs /run
-  export container=test SYSTEMD_UNIT_PATH=$unitdir
+  mount -t tmpfs -o mode=755 tmpfs /etc/systemd/system || exit 98  # else enable would link in the real /etc
+  export container=test SYSTEMD_UNIT_PATH=$unitdir:/etc/systemd/system
   exec /lib/systemd/systemd --system --unit=$target --log-target=console --show-status=0"
 """
 
@@ -110,6 +113,15 @@ class SystemdManager:
     def systemctl(self, *args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["nsenter", "-t", str(self.pid), "-m", "-p", "systemctl", *args], capture_output=True,
                               text=True, timeout=timeout, check=check)
+
+    def inside(self, *argv: str | Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        """Run a command in the manager's mount and PID namespaces: its /run, its tmpfs /etc/systemd/system."""
+        return subprocess.run(["nsenter", "-t", str(self.pid), "-m", "-p", *map(str, argv)], capture_output=True,
+                              text=True, timeout=timeout, cwd="/", stdin=subprocess.DEVNULL)
+
+    def path_inside(self, path: Path) -> Path:
+        """``path`` as the manager's mount namespace sees it, read from outside through /proc."""
+        return Path(f"/proc/{self.pid}/root") / path.relative_to("/")
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
         out = self.systemctl("show", unit, "-p", ",".join(props)).stdout

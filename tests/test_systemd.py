@@ -16,6 +16,7 @@ from tests.conftest import PY, ROOT, SELF_AGENTS, SelfUpdateHost, SupervisorProc
 from tests.systemd_harness import SystemdManager, unavailable_reason
 
 UNIT = ROOT / "packaging" / "systemd" / "baton-supervisor.service"
+ETC_UNITS = Path("/etc/systemd/system")  # inside the harness's namespace: a tmpfs of its own
 REASON = unavailable_reason()
 needs_systemd = pytest.mark.skipif(bool(REASON), reason=f"no real systemd here: {REASON}")
 
@@ -48,6 +49,60 @@ def test_verify_would_catch_a_bad_setting(tmp_path):
     bad.write_text("[Service]\nExecStart=/bin/true\nKillMode=sometimes\n")
     res = subprocess.run(["systemd-analyze", "verify", str(bad)], capture_output=True, text=True, timeout=60)
     assert res.stdout + res.stderr != ""
+
+
+def install_self_cli(*args: str | Path, release_root: Path | None = None,
+                     without_systemd: bool = False) -> subprocess.CompletedProcess[str]:
+    """``supervisor install-self ARGS`` from the checkout or an unpacked release, as root with an empty environment.
+
+    ``without_systemd``: in a mount namespace of its own with an empty tmpfs on /run, so systemd is not running
+    there even on a machine whose PID 1 is systemd.
+    """
+    exe = [str(release_root / "bin" / "supervisor")] if release_root else [PY, "-m", "supervisor"]
+    argv = ["env", "-i", *exe, "install-self", *map(str, args)]
+    if without_systemd:
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount -t tmpfs -o mode=755 tmpfs /run && exec "$@"', "sh", *argv]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=180, cwd=ROOT)
+
+
+def test_install_self_enable_with_no_unit_is_a_usage_error_that_installs_nothing(make_supervisor):
+    sup = make_supervisor([], name="nounit")
+    sup.write_config()
+    res = install_self_cli("--config", sup.config_path, "--enable", "--no-unit", "--unit-dir", sup.base / "units")
+    assert res.returncode == 2
+    assert res.stderr == ("supervisor install-self: --enable starts the unit that --no-unit does not write; "
+                          "drop one of them\n")
+    assert not (sup.base / "install").exists() and not (sup.base / "units").exists()
+
+
+def test_install_self_enable_from_a_checkout_is_refused_before_installing(make_supervisor):
+    """A development tree runs only with BATON_PYTHON and gets no unit: there is nothing to enable."""
+    sup = make_supervisor([], name="devenable")
+    sup.write_config()
+    res = install_self_cli("--config", sup.config_path, "--enable", "--unit-dir", sup.base / "units")
+    assert res.returncode == 2 and "--enable needs a release" in res.stderr
+    assert not (sup.base / "install").exists() and not (sup.base / "units").exists()
+
+
+@pytest.mark.slow
+def test_install_self_enable_without_systemd_keeps_the_release_installed_and_says_what_to_run(
+        make_supervisor, releases):
+    from tests.release_fixtures import unpack
+
+    sup = make_supervisor([], name="nosd")
+    sup.write_config()
+    root = unpack(releases.v100, sup.base / "unpacked")
+    res = install_self_cli("--config", sup.config_path, "--enable", "--unit-dir", sup.base / "units",
+                           release_root=root, without_systemd=True)
+    assert res.returncode == 1
+    (line,) = res.stderr.splitlines()
+    assert "supervisor 1.0.0 IS installed" in line and "systemd is not running on this machine" in line
+    assert "systemctl daemon-reload && systemctl enable --now baton-supervisor.service" in line
+    launcher = sup.base / "install" / "supervisor" / "current" / "bin" / "supervisor"
+    assert f"`{launcher} run --config {sup.config_path}`" in line
+    assert os.readlink(launcher.parents[1]) == "versions/1.0.0"
+    assert (sup.base / "units" / UNIT.name).is_file()
 
 
 def unit_for_test(sup: SupervisorProc) -> str:
@@ -181,31 +236,66 @@ def test_systemctl_stop_stops_every_agent(systemd, unit_host):
 
 @needs_systemd
 @pytest.mark.slow
-def test_unit_installed_from_a_release_as_the_readme_says_runs_and_self_updates_to_a_release(
+def test_one_command_installs_a_release_enables_and_starts_it_under_systemd_and_it_self_updates_to_a_release(
         systemd, make_supervisor, release, releases):
-    """README "Installing from a release": tar -xzf, install-self, daemon-reload, start; the unit is not edited."""
-    from tests.release_fixtures import envi, unpack
+    """README "Installing from a release": tar -xzf, then `install-self --enable`; the unit is not edited.
+
+    Run in the manager's mount namespace, where /etc/systemd/system is the harness's tmpfs: the
+    machine's own /etc never sees the unit or the enable link.
+    """
+    from tests.release_fixtures import unpack
 
     sup = make_supervisor(list(SELF_AGENTS), name="rel",
                           extra={"update": {"trusted_keys": [str(release.public_key)], "handshake_timeout_s": 30.0,
                                             "free_space_reserve_bytes": 0}})
     sup.write_config()
     root = unpack(releases.v100, sup.base / "unpacked")
-    res = envi(root / "bin" / "supervisor", "install-self", "--config", sup.config_path, "--unit-dir", systemd.units)
-    assert res.returncode == 0, res.stderr
-    for args in (("daemon-reload",), ("start", "baton-supervisor.service")):
-        res = systemd.systemctl(*args, timeout=120)
-        assert res.returncode == 0, res.stderr
+    unit = ETC_UNITS / UNIT.name
+    wants = ETC_UNITS / "multi-user.target.wants" / UNIT.name
+    assert not os.path.lexists(unit) and not os.path.lexists(wants)
+    res = systemd.inside("env", "-i", root / "bin" / "supervisor", "install-self", "--config", sup.config_path,
+                         "--enable")
+    assert res.returncode == 0, res.stdout + res.stderr
+    props = systemd.show(UNIT.name, "ActiveState", "UnitFileState", "MainPID")
+    assert (props["ActiveState"], props["UnitFileState"]) == ("active", "enabled")
+    assert os.readlink(systemd.path_inside(wants)) == str(unit)
+    main_pid = props["MainPID"]
+    assert int(main_pid) == sup.status().pid
+    assert f"{UNIT.name} is enabled and active: supervisor 1.0.0, MainPID {main_pid}, agents: " in res.stdout
     for a in ("web", "worker", "chatty"):
         sup.wait_agent(a, "running", timeout=30)
     host = SelfUpdateHost(sup, release)
-    main_pid = systemd.show("baton-supervisor.service", "MainPID")["MainPID"]
-    assert int(main_pid) == sup.status().pid
     before = agent_pids(host)
     uid = host.push(release.sign(releases.v110, "supervisor", "1.1.0"))
     st = host.wait_final(uid, timeout=120)
     assert st.state == common_pb2.UPDATE_STATE_COMMITTED, st.error
     status = sup.status()
     assert (status.supervisor_version, status.dependencies["idna"]) == ("1.1.0", "3.10")
-    assert systemd.show("baton-supervisor.service", "MainPID", "NRestarts") == {"MainPID": main_pid, "NRestarts": "0"}
+    assert systemd.show(UNIT.name, "MainPID", "NRestarts") == {"MainPID": main_pid, "NRestarts": "0"}
     assert agent_pids(host) == before
+    assert not os.path.lexists(unit) and not os.path.lexists(wants), "the machine's own /etc was touched"
+
+
+def _daemon_fails_at_start(root: Path) -> None:
+    """``install-self`` still runs (it never imports the daemon); ``supervisor run`` exits at once."""
+    daemon = root / "lib" / "supervisor" / "daemon.py"
+    daemon.write_text(daemon.read_text() + '\nraise ImportError("this release cannot run (a test)")\n')
+
+
+@needs_systemd
+@pytest.mark.slow
+def test_install_self_enable_of_a_unit_that_fails_to_start_says_where_to_look_and_keeps_the_release(
+        systemd, make_supervisor, releases):
+    from tests.release_fixtures import unpack
+
+    sup = make_supervisor([], name="fails")
+    sup.write_config()
+    root = unpack(releases.derived("1.0.1", _daemon_fails_at_start), sup.base / "unpacked")
+    res = systemd.inside("env", "-i", root / "bin" / "supervisor", "install-self", "--config", sup.config_path,
+                         "--enable")
+    assert res.returncode == 1
+    (line,) = res.stderr.splitlines()
+    assert "supervisor 1.0.1 IS installed" in line and f"{UNIT.name} failed to start" in line
+    assert "see `systemctl status baton-supervisor`, `journalctl -u baton-supervisor`" in line
+    assert os.readlink(sup.base / "install" / "supervisor" / "current") == "versions/1.0.1"
+    assert systemd.show(UNIT.name, "UnitFileState")["UnitFileState"] == "enabled"
