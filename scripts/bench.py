@@ -4,7 +4,8 @@
     .venv/bin/python scripts/bench.py --quick          # smaller sizes, fewer runs: 1-2 minutes
     .venv/bin/python scripts/bench.py --only verify download --out /tmp/b.md
 
-Benchmarks (``--only`` names): verify, download, update, selfupdate, supervision, fleet, release, fleet_scale.
+Benchmarks (``--only`` names): verify, download, update, selfupdate, supervision, fleet, release, fleet_scale,
+fleet_heartbeat, fleet_failover.
 Each lives in ``scripts/bench_<name>.py`` with a ``run(ctx) -> Section``. They are
 measurements, not tests: a slow figure is written down, never a failure. A
 benchmark that breaks is reported as such in the document and the others run.
@@ -33,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import ROOT, Ctx, Reaper, Section, machine_info, table
 
-BENCHMARKS = ("verify", "download", "update", "selfupdate", "supervision", "fleet", "release", "fleet_scale")
+BENCHMARKS = ("verify", "download", "update", "selfupdate", "supervision", "fleet", "release", "fleet_scale",
+              "fleet_heartbeat", "fleet_failover")
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 SCRATCH_OUT = ROOT / ".bench" / "benchmarks.md"
 

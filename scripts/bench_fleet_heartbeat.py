@@ -1,0 +1,258 @@
+"""Benchmark 9: a large fleet at rest, 10,000 simulated nodes heartbeating every 10 s, PostgreSQL with 2
+replicas against SQLite with one.
+
+The nodes are ``scripts/fleet_sim.py --heartbeat-only --spread`` (Register, then a Heartbeat every 10 s; node i
+tries replica i mod 2 first), started at random within the first interval so the fleet's heartbeats are spread
+evenly, in ``GENERATORS`` processes. The window opens once every node has registered (SIGUSR1 to the
+simulators); latency is what the simulated nodes measure per call. PostgreSQL is a private cluster with its
+default durability (``fsync=on``, as SQLite's ``synchronous=FULL``), removed after the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from benchlib import (
+    PY,
+    ROOT,
+    Ctx,
+    Section,
+    SummaryRow,
+    children,
+    fmt_mib,
+    fmt_s,
+    free_port,
+    make_keys,
+    proc_cpu_s,
+    proc_status_kib,
+    table,
+    wait_for,
+)
+
+NAME = "fleet_heartbeat"
+TITLE = "9. Fleet at rest: simulated nodes heartbeating, PostgreSQL (2 replicas) against SQLite (1)"
+HEARTBEAT_S = 10.0
+GENERATORS = 2  # simulator processes: one alone spends most of a core at 10,000 nodes (measured below)
+DB_WRITES = 2000  # heartbeat writes timed alone, in one thread, after the run
+
+
+def _pct(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))] if s else float("nan")
+
+
+def _machine_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+def _cpu_of(pids: list[int]) -> dict[int, float]:
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            out[pid] = proc_cpu_s(pid)
+    return out
+
+
+def _tree(pid: int) -> list[int]:
+    return [pid, *sorted(children(pid))] if pid else []
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _last_json(log: Path) -> dict[str, Any]:
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if line.startswith("{"):
+            return dict(json.loads(line))
+    raise RuntimeError(f"no summary in {log}")
+
+
+def _db_write_ms(db: str, node_ids: list[str]) -> float:
+    """The mean time of one heartbeat's write (``Store.touch_node``) alone, in this process, one thread."""
+    from manager.store import open_store
+
+    store = open_store(db)
+    try:
+        t0 = time.perf_counter()
+        for i in range(DB_WRITES):
+            store.touch_node(node_ids[i % len(node_ids)], "sim")
+        return (time.perf_counter() - t0) / DB_WRITES * 1000
+    finally:
+        store.close()
+
+
+def _one(ctx: Ctx, kind: str, db: str, replicas: int, nodes: int, duration: float, generators: int, keys: Any,
+         pg_pid: int = 0) -> dict[str, Any]:
+    work = ctx.work / kind
+    work.mkdir()
+    serves, addresses = [], []
+    for i in range(replicas):
+        port = free_port()
+        addresses.append(f"127.0.0.1:{port}")
+        serves.append(ctx.reaper.popen(
+            [PY, "-m", "manager", "serve", "--db", db, "--listen", f"127.0.0.1:{port}", "--heartbeat-interval",
+             str(HEARTBEAT_S)], log=work / f"serve-{i}.log"))
+        wait_for(lambda port=port: _port_open(port), 60, interval=0.2, what=f"serve replica {i} to listen")
+    sims, logs = [], []
+    per = [nodes // generators + (1 if g < nodes % generators else 0) for g in range(generators)]
+    t_start = time.monotonic()
+    for g, n in enumerate(per):
+        logs.append(work / f"sim-{g}.log")
+        sims.append(ctx.reaper.popen(
+            [PY, ROOT / "scripts" / "fleet_sim.py", "--manager", ",".join(addresses), "--nodes", str(n),
+             "--prefix", f"sim{g}-", "--trusted-key", keys.public, "--state-dir", work / f"sim-{g}",
+             "--heartbeat-s", str(HEARTBEAT_S), "--heartbeat-only", "--spread",
+             "--latencies-out", work / f"latencies-{g}.json"], log=logs[g]))
+    for g, log in enumerate(logs):
+        wait_for(lambda g=g, log=log: _registered(sims[g], log), 600, interval=0.5,
+                 what=f"simulator {g}'s nodes to register")
+    registered_s = time.monotonic() - t_start
+    load0 = os.getloadavg()
+    for p in sims:
+        p.send_signal(10)  # SIGUSR1: the window opens
+    serve_pids = [p.pid for p in serves]
+    sim_pids = [p.pid for p in sims]
+    pg_pids = _tree(pg_pid)
+    cpu0 = _cpu_of(serve_pids + sim_pids + pg_pids)
+    busy0, total0 = _machine_jiffies()
+    t0 = time.monotonic()
+    time.sleep(duration)
+    window = time.monotonic() - t0
+    busy1, total1 = _machine_jiffies()
+    pg_pids = _tree(pg_pid)  # backends present now; one started during the window counts from 0
+    cpu1 = _cpu_of(serve_pids + sim_pids + pg_pids)
+    load1 = os.getloadavg()
+
+    def used(pids: list[int]) -> float:
+        return sum(cpu1.get(p, 0.0) - cpu0.get(p, 0.0) for p in pids if p in cpu1)
+
+    rss = [proc_status_kib(pid, "VmHWM") for pid in serve_pids]
+    sim_rss = [proc_status_kib(pid, "VmHWM") for pid in sim_pids]
+    for p in sims:
+        ctx.reaper.stop(p)
+    summaries = [_last_json(log) for log in logs]
+    lat: list[float] = []
+    for g in range(generators):
+        lat += json.loads((work / f"latencies-{g}.json").read_text()).get("Heartbeat", [])
+    for p in serves:
+        ctx.reaper.stop(p)
+    ids = [f"sim0-{i}" for i in range(1, min(per[0], DB_WRITES) + 1)]
+    return {
+        "nodes": nodes, "generators": generators, "registered_s": registered_s, "window": window,
+        "calls": len(lat), "rate": len(lat) / window, "p50": _pct(lat, 50), "p99": _pct(lat, 99),
+        "max": max(lat) if lat else float("nan"), "errors": sum(int(s["rpc_errors"]) for s in summaries),
+        "serve_cpu": used(serve_pids), "sim_cpu": [used([p]) for p in sim_pids], "pg_cpu": used(pg_pids),
+        "rss": rss, "sim_rss": sim_rss, "machine_busy": (busy1 - busy0) / (total1 - total0) * 2,  # of 2 cores
+        "load": (load0[0], load1[0]), "db_write_ms": _db_write_ms(db, ids),
+    }
+
+
+def _registered(sim: Any, log: Path) -> bool:
+    """Whether the simulator said every node of it registered; raises if it exited."""
+    text = log.read_text(errors="replace")
+    if sim.poll() is not None:
+        raise RuntimeError(f"the simulator exited {sim.returncode}: {text[-800:]}")
+    return '"registered"' in text
+
+
+def run(ctx: Ctx) -> Section:
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from tests.pg_fixture import PgCluster
+
+    nodes = 1000 if ctx.quick else 10_000
+    duration = 30.0 if ctx.quick else 120.0
+    generators = 1 if ctx.quick else GENERATORS
+    keys = make_keys(ctx.work / "keys")
+    results: dict[str, dict[str, Any]] = {}
+    pg = PgCluster(fsync=True).start()
+    try:
+        ctx.log(f"PostgreSQL, 2 replicas: {nodes} nodes for {duration:.0f} s")
+        results["PostgreSQL, 2 replicas"] = _one(ctx, "pg", pg.new_database(), 2, nodes, duration, generators, keys,
+                                                 pg.postmaster_pid())
+    finally:
+        pg.stop()
+    ctx.log(f"SQLite, 1 replica: {nodes} nodes for {duration:.0f} s")
+    results["SQLite, 1 replica"] = _one(ctx, "sqlite", str(ctx.work / "manager.db"), 1, nodes, duration,
+                                        generators, keys)
+    names = list(results)
+    pgr, sq = results[names[0]], results[names[1]]
+
+    def pct(cpu: float, r: dict[str, Any]) -> str:
+        return f"{cpu:.1f} s ({cpu / r['window'] * 100:.0f} % of a core)"
+
+    s = Section(NAME, TITLE)
+    s.add(f"{nodes:,} simulated nodes (`scripts/fleet_sim.py --heartbeat-only --spread`, {generators} "
+          f"process{'es' if generators > 1 else ''}: Register, then a Heartbeat every {HEARTBEAT_S:.0f} s, each "
+          f"node starting at random within the first interval; with 2 replicas node i asks replica i mod 2 "
+          f"first). The window ({duration:.0f} s) opens once every node has registered. Latency is each "
+          "Heartbeat call as the simulated node sees it (request to reply, the loopback and the simulator's own "
+          "event loop included); CPU is user+system seconds over the window; RSS the peak (VmHWM, registration "
+          "included). PostgreSQL 15 runs as a private cluster with its default durability (`fsync=on`, "
+          "`synchronous_commit=on`; section 8 ran it with `fsync=off`, the tests' setting), SQLite with WAL and "
+          "`synchronous=FULL` (the Manager's setting), both on the same ext4 virtual disk. One run each.", "")
+    s.add(*table(["", *names], [
+        ("nodes registered (time from the simulators' start)",
+         *(f"{r['nodes']:,} ({fmt_s(r['registered_s'])})" for r in results.values())),
+        ("heartbeats answered in the window (per second)",
+         *(f"{r['calls']:,} ({r['rate']:.0f}/s; {r['nodes'] / HEARTBEAT_S:.0f}/s offered)" for r in results.values())),
+        ("Heartbeat latency p50 / p99 / max",
+         *(f"{fmt_s(r['p50'])} / {fmt_s(r['p99'])} / {fmt_s(r['max'])}" for r in results.values())),
+        ("failed calls in the window", *(str(r["errors"]) for r in results.values())),
+        ("serve replicas' CPU", *(pct(r["serve_cpu"], r) for r in results.values())),
+        ("PostgreSQL server's CPU (postmaster and backends)", pct(pgr["pg_cpu"], pgr), "— (in the replica)"),
+        ("CPU per heartbeat, Manager side (replicas + database server)",
+         *(f"{(r['serve_cpu'] + r['pg_cpu']) / max(r['calls'], 1) * 1000:.2f} ms" for r in results.values())),
+        ("replica peak RSS", *(", ".join(fmt_mib(k) for k in r["rss"]) for r in results.values())),
+        ("load generator CPU (per process)",
+         *(", ".join(pct(c, r) for c in r["sim_cpu"]) for r in results.values())),
+        ("load generator peak RSS", *(", ".join(fmt_mib(k) for k in r["sim_rss"]) for r in results.values())),
+        ("one heartbeat's database write alone (`touch_node`, one thread, mean)",
+         *(f"{r['db_write_ms']:.2f} ms" for r in results.values())),
+        ("the whole machine busy in the window (of 2 cores) / load average before, after",
+         *(f"{r['machine_busy'] * 100:.0f} % / {r['load'][0]:.2f}, {r['load'][1]:.2f}" for r in results.values())),
+    ]), "")
+    s.add(*_where_the_time_goes(pgr, sq, generators))
+    ratio = sq["p99"] / pgr["p99"] if pgr["p99"] else float("nan")
+    s.summary = [
+        SummaryRow("fleet_heartbeat", f"{nodes:,} nodes heartbeating every {HEARTBEAT_S:.0f} s: Heartbeat p99, "
+                   "PostgreSQL x2", fmt_s(pgr["p99"]), f"SQLite x1 {fmt_s(sq['p99'])}",
+                   f"{ratio:.2f}x" + (" (lower p99 on PostgreSQL)" if ratio > 1 else "")),
+        SummaryRow("fleet_heartbeat", "Manager-side CPU over the window (replicas + PostgreSQL), PostgreSQL x2",
+                   f"{(pgr['serve_cpu'] + pgr['pg_cpu']) / pgr['window'] * 100:.0f} % of a core",
+                   f"SQLite x1 {sq['serve_cpu'] / sq['window'] * 100:.0f} % of a core",
+                   f"{(pgr['serve_cpu'] + pgr['pg_cpu']) / sq['serve_cpu']:.2f}x" if sq["serve_cpu"] else "—"),
+    ]
+    return s
+
+
+def _where_the_time_goes(pgr: dict[str, Any], sq: dict[str, Any], generators: int) -> list[str]:
+    """A paragraph from the figures of this run: which process spends what, per heartbeat."""
+    out = ["**Where the time goes.**"]
+    for label, r in (("PostgreSQL", pgr), ("SQLite", sq)):
+        calls = max(r["calls"], 1)
+        serve_ms = r["serve_cpu"] / calls * 1000
+        db_ms = r["pg_cpu"] / calls * 1000
+        sim_ms = sum(r["sim_cpu"]) / calls * 1000
+        out.append(f"- {label}: per heartbeat the replicas spent {serve_ms:.2f} ms of CPU"
+                   + (f" and the PostgreSQL server {db_ms:.2f} ms" if r["pg_cpu"] else "")
+                   + f", the load generator {sim_ms:.2f} ms; a heartbeat's database write alone takes "
+                   f"{r['db_write_ms']:.2f} ms of wall time (one `UPDATE nodes SET last_seen` and its commit, "
+                   f"flushed to disk).")
+    out.append("")
+    return out
