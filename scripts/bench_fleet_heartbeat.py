@@ -268,10 +268,13 @@ def _where_the_time_goes(pgr: dict[str, Any], sq: dict[str, Any], generators: in
                  f"{HEARTBEAT_S:.0f} s), and this 2-core machine, with the generator on it and nothing else, near "
                  f"{2000 / whole:,.0f} a second.")
         if not r["pg_cpu"]:
+            lock_cap = 1000 / r["db_write_ms"][0]
             line += (" SQLite takes one write at a time (one connection behind a lock in the process, one writer "
-                     "per file), so the writes' times add up instead of overlapping: at this median the file "
-                     f"takes about {1000 / r['db_write_ms'][0]:,.0f} heartbeats a second before they queue behind "
-                     "the lock.")
+                     "per file), so the writes' times add up instead of overlapping: "
+                     + (f"at this median the file takes about {lock_cap:,.0f} heartbeats a second before they "
+                        "queue behind the lock." if lock_cap > r["rate"] else
+                        f"this median would allow only {lock_cap:,.0f} a second, fewer than the run answered, so "
+                        "the write timed alone after the window was slowed by the machine's other load."))
         else:
             line += (" PostgreSQL runs the replicas' writes side by side (8 connections each) and flushes "
                      "commits that arrive together at once; a third replica adds a core's worth of Python.")
