@@ -1,7 +1,7 @@
 """Run Baton's benchmarks on this machine, each beside its baseline, and write ``docs/benchmarks.md``.
 
     .venv/bin/python scripts/bench.py                  # everything, about 16 minutes on 2 cores
-    .venv/bin/python scripts/bench.py --quick          # smaller sizes, fewer runs: 3-5 minutes
+    .venv/bin/python scripts/bench.py --quick          # smaller sizes, fewer runs: about 5 minutes
     .venv/bin/python scripts/bench.py --only verify download --out /tmp/b.md
 
 Benchmarks (``--only`` names): verify, download, update, selfupdate, supervision, fleet, release, fleet_scale,
@@ -79,7 +79,7 @@ def render(sections: list[Section], argv: list[str], quick: bool, started: datet
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="scripts/bench.py", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small sizes and few runs (3-5 minutes)")
+    p.add_argument("--quick", action="store_true", help="small sizes and few runs (about 5 minutes)")
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, metavar="NAME",
                    help=f"run only these ({', '.join(BENCHMARKS)})")
     p.add_argument("--out", type=Path, help=f"where to write (default: {DEFAULT_OUT.relative_to(ROOT)} for a full run "
