@@ -1,10 +1,11 @@
 """Run Baton's benchmarks on this machine, each beside its baseline, and write ``docs/benchmarks.md``.
 
-    .venv/bin/python scripts/bench.py                  # everything, about 7 minutes on 2 cores
-    .venv/bin/python scripts/bench.py --quick          # smaller sizes, fewer runs: 1-2 minutes
+    .venv/bin/python scripts/bench.py                  # everything, about 16 minutes on 2 cores
+    .venv/bin/python scripts/bench.py --quick          # smaller sizes, fewer runs: about 5 minutes
     .venv/bin/python scripts/bench.py --only verify download --out /tmp/b.md
 
-Benchmarks (``--only`` names): verify, download, update, selfupdate, supervision, fleet, release, fleet_scale.
+Benchmarks (``--only`` names): verify, download, update, selfupdate, supervision, fleet, release, fleet_scale,
+fleet_heartbeat, fleet_failover.
 Each lives in ``scripts/bench_<name>.py`` with a ``run(ctx) -> Section``. They are
 measurements, not tests: a slow figure is written down, never a failure. A
 benchmark that breaks is reported as such in the document and the others run.
@@ -33,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import ROOT, Ctx, Reaper, Section, machine_info, table
 
-BENCHMARKS = ("verify", "download", "update", "selfupdate", "supervision", "fleet", "release", "fleet_scale")
+BENCHMARKS = ("verify", "download", "update", "selfupdate", "supervision", "fleet", "release", "fleet_scale",
+              "fleet_heartbeat", "fleet_failover")
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 SCRATCH_OUT = ROOT / ".bench" / "benchmarks.md"
 
@@ -77,7 +79,7 @@ def render(sections: list[Section], argv: list[str], quick: bool, started: datet
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="scripts/bench.py", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small sizes and few runs (1-2 minutes)")
+    p.add_argument("--quick", action="store_true", help="small sizes and few runs (about 5 minutes)")
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, metavar="NAME",
                    help=f"run only these ({', '.join(BENCHMARKS)})")
     p.add_argument("--out", type=Path, help=f"where to write (default: {DEFAULT_OUT.relative_to(ROOT)} for a full run "

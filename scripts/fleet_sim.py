@@ -16,9 +16,17 @@ Each node does what a supervisor does on the wire, and no more:
   signature by ``--trusted-key``, manifest); then a simulated install taking ``--latency-s`` (uniform
   between half and one and a half of it), failing (rolled back) with probability ``--failure-rate``.
 
-Several Manager addresses (``--manager A,B``) are tried in turn when one fails. No TLS: the Manager must
-serve insecure on loopback (a simulated node has no certificate of its own). Prints one JSON summary on
-stdout when it stops (SIGTERM/SIGINT, or after ``--duration-s``).
+Several Manager addresses (``--manager A,B``) are tried in turn when one fails; with ``--spread``, node i
+tries replica i mod n first (as an operator spreads a fleet by listing the replicas in another order on
+each host), so the load is shared instead of all on the first. No TLS: the Manager must serve insecure on
+loopback (a simulated node has no certificate of its own).
+
+``--heartbeat-only``: Register and Heartbeat, nothing else (no DaemonService port, no outbox, no syncs), for
+measuring a large fleet at rest. The nodes start at random within the first heartbeat interval, so the
+fleet's heartbeats are spread evenly. When every node has registered the simulator prints
+``{"registered": N}`` on stderr; SIGUSR1 clears the RPC figures gathered so far (a measuring window starts
+there). Prints one JSON summary on stdout when it stops (SIGTERM/SIGINT, or after ``--duration-s``): RPC
+latencies (since the start or the last SIGUSR1), outcomes, and the PushUpdate calls per node.
 
     python scripts/fleet_sim.py --manager 127.0.0.1:7444 --nodes 1000 --trusted-key release.pub \\
         --state-dir /tmp/sim --labels sim=yes
@@ -79,29 +87,48 @@ class Stats:
     failed: int = 0
     downloaded_bytes: int = 0
     busy_retries: int = 0
+    window_started: float = field(default_factory=time.monotonic)  # the start, or the last SIGUSR1
+    pushes: dict[str, int] = field(default_factory=dict)  # node -> PushUpdate calls it received
+
+    def new_window(self) -> None:
+        """SIGUSR1: the RPC figures start again from here."""
+        self.rpc_latency_s = {}
+        self.rpc_errors = 0
+        self.window_started = time.monotonic()
 
     def summary(self, nodes: int, started: float) -> dict[str, Any]:
-        return {"nodes": nodes, "seconds": round(time.monotonic() - started, 3), "committed": self.committed,
+        return {"nodes": nodes, "seconds": round(time.monotonic() - started, 3),
+                "window_s": round(time.monotonic() - self.window_started, 3), "committed": self.committed,
                 "rolled_back": self.rolled_back, "failed": self.failed, "rpc_errors": self.rpc_errors,
                 "downloaded_bytes": self.downloaded_bytes, "busy_retries": self.busy_retries,
+                "push_calls": sum(self.pushes.values()),
+                "nodes_pushed_twice": sorted(n for n, k in self.pushes.items() if k > 1),
                 "rpc": {name: {"calls": len(v), "p50_ms": round(percentile(v, 50) * 1000, 2),
                                "p99_ms": round(percentile(v, 99) * 1000, 2)}
                         for name, v in sorted(self.rpc_latency_s.items())}}
 
 
+@dataclass
+class Cursor:
+    """The replica a caller talks to now: the simulator's own, or one per node with ``--spread``."""
+
+    index: int = 0
+
+
 class Managers:
-    """The Manager replicas, one channel each; a failed call moves on to the next address."""
+    """The Manager replicas, one channel each; a failed call moves its caller on to the next address."""
 
     def __init__(self, addresses: Sequence[str], stats: Stats) -> None:
         self.addresses = list(addresses)
         self.channels = [grpc.aio.insecure_channel(a) for a in self.addresses]
         self.stubs = [manager_pb2_grpc.ManagerServiceStub(c) for c in self.channels]
-        self.current = 0
+        self.shared = Cursor()
         self.stats = stats
 
-    async def call(self, name: str, request: Any) -> Any:
+    async def call(self, name: str, request: Any, cursor: Cursor | None = None) -> Any:
+        at = cursor or self.shared
         for _ in range(len(self.stubs)):
-            i = self.current
+            i = at.index % len(self.stubs)
             started = time.monotonic()
             try:
                 reply = await getattr(self.stubs[i], name)(request, timeout=RPC_TIMEOUT_S)
@@ -109,7 +136,7 @@ class Managers:
                 self.stats.rpc_errors += 1
                 if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise
-                self.current = (i + 1) % len(self.stubs)
+                at.index = (i + 1) % len(self.stubs)
                 continue
             self.stats.rpc_latency_s.setdefault(name, []).append(time.monotonic() - started)
             return reply
@@ -129,13 +156,15 @@ class Update:
 
 
 class Node:
-    def __init__(self, sim: Simulator, node_id: str) -> None:
+    def __init__(self, sim: Simulator, node_id: str, index: int) -> None:
         self.sim = sim
         self.id = node_id
         self.version = sim.args.version
         self.outbox = sim.args.state_dir / node_id / "outbox"
-        self.outbox.mkdir(parents=True, exist_ok=True)
+        if not sim.args.heartbeat_only:
+            self.outbox.mkdir(parents=True, exist_ok=True)
         self.seq = 0
+        self.cursor = Cursor(index) if sim.args.spread else None
 
     def agents(self) -> list[common_pb2.AgentInfo]:
         return [common_pb2.AgentInfo(name=self.sim.args.component, state=common_pb2.AGENT_STATE_RUNNING,
@@ -144,11 +173,12 @@ class Node:
     async def register(self) -> None:
         await self.sim.managers.call("Register", manager_pb2.RegisterRequest(
             node_id=self.id, supervisor_version=SUPERVISOR_VERSION, hostname=socket.gethostname(),
-            grpc_address=self.sim.address, agents=self.agents(), labels=self.sim.labels))
+            grpc_address=self.sim.address, agents=self.agents(), labels=self.sim.labels), self.cursor)
 
     async def sync(self) -> None:
         await self.sim.managers.call("SyncAgentStates",
-                                     manager_pb2.SyncAgentStatesRequest(node_id=self.id, agents=self.agents()))
+                                     manager_pb2.SyncAgentStatesRequest(node_id=self.id, agents=self.agents()),
+                                     self.cursor)
 
     async def run(self) -> None:
         """Register, then heartbeat (and sync now and then) until cancelled."""
@@ -160,16 +190,17 @@ class Node:
                 break
             except (ConnectionError, grpc.aio.AioRpcError):
                 await asyncio.sleep(1.0)
+        self.sim.registered_one()
         next_sync = time.monotonic() + args.sync_s
         while True:
             await asyncio.sleep(args.heartbeat_s)
             self.seq += 1
             try:
                 reply = await self.sim.managers.call("Heartbeat", manager_pb2.HeartbeatRequest(
-                    node_id=self.id, seq=self.seq, supervisor_version=SUPERVISOR_VERSION))
+                    node_id=self.id, seq=self.seq, supervisor_version=SUPERVISOR_VERSION), self.cursor)
                 if not reply.known:
                     await self.register()
-                if time.monotonic() >= next_sync:
+                if not args.heartbeat_only and time.monotonic() >= next_sync:
                     next_sync = time.monotonic() + args.sync_s
                     await self.sync()
             except (ConnectionError, grpc.aio.AioRpcError):
@@ -230,6 +261,7 @@ class Daemon(daemon_pb2_grpc.DaemonServiceServicer):
         if node is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no simulated node {request.node_id!r}")
         assert node is not None
+        self.sim.stats.pushes[node.id] = self.sim.stats.pushes.get(node.id, 0) + 1
         update_id = request.update_id or uuid.uuid4().hex
         if update_id in self.sim.updates:  # the Manager re-pushing an id it was unsure of: the same update
             return daemon_pb2.UpdateAccepted(update_id=update_id)
@@ -281,11 +313,17 @@ class Simulator:
         self.stats = Stats()
         self.managers: Managers  # made in run(): grpc.aio channels belong to the running loop
         self.labels = dict(args.labels)
-        self.nodes = {f"{args.prefix}{i}": Node(self, f"{args.prefix}{i}") for i in range(1, args.nodes + 1)}
+        self.nodes = {f"{args.prefix}{i}": Node(self, f"{args.prefix}{i}", i - 1) for i in range(1, args.nodes + 1)}
         self.updates: dict[str, Update] = {}
         self.address = ""
+        self.registered = 0
         self.outbox_wake = asyncio.Event()
         self.http: httpx.AsyncClient
+
+    def registered_one(self) -> None:
+        self.registered += 1
+        if self.registered == len(self.nodes):
+            print(json.dumps({"registered": self.registered}), file=sys.stderr, flush=True)
 
     def set(self, u: Update, state: int, step: str) -> None:
         u.status.state = state  # type: ignore[assignment]
@@ -340,29 +378,37 @@ class Simulator:
     async def run(self) -> dict[str, Any]:
         started = time.monotonic()
         self.managers = Managers(self.args.manager, self.stats)
+        full = not self.args.heartbeat_only  # else: no DaemonService, no downloads, no outbox
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(30.0), trust_env=False,
                                       limits=httpx.Limits(max_connections=self.args.max_downloads))
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        daemon_pb2_grpc.add_DaemonServiceServicer_to_server(Daemon(self), server)
-        host, _, port = self.args.listen.rpartition(":")
-        bound = server.add_insecure_port(self.args.listen)
-        self.address = f"{host}:{bound or port}"
-        await server.start()
+        if full:
+            daemon_pb2_grpc.add_DaemonServiceServicer_to_server(Daemon(self), server)
+            host, _, port = self.args.listen.rpartition(":")
+            bound = server.add_insecure_port(self.args.listen)
+            self.address = f"{host}:{bound or port}"
+            await server.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, self.stats.new_window)
         tasks = [loop.create_task(n.run()) for n in self.nodes.values()]
-        tasks.append(loop.create_task(self.deliver_outbox()))
+        if full:
+            tasks.append(loop.create_task(self.deliver_outbox()))
         print(json.dumps({"listening": self.address, "nodes": len(self.nodes)}), file=sys.stderr, flush=True)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), self.args.duration_s or None)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await server.stop(1.0)
+        if full:
+            await server.stop(1.0)
         await self.http.aclose()
         await self.managers.close()
+        if self.args.latencies_out:  # every call's latency of the window, for percentiles over several simulators
+            write_json(self.args.latencies_out, {k: [round(x, 6) for x in v]
+                                                 for k, v in self.stats.rpc_latency_s.items()}, 0o644)
         return self.stats.summary(len(self.nodes), started)
 
 
@@ -394,6 +440,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--failure-rate", type=float, default=0.0, help="probability an update rolls back")
     p.add_argument("--max-downloads", type=int, default=100, help="HTTP connections open at once")
     p.add_argument("--duration-s", type=float, default=0.0, help="stop after this long (0: at SIGTERM)")
+    p.add_argument("--heartbeat-only", action="store_true",
+                   help="Register and Heartbeat only: no DaemonService, no outbox, no syncs (a fleet at rest)")
+    p.add_argument("--latencies-out", type=Path, help="write each RPC's latencies (seconds) here as JSON at the end")
+    p.add_argument("--spread", action="store_true",
+                   help="node i tries Manager replica i mod n first (default: every node the first one)")
     return p
 
 

@@ -23,7 +23,10 @@ PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 
 
 class PgCluster:
-    def __init__(self) -> None:
+    """``fsync=False`` (the tests): no flush to disk at each commit. The benchmarks ask for PostgreSQL's
+    default (``fsync=True``) where a commit's cost is what they measure."""
+
+    def __init__(self, fsync: bool = False) -> None:
         if not PG_BIN_DIRS:
             raise RuntimeError("PostgreSQL is not installed (/usr/lib/postgresql/*/bin): run scripts/bootstrap.sh")
         self.bin = PG_BIN_DIRS[0]
@@ -31,6 +34,7 @@ class PgCluster:
         shutil.chown(self.dir, "postgres")
         self.data = self.dir / "data"
         self._counter = itertools.count(1)
+        self.fsync = fsync
 
     def _as_postgres(self, *argv: str) -> None:
         subprocess.run(["runuser", "-u", "postgres", "--", *argv], check=True, capture_output=True, timeout=60)
@@ -38,7 +42,8 @@ class PgCluster:
     def start(self) -> PgCluster:
         self._as_postgres(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "baton")
         self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o",
-                          f"-k {self.dir} -c listen_addresses='' -c fsync=off -c max_connections=200",
+                          f"-k {self.dir} -c listen_addresses='' -c fsync={'on' if self.fsync else 'off'} "
+                          "-c max_connections=200",
                           "-l", str(self.dir / "log"), "-w", "start")
         return self
 
@@ -48,6 +53,13 @@ class PgCluster:
                 self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def postmaster_pid(self) -> int:
+        """The server's main process (its backends are its children), 0 when it is not running."""
+        try:
+            return int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return 0
 
     def url(self, db: str) -> str:
         return f"postgresql://baton@/{db}?host={self.dir}"

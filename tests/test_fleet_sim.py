@@ -78,3 +78,30 @@ def test_simulated_failures_are_reported_as_rollbacks_and_halt_the_rollout_after
     assert (canary["state"], canary["rolled_back"], canary["error"]) == (
         "rolled_back", True, "simulated failure: health check failed")
     assert stop_sim(sim)["rolled_back"] == 1
+
+
+def heartbeating(manager: ManagerProc) -> set[str]:
+    return {i for i, n in manager.nodes().items() if n["last_seen"] > n["registered_at"]}
+
+
+def test_heartbeat_only_nodes_register_without_a_daemon_endpoint_and_heartbeat_across_replicas(
+        make_manager, release, reaper, tmp_path):
+    first, second = make_manager("first"), make_manager("second")
+    proc = subprocess.Popen(
+        [PY, str(ROOT / "scripts" / "fleet_sim.py"), "--manager", f"{first.address},{second.address}", "--nodes",
+         str(NODES), "--trusted-key", str(release.public_key), "--state-dir", str(tmp_path / "sim"),
+         "--heartbeat-s", "0.3", "--heartbeat-only", "--spread"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    reaper.track(proc.pid)
+    assert proc.stderr is not None
+    lines = iter(proc.stderr.readline, "")
+    assert next(line for line in lines if '"registered"' in line).strip() == json.dumps({"registered": NODES})
+    proc.send_signal(signal.SIGUSR1)  # the measuring window: heartbeats only from here
+    # Each replica has its own database here, so each knows exactly the half of the fleet that --spread sent it.
+    wait_for(lambda: [len(heartbeating(m)) for m in (first, second)] == [NODES // 2] * 2, 30, interval=0.3,
+             what="each replica's half of the fleet to heartbeat")
+    assert all(n["address"] == "" for m in (first, second) for n in m.nodes().values()), "no DaemonService address"
+    summary = stop_sim(proc)
+    assert set(summary["rpc"]) == {"Heartbeat"} and summary["rpc"]["Heartbeat"]["calls"] > 0, summary
+    assert (summary["push_calls"], summary["rpc_errors"]) == (0, 0), summary
+    assert not (tmp_path / "sim").exists() or list((tmp_path / "sim").iterdir()) == [], "no outbox in this mode"
