@@ -54,6 +54,7 @@ from baton.states import CUSTODY_TRANSITIONS, Custody, check_move
 from baton.states import UpdateState as S
 from baton.strict_modes import log_opener
 from helper.machine import ControlFactory, UpdateRun
+from helper.recovery import switched_back
 from helper.release import START_LOG_ENV, START_LOG_NAME
 
 PREPARE_TIMEOUT_S = 30.0
@@ -467,18 +468,7 @@ def rollback_supervisor(cfg: Config, to: str | None = None) -> str:
     Runs from whichever release's ``bin/helper`` the operator calls (docs/releases.md): it
     needs nothing from the release it switches to or from.
     """
-    from baton.marks import Marks
-    from baton.versions import compare_versions
-    from helper.locks import ComponentLock
-    from helper.recovery import rollback_target
-
-    layout = ComponentLayout(cfg.node.install_root, "supervisor")
-    with ComponentLock(cfg.node.state_dir, "supervisor"):
-        cur, target = rollback_target(cfg, "supervisor", to)
-        clear_start_log(cfg)
-        layout.switch(target)
-        if cur and compare_versions(target, cur) < 0:  # rolled away from: never chosen again automatically
-            Marks(cfg.node.state_dir).record_failure("supervisor", cur)
+    with switched_back(cfg, "supervisor", to, before_switch=lambda: clear_start_log(cfg)) as (cur, target):
         session = HandoverSession(cfg, f"rollback-{os.getpid()}", target)
         try:
             session.take_state()
