@@ -46,7 +46,7 @@ from baton import handover as wire
 from baton.agent_table import AgentTable
 from baton.config import Config
 from baton.errors import BatonError
-from baton.journal import CANCELLED, Journal, UpdateRecord
+from baton.journal import Journal, UpdateRecord
 from baton.layout import ComponentLayout
 from baton.pb import daemon_pb2, daemon_pb2_grpc
 from baton.reasons import FailureReason, classify, message
@@ -322,16 +322,15 @@ class SelfUpdateRun(UpdateRun):
         """The failed version's own start-up output if it left any (a broken release), else its log."""
         return start_log_tail(self.cfg, max_bytes) or self._agent_log_tail("supervisor", max_bytes)
 
+    def _link_new(self) -> None:
+        """``current`` -> the new version, with no start log left from an earlier failure to mislead."""
+        clear_start_log(self.cfg)
+        self.installer.layout.switch(self.rec.request.version)
+
     def _switch_and_check(self) -> None:
         req = self.rec.request
-        t0 = time.monotonic()
-        self._move(S.SWITCHING)
-        if self._cancel_pending():  # asked for while we moved; after this the supervisor refuses a cancel
-            self._rollback(CANCELLED, FailureReason.CANCELLED)
+        if not self._switch():  # after it the supervisor refuses a cancel
             return
-        clear_start_log(self.cfg)
-        self.installer.layout.switch(req.version)
-        self._move(S.RESTARTING, timings=self._timed("switch", t0))
         t0 = time.monotonic()
         try:
             self.session = HandoverSession(self.cfg, self.update_id, req.version)
