@@ -32,15 +32,12 @@ from baton.config import Config, load_config
 from baton.errors import BatonError
 from baton.pb import daemon_pb2_grpc
 from baton.strict_modes import make_dirs
-from helper.release import START_LOG_ENV, START_LOG_NAME
 from supervisor import handover, systemd
 from supervisor.agents import AgentSnapshot, ProcessManager, ReloadResult, same_process
 from supervisor.audit import AuditInterceptor, AuditTrail, Callers
 from supervisor.daemon_service import DaemonService, agent_info
 from supervisor.front import Front, UnixPeerPolicy, bind_tcp, bind_unix
 from supervisor.handover import ReceivedState
-from supervisor.install_self import launcher as install_launcher
-from supervisor.install_self import running_from_layout
 from supervisor.manager_client import ManagerClient
 from supervisor.outbox import ResultOutbox
 from supervisor.updates import UpdateManager
@@ -48,8 +45,6 @@ from supervisor.version import supervisor_version
 
 SERVICE_NAME = "baton.v1.DaemonService"
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-HANDLED_SIGNALS = STOP_SIGNALS | {signal.SIGHUP}  # blocked across a handover's exec, so none is lost or fatal
-PENDING_STOP_ENV = "BATON_PENDING_STOP"
 
 
 class AlreadyRunning(BatonError):
@@ -113,7 +108,6 @@ class Supervisor:
         self.updates: UpdateManager | None = None
         self.outbox: ResultOutbox | None = None
         self.endpoint: handover.HandoverEndpoint | None = None
-        self._handed_over: list[socket.socket] = []  # kept open until the exec
         self._watchdog: asyncio.Task[None] | None = None
         self.audit = AuditTrail(AuditLog(cfg.node.state_dir), Callers())
         self._reloads: set[asyncio.Task[None]] = set()
@@ -130,7 +124,7 @@ class Supervisor:
         """gRPC's private, always insecure port for the local Unix sockets (peers checked by SO_PEERCRED)."""
         return self.cfg.run_dir / f"local-{os.getpid()}.sock"
 
-    async def _start_grpc(self) -> None:
+    async def _start_grpc(self) -> grpc.aio.Server:
         """Two private ports: TCP clients reach ``backend_path`` (mutual TLS and the allow-list when configured),
         local clients ``local_backend_path``; ``supervisor/authz.py`` tells their calls apart by transport."""
         from supervisor.authz import AuthzInterceptor, Policy
@@ -165,6 +159,7 @@ class Supervisor:
         server.add_insecure_port(f"unix:{self.local_backend_path}")
         await server.start()
         self.server = server
+        return server
 
     @property
     def pm_required(self) -> ProcessManager:
@@ -258,8 +253,8 @@ class Supervisor:
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # blocked across a handover's exec
-        if os.environ.pop(PENDING_STOP_ENV, None):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, handover.HANDLED_SIGNALS)  # blocked across a handover's exec
+        if os.environ.pop(handover.PENDING_STOP_ENV, None):
             logger.info("a stop was requested during the handover; stopping once it completes")
             self._stop.set()
         loop.add_signal_handler(signal.SIGCHLD, self._reap_strays)
@@ -273,7 +268,7 @@ class Supervisor:
         received = await asyncio.to_thread(handover.receive, self.cfg, self.version)
         self.pm = ProcessManager(self.cfg, self._agent_changed)
         self.updates = UpdateManager(self.cfg)
-        await self._start_grpc()
+        server = await self._start_grpc()
         self.front = Front(self.backend_path,
                            UnixPeerPolicy(self.cfg.grpc.unix_socket_group, self.cfg.grpc.allow_downgrade_uids),
                            local_backend=self.local_backend_path, audit=self.audit)
@@ -284,7 +279,8 @@ class Supervisor:
             await self.pm.start()
         await self.updates.start()
         self._agents_ready.set()
-        self.endpoint = handover.HandoverEndpoint(self)
+        self.endpoint = handover.HandoverEndpoint(self.cfg, self.version, self.pm, self.front, server,
+                                                  self._stop_control_plane, self._stop)
         self.endpoint.start()
         address = self.cfg.metrics.address
         if address is not None:
@@ -343,72 +339,6 @@ class Supervisor:
         except grpc.aio.AioRpcError as e:
             problems.append(f"gRPC health check failed: {e.code().name}")
         return problems
-
-    def cannot_hand_over(self) -> str:
-        if not running_from_layout(self.cfg):
-            return (f"this supervisor does not run from {self.cfg.node.install_root}/supervisor "
-                    "(install it with `supervisor install-self`)")
-        if not os.access(install_launcher(self.cfg), os.X_OK):
-            return f"{install_launcher(self.cfg)} is not executable"
-        if self.cfg.source is None:
-            return "no config file to restart with"
-        return ""
-
-    async def quiesce(self) -> tuple[handover.wire.State, list[int]]:
-        """Stop everything but the agents and return the handover state with its descriptors.
-
-        SIGTERM and SIGINT are blocked from here on: one that arrives during the handover stays pending
-        across the exec (the mask is inherited) until the new process has its handlers; one that another
-        thread already handled is passed on in ``BATON_PENDING_STOP``. Either way the new process stops cleanly
-        once the handover completes.
-        """
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        await self._stop_control_plane()
-        assert self.front is not None and self.pm is not None
-        await self.front.stop_accepting()
-        if self.endpoint is not None:
-            self.endpoint.close()
-        self.pm.release_all()
-        self.pm.persist()
-        records = self.pm.table.load()
-        descs: list[handover.wire.FdDescriptor] = []
-        fds: list[int] = []
-        for key, s in self.front.detach():
-            descs.append(handover.wire.FdDescriptor("listen", key))
-            fds.append(s.fileno())
-            self._handed_over.append(s)
-        for agent in self.pm.agents.values():
-            fifo_fd, notify_sock, err_fd = agent.detach_channels()
-            if fifo_fd >= 0:
-                descs.append(handover.wire.FdDescriptor("fifo", agent.name))
-                fds.append(fifo_fd)
-            if err_fd >= 0:
-                descs.append(handover.wire.FdDescriptor("stderr_fifo", agent.name))
-                fds.append(err_fd)
-            if notify_sock is not None:
-                descs.append(handover.wire.FdDescriptor("notify", agent.name))
-                fds.append(notify_sock.fileno())
-                self._handed_over.append(notify_sock)
-        for name, fd in (("stdout", 1), ("stderr", 2)):
-            descs.append(handover.wire.FdDescriptor("stdio", name))
-            fds.append(fd)
-        state = handover.wire.State(agents=tuple(records), fds=tuple(descs), supervisor_version=self.version,
-                                    pid=os.getpid())
-        if self.server is not None:
-            await self.server.stop(grace=0)  # in-flight calls end at the exec anyway; every ms here is downtime
-        return state, fds
-
-    def exec_current(self) -> None:
-        """Become the current version in this pid: agents stay our children, systemd sees the same main pid."""
-        exe = str(install_launcher(self.cfg))
-        systemd.notify("RELOADING=1\nSTATUS=handing over to the new version")
-        logger.info("exec {}", exe)
-        logger.complete()
-        env = dict(os.environ)
-        env[START_LOG_ENV] = str(self.cfg.log_dir / START_LOG_NAME)  # where a release that cannot start says why
-        if self._stop.is_set():
-            env[PENDING_STOP_ENV] = "1"  # a stop request that arrived mid-handover: the next process honours it
-        os.execve(exe, [exe, "run", "--config", str(self.cfg.source)], env)
 
     def _reap_strays(self) -> None:
         """Reap children we do not watch (helpers we lost track of across an exec, re-parented orphans)."""
