@@ -107,7 +107,12 @@ def cmd_rollback(ns: argparse.Namespace) -> int:
     cfg = _load(ns.config)
     started = time.time()
     try:
-        done = manual_rollback(cfg, ns.rollback, ns.to)
+        if ns.rollback == SUPERVISOR_COMPONENT:
+            from helper.self_update import rollback_supervisor  # the handover's machinery: only for the supervisor
+
+            done = rollback_supervisor(cfg, ns.to)
+        else:
+            done = manual_rollback(cfg, ns.rollback, ns.to)
     except (RollbackError, BatonError) as e:
         _audit(cfg, "helper --rollback", {"component": ns.rollback}, started, "failed", str(e))
         print(f"helper --rollback: {e}", file=sys.stderr)

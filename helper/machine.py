@@ -235,15 +235,28 @@ class UpdateRun:
 
     # ---- the switch and after: any failure rolls back ---------------------------------------------------------
 
-    def _switch_and_check(self) -> None:
-        req = self.rec.request
+    def _switch(self) -> bool:
+        """SWITCHING (journaled first), ``current`` -> the new version, RESTARTING; False if a cancel rolled back.
+
+        The one switch sequence of every update; :meth:`_link_new` is what differs for the supervisor.
+        """
         t0 = time.monotonic()
         self._move(S.SWITCHING)
         if self._cancel_pending():  # asked for while we moved: from here on a cancel rolls back
             self._rollback(CANCELLED, FailureReason.CANCELLED)
-            return
-        self.installer.layout.switch_dir(self._staged_dir)
+            return False
+        self._link_new()
         self._move(S.RESTARTING, timings=self._timed("switch", t0))
+        return True
+
+    def _link_new(self) -> None:
+        """``current`` -> the directory this run staged (durably: baton/layout.py)."""
+        self.installer.layout.switch_dir(self._staged_dir)
+
+    def _switch_and_check(self) -> None:
+        req = self.rec.request
+        if not self._switch():
+            return
         try:
             t0 = time.monotonic()
             self._check_cancel()

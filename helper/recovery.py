@@ -10,6 +10,9 @@ failed, so a second rollback never moves forward to it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 from baton.config import SUPERVISOR_COMPONENT, Config
 from baton.errors import BatonError
 from baton.journal import Journal
@@ -75,19 +78,31 @@ def rollback_target(cfg: Config, component: str, to: str | None = None) -> tuple
     return cur, target
 
 
-def manual_rollback(cfg: Config, component: str, to: str | None = None) -> str:
-    if component not in components(cfg):
-        raise RollbackError(f"unknown component {component!r}; known: {', '.join(components(cfg))}")
-    if component == SUPERVISOR_COMPONENT:
-        from helper.self_update import rollback_supervisor
+@contextmanager
+def switched_back(cfg: Config, component: str, to: str | None = None,
+                  before_switch: Callable[[], None] = lambda: None) -> Iterator[tuple[str | None, str]]:
+    """Under the component's lock: ``current`` -> the rollback target; yields (current before, target).
 
-        return rollback_supervisor(cfg, to)
+    The version rolled away from (to a lower one) is marked failed, so it is never chosen again
+    automatically. The lock is held until the block (restarting what now is current) ends.
+    """
     layout = ComponentLayout(cfg.node.install_root, component)
     with ComponentLock(cfg.node.state_dir, component):
         cur, target = rollback_target(cfg, component, to)
+        before_switch()
         layout.switch(target)
         if cur and compare_versions(target, cur) < 0:
             Marks(cfg.node.state_dir).record_failure(component, cur)
+        yield cur, target
+
+
+def manual_rollback(cfg: Config, component: str, to: str | None = None) -> str:
+    """``helper --rollback AGENT`` (the supervisor goes through ``helper.self_update.rollback_supervisor``)."""
+    if component not in components(cfg):
+        raise RollbackError(f"unknown component {component!r}; known: {', '.join(components(cfg))}")
+    if component == SUPERVISOR_COMPONENT:
+        raise RollbackError("the supervisor is rolled back by helper.self_update.rollback_supervisor (a handover)")
+    with switched_back(cfg, component, to) as (cur, target):
         control = SupervisorControl(cfg.run_dir / "control.sock", rpc_timeout_s=10.0)
         try:
             if not control.reachable():

@@ -46,7 +46,7 @@ from baton import handover as wire
 from baton.agent_table import AgentTable
 from baton.config import Config
 from baton.errors import BatonError
-from baton.journal import CANCELLED, Journal, UpdateRecord
+from baton.journal import Journal, UpdateRecord
 from baton.layout import ComponentLayout
 from baton.pb import daemon_pb2, daemon_pb2_grpc
 from baton.reasons import FailureReason, classify, message
@@ -54,6 +54,7 @@ from baton.states import CUSTODY_TRANSITIONS, Custody, check_move
 from baton.states import UpdateState as S
 from baton.strict_modes import log_opener
 from helper.machine import ControlFactory, UpdateRun
+from helper.recovery import switched_back
 from helper.release import START_LOG_ENV, START_LOG_NAME
 
 PREPARE_TIMEOUT_S = 30.0
@@ -321,16 +322,15 @@ class SelfUpdateRun(UpdateRun):
         """The failed version's own start-up output if it left any (a broken release), else its log."""
         return start_log_tail(self.cfg, max_bytes) or self._agent_log_tail("supervisor", max_bytes)
 
+    def _link_new(self) -> None:
+        """``current`` -> the new version, with no start log left from an earlier failure to mislead."""
+        clear_start_log(self.cfg)
+        self.installer.layout.switch(self.rec.request.version)
+
     def _switch_and_check(self) -> None:
         req = self.rec.request
-        t0 = time.monotonic()
-        self._move(S.SWITCHING)
-        if self._cancel_pending():  # asked for while we moved; after this the supervisor refuses a cancel
-            self._rollback(CANCELLED, FailureReason.CANCELLED)
+        if not self._switch():  # after it the supervisor refuses a cancel
             return
-        clear_start_log(self.cfg)
-        self.installer.layout.switch(req.version)
-        self._move(S.RESTARTING, timings=self._timed("switch", t0))
         t0 = time.monotonic()
         try:
             self.session = HandoverSession(self.cfg, self.update_id, req.version)
@@ -467,18 +467,7 @@ def rollback_supervisor(cfg: Config, to: str | None = None) -> str:
     Runs from whichever release's ``bin/helper`` the operator calls (docs/releases.md): it
     needs nothing from the release it switches to or from.
     """
-    from baton.marks import Marks
-    from baton.versions import compare_versions
-    from helper.locks import ComponentLock
-    from helper.recovery import rollback_target
-
-    layout = ComponentLayout(cfg.node.install_root, "supervisor")
-    with ComponentLock(cfg.node.state_dir, "supervisor"):
-        cur, target = rollback_target(cfg, "supervisor", to)
-        clear_start_log(cfg)
-        layout.switch(target)
-        if cur and compare_versions(target, cur) < 0:  # rolled away from: never chosen again automatically
-            Marks(cfg.node.state_dir).record_failure("supervisor", cur)
+    with switched_back(cfg, "supervisor", to, before_switch=lambda: clear_start_log(cfg)) as (cur, target):
         session = HandoverSession(cfg, f"rollback-{os.getpid()}", target)
         try:
             session.take_state()

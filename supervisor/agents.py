@@ -103,6 +103,20 @@ def same_process(pid: int, start_time: float) -> bool:
     return t is not None and abs(t - start_time) < 0.05
 
 
+def reap(pidfd: int) -> int | None:
+    """Reap the child behind ``pidfd``: its exit code, or minus the signal that ended it.
+
+    None when there is no status to read: not our child (adopted across an exec), or already reaped.
+    """
+    try:
+        res = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+    except ChildProcessError:
+        return None
+    if res is None:
+        return None
+    return res.si_status if res.si_code == os.CLD_EXITED else -res.si_status
+
+
 def parse_signal(name: str) -> int:
     """``HUP``, ``SIGHUP`` or ``1`` -> 1, as kill(1) and supervisorctl accept them."""
     text = name.strip()
@@ -496,14 +510,7 @@ class Agent:
 
     def _process_exited(self) -> None:
         self._loop.remove_reader(self._pidfd)
-        status: int | None = None
-        if self._is_child:
-            try:
-                res = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)
-            except ChildProcessError:
-                res = None
-            if res is not None:
-                status = res.si_status if res.si_code == os.CLD_EXITED else -res.si_status
+        status = reap(self._pidfd) if self._is_child else None
         os.close(self._pidfd)
         self._pidfd = -1
         if self._popen is not None:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import psutil
@@ -32,24 +32,23 @@ from baton.config import Config, load_config
 from baton.errors import BatonError
 from baton.pb import daemon_pb2_grpc
 from baton.strict_modes import make_dirs
-from helper.release import START_LOG_ENV, START_LOG_NAME
 from supervisor import handover, systemd
 from supervisor.agents import AgentSnapshot, ProcessManager, ReloadResult, same_process
 from supervisor.audit import AuditInterceptor, AuditTrail, Callers
 from supervisor.daemon_service import DaemonService, agent_info
 from supervisor.front import Front, UnixPeerPolicy, bind_tcp, bind_unix
 from supervisor.handover import ReceivedState
-from supervisor.install_self import launcher as install_launcher
-from supervisor.install_self import running_from_layout
 from supervisor.manager_client import ManagerClient
 from supervisor.outbox import ResultOutbox
+from supervisor.tls import server_credentials
 from supervisor.updates import UpdateManager
 from supervisor.version import supervisor_version
 
+if TYPE_CHECKING:
+    from baton.metrics import MetricsServer  # prometheus_client: imported only when [metrics] is configured
+
 SERVICE_NAME = "baton.v1.DaemonService"
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-HANDLED_SIGNALS = STOP_SIGNALS | {signal.SIGHUP}  # blocked across a handover's exec, so none is lost or fatal
-PENDING_STOP_ENV = "BATON_PENDING_STOP"
 
 
 class AlreadyRunning(BatonError):
@@ -100,25 +99,40 @@ def set_subreaper() -> None:
 
 
 class Supervisor:
+    """The daemon, built complete: every part exists from ``__init__`` on, and :meth:`run` starts them in order.
+
+    Building a part creates nothing outside this process (no file, socket or child), so everything that does
+    (the lock, the handover, binding, agents) still happens in :meth:`run`, in the order the module says.
+    Built inside the event loop its parts bind to. ``manager``, ``outbox`` and ``metrics`` are None only
+    when not configured.
+    """
+
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.version = supervisor_version()
         self.started_at = time.time()
         self._stop = asyncio.Event()
-        self.pm: ProcessManager | None = None
-        self.server: grpc.aio.Server | None = None
-        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
-        self.front: Front | None = None
-        self.manager: ManagerClient | None = None
-        self.updates: UpdateManager | None = None
-        self.outbox: ResultOutbox | None = None
-        self.endpoint: handover.HandoverEndpoint | None = None
-        self._handed_over: list[socket.socket] = []  # kept open until the exec
-        self._watchdog: asyncio.Task[None] | None = None
-        self.audit = AuditTrail(AuditLog(cfg.node.state_dir), Callers())
         self._reloads: set[asyncio.Task[None]] = set()
         self._agents_ready = asyncio.Event()  # a reload (SIGHUP, RPC) that comes while starting waits for it
-        self.metrics: Any = None  # baton.metrics.MetricsServer, only with [metrics] listen (imported lazily)
+        self.audit = AuditTrail(AuditLog(cfg.node.state_dir), Callers())
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.pm = ProcessManager(cfg, self._agent_changed)
+        self.updates = UpdateManager(cfg)
+        self._credentials = server_credentials(cfg.grpc)  # None: the TCP backend port is insecure
+        self.server = self._grpc_server()
+        self.front = Front(self.backend_path,
+                           UnixPeerPolicy(cfg.grpc.unix_socket_group, cfg.grpc.allow_downgrade_uids),
+                           local_backend=self.local_backend_path, audit=self.audit)
+        self.endpoint = handover.HandoverEndpoint(cfg, self.version, self.pm, self.front, self.server,
+                                                  self._stop_control_plane, self._stop)
+        self.manager = ManagerClient(
+            cfg.manager, cfg.node.id, self.version, self.started_at,
+            lambda: [agent_info(s) for s in self.pm.snapshots()],
+            grpc_address=cfg.grpc.push_address,
+            labels=cfg.node.labels,
+        ) if cfg.manager.address else None
+        self.outbox = ResultOutbox(self.updates, self.manager, cfg.node.id) if self.manager is not None else None
+        self.metrics = self._metrics_server()
 
     @property
     def backend_path(self) -> Path:
@@ -130,46 +144,52 @@ class Supervisor:
         """gRPC's private, always insecure port for the local Unix sockets (peers checked by SO_PEERCRED)."""
         return self.cfg.run_dir / f"local-{os.getpid()}.sock"
 
-    async def _start_grpc(self) -> None:
-        """Two private ports: TCP clients reach ``backend_path`` (mutual TLS and the allow-list when configured),
-        local clients ``local_backend_path``; ``supervisor/authz.py`` tells their calls apart by transport."""
+    def _grpc_server(self) -> grpc.aio.Server:
+        """The gRPC server with its services and interceptors; its ports are added by :meth:`_start_grpc`."""
         from supervisor.authz import AuthzInterceptor, Policy
-        from supervisor.tls import server_credentials
 
         g = self.cfg.grpc
-        creds = server_credentials(g)
         interceptors: list[grpc.aio.ServerInterceptor] = [
             AuditInterceptor(self.audit),  # first: sees refusals too
             AuthzInterceptor(Policy(g.allowed_clients, g.allow_downgrade_clients)),
         ]
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
+        daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
+            DaemonService(self.cfg.node.id, self.version, self.started_at, self.pm, self.updates,
+                          manager_connected=self, reload=self.reload, state_dir=self.cfg.node.state_dir),
+            server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        return server
+
+    def _metrics_server(self) -> MetricsServer | None:
+        address = self.cfg.metrics.address
+        if address is None:
+            return None
+        from supervisor.metrics import metrics_server  # prometheus_client: loaded only when configured
+
+        return metrics_server(self, *address)
+
+    async def _start_grpc(self) -> None:
+        """Two private ports: TCP clients reach ``backend_path`` (mutual TLS and the allow-list when configured),
+        local clients ``local_backend_path``; ``supervisor/authz.py`` tells their calls apart by transport."""
+        g = self.cfg.grpc
+        creds = self._credentials
         if creds is not None and not (g.allowed_clients or g.allow_downgrade_clients):
             logger.warning("TLS is on but grpc.allowed_clients is empty: no client may change anything over TCP")
         if creds is None and g.listen:
             logger.warning("grpc.insecure_tcp: {} without TLS, read-only methods only (no authentication)",
                            ", ".join(g.listen))
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
-        daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
-            DaemonService(self.cfg.node.id, self.version, self.started_at, self.pm_required, self.updates,
-                          manager_connected=self, reload=self.reload, state_dir=self.cfg.node.state_dir),
-            server,
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for path in (self.backend_path, self.local_backend_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         addr = f"unix:{self.backend_path}"
         if creds is None:
-            server.add_insecure_port(addr)
+            self.server.add_insecure_port(addr)
         else:
-            server.add_secure_port(addr, creds)
-        server.add_insecure_port(f"unix:{self.local_backend_path}")
-        await server.start()
-        self.server = server
-
-    @property
-    def pm_required(self) -> ProcessManager:
-        assert self.pm is not None
-        return self.pm
+            self.server.add_secure_port(addr, creds)
+        self.server.add_insecure_port(f"unix:{self.local_backend_path}")
+        await self.server.start()
 
     @property
     def connected(self) -> bool:
@@ -202,8 +222,7 @@ class Supervisor:
     def _agent_changed(self, snap: AgentSnapshot) -> None:
         if self.manager is not None:
             self.manager.agents_changed()
-        if self.pm is not None:
-            systemd.notify(f"STATUS={status_line(self.pm.snapshots())}")
+        systemd.notify(f"STATUS={status_line(self.pm.snapshots())}")
 
     @property
     def manager_configured(self) -> bool:
@@ -216,7 +235,7 @@ class Supervisor:
         at the next start (listening sockets, directories and the Manager client are not rebuilt live).
         """
         await self._agents_ready.wait()
-        assert self.cfg.source is not None and self.pm is not None
+        assert self.cfg.source is not None
         new = await asyncio.to_thread(load_config, self.cfg.source)
         not_applied = tuple(f.name for f in dataclasses.fields(Config)
                             if f.name not in ("agents", "source") and getattr(new, f.name) != getattr(self.cfg, f.name))
@@ -228,8 +247,7 @@ class Supervisor:
             result = await self.pm.reload(merged)
         finally:
             self.cfg = merged
-            if self.updates is not None:
-                self.updates.cfg = merged
+            self.updates.cfg = merged
             systemd.notify(f"READY=1\nSTATUS={status_line(self.pm.snapshots())}")
         return Reloaded(result, not_applied)
 
@@ -258,25 +276,19 @@ class Supervisor:
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # blocked across a handover's exec
-        if os.environ.pop(PENDING_STOP_ENV, None):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, handover.HANDLED_SIGNALS)  # blocked across a handover's exec
+        if os.environ.pop(handover.PENDING_STOP_ENV, None):
             logger.info("a stop was requested during the handover; stopping once it completes")
             self._stop.set()
         loop.add_signal_handler(signal.SIGCHLD, self._reap_strays)
         interval = systemd.watchdog_interval_s()
-        if interval:
-            self._watchdog = asyncio.create_task(self._feed_watchdog(interval))
+        watchdog = asyncio.create_task(self._feed_watchdog(interval)) if interval else None
         prepare_dirs(self.cfg)
         lock_fd = lock_state_dir(self.cfg)
         set_subreaper()
         self._reap_strays()
         received = await asyncio.to_thread(handover.receive, self.cfg, self.version)
-        self.pm = ProcessManager(self.cfg, self._agent_changed)
-        self.updates = UpdateManager(self.cfg)
         await self._start_grpc()
-        self.front = Front(self.backend_path,
-                           UnixPeerPolicy(self.cfg.grpc.unix_socket_group, self.cfg.grpc.allow_downgrade_uids),
-                           local_backend=self.local_backend_path, audit=self.audit)
         await self.front.serve(self._listening_sockets(received))
         if received is not None:
             await self.pm.start(channels=received.channels(), records=received.records)
@@ -284,33 +296,26 @@ class Supervisor:
             await self.pm.start()
         await self.updates.start()
         self._agents_ready.set()
-        self.endpoint = handover.HandoverEndpoint(self)
         self.endpoint.start()
-        address = self.cfg.metrics.address
-        if address is not None:
-            from supervisor.metrics import start_metrics  # prometheus_client: loaded only when configured
-
-            self.metrics = start_metrics(self, *address)
+        if self.metrics is not None:
+            self.metrics.start(retry=True)
         await self._set_serving(True)
         logger.info("supervisor {} (node {}, pid {}) serving on {}; {} agents", self.version, self.cfg.node.id,
                     os.getpid(), ", ".join(self.front.addresses()), len(self.pm.agents))
         if received is not None:
             await self._finish_handover(received)
         systemd.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={status_line(self.pm.snapshots())}")
-        if self.cfg.manager.address:
-            self.manager = ManagerClient(
-                self.cfg.manager, self.cfg.node.id, self.version, self.started_at,
-                lambda: [agent_info(s) for s in self.pm_required.snapshots()],
-                grpc_address=self.cfg.grpc.push_address,
-                labels=self.cfg.node.labels,
-            )
+        if self.manager is not None:
             self.manager.start()
-            self.outbox = ResultOutbox(self.updates, self.manager, self.cfg.node.id)
+        if self.outbox is not None:
             self.outbox.start()
         await self._stop.wait()
         logger.info("supervisor stopping: stopping every agent")
         systemd.notify("STOPPING=1\nSTATUS=stopping agents")
         await self._shutdown()
+        if watchdog is not None:
+            watchdog.cancel()
+        logger.info("supervisor stopped")
         os.close(lock_fd)
         return 0
 
@@ -321,7 +326,7 @@ class Supervisor:
             msg = handover.wire.Unhealthy(reason="; ".join(problems), version=self.version, pid=os.getpid())
         else:
             msg = handover.wire.Healthy(version=self.version, pid=os.getpid(),
-                                        agents={s.name: s.pid for s in self.pm_required.snapshots()})
+                                        agents={s.name: s.pid for s in self.pm.snapshots()})
         reply = await asyncio.to_thread(received.report, msg)
         logger.info("handover: reported {}; the helper answered {}", msg.TYPE, reply.TYPE if reply else "nothing")
 
@@ -329,7 +334,7 @@ class Supervisor:
         """Why this process must not be committed as the supervisor: agents not adopted, gRPC not serving."""
         problems = []
         for rec in records:
-            agent = self.pm_required.agents.get(rec.name)
+            agent = self.pm.agents.get(rec.name)
             if agent is None:
                 continue
             if agent.pid != rec.pid and same_process(rec.pid, rec.start_time):
@@ -344,77 +349,9 @@ class Supervisor:
             problems.append(f"gRPC health check failed: {e.code().name}")
         return problems
 
-    def cannot_hand_over(self) -> str:
-        if not running_from_layout(self.cfg):
-            return (f"this supervisor does not run from {self.cfg.node.install_root}/supervisor "
-                    "(install it with `supervisor install-self`)")
-        if not os.access(install_launcher(self.cfg), os.X_OK):
-            return f"{install_launcher(self.cfg)} is not executable"
-        if self.cfg.source is None:
-            return "no config file to restart with"
-        return ""
-
-    async def quiesce(self) -> tuple[handover.wire.State, list[int]]:
-        """Stop everything but the agents and return the handover state with its descriptors.
-
-        SIGTERM and SIGINT are blocked from here on: one that arrives during the handover stays pending
-        across the exec (the mask is inherited) until the new process has its handlers; one that another
-        thread already handled is passed on in ``BATON_PENDING_STOP``. Either way the new process stops cleanly
-        once the handover completes.
-        """
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        await self._stop_control_plane()
-        assert self.front is not None and self.pm is not None
-        await self.front.stop_accepting()
-        if self.endpoint is not None:
-            self.endpoint.close()
-        self.pm.release_all()
-        self.pm.persist()
-        records = self.pm.table.load()
-        descs: list[handover.wire.FdDescriptor] = []
-        fds: list[int] = []
-        for key, s in self.front.detach():
-            descs.append(handover.wire.FdDescriptor("listen", key))
-            fds.append(s.fileno())
-            self._handed_over.append(s)
-        for agent in self.pm.agents.values():
-            fifo_fd, notify_sock, err_fd = agent.detach_channels()
-            if fifo_fd >= 0:
-                descs.append(handover.wire.FdDescriptor("fifo", agent.name))
-                fds.append(fifo_fd)
-            if err_fd >= 0:
-                descs.append(handover.wire.FdDescriptor("stderr_fifo", agent.name))
-                fds.append(err_fd)
-            if notify_sock is not None:
-                descs.append(handover.wire.FdDescriptor("notify", agent.name))
-                fds.append(notify_sock.fileno())
-                self._handed_over.append(notify_sock)
-        for name, fd in (("stdout", 1), ("stderr", 2)):
-            descs.append(handover.wire.FdDescriptor("stdio", name))
-            fds.append(fd)
-        state = handover.wire.State(agents=tuple(records), fds=tuple(descs), supervisor_version=self.version,
-                                    pid=os.getpid())
-        if self.server is not None:
-            await self.server.stop(grace=0)  # in-flight calls end at the exec anyway; every ms here is downtime
-        return state, fds
-
-    def exec_current(self) -> None:
-        """Become the current version in this pid: agents stay our children, systemd sees the same main pid."""
-        exe = str(install_launcher(self.cfg))
-        systemd.notify("RELOADING=1\nSTATUS=handing over to the new version")
-        logger.info("exec {}", exe)
-        logger.complete()
-        env = dict(os.environ)
-        env[START_LOG_ENV] = str(self.cfg.log_dir / START_LOG_NAME)  # where a release that cannot start says why
-        if self._stop.is_set():
-            env[PENDING_STOP_ENV] = "1"  # a stop request that arrived mid-handover: the next process honours it
-        os.execve(exe, [exe, "run", "--config", str(self.cfg.source)], env)
-
     def _reap_strays(self) -> None:
         """Reap children we do not watch (helpers we lost track of across an exec, re-parented orphans)."""
-        known = set(self.updates.helper_pids() if self.updates else [])
-        if self.pm is not None:
-            known |= {a.pid for a in self.pm.agents.values() if a.pid}
+        known = set(self.updates.helper_pids()) | {a.pid for a in self.pm.agents.values() if a.pid}
         try:
             children = psutil.Process().children()
         except psutil.Error:
@@ -433,29 +370,20 @@ class Supervisor:
             await self.outbox.stop()
         if self.manager is not None:
             await self.manager.stop()
-        if self.updates is not None:
-            await self.updates.stop()
+        await self.updates.stop()
 
     async def _shutdown(self) -> None:
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.stop)
         await self._stop_control_plane()
-        if self.endpoint is not None:
-            self.endpoint.close()
-        if self.front is not None:
-            await self.front.stop_accepting()
-        if self.pm is not None:
-            await self.pm.stop_all()
-            self.pm.table.save([])
-        if self.front is not None:
-            await self.front.close()
-        if self.server is not None:
-            await self.server.stop(grace=1.0)
+        self.endpoint.close()
+        await self.front.stop_accepting()
+        await self.pm.stop_all()
+        self.pm.table.save([])
+        await self.front.close()
+        await self.server.stop(grace=1.0)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.backend_path)
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        logger.info("supervisor stopped")
 
 
 def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -465,4 +393,7 @@ def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]
 
 
 def run_supervisor(cfg: Config) -> int:
-    return asyncio.run(Supervisor(cfg).run())
+    async def main() -> int:
+        return await Supervisor(cfg).run()  # built inside the loop its parts bind to
+
+    return asyncio.run(main())

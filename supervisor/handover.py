@@ -17,24 +17,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import grpc
 from loguru import logger
 
 from baton import faults
 from baton import handover as wire
 from baton.agent_table import AgentRecord
 from baton.config import Config
-
-if TYPE_CHECKING:
-    from supervisor.daemon import Supervisor
+from helper.release import START_LOG_ENV, START_LOG_NAME
+from supervisor import systemd
+from supervisor.agents import ProcessManager
+from supervisor.front import Front
+from supervisor.install_self import launcher, running_from_layout
 
 STATE_TIMEOUT_S = 30.0
 EXEC_CONFIRM_TIMEOUT_S = 10.0
 COMMIT_TIMEOUT_S = 30.0
+HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # blocked across the exec: none lost or fatal
+PENDING_STOP_ENV = "BATON_PENDING_STOP"
 
 
 @dataclass
@@ -138,14 +144,51 @@ def receive(cfg: Config, version: str) -> ReceivedState | None:
     return state
 
 
-class HandoverEndpoint:
-    """Listens on ``<run_dir>/handover.sock`` for a helper's PREPARE."""
+def cannot_hand_over(cfg: Config) -> str:
+    """Why this supervisor cannot exec a new version in its pid ("" when it can)."""
+    if not running_from_layout(cfg):
+        return (f"this supervisor does not run from {cfg.node.install_root}/supervisor "
+                "(install it with `supervisor install-self`)")
+    if not os.access(launcher(cfg), os.X_OK):
+        return f"{launcher(cfg)} is not executable"
+    if cfg.source is None:
+        return "no config file to restart with"
+    return ""
 
-    def __init__(self, sup: Supervisor) -> None:
-        self.sup = sup
-        self.path = sup.cfg.run_dir / "handover.sock"
+
+def exec_current(cfg: Config, stop_requested: bool) -> None:
+    """Become the current version in this pid: agents stay our children, systemd sees the same main pid."""
+    exe = str(launcher(cfg))
+    systemd.notify("RELOADING=1\nSTATUS=handing over to the new version")
+    logger.info("exec {}", exe)
+    logger.complete()
+    env = dict(os.environ)
+    env[START_LOG_ENV] = str(cfg.log_dir / START_LOG_NAME)  # where a release that cannot start says why
+    if stop_requested:
+        env[PENDING_STOP_ENV] = "1"  # a stop request that arrived mid-handover: the next process honours it
+    os.execve(exe, [exe, "run", "--config", str(cfg.source)], env)
+
+
+class HandoverEndpoint:
+    """Listens on ``<run_dir>/handover.sock`` for a helper's PREPARE; gives the supervisor's state away and execs.
+
+    It holds what the handover stops and gives (agents, public sockets, the gRPC server) and is told how to
+    stop the rest of the control plane (health, the Manager client, the outbox, helper watching).
+    """
+
+    def __init__(self, cfg: Config, version: str, pm: ProcessManager, front: Front, server: grpc.aio.Server,
+                 stop_control_plane: Callable[[], Awaitable[None]], stop_requested: asyncio.Event) -> None:
+        self.cfg = cfg
+        self.version = version
+        self.pm = pm
+        self.front = front
+        self.server = server
+        self._stop_control_plane = stop_control_plane
+        self._stop_requested = stop_requested
+        self.path = cfg.run_dir / "handover.sock"
         self._sock: socket.socket | None = None
         self._busy = False
+        self._handed_over: list[socket.socket] = []  # kept open until the exec
 
     def start(self) -> None:
         self._sock = wire.seqpacket_listener(self.path)
@@ -183,7 +226,7 @@ class HandoverEndpoint:
             wire.close_fds(fds)
             prepare = frame.expect(wire.Prepare)
             wire.negotiate(frame.protocol)
-            problem = self.sup.cannot_hand_over()
+            problem = cannot_hand_over(self.cfg)
             if problem:
                 raise wire.HandoverRefused(problem)
         except wire.HandoverError as e:
@@ -195,7 +238,7 @@ class HandoverEndpoint:
             return
         logger.info("handover {}: handing over to the helper", prepare.update_id)
         try:
-            state, fds = await self.sup.quiesce()
+            state, fds = await self.quiesce()
             faults.crash_point("handover-quiesced", faults.SUPERVISOR)
             wire.send(conn, state, fds)
             faults.crash_point("handover-state-sent", faults.SUPERVISOR)
@@ -205,4 +248,45 @@ class HandoverEndpoint:
         except (wire.HandoverError, OSError) as e:
             logger.error("handover: {}; exec of the current version anyway (it adopts what runs)", e)
         finally:
-            self.sup.exec_current()
+            exec_current(self.cfg, self._stop_requested.is_set())
+
+    async def quiesce(self) -> tuple[wire.State, list[int]]:
+        """Stop everything but the agents and return the handover state with its descriptors.
+
+        SIGTERM and SIGINT are blocked from here on: one that arrives during the handover stays pending
+        across the exec (the mask is inherited) until the new process has its handlers; one that another
+        thread already handled is passed on in ``BATON_PENDING_STOP``. Either way the new process stops cleanly
+        once the handover completes.
+        """
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        await self._stop_control_plane()
+        await self.front.stop_accepting()
+        self.close()
+        self.pm.release_all()
+        self.pm.persist()
+        records = self.pm.table.load()
+        descs: list[wire.FdDescriptor] = []
+        fds: list[int] = []
+        for key, s in self.front.detach():
+            descs.append(wire.FdDescriptor("listen", key))
+            fds.append(s.fileno())
+            self._handed_over.append(s)
+        for agent in self.pm.agents.values():
+            fifo_fd, notify_sock, err_fd = agent.detach_channels()
+            if fifo_fd >= 0:
+                descs.append(wire.FdDescriptor("fifo", agent.name))
+                fds.append(fifo_fd)
+            if err_fd >= 0:
+                descs.append(wire.FdDescriptor("stderr_fifo", agent.name))
+                fds.append(err_fd)
+            if notify_sock is not None:
+                descs.append(wire.FdDescriptor("notify", agent.name))
+                fds.append(notify_sock.fileno())
+                self._handed_over.append(notify_sock)
+        for name, fd in (("stdout", 1), ("stderr", 2)):
+            descs.append(wire.FdDescriptor("stdio", name))
+            fds.append(fd)
+        state = wire.State(agents=tuple(records), fds=tuple(descs), supervisor_version=self.version,
+                           pid=os.getpid())
+        await self.server.stop(grace=0)  # in-flight calls end at the exec anyway; every ms here is downtime
+        return state, fds

@@ -51,9 +51,9 @@ class SupervisorCollector(Collector):
     async def _take(self) -> _Snapshot:
         pm, updates = self.sup.pm, self.sup.updates
         return _Snapshot(
-            agents=pm.snapshots() if pm is not None else [],
-            helper_runs=sum(updates.starts.values()) if updates is not None else 0,
-            helpers_running=len(updates.helpers) if updates is not None else 0,
+            agents=pm.snapshots(),
+            helper_runs=sum(updates.starts.values()),
+            helpers_running=len(updates.helpers),
             manager_configured=bool(self.sup.cfg.manager.address),
             manager_connected=bool(self.sup.connected),
         )
@@ -128,5 +128,6 @@ class SupervisorCollector(Collector):
                                   count_value=len(handovers), sum_value=sum(handovers))
 
 
-def start_metrics(sup: Any, host: str, port: int) -> MetricsServer:
-    return MetricsServer(host, port, [SupervisorCollector(sup, asyncio.get_running_loop())]).start(retry=True)
+def metrics_server(sup: Any, host: str, port: int) -> MetricsServer:
+    """The supervisor's metrics endpoint, not yet bound (``start(retry=True)`` binds it)."""
+    return MetricsServer(host, port, [SupervisorCollector(sup, asyncio.get_running_loop())])

@@ -37,6 +37,7 @@ from baton.pb import common_pb2, daemon_pb2
 from baton.states import PRE_SWITCH, UpdateState
 from baton.strict_modes import log_opener
 from supervisor import systemd
+from supervisor.agents import reap
 from supervisor.install_self import helper_command, running_from_layout
 
 MAX_HELPER_STARTS = 5
@@ -324,11 +325,7 @@ class UpdateManager:
 
     def _helper_exited(self, helper: HelperProcess) -> None:
         self._loop.remove_reader(helper.pidfd)
-        try:
-            res = os.waitid(os.P_PIDFD, helper.pidfd, os.WEXITED | os.WNOHANG)
-            status = None if res is None else (res.si_status if res.si_code == os.CLD_EXITED else -res.si_status)
-        except ChildProcessError:
-            status = None
+        status = reap(helper.pidfd)
         os.close(helper.pidfd)
         if helper.popen is not None:
             helper.popen.returncode = status if status is not None else -1
