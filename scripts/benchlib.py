@@ -514,7 +514,8 @@ class BatonSupervisor:
             "agents": agents,
         }
         if tcp_port:
-            cfg["grpc"]["listen"] = [f"127.0.0.1:{tcp_port}"]
+            # Loopback and read-only (status probes); updates go over the Unix socket or the Manager's stream.
+            cfg["grpc"].update(listen=[f"127.0.0.1:{tcp_port}"], insecure_tcp=True)
         for section, body in (extra or {}).items():
             cfg.setdefault(section, {}).update(body)
         base.mkdir(parents=True, exist_ok=True)
