@@ -128,6 +128,17 @@ def test_returned_handle_is_read_only_and_closed_by_the_context_manager(server: 
     assert result.file.closed
 
 
+def test_a_file_system_that_refuses_o_direct_gets_every_byte_through_the_cache(
+    server: PackageServer, payload: bytes, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import helper.download
+
+    monkeypatch.setattr(helper.download._DirectWriter, "_set_direct", lambda self, on: False)
+    with fetch(server.url(NAME), dest) as result:
+        assert_digests_of(result, payload)
+        assert dest.read_bytes() == payload
+
+
 def test_file_url_beneath_the_root_is_copied_and_hashed(tmp_path: Path, payload: bytes, dest: Path) -> None:
     source = tmp_path / "served" / NAME
     with fetch(source.as_uri(), dest, with_root(tmp_path / "served")) as result:
