@@ -8,8 +8,19 @@ written, and :func:`download` hands back a read-only handle on the very inode it
 wrote, so the installer verifies and extracts the same bytes without reopening
 the file by path.
 
-Every failure, whatever raised it underneath (httpx, the OS), reaches the
+Every failure, whatever raised it underneath (http.client, the OS), reaches the
 caller as a :class:`DownloadError` subclass: one family to handle.
+
+The body costs one copy in the helper: the standard library's http.client
+reads the head, then the body goes straight from the socket into one of a few
+reused page-aligned buffers (``readinto``, no allocation per chunk). Each full
+buffer is taken, in order, by three threads (:class:`baton.digest.PackageDigest`):
+the write to disk (``O_DIRECT`` where the file system allows it: no page-cache
+copy, and the final fsync finds little to do), SHA-256 and BLAKE2b-512. hashlib
+and the system calls release the GIL, so the receiving thread and the three
+consumers share the cores and a download runs at about the slower digest's
+speed. (httpx, used before, handed the body over in 64 KiB ``bytes`` that h11
+had copied twice more; receiving 1 GiB took it about three times as long.)
 
 The download file is the helper's own, whoever owns the directory: it is
 created with ``O_EXCL|O_NOFOLLOW``, mode 0600, and its identity (device, inode)
@@ -35,31 +46,30 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import http.client
 import os
 import re
+import socket
 import ssl
 import stat
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit
-
-import httpcore
-import httpx
+from urllib.parse import urljoin, urlsplit
 
 from baton.admission import file_url_relative_path
 from baton.config import UpdateConfig
-from baton.digest import Digests, PackageDigest
+from baton.digest import BUFFER_BYTES, Digests, PackageDigest
 from baton.durable import fsync_dir
 from baton.errors import BatonError, clip
 
 PROGRESS_INTERVAL_S = 0.1
-# h11 (inside httpcore) refuses a response head longer than this: the head-size cap.
-MAX_RESPONSE_HEAD_BYTES = httpcore.HTTP11Connection.MAX_INCOMPLETE_EVENT_SIZE
+MAX_RESPONSE_HEAD_BYTES = 64 * 1024  # status line and headers together (also http.client's limit on one line)
 BUSY_BACKOFF_INITIAL_S = 0.5  # after a 503 without Retry-After; doubles per 503
 BUSY_BACKOFF_MAX_S = 30.0  # and at most this, a Retry-After included
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
@@ -208,7 +218,7 @@ class DownloadLimits:
     min_rate_bytes_per_s: int
     min_rate_window_s: float
     free_space_reserve_bytes: int
-    chunk_bytes: int = 256 * 1024  # a tuning knob, not a bound: not in the config
+    chunk_bytes: int = BUFFER_BYTES  # a tuning knob, not a bound: not in the config; BUFFERS of them in flight
     max_redirects: int = 5
     file_url_root: Path | None = None  # file:// URLs are read only beneath it; None refuses them
 
@@ -249,7 +259,7 @@ class FileIdentity:
 
 @dataclass(frozen=True)
 class DownloadProgress:
-    bytes_done: int  # including bytes resumed from an earlier attempt
+    bytes_done: int  # on disk, including bytes resumed from an earlier attempt
     bytes_total: int
     rate_bytes_per_s: float  # of this attempt, over the rate window
     elapsed_s: float
@@ -334,15 +344,13 @@ def download(
         return _download(fetch, url, Path(dest), expected_size, limits, progress, resume, owned, created)
     except DownloadError:
         raise
-    except httpx.ConnectTimeout as e:
-        raise ConnectionFailed(url, f"no connection within {limits.connect_timeout_s:g} s") from e
-    except httpx.TimeoutException as e:
+    except TimeoutError as e:  # sending the request or waiting for the head
         raise DownloadTimeout(url, f"no answer within {limits.read_timeout_s:g} s", limits.read_timeout_s) from e
-    except httpx.TooManyRedirects as e:
-        raise UnexpectedResponse(url, f"more than {limits.max_redirects} redirects") from e
-    except httpx.RemoteProtocolError as e:  # it answered: not a connection problem
-        raise ProtocolViolation(url, _protocol_reason(e)) from e
-    except httpx.TransportError as e:
+    except http.client.BadStatusLine as e:  # it answered: not a connection problem
+        raise ProtocolViolation(url, f"malformed status line {clip(str(e))!r}") from e
+    except http.client.HTTPException as e:
+        raise ProtocolViolation(url, str(e) or type(e).__name__) from e
+    except (ConnectionError, ssl.SSLError) as e:  # reset or closed while the request or head was in flight
         raise ConnectionFailed(url, str(e) or type(e).__name__) from e
     except OSError as e:
         raise DownloadError(f"download of {clip(url)} to {dest} failed: {e}") from e
@@ -350,22 +358,19 @@ def download(
         raise DownloadError(f"download of {clip(url)} failed: {type(e).__name__}: {clip(str(e))}") from e
 
 
-def _protocol_reason(e: httpx.RemoteProtocolError) -> str:
-    text = str(e) or type(e).__name__
-    if "Receive buffer too long" in text:  # h11's words for an oversized head
-        return f"response head longer than {MAX_RESPONSE_HEAD_BYTES} bytes"
-    return text
-
-
 # --------------------------------------------------------------------------- workflow
 
 
 @dataclass(frozen=True)
 class _Body:
-    """What a fetcher yields: where the bytes start in the file, and the bytes."""
+    """What a fetcher yields: where the bytes start in the file, and how to read them.
+
+    ``readinto`` fills a prefix of the buffer it is given with the next bytes,
+    at most one read of the source per call, and returns how many; 0 at the end.
+    """
 
     start: int
-    chunks: Iterator[bytes]
+    readinto: Callable[[memoryview], int]
 
 
 # (url, offset, expected_size, limits, deadline on the monotonic clock) -> the body from offset
@@ -386,38 +391,43 @@ def _download(
     meter = _Meter(url, limits, expected_size, progress)
     wfd, fresh = _open_dest(dest, owned if resume else None, created)
     reader: BinaryIO | None = None
+    digest: PackageDigest | None = None
     try:
         st = os.fstat(wfd)
         have = st.st_size
         _check_free_space(dest, max(0, expected_size - have) + limits.free_space_reserve_bytes)
         reader = _read_only_handle(wfd)
-        digest = PackageDigest()
+        digest, writer = _writing_digest(wfd, limits)
         if have > expected_size:
             have = _restart(wfd)
         elif have:
-            _hash_existing(wfd, have, digest, limits.chunk_bytes)
-        resumed_from = have
+            _hash_existing(wfd, have, digest)
+        resumed_from = writer.on_disk = have
 
         backoff_s = BUSY_BACKOFF_INITIAL_S
         while have < expected_size:
             try:
                 with fetch(url, have, expected_size, limits, meter.deadline) as body:
                     if body.start != have:  # the server ignored our Range: start over
+                        digest.close()  # its last writes land before the truncation
                         have = _restart(wfd)
-                        digest = PackageDigest()
+                        digest, writer = _writing_digest(wfd, limits)
                     resumed_from = have
                     meter.begin(have)
-                    have = _receive(body.chunks, wfd, digest, meter, url, have, expected_size)
+                    have = _receive(body, digest, writer, meter, url, have, expected_size)
             except ServerBusy as busy:
                 backoff_s = _wait_while_busy(busy, backoff_s, meter.deadline, limits.total_timeout_s)
 
+        digests = digest.finish()  # every byte written and hashed
+        writer.done()
         os.fsync(wfd)
         fsync_dir(dest.parent)
         meter.done(have)
-        digests = digest.finish()
         reader.seek(0)
         return DownloadedFile(dest, digests, resumed_from, meter.elapsed_s(), reader)
     except BaseException as e:
+        if digest is not None:
+            digest.close()  # what was received is on disk (for a resume) before anything else happens
         if reader is not None:
             reader.close()
         # an overrunning server is not trusted for a resume; a file that never got a byte is no use
@@ -425,7 +435,74 @@ def _download(
             _unlink_if_same(dest, wfd)
         raise
     finally:
+        if digest is not None:
+            digest.close()  # its writer thread is done with the descriptor before it is closed
         os.close(wfd)
+
+
+def _writing_digest(wfd: int, limits: DownloadLimits) -> tuple[PackageDigest, _DirectWriter]:
+    """Both digests, and the write to ``wfd``, each on its own thread over ``limits.chunk_bytes`` buffers."""
+    writer = _DirectWriter(wfd)
+    return PackageDigest(write=writer, buffer_bytes=limits.chunk_bytes), writer
+
+
+DIRECT_ALIGN = 4096  # O_DIRECT offsets and lengths: a multiple of every common logical block size
+
+
+class _DirectWriter:
+    """Appends to the download file past the page cache (``O_DIRECT``) where the file system allows it.
+
+    Why: the bytes were hashed from our own buffer and are read back only for
+    extraction, so caching them buys little, while putting a package in the
+    page cache costs a CPU copy per byte, fresh memory for every page (slow on a
+    VM that hands free memory back to its host) and an fsync that writes it
+    all at the end. With ``O_DIRECT`` the device copies from our buffer while
+    the digests run and the final fsync has almost nothing left to do. Buffers
+    are page-aligned (:mod:`baton.digest`); a write whose offset or length is
+    not a multiple of ``DIRECT_ALIGN`` (the tail, a resumed file's first bytes),
+    or a file system that refuses ``O_DIRECT``, is written through the cache.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._direct: bool | None = None  # None: not tried yet
+        self.on_disk = 0  # the file's length once the last write returned: what a crash would leave
+
+    def __call__(self, view: memoryview) -> None:
+        pos = os.lseek(self._fd, 0, os.SEEK_CUR)
+        end = pos + len(view)
+        if self._direct is None:
+            self._direct = self._set_direct(True)
+        if self._direct and pos % DIRECT_ALIGN == 0:
+            aligned = len(view) - len(view) % DIRECT_ALIGN
+            try:
+                _write_all(self._fd, view[:aligned])
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._direct = False  # refused after all: the rest goes through the cache
+                view = view[os.lseek(self._fd, 0, os.SEEK_CUR) - pos :]
+            else:
+                view = view[aligned:]
+        if view:
+            self._set_direct(False)
+            _write_all(self._fd, view)
+            if self._direct:
+                self._set_direct(True)
+        self.on_disk = end
+
+    def _set_direct(self, on: bool) -> bool:
+        try:
+            flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+        except OSError:
+            return False
+        return True
+
+    def done(self) -> None:
+        """Back to ordinary I/O: a ``dup`` of the descriptor (no /proc) shares the flag."""
+        if self._direct:
+            self._set_direct(False)
 
 
 def _wait_while_busy(busy: ServerBusy, backoff_s: float, deadline: float, total_timeout_s: float) -> float:
@@ -440,29 +517,47 @@ def _wait_while_busy(busy: ServerBusy, backoff_s: float, deadline: float, total_
     return min(backoff_s * 2, BUSY_BACKOFF_MAX_S)
 
 
-def _retry_after_s(response: httpx.Response) -> float | None:
+def _retry_after_s(response: http.client.HTTPResponse) -> float | None:
     """``Retry-After`` in seconds (delta-seconds only; an HTTP-date or garbage counts as absent)."""
     value = response.headers.get("Retry-After", "").strip()
     return float(min(int(value), BUSY_BACKOFF_MAX_S)) if value.isdigit() else None
 
 
-def _receive(
-    chunks: Iterator[bytes],
-    wfd: int,
-    digest: PackageDigest,
-    meter: _Meter,
-    url: str,
-    have: int,
-    expected_size: int,
-) -> int:
-    """Append, hash and account for each chunk; refuse the first byte past ``expected_size``."""
-    for chunk in chunks:
-        if len(chunk) > expected_size - have:
-            raise DownloadTooLarge(url, expected_size)
-        _write_all(wfd, chunk)
-        digest.update(chunk)
-        have += len(chunk)
-        meter.advance(have)
+def _receive(body: _Body, digest: PackageDigest, writer: _DirectWriter, meter: _Meter, url: str, have: int,
+             expected_size: int) -> int:
+    """Read the body into the digest's buffers, which write and hash it on their threads.
+
+    The first byte past ``expected_size`` is refused. Whatever arrived before
+    an error is handed on, so a partial file holds every byte received. A
+    buffer is handed on when full or after ``PROGRESS_INTERVAL_S``, so a slow
+    download reaches the disk (and progress, which counts bytes on disk) as it
+    goes, and a crash loses little of it.
+    """
+    while True:
+        buf = digest.buffer()
+        span = len(buf) - have % len(buf)  # after a partial buffer, end on a boundary: later writes are aligned
+        filled = 0
+        ended = False
+        handed_at = time.monotonic() + PROGRESS_INTERVAL_S
+        try:
+            while filled < span:
+                room = min(span - filled, expected_size - have - filled + 1)  # +1: see an overrun
+                n = body.readinto(buf[filled : filled + room])
+                if not n:
+                    ended = True
+                    break
+                filled += n
+                if have + filled > expected_size:
+                    raise DownloadTooLarge(url, expected_size)
+                meter.advance(have + filled, writer.on_disk)
+                if time.monotonic() >= handed_at:
+                    break
+        finally:
+            kept = min(filled, expected_size - have)
+            digest.submit(buf, kept)
+            have += kept
+        if ended:
+            break
     if have < expected_size:
         raise DownloadTruncated(url, expected_size, have, "connection closed early")
     return have
@@ -498,7 +593,8 @@ class _Meter:
         self._body_t0 = time.monotonic()
         self._samples = deque([(self._body_t0, 0)])
 
-    def advance(self, done: int) -> None:
+    def advance(self, done: int, on_disk: int) -> None:
+        """``done`` bytes received (bounds and rate), ``on_disk`` of them written (progress)."""
         now = time.monotonic()
         if now > self.deadline:
             self._timed_out()
@@ -513,7 +609,7 @@ class _Meter:
             raise DownloadTooSlow(self._url, rate, self._limits.min_rate_bytes_per_s, window)
         if self._progress is not None and now - self._last_report >= PROGRESS_INTERVAL_S:
             self._last_report = now
-            self._report(done, rate, now)
+            self._report(on_disk, rate, now)
 
     def done(self, done: int) -> None:
         if self._progress is not None:
@@ -537,72 +633,128 @@ class _Meter:
 
 @contextlib.contextmanager
 def _fetch_http(url: str, offset: int, expected_size: int, limits: DownloadLimits, deadline: float) -> Iterator[_Body]:
-    """GET ``url`` from ``offset``; check status and lengths before the body is read.
+    """GET ``url`` from ``offset``, following redirects; check status and lengths before the body is read.
 
-    Every socket operation, the response head's included, waits at most until
-    ``deadline``: a server dripping its head a byte at a time meets the
-    whole-download limit like a slow body does.
+    Every socket operation, the connect and the response head's included,
+    waits at most until ``deadline``: a server dripping its head a byte at a
+    time meets the whole-download limit like a slow body does.
     """
-    left_s = max(0.001, deadline - time.monotonic())
-    timeout = httpx.Timeout(
-        connect=min(limits.connect_timeout_s, left_s),
-        read=min(limits.read_timeout_s, left_s),
-        write=min(limits.read_timeout_s, left_s),
-        pool=min(limits.connect_timeout_s, left_s),
-    )
-    headers = {"Accept-Encoding": "identity"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    transport = _deadline_transport(_DeadlineBackend(url, deadline, limits.total_timeout_s))
-    with (
-        httpx.Client(timeout=timeout, follow_redirects=True, max_redirects=limits.max_redirects,
-                     transport=transport, trust_env=False) as client,
-        client.stream("GET", url, headers=headers) as response,
-    ):
-        start = _check_response(response, url, offset, expected_size)
-        yield _Body(start, _http_chunks(response, url, start, expected_size, limits))
+    clock = _Deadline(url, deadline, limits.total_timeout_s)
+    target = url
+    for _ in range(limits.max_redirects + 1):
+        conn, response, reader = _request(url, target, offset, limits, clock)
+        try:
+            location = response.headers.get("Location")
+            if response.status in _REDIRECTS and location:
+                target = _redirect_target(url, target, location)
+                continue
+            start = _check_response(response, url, offset, expected_size)
+            yield _Body(start, _HttpBody(response, reader, url, start, expected_size, limits, clock).readinto)
+            return
+        finally:
+            response.close()
+            conn.close()
+    raise UnexpectedResponse(url, f"more than {limits.max_redirects} redirects")
 
 
-def _deadline_transport(backend: httpcore.NetworkBackend) -> httpx.HTTPTransport:
-    """httpx's own transport over a pool whose sockets honour the deadline.
-
-    httpx has no public hook for httpcore's ``network_backend``, so its pool is
-    replaced by one built with the same public httpcore API; one connection,
-    no retries. The client is made with ``trust_env=False``: a proxy taken from
-    the environment would get a transport of its own, outside the deadline.
-    """
-    ssl_context = httpx.create_ssl_context()  # certifi, or SSL_CERT_FILE/SSL_CERT_DIR as httpx reads them
-    transport = httpx.HTTPTransport(verify=ssl_context, retries=0)
-    transport._pool = httpcore.ConnectionPool(ssl_context=ssl_context, max_connections=1, network_backend=backend)
-    return transport
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
-class _DeadlineBackend(httpcore.NetworkBackend):
-    """Opens TCP connections whose every wait is cut at the whole-download deadline."""
+def _redirect_target(url: str, current: str, location: str) -> str:
+    target = urljoin(current, location.strip())
+    if urlsplit(target).scheme.lower() not in ("http", "https"):
+        raise UnexpectedResponse(url, f"redirect to a non-HTTP URL {target!r}")
+    return target
 
-    def __init__(self, url: str, deadline: float, total_timeout_s: float) -> None:
-        self._inner = httpcore.SyncBackend()
-        self._clock = _Deadline(url, deadline, total_timeout_s)
 
-    def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.NetworkStream:
-        with self._clock.bounded():
-            stream = self._inner.connect_tcp(host, port, self._clock.wait_s(timeout), local_address, socket_options)
-        return _DeadlineStream(stream, self._clock)
+def _request(url: str, target: str, offset: int, limits: DownloadLimits, clock: _Deadline
+             ) -> tuple[_Connection, http.client.HTTPResponse, _Reader]:
+    """Connect, send the GET and read the response head: the connection, the response and its reader."""
+    parts = urlsplit(target)
+    tls = parts.scheme.lower() == "https"
+    try:
+        host, port = parts.hostname, parts.port or (443 if tls else 80)
+    except ValueError as e:  # a port out of range or not a number
+        raise UnsupportedUrl(url, f"bad port: {e}") from None
+    if not host:
+        raise UnsupportedUrl(url, "no host")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    conn = _Connection(host, port, clock, limits.connect_timeout_s, _ssl_context() if tls else None)
+    try:
+        conn.connect()
+        headers = {"Accept-Encoding": "identity", "User-Agent": "baton-helper"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        with clock.bounded():
+            assert conn.sock is not None
+            conn.sock.settimeout(clock.wait_s(limits.read_timeout_s))
+            try:
+                conn.request("GET", path, headers=headers)
+            except http.client.InvalidURL as e:
+                raise UnsupportedUrl(url, str(e)) from None
+        response = http.client.HTTPResponse(conn.sock, method="GET")
+        reader = _Reader(response.fp, conn.sock, clock, limits.read_timeout_s)
+        response.fp = reader  # type: ignore[assignment]  # every read of the head under the deadline and the cap
+        try:
+            with clock.bounded():
+                response.begin()
+        except BaseException:
+            response.close()
+            raise
+        reader.head_done()
+        _check_framing(response, url)
+        return conn, response, reader
+    except BaseException:
+        conn.close()
+        raise
 
-    def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None
-    ) -> httpcore.NetworkStream:
-        raise httpcore.ConnectError("package downloads do not use Unix sockets")
 
-    def sleep(self, seconds: float) -> None:
-        self._inner.sleep(min(seconds, self._clock.wait_s(seconds)))
+def _ssl_context() -> ssl.SSLContext:
+    """The trust store httpx used before: ``SSL_CERT_FILE`` or ``SSL_CERT_DIR`` if set, else certifi's bundle."""
+    if os.environ.get("SSL_CERT_FILE"):
+        return ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+    if os.environ.get("SSL_CERT_DIR"):
+        return ssl.create_default_context(capath=os.environ["SSL_CERT_DIR"])
+    try:
+        import certifi
+    except ImportError:  # no bundle installed: the system's store
+        return ssl.create_default_context()
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+class _Connection(http.client.HTTPConnection):
+    """http.client's request writer over a socket connected (and TLS set up) under the deadline; no proxy."""
+
+    def __init__(self, host: str, port: int, clock: _Deadline, connect_timeout_s: float,
+                 tls: ssl.SSLContext | None) -> None:
+        super().__init__(host, port)
+        self.default_port = 443 if tls else 80  # no port in Host when it is the scheme's default
+        self._clock = clock
+        self._connect_timeout_s = connect_timeout_s
+        self._tls = tls
+
+    def connect(self) -> None:
+        url = self._clock.url
+        try:
+            with self._clock.bounded():
+                sock = socket.create_connection((self.host, self.port), self._clock.wait_s(self._connect_timeout_s))
+        except TimeoutError:
+            raise ConnectionFailed(url, f"no connection within {self._connect_timeout_s:g} s") from None
+        except OSError as e:
+            raise ConnectionFailed(url, str(e) or type(e).__name__) from e
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None:
+                with self._clock.bounded():
+                    sock.settimeout(self._clock.wait_s(self._connect_timeout_s))
+                    sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+        except (TimeoutError, ssl.SSLError) as e:
+            sock.close()
+            raise ConnectionFailed(url, f"TLS: {e}") from e
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
 
 
 class _Deadline:
@@ -611,12 +763,12 @@ class _Deadline:
         self.deadline = deadline
         self.total_timeout_s = total_timeout_s
 
-    def wait_s(self, timeout: float | None) -> float:
+    def wait_s(self, timeout: float) -> float:
         """How long the next socket operation may wait: its own timeout, cut at the deadline."""
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise self.passed()
-        return left if timeout is None else min(timeout, left)
+        return min(timeout, left)
 
     def passed(self) -> DownloadTimeout:
         return DownloadTimeout(self.url, "the whole download took too long", self.total_timeout_s)
@@ -626,42 +778,152 @@ class _Deadline:
         """A timeout that ends at the deadline is the deadline's, not the per-read limit's."""
         try:
             yield
-        except httpcore.TimeoutException:
+        except TimeoutError:
             if time.monotonic() >= self.deadline:
                 raise self.passed() from None
             raise
 
 
-class _DeadlineStream(httpcore.NetworkStream):
-    def __init__(self, inner: httpcore.NetworkStream, clock: _Deadline) -> None:
-        self._inner = inner
+class _Reader:
+    """The response's byte stream: each socket read waits at most the read timeout, cut at the deadline.
+
+    It stands in for the buffered socket file that http.client reads the head
+    from, and reads at most one socket read's worth per step (never a loop of
+    reads that could outlast the deadline). Until :meth:`head_done`, lines add
+    up against ``MAX_RESPONSE_HEAD_BYTES``.
+    """
+
+    def __init__(self, fp: BinaryIO, sock: socket.socket, clock: _Deadline, read_timeout_s: float) -> None:
+        self._fp: Any = fp  # an io.BufferedReader over the socket
+        self._sock = sock
         self._clock = clock
+        self._read_timeout_s = read_timeout_s
+        self._head_left: int | None = MAX_RESPONSE_HEAD_BYTES
+        self._first_line = True
 
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        with self._clock.bounded():
-            return self._inner.read(max_bytes, self._clock.wait_s(timeout))
+    def head_done(self) -> None:
+        self._head_left = None
 
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        with self._clock.bounded():
-            self._inner.write(buffer, self._clock.wait_s(timeout))
+    def arm(self) -> None:
+        """Set the socket's timeout for the next read."""
+        self._sock.settimeout(self._clock.wait_s(self._read_timeout_s))
+
+    def readline(self, limit: int = -1) -> bytes:
+        cap = self._head_left
+        if cap is not None:
+            limit = cap + 1 if limit < 0 else min(limit, cap + 1)
+        parts: list[bytes] = []
+        got = 0
+        while limit < 0 or got < limit:
+            self.arm()
+            ahead = self._fp.peek(1)  # at most one socket read
+            if not ahead:
+                break
+            if limit >= 0:
+                ahead = ahead[: limit - got]
+            end = ahead.find(b"\n")
+            take = end + 1 if end >= 0 else len(ahead)
+            parts.append(self._fp.read(take))  # from the buffer: no socket read
+            got += take
+            if end >= 0:
+                break
+        line = b"".join(parts)
+        if cap is not None:
+            self._head_left = cap - len(line)
+            if self._head_left < 0:
+                if self._first_line and not _STATUS_LINE_START.match(line):
+                    raise ProtocolViolation(self._clock.url, f"malformed status line {line[:200]!r}")
+                raise ProtocolViolation(self._clock.url, f"response head longer than {MAX_RESPONSE_HEAD_BYTES} bytes")
+        self._first_line = False
+        return line
+
+    def read1(self, n: int = -1) -> bytes:
+        self.arm()
+        return bytes(self._fp.read1(n))
+
+    def readinto1(self, b: memoryview) -> int:
+        self.arm()
+        return int(self._fp.readinto1(b))
+
+    def read(self, n: int = -1) -> bytes:
+        """``n`` bytes or up to EOF, one socket read per step (http.client reads a chunk's CRLF with it)."""
+        parts: list[bytes] = []
+        while n < 0 or n > 0:
+            chunk = self.read1(n if n > 0 else 64 * 1024)
+            if not chunk:
+                break
+            parts.append(chunk)
+            if n > 0:
+                n -= len(chunk)
+        return b"".join(parts)
+
+    def readinto(self, b: memoryview) -> int:
+        return self.readinto1(b)
 
     def close(self) -> None:
-        self._inner.close()
+        self._fp.close()
 
-    def start_tls(
-        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
-    ) -> httpcore.NetworkStream:
-        with self._clock.bounded():
-            tls = self._inner.start_tls(ssl_context, server_hostname, self._clock.wait_s(timeout))
-        return _DeadlineStream(tls, self._clock)
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
+    def flush(self) -> None:
+        pass
 
 
-def _check_response(response: httpx.Response, url: str, offset: int, expected_size: int) -> int:
+_STATUS_LINE_START = re.compile(rb"^HTTP/\d\.\d \d{3}(?: |\r?\n?$)")
+
+
+def _check_framing(response: http.client.HTTPResponse, url: str) -> None:
+    """Refuse a head whose body length is ambiguous: a request smuggler's or a broken server's."""
+    lengths = set(response.headers.get_all("Content-Length") or ())
+    if len(lengths) > 1:
+        raise ProtocolViolation(url, f"conflicting Content-Length headers {sorted(lengths)!r}")
+    encodings = response.headers.get_all("Transfer-Encoding") or ()
+    if encodings:
+        if [e.strip().lower() for e in encodings] != ["chunked"]:
+            raise ProtocolViolation(url, f"unsupported Transfer-Encoding {', '.join(encodings)!r}")
+        if lengths:
+            raise ProtocolViolation(url, "both Transfer-Encoding and Content-Length")
+
+
+class _HttpBody:
+    """The raw body, read straight into the caller's buffer; a broken body becomes DownloadTimeout/Truncated."""
+
+    def __init__(self, response: http.client.HTTPResponse, reader: _Reader, url: str, start: int,
+                 expected_size: int, limits: DownloadLimits, clock: _Deadline) -> None:
+        self._response = response
+        self._reader = reader
+        self._url = url
+        self._received = start
+        self._expected_size = expected_size
+        self._read_timeout_s = limits.read_timeout_s
+        self._clock = clock
+        self._left = response.length  # None: chunked, or up to the end of the connection
+
+    def readinto(self, b: memoryview) -> int:
+        try:
+            with self._clock.bounded():
+                if self._response.chunked:
+                    data = self._response.read1(len(b))  # http.client undoes the chunk framing
+                    n = len(data)
+                    b[:n] = data
+                elif self._left == 0:
+                    n = 0
+                else:
+                    n = self._reader.readinto1(b if self._left is None else b[: self._left])
+                    if self._left is not None:
+                        self._left -= n
+        except TimeoutError as e:
+            raise DownloadTimeout(
+                self._url, f"no byte for {self._read_timeout_s:g} s after {self._received} bytes",
+                self._read_timeout_s) from e
+        except (OSError, http.client.HTTPException) as e:
+            raise DownloadTruncated(self._url, self._expected_size, self._received, str(e) or type(e).__name__
+                                    ) from e
+        self._received += n
+        return n
+
+
+def _check_response(response: http.client.HTTPResponse, url: str, offset: int, expected_size: int) -> int:
     """Return where the body starts in the file, or raise before the body is read."""
-    status = response.status_code
+    status = response.status
     if status == 503:
         raise ServerBusy(url, _retry_after_s(response))
     if status >= 400:
@@ -685,7 +947,7 @@ def _check_response(response: httpx.Response, url: str, offset: int, expected_si
     return start
 
 
-def _check_content_range(response: httpx.Response, url: str, offset: int, expected_size: int) -> int:
+def _check_content_range(response: http.client.HTTPResponse, url: str, offset: int, expected_size: int) -> int:
     header = response.headers.get("Content-Range", "")
     m = _CONTENT_RANGE.match(header)
     if m is None:
@@ -698,23 +960,6 @@ def _check_content_range(response: httpx.Response, url: str, offset: int, expect
     if first != offset or last > expected_size - 1:
         raise UnexpectedResponse(url, f"asked for bytes {offset}-, got Content-Range {header!r}")
     return offset
-
-
-def _http_chunks(
-    response: httpx.Response, url: str, start: int, expected_size: int, limits: DownloadLimits
-) -> Iterator[bytes]:
-    """The raw body as the socket delivers it; a broken body becomes DownloadTimeout/Truncated."""
-    received = start
-    try:
-        for chunk in response.iter_raw():
-            received += len(chunk)
-            yield chunk
-    except httpx.ReadTimeout as e:
-        raise DownloadTimeout(
-            url, f"no byte for {limits.read_timeout_s:g} s after {received} bytes", limits.read_timeout_s
-        ) from e
-    except httpx.TransportError as e:
-        raise DownloadTruncated(url, expected_size, received, str(e) or type(e).__name__) from e
 
 
 @contextlib.contextmanager
@@ -733,7 +978,7 @@ def _fetch_file(url: str, offset: int, expected_size: int, limits: DownloadLimit
     if rel is None:
         raise UnsupportedUrl(url, f"not a file beneath update.file_url_root {str(limits.file_url_root)!r}")
     fd = _open_beneath(url, limits.file_url_root, rel)
-    with os.fdopen(fd, "rb") as src:
+    with os.fdopen(fd, "rb", buffering=0) as src:
         st = os.fstat(src.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise UnsupportedUrl(url, "not a regular file")
@@ -742,7 +987,7 @@ def _fetch_file(url: str, offset: int, expected_size: int, limits: DownloadLimit
         if st.st_size < expected_size:
             raise DownloadTruncated(url, expected_size, st.st_size, "source file too small")
         src.seek(offset)
-        yield _Body(offset, iter(lambda: src.read(limits.chunk_bytes), b""))
+        yield _Body(offset, src.readinto)
 
 
 def _open_beneath(url: str, root: Path, rel: PurePosixPath) -> int:
@@ -871,19 +1116,20 @@ def _restart(wfd: int) -> int:
     return 0
 
 
-def _hash_existing(wfd: int, size: int, digest: PackageDigest, chunk_bytes: int) -> None:
+def _hash_existing(wfd: int, size: int, digest: PackageDigest) -> None:
     """Hash the ``size`` bytes already on disk, once, and leave the offset at their end."""
     os.lseek(wfd, 0, os.SEEK_SET)
     left = size
     while left:
-        chunk = os.read(wfd, min(chunk_bytes, left))
-        if not chunk:
+        buf = digest.buffer()
+        n = os.readv(wfd, [buf[: min(len(buf), left)]])
+        digest.submit(buf, n, write=False)
+        if not n:
             raise DownloadError(f"partial download shrank while it was being read ({size - left} of {size})")
-        digest.update(chunk)
-        left -= len(chunk)
+        left -= n
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]

@@ -30,6 +30,7 @@ from helper.download import (
     HttpStatusError,
     InsufficientSpace,
     ProtocolViolation,
+    UnexpectedResponse,
     UnsupportedUrl,
     UntrustedDownloadFile,
     download,
@@ -125,6 +126,17 @@ def test_returned_handle_is_read_only_and_closed_by_the_context_manager(server: 
             result.file.write(b"x")
         assert os.fstat(result.file.fileno()).st_ino == dest.stat().st_ino
     assert result.file.closed
+
+
+def test_a_file_system_that_refuses_o_direct_gets_every_byte_through_the_cache(
+    server: PackageServer, payload: bytes, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import helper.download
+
+    monkeypatch.setattr(helper.download._DirectWriter, "_set_direct", lambda self, on: False)
+    with fetch(server.url(NAME), dest) as result:
+        assert_digests_of(result, payload)
+        assert dest.read_bytes() == payload
 
 
 def test_file_url_beneath_the_root_is_copied_and_hashed(tmp_path: Path, payload: bytes, dest: Path) -> None:
@@ -426,6 +438,56 @@ def test_a_malformed_status_line_is_reported_as_such_and_clipped(dest: Path) -> 
         fetch(raw.url(NAME), dest)
     assert "status line" in str(info.value)
     assert len(str(info.value)) < 1000
+
+
+def chunked(data: bytes, size: int = 100_000) -> bytes:
+    pieces = [data[i : i + size] for i in range(0, len(data), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+def test_a_chunked_body_is_decoded_and_hashed(payload: bytes, dest: Path) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(payload)
+    with RawServer(answer) as raw, fetch(raw.url(NAME), dest) as result:
+        assert_digests_of(result, payload)
+        assert result.file.read() == payload
+
+
+def test_a_chunked_body_longer_than_expected_is_refused(payload: bytes, dest: Path) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(payload + b"extra")
+    with RawServer(answer) as raw, pytest.raises(DownloadTooLarge):
+        fetch(raw.url(NAME), dest)
+    assert not dest.exists()
+
+
+def test_transfer_encoding_beside_content_length_is_a_protocol_violation(payload: bytes, dest: Path) -> None:
+    answer = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: %d\r\n\r\n" % SIZE
+              + chunked(payload))
+    with RawServer(answer) as raw, pytest.raises(ProtocolViolation) as info:
+        fetch(raw.url(NAME), dest)
+    assert "Transfer-Encoding" in str(info.value)
+
+
+def test_a_redirect_to_the_package_is_followed(server: PackageServer, payload: bytes, dest: Path) -> None:
+    answer = f"HTTP/1.1 302 Found\r\nLocation: {server.url(NAME)}\r\nContent-Length: 0\r\n\r\n".encode()
+    with RawServer(answer) as raw, fetch(raw.url(NAME), dest) as result:
+        assert_digests_of(result, payload)
+    assert len(server.requests_for(NAME)) == 1
+
+
+def test_a_redirect_loop_ends_after_max_redirects(dest: Path) -> None:
+    with RawServer(b"") as raw:
+        raw.response = f"HTTP/1.1 307 Again\r\nLocation: {raw.url(NAME)}\r\nContent-Length: 0\r\n\r\n".encode()
+        with pytest.raises(UnexpectedResponse) as info:
+            fetch(raw.url(NAME), dest)
+    assert f"more than {LIMITS.max_redirects} redirects" in str(info.value)
+    assert raw.connections == LIMITS.max_redirects + 1
+
+
+def test_a_redirect_to_a_file_url_is_refused(tmp_path: Path, dest: Path) -> None:
+    answer = f"HTTP/1.1 302 Found\r\nLocation: {(tmp_path / 'served' / NAME).as_uri()}\r\n\r\n".encode()
+    with RawServer(answer) as raw, pytest.raises(UnexpectedResponse) as info:
+        fetch(raw.url(NAME), dest, with_root(tmp_path / "served"))
+    assert "non-HTTP" in str(info.value)
 
 
 def test_a_long_url_is_clipped_in_errors(dest: Path) -> None:
