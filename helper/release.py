@@ -90,7 +90,8 @@ class ReleaseError(BatonError):
 
 
 class IncompatibleRelease(ReleaseError):
-    """The release was built for another Python minor version or architecture than this host runs."""
+    """This host cannot take the release: built for another Python minor version or architecture, or a
+    code-only tree pushed to a host that runs releases."""
 
 
 @dataclass(frozen=True)
@@ -237,8 +238,8 @@ def prepare_staged(staged: Path, version: str) -> Path:
     manifest = read_manifest(staged)
     if manifest is None:
         if release_root_of_running_code() is not None:
-            raise ReleaseError(f"supervisor {version} is not a release (no {MANIFEST_NAME}): a host installed from "
-                               "releases takes only releases (`baton-package release`)")
+            raise IncompatibleRelease(f"supervisor {version} is not a release (no {MANIFEST_NAME}): a host installed "
+                                      "from releases takes only releases (`baton-package release`)")
         return staged
     if manifest.version != version:
         raise ReleaseError(f"{MANIFEST_NAME} says version {manifest.version}, the package is {version}")

@@ -69,7 +69,8 @@ def _supervisor(ctx: Ctx, name: str, port: int, keys: Any, agent_py: Path) -> Ba
         ctx, ctx.work / name,
         [{"name": n, "command": PY, "args": ["-u", str(agent_py)], "notify": True, "restart": "always"}
          for n in AGENT_NAMES],
-        tcp_port=port, update={"trusted_keys": [str(keys.public)], "handshake_timeout_s": 30.0, "max_backups": 2})
+        tcp_port=port, update={"trusted_keys": [str(keys.public)], "handshake_timeout_s": 30.0, "max_backups": 2,
+                                   "file_url_root": str(ctx.work)})  # the packages are built beneath it
 
 
 def _install_from_release(ctx: Ctx, sup: BatonSupervisor, tarball: Path) -> float:

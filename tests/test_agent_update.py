@@ -444,6 +444,7 @@ def test_helper_killed_after_a_step_ends_committed_or_rolled_back(make_superviso
     assert rec.attempts == 2
     if step in POST:
         assert st.state == ROLLED_BACK, st.error
+        assert common_pb2.FailureReason.Name(st.reason) == "HELPER_CRASHED", st.error
         assert sup.wait_agent("app", "running").version == "1.0.0"
         assert host.layout.installed_versions() == ["1.0.0"]
     else:

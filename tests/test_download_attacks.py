@@ -145,6 +145,7 @@ def test_a_package_file_planted_and_rewritten_by_the_download_dir_owner_is_never
     assert not list(host.install_root.rglob("PWNED")), "the unsigned archive was installed"
     assert st.state == FAILED, (st.state, st.error)
     assert "UntrustedDownloadFile" in st.error and "owned by uid 65534" in st.error, st.error
+    assert common_pb2.FailureReason.Name(st.reason) == "DOWNLOAD_FILE_UNTRUSTED"
     assert_nothing_changed(host, before_disk, before_app)
     later_push_works(host)
 

@@ -167,6 +167,17 @@ def test_new_version_that_never_says_ready_is_new_version_not_ready(make_supervi
     assert host.sup.agent("app").version == "1.0.0"
 
 
+def test_a_rollback_whose_old_version_fails_too_is_rollback_failed_naming_the_recovery_by_hand(make_supervisor,
+                                                                                               release):
+    host = _host(make_supervisor, release)
+    old = host.layout.version_dir("1.0.0")
+    (old / "behaviour.txt").write_text("exit_at_once\n")  # the running 1.0.0 read it at its start; a new one exits
+    st = _ends_with(host, host.push(release.build("1.1.0", "exit_at_once")), ROLLED_BACK, R.ROLLBACK_FAILED)
+    assert "the old version 1.0.0 is not healthy either" in st.error, st.error
+    assert "helper --rollback" in st.error, st.error
+    assert os.readlink(host.layout.current_link) == "versions/1.0.0", "the link is switched back even so"
+
+
 def test_cancelled_update_is_cancelled(make_supervisor, release, pkgserver):
     host = _host(make_supervisor, release, min_rate_bytes_per_s=1024, min_rate_window_s=30.0)
     pkg = _big(host, mib=2)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from baton.pb import common_pb2
 from tests.conftest import (
     SELF_AGENTS,
     Package,
@@ -259,6 +260,7 @@ def test_a_release_for_another_python_or_architecture_is_refused_before_anything
     st = _push(host, release, releases.derived("1.3.0", edit), "1.3.0")
     assert not st.success and not st.rolled_back
     assert expect in st.error and "this host runs cp311-linux_x86_64" in st.error
+    assert common_pb2.FailureReason.Name(st.reason) == "INCOMPATIBLE_RELEASE"
     sup_root = host.base / "install" / "supervisor"
     assert os.readlink(sup_root / "current") == "versions/1.0.0"
     assert sorted(p.name for p in (sup_root / "versions").iterdir()) == ["1.0.0"]
@@ -273,6 +275,7 @@ def test_a_host_running_a_release_refuses_a_code_only_development_tree(running_r
     st = _push(host, release, release.build("1.4.0", component="supervisor", tree=tree).path, "1.4.0")
     assert not st.success and not st.rolled_back
     assert "not a release (no RELEASE.json)" in st.error
+    assert common_pb2.FailureReason.Name(st.reason) == "INCOMPATIBLE_RELEASE"
     assert os.readlink(host.base / "install" / "supervisor" / "current") == "versions/1.0.0"
 
 
