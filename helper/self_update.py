@@ -53,6 +53,7 @@ from baton.reasons import FailureReason, classify, message
 from baton.states import CUSTODY_TRANSITIONS, Custody, check_move
 from baton.states import UpdateState as S
 from baton.strict_modes import log_opener
+from helper.bridge import Bridge
 from helper.machine import ControlFactory, UpdateRun
 from helper.recovery import switched_back
 from helper.release import START_LOG_ENV, START_LOG_NAME
@@ -99,6 +100,7 @@ class HandoverSession:
         self.stdio: dict[str, int] = {}
         self.pid = 0
         self._custody = Custody.UNTOUCHED
+        self.bridge: Bridge | None = None  # read-only answers on the held sockets (helper/bridge.py)
         self.announce(expect_version)
 
     @property
@@ -126,6 +128,7 @@ class HandoverSession:
             self.start_supervisor()
             return
         self.pid = _control_pid(self.cfg)
+        self._prepare_bridge()
         with conn:
             wire.send(conn, wire.Prepare(self.update_id))
             self._to(Custody.ASKED)  # unless it refuses, the supervisor now quiesces and execs whatever happens
@@ -145,12 +148,41 @@ class HandoverSession:
             self._to(Custody.HOLDING)
             self.state, self.fds, self.pid = state, fds, state.pid
             self._dup_stdio()
+            self._open_bridge()
             faults.crash_point("handover-state-received")
             wire.send(conn, wire.Exec())
             self._to(Custody.EXEC_SENT)
         logger.info("handover: got {} agents and {} descriptors from supervisor pid {}; it execs now",
                     len(state.agents), len(fds), self.pid)
         faults.crash_point("handover-exec-sent")
+
+    # ---- answering while no supervisor does (helper/bridge.py) -----------------------------------------------
+
+    def _prepare_bridge(self) -> None:
+        bridge = Bridge(self.cfg, self.update_id)
+        try:
+            bridge.prepare()
+        except Exception as e:  # never a reason to stop the update: clients wait in the backlog instead
+            logger.warning("handover: no read-only answers during the switch: {}", e)
+            bridge.stop()
+            return
+        self.bridge = bridge
+
+    def _open_bridge(self) -> None:
+        if self.bridge is None or self.state is None:
+            return
+        listening = [(d.name, fd) for d, fd in zip(self.state.fds, self.fds, strict=False) if d.kind == "listen"]
+        try:
+            self.bridge.serve(self.state, listening)
+        except Exception as e:
+            logger.warning("handover: no read-only answers during the switch: {}", e)
+            self._close_bridge()
+
+    def _close_bridge(self) -> None:
+        """Before the sockets go to a supervisor process, or when the session ends."""
+        if self.bridge is not None:
+            self.bridge.stop()
+            self.bridge = None
 
     def _state_from_disk(self) -> None:
         """No state from a running supervisor: the persisted agent table, without descriptors."""
@@ -237,6 +269,7 @@ class HandoverSession:
             self._refuse(conn, reason)
             raise wire.HandoverRefused(reason)
         faults.crash_point("handover-hello")
+        self._close_bridge()
         if self.state is None:
             self._state_from_disk()
         assert self.state is not None
@@ -287,6 +320,7 @@ class HandoverSession:
         self.pid = 0  # under systemd, its restart policy starts the next one; we wait for its HELLO
 
     def close(self) -> None:
+        self._close_bridge()
         if self._custody is Custody.CLOSED:
             return
         self._to(Custody.CLOSED)

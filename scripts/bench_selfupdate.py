@@ -5,7 +5,6 @@ from __future__ import annotations
 import bisect
 import collections
 import itertools
-import json
 import shutil
 import socket
 import threading
@@ -40,6 +39,7 @@ AGENT_NAMES = ("web", "worker", "chatty")
 POLL_PERIOD_S = 0.005
 CONNECT_PERIOD_S = 0.01
 SETTLE_S = 0.5
+QUARTER = 0.25  # issue 13's goal: the window at most a quarter of a stop + start's
 
 
 class Probes:
@@ -49,6 +49,7 @@ class Probes:
         self.target = f"127.0.0.1:{port}"
         self.port = port
         self.ok: list[float] = []  # completion times (time.time(), to compare with the journal) of answers
+        self.who: dict[float, str] = {}  # answer time -> "bridge" (the helper, started_at 0) or the version
         self.rpc_errors: collections.Counter[str] = collections.Counter()
         self.connects: collections.Counter[str] = collections.Counter()
         self.refused_at: list[float] = []
@@ -80,8 +81,10 @@ class Probes:
             t0 = time.perf_counter()
             channel = grpc.insecure_channel(self.target, options=FAST_RECONNECT)
             try:
-                daemon_pb2_grpc.DaemonServiceStub(channel).GetStatus(req, timeout=30, wait_for_ready=True)
-                self.ok.append(time.time())
+                st = daemon_pb2_grpc.DaemonServiceStub(channel).GetStatus(req, timeout=30, wait_for_ready=True)
+                at = time.time()
+                self.ok.append(at)
+                self.who[at] = "bridge" if st.started_at == 0 else st.supervisor_version
             except grpc.RpcError as e:
                 self.rpc_errors[e.code().name] += 1
             finally:
@@ -113,6 +116,19 @@ class Probes:
         j = min(len(ok), bisect.bisect_right(ok, t_to) + 1)
         gaps = [(b - a, a, b) for a, b in itertools.pairwise(ok[i:j])]
         return max(gaps, default=(float("nan"), t_from, t_to))
+
+    def sides(self, t_from: float, t_to: float, new_version: str) -> tuple[float, float, float, int]:
+        """(old process's last answer -> the helper's first, the helper's first -> last, the helper's last ->
+        the new process's first, answers from the helper) in [t_from, t_to]; nan where there is no such answer."""
+        ok = [t for t in sorted(self.ok) if t_from <= t <= t_to]
+        bridge = [t for t in ok if self.who.get(t) == "bridge"]
+        if not bridge:
+            return float("nan"), float("nan"), float("nan"), 0
+        before = [t for t in ok if t < bridge[0]]
+        after = [t for t in ok if t > bridge[-1] and self.who.get(t) == new_version]
+        old_side = bridge[0] - before[-1] if before else float("nan")
+        new_side = after[0] - bridge[-1] if after else float("nan")
+        return old_side, bridge[-1] - bridge[0], new_side, len(bridge)
 
     def refused_between(self, t_from: float, t_to: float) -> int:
         return sum(t_from <= t <= t_to for t in self.refused_at)
@@ -160,7 +176,7 @@ def run(ctx: Ctx) -> Section:
 
     upd: dict[str, list[Any]] = {k: [] for k in ("window", "refused", "agent_restarts", "total", "same_pid",
                                                  "handover", "handshake", "errors", "old_side", "new_side",
-                                                 "rpc_failed")}
+                                                 "rpc_failed", "bridge_span", "bridge_answers")}
     ss: dict[str, list[Any]] = {k: [] for k in ("window", "refused", "agent_restarts", "serving", "all_running",
                                                 "errors", "rpc_failed")}
     typical: list[float] = []
@@ -183,12 +199,13 @@ def run(ctx: Ctx) -> Section:
         if status.supervisor_version != pkg.version:
             raise RuntimeError(f"supervisor reports {status.supervisor_version}, not {pkg.version}")
         steps = {t.step: t.seconds for t in final.timings}
-        gap, gap_from, gap_to = probes.window(t0, t1)
-        history = {h["state"]: h["at"] for h in json.loads(
-            (sup.state_dir / "updates" / uid / "journal.json").read_text())["history"]}
+        gap = probes.window(t0, t1)[0]
+        old_side, span, new_side, answers = probes.sides(t0, t1, pkg.version)
         upd["window"].append(gap)
-        upd["old_side"].append(history["watching"] - gap_from)
-        upd["new_side"].append(gap_to - history["watching"])
+        upd["old_side"].append(old_side)
+        upd["bridge_span"].append(span)
+        upd["new_side"].append(new_side)
+        upd["bridge_answers"].append(answers)
         upd["rpc_failed"].append(sum(probes.rpc_errors.values()))
         upd["refused"].append(probes.refused_between(t0, t1))
         upd["agent_restarts"].append(sum(before[n] != after.get(n) for n in before))
@@ -263,41 +280,54 @@ def run(ctx: Ctx) -> Section:
         ("self-update push to final status", fmt_spread(upd["total"]), "—", ""),
         ("of which `handover` (PREPARE to exec) / `handshake` (exec to HEALTHY)",
          f"{fmt_s(median(upd['handover']))} / {fmt_s(median(upd['handshake']))}", "—", ""),
-        ("window: last answer of the old process to EXEC sent / EXEC to first answer of the new one",
+        ("gaps: old process's last answer to the helper's first / the helper's last to the new process's first",
          f"{fmt_s(median(upd['old_side']))} / {fmt_s(median(upd['new_side']))}", "—", ""),
+        ("the helper answering in between (first to last answer; answers per event)",
+         f"{fmt_s(median(upd['bridge_span']))}; {median(upd['bridge_answers']):.0f}", "—", ""),
     ]), "")
     errs = [f"self-update: {e}" for e in upd["errors"] if e] + [f"stop + start: {e}" for e in ss["errors"] if e]
     if errs:
         s.add("Probe errors per event (gRPC status codes; connect failures): " + "; ".join(errs) + ".", "")
-    ok_window = w_upd < 0.5 * median(ss["serving"])
+    ok_window = w_upd <= QUARTER * w_ss
+    worst = max(upd["window"])
+    failed = sum(upd["rpc_failed"])
     s.add(*table(["target", "figure", "met"], [
         ("zero Agent restarts", f"{restarts}", yes_no(restarts == 0)),
         ("no refused connections", f"{refused}", yes_no(refused == 0)),
-        ("window well under the stop-and-start time (taken as: under half of it)",
-         f"{fmt_s(w_upd)} against {fmt_s(median(ss['serving']))} until serving", yes_no(ok_window)),
+        ("window at most a quarter of a stop + start's (medians)",
+         f"{fmt_s(w_upd)} against {fmt_s(w_ss)} ({w_upd / w_ss:.2f}x)", yes_no(ok_window)),
+        ("... in every run (the longest self-update window)", f"{fmt_s(worst)} ({worst / w_ss:.2f}x)",
+         yes_no(worst <= QUARTER * w_ss)),
+        ("no failed `GetStatus` calls", f"{failed}", yes_no(failed == 0)),
     ]), "")
-    s.add("- During a self-update the old supervisor stops accepting, hands its listening sockets and agent table "
-          "to the helper, and execs the new version in the same pid; connections made meanwhile wait in the "
-          "kernel's backlog and are answered once the new version serves, so a client sees a delay, not a refusal, "
-          "and no agent is touched. A stop + start closes the port (connections are refused) and stops and starts "
-          "every agent.",
-          f"- The window splits into {fmt_s(median(upd['old_side']))} from the old process's last answer to EXEC "
-          "(PREPARE: stop accepting, stop the Manager client, release the agents, persist the table, send STATE "
-          f"with the descriptors) and {fmt_s(median(upd['new_side']))} from EXEC to the new process's first "
-          "answer (interpreter start, imports of gRPC and the rest, handshake, adoption, serving)."
-          + (" The old side is consistent with the gRPC server's stop grace in the PREPARE handling (`grace=0.2` "
-             "in `supervisor/daemon.py`), which runs to its end while a stream is open, such as the "
-             "`WatchUpdate` that follows this very update." if 0.18 <= median(upd["old_side"]) <= 0.3 else ""),
+    s.add("- During a self-update the old supervisor stops accepting and hands its listening sockets and agent "
+          "table to the helper, which answers the read-only calls (`GetStatus`, `ListAgents`) on those same sockets "
+          "from that table (`helper/bridge.py`) while the old process finishes its calls in flight and execs the "
+          "new version in the same pid, and the new version starts its interpreter and imports; at the new "
+          "version's HELLO the helper stops accepting, answers what is in flight, and hands the sockets on. "
+          "Connections are never refused and no agent is touched. A stop + start closes the port (connections "
+          "are refused) and stops and starts every agent.",
+          f"- What is left of the window is two hand-overs of the sockets: {fmt_s(median(upd['old_side']))} from "
+          "the old process's last answer to the helper's first (PREPARE: stop accepting, stop the Manager client, "
+          "release the agents, persist the table, send STATE with the descriptors; the helper's gRPC ports are "
+          f"bound before PREPARE) and {fmt_s(median(upd['new_side']))} from the helper's last answer to the new "
+          "process's first (the helper's stop with its in-flight grace, STATE to the new process, its gRPC "
+          "server start and its front on the inherited sockets). The interpreter start and imports "
+          f"({fmt_s(median(upd['bridge_span']))} of helper answers in between) no longer count.",
           f"- {'Where we lose: ' if not ok_window else ''}a stop + start here costs "
           f"{fmt_s(median(ss['serving']))} until it serves again, because these agents exit within 50 ms of "
-          "SIGTERM and it pays the same interpreter start as the self-update's new process; so the window is "
-          + ("longer than a stop + start's" if w_upd > w_ss else "not much shorter" if not ok_window else "shorter")
+          "SIGTERM and it pays the same interpreter start as the self-update's new process; the self-update "
+          + (f"window is {w_upd / w_ss:.2f}x of it" if w_ss else "window")
           + f" ({fmt_s(w_upd)} against {fmt_s(w_ss)}). The stop + start time "
           "grows with the agents' stop and start times (up to each agent's `stop_timeout_s`); the self-update "
-          "window does not depend on the agents.")
+          "window does not depend on the agents.",
+          "- The self-update's own duration includes the old process's in-flight grace after STATE "
+          "(`INFLIGHT_GRACE_S` in `supervisor/handover.py`), which runs to its end while a stream is open, such as "
+          "the `WatchUpdate` that follows this very update; the helper answers meanwhile, so it is not in the "
+          "window.")
     s.summary = [
         SummaryRow("self-update", "control-plane window", fmt_s(w_upd), f"stop + start {fmt_s(w_ss)}",
-                   f"{fmt_x(w_ss / w_upd)} " + ("shorter" if w_ss > w_upd else "(longer)"), "well under stop + start",
+                   f"{fmt_x(w_ss / w_upd)} " + ("shorter" if w_ss > w_upd else "(longer)"), "≤ 0.25x of stop + start",
                    yes_no(ok_window)),
         SummaryRow("self-update", "Agent restarts / refused connections", f"{restarts} / {refused}",
                    f"{sum(ss['agent_restarts'])} / {sum(ss['refused'])}", "—", "0 / 0",

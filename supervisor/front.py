@@ -206,6 +206,13 @@ class Front:
                 await server.wait_closed()
         self._servers.clear()
 
+    async def drop_connections(self) -> None:
+        """End the spliced connections still open (after their backend has stopped answering)."""
+        conns = list(self._conns)
+        for t in conns:
+            t.cancel()
+        await asyncio.gather(*conns, return_exceptions=True)
+
     async def close(self) -> None:
         await self.stop_accepting()
         for t in list(self._conns):

@@ -39,6 +39,7 @@ from supervisor.install_self import launcher, running_from_layout
 STATE_TIMEOUT_S = 30.0
 EXEC_CONFIRM_TIMEOUT_S = 10.0
 COMMIT_TIMEOUT_S = 30.0
+INFLIGHT_GRACE_S = 0.25  # after STATE: the calls in flight finish while the helper answers new ones
 HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # blocked across the exec: none lost or fatal
 PENDING_STOP_ENV = "BATON_PENDING_STOP"
 
@@ -242,6 +243,9 @@ class HandoverEndpoint:
             faults.crash_point("handover-quiesced", faults.SUPERVISOR)
             wire.send(conn, state, fds)
             faults.crash_point("handover-state-sent", faults.SUPERVISOR)
+            # The helper accepts on the sockets from here (helper/bridge.py): calls already in flight
+            # here are answered, not cut by the exec; a stream still open at the grace is.
+            await self.server.stop(grace=INFLIGHT_GRACE_S)
             reply, extra = await asyncio.to_thread(wire.recv, conn, EXEC_CONFIRM_TIMEOUT_S, "exec")
             wire.close_fds(extra)
             logger.info("handover: helper answered {}; exec of the current version", reply.message.TYPE)
@@ -288,5 +292,4 @@ class HandoverEndpoint:
             fds.append(fd)
         state = wire.State(agents=tuple(records), fds=tuple(descs), supervisor_version=self.version,
                            pid=os.getpid())
-        await self.server.stop(grace=0)  # in-flight calls end at the exec anyway; every ms here is downtime
         return state, fds

@@ -531,6 +531,9 @@ class SelfUpdateHost(UpdateHost):
             (tree / "bin" / "supervisor").write_text("#!/bin/sh\necho 'supervisor: broken build' >&2\nexit 3\n")
         elif fault == "hang":
             (tree / "bin" / "supervisor").write_text("#!/bin/sh\nexec sleep 3600\n")
+        elif fault == "slow_start":  # a good build whose start takes 2 s longer (a cold cache, a slow disk)
+            launcher = tree / "bin" / "supervisor"
+            launcher.write_text(launcher.read_text().replace("\nexec ", "\nsleep 2\nexec ", 1))
         elif fault == "old_protocol":
             p = tree / "lib" / "baton" / "handover.py"
             text = re.sub(r"^PROTOCOL_VERSION = \d+", "PROTOCOL_VERSION = 0", p.read_text(), flags=re.M)

@@ -7,9 +7,10 @@ import socket
 import threading
 import time
 
+import grpc
 import psutil
 
-from baton.pb import common_pb2
+from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
 from tests.conftest import agent_processes, wait_for
 
 COMMITTED = common_pb2.UPDATE_STATE_COMMITTED
@@ -64,6 +65,60 @@ def test_self_update_keeps_agents_and_the_listening_socket(make_self_host):
     assert poller.refused == 0 and poller.ok > 0
     for a in status.agents:
         assert psutil.Process(a.pid).ppid() == old_pid
+
+
+class StatusPoller(threading.Thread):
+    """GetStatus on the public Unix socket every few milliseconds (a fresh connection each, waiting for ready);
+    at the first answer from the helper (``started_at`` 0: helper/bridge.py) it also asks for a change."""
+
+    # A connection of its own each time (not gRPC's shared one), reconnecting within 100 ms.
+    OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.initial_reconnect_backoff_ms", 10),
+               ("grpc.min_reconnect_backoff_ms", 10), ("grpc.max_reconnect_backoff_ms", 100)]
+
+    def __init__(self, path) -> None:
+        super().__init__(daemon=True)
+        self.target = f"unix:{path}"
+        self.answers: list[tuple[str, float, int]] = []  # (supervisor_version, started_at, agents)
+        self.failed: list[str] = []
+        self.change: grpc.StatusCode | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            with grpc.insecure_channel(self.target, options=self.OPTIONS) as ch:
+                stub = daemon_pb2_grpc.DaemonServiceStub(ch)
+                try:
+                    st = stub.GetStatus(daemon_pb2.GetStatusRequest(), timeout=30, wait_for_ready=True)
+                except grpc.RpcError as e:
+                    self.failed.append(e.code().name)
+                    continue
+                self.answers.append((st.supervisor_version, st.started_at, len(st.agents)))
+                if st.started_at == 0 and self.change is None:
+                    try:
+                        stub.StartAgent(daemon_pb2.AgentRef(name="no-such-agent"), timeout=10)
+                    except grpc.RpcError as e:
+                        self.change = e.code()
+            time.sleep(0.005)
+
+
+def test_during_a_self_update_the_helper_answers_status_and_changes_wait_for_the_new_supervisor(make_self_host):
+    host = make_self_host(tcp=False)
+    before = agents_of(host)
+    poller = StatusPoller(host.sup.socket)
+    poller.start()
+    try:
+        st = host.wait_final(host.push(host.supervisor_package("1.1.0", "slow_start")), timeout=90)
+    finally:
+        poller.stop.set()
+        poller.join(60)
+    assert st.state == COMMITTED, st.error
+    assert poller.failed == [], "no status call fails across the switch"
+    from_helper = [a for a in poller.answers if a[1] == 0]
+    assert from_helper, "the helper answered while no supervisor process did"
+    assert all(version == "1.0.0" and agents == len(before) for version, _, agents in from_helper)
+    assert poller.change == grpc.StatusCode.UNAVAILABLE, "a change is refused as retryable, not done"
+    assert poller.answers[-1][0] == "1.1.0"
+    assert agents_of(host) == before
 
 
 def test_two_self_updates_in_a_row(make_self_host):
