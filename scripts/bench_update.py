@@ -232,9 +232,10 @@ def run(ctx: Ctx) -> Section:
         "stage": "extract into staging (every member checked), rename, marker",
         "switch": "`current` link renamed",
         "restart": "RestartAgent over the control socket: SIGTERM, exit, spawn",
-        "health": "until the agent is RUNNING after READY=1 (window 0); the helper polls ListAgents every 100 ms",
+        "health": "until the agent is RUNNING after READY=1 (window 0); pushed to the helper by WatchAgent",
         "settle": "mark moved, backups pruned, download removed",
-        "seen by client": "final journal write to the client's WatchUpdate seeing it (the stream polls every 100 ms)",
+        "seen by client": "final journal write to the client's WatchUpdate seeing it (woken by inotify on the "
+                          "journal's rename; directory fsynced before it is shown)",
         "other": "journal writes between steps, helper exit, gRPC",
     }
     def part(v: list[float]) -> str:  # "other" is a difference of two clocks: a few ms either way is noise
