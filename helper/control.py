@@ -79,22 +79,32 @@ class SupervisorControl:
     def watch(self, name: str, timeout_s: float) -> Generator[common_pb2.AgentInfo, None, None]:
         """The agent at once, on every change and at least every POLL_S, for up to ``timeout_s``.
 
-        ``WatchAgent`` (contract version 3) pushes each change as the supervisor makes it; a supervisor
-        without it (UNIMPLEMENTED) is polled with ListAgents every POLL_S instead.
+        ``WatchAgent`` (contract version 3) pushes each change as the supervisor makes it. A stream that breaks
+        after it has answered (the supervisor replacing itself: its sockets are handed over, so the next process
+        answers) is opened again, waiting for the channel, within ``timeout_s``. A supervisor without the method
+        (UNIMPLEMENTED) is polled with ListAgents every POLL_S instead.
         """
-        call = self._stub.WatchAgent(daemon_pb2.AgentRef(name=name), timeout=timeout_s)
-        try:
-            yield from call
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.UNIMPLEMENTED:
-                raise SupervisorUnavailable(
-                    f"supervisor at {self.target}: WatchAgent {name} failed: {e.code().name} {e.details()}"
-                ) from None
-        else:
-            raise SupervisorUnavailable(f"supervisor at {self.target}: WatchAgent {name} ended early")
-        finally:
-            call.cancel()
         deadline = time.monotonic() + timeout_s
+        ref = daemon_pb2.AgentRef(name=name)
+        answered = False
+        while True:
+            call = self._stub.WatchAgent(ref, timeout=max(0.1, deadline - time.monotonic()), wait_for_ready=answered)
+            try:
+                for info in call:
+                    answered = True
+                    yield info
+            except grpc.RpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.UNIMPLEMENTED:
+                    break
+                if not (answered and code == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline):
+                    raise SupervisorUnavailable(
+                        f"supervisor at {self.target}: WatchAgent {name} failed: {code.name} {e.details()}"
+                    ) from None
+            else:
+                raise SupervisorUnavailable(f"supervisor at {self.target}: WatchAgent {name} ended early")
+            finally:
+                call.cancel()
         while time.monotonic() < deadline:
             yield self.agent(name)
             time.sleep(POLL_S)

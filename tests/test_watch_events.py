@@ -64,6 +64,23 @@ def test_helper_health_wait_sees_readiness_from_the_stream_and_a_crash_inside_th
         control.close()
 
 
+def test_helper_watch_follows_the_agent_across_a_supervisor_restart(make_supervisor):
+    """A stream broken by the supervisor going away (a self-update's exec) is opened again on the next one."""
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
+    web = sup.wait_agent("web", "running")
+    control = SupervisorControl(sup.state_dir / "run" / "control.sock")
+    try:
+        reports = control.watch("web", 60.0)
+        assert next(reports).pid == web.pid
+        sup.kill()
+        sup.start()
+        after = next(r for r in reports if r.adopted)
+        assert (after.pid, after.state) == (web.pid, RUNNING)
+        reports.close()
+    finally:
+        control.close()
+
+
 def test_dir_watch_reports_a_file_renamed_into_its_directory(tmp_path: Path):
     watched, other = tmp_path / "u1", tmp_path / "u2"
     watched.mkdir()
