@@ -331,7 +331,8 @@ class UpdateManager:
             assert watch is not None
             try:
                 names = watch.renamed_in()
-            except OSError:
+            except OSError:  # never expected; stop listening rather than spin on it: the fallback poll remains
+                self._loop.remove_reader(watch.fd)
                 names = {journal_name}
             if journal_name in names:
                 woken.set()
