@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -97,4 +96,3 @@ def test_dir_watch_reports_a_file_renamed_into_its_directory(tmp_path: Path):
     finally:
         watch.close()
     assert watch.fd == -1
-    assert os.path.isdir(watched)
