@@ -37,6 +37,7 @@ from baton.states import UPDATE_TRANSITIONS, IllegalTransition, UpdateState, che
 JOURNAL_FORMAT = 1
 # Cancel (docs/protocols.md): the supervisor writes <update dir>/cancel durably, then sends CANCEL_SIGNAL to the
 # helper pid the journal names; the helper checks the file between steps and on the signal.
+JOURNAL_FILE = "journal.json"  # in <state_dir>/updates/<update_id>/, replaced whole by rename
 CANCELLED = "cancelled"  # the reason and error of a cancelled update
 CANCEL_SIGNAL = signal.SIGUSR1
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -170,7 +171,7 @@ class Journal:
         return self.root / update_id
 
     def path(self, update_id: str) -> Path:
-        return self.dir(update_id) / "journal.json"
+        return self.dir(update_id) / JOURNAL_FILE
 
     def progress_path(self, update_id: str) -> Path:
         return self.dir(update_id) / "progress.json"
@@ -216,7 +217,7 @@ class Journal:
         if not self.root.is_dir():
             return out
         for d in sorted(self.root.iterdir()):
-            if d.is_dir() and (d / "journal.json").is_file():
+            if d.is_dir() and (d / JOURNAL_FILE).is_file():
                 try:
                     out.append(self.load(d.name))
                 except JournalError:

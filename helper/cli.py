@@ -49,7 +49,6 @@ def cmd_apply(ns: argparse.Namespace) -> int:
     from helper.control import SupervisorControl
     from helper.locks import ComponentBusy, ComponentLock
     from helper.machine import UpdateRun
-    from helper.self_update import SelfUpdateRun
 
     _setup_logging(ns.json)
     cfg = _load(ns.config)
@@ -62,7 +61,11 @@ def cmd_apply(ns: argparse.Namespace) -> int:
     socket = Path(ns.socket) if ns.socket else control_socket(cfg)
     try:
         with ComponentLock(cfg.node.state_dir, rec.component):
-            kind = SelfUpdateRun if rec.component == SUPERVISOR_COMPONENT else UpdateRun
+            kind = UpdateRun
+            if rec.component == SUPERVISOR_COMPONENT:  # the handover's machinery: loaded only for a self-update
+                from helper.self_update import SelfUpdateRun
+
+                kind = SelfUpdateRun
             run = kind(cfg, journal, ns.update_id, lambda: SupervisorControl(socket))
             final = run.run()
     except ComponentBusy as e:

@@ -21,7 +21,6 @@ from baton.layout import STAGING_PREFIX, ComponentLayout, version_of_dir
 from baton.signing import PublicKey, load_trusted_keys
 from helper.archive import ExtractLimits, extract_package
 from helper.download import DownloadedFile, DownloadLimits, DownloadProgress, FileIdentity, download
-from helper.release import prepare_staged
 from helper.verify import VerifiedPackage, verify_package
 
 
@@ -70,6 +69,8 @@ class Installer:
         self.layout.versions_dir.mkdir(parents=True, exist_ok=True)
         staged = extract_package(dl.file, self.layout.versions_dir, ExtractLimits.from_config(u))
         if self.layout.component == SUPERVISOR_COMPONENT:
+            from helper.release import prepare_staged  # a release's machinery: not loaded for an agent update
+
             staged = prepare_staged(staged, version)  # a release for another Python or platform stops here
         return self.layout.install(staged, version)
 

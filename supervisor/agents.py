@@ -709,6 +709,10 @@ class ProcessManager:
     def add_listener(self, fn: Callable[[AgentSnapshot], None]) -> None:
         self._listeners.append(fn)
 
+    def remove_listener(self, fn: Callable[[AgentSnapshot], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(fn)
+
     def _changed(self, agent: Agent) -> None:
         self._persist_soon(agent)
         snap = agent.snapshot()
@@ -747,9 +751,18 @@ class ProcessManager:
             raise UnknownAgent(name) from None
 
     def snapshots(self) -> list[AgentSnapshot]:
+        self._durable_before_shown()
+        return [a.snapshot() for a in self.agents.values()]
+
+    def snapshot(self, name: str) -> AgentSnapshot:
+        """One agent as :meth:`snapshots` shows it; UnknownAgent if it is not (or no longer) here."""
+        agent = self.get(name)
+        self._durable_before_shown()
+        return agent.snapshot()
+
+    def _durable_before_shown(self) -> None:
         if self._flush is not None and self._flush_urgent:  # a pid shown is durable (adopted after a crash)
             self.persist()
-        return [a.snapshot() for a in self.agents.values()]
 
     def configured(self) -> list[Agent]:
         """The agents of the config (not those being retired)."""

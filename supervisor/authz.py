@@ -44,6 +44,7 @@ READ_ONLY_METHODS = frozenset({
     "/baton.v1.DaemonService/GetUpdate",
     "/baton.v1.DaemonService/WatchUpdate",
     "/baton.v1.DaemonService/ListUpdates",
+    "/baton.v1.DaemonService/WatchAgent",
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
 })

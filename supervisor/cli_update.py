@@ -308,7 +308,7 @@ class _Printer:
             if status.finished:
                 sys.stdout.write("\n")
             sys.stdout.flush()
-        elif state_name(status) != self.last_state or status.finished:
+        elif state_name(status) != self.last_state:  # a final state, then the same state settled: one line
             print(line, flush=True)
         self.last_state = state_name(status)
 

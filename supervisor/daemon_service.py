@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import time
@@ -19,6 +20,7 @@ from baton.states import AgentState
 from supervisor.agents import AgentError, AgentSnapshot, ProcessManager, UnknownAgent, parse_signal
 
 TAIL_MAX_LINES = 10_000
+WATCH_AGENT_HEARTBEAT_S = 0.1  # WatchAgent sends the agent at least this often (daemon.proto)
 
 
 class UpdateManager(Protocol):
@@ -99,6 +101,34 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
     async def ListAgents(self, request: daemon_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
                          ) -> daemon_pb2.ListAgentsResponse:
         return daemon_pb2.ListAgentsResponse(agents=[agent_info(s) for s in self.pm.snapshots()])
+
+    async def WatchAgent(self, request: daemon_pb2.AgentRef, context: grpc.aio.ServicerContext
+                         ) -> AsyncIterator[common_pb2.AgentInfo]:
+        """The agent now, then on each change it goes through, with a heartbeat (daemon.proto, contract 3).
+
+        Woken by the process manager's change listener, so a helper waiting for READY=1 learns of it in the
+        same event-loop turn rather than at its next poll; the heartbeat bounds any wait on a missed event.
+        """
+        name = request.name
+        changed = asyncio.Event()
+
+        def listener(snap: AgentSnapshot) -> None:
+            if snap.name == name:
+                changed.set()
+
+        self.pm.add_listener(listener)
+        try:
+            while True:
+                changed.clear()  # before the snapshot: a change after it wakes the next wait
+                try:
+                    snap = self.pm.snapshot(name)
+                except UnknownAgent as e:
+                    await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+                yield agent_info(snap)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), WATCH_AGENT_HEARTBEAT_S)
+        finally:
+            self.pm.remove_listener(listener)
 
     async def _agent(self, name: str, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
         try:

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiofiles
@@ -27,17 +27,26 @@ import grpc
 import psutil
 from loguru import logger
 
-from baton import reasons
+from baton import durable, reasons
 from baton.admission import REFUSAL_METADATA_KEY, Held, UnknownComponent, UpdateRefused, check_request
 from baton.config import SUPERVISOR_COMPONENT, Config
 from baton.errors import clip
-from baton.journal import CANCEL_SIGNAL, Journal, JournalError, UpdateRecord, UpdateRequestRecord, valid_update_id
+from baton.journal import (
+    CANCEL_SIGNAL,
+    JOURNAL_FILE,
+    Journal,
+    JournalError,
+    UpdateRecord,
+    UpdateRequestRecord,
+    valid_update_id,
+)
 from baton.layout import ComponentLayout
 from baton.pb import common_pb2, daemon_pb2
 from baton.states import PRE_SWITCH, UpdateState
 from baton.strict_modes import log_opener
 from supervisor import systemd
 from supervisor.agents import reap
+from supervisor.dirwatch import watch_dir
 from supervisor.install_self import helper_command, running_from_layout
 
 MAX_HELPER_STARTS = 5
@@ -48,6 +57,13 @@ HELPER_ANNOUNCE_S = 15.0
 CANCEL_WAIT_S = 5.0
 
 _STATE_PB = {s: getattr(common_pb2, f"UPDATE_STATE_{s.name}") for s in UpdateState}
+
+
+async def _woken_or_poll(woken: asyncio.Event) -> None:
+    """Until ``woken`` is set, at most WATCH_POLL_S: the bounded fallback if an event is missed."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(woken.wait(), WATCH_POLL_S)
+    woken.clear()
 
 
 def update_status(rec: UpdateRecord, progress: dict[str, object]) -> daemon_pb2.UpdateStatus:
@@ -110,7 +126,7 @@ class UpdateManager:
         self.helpers: dict[str, HelperProcess] = {}
         self.starts: dict[str, int] = {}
         self._loop = asyncio.get_running_loop()
-        self._changed = asyncio.Event()
+        self._waiters: set[asyncio.Event] = set()  # one per WatchUpdate stream or CancelUpdate call
 
     @property
     def control_socket(self) -> Path:
@@ -250,11 +266,10 @@ class UpdateManager:
         self._signal_helper(rec)
         logger.warning("update {} of {}: cancel requested in state {}", update_id, rec.component, rec.state.value)
         deadline = time.monotonic() + CANCEL_WAIT_S
-        while not (rec.final and rec.settled) and time.monotonic() < deadline:
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), WATCH_POLL_S)
-            rec = await self._load(update_id) or rec
+        with self._wakeups(update_id) as woken:
+            while not (rec.final and rec.settled) and time.monotonic() < deadline:
+                await _woken_or_poll(woken)
+                rec = await self._load(update_id) or rec
         return update_status(rec, await self._progress(update_id))
 
     def _signal_helper(self, rec: UpdateRecord) -> None:
@@ -277,22 +292,65 @@ class UpdateManager:
 
     async def watch(self, update_id: str, context: grpc.aio.ServicerContext
                     ) -> AsyncIterator[daemon_pb2.UpdateStatus]:
+        """Each change of the record, as it is renamed into place (``_wakeups``); progress at the fallback poll.
+
+        A state is shown only once its rename is durable: the stream fsyncs the journal directory first (the
+        helper's own directory fsync may still be under way), so no client sees a state a power loss undoes.
+        """
         last: tuple[object, ...] | None = None
-        while True:
-            rec = await self._load(update_id)
-            if rec is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"no update {update_id!r}")
-            assert rec is not None
-            status = update_status(rec, await self._progress(update_id))
-            key = (status.state, status.bytes_done, status.error, status.finished)
-            if key != last:
-                last = key
-                yield status
-            if rec.final and rec.settled:
-                return
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), WATCH_POLL_S)
+        last_state: object = None
+        with self._wakeups(update_id) as woken:
+            while True:
+                woken.clear()  # before the read: a change after it wakes the next wait
+                rec = await self._load(update_id)
+                if rec is None:
+                    await context.abort(grpc.StatusCode.NOT_FOUND, f"no update {update_id!r}")
+                assert rec is not None
+                status = update_status(rec, await self._progress(update_id))
+                key = (status.state, status.bytes_done, status.error, status.finished)
+                if key != last:
+                    if (status.state, status.finished) != last_state:
+                        with contextlib.suppress(OSError):
+                            await asyncio.to_thread(durable.fsync_dir, self.journal.dir(update_id))
+                        last_state = (status.state, status.finished)
+                    last = key
+                    yield status
+                if rec.final and rec.settled:
+                    return
+                await _woken_or_poll(woken)
+
+    @contextlib.contextmanager
+    def _wakeups(self, update_id: str) -> Iterator[asyncio.Event]:
+        """An event set when this update's ``journal.json`` is renamed into place (inotify) or a helper exits."""
+        woken = asyncio.Event()
+        self._waiters.add(woken)
+        watch = watch_dir(self.journal.dir(update_id)) if valid_update_id(update_id) else None
+        journal_name = JOURNAL_FILE
+
+        def readable() -> None:
+            assert watch is not None
+            try:
+                names = watch.renamed_in()
+            except OSError:  # never expected; stop listening rather than spin on it: the fallback poll remains
+                self._loop.remove_reader(watch.fd)
+                names = {journal_name}
+            if journal_name in names:
+                woken.set()
+
+        if watch is not None:
+            self._loop.add_reader(watch.fd, readable)
+        try:
+            yield woken
+        finally:
+            self._waiters.discard(woken)
+            if watch is not None:
+                self._loop.remove_reader(watch.fd)
+                watch.close()
+
+    def _notify(self) -> None:
+        """A helper of ours exited or an update was abandoned: every waiter looks again."""
+        for woken in self._waiters:
+            woken.set()
 
     # ---- helper processes ------------------------------------------------------------------------------
 
@@ -333,7 +391,7 @@ class UpdateManager:
         if helper.transient_unit and status == 0:
             self._loop.create_task(self._find_unit_helper(helper.update_id))
             return
-        self._changed.set()
+        self._notify()
         try:
             rec = self.journal.load(helper.update_id)
         except JournalError as e:
@@ -364,7 +422,7 @@ class UpdateManager:
             self.journal.save(rec)
             if self.active.get(rec.component) == update_id:
                 del self.active[rec.component]
-            self._changed.set()
+            self._notify()
             logger.error("update {} FAILED: {}", update_id, reason)
         else:
             logger.error("update {} stuck in {}: {}; run `helper --status` and `helper --rollback {}`",
@@ -386,7 +444,7 @@ class UpdateManager:
         if rec.final and rec.settled:
             if self.active.get(rec.component) == update_id:
                 del self.active[rec.component]
-            self._changed.set()
+            self._notify()
             return
         logger.warning("update {}: its helper unit did not come up; starting another", update_id)
         self._spawn(update_id)

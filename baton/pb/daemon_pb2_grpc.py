@@ -105,6 +105,11 @@ class DaemonServiceStub:
                 request_serializer=baton_dot_pb_dot_daemon__pb2.ListUpdatesRequest.SerializeToString,
                 response_deserializer=baton_dot_pb_dot_daemon__pb2.ListUpdatesResponse.FromString,
                 _registered_method=True)
+        self.WatchAgent = channel.unary_stream(
+                '/baton.v1.DaemonService/WatchAgent',
+                request_serializer=baton_dot_pb_dot_daemon__pb2.AgentRef.SerializeToString,
+                response_deserializer=baton_dot_pb_dot_common__pb2.AgentInfo.FromString,
+                _registered_method=True)
 
 
 class DaemonServiceServicer:
@@ -206,6 +211,16 @@ class DaemonServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchAgent(self, request, context):
+        """Contract version 3, read-only: the agent's AgentInfo at once, then on every change (state, pid, counters)
+        and at least every 100 ms while nothing changes (a heartbeat: the caller checks its own deadlines), until
+        the caller cancels or its deadline passes. NOT_FOUND for an unknown agent, or one removed meanwhile.
+        The helper waits on it for an agent's health instead of polling ListAgents (UNIMPLEMENTED: it polls).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DaemonServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -278,6 +293,11 @@ def add_DaemonServiceServicer_to_server(servicer, server):
                     servicer.ListUpdates,
                     request_deserializer=baton_dot_pb_dot_daemon__pb2.ListUpdatesRequest.FromString,
                     response_serializer=baton_dot_pb_dot_daemon__pb2.ListUpdatesResponse.SerializeToString,
+            ),
+            'WatchAgent': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAgent,
+                    request_deserializer=baton_dot_pb_dot_daemon__pb2.AgentRef.FromString,
+                    response_serializer=baton_dot_pb_dot_common__pb2.AgentInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -658,6 +678,33 @@ class DaemonService:
             '/baton.v1.DaemonService/ListUpdates',
             baton_dot_pb_dot_daemon__pb2.ListUpdatesRequest.SerializeToString,
             baton_dot_pb_dot_daemon__pb2.ListUpdatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/baton.v1.DaemonService/WatchAgent',
+            baton_dot_pb_dot_daemon__pb2.AgentRef.SerializeToString,
+            baton_dot_pb_dot_common__pb2.AgentInfo.FromString,
             options,
             channel_credentials,
             insecure,
