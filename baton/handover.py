@@ -36,6 +36,9 @@ from baton.errors import BatonError
 
 PROTOCOL_VERSION = 1
 MIN_PROTOCOL_VERSION = 1
+# The listening socket of the private control socket (<run_dir>/control.sock) among the "listen" descriptors;
+# the others are named by their config address. Helpers talk to the supervisor on it.
+CONTROL_LISTENER = "control"
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_FDS = 250
 

@@ -171,7 +171,9 @@ class HandoverSession:
     def _open_bridge(self) -> None:
         if self.bridge is None or self.state is None:
             return
-        listening = [(d.name, fd) for d, fd in zip(self.state.fds, self.fds, strict=False) if d.kind == "listen"]
+        # Not the control socket: helpers' restarts and watches there wait for the next process, as before.
+        listening = [(d.name, fd) for d, fd in zip(self.state.fds, self.fds, strict=False)
+                     if d.kind == "listen" and d.name != wire.CONTROL_LISTENER]
         try:
             self.bridge.serve(self.state, listening)
         except Exception as e:

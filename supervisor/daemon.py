@@ -200,7 +200,7 @@ class Supervisor:
         wanted: list[tuple[str, Callable[[], socket.socket]]] = [
             (a, partial(bind_tcp, a)) for a in self.cfg.grpc.listen
         ]
-        wanted.append(("control", partial(bind_unix, self.cfg.run_dir / "control.sock")))
+        wanted.append((handover.wire.CONTROL_LISTENER, partial(bind_unix, self.cfg.run_dir / "control.sock")))
         if self.cfg.grpc.unix_socket is not None:
             wanted.append((f"unix:{self.cfg.grpc.unix_socket}",
                            partial(bind_unix, self.cfg.grpc.unix_socket, self.cfg.grpc.unix_socket_group)))
