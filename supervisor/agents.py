@@ -751,6 +751,10 @@ class ProcessManager:
             self.persist()
         return [a.snapshot() for a in self.agents.values()]
 
+    def states(self) -> list[AgentState]:
+        """Every agent's state, without the write that :meth:`snapshots` may do first (no pid is shown)."""
+        return [a.state for a in self.agents.values()]
+
     def configured(self) -> list[Agent]:
         """The agents of the config (not those being retired)."""
         return [a for n, a in self.agents.items() if n not in self._retiring]
