@@ -34,11 +34,15 @@ import sysconfig
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from baton import durable
-from baton.digest import Digests
 from baton.errors import BatonError
+from baton.layout import START_LOG_ENV
 from baton.versions import validate_version
+
+if TYPE_CHECKING:
+    from baton.digest import Digests  # cryptography: not loaded by a supervisor that asks for its dependencies
 
 MANIFEST_NAME = "RELEASE.json"
 MANIFEST_FORMAT = 1
@@ -75,10 +79,6 @@ except BaseException:  # a broken dependency: say so where the helper that start
     sys.exit(1)
 sys.exit(main())
 '''
-# Where a launcher that cannot even import its entry point writes the traceback; the supervisor sets it before
-# its exec and the helper before it starts one, then quotes it as the failed update's last_log.
-START_LOG_ENV = "BATON_START_LOG"
-START_LOG_NAME = "supervisor-start.log"
 _TARGET_PROBE = (
     "import sys, sysconfig; "
     "print(sys.implementation.name, sys.version_info[0], sys.version_info[1], sysconfig.get_platform())"
