@@ -273,9 +273,9 @@ def run(ctx: Ctx) -> Section:
         if ours > theirs * 1.05:
             notes.append(label)
     if notes:
-        sec.add(f"- Where we lose: {', '.join(notes)}. Baton's supervisor is asyncio plus a gRPC server (its own "
-                "threads) and keeps a FIFO and a drain task per agent; supervisord is a single-threaded select "
-                "loop.")
+        sec.add(f"- Where we lose: {', '.join(notes)}. Baton's supervisor's memory is almost all fixed cost (the "
+                "interpreter, asyncio with ssl, gRPC's library and threads, loguru), not per agent (a FIFO, a pidfd "
+                "and a few objects each); supervisord is a single-threaded select loop.")
     else:
         sec.add("- Baton matches or beats supervisord on every figure here.")
     sec.add(f"- Baton's restart delay ({fmt_spread(b.restart)}) includes its 1 ms backoff. Between the pidfd's "
