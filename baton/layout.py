@@ -28,6 +28,11 @@ MARKER = ".baton-installed"
 REINSTALL_SUFFIX = "..r1"
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
+# Where a launcher that cannot even import its entry point writes the traceback; the supervisor sets it before
+# its exec and the helper before it starts one, then quotes it as the failed update's last_log. Here, not in
+# helper/release.py, so that the daemon does not import the release builder (and cryptography) for two names.
+START_LOG_ENV = "BATON_START_LOG"
+START_LOG_NAME = "supervisor-start.log"
 
 
 def reserved_name_problem(path: str) -> str | None:

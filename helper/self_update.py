@@ -47,7 +47,7 @@ from baton.agent_table import AgentTable
 from baton.config import Config
 from baton.errors import BatonError
 from baton.journal import Journal, UpdateRecord
-from baton.layout import ComponentLayout
+from baton.layout import START_LOG_ENV, START_LOG_NAME, ComponentLayout
 from baton.pb import daemon_pb2, daemon_pb2_grpc
 from baton.reasons import FailureReason, classify, message
 from baton.states import CUSTODY_TRANSITIONS, Custody, check_move
@@ -56,7 +56,6 @@ from baton.strict_modes import log_opener
 from helper.bridge import Bridge
 from helper.machine import ControlFactory, UpdateRun
 from helper.recovery import switched_back
-from helper.release import START_LOG_ENV, START_LOG_NAME
 
 PREPARE_TIMEOUT_S = 30.0
 KILL_WAIT_S = 10.0

@@ -548,9 +548,11 @@ class Agent:
             self._set_state(AgentState.FATAL)
             return
         delay = min(self.cfg.backoff_initial_s * 2 ** (self.consecutive_failures - 1), self.cfg.backoff_max_s)
+        # The timer first: the delay counts from here, not from after the log lines and listeners below (it fires
+        # in a later loop turn, when the state is BACKOFF).
+        self._timer = self._loop.call_later(delay, self._restart_after_backoff)
         self._set_state(AgentState.BACKOFF)
         logger.info("agent {} restarts in {:.2f}s (failure {} in a row)", self.name, delay, self.consecutive_failures)
-        self._timer = self._loop.call_later(delay, self._restart_after_backoff)
 
     def _restart_after_backoff(self) -> None:
         if self.state is AgentState.BACKOFF:
@@ -763,6 +765,10 @@ class ProcessManager:
     def _durable_before_shown(self) -> None:
         if self._flush is not None and self._flush_urgent:  # a pid shown is durable (adopted after a crash)
             self.persist()
+
+    def states(self) -> list[AgentState]:
+        """Every agent's state, without the write that :meth:`snapshots` may do first (no pid is shown)."""
+        return [a.state for a in self.agents.values()]
 
     def configured(self) -> list[Agent]:
         """The agents of the config (not those being retired)."""

@@ -18,17 +18,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import secrets
 import sys
-import threading
 import time
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from baton.errors import BatonError
 
@@ -142,6 +136,8 @@ def read_package(ns: argparse.Namespace, max_bytes: int = 2 * 1024**3) -> Packag
 
 
 def _digest_url(url: str, max_bytes: int) -> tuple[str, int]:
+    import urllib.request
+
     from baton.digest import PackageDigest
 
     d = PackageDigest()
@@ -155,73 +151,6 @@ def _digest_url(url: str, max_bytes: int) -> tuple[str, int]:
         raise CliError(f"cannot read {url} to compute its sha256: {e}; or pass --sha256 and --size") from None
     digests = d.finish()
     return digests.sha256_hex, digests.size
-
-
-class _OneFileHandler(BaseHTTPRequestHandler):
-    server: _OneFileServer
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return
-
-    def do_HEAD(self) -> None:
-        self._answer(body=False)
-
-    def do_GET(self) -> None:
-        self._answer(body=True)
-
-    def _answer(self, body: bool) -> None:
-        if self.path != self.server.url_path:
-            self.send_error(404)
-            return
-        size = self.server.file.stat().st_size
-        start = 0
-        rng = self.headers.get("Range", "")
-        if rng.startswith("bytes=") and rng.endswith("-") and rng[6:-1].isdigit():
-            start = int(rng[6:-1])
-            if start >= size:
-                self.send_error(416)
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(size - start))
-        self.send_header("Accept-Ranges", "bytes")
-        self.end_headers()
-        if not body:
-            return
-        with open(self.server.file, "rb") as f, contextlib.suppress(OSError):
-            f.seek(start)
-            while chunk := f.read(CHUNK):
-                self.wfile.write(chunk)
-
-
-class _OneFileServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, file: Path) -> None:
-        super().__init__(("127.0.0.1", 0), _OneFileHandler)
-        self.file = file
-        self.url_path = f"/{secrets.token_hex(16)}/{quote(file.name)}"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}{self.url_path}"
-
-
-@contextlib.contextmanager
-def serve_file(path: Path) -> Iterator[str]:
-    """The file's URL on loopback for the duration of the block; the server is stopped and joined after."""
-    server = _OneFileServer(path.resolve())
-    thread = threading.Thread(target=server.serve_forever, name="package-server", daemon=True)
-    thread.start()
-    try:
-        yield server.url
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 # ---- following an update ------------------------------------------------------------------------------
@@ -317,6 +246,7 @@ def cmd_update(ns: argparse.Namespace) -> int:
     import grpc
 
     from baton.pb import daemon_pb2, daemon_pb2_grpc
+    from supervisor.file_server import serve_file
 
     where = target(ns)
     pkg = read_package(ns)

@@ -30,7 +30,7 @@ from baton import faults
 from baton import handover as wire
 from baton.agent_table import AgentRecord
 from baton.config import Config
-from helper.release import START_LOG_ENV, START_LOG_NAME
+from baton.layout import START_LOG_ENV, START_LOG_NAME
 from supervisor import systemd
 from supervisor.agents import ProcessManager
 from supervisor.front import Front

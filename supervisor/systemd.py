@@ -25,6 +25,11 @@ def notify(message: str) -> bool:
     return True
 
 
+def enabled() -> bool:
+    """Whether :func:`notify` sends anything (a caller may then skip building the message)."""
+    return bool(os.environ.get("NOTIFY_SOCKET"))
+
+
 def watchdog_interval_s() -> float | None:
     """Half of ``WATCHDOG_USEC`` when the watchdog is meant for this process."""
     usec = os.environ.get("WATCHDOG_USEC")

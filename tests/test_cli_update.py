@@ -333,7 +333,7 @@ def test_loopback_package_server_answers_only_its_one_path_with_ranges_and_stops
     import http.client
     from urllib.parse import urlsplit
 
-    from supervisor.cli_update import serve_file
+    from supervisor.file_server import serve_file
 
     pkg = tmp_path / "app-1.1.0.tar.gz"
     pkg.write_bytes(bytes(range(256)) * 40)

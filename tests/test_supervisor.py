@@ -137,6 +137,29 @@ def test_sigterm_to_supervisor_stops_every_agent_and_leaves_no_process(make_supe
     assert alive == [], f"left behind: {alive}"
 
 
+def test_an_orphaned_grandchild_is_reaped_by_the_supervisor_not_left_a_zombie(make_supervisor):
+    # The agent's subshell backgrounds a `sleep 3` and exits: the sleep is re-parented to the supervisor (a child
+    # subreaper), which must reap it when it exits although it watches only its agents.
+    sup = make_supervisor([{"name": "forker", "command": "/bin/sh", "args": ["-c", "(sleep 3 &); exec sleep 1000"],
+                            "start_seconds": 0.2}]).start()
+    sup.wait_agent("forker", "running")
+
+    def orphan() -> psutil.Process | None:
+        kids = psutil.Process(sup.proc.pid).children()
+        return next((c for c in kids if c.cmdline() == ["sleep", "3"]), None)
+
+    grandchild = wait_for(orphan, timeout=5, interval=0.02, what="the orphaned sleep to become the supervisor's child")
+
+    def reaped() -> bool:
+        try:
+            return grandchild.status() != psutil.STATUS_ZOMBIE and not grandchild.is_running()
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(reaped, timeout=10, what="the orphan to be reaped")
+    assert sup.agent("forker").state == RUNNING
+
+
 def test_agent_output_reaches_its_log_file(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
     a = sup.wait_agent("web", "running")
