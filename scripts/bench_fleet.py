@@ -36,6 +36,7 @@ from benchlib import (
     proc_status_kib,
     table,
     wait_for,
+    yes_no,
 )
 
 NAME = "fleet"
@@ -213,7 +214,9 @@ def run(ctx: Ctx) -> Section:
                    fmt_s(median(roll["total"])), f"push loop {fmt_s(median(loop['total']))}",
                    f"{fmt_x(ratio)} faster" if ratio >= 1 else fmt_x(ratio), "", ""),
         SummaryRow("fleet", "per-node latency (rollout)", fmt_s(median(roll["latency"])),
-                   f"push loop {fmt_s(median(loop['latency']))}", "—", "", ""),
+                   f"push loop (one node at a time) {fmt_s(median(loop['latency']))}",
+                   f"{median(roll['latency']) / median(loop['latency']):.2f}x", "≤ 1.5x one node alone",
+                   yes_no(median(roll["latency"]) <= 1.5 * median(loop["latency"]))),
         SummaryRow("fleet", "Manager peak RSS", f"serve {fmt_mib(serve_hwm)}, rollout {fmt_mib(max(roll['rss']))}",
                    "—", "—", "", ""),
     ]

@@ -29,6 +29,7 @@ from benchlib import (
     supervisord_venv,
     table,
     wait_for,
+    yes_no,
 )
 
 NAME = "supervision"
@@ -305,14 +306,18 @@ def run(ctx: Ctx) -> Section:
         SummaryRow("supervision", f"{n} agents: start to all running", fmt_s(median(b.running)),
                    f"supervisord {fmt_s(median(s_.running))}", fmt_x(median(s_.running) / median(b.running))),
         SummaryRow("supervision", "crash to restart (median)", fmt_s(median(b.restart)),
-                   f"supervisord {fmt_s(median(s_.restart))}", fmt_x(median(s_.restart) / median(b.restart))),
+                   f"supervisord {fmt_s(median(s_.restart))}", fmt_x(median(s_.restart) / median(b.restart)),
+                   "≤ 5 ms and ≤ supervisord's",
+                   yes_no(median(b.restart) <= 0.005 and median(b.restart) <= median(s_.restart))),
         SummaryRow("supervision", f"{n} agents SIGKILLed at once: all respawned", fmt_s(median(b.all_respawned)),
                    f"supervisord {fmt_s(median(s_.all_respawned))}",
-                   fmt_x(median(s_.all_respawned) / median(b.all_respawned))),
+                   fmt_x(median(s_.all_respawned) / median(b.all_respawned)), "≤ 0.5 s",
+                   yes_no(max(b.all_respawned) <= 0.5)),
         SummaryRow("supervision", "idle CPU / RSS", f"{median(b.idle_cpu):.2f} % / {mib(b.rss_kib)}",
                    f"supervisord {median(s_.idle_cpu):.2f} % / {mib(s_.rss_kib)}",
                    f"{fmt_x(median(s_.idle_cpu) / median(b.idle_cpu)) if median(b.idle_cpu) else 'n/a'} / "
-                   f"{fmt_x(median(s_.rss_kib) / median(b.rss_kib))}"),
+                   f"{fmt_x(median(s_.rss_kib) / median(b.rss_kib))}", "RSS ≤ 1.4x supervisord's",
+                   yes_no(median(b.rss_kib) <= 1.4 * median(s_.rss_kib))),
     ]
     return sec
 

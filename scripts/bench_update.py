@@ -35,6 +35,7 @@ from benchlib import (
     proc_state,
     table,
     wait_for,
+    yes_no,
 )
 
 NAME = "update"
@@ -259,6 +260,6 @@ def run(ctx: Ctx) -> Section:
     s.add("<details><summary>update-by-hand.sh</summary>", "", "```bash", BY_HAND.strip(), "```", "", "</details>")
     s.summary = [SummaryRow("agent update", f"{size_mib:.0f} MiB package, push to final status", fmt_s(m_ours),
                             f"shell script {fmt_s(m_hand)}", f"{fmt_x(ratio)}" + (" faster" if ratio >= 1 else ""),
-                            "", "")]
+                            "at most 1.5x the script's time", yes_no(m_ours <= 1.5 * m_hand))]
     return s
 
