@@ -7,11 +7,15 @@ same process (same kernel start time) instead of starting a second instance.
 What a crash must not lose is (a) the pid and start time of every agent that has
 a process (else the next supervisor starts a second instance beside it) and (b)
 a state kept without a process (STOPPED, EXITED, FATAL, NOT_INSTALLED: else a
-stopped agent comes back). A lost transition without a new pid (STARTING ->
-RUNNING, RUNNING -> BACKOFF, BACKOFF -> STARTING before the spawn) costs nothing:
-the next supervisor checks each pid against the kernel's start time and starts
-what is gone. So the supervisor does not write the table on every state change
-(``ProcessManager._persist_soon``): a new pid or a kept state is written at the
+stopped agent comes back) and (c) a notify agent's READY (STARTING -> RUNNING on
+READY=1: the agent sends it once and the kernel cannot tell a successor it came,
+so a lost one left the adopted agent STARTING for good; found by 200 chaos rounds).
+A lost transition without a new pid otherwise (STARTING -> RUNNING after
+``start_seconds``, RUNNING -> BACKOFF, BACKOFF -> STARTING before the spawn) costs
+nothing: the next supervisor checks each pid against the kernel's start time,
+starts what is gone, and counts ``start_seconds`` from the recorded start time.
+So the supervisor does not write the table on every state change
+(``ProcessManager._persist_soon``): a new pid, a kept state or a READY is written at the
 start of the next event-loop turn, before any callback that reacts to it and
 before a status answer shows it (``snapshots`` writes first); any other change
 waits up to 0.2 s and shares that write. The fsync is thus never between an

@@ -707,6 +707,7 @@ class ProcessManager:
         self._flush: asyncio.Handle | None = None
         self._flush_urgent = False
         self._written_pids: dict[str, int] = {}
+        self._written_ready: dict[str, int] = {}  # agent -> the pid last written as running
 
     def add_listener(self, fn: Callable[[AgentSnapshot], None]) -> None:
         self._listeners.append(fn)
@@ -724,12 +725,15 @@ class ProcessManager:
     def _persist_soon(self, agent: Agent) -> None:
         """Coalesce table writes; write soon what a crash must not lose (see baton/agent_table.py).
 
-        A new pid or a state kept without a process is written at the start of the next event-loop turn,
+        A new pid, a state kept without a process, or a notify agent's READY (the kernel cannot tell a
+        successor that it came, and the agent sends it once) is written at the start of the next event-loop turn,
         before any callback woken by the change (an awaited stop, a gRPC answer in a later turn): whoever
         learns of it learns of it after it is on disk. Anything else (running, backoff, stopping, counters)
         waits up to LAZY_WRITE_S and rides along, so the fsync is never between an agent's exit and its
         respawn, and 100 agents restarted together cost one write, not 100."""
-        urgent = agent.state in AGENT_KEPT_STATES or (agent.pid and agent.pid != self._written_pids.get(agent.name))
+        urgent = (agent.state in AGENT_KEPT_STATES or (agent.pid and agent.pid != self._written_pids.get(agent.name))
+                  or (agent.state is AgentState.RUNNING and agent.cfg.notify
+                      and self._written_ready.get(agent.name) != agent.pid))
         if self._flush is not None and (not urgent or self._flush_urgent):
             return
         if self._flush is not None:
@@ -745,6 +749,7 @@ class ProcessManager:
             self._flush = None
         self.table.save([a.record() for a in self.agents.values()])
         self._written_pids = {a.name: a.pid for a in self.agents.values()}
+        self._written_ready = {a.name: a.pid for a in self.agents.values() if a.state is AgentState.RUNNING}
 
     def get(self, name: str) -> Agent:
         try:

@@ -231,6 +231,21 @@ def test_supervisor_killed_right_after_an_agent_restarted_adopts_the_new_process
     assert agent_processes(sup.state_dir, "w") == [new]
 
 
+def test_supervisor_killed_right_after_a_notify_agent_said_ready_adopts_it_as_running(make_supervisor):
+    """READY=1 is sent once and only the supervisor saw it: it is on disk before the status shows RUNNING."""
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True, backoff_initial_s=0.05,
+                                 env={"READY_DELAY": "0.5"})]).start()
+    first = sup.wait_agent("web", "running").pid
+    os.kill(first, signal.SIGKILL)
+    running = common_pb2.AGENT_STATE_RUNNING
+    pid = wait_for(lambda: (a := sup.agent("web")).state == running and a.pid != first and a.pid, 15,
+                   interval=0.005, what="the restarted web to say READY")  # the kill comes well within LAZY_WRITE_S
+    sup.kill()
+    sup.start()
+    a = sup.wait_agent("web", "running", timeout=10)
+    assert a.pid == pid and a.adopted
+
+
 def test_agents_survive_a_killed_supervisor_and_are_adopted_by_the_next_one(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True),
                            agent("w", "crash_agent.py", start_seconds=0.2)]).start()
