@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_verify import openssl_speed
+from bench_verify import openssl_speeds
 from benchlib import (
     PY,
     SCRIPTS,
@@ -141,13 +141,8 @@ def run(ctx: Ctx) -> Section:
         big_h = ours(url, dl / "ours.pkg", big_pkg, big_sha, big, keys, True)
     finally:
         server.stop()
-    secs, reps = (1, 1) if ctx.quick else (2, 3)
-    ctx.log(f"openssl speed, {reps} x {secs} s each")
-    speeds: dict[str, list[float]] = {"sha256": [], "blake2b512": []}
-    for _ in range(reps):
-        for alg in speeds:
-            speeds[alg].append(openssl_speed(alg, secs))
-    speed_sha, speed_b2 = median(speeds["sha256"]), median(speeds["blake2b512"])
+    speeds = openssl_speeds(ctx)
+    speed_sha, speed_b2, secs, reps = speeds.sha256, speeds.blake2b512, speeds.seconds, speeds.reps
     slower = min(speed_sha, speed_b2)
     slower_name = "SHA-256" if speed_sha < speed_b2 else "BLAKE2b-512"
 

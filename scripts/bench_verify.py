@@ -8,6 +8,7 @@ import re
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from benchlib import (
     PY,
@@ -46,6 +47,26 @@ def openssl_speed(alg: str, seconds: int) -> float:
         if m:
             return float(m.group(1)) * 1000
     raise RuntimeError(f"cannot parse openssl speed output for {alg}: {r.stdout[-300:]}")
+
+
+@dataclass(frozen=True)
+class OpensslSpeeds:
+    """Single-stream bytes per second of SHA-256 and BLAKE2b-512: the median of ``reps`` runs of ``seconds``."""
+
+    sha256: float
+    blake2b512: float
+    seconds: int
+    reps: int
+
+
+def openssl_speeds(ctx: Ctx) -> OpensslSpeeds:
+    secs, reps = (1, 1) if ctx.quick else (2, 3)
+    ctx.log(f"openssl speed, {reps} x {secs} s each")
+    speeds: dict[str, list[float]] = {"sha256": [], "blake2b512": []}
+    for _ in range(reps):
+        for alg in speeds:
+            speeds[alg].append(openssl_speed(alg, secs))
+    return OpensslSpeeds(median(speeds["sha256"]), median(speeds["blake2b512"]), secs, reps)
 
 
 def run(ctx: Ctx) -> Section:
@@ -113,13 +134,8 @@ def run(ctx: Ctx) -> Section:
         for _, fn in order:
             drop_dirty_pages()
             fn()
-    secs, reps = (1, 1) if ctx.quick else (2, 3)
-    ctx.log(f"openssl speed, {reps} x {secs} s each")
-    speeds: dict[str, list[float]] = {"sha256": [], "blake2b512": []}
-    for _ in range(reps):
-        for alg in speeds:
-            speeds[alg].append(openssl_speed(alg, secs))
-    speed_sha, speed_b2 = median(speeds["sha256"]), median(speeds["blake2b512"])
+    speeds = openssl_speeds(ctx)
+    speed_sha, speed_b2, secs, reps = speeds.sha256, speeds.blake2b512, speeds.seconds, speeds.reps
 
     m = {k: median(v) for k, v in times.items()}
     ours_rate = size / m["ours_inproc"]
