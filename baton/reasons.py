@@ -15,7 +15,6 @@ from enum import StrEnum
 from typing import Any
 
 from baton.errors import clip
-from baton.pb import common_pb2
 
 
 class FailureReason(StrEnum):
@@ -93,8 +92,8 @@ BY_EXCEPTION: dict[str, FailureReason] = {
     "helper.archive.ArchiveTooLarge": R.UNSAFE_ARCHIVE,
     "helper.archive.ArchiveError": R.UNSAFE_ARCHIVE,
     "helper.installer.VerifyTimeout": R.INSTALL_FAILED,
-    "helper.control.SupervisorUnavailable": R.SUPERVISOR_UNAVAILABLE,
-    "helper.control.HealthCheckFailed": R.NEW_VERSION_NOT_READY,
+    "helper.control_errors.SupervisorUnavailable": R.SUPERVISOR_UNAVAILABLE,
+    "helper.control_errors.HealthCheckFailed": R.NEW_VERSION_NOT_READY,
     "helper.recovery.RollbackError": R.ROLLBACK_FAILED,
     "helper.machine.UpdateCancelled": R.CANCELLED,
     "helper.self_update.SupervisorDied": R.HANDSHAKE_REFUSED,
@@ -183,12 +182,16 @@ TROUBLESHOOTING: dict[FailureReason, str] = {
 
 def to_pb(value: str) -> int:
     """The contract's enum number for a journal's reason ("" and unknown names: UNSPECIFIED)."""
+    from baton.pb import common_pb2  # protobuf only where the wire needs it: a helper loads it off its main path
+
     return int(common_pb2.FailureReason.Value(FailureReason.parse(value).value))
 
 
 def from_pb(number: int) -> FailureReason:
     """The reason a peer sent; a number this side does not know yet (a newer peer) is UNSPECIFIED."""
     try:
+        from baton.pb import common_pb2
+
         return FailureReason.parse(common_pb2.FailureReason.Name(number))  # type: ignore[arg-type]
     except ValueError:
         return FailureReason.UNSPECIFIED

@@ -11,14 +11,18 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+import threading
 import time
 from pathlib import Path
-
-from loguru import logger
+from typing import TYPE_CHECKING
 
 from baton.config import SUPERVISOR_COMPONENT, Config, ConfigError, load_config
 from baton.errors import BatonError
+
+if TYPE_CHECKING:
+    from helper.control import SupervisorControl
 
 DEFAULT_CONFIG = "/etc/baton/supervisor.toml"
 EXIT_FAILED = 1
@@ -27,9 +31,9 @@ EXIT_BUSY = 75
 
 
 def _setup_logging(json: bool = False) -> None:
-    logger.remove()
-    logger.add(sys.stderr, level="INFO", serialize=json,
-               format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} [helper {process}] {message}")
+    from helper.log import logger
+
+    logger.configure(sys.stderr, json_lines=json)
 
 
 def _load(path: str) -> Config:
@@ -44,9 +48,33 @@ def control_socket(cfg: Config) -> Path:
     return cfg.run_dir / "control.sock"
 
 
-def cmd_apply(ns: argparse.Namespace) -> int:
-    from baton.journal import Journal
+def _load_in_background(module: str) -> threading.Thread:
+    """Import ``module`` on a thread while the main one goes on (the import lock makes a later import wait for it).
+
+    The gRPC client (about a third of a helper's imports) is needed only after the download, which spends
+    its time in system calls and digests that let this thread run.
+    """
+    thread = threading.Thread(target=importlib.import_module, args=(module,), name=f"import {module}", daemon=True)
+    thread.start()
+    return thread
+
+
+def _control(socket: Path) -> SupervisorControl:
     from helper.control import SupervisorControl
+
+    return SupervisorControl(socket)
+
+
+def cmd_apply(ns: argparse.Namespace) -> int:
+    loading = _load_in_background("helper.control")
+    try:
+        return _apply(ns)
+    finally:
+        loading.join()  # never leave an import half done at exit
+
+
+def _apply(ns: argparse.Namespace) -> int:
+    from baton.journal import Journal
     from helper.locks import ComponentBusy, ComponentLock
     from helper.machine import UpdateRun
 
@@ -66,7 +94,7 @@ def cmd_apply(ns: argparse.Namespace) -> int:
                 from helper.self_update import SelfUpdateRun
 
                 kind = SelfUpdateRun
-            run = kind(cfg, journal, ns.update_id, lambda: SupervisorControl(socket))
+            run = kind(cfg, journal, ns.update_id, lambda: _control(socket))
             final = run.run()
     except ComponentBusy as e:
         print(f"helper: {e}", file=sys.stderr)

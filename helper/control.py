@@ -14,24 +14,14 @@ from pathlib import Path
 
 import grpc
 
-from baton.errors import BatonError
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
 from baton.reasons import FailureReason
+from helper.control_errors import HealthCheckFailed, SupervisorUnavailable
 
 POLL_S = 0.1  # the fallback poll, and how often WatchAgent reports at least (its heartbeat)
 WATCH_MARGIN_S = 5.0  # the stream's deadline beyond the health wait's own, which is checked first
 
-
-class SupervisorUnavailable(BatonError):
-    pass
-
-
-class HealthCheckFailed(BatonError):
-    """The new version did not become ready, or did not stay up through the health window."""
-
-    def __init__(self, message: str, reason: FailureReason = FailureReason.NEW_VERSION_NOT_READY) -> None:
-        super().__init__(message)
-        self.reason = reason
+__all__ = ["HealthCheckFailed", "SupervisorControl", "SupervisorUnavailable", "state_name"]
 
 
 def state_name(state: int) -> str:

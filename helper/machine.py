@@ -25,8 +25,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import replace
-
-from loguru import logger
+from typing import TYPE_CHECKING
 
 from baton import faults
 from baton.admission import check_request
@@ -37,9 +36,13 @@ from baton.marks import Marks
 from baton.reasons import FailureReason, classify, facts, message
 from baton.states import PRE_SWITCH
 from baton.states import UpdateState as S
-from helper.control import HealthCheckFailed, SupervisorControl, SupervisorUnavailable
+from helper.control_errors import HealthCheckFailed, SupervisorUnavailable
 from helper.download import DownloadedFile, DownloadProgress, FileIdentity
 from helper.installer import Installer
+from helper.log import logger
+
+if TYPE_CHECKING:  # the gRPC client is loaded off the update's path (helper/cli.py)
+    from helper.control import SupervisorControl
 
 RECOVERY: dict[S, str] = {
     S.REQUESTED: "start from the beginning",
@@ -56,7 +59,7 @@ instead commits from SWITCHING, RESTARTING or WATCHING when the new version alre
 RESTARTING and WATCHING: ``helper/self_update.py``)."""
 
 MAX_ATTEMPTS = 5
-ControlFactory = Callable[[], SupervisorControl]
+ControlFactory = Callable[[], "SupervisorControl"]
 
 
 class UpdateCancelled(BaseException):

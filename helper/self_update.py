@@ -39,7 +39,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from loguru import logger
 
 from baton import faults
 from baton import handover as wire
@@ -54,6 +53,7 @@ from baton.states import CUSTODY_TRANSITIONS, Custody, check_move
 from baton.states import UpdateState as S
 from baton.strict_modes import log_opener
 from helper.bridge import Bridge
+from helper.log import logger
 from helper.machine import ControlFactory, UpdateRun
 from helper.recovery import switched_back
 

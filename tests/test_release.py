@@ -227,6 +227,10 @@ def _break_loguru(root: Path) -> None:
     shutil.rmtree(root / "lib" / "loguru")
 
 
+def _break_grpc(root: Path) -> None:
+    shutil.rmtree(root / "lib" / "grpc")
+
+
 def test_self_update_to_a_release_with_a_broken_dependency_rolls_back_quoting_its_import_error(
         running_release: SupervisorProc, release: Release, releases: Releases) -> None:
     host = running_release
@@ -328,7 +332,7 @@ def test_rollback_from_a_broken_current_release_works_with_the_other_release_hel
     from baton.layout import ComponentLayout
 
     host = running_release
-    broken = unpack(releases.derived("1.2.0", _break_loguru), host.base / "unpacked" / "broken")
+    broken = unpack(releases.derived("1.2.0", _break_grpc), host.base / "unpacked" / "broken")
     layout = ComponentLayout(host.base / "install", "supervisor")
     staged = layout.versions_dir / ".staging-test"
     shutil.copytree(broken, staged, symlinks=True)
