@@ -547,6 +547,14 @@ class Agent:
             logger.error("agent {} is FATAL: {}", self.name, self.last_error)
             self._set_state(AgentState.FATAL)
             return
+        if self.consecutive_failures == 1 and not was_starting and not spawn_failed:
+            # It had been running (and, if it failed before, then ran STABLE_RUN_S since): no reason to wait, as
+            # supervisord restarts a running program at once. A second exit before STABLE_RUN_S backs off.
+            self._set_state(AgentState.BACKOFF)
+            self.restarts += 1
+            self._spawn()
+            logger.info("agent {} restarted at once (it had been running)", self.name)
+            return
         delay = min(self.cfg.backoff_initial_s * 2 ** (self.consecutive_failures - 1), self.cfg.backoff_max_s)
         # The timer first: the delay counts from here, not from after the log lines and listeners below (it fires
         # in a later loop turn, when the state is BACKOFF).

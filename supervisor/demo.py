@@ -250,7 +250,7 @@ restart = "always"
         print(self.table())
 
         victim = next(a for a in self.stub.ListAgents(daemon_pb2.ListAgentsRequest()).agents if a.name == "metrics")
-        self.say(f"kill -9 metrics (pid {victim.pid}): the supervisor restarts it after its backoff")
+        self.say(f"kill -9 metrics (pid {victim.pid}): it had been running, so the supervisor restarts it at once")
         os.kill(victim.pid, signal.SIGKILL)
         time.sleep(0.3)
         self.wait_running()

@@ -61,16 +61,27 @@ def test_unknown_agent_is_not_found(make_supervisor):
     assert "nope" in e.value.details()
 
 
-def test_killed_agent_is_restarted_with_backoff(make_supervisor):
+def test_a_running_agent_killed_is_restarted_at_once(make_supervisor):
+    sup = make_supervisor([agent("w", "crash_agent.py", start_seconds=0.2, backoff_initial_s=30.0)]).start()
+    first = sup.wait_agent("w", "running")
+    os.kill(first.pid, signal.SIGKILL)
+    second = sup.wait_agent("w", "running", pred=lambda a: a.pid != first.pid, timeout=10)  # not 30 s
+    assert second.restarts == 1
+    assert second.last_exit_status == -signal.SIGKILL
+
+
+def test_a_second_exit_soon_after_a_restart_backs_off(make_supervisor):
     sup = make_supervisor([agent("w", "crash_agent.py", start_seconds=0.2, backoff_initial_s=1.0)]).start()
     first = sup.wait_agent("w", "running")
     os.kill(first.pid, signal.SIGKILL)
+    second = sup.wait_agent("w", "running", pred=lambda a: a.pid != first.pid, timeout=10)
+    os.kill(second.pid, signal.SIGKILL)  # within STABLE_RUN_S of running: the second failure in a row
     killed_at = time.monotonic()
     backoff = sup.wait_agent("w", "backoff", timeout=5)
     assert backoff.last_exit_status == -signal.SIGKILL
-    second = sup.wait_agent("w", "running", pred=lambda a: a.pid != first.pid)
-    assert time.monotonic() - killed_at >= 0.9
-    assert second.restarts == 1
+    third = sup.wait_agent("w", "running", pred=lambda a: a.pid != second.pid)
+    assert time.monotonic() - killed_at >= 1.9  # backoff_initial_s * 2 for the second failure
+    assert third.restarts == 2
 
 
 def test_crash_loop_reaches_fatal(make_supervisor):
