@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from benchlib import (
     SummaryRow,
     agent_tree,
     build_package,
+    children,
     compile_checkout,
     drop_dirty_pages,
     fmt_s,
@@ -32,6 +34,7 @@ from benchlib import (
     install_version,
     make_keys,
     median,
+    proc_cpu_split_s,
     proc_state,
     table,
     wait_for,
@@ -162,12 +165,20 @@ def run(ctx: Ctx) -> Section:
     hand: list[float] = []
     hand_parts: dict[str, list[float]] = {k: [] for k in BY_HAND_STEPS}
 
+    cpu: dict[str, list[float]] = {"supervisor": [], "helper and replaced agent": [], "script": []}
+
     def run_ours(pkg: Package) -> None:
+        assert sup.proc is not None
+        own0, children0 = proc_cpu_split_s(sup.proc.pid)
         t_wall = time.time()
         t0 = time.perf_counter()
         uid = sup.stub.PushUpdate(pkg.request(), timeout=10).update_id
         final = follow_update(sup, uid, timeout=120)
         total = time.perf_counter() - t0
+        wait_for(lambda: not _helpers(sup.proc.pid), 10, what="the helper to be reaped")
+        own1, children1 = proc_cpu_split_s(sup.proc.pid)
+        cpu["supervisor"].append(own1 - own0)
+        cpu["helper and replaced agent"].append(children1 - children0)
         t_seen = time.time()
         if not final.success:
             raise RuntimeError(f"update {uid} failed: {final.error}")
@@ -183,11 +194,14 @@ def run(ctx: Ctx) -> Section:
             ours_parts[k].append(v)
 
     def run_hand(pkg: Package) -> None:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         r = subprocess.run([str(script), "update", str(hand_root), pkg.url or "", pkg.sha256, str(pkg.sig_path),
                             str(keys.public), pkg.version], check=True, capture_output=True, text=True,
                            env=ctx.reaper.env, timeout=120)
         hand.append(time.perf_counter() - t0)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu["script"].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
         marks = [(ln.split()[0], float(ln.split()[1])) for ln in r.stdout.splitlines() if len(ln.split()) == 2]
         for (_, a), (step, b) in itertools.pairwise(marks):
             hand_parts[step].append(b - a)
@@ -260,9 +274,27 @@ def run(ctx: Ctx) -> Section:
           f"{fmt_s(m_hand)} ({fmt_x(ratio)}). The script checks nothing a push must (downgrade, manifest binding "
           "of component and version, disk space, archive members), cannot roll back, and its agent is an orphan "
           "nobody supervises.", "")
+    s.add("CPU per update (user + system, median; the supervisor's own, and that of the children it reaped during "
+          "the update: the helper and the agent version it replaced, whose start-up is most of its CPU):", "")
+    s.add(*table(["", "CPU"], [
+        ("ours: supervisor", fmt_s(median(cpu["supervisor"]))),
+        ("ours: helper and replaced agent", fmt_s(median(cpu["helper and replaced agent"]))),
+        ("ours: total", fmt_s(median([a + b for a, b in zip(cpu["supervisor"], cpu["helper and replaced agent"],
+                                                            strict=True)]))),
+        ("by hand: the script and everything it ran (the old agent not included)", fmt_s(median(cpu["script"]))),
+    ]), "")
     s.add("<details><summary>update-by-hand.sh</summary>", "", "```bash", BY_HAND.strip(), "```", "", "</details>")
     s.summary = [SummaryRow("agent update", f"{size_mib:.0f} MiB package, push to final status", fmt_s(m_ours),
                             f"shell script {fmt_s(m_hand)}", f"{fmt_x(ratio)}" + (" faster" if ratio >= 1 else ""),
                             "at most 1.5x the script's time", yes_no(m_ours <= 1.5 * m_hand))]
     return s
 
+
+def _helpers(pid: int) -> list[int]:
+    """The supervisor's helper children still there, or any child exited and not yet reaped (a zombie)."""
+    found = []
+    for c in children(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{c}/cmdline", "rb") as f:
+            if b"helper" in f.read() or proc_state(c) == "Z":
+                found.append(c)
+    return found

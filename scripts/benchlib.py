@@ -136,6 +136,17 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def proc_cpu_split_s(pid: int) -> tuple[float, float]:
+    """User plus system CPU seconds of the process itself, and of the children it has reaped (helpers, old agents)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = [int(x) for x in f.read().rsplit(")", 1)[1].split()[11:15]]
+    return (fields[0] + fields[1]) / CLK_TCK, (fields[2] + fields[3]) / CLK_TCK
+
+
+def proc_cpu_with_children_s(pid: int) -> float:
+    return sum(proc_cpu_split_s(pid))
+
+
 def proc_cpu_ns(pid: int) -> int:
     """CPU nanoseconds of every live thread of the process (``/proc/PID/task/*/schedstat``): finer than ticks."""
     total = 0
