@@ -134,7 +134,18 @@ class Chaos:
     # ---- the world settles ----------------------------------------------------------------------------------
 
     def supervisors(self) -> list[psutil.Process]:
-        return [p for p in processes_with(str(self.sup.config_path)) if "run" in p.info["cmdline"]]
+        """Supervisor processes; not a supervisor's child between its vfork and its exec (an agent or a helper
+        being spawned), which shows its parent's command line while the parent waits in disk sleep."""
+        found = [p for p in processes_with(str(self.sup.config_path)) if "run" in p.info["cmdline"]]
+        pids = {p.pid for p in found}
+        out = []
+        for p in found:
+            try:
+                if p.ppid() not in pids:
+                    out.append(p)
+            except psutil.Error:
+                continue
+        return out
 
     def ensure_supervisor(self, deadline: float) -> None:
         """What systemd's Restart= would do: start the supervisor when none has been running for a while."""
