@@ -484,6 +484,8 @@ def _validate_grpc(g: GrpcConfig, host_checks: bool = True) -> None:
 
 def _validate_trusted_keys(keys: tuple[Path, ...]) -> None:
     """Every key file is a readable minisign public key now, not at the first update."""
+    if not keys:
+        return  # baton.signing is not imported for nothing: it would stay resident in the supervisor
     from baton.signing import KeyFormatError, load_public_key
 
     for i, path in enumerate(keys):

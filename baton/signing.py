@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
 import os
 import re
 import struct
@@ -39,6 +37,8 @@ if TYPE_CHECKING:
 
 # cryptography (about 7 MiB resident) is imported where a key is used, not here: the supervisor imports this
 # module only to check a signature's syntax at update admission, and keeps every byte it does not need off its RSS.
+# hashlib and hmac too (OpenSSL's digests, about 0.6 MiB): the supervisor also imports this module to check that
+# its trusted key files parse, at every start.
 
 SIGALG = b"Ed"
 SIGALG_HASHED = b"ED"
@@ -334,6 +334,8 @@ def format_public_key(pk: PublicKey) -> str:
 
 
 def _secret_checksum(key_id: bytes, sk: bytes) -> bytes:
+    import hashlib
+
     return hashlib.blake2b(SIGALG + key_id + sk, digest_size=32).digest()
 
 
@@ -389,6 +391,8 @@ def _decrypt_keynum_sk(encrypted: bytes, password: str, salt: bytes, opslimit: i
         raise SecretKeyError(
             f"the secret key's scrypt parameters need {maxmem >> 20} MiB, more than this tool supports"
         )
+    import hashlib
+
     try:
         stream = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=maxmem, dklen=len(encrypted))
     except (ValueError, MemoryError) as e:
@@ -423,6 +427,8 @@ def parse_secret_key(text: str, password: str | None = None) -> SecretKey:
         keynum_sk = _decrypt_keynum_sk(keynum_sk, password, salt, opslimit, memlimit)
     elif kdf_alg != KDF_NONE:
         raise KeyFormatError(f"unsupported key derivation function {kdf_alg!r}")
+    import hmac
+
     key_id, sk, chk = keynum_sk[:8], keynum_sk[8:72], keynum_sk[72:]
     expected = _secret_checksum(key_id, sk)
     # minisign -G -W leaves the checksum of an unencrypted key zero.
@@ -535,6 +541,8 @@ def sign_prehash(
 
 def sign_file(secret: SecretKey, path: Path | str, trusted_comment: str) -> str:
     """The ``.minisig`` text for the file at ``path`` (see :func:`sign_prehash`)."""
+    import hashlib
+
     with open(path, "rb") as f:
         digest = hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=64)).digest()
     return sign_prehash(secret, digest, trusted_comment)
@@ -553,6 +561,8 @@ def verify_signature(sig: Signature, blake2b512: bytes, trusted: Sequence[Public
         raise NoTrustedKeys()
     if sig.algorithm != SIGALG_HASHED:
         raise SignatureFormatError(f"unsupported signature algorithm {sig.algorithm!r} (expected 'ED')")
+    import hmac
+
     candidates = [k for k in trusted if hmac.compare_digest(k.key_id, sig.key_id)]
     if not candidates:
         raise UntrustedKey(sig.key_id_hex, [k.key_id_hex for k in trusted])

@@ -28,7 +28,6 @@ import itertools
 import json
 import os
 import re
-import secrets
 import socket
 import sys
 import time
@@ -78,7 +77,9 @@ class Callers:
     """Who is behind each backend connection the Front opened, by the abstract address it is bound to."""
 
     def __init__(self) -> None:
-        self._prefix = f"baton-front-{os.getpid()}-{secrets.token_hex(6)}-"
+        # os.urandom is what secrets.token_hex reads; importing secrets would keep hashlib and OpenSSL's digests
+        # resident in the supervisor (about 0.7 MiB) for these names alone.
+        self._prefix = f"baton-front-{os.getpid()}-{os.urandom(6).hex()}-"
         self._count = itertools.count()
         self._by_name: dict[str, Caller] = {}
 
@@ -89,7 +90,7 @@ class Callers:
         """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         for _ in range(3):  # abstract names are visible to every user, who may squat on the next one
-            label = peer_label(channel, f"{self._prefix}{next(self._count)}-{secrets.token_hex(4)}")
+            label = peer_label(channel, f"{self._prefix}{next(self._count)}-{os.urandom(4).hex()}")
             try:
                 sock.bind(label)
             except OSError:

@@ -83,9 +83,10 @@ def _socket_path(ns: argparse.Namespace) -> Path:
 
 def _ctl(fn: Any) -> Any:
     """Run an operator command: a CtlError is one line on stderr and exit 1."""
-    from supervisor.ctl import CtlError
 
     def run(ns: argparse.Namespace) -> int:
+        from supervisor.ctl import CtlError  # here, not when the parser is built: `run` would keep it resident
+
         try:
             return int(fn(ns))
         except CtlError as e:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
-import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from loguru import logger
 
@@ -409,6 +408,8 @@ def _child_pids() -> set[int]:
     """This process's children: /proc/self/task/*/children (each thread lists those it forked), which reads our
     own tasks only; psutil's ``children()`` reads every process of the host (milliseconds with 100 agents)."""
     if not os.path.exists(f"/proc/self/task/{os.getpid()}/children"):  # a kernel without CONFIG_PROC_CHILDREN
+        import psutil
+
         try:
             return {c.pid for c in psutil.Process().children()}
         except psutil.Error:

@@ -16,7 +16,6 @@ import json
 import os
 import pwd
 import socket
-import ssl
 import stat
 import time
 from collections.abc import Callable, Iterable
@@ -281,6 +280,8 @@ def check_manager(ctx: Context) -> list[Finding]:
                                                 "real Manager from an impostor",
                             "set manager.tls_ca (and tls_cert, tls_key, server_name): docs/manager.md")]
         name = m.server_name or host
+        import ssl  # here: `supervisor run` imports this module for its parser, and loads no ssl (__main__.py)
+
         try:
             tls = ssl.create_default_context(cafile=str(m.tls_ca))
             tls.set_alpn_protocols(["h2"])

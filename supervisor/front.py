@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import grp
 import os
-import secrets
 import socket
 import struct
 from collections.abc import Iterable
@@ -236,7 +235,7 @@ async def _open_labelled(backend: Path, channel: Channel) -> tuple[asyncio.Strea
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         s.setblocking(False)
-        s.bind(peer_label(channel, secrets.token_hex(8)))
+        s.bind(peer_label(channel, os.urandom(8).hex()))  # what secrets.token_hex reads, without hashlib's memory
         await asyncio.get_running_loop().sock_connect(s, str(backend))
     except BaseException:
         s.close()

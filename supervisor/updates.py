@@ -18,17 +18,13 @@ import os
 import shutil
 import subprocess
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import aiofiles
 import grpc
-import psutil
 from loguru import logger
 
 from baton import durable, reasons
-from baton.admission import REFUSAL_METADATA_KEY, Held, UnknownComponent, UpdateRefused, check_request
 from baton.config import SUPERVISOR_COMPONENT, Config
 from baton.errors import clip
 from baton.journal import (
@@ -64,6 +60,14 @@ async def _woken_or_poll(woken: asyncio.Event) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(woken.wait(), WATCH_POLL_S)
     woken.clear()
+
+
+async def _read(path: Path) -> bytes:
+    """A file's bytes, read off the event loop; aiofiles is imported at the first read, not at start."""
+    import aiofiles
+
+    async with aiofiles.open(path, "rb") as f:
+        return await f.read()
 
 
 def update_status(rec: UpdateRecord, progress: dict[str, object]) -> daemon_pb2.UpdateStatus:
@@ -149,6 +153,8 @@ class UpdateManager:
         """A helper that outlived the previous supervisor process (a self-update's) is watched, not doubled."""
         if not rec.helper_pid:
             return False
+        import psutil  # only for a journaled helper pid: not resident in a supervisor that never updates
+
         try:
             proc = psutil.Process(rec.helper_pid)
             alive = proc.status() != psutil.STATUS_ZOMBIE and rec.update_id in proc.cmdline()
@@ -167,6 +173,12 @@ class UpdateManager:
 
     async def push(self, req: daemon_pb2.UpdateRequest, context: grpc.aio.ServicerContext
                    ) -> daemon_pb2.UpdateAccepted:
+        # Imported when an update comes, not at start: admission brings the signature code and hashlib (about
+        # 1 MiB resident), which a supervisor that is never updated would carry for nothing.
+        import uuid
+
+        from baton.admission import REFUSAL_METADATA_KEY, Held, UnknownComponent, UpdateRefused, check_request
+
         running = self.active.get(req.component)
         if running is not None:
             running = await self._still_running(running)
@@ -223,17 +235,14 @@ class UpdateManager:
 
     async def _load(self, update_id: str) -> UpdateRecord | None:
         try:
-            path = self.journal.path(update_id)
-            async with aiofiles.open(path, "rb") as f:
-                data = await f.read()
+            data = await _read(self.journal.path(update_id))
             return UpdateRecord.from_json(json.loads(data))
         except (JournalError, OSError, ValueError, KeyError):
             return None
 
     async def _progress(self, update_id: str) -> dict[str, object]:
         try:
-            async with aiofiles.open(self.journal.progress_path(update_id), "rb") as f:
-                return dict(json.loads(await f.read()))
+            return dict(json.loads(await _read(self.journal.progress_path(update_id))))
         except (OSError, ValueError):
             return {}
 
@@ -276,6 +285,8 @@ class UpdateManager:
         """Wake the helper the journal names (it installs its handler before it journals its pid)."""
         if not rec.helper_pid:
             return  # not started yet: it reads the cancel file before its first step
+        import psutil  # only for a cancel: not resident in a supervisor that never updates
+
         try:
             proc = psutil.Process(rec.helper_pid)
             if proc.status() != psutil.STATUS_ZOMBIE and rec.update_id in proc.cmdline():

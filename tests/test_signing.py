@@ -10,6 +10,8 @@ import base64
 import hashlib
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -509,3 +511,15 @@ def test_manifest_naming_this_node_passes() -> None:
 def test_manifest_limited_to_nodes_is_refused_when_no_node_id_is_known() -> None:
     with pytest.raises(WrongNode, match="no node id"):
         check("component=web version=1.2.0 nodes=n1", node=None)
+
+
+def test_checking_a_trusted_key_file_loads_neither_hashlib_nor_cryptography(tmp_path: Path) -> None:
+    """The supervisor checks its trusted key files at every start: what only signing and verifying need (OpenSSL's
+    digests, cryptography) must not be loaded for that, or it stays resident in every supervisor."""
+    _, pk = generate_keypair()
+    key = tmp_path / "trusted.pub"
+    key.write_text(format_public_key(pk))
+    code = ("import sys; from baton.signing import load_public_key; load_public_key(sys.argv[1]); "
+            "print(' '.join(m for m in ('hashlib', 'hmac', '_hashlib', 'cryptography') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(key)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

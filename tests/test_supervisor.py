@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import psutil
 import pytest
 
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
+from supervisor.agents import parent_pid, process_start_time
 from tests.conftest import agent, agent_processes, wait_for
 
 RUNNING = common_pb2.AGENT_STATE_RUNNING
@@ -274,3 +276,28 @@ def test_agents_survive_a_killed_supervisor_and_are_adopted_by_the_next_one(make
     log = sup.log_of("web")
     before = log.read_text().count("tick")
     wait_for(lambda: log.read_text().count("tick") > before + 2, what="output of the adopted agent")
+
+
+def test_an_agents_start_time_and_parent_are_the_ones_psutil_reports():
+    """The agent table's start_time is compared by other supervisor versions (after a handover or a restart),
+    which computed it with psutil: read from /proc, it must be the very same number."""
+    child = subprocess.Popen(["/bin/sleep", "30"])
+    try:
+        assert process_start_time(child.pid) == psutil.Process(child.pid).create_time()
+        assert parent_pid(child.pid) == os.getpid() == psutil.Process(child.pid).ppid()
+    finally:
+        child.kill()
+        child.wait()
+    assert process_start_time(child.pid) is None and parent_pid(child.pid) is None
+
+
+def test_a_running_supervisor_has_not_loaded_what_it_needs_only_now_and_then(make_supervisor):
+    """Extension modules map into the process for good (issue 13, memory): psutil (adoption, an update's helper),
+    uuid and hashlib (update admission), cryptography (signatures) wait until they are needed, and OpenSSL through
+    Python's ssl is never needed, the daemon's TLS being gRPC's own (supervisor/__main__.py)."""
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
+    sup.wait_agent("web", "running")
+    sup.status()
+    maps = Path(f"/proc/{sup.proc.pid}/maps").read_text()
+    for lib in ("_psutil_linux", "_hashlib", "_uuid", "cryptography", "/_ssl.", "libssl.so"):
+        assert lib not in maps, f"{lib} is loaded"
