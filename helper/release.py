@@ -47,7 +47,7 @@ MANIFEST_NAME = "RELEASE.json"
 MANIFEST_FORMAT = 1
 PACKAGES = ("baton", "supervisor", "helper")
 ENTRY_POINTS = {
-    "supervisor": "supervisor.cli",
+    "supervisor": "supervisor.entry",
     "helper": "helper.cli",
     "baton-package": "helper.package_tool",
 }

@@ -190,6 +190,13 @@ def running_release(host: SupervisorProc, releases: Releases) -> Iterator[Superv
     stop_everything_of(host)
 
 
+def test_a_supervisor_started_by_a_release_launcher_maps_no_openssl(running_release: SupervisorProc) -> None:
+    """The release's bin/supervisor goes through supervisor/entry.py like `python -m supervisor` (issue 13, memory)."""
+    assert running_release.proc is not None
+    maps = Path(f"/proc/{running_release.proc.pid}/maps").read_text()
+    assert "libssl.so" not in maps and "/_ssl." not in maps
+
+
 def _push(host: SupervisorProc, release: Release, tarball: Path, version: str) -> Any:
     """Push a signed release as a self-update; returns its final UpdateStatus."""
     from baton.pb import daemon_pb2

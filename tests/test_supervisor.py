@@ -294,7 +294,7 @@ def test_an_agents_start_time_and_parent_are_the_ones_psutil_reports():
 def test_a_running_supervisor_has_not_loaded_what_it_needs_only_now_and_then(make_supervisor):
     """Extension modules map into the process for good (issue 13, memory): psutil (adoption, an update's helper),
     uuid and hashlib (update admission), cryptography (signatures) wait until they are needed, and OpenSSL through
-    Python's ssl is never needed, the daemon's TLS being gRPC's own (supervisor/__main__.py)."""
+    Python's ssl is never needed, the daemon's TLS being gRPC's own (supervisor/entry.py)."""
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
     sup.wait_agent("web", "running")
     sup.status()
