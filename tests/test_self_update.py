@@ -121,6 +121,59 @@ def test_during_a_self_update_the_helper_answers_status_and_changes_wait_for_the
     assert agents_of(host) == before
 
 
+class CallProbe(threading.Thread):
+    """GetStatus over and over on a supervisor's public address, counting answers and failures by code.
+
+    ``fresh``: a new channel (a new connection) for each call, as a CLI does; otherwise one channel kept for
+    every call, as a long-lived client does (its connection is the old process's until it is told GOAWAY).
+    """
+
+    def __init__(self, target: str, fresh: bool) -> None:
+        super().__init__(daemon=True)
+        self.target = target
+        self.fresh = fresh
+        self.answered = 0
+        self.failed: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        kept = grpc.insecure_channel(self.target, options=StatusPoller.OPTIONS)
+        try:
+            while not self.stop.is_set():
+                ch = grpc.insecure_channel(self.target, options=StatusPoller.OPTIONS) if self.fresh else kept
+                try:
+                    daemon_pb2_grpc.DaemonServiceStub(ch).GetStatus(daemon_pb2.GetStatusRequest(), timeout=30,
+                                                                    wait_for_ready=True)
+                    self.answered += 1
+                except grpc.RpcError as e:
+                    self.failed.append(f"{e.code().name}: {e.details()}")
+                finally:
+                    if self.fresh:
+                        ch.close()
+        finally:
+            kept.close()
+
+
+def test_no_status_call_fails_across_self_updates(make_self_host):
+    """Calls on connections the old process (or the helper) accepted are answered before its server stops."""
+    host = make_self_host()
+    targets = [host.sup.cfg["grpc"]["listen"][0], f"unix:{host.sup.socket}"]
+    probes = [CallProbe(t, fresh) for t in targets for fresh in (True, True, False)]
+    for p in probes:
+        p.start()
+    try:
+        for v in ("1.1.0", "1.2.0"):
+            st = host.wait_final(host.push(host.supervisor_package(v)), timeout=90)
+            assert st.state == COMMITTED, st.error
+    finally:
+        for p in probes:
+            p.stop.set()
+        for p in probes:
+            p.join(60)
+    assert [f for p in probes for f in p.failed] == []
+    assert all(p.answered > 0 for p in probes)
+
+
 def test_two_self_updates_in_a_row(make_self_host):
     host = make_self_host(tcp=False)
     before = agents_of(host)
