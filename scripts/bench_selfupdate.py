@@ -321,8 +321,9 @@ def run(ctx: Ctx) -> Section:
           + f" ({fmt_s(w_upd)} against {fmt_s(w_ss)}). The stop + start time "
           "grows with the agents' stop and start times (up to each agent's `stop_timeout_s`); the self-update "
           "window does not depend on the agents.",
-          "- The self-update's own duration includes the old process's in-flight grace after STATE "
-          "(`INFLIGHT_GRACE_S` in `supervisor/handover.py`), which runs to its end while a stream is open, such as "
+          "- The self-update's own duration includes the old process's drain after STATE (it answers on the "
+          "connections it accepted until they close, `DRAIN_S` in `supervisor/front.py` at most, then "
+          "`INFLIGHT_GRACE_S` in `supervisor/handover.py`), which runs to its end while a stream is open, such as "
           "the `WatchUpdate` that follows this very update; the helper answers meanwhile, so it is not in the "
           "window.")
     s.summary = [
