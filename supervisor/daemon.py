@@ -123,7 +123,7 @@ class Supervisor:
         self.pm = ProcessManager(cfg, self._agent_changed)
         self.updates = UpdateManager(cfg)
         self._credentials = server_credentials(cfg.grpc)  # None: the TCP backend port is insecure
-        self.gate = handover.ChangesGate()
+        self.gate = handover.HandoverGate()
         self.server = self._grpc_server()
         self.front = Front(self.backend_path,
                            UnixPeerPolicy(cfg.grpc.unix_socket_group, cfg.grpc.allow_downgrade_uids),
@@ -156,7 +156,7 @@ class Supervisor:
         g = self.cfg.grpc
         interceptors: list[grpc.aio.ServerInterceptor] = [
             AuditInterceptor(self.audit),  # first: sees refusals too
-            self.gate,  # during a handover: changes wait for the next process
+            self.gate,  # during a handover: changes wait for the next process, watches end
             AuthzInterceptor(Policy(g.allowed_clients, g.allow_downgrade_clients)),
         ]
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *SERVER_OPTIONS], interceptors=interceptors)

@@ -9,6 +9,7 @@ import time
 
 import grpc
 import psutil
+import pytest
 
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
 from tests.conftest import agent_processes, wait_for
@@ -174,6 +175,23 @@ def test_no_status_call_fails_across_self_updates(make_self_host):
     assert all(p.answered > 0 for p in probes)
 
 
+def test_a_watch_open_at_a_self_update_ends_at_the_handover_unavailable_saying_why(make_self_host):
+    """The old process ends its watches when it hands over (a retryable code, not a cut at its exec)."""
+    host = make_self_host(tcp=False)
+    name = next(iter(agents_of(host)))
+    with grpc.insecure_channel(f"unix:{host.sup.socket}") as ch:
+        watch = daemon_pb2_grpc.DaemonServiceStub(ch).WatchAgent(daemon_pb2.AgentRef(name=name), timeout=90)
+        assert next(watch).name == name
+        uid = host.push(host.supervisor_package("1.1.0"))
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in watch:
+                pass
+        st = host.wait_final(uid, timeout=90)
+    assert st.state == COMMITTED, st.error
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "self-update" in (ended.value.details() or "")
+
+
 def test_two_self_updates_in_a_row(make_self_host):
     host = make_self_host(tcp=False)
     before = agents_of(host)
@@ -335,9 +353,6 @@ def _crash_host(make_self_host, tmp_path, env_var: str, step: str):
                           update={"handshake_timeout_s": 15.0})
     host.sup.cfg["manager"] = {"address": f"127.0.0.1:{port}", "retry_initial_s": 0.1, "retry_max_s": 0.5}
     return host, mgr, server, crash
-
-
-import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("step", HELPER_STEPS)
