@@ -40,6 +40,9 @@ MIN_PROTOCOL_VERSION = 1
 # the others are named by their config address. Helpers talk to the supervisor on it.
 CONTROL_LISTENER = "control"
 MAX_MESSAGE_BYTES = 1 << 20
+# What a client is told (UNAVAILABLE, which gRPC clients retry) when it asks for a change during a self-update:
+# by the old process after it handed over, and by the helper's bridge (helper/bridge.py).
+BETWEEN = "the supervisor is being replaced (self-update); retry in a moment"
 MAX_FDS = 250
 
 

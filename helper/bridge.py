@@ -12,7 +12,9 @@ health says the host is up ("" SERVING) but the DaemonService is not taking chan
 The bridge holds nothing a crash could lose: its sockets are duplicates of descriptors the helper
 holds anyway, and its answers come from memory. A bridge that cannot start is logged and skipped;
 clients then wait in the backlog as before. Before the sockets go to the next process it stops
-accepting and lets the calls in flight finish (``STOP_GRACE_S``), so no call is cut.
+accepting; after, it answers on the connections it accepted until their clients close them
+(``supervisor.front.Front.drain``), and only then stops its gRPC server: a call that reaches a stopping
+gRPC server is CANCELLED, which no client retries.
 """
 
 from __future__ import annotations
@@ -37,10 +39,13 @@ from baton.pb import common_pb2, daemon_pb2
 from helper.log import logger, route_loguru
 
 SERVICE_NAME = "baton.v1.DaemonService"
-STOP_GRACE_S = 1.0  # calls in flight when the sockets go on: answered, not cut (they take milliseconds)
+STOP_GRACE_S = 1.0  # after the drain: a call still open (a health watch) ends
+# A bridge lives for a second or so: every connection to it is told GOAWAY (gRPC's graceful one: a call that
+# crosses it is still answered) once idle 0.1 s or 0.2 s old, so that its drain (Front.drain) is short.
+SERVER_OPTIONS = [("grpc.max_connection_idle_ms", 100), ("grpc.max_connection_age_ms", 200)]
+DRAIN_S = 0.5
 START_TIMEOUT_S = 5.0
 MAX_UNIX_PATH = 107  # sun_path less its terminating NUL
-BETWEEN = "the supervisor is being replaced (self-update); retry in a moment"
 
 
 def _agent_state(name: str) -> common_pb2.AgentState.ValueType:
@@ -92,7 +97,7 @@ class _ReadOnly(grpc.GenericRpcHandler):
 
 
 def _unavailable(request: Any, context: grpc.ServicerContext) -> None:
-    context.abort(grpc.StatusCode.UNAVAILABLE, BETWEEN)
+    context.abort(grpc.StatusCode.UNAVAILABLE, wire.BETWEEN)
 
 
 class Bridge:
@@ -128,7 +133,7 @@ class Bridge:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         server = grpc.server(ThreadPoolExecutor(max_workers=4, thread_name_prefix="bridge"),
-                             handlers=[_ReadOnly(lambda: self._status)])
+                             handlers=[_ReadOnly(lambda: self._status)], options=SERVER_OPTIONS)
         checks = health.HealthServicer()
         checks.set("", health_pb2.HealthCheckResponse.SERVING)
         checks.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -163,12 +168,24 @@ class Bridge:
         logger.info("handover {}: answering read-only calls on {} until the next supervisor takes over",
                     self.update_id, ", ".join(k for k, _ in listening))
 
-    def stop(self) -> None:
-        """Stop accepting, answer what is in flight, and let go of every socket (the caller's stay open)."""
+    def stop_accepting(self) -> None:
+        """Accept no more connections: the listening sockets may go to the next process (see :meth:`stop`)."""
         loop, front = self._loop, self._front
         if loop is not None and front is not None:
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(front.stop_accepting(), loop).result(START_TIMEOUT_S)
+
+    def stop(self) -> None:
+        """Stop accepting, answer on the connections accepted until they close (``DRAIN_S`` at most), and let
+        go of every socket (the caller's stay open). Once it has stopped accepting, the next process may
+        accept meanwhile: the drain is then out of the clients' window."""
+        self.stop_accepting()
+        loop, front = self._loop, self._front
+        if loop is not None and front is not None:
+            with contextlib.suppress(Exception):
+                left = asyncio.run_coroutine_threadsafe(front.drain(DRAIN_S), loop).result(DRAIN_S + START_TIMEOUT_S)
+                if left:
+                    logger.info("handover {}: {} connections with a call open after the drain", self.update_id, left)
         if self._server is not None:
             self._server.stop(grace=STOP_GRACE_S).wait(STOP_GRACE_S + 1.0)
             self._server = None

@@ -270,7 +270,8 @@ class HandoverSession:
             self._refuse(conn, reason)
             raise wire.HandoverRefused(reason)
         faults.crash_point("handover-hello")
-        self._close_bridge()
+        if self.bridge is not None:
+            self.bridge.stop_accepting()  # the sockets go on; the bridge answers what it accepted (below)
         if self.state is None:
             self._state_from_disk()
         assert self.state is not None
@@ -279,6 +280,7 @@ class HandoverSession:
         wire.send(conn, wire.State(agents=self.state.agents, fds=tuple(d for d, _ in kept),
                                    supervisor_version=self.state.supervisor_version, negotiated=protocol),
                   [fd for _, fd in kept])
+        self._close_bridge()  # while the new process accepts: not in the clients' window
         frame, extra = wire.recv(conn, max(0.01, deadline - time.monotonic()), "health report")
         wire.close_fds(extra)
         if isinstance(frame.message, wire.Unhealthy):

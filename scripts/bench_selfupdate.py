@@ -302,16 +302,17 @@ def run(ctx: Ctx) -> Section:
     ]), "")
     s.add("- During a self-update the old supervisor stops accepting and hands its listening sockets and agent "
           "table to the helper, which answers the read-only calls (`GetStatus`, `ListAgents`) on those same sockets "
-          "from that table (`helper/bridge.py`) while the old process finishes its calls in flight and execs the "
-          "new version in the same pid, and the new version starts its interpreter and imports; at the new "
-          "version's HELLO the helper stops accepting, answers what is in flight, and hands the sockets on. "
+          "from that table (`helper/bridge.py`) while the old process answers on the connections it had accepted "
+          "until they close and execs the new version in the same pid, and the new version starts its "
+          "interpreter and imports; at the new version's HELLO the helper stops accepting, hands the sockets on, "
+          "and answers on its own accepted connections until they close. "
           "Connections are never refused and no agent is touched. A stop + start closes the port (connections "
           "are refused) and stops and starts every agent.",
           f"- What is left of the window is two hand-overs of the sockets: {fmt_s(median(upd['old_side']))} from "
           "the old process's last answer to the helper's first (PREPARE: stop accepting, stop the Manager client, "
           "release the agents, persist the table, send STATE with the descriptors; the helper's gRPC ports are "
           f"bound before PREPARE) and {fmt_s(median(upd['new_side']))} from the helper's last answer to the new "
-          "process's first (the helper's stop with its in-flight grace, STATE to the new process, its gRPC "
+          "process's first (the helper stops accepting, STATE to the new process, its gRPC "
           "server start and its front on the inherited sockets). The interpreter start and imports "
           f"({fmt_s(median(upd['bridge_span']))} of helper answers in between) no longer count.",
           f"- {'Where we lose: ' if not ok_window else ''}a stop + start here costs "
@@ -321,10 +322,11 @@ def run(ctx: Ctx) -> Section:
           + f" ({fmt_s(w_upd)} against {fmt_s(w_ss)}). The stop + start time "
           "grows with the agents' stop and start times (up to each agent's `stop_timeout_s`); the self-update "
           "window does not depend on the agents.",
-          "- The self-update's own duration includes the old process's in-flight grace after STATE "
-          "(`INFLIGHT_GRACE_S` in `supervisor/handover.py`), which runs to its end while a stream is open, such as "
-          "the `WatchUpdate` that follows this very update; the helper answers meanwhile, so it is not in the "
-          "window.")
+          "- The self-update's own duration includes the old process's drain after STATE: it answers on the "
+          "connections it accepted until their clients close them (`DRAIN_S` in `supervisor/front.py` at most; "
+          "the `WatchUpdate` that follows this very update is ended at the handover, UNAVAILABLE, and "
+          "re-attached), so that no call meets a stopping server; the helper answers meanwhile, so it is not in "
+          "the window.")
     s.summary = [
         SummaryRow("self-update", "control-plane window", fmt_s(w_upd), f"stop + start {fmt_s(w_ss)}",
                    f"{fmt_x(w_ss / w_upd)} " + ("shorter" if w_ss > w_upd else "(longer)"), "≤ 0.25x of stop + start",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections import Counter
@@ -363,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    if ns.fn is not cmd_run:
+        # A client command: gRPC logs each GOAWAY it receives at INFO, and the supervisor sends one to a kept
+        # connection when it is idle or old (supervisor/front.py), which a `--watch` would print every poll.
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     return int(ns.fn(ns))
 
 

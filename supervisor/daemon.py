@@ -37,7 +37,7 @@ from supervisor import handover, systemd
 from supervisor.agents import AgentSnapshot, ProcessManager, ReloadResult, same_process
 from supervisor.audit import AuditInterceptor, AuditTrail, Callers
 from supervisor.daemon_service import DaemonService, agent_info
-from supervisor.front import Front, UnixPeerPolicy, bind_tcp, bind_unix
+from supervisor.front import SERVER_OPTIONS, Front, UnixPeerPolicy, bind_tcp, bind_unix
 from supervisor.handover import ReceivedState
 from supervisor.manager_client import ManagerClient
 from supervisor.outbox import ResultOutbox
@@ -122,11 +122,12 @@ class Supervisor:
         self.pm = ProcessManager(cfg, self._agent_changed)
         self.updates = UpdateManager(cfg)
         self._credentials = server_credentials(cfg.grpc)  # None: the TCP backend port is insecure
+        self.gate = handover.HandoverGate()
         self.server = self._grpc_server()
         self.front = Front(self.backend_path,
                            UnixPeerPolicy(cfg.grpc.unix_socket_group, cfg.grpc.allow_downgrade_uids),
                            local_backend=self.local_backend_path, audit=self.audit)
-        self.endpoint = handover.HandoverEndpoint(cfg, self.version, self.pm, self.front, self.server,
+        self.endpoint = handover.HandoverEndpoint(cfg, self.version, self.pm, self.front, self.server, self.gate,
                                                   self._stop_control_plane, self._stop)
         self.manager = ManagerClient(
             cfg.manager, cfg.node.id, self.version, self.started_at,
@@ -154,9 +155,10 @@ class Supervisor:
         g = self.cfg.grpc
         interceptors: list[grpc.aio.ServerInterceptor] = [
             AuditInterceptor(self.audit),  # first: sees refusals too
+            self.gate,  # during a handover: changes wait for the next process, watches end
             AuthzInterceptor(Policy(g.allowed_clients, g.allow_downgrade_clients)),
         ]
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *SERVER_OPTIONS], interceptors=interceptors)
         daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
             DaemonService(self.cfg.node.id, self.version, self.started_at, self.pm, self.updates,
                           manager_connected=self, reload=self.reload, state_dir=self.cfg.node.state_dir),

@@ -30,6 +30,17 @@ if TYPE_CHECKING:
 
 BACKLOG = 512
 SPLICE_CHUNK = 256 * 1024
+# A connection a Front accepted stays with the gRPC server behind it until the client closes it, and a call
+# that reaches a gRPC server after its stop() began is CANCELLED (not retried). So a server behind a Front
+# tells each connection GOAWAY once it is idle IDLE_GOAWAY_S or MAX_AGE_S old (gRPC's graceful GOAWAY: a call
+# that crosses it is still answered, the client sends later ones on a new connection; a call in progress,
+# such as a watch, carries on), and is stopped only after drain(): by then every connection it still has
+# was told GOAWAY and carries no new call.
+IDLE_GOAWAY_S = 0.5
+MAX_AGE_S = 1.0
+DRAIN_S = 1.5  # the longest drain: longer than MAX_AGE_S, so the GOAWAYs have been sent by its end
+SERVER_OPTIONS = [("grpc.max_connection_idle_ms", int(IDLE_GOAWAY_S * 1000)),
+                  ("grpc.max_connection_age_ms", int(MAX_AGE_S * 1000))]  # the supervisor's gRPC server
 
 
 class ListenError(BatonError):
@@ -228,6 +239,20 @@ class Front:
         out = list(self.sockets.items())
         self.sockets.clear()
         return out
+
+    async def drain(self, timeout_s: float = DRAIN_S) -> int:
+        """Wait until every accepted connection has been closed, at most ``timeout_s``; returns how many are left.
+
+        Call it after :meth:`stop_accepting` and before stopping the gRPC server behind: a client whose
+        connection was accepted here may still send a call on it, and a call that reaches a gRPC server after
+        its ``stop()`` began is CANCELLED, which clients do not retry; while the server runs, that call is
+        answered. Clients with a fresh channel per call close at once; a kept channel is told GOAWAY (idle or
+        old, see ``SERVER_OPTIONS``) and closes. What is left at the end has a call open (a watch), on a
+        connection told GOAWAY: the server's stop grace ends that call, and no new one can arrive.
+        """
+        if self._conns:
+            await asyncio.wait(set(self._conns), timeout=timeout_s)
+        return len(self._conns)
 
 
 async def _open_labelled(backend: Path, channel: Channel) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

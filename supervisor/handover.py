@@ -19,9 +19,10 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from loguru import logger
@@ -33,15 +34,17 @@ from baton.config import Config
 from baton.layout import START_LOG_ENV, START_LOG_NAME
 from supervisor import systemd
 from supervisor.agents import ProcessManager
+from supervisor.authz import READ_ONLY_METHODS
 from supervisor.front import Front
 from supervisor.install_self import launcher, running_from_layout
 
 STATE_TIMEOUT_S = 30.0
 EXEC_CONFIRM_TIMEOUT_S = 10.0
 COMMIT_TIMEOUT_S = 30.0
-INFLIGHT_GRACE_S = 0.25  # after STATE: the calls in flight finish while the helper answers new ones
+INFLIGHT_GRACE_S = 0.25  # after the drain: what is still open (a watch) ends, then the exec
 HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # blocked across the exec: none lost or fatal
 PENDING_STOP_ENV = "BATON_PENDING_STOP"
+DAEMON_SERVICE = "/baton.v1.DaemonService/"
 
 
 @dataclass
@@ -170,6 +173,74 @@ def exec_current(cfg: Config, stop_requested: bool) -> None:
     os.execve(exe, [exe, "run", "--config", str(cfg.source)], env)
 
 
+class HandoverGate(grpc.aio.ServerInterceptor):
+    """Once closed (at quiesce): every call but the read-only ones is UNAVAILABLE, as the bridge answers, and
+    the watches open end UNAVAILABLE too (clients retry it, and reach the next process).
+
+    After it hands over, the old process still answers on the connections it accepted before, until their
+    clients close them (``Front.drain``): reads as before, but a change (a push, a stop) must wait for the
+    next process, because this one has let go of its agents and its helpers; and a watch left open would
+    hold its connection, and so the exec, until the drain's limit.
+    """
+
+    def __init__(self) -> None:
+        self._closed = asyncio.Event()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def close(self) -> None:
+        self._closed.set()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        if self.closed and method not in READ_ONLY_METHODS:
+            return grpc.unary_unary_rpc_method_handler(_between)
+        handler: Any = await continuation(handler_call_details)  # grpc-stubs types the synchronous handlers
+        if handler is None or handler.unary_stream is None or not method.startswith(DAEMON_SERVICE):
+            return handler
+        return grpc.unary_stream_rpc_method_handler(
+            self._until_closed(handler.unary_stream), request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+    def _until_closed(self, inner: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+                      ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            items = aiter(inner(request, context))
+            closing = asyncio.ensure_future(self._closed.wait())
+            step: asyncio.Future[Any] | None = None
+            try:
+                while True:
+                    step = asyncio.ensure_future(anext(items))
+                    await asyncio.wait((step, closing), return_when=asyncio.FIRST_COMPLETED)
+                    if not step.done():
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, wire.BETWEEN)
+                    try:
+                        item = step.result()
+                    except StopAsyncIteration:
+                        return
+                    yield item
+            finally:
+                closing.cancel()
+                if step is not None and not step.done():
+                    step.cancel()  # the watch's own cleanup runs (its finally)
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await step
+                with contextlib.suppress(Exception):
+                    await items.aclose()  # type: ignore[attr-defined]
+
+        return stream
+
+
+async def _between(request: Any, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAVAILABLE, wire.BETWEEN)
+
+
 class HandoverEndpoint:
     """Listens on ``<run_dir>/handover.sock`` for a helper's PREPARE; gives the supervisor's state away and execs.
 
@@ -178,8 +249,10 @@ class HandoverEndpoint:
     """
 
     def __init__(self, cfg: Config, version: str, pm: ProcessManager, front: Front, server: grpc.aio.Server,
-                 stop_control_plane: Callable[[], Awaitable[None]], stop_requested: asyncio.Event) -> None:
+                 gate: HandoverGate, stop_control_plane: Callable[[], Awaitable[None]],
+                 stop_requested: asyncio.Event) -> None:
         self.cfg = cfg
+        self.gate = gate
         self.version = version
         self.pm = pm
         self.front = front
@@ -243,8 +316,11 @@ class HandoverEndpoint:
             faults.crash_point("handover-quiesced", faults.SUPERVISOR)
             wire.send(conn, state, fds)
             faults.crash_point("handover-state-sent", faults.SUPERVISOR)
-            # The helper accepts on the sockets from here (helper/bridge.py): calls already in flight
-            # here are answered, not cut by the exec; a stream still open at the grace is.
+            # The helper accepts on the sockets from here (helper/bridge.py). The connections we accepted before
+            # may still carry calls: the server answers them until they close (Front.drain), then stops.
+            left = await self.front.drain()
+            if left:
+                logger.info("handover: {} connections with a call open after the drain; ending them", left)
             await self.server.stop(grace=INFLIGHT_GRACE_S)
             reply, extra = await asyncio.to_thread(wire.recv, conn, EXEC_CONFIRM_TIMEOUT_S, "exec")
             wire.close_fds(extra)
@@ -263,6 +339,7 @@ class HandoverEndpoint:
         once the handover completes.
         """
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        self.gate.close()
         await self._stop_control_plane()
         await self.front.stop_accepting()
         self.close()

@@ -9,6 +9,7 @@ import time
 
 import grpc
 import psutil
+import pytest
 
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
 from tests.conftest import agent_processes, wait_for
@@ -119,6 +120,76 @@ def test_during_a_self_update_the_helper_answers_status_and_changes_wait_for_the
     assert poller.change == grpc.StatusCode.UNAVAILABLE, "a change is refused as retryable, not done"
     assert poller.answers[-1][0] == "1.1.0"
     assert agents_of(host) == before
+
+
+class CallProbe(threading.Thread):
+    """GetStatus over and over on a supervisor's public address, counting answers and failures by code.
+
+    ``fresh``: a new channel (a new connection) for each call, as a CLI does; otherwise one channel kept for
+    every call, as a long-lived client does (its connection is the old process's until it is told GOAWAY).
+    """
+
+    def __init__(self, target: str, fresh: bool) -> None:
+        super().__init__(daemon=True)
+        self.target = target
+        self.fresh = fresh
+        self.answered = 0
+        self.failed: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        kept = grpc.insecure_channel(self.target, options=StatusPoller.OPTIONS)
+        try:
+            while not self.stop.is_set():
+                ch = grpc.insecure_channel(self.target, options=StatusPoller.OPTIONS) if self.fresh else kept
+                try:
+                    daemon_pb2_grpc.DaemonServiceStub(ch).GetStatus(daemon_pb2.GetStatusRequest(), timeout=30,
+                                                                    wait_for_ready=True)
+                    self.answered += 1
+                except grpc.RpcError as e:
+                    self.failed.append(f"{e.code().name}: {e.details()}")
+                finally:
+                    if self.fresh:
+                        ch.close()
+        finally:
+            kept.close()
+
+
+def test_no_status_call_fails_across_self_updates(make_self_host):
+    """Calls on connections the old process (or the helper) accepted are answered before its server stops."""
+    host = make_self_host()
+    targets = [host.sup.cfg["grpc"]["listen"][0], f"unix:{host.sup.socket}"]
+    probes = [CallProbe(t, fresh) for t in targets for fresh in (True, True, False)]
+    for p in probes:
+        p.start()
+    try:
+        for v in ("1.1.0", "1.2.0"):
+            st = host.wait_final(host.push(host.supervisor_package(v)), timeout=90)
+            assert st.state == COMMITTED, st.error
+    finally:
+        for p in probes:
+            p.stop.set()
+        for p in probes:
+            p.join(60)
+    assert [f for p in probes for f in p.failed] == []
+    assert all(p.answered > 0 for p in probes)
+
+
+def test_a_watch_open_at_a_self_update_ends_at_the_handover_unavailable_saying_why(make_self_host):
+    """The old process ends its watches when it hands over (a retryable code, not a cut at its exec)."""
+    host = make_self_host(tcp=False)
+    name = next(iter(agents_of(host)))
+    with grpc.insecure_channel(f"unix:{host.sup.socket}") as ch:
+        watch = daemon_pb2_grpc.DaemonServiceStub(ch).WatchAgent(daemon_pb2.AgentRef(name=name), timeout=90)
+        assert next(watch).name == name
+        uid = host.push(host.supervisor_package("1.1.0"))
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in watch:
+                pass
+        st = host.wait_final(uid, timeout=90)
+    assert st.state == COMMITTED, st.error
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "self-update" in (ended.value.details() or "")
 
 
 def test_two_self_updates_in_a_row(make_self_host):
@@ -282,9 +353,6 @@ def _crash_host(make_self_host, tmp_path, env_var: str, step: str):
                           update={"handshake_timeout_s": 15.0})
     host.sup.cfg["manager"] = {"address": f"127.0.0.1:{port}", "retry_initial_s": 0.1, "retry_max_s": 0.5}
     return host, mgr, server, crash
-
-
-import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("step", HELPER_STEPS)
