@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import threading
 import time
@@ -155,8 +156,6 @@ def cmd_rollback(ns: argparse.Namespace) -> int:
 
 def _audit(cfg: Config, call: str, args: dict[str, str], started: float, outcome: str, message: str) -> None:
     """A manual command's own audit record (baton/audit.py); not being able to write it is said, not fatal."""
-    import os
-
     from baton.audit import AuditError, AuditLog, AuditRecord, Caller, operator_name
 
     rec = AuditRecord(time=started, caller=Caller(kind="helper", identity=operator_name(), uid=os.getuid(),
@@ -201,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # gRPC logs each GOAWAY at INFO, and the supervisor sends one to a connection when it is old
+    # (supervisor/front.py): a helper watching an agent through its health window would log it into helper.log.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     p = build_parser()
     ns = p.parse_args(argv)
     if ns.rollback is not None:
