@@ -56,8 +56,10 @@ class Log:
         """Replace the sinks. ``tag`` names the program in each line (``[helper 1234]``).
 
         ``file`` is opened without following a link and only if root (or our user) alone owns it; raises
-        UnsafePath otherwise, leaving the previous sinks in place.
+        UnsafePath otherwise, leaving the previous sinks in place. An unknown ``level`` raises ValueError.
         """
+        if level.upper() not in THRESHOLDS:
+            raise ValueError(f"unknown log level {level!r} (one of {', '.join(THRESHOLDS)})")
         new_file = None
         if file is not None:
             from baton.rotating_log import RotatingLog

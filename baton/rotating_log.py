@@ -67,7 +67,7 @@ class RotatingLog:
             self._fd = open_log(self.path)
         except (UnsafePath, OSError) as e:
             self._fd = -1  # output is dropped rather than written where someone else chose
-            logger.error("agent log {}: {}; the agent's output is discarded until restart", self.path, e)
+            logger.error("log {}: {}; what goes to it is discarded until restart", self.path, e)
 
     def tail(self, max_bytes: int = 4096) -> str:
         try:

@@ -41,6 +41,15 @@ def test_lines_below_the_level_are_not_written(log: Log) -> None:
     assert [line.split("] ")[1] for line in out.getvalue().splitlines()] == ["loud"]
 
 
+def test_an_unknown_level_is_refused_and_the_log_left_as_it_was(log: Log) -> None:
+    out = io.StringIO()
+    log.configure(stream=out)
+    with pytest.raises(ValueError, match="unknown log level 'LOUD'"):
+        log.configure(stream=io.StringIO(), level="LOUD")
+    log.info("still here")
+    assert out.getvalue().endswith("] still here\n")
+
+
 def test_a_json_line_has_the_text_and_the_record_fields_scripts_read(log: Log) -> None:
     out = io.StringIO()
     log.configure(stream=out, json=True)
