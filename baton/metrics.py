@@ -15,9 +15,10 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from loguru import logger
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.registry import Collector
+
+from baton.log import logger
 
 BIND_RETRY_S = 30.0
 BIND_RETRY_INTERVAL_S = 0.25

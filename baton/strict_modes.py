@@ -127,5 +127,5 @@ def open_log(path: Path | str, flags: int = os.O_WRONLY | os.O_CREAT | os.O_APPE
 
 
 def log_opener(path: str, flags: int) -> int:
-    """``opener`` for ``open()`` (and loguru's file sink): :func:`open_log` with the caller's flags."""
+    """``opener`` for ``open()``: :func:`open_log` with the caller's flags."""
     return open_log(path, flags)

@@ -35,8 +35,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from baton import handover as wire
 from baton.config import Config
 from baton.holds import Holds
+from baton.log import logger
 from baton.pb import common_pb2, daemon_pb2
-from helper.log import logger, route_loguru
 
 SERVICE_NAME = "baton.v1.DaemonService"
 STOP_GRACE_S = 1.0  # after the drain: a call still open (a health watch) ends
@@ -124,8 +124,6 @@ class Bridge:
 
     def prepare(self) -> None:
         from supervisor.tls import server_credentials
-
-        route_loguru()  # supervisor.front logs through loguru: into this helper's log, in its format
 
         for path in (self.tcp_backend, self.local_backend):
             if len(os.fsencode(path)) > MAX_UNIX_PATH:

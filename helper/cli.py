@@ -32,9 +32,9 @@ EXIT_BUSY = 75
 
 
 def _setup_logging(json: bool = False) -> None:
-    from helper.log import logger
+    from baton.log import logger
 
-    logger.configure(sys.stderr, json_lines=json)
+    logger.configure(json=json, tag="helper")
 
 
 def _load(path: str) -> Config:

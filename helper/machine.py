@@ -32,6 +32,7 @@ from baton.admission import check_request
 from baton.config import Config
 from baton.errors import MAX_QUOTED_CHARS, BatonError, clip
 from baton.journal import CANCEL_SIGNAL, CANCELLED, Journal, UpdateRecord
+from baton.log import logger
 from baton.marks import Marks
 from baton.reasons import FailureReason, classify, facts, message
 from baton.states import PRE_SWITCH
@@ -39,7 +40,6 @@ from baton.states import UpdateState as S
 from helper.control_errors import HealthCheckFailed, SupervisorUnavailable
 from helper.download import DownloadedFile, DownloadProgress, FileIdentity
 from helper.installer import Installer
-from helper.log import logger
 
 if TYPE_CHECKING:  # the gRPC client is loaded off the update's path (helper/cli.py)
     from helper.control import SupervisorControl

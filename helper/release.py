@@ -62,9 +62,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "lib"))
-try:
-    from {module} import main
-except BaseException:  # a broken dependency: say so where the helper that started us will look
+
+
+def broken():
+    """A broken dependency: say so where the helper that started us will look."""
     import traceback
 
     text = traceback.format_exc()
@@ -76,7 +77,17 @@ except BaseException:  # a broken dependency: say so where the helper that start
         except OSError:
             pass
     sys.exit(1)
-sys.exit(main())
+
+
+try:
+    from {module} import main
+except BaseException:
+    broken()
+try:
+    status = main()
+except ImportError:  # imported on first use (`supervisor run` imports gRPC only then): the same report
+    broken()
+sys.exit(status)
 '''
 _TARGET_PROBE = (
     "import sys, sysconfig; "

@@ -47,13 +47,13 @@ from baton.config import Config
 from baton.errors import BatonError
 from baton.journal import Journal, UpdateRecord
 from baton.layout import START_LOG_ENV, START_LOG_NAME, ComponentLayout
+from baton.log import logger
 from baton.pb import daemon_pb2, daemon_pb2_grpc
 from baton.reasons import FailureReason, classify, message
 from baton.states import CUSTODY_TRANSITIONS, Custody, check_move
 from baton.states import UpdateState as S
 from baton.strict_modes import log_opener
 from helper.bridge import Bridge
-from helper.log import logger
 from helper.machine import ControlFactory, UpdateRun
 from helper.recovery import switched_back
 

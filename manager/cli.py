@@ -23,9 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from loguru import logger
-
 from baton.errors import BatonError
+from baton.log import logger
 from baton.reasons import reason_name
 from manager.errors import ManagerError, PushRefused, UnknownNode
 from manager.packages import DEFAULT_MAX_DOWNLOADS
@@ -548,9 +547,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parser().parse_args(argv)
-    logger.remove()
-    logger.add(sys.stderr, level=os.environ.get("BATON_MANAGER_LOG_LEVEL", "INFO"),
-               format="{time:HH:mm:ss} {level: <7} {message}")
+    logger.configure(level=os.environ.get("BATON_MANAGER_LOG_LEVEL", "INFO"))
     try:
         return int(ns.func(ns))
     except PushRefused as e:

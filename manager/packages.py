@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from loguru import logger
+from baton.log import logger
 
 COPY_CHUNK = 256 * 1024
 DEFAULT_MAX_DOWNLOADS = 64  # package bodies sent at once (serve --max-downloads)

@@ -44,8 +44,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from loguru import logger
-
+from baton.log import logger
 from baton.states import UpdateState
 from manager.errors import NodeOffline, PushRefused, RolloutError
 from manager.publish import PackageRef

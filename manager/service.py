@@ -18,9 +18,9 @@ from concurrent import futures
 from typing import Any
 
 import grpc
-from loguru import logger
 
 from baton.identity import PeerIdentity, peer_identity
+from baton.log import logger
 from baton.pb import common_pb2, manager_pb2, manager_pb2_grpc
 from baton.reasons import reason_name
 from baton.states import UpdateState

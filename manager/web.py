@@ -41,8 +41,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from loguru import logger
-
+from baton.log import logger
 from manager.errors import ManagerError
 from manager.push import Operator
 from manager.rollout import download_bytes

@@ -286,7 +286,7 @@ def run(ctx: Ctx) -> Section:
         sec.add(f"- Where we lose: {', '.join(notes)}. Baton's supervisor's memory is almost all fixed cost, "
                 "measured by importing into a fresh interpreter: gRPC's native library (9 to 15 MiB, mostly its "
                 "code's resident pages, which vary with the page cache), the interpreter (11 MiB), asyncio (5 MiB; "
-                "the daemon hides Python's ssl from it, its TLS being gRPC's own), loguru (3 MiB), protobuf (3 MiB) "
+                "the daemon hides Python's ssl from it, its TLS being gRPC's own), protobuf (3 MiB) "
                 "and Baton's modules with the standard library they use (4 MiB); what is needed only now and then "
                 "(update admission, psutil, cryptography, metrics) is imported then. Per agent it is about 11 KiB "
                 "(a FIFO, a pidfd and a few objects); supervisord is a single-threaded select loop.")

@@ -266,7 +266,7 @@ def run(ctx: Ctx) -> Section:
     s.add(f"- Our three largest parts: {', '.join(f'{k} ({fmt_s(v)})' for v, k in slow)}. "
           "The helper is a fresh Python process per update (so a crash of it never touches the supervisor): its "
           "start-up is a fixed cost the shell script does not pay: the interpreter (about 20 ms), the update "
-          "machine's imports (about 40 ms: config, journal, download, archive; no gRPC and no loguru: the gRPC "
+          "machine's imports (about 40 ms: config, journal, download, archive; no gRPC: the gRPC "
           "client, another 30 ms or so, is imported on a thread while the download runs, `helper/cli.py`), the "
           "config file read and the request checked again. Every state change is written durably "
           "(fsync) before its work starts, so a killed helper can resume; the script keeps no record.",

@@ -31,14 +31,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from loguru import logger
-
 from baton.agent_table import AgentRecord, AgentTable
 from baton.config import AgentConfig, Config, signal_number
 from baton.errors import BatonError
 from baton.layout import ComponentLayout, version_of_dir
+from baton.log import logger
+from baton.rotating_log import RotatingLog
 from baton.states import AGENT_KEPT_STATES, AGENT_TRANSITIONS, AgentState, IllegalTransition, check_move
-from supervisor.agent_log import RotatingLog
 from supervisor.notify_socket import NotifySocket
 
 F_SETPIPE_SZ = 1031

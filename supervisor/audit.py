@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from loguru import logger
 
 from baton.audit import (
     OUTCOME_CANCELLED,
@@ -52,6 +51,7 @@ from baton.audit import (
     shorten,
 )
 from baton.identity import peer_identity
+from baton.log import logger
 from supervisor.authz import READ_ONLY_METHODS, Channel, peer_label
 
 REFUSED_CODES = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})

@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from loguru import logger
 
 from baton.agent_table import AgentRecord
 from baton.audit import AuditLog
 from baton.config import Config, load_config
 from baton.errors import BatonError
+from baton.log import logger
 from baton.pb import daemon_pb2_grpc
 from baton.states import AgentState
 from baton.strict_modes import make_dirs
@@ -426,7 +426,7 @@ def _child_pids() -> set[int]:
 def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """Unhandled errors in callbacks go to our log (one JSON line with --json), not to a bare traceback."""
     exc = context.get("exception")
-    logger.opt(exception=exc).error("event loop: {}", context.get("message", "unhandled error"))
+    logger.exception("event loop: {}", context.get("message", "unhandled error"), exc=exc)
 
 
 def run_supervisor(cfg: Config) -> int:

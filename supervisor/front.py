@@ -20,9 +20,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loguru import logger
-
 from baton.errors import BatonError
+from baton.log import logger
 from supervisor.authz import Channel, peer_label
 
 if TYPE_CHECKING:

@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from loguru import logger
 
 from baton import faults
 from baton import handover as wire
 from baton.agent_table import AgentRecord
 from baton.config import Config
 from baton.layout import START_LOG_ENV, START_LOG_NAME
+from baton.log import logger
 from supervisor import systemd
 from supervisor.agents import ProcessManager
 from supervisor.authz import READ_ONLY_METHODS
@@ -165,7 +165,6 @@ def exec_current(cfg: Config, stop_requested: bool) -> None:
     exe = str(launcher(cfg))
     systemd.notify("RELOADING=1\nSTATUS=handing over to the new version")
     logger.info("exec {}", exe)
-    logger.complete()
     env = dict(os.environ)
     env[START_LOG_ENV] = str(cfg.log_dir / START_LOG_NAME)  # where a release that cannot start says why
     if stop_requested:

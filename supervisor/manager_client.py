@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable, Mapping
 
 import grpc
-from loguru import logger
 
 from baton.config import ManagerConfig
+from baton.log import logger
 from baton.pb import common_pb2, manager_pb2, manager_pb2_grpc
 
 

@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 
 import grpc
-from loguru import logger
 
+from baton.log import logger
 from supervisor.manager_client import ManagerClient
 from supervisor.updates import UpdateManager, update_result
 

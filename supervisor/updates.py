@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
-from loguru import logger
 
 from baton import durable, reasons
 from baton.config import SUPERVISOR_COMPONENT, Config
@@ -37,6 +36,7 @@ from baton.journal import (
     valid_update_id,
 )
 from baton.layout import ComponentLayout
+from baton.log import logger
 from baton.pb import common_pb2, daemon_pb2
 from baton.states import PRE_SWITCH, UpdateState
 from baton.strict_modes import log_opener

@@ -230,8 +230,8 @@ def test_self_update_to_a_release_with_another_dependency_version_commits_with_a
     assert _agent_pids(host) == before
 
 
-def _break_loguru(root: Path) -> None:
-    shutil.rmtree(root / "lib" / "loguru")
+def _break_protobuf(root: Path) -> None:
+    shutil.rmtree(root / "lib" / "google" / "protobuf")
 
 
 def _break_grpc(root: Path) -> None:
@@ -242,9 +242,9 @@ def test_self_update_to_a_release_with_a_broken_dependency_rolls_back_quoting_it
         running_release: SupervisorProc, release: Release, releases: Releases) -> None:
     host = running_release
     before = _agent_pids(host)
-    st = _push(host, release, releases.derived("1.2.0", _break_loguru), "1.2.0")
+    st = _push(host, release, releases.derived("1.2.0", _break_protobuf), "1.2.0")
     assert not st.success and st.rolled_back
-    assert "ModuleNotFoundError: No module named 'loguru'" in st.last_log
+    assert "ModuleNotFoundError: No module named 'google.protobuf'" in st.last_log
     assert host.status().supervisor_version == "1.0.0"
     assert _agent_pids(host) == before
     assert os.readlink(host.base / "install" / "supervisor" / "current") == "versions/1.0.0"

@@ -1,9 +1,9 @@
-"""Per-agent log files with size-based rotation.
+"""Log files with size-based rotation: each agent's output, and the supervisor's own ``supervisor.log``.
 
-The supervisor drains each agent's output FIFO and appends it here; when the
-file would pass ``max_bytes`` it is rotated (``name.log`` -> ``name.log.1`` ...,
-keeping ``backups`` old files). Writes never block the agent: the FIFO is
-drained as fast as the event loop runs, and the disk write goes to page cache.
+The supervisor drains each agent's output FIFO and appends it here (and :mod:`baton.log` its own lines); when
+the file would pass ``max_bytes`` it is rotated (``name.log`` -> ``name.log.1`` ..., keeping ``backups`` old
+files). Writes never block the agent: the FIFO is drained as fast as the event loop runs, and the disk write
+goes to page cache. Files are opened like every log root writes (``baton/strict_modes.py``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from loguru import logger
-
+from baton.log import logger
 from baton.strict_modes import UnsafePath, open_log
 
 MAX_LINE_OVERSHOOT = 64 * 1024
@@ -68,7 +67,7 @@ class RotatingLog:
             self._fd = open_log(self.path)
         except (UnsafePath, OSError) as e:
             self._fd = -1  # output is dropped rather than written where someone else chose
-            logger.error("agent log {}: {}; the agent's output is discarded until restart", self.path, e)
+            logger.error("log {}: {}; what goes to it is discarded until restart", self.path, e)
 
     def tail(self, max_bytes: int = 4096) -> str:
         try:
