@@ -547,6 +547,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parser().parse_args(argv)
+    # gRPC logs each GOAWAY a client receives at INFO; supervisors send one to a connection when it is idle or
+    # old (supervisor/front.py), so a push or a rollout following its nodes would print one per poll.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     logger.configure(level=os.environ.get("BATON_MANAGER_LOG_LEVEL", "INFO"))
     try:
         return int(ns.func(ns))
