@@ -175,11 +175,11 @@ def run(ctx: Ctx) -> Section:
         uid = sup.stub.PushUpdate(pkg.request(), timeout=10).update_id
         final = follow_update(sup, uid, timeout=120)
         total = time.perf_counter() - t0
+        t_seen = time.time()
         wait_for(lambda: not _helpers(sup.proc.pid), 10, what="the helper to be reaped")
         own1, children1 = proc_cpu_split_s(sup.proc.pid)
         cpu["supervisor"].append(own1 - own0)
         cpu["helper and replaced agent"].append(children1 - children0)
-        t_seen = time.time()
         if not final.success:
             raise RuntimeError(f"update {uid} failed: {final.error}")
         ours.append(total)
