@@ -21,14 +21,16 @@ RUNNING = common_pb2.AGENT_STATE_RUNNING
 STARTING = common_pb2.AGENT_STATE_STARTING
 
 
-def test_watch_agent_streams_the_agent_now_then_its_readiness_then_heartbeats(make_supervisor):
-    sup = make_supervisor([agent("slow", "ready_agent.py", notify=True, env={"READY_DELAY": "1"})]).start()
+def test_watch_agent_streams_the_agent_now_then_its_readiness_then_heartbeats(make_supervisor, tmp_path):
+    go = tmp_path / "ready"
+    sup = make_supervisor([agent("slow", "ready_agent.py", notify=True, env={"READY_WHEN_FILE": str(go)})]).start()
     seen: list[tuple[int, float]] = []
     stream = sup.stub.WatchAgent(daemon_pb2.AgentRef(name="slow"), timeout=20)
     try:
         for info in stream:
             assert info.name == "slow"
             seen.append((info.state, time.monotonic()))
+            go.touch()  # the agent says READY=1 only after the stream has shown it as it is now
             if info.state == RUNNING and sum(1 for s, _ in seen if s == RUNNING) >= 3:
                 break
     finally:

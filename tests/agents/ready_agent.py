@@ -18,6 +18,9 @@ def on_term(signum, frame):
 signal.signal(signal.SIGTERM, on_term)
 print(f"ready_agent {os.environ.get('BATON_AGENT_NAME')} pid {os.getpid()} starting", flush=True)
 time.sleep(delay)
+ready_file = os.environ.get("READY_WHEN_FILE")  # READY only once a test has created this file
+while ready_file and not os.path.exists(ready_file) and not stop:
+    time.sleep(0.01)
 path = os.environ.get("NOTIFY_SOCKET")
 if path:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
