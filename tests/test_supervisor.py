@@ -34,10 +34,12 @@ def test_status_lists_every_configured_agent_running(make_supervisor):
     assert psutil.Process(web.pid).ppid() == sup.proc.pid
 
 
-def test_notify_agent_is_starting_until_it_sends_ready(make_supervisor):
-    sup = make_supervisor([agent("slow", "ready_agent.py", notify=True, env={"READY_DELAY": "2"})]).start()
-    a = sup.agent("slow")
-    assert a.state == common_pb2.AGENT_STATE_STARTING
+def test_notify_agent_is_starting_until_it_sends_ready(make_supervisor, tmp_path):
+    go = tmp_path / "ready"
+    sup = make_supervisor([agent("slow", "ready_agent.py", notify=True, env={"READY_WHEN_FILE": str(go)})]).start()
+    time.sleep(0.5)  # long past its spawn: still starting, however long that took
+    assert sup.agent("slow").state == common_pb2.AGENT_STATE_STARTING
+    go.touch()
     sup.wait_agent("slow", "running", timeout=10)
 
 
