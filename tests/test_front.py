@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from supervisor.front import Front, UnixPeerPolicy
@@ -16,50 +18,47 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.close()
 
 
-def test_drain_serves_an_accepted_connection_until_its_client_closes_it(tmp_path: Path):
-    async def scenario() -> None:
-        backend = tmp_path / "backend.sock"
-        echo = await asyncio.start_unix_server(_echo, path=str(backend))
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(tmp_path / "public.sock"))
-        listener.listen(8)
-        front = Front(backend, UnixPeerPolicy())
+@contextlib.asynccontextmanager
+async def _front_with_a_client(tmp_path: Path) -> AsyncIterator[tuple[Front, asyncio.StreamReader,
+                                                                       asyncio.StreamWriter]]:
+    """A front on a public Unix socket before an echo server, and one client connection it has accepted."""
+    echo = await asyncio.start_unix_server(_echo, path=str(tmp_path / "backend.sock"))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "public.sock"))
+    listener.listen(8)
+    front = Front(tmp_path / "backend.sock", UnixPeerPolicy())
+    try:
         await front.serve([("public", listener)])
         reader, writer = await asyncio.open_unix_connection(str(tmp_path / "public.sock"))
-        writer.write(b"before")
-        assert await reader.readexactly(6) == b"before"
-        await front.stop_accepting()
-
-        draining = asyncio.create_task(front.drain(30))
-        writer.write(b"after stop_accepting")  # the accepted connection is still served while it drains
-        assert await reader.readexactly(20) == b"after stop_accepting"
-        assert not draining.done()
-        writer.close()
-        assert await draining == 0
+        writer.write(b"x")
+        assert await reader.readexactly(1) == b"x"
+        yield front, reader, writer
+    finally:
+        await front.drop_connections()
         listener.close()
         echo.close()
         await echo.wait_closed()
+
+
+def test_drain_serves_an_accepted_connection_until_its_client_closes_it(tmp_path: Path):
+    async def scenario() -> None:
+        async with _front_with_a_client(tmp_path) as (front, reader, writer):
+            await front.stop_accepting()
+            draining = asyncio.create_task(front.drain(30))
+            writer.write(b"after stop_accepting")  # the accepted connection is still served while it drains
+            assert await reader.readexactly(20) == b"after stop_accepting"
+            assert not draining.done()
+            writer.close()
+            assert await draining == 0
 
     asyncio.run(scenario())
 
 
 def test_drain_gives_up_after_its_limit_and_says_how_many_are_open(tmp_path: Path):
     async def scenario() -> None:
-        backend = tmp_path / "backend.sock"
-        echo = await asyncio.start_unix_server(_echo, path=str(backend))
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(tmp_path / "public.sock"))
-        listener.listen(8)
-        front = Front(backend, UnixPeerPolicy())
-        await front.serve([("public", listener)])
-        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "public.sock"))
-        writer.write(b"x")
-        await reader.readexactly(1)
-        await front.stop_accepting()
-        assert await front.drain(0.01) == 1
-        writer.close()
-        await front.drop_connections()
-        listener.close()
-        echo.close()
+        async with _front_with_a_client(tmp_path) as (front, _reader, writer):
+            await front.stop_accepting()
+            assert await front.drain(0.01) == 1
+            writer.close()
 
     asyncio.run(scenario())
