@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -264,11 +263,11 @@ class Journal:
                 gone = self.root / f"{_PRUNED_PREFIX}{rec.update_id}"
                 os.replace(self.dir(rec.update_id), gone)
                 durable.fsync_dir(self.root)
-                shutil.rmtree(gone, ignore_errors=True)
+                durable.remove_tree(gone)
                 removed.append(rec.update_id)
         return removed
 
     def _sweep_pruned(self) -> None:
         if self.root.is_dir():
             for d in self.root.glob(f"{_PRUNED_PREFIX}*"):
-                shutil.rmtree(d, ignore_errors=True)
+                durable.remove_tree(d)

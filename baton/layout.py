@@ -19,7 +19,6 @@ always tells its version: :func:`version_of_dir`.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from baton import durable
@@ -160,7 +159,7 @@ class ComponentLayout:
         if d.exists():
             os.replace(d, trash)
             durable.fsync_dir(self.versions_dir)
-            shutil.rmtree(trash, ignore_errors=True)
+            durable.remove_tree(trash)
 
     def remove_incomplete(self) -> list[str]:
         """Delete directories a crash left without their marker (never the current one)."""
@@ -172,6 +171,6 @@ class ComponentLayout:
             if d.name == cur:
                 continue
             if d.name.startswith(".") or not (d / MARKER).is_file():
-                shutil.rmtree(d, ignore_errors=True)
+                durable.remove_tree(d)
                 removed.append(d.name)
         return removed
