@@ -270,8 +270,30 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return run_demo(seconds=ns.seconds, keep=ns.keep)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="supervisor", description="Baton supervisor: keeps Agents running.",
+class _Parser(argparse.ArgumentParser):
+    """argparse's, with the help width found here: its formatter asks shutil (with bz2 and lzma, about 0.3 MiB)
+    on every add_argument, which would keep shutil loaded in the daemon."""
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        return self.formatter_class(prog=self.prog, width=_columns() - 2)  # type: ignore[call-arg]  # all take it
+
+
+def _columns() -> int:
+    """The terminal's width as shutil.get_terminal_size() finds it: $COLUMNS, then stdout's terminal, then 80."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns if sys.__stdout__ else 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
+    """The whole command line, or with ``run_only`` just ``run``'s (the daemon keeps no other parser, nor the
+    modules that build them, loaded)."""
+    p = _Parser(prog="supervisor", description="Baton supervisor: keeps Agents running.",
                                 epilog="examples:\n  supervisor status\n  supervisor restart web\n"
                                        "  supervisor tail -f web\n  supervisor reload\n"
                                        "(README.md, section \"Operating Baton\")",
@@ -294,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", "-c", required=True, help="TOML config file")
     r.add_argument("--json", action="store_true", help="log one JSON object per line")
     r.set_defaults(fn=cmd_run)
+    if run_only:
+        return p
     c = command("check-config", "validate a config file without starting anything",
                 "supervisor check-config /etc/baton/supervisor.toml")
     c.add_argument("file")
@@ -363,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    ns = build_parser(run_only=argv[:1] == ["run"]).parse_args(argv)
     if ns.fn is not cmd_run:
         # A client command: gRPC logs each GOAWAY it receives at INFO, and the supervisor sends one to a kept
         # connection when it is idle or old (supervisor/front.py), which a `--watch` would print every poll.

@@ -377,7 +377,7 @@ def _guarded(fn: Any) -> Any:
     return run
 
 
-def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parsers(sub: argparse._SubParsersAction[Any]) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     u = sub.add_parser("update", help="push an update to this host's supervisor and follow it",
                        description="Push a signed package to the local supervisor and follow it to its end.",

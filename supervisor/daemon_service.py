@@ -62,7 +62,7 @@ def agent_info(s: AgentSnapshot) -> common_pb2.AgentInfo:
 
 @functools.cache
 def _dependencies() -> dict[str, str]:
-    from helper.release import dependency_versions
+    from baton.dependencies import dependency_versions
 
     return dependency_versions()
 

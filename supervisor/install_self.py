@@ -14,8 +14,9 @@ run with ``$BATON_PYTHON``), which the fast tests use; they are not for hosts.
 
 from __future__ import annotations
 
+# shutil (with bz2 and lzma, about 0.3 MiB) is imported where trees are copied: the daemon imports this module
+# only for launcher(), helper_command() and running_from_layout().
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -63,6 +64,8 @@ def running_from_layout(cfg: Config) -> bool:
 
 def write_tree(dest: Path, version: str, source: Path | None = None) -> Path:
     """Write a supervisor version tree (the content of a supervisor update package)."""
+    import shutil
+
     source = source or source_root()
     lib = dest / "lib"
     lib.mkdir(parents=True, exist_ok=True)
@@ -85,6 +88,8 @@ def write_tree(dest: Path, version: str, source: Path | None = None) -> Path:
 
 def install_self(cfg: Config, version: str, source: Path | None = None) -> Path:
     """Install the running code as ``version`` and make it current (first installation)."""
+    import shutil
+
     lay = layout(cfg)
     lay.versions_dir.mkdir(parents=True, exist_ok=True)
     staging = lay.versions_dir / f".staging-self-{os.getpid()}"
@@ -146,6 +151,8 @@ def install_release(cfg: Config, release_root: Path, *, force: bool = False,
             version (without ``force``), or a supervisor is running on this config.
         ReleaseError: not a release, or built for another Python or platform.
     """
+    import shutil
+
     from helper.release import ReleaseError, check_compatible, compile_bytecode, read_manifest
     from helper.self_update import running_supervisor
 
@@ -218,6 +225,8 @@ class Running:
 
 def _systemctl() -> str:
     """systemctl's path, or :class:`SystemdUnavailable` when it is missing or systemd is not running."""
+    import shutil
+
     exe = shutil.which("systemctl")  # with PATH unset (env -i) this searches os.defpath
     if exe is None:
         raise SystemdUnavailable("systemctl is not on PATH")

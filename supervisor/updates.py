@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -377,7 +376,7 @@ class UpdateManager:
         log_path = self.journal.dir(update_id) / "helper.log"
         argv = [*helper_command(), "apply", "--config", str(self.cfg.source), "--update-id",
                 update_id, "--socket", str(self.control_socket)]
-        if systemd.under_systemd() and shutil.which("systemd-run"):
+        if systemd.under_systemd() and _which("systemd-run"):
             # Its own transient unit: outside what systemd stops or kills with the supervisor's service.
             env = [f"--setenv={k}={v}" for k, v in os.environ.items() if k.startswith("BATON_") or k == "PYTHONPATH"]
             argv = ["systemd-run", f"--unit=baton-helper-{update_id}-{n}", "--collect", "--quiet",
@@ -503,3 +502,9 @@ class UpdateManager:
             return
         if removed:
             logger.info("pruned {} settled update record(s) from the journal: {}", len(removed), ", ".join(removed))
+
+
+def _which(name: str) -> str | None:
+    import shutil  # with bz2 and lzma, about 0.3 MiB: only when a helper is started under systemd
+
+    return shutil.which(name)

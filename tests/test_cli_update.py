@@ -357,3 +357,15 @@ def test_loopback_package_server_answers_only_its_one_path_with_ranges_and_stops
     with pytest.raises(OSError):
         conn.request("GET", u.path)
         conn.getresponse()
+
+
+def test_run_has_its_own_help_and_the_full_command_list_is_unchanged():
+    """`supervisor run` parses with run's parser alone (the daemon keeps no other command's parser loaded)."""
+    r = cli("supervisor", "run", "--help")
+    assert r.returncode == 0, r.stderr
+    assert "usage: supervisor run" in r.stdout and "--config" in r.stdout
+    full = cli("supervisor", "--help")
+    for command in ("run", "status", "doctor", "audit", "update", "updates", "cancel", "install-self"):
+        assert command in full.stdout
+    missing = cli("supervisor", "run")
+    assert missing.returncode == 2 and "--config" in missing.stderr

@@ -296,7 +296,9 @@ def test_an_agents_start_time_and_parent_are_the_ones_psutil_reports():
 def test_a_running_supervisor_has_not_loaded_what_it_needs_only_now_and_then(make_supervisor, tmp_path):
     """Extension modules map into the process for good (issue 13, memory): psutil (adoption, an update's helper),
     uuid and hashlib (update admission), cryptography (signatures) wait until they are needed, and OpenSSL through
-    Python's ssl is never needed, the daemon's TLS being gRPC's own (supervisor/entry.py). loguru is not
+    Python's ssl is never needed, the daemon's TLS being gRPC's own (supervisor/entry.py); shutil (bz2, lzma)
+    only where trees are copied, tempfile (random) nowhere (baton/durable.py makes its own temporary names), even
+    after a GetStatus (the release builder's module is not where it finds its dependencies). loguru is not
     imported at all (baton/log.py took its place: it brought multiprocessing and decimal): here a loguru
     that cannot be imported comes first on the path."""
     poisoned = tmp_path / "poisoned" / "loguru"
@@ -307,6 +309,7 @@ def test_a_running_supervisor_has_not_loaded_what_it_needs_only_now_and_then(mak
     sup.wait_agent("web", "running")
     sup.status()
     maps = Path(f"/proc/{sup.proc.pid}/maps").read_text()
-    for lib in ("_psutil_linux", "_hashlib", "_uuid", "cryptography", "/_ssl.", "libssl.so", "_decimal"):
+    for lib in ("_psutil_linux", "_hashlib", "_uuid", "cryptography", "/_ssl.", "libssl.so", "_decimal", "/_bz2.",
+                "/_lzma.", "/_random."):
         assert lib not in maps, f"{lib} is loaded"
     assert "imported loguru" not in sup.output()
