@@ -33,7 +33,7 @@ from baton.log import logger
 from baton.pb import daemon_pb2_grpc
 from baton.states import AgentState
 from baton.strict_modes import make_dirs
-from supervisor import handover, systemd
+from supervisor import handover, libc, systemd
 from supervisor.agents import AgentSnapshot, ProcessManager, ReloadResult, same_process
 from supervisor.audit import AuditInterceptor, AuditTrail, Callers
 from supervisor.daemon_service import DaemonService, agent_info
@@ -52,6 +52,8 @@ SERVICE_NAME = "baton.v1.DaemonService"
 STATUS_DELAY_S = 0.05  # agent changes within this share one systemd STATUS line
 STRAY_REAP_DELAY_S = 0.05  # SIGCHLDs within this share one look for stray children
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+TRIM_HEAP_AFTER_START_S = 1.0  # start-up's garbage (config, handover, spawning every agent) freed by then
+TRIM_HEAP_EVERY_S = 60.0  # and what later bursts (updates, waves of restarts) left: a trim costs well under 1 ms
 
 
 class AlreadyRunning(BatonError):
@@ -89,14 +91,6 @@ def lock_state_dir(cfg: Config) -> int:
         os.close(fd)
         raise AlreadyRunning(f"another supervisor holds {cfg.node.state_dir}/supervisor.lock") from None
     return fd
-
-
-def set_subreaper() -> None:
-    """Orphaned grandchildren of agents come to us to be reaped, not to PID 1."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 
 
 class Supervisor:
@@ -282,6 +276,13 @@ class Supervisor:
         self._reloads.add(task)  # the loop keeps only a weak reference to a task
         task.add_done_callback(self._reloads.discard)
 
+    async def _trim_heap(self) -> None:
+        """Hand the C heap's free memory back shortly after start-up, then every TRIM_HEAP_EVERY_S (libc.trim_heap)."""
+        await asyncio.sleep(TRIM_HEAP_AFTER_START_S)
+        while True:
+            libc.trim_heap()
+            await asyncio.sleep(TRIM_HEAP_EVERY_S)
+
     async def _feed_watchdog(self, interval: float) -> None:
         while True:
             systemd.notify("WATCHDOG=1")
@@ -302,7 +303,8 @@ class Supervisor:
         watchdog = asyncio.create_task(self._feed_watchdog(interval)) if interval else None
         prepare_dirs(self.cfg)
         lock_fd = lock_state_dir(self.cfg)
-        set_subreaper()
+        if (err := libc.set_child_subreaper()) is not None:
+            logger.warning("{}: an agent's orphaned children will be reaped by PID 1, not by the supervisor", err)
         self._reap_strays()
         received = await asyncio.to_thread(handover.receive, self.cfg, self.version)
         await self._start_grpc()
@@ -322,6 +324,7 @@ class Supervisor:
         if received is not None:
             await self._finish_handover(received)
         systemd.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={status_line(self.pm.states())}")
+        trimmer = asyncio.create_task(self._trim_heap())
         if self.manager is not None:
             self.manager.start()
         if self.outbox is not None:
@@ -330,6 +333,7 @@ class Supervisor:
         logger.info("supervisor stopping: stopping every agent")
         systemd.notify("STOPPING=1\nSTATUS=stopping agents")
         await self._shutdown()
+        trimmer.cancel()
         if watchdog is not None:
             watchdog.cancel()
         logger.info("supervisor stopped")

@@ -8,39 +8,30 @@ costs at most that poll, never a hang.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import struct
 from pathlib import Path
 
+from supervisor.libc import errno_error, libc
+
 IN_MOVED_TO = 0x00000080
 IN_IGNORED = 0x00008000
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (struct inotify_event), then len bytes of name
-
-_libc: ctypes.CDLL | None = None
-
-
-def _lib() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
 
 
 class DirWatch:
     """A non-blocking inotify descriptor on one directory; :meth:`renamed_in` drains it."""
 
     def __init__(self, directory: Path) -> None:
-        lib = _lib()
+        lib = libc()
         fd = lib.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"inotify_init1: {os.strerror(e)}")
+            raise errno_error("inotify_init1")
         if lib.inotify_add_watch(fd, os.fsencode(directory), IN_MOVED_TO) < 0:
-            e = ctypes.get_errno()
+            err = errno_error(f"inotify_add_watch {directory}")
             os.close(fd)
-            raise OSError(e, f"inotify_add_watch {directory}: {os.strerror(e)}")
+            raise err
         self.fd = fd
 
     def renamed_in(self) -> set[str]:
