@@ -37,7 +37,7 @@ from benchlib import (
 )
 
 NAME = "fleet_scale"
-TITLE = "7. Fleet scale: a rollout to simulated nodes, PostgreSQL (2 replicas) against SQLite (1)"
+TITLE = "8. Fleet scale: a rollout to simulated nodes, PostgreSQL (2 replicas) against SQLite (1)"
 CANARY, BATCH, PARALLEL = 10, 100, 100
 
 
