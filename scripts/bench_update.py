@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import (
+    PY,
+    ROOT,
     BatonSupervisor,
     Ctx,
     HttpServer,
@@ -180,6 +182,8 @@ def run(ctx: Ctx) -> Section:
         own1, children1 = proc_cpu_split_s(sup.proc.pid)
         cpu["supervisor"].append(own1 - own0)
         cpu["helper and replaced agent"].append(children1 - children0)
+        ctx.log(f"{pkg.version}: CPU supervisor {own1 - own0:.2f} s, helper and replaced agent "
+                f"{children1 - children0:.2f} s")
         if not final.success:
             raise RuntimeError(f"update {uid} failed: {final.error}")
         ours.append(total)
@@ -265,10 +269,10 @@ def run(ctx: Ctx) -> Section:
     slow = sorted(((median(v), k) for k, v in ours_parts.items()), reverse=True)[:3]
     s.add(f"- Our three largest parts: {', '.join(f'{k} ({fmt_s(v)})' for v, k in slow)}. "
           "The helper is a fresh Python process per update (so a crash of it never touches the supervisor): its "
-          "start-up is a fixed cost the shell script does not pay: the interpreter (about 20 ms), the update "
-          "machine's imports (about 40 ms: config, journal, download, archive; no gRPC: the gRPC "
-          "client, another 30 ms or so, is imported on a thread while the download runs, `helper/cli.py`), the "
-          "config file read and the request checked again. Every state change is written durably "
+          "start-up is a fixed cost the shell script does not pay: the interpreter, the update machine's imports "
+          "(config, journal, download, archive; no gRPC: the gRPC client is imported on a thread while the "
+          "download runs, `helper/cli.py`), the config file read and the request checked again (their CPU is "
+          "measured below). Every state change is written durably "
           "(fsync) before its work starts, so a killed helper can resume; the script keeps no record.",
           f"- {'We are faster' if ratio > 1 else 'We are slower'} end to end: {fmt_s(m_ours)} against "
           f"{fmt_s(m_hand)} ({fmt_x(ratio)}). The script checks nothing a push must (downgrade, manifest binding "
@@ -283,6 +287,18 @@ def run(ctx: Ctx) -> Section:
                                                             strict=True)]))),
         ("by hand: the script and everything it ran (the old agent not included)", fmt_s(median(cpu["script"]))),
     ]), "")
+    start = {label: _start_cpu_s(code) for label, code in HELPER_START_PARTS}
+    s.add(f"Where the helper's CPU goes: its start-up, measured apart in the same run (a fresh `{Path(PY).name}` "
+          f"process running just the import, {START_CPU_RUNS} runs each, median; the interpreter's own start "
+          "included in each row but the first):", "")
+    s.add(*table(["process", "CPU"], [(label, fmt_s(v)) for label, v in start.items()]), "")
+    bare, main_path, everything = (start[label] for label, _ in HELPER_START_PARTS)
+    s.add(f"- Interpreter start-up and imports are {fmt_s(everything)} of the helper's CPU per update (imports "
+          f"{fmt_s(everything - bare)}, of which the gRPC client's {fmt_s(everything - main_path)}: on a thread, it "
+          "overlaps the download in wall time, not in CPU); the other "
+          f"{fmt_s(median(cpu['helper and replaced agent']) - everything)} of the helper and replaced agent's "
+          f"{fmt_s(median(cpu['helper and replaced agent']))} is the update's own work (download and both digests, "
+          "extraction, fsyncs, control calls) and the replaced agent's own life (a Python program too).", "")
     s.add("<details><summary>update-by-hand.sh</summary>", "", "```bash", BY_HAND.strip(), "```", "", "</details>")
     s.summary = [SummaryRow("agent update", f"{size_mib:.0f} MiB package, push to final status", fmt_s(m_ours),
                             f"shell script {fmt_s(m_hand)}", f"{fmt_x(ratio)}" + (" faster" if ratio >= 1 else ""),
@@ -290,11 +306,36 @@ def run(ctx: Ctx) -> Section:
     return s
 
 
+START_CPU_RUNS = 7
+HELPER_START_PARTS = (  # (what, the Python code a fresh interpreter runs)
+    ("an interpreter that does nothing (`-c pass`)", "pass"),
+    ("the helper's update-path imports (`helper.cli`, `helper.machine`)", "import helper.cli, helper.machine"),
+    ("those and the gRPC client's (`helper.control`: grpc, protobuf stubs)",
+     "import helper.cli, helper.machine, helper.control"),
+)
+
+
+def _start_cpu_s(code: str) -> float:
+    """Median CPU (user + system) of a fresh interpreter running ``code``, read from its own rusage."""
+    samples = []
+    for _ in range(START_CPU_RUNS):
+        proc = subprocess.Popen([PY, "-c", code], cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{PY} -c {code!r} exited with {proc.returncode}")
+        samples.append(usage.ru_utime + usage.ru_stime)
+    return median(samples)
+
+
 def _helpers(pid: int) -> list[int]:
-    """The supervisor's helper children still there, or any child exited and not yet reaped (a zombie)."""
+    """The supervisor's helper children still there, or any child exited and not yet reaped (a zombie), or one
+    without a command line: a process that is exiting (its memory, command line included, is gone before it
+    is a zombie) or has not exec'd yet. Counting the helper's CPU needs it reaped."""
     found = []
     for c in children(pid):
         with contextlib.suppress(OSError), open(f"/proc/{c}/cmdline", "rb") as f:
-            if b"helper" in f.read() or proc_state(c) == "Z":
+            cmdline = f.read()
+            if not cmdline or b"helper" in cmdline or proc_state(c) == "Z":
                 found.append(c)
     return found
