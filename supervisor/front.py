@@ -135,19 +135,54 @@ class Front:
         self.local_backend = local_backend or backend
         self.policy = unix_policy
         self.sockets: dict[str, socket.socket] = {}
-        self._servers: list[asyncio.base_events.Server] = []
+        self._accepting: list[socket.socket] = []
         self._conns: set[asyncio.Task[None]] = set()
 
     async def serve(self, sockets: Iterable[tuple[str, socket.socket]]) -> None:
-        """Accept on each (config address, listening socket); the sockets may be inherited."""
+        """Accept on each (config address, listening socket); the sockets may be inherited.
+
+        Our own accept, not asyncio's server: a connection asyncio has accepted but not yet handed to its
+        handler is dropped when the server is closed (its ``_attach`` fails; Python 3.11), and at a
+        handover that is a client, connecting at the switch, whose connection closes at once (gRPC then
+        backs off, 1 s by default, or fails the call). Here a connection is ours, served to the end, from the
+        moment it is accepted; what is not accepted stays in the backlog for the next owner of the socket.
+        """
+        loop = asyncio.get_running_loop()
         for key, s in sockets:
             self.sockets[key] = s
-            dup = socket.socket(fileno=os.dup(s.fileno()))
-            server = await asyncio.start_server(self._accepted, sock=dup, limit=SPLICE_CHUNK)
-            self._servers.append(server)
+            s.setblocking(False)
+            loop.add_reader(s.fileno(), self._accept, s)
+            self._accepting.append(s)
 
     def addresses(self) -> list[str]:
         return list(self.sockets)
+
+    def _accept(self, listener: socket.socket) -> None:
+        """Take what waits in the backlog (at most BACKLOG at a time, so other callbacks get their turn)."""
+        loop = asyncio.get_running_loop()
+        for _ in range(BACKLOG):
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of descriptors, or a connection reset while it waited
+                logger.warning("accept: {}", e)
+                return
+            if conn.family != socket.AF_UNIX:  # as asyncio's server would, but it misses a socket it did not make
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # (proto 0): no Nagle delay on replies
+            self._conns.add(loop.create_task(self._serve_accepted(conn)))
+
+    async def _serve_accepted(self, conn: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn, limit=SPLICE_CHUNK)
+        except (OSError, asyncio.CancelledError) as e:  # the peer already gone, or shutting down
+            conn.close()
+            if (task := asyncio.current_task()) is not None:
+                self._conns.discard(task)
+            if isinstance(e, OSError):
+                logger.warning("accepted connection unusable: {}", e)
+            return
+        await self._accepted(reader, writer)
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -208,12 +243,10 @@ class Front:
 
     async def stop_accepting(self) -> None:
         """Stop accepting; the listening sockets stay open (connections wait in the backlog)."""
-        for server in self._servers:
-            server.close()
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await server.wait_closed()
-        self._servers.clear()
+        loop = asyncio.get_running_loop()
+        for s in self._accepting:
+            loop.remove_reader(s.fileno())
+        self._accepting.clear()
 
     async def drop_connections(self) -> None:
         """End the spliced connections still open (after their backend has stopped answering)."""

@@ -62,3 +62,47 @@ def test_drain_gives_up_after_its_limit_and_says_how_many_are_open(tmp_path: Pat
             writer.close()
 
     asyncio.run(scenario())
+
+
+def test_a_client_connecting_as_the_front_stops_accepting_is_answered_or_left_in_the_backlog(tmp_path: Path):
+    """Never accepted and then dropped: at a handover such a client's connection would close unanswered (gRPC
+    then backs off, or fails the call). Each round stops accepting at a different point of the connection's
+    way in: what the front took, it serves; what it did not take waits in the backlog for the next owner."""
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        echo = await asyncio.start_unix_server(_echo, path=str(tmp_path / "backend.sock"))
+        public = str(tmp_path / "public.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(public)
+        listener.listen(8)
+        served = waiting = 0
+        try:
+            for i in range(300):
+                front = Front(tmp_path / "backend.sock", UnixPeerPolicy())
+                await front.serve([("public", listener)])
+                client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                client.setblocking(False)
+                try:
+                    await loop.sock_connect(client, public)
+                    await loop.sock_sendall(client, b"x")
+                    for _ in range(i % 4):
+                        await asyncio.sleep(0)
+                    await front.stop_accepting()
+                    try:
+                        left, _ = listener.accept()
+                    except BlockingIOError:  # the front took it
+                        assert await asyncio.wait_for(loop.sock_recv(client, 1), 10) == b"x", f"round {i}"
+                        served += 1
+                    else:
+                        left.close()
+                        waiting += 1
+                finally:
+                    client.close()
+                    await front.drop_connections()
+        finally:
+            listener.close()
+            echo.close()
+            await echo.wait_closed()
+        assert served > 0, f"the front never took a connection ({waiting} left waiting)"
+
+    asyncio.run(scenario())
