@@ -218,8 +218,6 @@ def release_root_of_running_code() -> Path | None:
     return root if (root / MANIFEST_NAME).is_file() else None
 
 
-
-
 def prepare_staged(staged: Path, version: str) -> Path:
     """A staged supervisor package: unwrap ``baton-<version>/`` and refuse an incompatible release.
 

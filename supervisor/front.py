@@ -185,9 +185,8 @@ class Front:
         await self._accepted(reader, writer)
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
+        task = asyncio.current_task()  # in self._conns since _accept made it
         assert task is not None
-        self._conns.add(task)
         name = ""
         try:
             sock = writer.get_extra_info("socket")
