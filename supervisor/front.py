@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from supervisor.audit import AuditTrail
 
 BACKLOG = 512
-SPLICE_CHUNK = 256 * 1024
+SPLICE_CHUNK = 64 * 1024  # one buffer per direction of a spliced connection
+LINGER_S = 1.0  # how long a client may take to close after the backend's side ended
 # A connection a Front accepted stays with the gRPC server behind it until the client closes it, and a call
 # that reaches a gRPC server after its stop() began is CANCELLED (not retried). So a server behind a Front
 # tells each connection GOAWAY once it is idle IDLE_GOAWAY_S or MAX_AGE_S old (gRPC's graceful GOAWAY: a call
@@ -173,30 +174,19 @@ class Front:
             self._conns.add(loop.create_task(self._serve_accepted(conn)))
 
     async def _serve_accepted(self, conn: socket.socket) -> None:
-        try:
-            reader, writer = await asyncio.open_connection(sock=conn, limit=SPLICE_CHUNK)
-        except (OSError, asyncio.CancelledError) as e:  # the peer already gone, or shutting down
-            conn.close()
-            if (task := asyncio.current_task()) is not None:
-                self._conns.discard(task)
-            if isinstance(e, OSError):
-                logger.warning("accepted connection unusable: {}", e)
-            return
-        await self._accepted(reader, writer)
-
-    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()  # in self._conns since _accept made it
         assert task is not None
         name = ""
+        backend_sock: socket.socket | None = None
         try:
-            sock = writer.get_extra_info("socket")
+            conn.setblocking(False)
             backend, channel = self.backend, Channel.INSECURE_TCP
             creds: tuple[int, int, int] | None = None  # (pid, uid, gid) of a local peer
-            if sock is not None and sock.family == socket.AF_UNIX:
-                creds = pid, uid, gid = peer_credentials(sock)
+            if conn.family == socket.AF_UNIX:
+                creds = pid, uid, gid = peer_credentials(conn)
                 if not self.policy.allows(uid, gid, pid):
                     logger.warning("refused local connection from pid {} uid {}: not allowed", pid, uid)
-                    writer.close()
+                    conn.close()
                     if self.audit is not None:
                         await self.audit.refused_connection(
                             self.audit.local_caller(uid, pid),
@@ -205,40 +195,42 @@ class Front:
                     return
                 backend, channel = self.local_backend, self.policy.channel(uid)
             try:
-                b_reader, b_writer, name = await self._open_backend(backend, channel, creds, writer)
+                backend_sock, name = await self._open_backend(backend, channel, creds, conn)
             except OSError as e:
                 logger.error("gRPC backend unavailable: {}", e)
-                writer.close()
                 return
-            await asyncio.gather(_pipe(reader, b_writer), _pipe(b_reader, writer))
+            await _splice(conn, backend_sock)
         except asyncio.CancelledError:
-            writer.close()  # shutting down: end quietly (a cancelled handler task is logged by asyncio)
+            pass  # shutting down: end quietly (a cancelled handler task is logged by asyncio)
+        except OSError as e:  # the peer gone before its credentials were read
+            logger.warning("accepted connection unusable: {}", e)
         finally:
+            conn.close()
+            if backend_sock is not None:
+                backend_sock.close()
             if self.audit is not None and name:
                 self.audit.callers.release(name)
             self._conns.discard(task)
 
     async def _open_backend(self, backend: Path, channel: Channel, creds: tuple[int, int, int] | None,
-                            writer: asyncio.StreamWriter) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+                            conn: socket.socket) -> tuple[socket.socket, str]:
         """Connect to gRPC from an abstract address labelled with ``channel`` (what authz reads) and, with an
         audit trail, registered for the caller (supervisor/audit.py)."""
         if self.audit is None:
-            r, w = await _open_labelled(backend, channel)
-            return r, w, ""
+            return await _open_labelled(backend, channel), ""
         if creds is not None:
             caller = self.audit.local_caller(uid=creds[1], pid=creds[0])
         else:
-            caller = self.audit.remote_caller(writer.get_extra_info("peername"))
+            caller = self.audit.remote_caller(conn.getpeername())
         sock, name = self.audit.callers.bound_socket(caller, channel)
         try:
             sock.setblocking(False)
             await asyncio.get_running_loop().sock_connect(sock, str(backend))
-            r, w = await asyncio.open_unix_connection(sock=sock, limit=SPLICE_CHUNK)
         except BaseException:
             sock.close()
             self.audit.callers.release(name)
             raise
-        return r, w, name
+        return sock, name
 
     async def stop_accepting(self) -> None:
         """Stop accepting; the listening sockets stay open (connections wait in the backlog)."""
@@ -286,7 +278,7 @@ class Front:
         return len(self._conns)
 
 
-async def _open_labelled(backend: Path, channel: Channel) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _open_labelled(backend: Path, channel: Channel) -> socket.socket:
     """Connect to a gRPC port from an abstract address that names ``channel`` (the peer gRPC reports)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -296,22 +288,61 @@ async def _open_labelled(backend: Path, channel: Channel) -> tuple[asyncio.Strea
     except BaseException:
         s.close()
         raise
-    return await asyncio.open_unix_connection(sock=s, limit=SPLICE_CHUNK)
+    return s
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _splice(client: socket.socket, backend: socket.socket) -> None:
+    """Copy both ways until the backend's side ends, deliver all of it, then end the client's side.
+
+    Plain non-blocking sockets rather than asyncio's streams: a stream transport that fails to write (the
+    backend closed just as a client's PING was on its way to it) stops reading as well, and what the backend
+    had sent before it closed, a call's last message and its status, never reached the client (which saw
+    its watch end UNAVAILABLE, "Socket closed"). Here a failed write ends only its own direction.
+    """
+    loop = asyncio.get_running_loop()
+    upstream = loop.create_task(_upstream(client, backend))
     try:
-        while True:
-            data = await reader.read(SPLICE_CHUNK)
-            if not data:
-                break
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
+        if await _copy(backend, client):  # the backend said all it will: the client reads it, then EOF
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_WR)
+            upstream.cancel()
+            await asyncio.gather(upstream, return_exceptions=True)
+            await _linger(client)
     finally:
-        with contextlib.suppress(Exception):
-            if writer.can_write_eof():
-                writer.write_eof()
-        with contextlib.suppress(Exception):
-            writer.close()
+        upstream.cancel()
+        await asyncio.gather(upstream, return_exceptions=True)
+
+
+async def _upstream(client: socket.socket, backend: socket.socket) -> None:
+    """Client to backend; a client that ended (EOF or reset) is passed on as EOF, so gRPC closes its side."""
+    if await _copy(client, backend):
+        with contextlib.suppress(OSError):
+            backend.shutdown(socket.SHUT_WR)
+
+
+async def _copy(src: socket.socket, dst: socket.socket) -> bool:
+    """Copy until one side ends; True when ``src`` ended (EOF or reset), False when ``dst`` took no more."""
+    loop = asyncio.get_running_loop()
+    buf = bytearray(SPLICE_CHUNK)
+    view = memoryview(buf)
+    while True:
+        try:
+            n = await loop.sock_recv_into(src, buf)
+        except OSError:  # a reset: what it sent before was read first
+            return True
+        if not n:
+            return True
+        try:
+            await loop.sock_sendall(dst, view[:n])
+        except OSError:
+            return False
+
+
+async def _linger(sock: socket.socket) -> None:
+    """Read and drop what the client still sends until it closes, at most LINGER_S: a TCP socket closed with
+    unread data sends a reset, and a reset can cost the client what it had not yet read."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(LINGER_S):
+            while await loop.sock_recv(sock, 4096):
+                pass

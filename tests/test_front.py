@@ -106,3 +106,47 @@ def test_a_client_connecting_as_the_front_stops_accepting_is_answered_or_left_in
         assert served > 0, f"the front never took a connection ({waiting} left waiting)"
 
     asyncio.run(scenario())
+
+
+def test_what_the_backend_sent_before_closing_reaches_the_client_though_a_write_to_it_failed(tmp_path: Path):
+    """A gRPC server ends a call on a connection it told GOAWAY by sending the call's status and closing; a
+    client's PING on its way then cannot be written to it. That failed write must not cost the client the
+    status the backend sent (with asyncio's streams it did: the watch ended UNAVAILABLE, "Socket closed")."""
+    backend_path, public = tmp_path / "backend.sock", tmp_path / "public.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(backend_path))
+    server.listen(1)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(public))
+    listener.listen(1)
+
+    async def scenario() -> bytes:
+        loop = asyncio.get_running_loop()
+        front = Front(backend_path, UnixPeerPolicy())
+        await front.serve([("public", listener)])
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.setblocking(False)
+        try:
+            await loop.sock_connect(client, str(public))
+            await loop.sock_sendall(client, b"call")
+            server.setblocking(False)
+            backend, _ = await loop.sock_accept(server)
+            with backend:
+                assert await loop.sock_recv(backend, 4) == b"call"
+                backend.shutdown(socket.SHUT_RD)  # from here the front's writes to it fail (EPIPE)
+                await loop.sock_sendall(client, b"ping")
+                await asyncio.sleep(0.2)  # the front tries to pass the ping on, and fails
+                await loop.sock_sendall(backend, b"status")
+            received = b""
+            while chunk := await asyncio.wait_for(loop.sock_recv(client, 1024), 10):
+                received += chunk
+            return received
+        finally:
+            client.close()
+            await front.drop_connections()
+
+    try:
+        assert asyncio.run(scenario()) == b"status"
+    finally:
+        server.close()
+        listener.close()
