@@ -28,6 +28,7 @@ from tests.manager_fixtures import (
     journal_ids,
     make_manager_fixture,  # noqa: F401  (the make_manager fixture)
     package_args,
+    port_open,
     signed,
 )
 from tests.test_fleet import fleet, steps, submit
@@ -58,6 +59,8 @@ def web_manager(make_manager: Callable[..., ManagerProc], **kw: object) -> tuple
     port = free_port()
     args = (*kw.pop("args", ()), "--web", f"127.0.0.1:{port}")  # type: ignore[misc]
     manager = make_manager(args=args, **kw)
+    # make_manager waits for the gRPC and package ports, which the Manager opens before the page's
+    wait_for(lambda: port_open(port), 20, interval=0.02, what="the web page to listen")
     return manager, f"127.0.0.1:{port}"
 
 
