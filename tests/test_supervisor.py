@@ -132,6 +132,7 @@ def test_chatty_agent_keeps_running_and_its_log_rotates(make_supervisor, tmp_pat
     n2 = int(count.read_text())
     assert n2 > n1, "the chatty agent is blocked"
     assert sup.agent("chatty").pid == a.pid
+    assert sup.terminate() == 0  # no rotation under way while the files are read (chatty.log.1 is renamed away in one)
     assert log.stat().st_size <= 256 * 1024 + 4096
     assert not log.with_name("chatty.log.3").exists()
     assert log.with_name("chatty.log.1").read_bytes().endswith(b"\n")
