@@ -8,6 +8,8 @@ import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
+
 from supervisor.front import Front, UnixPeerPolicy
 
 
@@ -108,7 +110,9 @@ def test_a_client_connecting_as_the_front_stops_accepting_is_answered_or_left_in
     asyncio.run(scenario())
 
 
-def test_what_the_backend_sent_before_closing_reaches_the_client_though_a_write_to_it_failed(tmp_path: Path):
+@pytest.mark.parametrize("public_family", ["unix", "tcp"])
+def test_what_the_backend_sent_before_closing_reaches_the_client_though_a_write_to_it_failed(tmp_path: Path,
+                                                                                            public_family: str):
     """A gRPC server ends a call on a connection it told GOAWAY by sending the call's status and closing; a
     client's PING on its way then cannot be written to it. That failed write must not cost the client the
     status the backend sent (with asyncio's streams it did: the watch ended UNAVAILABLE, "Socket closed")."""
@@ -116,18 +120,24 @@ def test_what_the_backend_sent_before_closing_reaches_the_client_though_a_write_
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(backend_path))
     server.listen(1)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(public))
+    if public_family == "unix":
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(public))
+        address: str | tuple[str, int] = str(public)
+    else:  # over TCP the front also closes its client's side without a reset (supervisor.front._linger)
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        address = listener.getsockname()
     listener.listen(1)
 
     async def scenario() -> bytes:
         loop = asyncio.get_running_loop()
         front = Front(backend_path, UnixPeerPolicy())
         await front.serve([("public", listener)])
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client = socket.socket(listener.family, socket.SOCK_STREAM)
         client.setblocking(False)
         try:
-            await loop.sock_connect(client, str(public))
+            await loop.sock_connect(client, address)
             await loop.sock_sendall(client, b"call")
             server.setblocking(False)
             backend, _ = await loop.sock_accept(server)
