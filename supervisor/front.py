@@ -299,18 +299,16 @@ async def _splice(client: socket.socket, backend: socket.socket) -> None:
     had sent before it closed, a call's last message and its status, never reached the client (which saw
     its watch end UNAVAILABLE, "Socket closed"). Here a failed write ends only its own direction.
     """
-    loop = asyncio.get_running_loop()
-    upstream = loop.create_task(_upstream(client, backend))
+    upstream = asyncio.get_running_loop().create_task(_upstream(client, backend))
     try:
-        if await _copy(backend, client):  # the backend said all it will: the client reads it, then EOF
-            with contextlib.suppress(OSError):
-                client.shutdown(socket.SHUT_WR)
-            upstream.cancel()
-            await asyncio.gather(upstream, return_exceptions=True)
-            await _linger(client)
+        backend_ended = await _copy(backend, client)
     finally:
         upstream.cancel()
         await asyncio.gather(upstream, return_exceptions=True)
+    if backend_ended:  # the backend said all it will: the client reads it, then EOF
+        with contextlib.suppress(OSError):
+            client.shutdown(socket.SHUT_WR)
+        await _linger(client)
 
 
 async def _upstream(client: socket.socket, backend: socket.socket) -> None:

@@ -20,6 +20,13 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.close()
 
 
+async def _connect_and_send(client: socket.socket, address: str | tuple[str, int], data: bytes) -> None:
+    client.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(client, address)
+    await loop.sock_sendall(client, data)
+
+
 @contextlib.asynccontextmanager
 async def _front_with_a_client(tmp_path: Path) -> AsyncIterator[tuple[Front, asyncio.StreamReader,
                                                                        asyncio.StreamWriter]]:
@@ -83,10 +90,8 @@ def test_a_client_connecting_as_the_front_stops_accepting_is_answered_or_left_in
                 front = Front(tmp_path / "backend.sock", UnixPeerPolicy())
                 await front.serve([("public", listener)])
                 client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                client.setblocking(False)
                 try:
-                    await loop.sock_connect(client, public)
-                    await loop.sock_sendall(client, b"x")
+                    await _connect_and_send(client, public, b"x")
                     for _ in range(i % 4):
                         await asyncio.sleep(0)
                     await front.stop_accepting()
@@ -135,10 +140,8 @@ def test_what_the_backend_sent_before_closing_reaches_the_client_though_a_write_
         front = Front(backend_path, UnixPeerPolicy())
         await front.serve([("public", listener)])
         client = socket.socket(listener.family, socket.SOCK_STREAM)
-        client.setblocking(False)
         try:
-            await loop.sock_connect(client, address)
-            await loop.sock_sendall(client, b"call")
+            await _connect_and_send(client, address, b"call")
             server.setblocking(False)
             backend, _ = await loop.sock_accept(server)
             with backend:
