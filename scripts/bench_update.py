@@ -191,7 +191,8 @@ def run(ctx: Ctx) -> Section:
         steps = {t.step: t.seconds for t in final.timings}
         first = next(h["at"] for h in rec["history"] if h["state"] == "downloading")
         parts = {"push": rec["created_at"] - t_wall, "helper start": first - rec["created_at"],
-                 "seen by client": t_seen - rec["updated_at"]}
+                 # updated_at is the last state's (COMMITTED); the settled record is written at the end of settle
+                 "seen by client": t_seen - rec["updated_at"] - steps.get("settle", 0.0)}
         parts.update({k: steps.get(k, 0.0) for k in OUR_STEPS})
         parts["other"] = total - sum(parts.values())
         for k, v in parts.items():

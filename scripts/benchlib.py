@@ -391,11 +391,9 @@ def dump_toml(cfg: dict[str, Any]) -> str:
 
 # A well-behaved agent: READY=1 on $NOTIFY_SOCKET (or its pid in $BENCH_READY_FILE), stops at once on SIGTERM.
 READY_AGENT = r'''
-import os, signal, socket, time
-stop = False
+import os, signal, socket
 def on_term(*_):
-    global stop
-    stop = True
+    raise SystemExit(0)  # from inside the wait below: at once, not at a poll's next wake-up
 signal.signal(signal.SIGTERM, on_term)
 if os.environ.get("NOTIFY_SOCKET"):
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
@@ -406,8 +404,8 @@ if ready:
     with open(ready + ".tmp", "w") as f:
         f.write(str(os.getpid()))
     os.rename(ready + ".tmp", ready)
-while not stop:
-    time.sleep(0.05)
+while True:
+    signal.pause()
 '''
 
 
