@@ -1,7 +1,7 @@
 """What the helper's talk with the supervisor can fail with.
 
-Apart from :mod:`helper.control` (the gRPC client) so that the update machine imports no gRPC: a helper loads
-the client in the background while it downloads (``helper/cli.py``), off an agent update's path.
+Apart from :mod:`helper.control` so that the update machine can name them without importing the client,
+which it needs only once the new version is in place.
 """
 
 from __future__ import annotations

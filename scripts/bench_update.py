@@ -254,8 +254,8 @@ def run(ctx: Ctx) -> Section:
         "verify": "size, SHA-256, both signatures, manifest",
         "stage": "extract into staging (every member checked), rename, marker",
         "switch": "`current` link renamed",
-        "restart": "RestartAgent over the control socket: SIGTERM, exit, spawn",
-        "health": "until the agent is RUNNING after READY=1 (window 0); pushed to the helper by WatchAgent",
+        "restart": "restart over the agent channel (`agents.sock`): SIGTERM, exit, spawn",
+        "health": "until the agent is RUNNING after READY=1 (window 0); pushed to the helper by the channel's watch",
         "settle": "mark moved, backups pruned, download removed",
         "seen by client": "final journal write to the client's WatchUpdate seeing it (woken by inotify on the "
                           "journal's rename; directory fsynced before it is shown)",
@@ -271,9 +271,9 @@ def run(ctx: Ctx) -> Section:
     s.add(f"- Our three largest parts: {', '.join(f'{k} ({fmt_s(v)})' for v, k in slow)}. "
           "The helper is a fresh Python process per update (so a crash of it never touches the supervisor): its "
           "start-up is a fixed cost the shell script does not pay: the interpreter, the update machine's imports "
-          "(config, journal, download, archive; no gRPC: the gRPC client is imported on a thread while the "
-          "download runs, `helper/cli.py`), the config file read and the request checked again (their CPU is "
-          "measured below). Every state change is written durably "
+          "(config, journal, download, archive, the agent channel's client; no gRPC: the helper asks the "
+          "supervisor over the agent channel, `docs/protocols.md`), the config file read and the request "
+          "checked again (their CPU is measured below). Every state change is written durably "
           "(fsync) before its work starts, so a killed helper can resume; the script keeps no record.",
           f"- {'We are faster' if ratio > 1 else 'We are slower'} end to end: {fmt_s(m_ours)} against "
           f"{fmt_s(m_hand)} ({fmt_x(ratio)}). The script checks nothing a push must (downgrade, manifest binding "
@@ -293,10 +293,13 @@ def run(ctx: Ctx) -> Section:
           f"process running just the import, {START_CPU_RUNS} runs each, median; the interpreter's own start "
           "included in each row but the first):", "")
     s.add(*table(["process", "CPU"], [(label, fmt_s(v)) for label, v in start.items()]), "")
-    bare, main_path, everything = (start[label] for label, _ in HELPER_START_PARTS)
+    bare, everything, with_grpc = (start[label] for label, _ in HELPER_START_PARTS)
     s.add(f"- Interpreter start-up and imports are {fmt_s(everything)} of the helper's CPU per update (imports "
-          f"{fmt_s(everything - bare)}, of which the gRPC client's {fmt_s(everything - main_path)}: on a thread, it "
-          "overlaps the download in wall time, not in CPU); the other "
+          f"{fmt_s(everything - bare)}). The gRPC client that helpers used to talk to the supervisor with would "
+          f"add {fmt_s(with_grpc - everything)} to every update (the last row); it is imported now only for a "
+          "supervisor without the agent channel. (Imported on a thread beside the download, as it was before "
+          "the channel, it held the GIL the helper's other imports and the download's threads needed: updates "
+          "took about 20 ms longer than with it imported when needed.) The other "
           f"{fmt_s(median(cpu['helper and replaced agent']) - everything)} of the helper and replaced agent's "
           f"{fmt_s(median(cpu['helper and replaced agent']))} is the update's own work (download and both digests, "
           "extraction, fsyncs, control calls) and the replaced agent's own life (a Python program too).", "")
@@ -310,9 +313,10 @@ def run(ctx: Ctx) -> Section:
 START_CPU_RUNS = 7
 HELPER_START_PARTS = (  # (what, the Python code a fresh interpreter runs)
     ("an interpreter that does nothing (`-c pass`)", "pass"),
-    ("the helper's update-path imports (`helper.cli`, `helper.machine`)", "import helper.cli, helper.machine"),
-    ("those and the gRPC client's (`helper.control`: grpc, protobuf stubs)",
+    ("the helper's update-path imports (`helper.cli`, `helper.machine`, `helper.control`)",
      "import helper.cli, helper.machine, helper.control"),
+    ("those and the gRPC client's, which the agent channel replaces (`grpc`, protobuf stubs)",
+     "import helper.cli, helper.machine, helper.control, grpc, baton.pb.daemon_pb2_grpc"),
 )
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from baton import agent_channel
 from baton.agent_table import AgentRecord
 from baton.audit import AuditLog
 from baton.config import Config, load_config
@@ -34,6 +35,7 @@ from baton.pb import daemon_pb2_grpc
 from baton.states import AgentState
 from baton.strict_modes import make_dirs
 from supervisor import handover, libc, systemd
+from supervisor.agent_socket import AgentSocket
 from supervisor.agents import AgentSnapshot, ProcessManager, ReloadResult, same_process
 from supervisor.audit import AuditInterceptor, AuditTrail, Callers
 from supervisor.daemon_service import DaemonService, agent_info
@@ -114,6 +116,7 @@ class Supervisor:
         self.audit = AuditTrail(AuditLog(cfg.node.state_dir), Callers())
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.pm = ProcessManager(cfg, self._agent_changed)
+        self.agent_socket = AgentSocket(self.pm, self.audit, agent_channel.socket_path(cfg.run_dir))
         self.updates = UpdateManager(cfg)
         self._credentials = server_credentials(cfg.grpc)  # None: the TCP backend port is insecure
         self.gate = handover.HandoverGate()
@@ -313,6 +316,7 @@ class Supervisor:
             await self.pm.start(channels=received.channels(), records=received.records)
         else:
             await self.pm.start()
+        await self.agent_socket.start()  # before updates.start(): a helper it resumes finds the channel there
         await self.updates.start()
         self._agents_ready.set()
         self.endpoint.start()
@@ -388,7 +392,9 @@ class Supervisor:
                 os.waitpid(pid, os.WNOHANG)  # a zombie is reaped; a live child is left alone
 
     async def _stop_control_plane(self) -> None:
-        """Health NOT_SERVING, then the Manager client, the outbox and helper watching; agents untouched."""
+        """The agent channel, health NOT_SERVING, then the Manager client, the outbox and helper watching; agents
+        untouched."""
+        await self.agent_socket.close()  # first: in a handover, no event-loop turn after the gate closes
         await self._set_serving(False)
         if self.outbox is not None:
             await self.outbox.stop()

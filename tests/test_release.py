@@ -234,7 +234,9 @@ def _break_protobuf(root: Path) -> None:
     shutil.rmtree(root / "lib" / "google" / "protobuf")
 
 
-def _break_grpc(root: Path) -> None:
+def _break_helper_and_grpc(root: Path) -> None:
+    """A release whose helper cannot start at all (its supervisor neither: no gRPC)."""
+    (root / "lib" / "helper" / "cli.py").unlink()
     shutil.rmtree(root / "lib" / "grpc")
 
 
@@ -339,7 +341,7 @@ def test_rollback_from_a_broken_current_release_works_with_the_other_release_hel
     from baton.layout import ComponentLayout
 
     host = running_release
-    broken = unpack(releases.derived("1.2.0", _break_grpc), host.base / "unpacked" / "broken")
+    broken = unpack(releases.derived("1.2.0", _break_helper_and_grpc), host.base / "unpacked" / "broken")
     layout = ComponentLayout(host.base / "install", "supervisor")
     staged = layout.versions_dir / ".staging-test"
     shutil.copytree(broken, staged, symlinks=True)

@@ -11,6 +11,7 @@ import pytest
 from baton import durable
 from baton.pb import common_pb2, daemon_pb2
 from baton.reasons import FailureReason
+from baton.states import AgentState
 from helper.control import HealthCheckFailed, SupervisorControl
 from supervisor.authz import READ_ONLY_METHODS
 from supervisor.daemon_service import WATCH_AGENT_HEARTBEAT_S
@@ -76,7 +77,7 @@ def test_helper_watch_follows_the_agent_across_a_supervisor_restart(make_supervi
         sup.kill()
         sup.start()
         after = next(r for r in reports if r.adopted)
-        assert (after.pid, after.state) == (web.pid, RUNNING)
+        assert (after.pid, after.state) == (web.pid, AgentState.RUNNING)
         reports.close()
     finally:
         control.close()
