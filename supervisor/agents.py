@@ -154,6 +154,37 @@ def _kill_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+class ExitSignal:
+    """Set when an agent's process has exited, cleared when the next one is spawned.
+
+    asyncio.Event's set, clear and wait, without its deque of waiters (0.8 KiB an agent, for a wait that is
+    rare): one future, made by the first waiter, shielded so that a waiter that gives up cancels only itself.
+    """
+
+    __slots__ = ("_is_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._is_set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._is_set = True
+        if self._waiter is not None:
+            if not self._waiter.done():
+                self._waiter.set_result(None)
+            self._waiter = None
+
+    def clear(self) -> None:
+        self._is_set = False
+
+    async def wait(self) -> None:
+        if self._is_set:
+            return
+        if self._waiter is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._waiter)
+
+
 @dataclass
 class Identity:
     """Popen's privilege-dropping arguments (None/-1: unchanged)."""
@@ -165,6 +196,13 @@ class Identity:
 
 
 class Agent:
+    # Slots, not a __dict__: past 30 attributes an instance dict no longer shares its keys (1.5 KiB each).
+    __slots__ = ("_adopting", "_config", "_err_fd", "_exited", "_fifo_fd", "_followers", "_is_child", "_lock",
+                 "_loop", "_notify", "_on_change", "_pidfd", "_popen", "_stable_timer", "_state", "_timer",
+                 "adopted", "cfg", "consecutive_failures", "dir", "err_log", "kept", "last_error",
+                 "last_exit_status", "layout", "log", "name", "pid", "restarts", "retiring", "start_time",
+                 "status_text", "version")
+
     def __init__(self, cfg: AgentConfig, config: Config, on_change: Callable[[Agent], None]) -> None:
         self.cfg = cfg
         self.name = cfg.name
@@ -179,7 +217,7 @@ class Agent:
         self.retiring = False  # leaving the config: being stopped for good, never started again
         self._adopting = False
         self._err_fd = -1
-        self._followers: dict[bool, set[asyncio.Queue[bytes | None]]] = {False: set(), True: set()}
+        self._followers: dict[bool, set[asyncio.Queue[bytes | None]]] = {}  # by stderr; filled by follow()
         self._state = AgentState.STOPPED
         self.pid = 0
         self.start_time = 0.0
@@ -195,7 +233,7 @@ class Agent:
         self._is_child = False
         self._timer: asyncio.TimerHandle | None = None
         self._stable_timer: asyncio.TimerHandle | None = None
-        self._exited = asyncio.Event()
+        self._exited = ExitSignal()
         self._fifo_fd = -1
         self._notify: NotifySocket | None = None
         self._loop = asyncio.get_running_loop()
@@ -291,11 +329,13 @@ class Agent:
             if not data:
                 return
             log.write(data)
-            for q in list(self._followers[stderr]):
+            followers = self._followers.get(stderr)
+            for q in list(followers or ()):
                 try:
                     q.put_nowait(data)
                 except asyncio.QueueFull:
-                    self._followers[stderr].discard(q)
+                    assert followers is not None
+                    followers.discard(q)
                     with contextlib.suppress(asyncio.QueueEmpty):
                         q.get_nowait()
                     q.put_nowait(None)
@@ -318,7 +358,7 @@ class Agent:
         """A queue of every new chunk of output; None ends it (the agent was removed or the reader fell behind)."""
         self.log_for(stderr)
         q: asyncio.Queue[bytes | None] = asyncio.Queue(FOLLOW_QUEUE_CHUNKS)
-        self._followers[stderr].add(q)
+        self._followers.setdefault(stderr, set()).add(q)
         return q
 
     def unfollow(self, q: asyncio.Queue[bytes | None]) -> None:

@@ -314,3 +314,28 @@ def test_a_running_supervisor_has_not_loaded_what_it_needs_only_now_and_then(mak
                 "/_lzma.", "/_random."):
         assert lib not in maps, f"{lib} is loaded"
     assert "imported loguru" not in sup.output()
+
+
+def test_an_exit_signal_wakes_every_waiter_and_one_that_gives_up_cancels_only_itself():
+    import asyncio
+
+    from supervisor.agents import ExitSignal
+
+    async def body() -> None:
+        exited = ExitSignal()
+        patient = [asyncio.create_task(exited.wait()) for _ in range(2)]
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(exited.wait(), 0.01)  # gives up: the others keep waiting
+        await asyncio.sleep(0)
+        assert not any(t.done() for t in patient)
+        exited.set()
+        await asyncio.wait_for(asyncio.gather(*patient), 5)
+        await asyncio.wait_for(exited.wait(), 5)  # set: returns at once
+        exited.clear()  # the next process was spawned: waiting again waits for its exit
+        later = asyncio.create_task(exited.wait())
+        await asyncio.sleep(0.01)
+        assert not later.done()
+        exited.set()
+        await asyncio.wait_for(later, 5)
+
+    asyncio.run(body())
