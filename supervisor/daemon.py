@@ -41,14 +41,14 @@ from supervisor.audit import AuditInterceptor, AuditTrail, Callers
 from supervisor.daemon_service import DaemonService, agent_info
 from supervisor.front import SERVER_OPTIONS, Front, UnixPeerPolicy, bind_tcp, bind_unix
 from supervisor.handover import ReceivedState
-from supervisor.manager_client import ManagerClient
-from supervisor.outbox import ResultOutbox
 from supervisor.tls import server_credentials
 from supervisor.updates import UpdateManager
 from supervisor.version import supervisor_version
 
 if TYPE_CHECKING:
     from baton.metrics import MetricsServer  # prometheus_client: imported only when [metrics] is configured
+    from supervisor.manager_client import ManagerClient  # and these when a Manager is
+    from supervisor.outbox import ResultOutbox
 
 SERVICE_NAME = "baton.v1.DaemonService"
 STATUS_DELAY_S = 0.05  # agent changes within this share one systemd STATUS line
@@ -126,14 +126,21 @@ class Supervisor:
                            local_backend=self.local_backend_path, audit=self.audit)
         self.endpoint = handover.HandoverEndpoint(cfg, self.version, self.pm, self.front, self.server, self.gate,
                                                   self._stop_control_plane, self._stop)
-        self.manager = ManagerClient(
-            cfg.manager, cfg.node.id, self.version, self.started_at,
-            lambda: [agent_info(s) for s in self.pm.snapshots()],
-            grpc_address=cfg.grpc.push_address,
-            labels=cfg.node.labels,
-        ) if cfg.manager.address else None
-        self.outbox = ResultOutbox(self.updates, self.manager, cfg.node.id) if self.manager is not None else None
+        self.manager: ManagerClient | None = None
+        self.outbox: ResultOutbox | None = None
+        if cfg.manager.address:
+            self.manager, self.outbox = self._manager_client()
         self.metrics = self._metrics_server()
+
+    def _manager_client(self) -> tuple[ManagerClient, ResultOutbox]:
+        """Imported only when a Manager is configured: its protobuf module and client are 0.1 MiB resident."""
+        from supervisor.manager_client import ManagerClient
+        from supervisor.outbox import ResultOutbox
+
+        manager = ManagerClient(self.cfg.manager, self.cfg.node.id, self.version, self.started_at,
+                                lambda: [agent_info(s) for s in self.pm.snapshots()],
+                                grpc_address=self.cfg.grpc.push_address, labels=self.cfg.node.labels)
+        return manager, ResultOutbox(self.updates, manager, self.cfg.node.id)
 
     @property
     def backend_path(self) -> Path:
