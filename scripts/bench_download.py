@@ -180,8 +180,8 @@ def run(ctx: Ctx) -> Section:
     ]), "")
     s.add("Peak resident memory of our process (`ru_maxrss` from `wait4`), at two package sizes. The first rows are "
           "the download-and-verify code alone; the last rows import first everything a real `helper apply` "
-          "process imports (state machine, gRPC control client, self-update), so they show the helper's own "
-          "footprint.", "")
+          "process imports (state machine, the supervisor's client, and a self-update's: gRPC), so they show "
+          "the helper's own footprint.", "")
     s.add(*table(["process", f"{fmt_size(small)}", f"{fmt_size(big)}", "after imports, before the download"], [
         ("download + verify", fmt_mib(small_r["maxrss_kib"]), fmt_mib(rss_big_kib),
          fmt_mib(median(hwm_imports))),
