@@ -231,6 +231,11 @@ class Config:
     def run_dir(self) -> Path:
         return self.node.state_dir / "run"
 
+    @property
+    def control_socket(self) -> Path:
+        """The private gRPC socket: helpers' fallback, the local CLI's default, the handover's own checks."""
+        return self.run_dir / "control.sock"
+
     def agent(self, name: str) -> AgentConfig | None:
         return next((a for a in self.agents if a.name == name), None)
 

@@ -43,10 +43,6 @@ def _load(path: str) -> Config:
         raise SystemExit(EXIT_USAGE) from None
 
 
-def control_socket(cfg: Config) -> Path:
-    return cfg.run_dir / "control.sock"
-
-
 def _control(socket: Path) -> SupervisorControl:
     """The supervisor's client, made when an update first needs it (once the new version is in place).
 
@@ -73,7 +69,7 @@ def cmd_apply(ns: argparse.Namespace) -> int:
     except BatonError as e:
         print(f"helper: {e}", file=sys.stderr)
         return EXIT_FAILED
-    socket = Path(ns.socket) if ns.socket else control_socket(cfg)
+    socket = Path(ns.socket) if ns.socket else cfg.control_socket
     try:
         with ComponentLock(cfg.node.state_dir, rec.component):
             kind = UpdateRun

@@ -103,7 +103,7 @@ def manual_rollback(cfg: Config, component: str, to: str | None = None) -> str:
     if component == SUPERVISOR_COMPONENT:
         raise RollbackError("the supervisor is rolled back by helper.self_update.rollback_supervisor (a handover)")
     with switched_back(cfg, component, to) as (cur, target):
-        control = SupervisorControl(cfg.run_dir / "control.sock", rpc_timeout_s=10.0)
+        control = SupervisorControl(cfg.control_socket, rpc_timeout_s=10.0)
         try:
             if not control.reachable():
                 return (f"{component}: switched {cur} -> {target}; the supervisor is not running, "

@@ -295,7 +295,7 @@ class HandoverSession:
 
     def check_serving(self, expect_version: str) -> None:
         """Our own check over the control socket: SERVING, and the version we expect."""
-        target = f"unix:{self.cfg.run_dir / 'control.sock'}"
+        target = f"unix:{self.cfg.control_socket}"
         try:
             with grpc.insecure_channel(target) as ch:
                 h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
@@ -338,7 +338,7 @@ class HandoverSession:
 
 def running_supervisor(cfg: Config) -> tuple[str, bool]:
     """(version, serving) of the supervisor answering on the control socket; ("", False) if none."""
-    target = f"unix:{cfg.run_dir / 'control.sock'}"
+    target = f"unix:{cfg.control_socket}"
     try:
         with grpc.insecure_channel(target) as ch:
             st = daemon_pb2_grpc.DaemonServiceStub(ch).GetStatus(daemon_pb2.GetStatusRequest(), timeout=3)
@@ -488,7 +488,7 @@ def start_log_tail(cfg: Config, max_bytes: int = 2048) -> str:
 
 def _control_pid(cfg: Config) -> int:
     try:
-        with grpc.insecure_channel(f"unix:{cfg.run_dir / 'control.sock'}") as ch:
+        with grpc.insecure_channel(f"unix:{cfg.control_socket}") as ch:
             return int(daemon_pb2_grpc.DaemonServiceStub(ch).GetStatus(daemon_pb2.GetStatusRequest(), timeout=3).pid)
     except grpc.RpcError:
         return 0

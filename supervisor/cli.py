@@ -79,7 +79,7 @@ def _socket_path(ns: argparse.Namespace) -> Path:
     if ns.socket:
         return Path(ns.socket)
     cfg = _load(ns.config)
-    return cfg.grpc.unix_socket or cfg.run_dir / "control.sock"
+    return cfg.grpc.unix_socket or cfg.control_socket
 
 
 def _ctl(fn: Any) -> Any:

@@ -209,7 +209,7 @@ class Supervisor:
         wanted: list[tuple[str, Callable[[], socket.socket]]] = [
             (a, partial(bind_tcp, a)) for a in self.cfg.grpc.listen
         ]
-        wanted.append((handover.wire.CONTROL_LISTENER, partial(bind_unix, self.cfg.run_dir / "control.sock")))
+        wanted.append((handover.wire.CONTROL_LISTENER, partial(bind_unix, self.cfg.control_socket)))
         if self.cfg.grpc.unix_socket is not None:
             wanted.append((f"unix:{self.cfg.grpc.unix_socket}",
                            partial(bind_unix, self.cfg.grpc.unix_socket, self.cfg.grpc.unix_socket_group)))
@@ -372,7 +372,7 @@ class Supervisor:
             if agent.pid != rec.pid and same_process(rec.pid, rec.start_time):
                 problems.append(f"agent {rec.name} pid {rec.pid} runs but was not adopted")
         try:
-            async with grpc.aio.insecure_channel(f"unix:{self.cfg.run_dir / 'control.sock'}") as ch:
+            async with grpc.aio.insecure_channel(f"unix:{self.cfg.control_socket}") as ch:
                 resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
                                                                   timeout=5.0)
             if resp.status != health_pb2.HealthCheckResponse.SERVING:

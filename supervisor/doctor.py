@@ -236,7 +236,7 @@ def check_layout(ctx: Context) -> list[Finding]:
 
 
 def supervisor_socket(cfg: Config) -> Path:
-    return cfg.grpc.unix_socket or cfg.run_dir / "control.sock"
+    return cfg.grpc.unix_socket or cfg.control_socket
 
 
 def check_supervisor(ctx: Context) -> list[Finding]:

@@ -173,7 +173,7 @@ def install_release(cfg: Config, release_root: Path, *, force: bool = False,
                              "use --force to install it anyway")
     running, _ = running_supervisor(cfg)
     if running:
-        raise InstallRefused(f"supervisor {running} is running on {cfg.run_dir / 'control.sock'}: stop it first, "
+        raise InstallRefused(f"supervisor {running} is running on {cfg.control_socket}: stop it first, "
                              "or push this release as a self-update")
     if cfg.source is None:
         raise InstallRefused("install-self needs the config file path for the unit's ExecStart")
@@ -258,7 +258,7 @@ def _supervisor_status(cfg: Config) -> Any:
     from supervisor.ctl import CtlError, client
 
     try:
-        with client(cfg.run_dir / "control.sock", 3.0) as c:
+        with client(cfg.control_socket, 3.0) as c:
             return c.call("GetStatus", daemon_pb2.GetStatusRequest())
     except CtlError:
         return None
@@ -300,5 +300,5 @@ def enable_unit(cfg: Config, unit: str = UNIT_NAME, timeout: float = ENABLE_TIME
             progress(f"waiting for {unit}: {active or '?'}/{sub or '?'} ({now - t0:.0f} s of {timeout:.0f} s)")
             next_progress += ENABLE_PROGRESS_S
         time.sleep(ENABLE_POLL_S)
-    raise EnableFailed(f"{unit} is not running a supervisor that answers on {cfg.run_dir / 'control.sock'} after "
+    raise EnableFailed(f"{unit} is not running a supervisor that answers on {cfg.control_socket} after "
                        f"{timeout:.0f} s ({state.get('ActiveState', '?')}/{state.get('SubState', '?')})")

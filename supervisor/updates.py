@@ -131,10 +131,6 @@ class UpdateManager:
         self._loop = asyncio.get_running_loop()
         self._waiters: set[asyncio.Event] = set()  # one per WatchUpdate stream or CancelUpdate call
 
-    @property
-    def control_socket(self) -> Path:
-        return self.cfg.run_dir / "control.sock"
-
     # ---- start-up ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -375,7 +371,7 @@ class UpdateManager:
             return
         log_path = self.journal.dir(update_id) / "helper.log"
         argv = [*helper_command(), "apply", "--config", str(self.cfg.source), "--update-id",
-                update_id, "--socket", str(self.control_socket)]
+                update_id, "--socket", str(self.cfg.control_socket)]
         if systemd.under_systemd() and _which("systemd-run"):
             # Its own transient unit: outside what systemd stops or kills with the supervisor's service.
             env = [f"--setenv={k}={v}" for k, v in os.environ.items() if k.startswith("BATON_") or k == "PYTHONPATH"]
