@@ -129,26 +129,14 @@ class AgentSocket:
 
     async def _watch(self, name: str, writer: asyncio.StreamWriter) -> None:
         """The agent now, then on each change (in the event-loop turn it happens), at least every HEARTBEAT_S."""
-        changed = asyncio.Event()
-
-        def listener(snap: AgentSnapshot) -> None:
-            if snap.name == name:
-                changed.set()
-
-        self.pm.add_listener(listener)
         try:
-            while not writer.is_closing():
-                changed.clear()  # before the snapshot: a change after it wakes the next wait
-                try:
-                    snap = self.pm.snapshot(name)
-                except UnknownAgent as e:
-                    await _send(writer, Reply(code=NOT_FOUND, error=str(e)))
-                    return
-                await _send(writer, Reply(agent=view(snap)))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), HEARTBEAT_S)
-        finally:
-            self.pm.remove_listener(listener)
+            async with contextlib.aclosing(self.pm.watch(name, HEARTBEAT_S)) as changes:
+                async for snap in changes:
+                    if writer.is_closing():
+                        return
+                    await _send(writer, Reply(agent=view(snap)))
+        except UnknownAgent as e:
+            await _send(writer, Reply(code=NOT_FOUND, error=str(e)))
 
 
 async def _send(writer: asyncio.StreamWriter, reply: Reply) -> None:

@@ -27,7 +27,7 @@ import socket
 import stat
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -836,6 +836,28 @@ class ProcessManager:
         agent = self.get(name)
         self._durable_before_shown()
         return agent.snapshot()
+
+    async def watch(self, name: str, heartbeat_s: float) -> AsyncGenerator[AgentSnapshot, None]:
+        """The agent now, then on each change (in the event-loop turn it happens), and at least every
+        ``heartbeat_s``, which bounds any wait on a missed event; UnknownAgent if it is not (or no longer) here.
+
+        Close it with ``contextlib.aclosing``: the change listener goes with it.
+        """
+        changed = asyncio.Event()
+
+        def listener(snap: AgentSnapshot) -> None:
+            if snap.name == name:
+                changed.set()
+
+        self.add_listener(listener)
+        try:
+            while True:
+                changed.clear()  # before the snapshot: a change after it wakes the next wait
+                yield self.snapshot(name)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), heartbeat_s)
+        finally:
+            self.remove_listener(listener)
 
     def _durable_before_shown(self) -> None:
         if self._flush is not None and self._flush_urgent:  # a pid shown is durable (adopted after a crash)

@@ -109,26 +109,12 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
         Woken by the process manager's change listener, so a helper waiting for READY=1 learns of it in the
         same event-loop turn rather than at its next poll; the heartbeat bounds any wait on a missed event.
         """
-        name = request.name
-        changed = asyncio.Event()
-
-        def listener(snap: AgentSnapshot) -> None:
-            if snap.name == name:
-                changed.set()
-
-        self.pm.add_listener(listener)
         try:
-            while True:
-                changed.clear()  # before the snapshot: a change after it wakes the next wait
-                try:
-                    snap = self.pm.snapshot(name)
-                except UnknownAgent as e:
-                    await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-                yield agent_info(snap)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), WATCH_AGENT_HEARTBEAT_S)
-        finally:
-            self.pm.remove_listener(listener)
+            async with contextlib.aclosing(self.pm.watch(request.name, WATCH_AGENT_HEARTBEAT_S)) as changes:
+                async for snap in changes:
+                    yield agent_info(snap)
+        except UnknownAgent as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
 
     async def _agent(self, name: str, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
         try:
