@@ -358,6 +358,16 @@ def test_truncated_tar_gz_is_an_archive_error(parent: Path) -> None:
     assert_untouched(parent)
 
 
+def test_tar_gz_written_as_several_gzip_members_unpacks_whole(parent: Path) -> None:
+    data = os.urandom(300_000)
+    whole = tar_of([regular("a", data), regular("b", b"tail")]).getvalue()
+    cut = len(whole) // 3  # the second gzip member starts inside a's data
+    package = gzip.compress(whole[:cut]) + gzip.compress(whole[cut:])
+    staging = extract_package(io.BytesIO(package), parent, LIMITS)
+    assert (staging / "a").read_bytes() == data
+    assert (staging / "b").read_bytes() == b"tail"
+
+
 def test_truncated_tar_is_an_archive_error(parent: Path) -> None:
     whole = tar_of([regular("a", os.urandom(100_000))]).getvalue()
     with pytest.raises(ArchiveError):
