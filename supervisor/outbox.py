@@ -14,10 +14,12 @@ import contextlib
 import grpc
 
 from baton.log import logger
+from baton.pb import manager_pb2_grpc
 from supervisor.manager_client import ManagerClient
 from supervisor.updates import UpdateManager, update_result
 
-RETRY_S = 0.5
+RETRY_S = 0.5  # between attempts while a result is undelivered
+IDLE_SCAN_S = 30.0  # between looks at the journal when everything was delivered
 
 
 class ResultOutbox:
@@ -37,19 +39,31 @@ class ResultOutbox:
                 await self._task
 
     async def _run(self) -> None:
-        while True:
-            stub = self.manager.stub
-            if stub is not None:
-                for rec in self.updates.unreported():
-                    try:
-                        ack = await stub.ReportUpdateResult(update_result(rec, self.node_id),
-                                                            timeout=self.manager.cfg.rpc_timeout_s)
-                    except grpc.aio.AioRpcError as e:
-                        logger.debug("result of update {} not delivered: {}", rec.update_id, e.code().name)
-                        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                            self.manager.call_failed()  # this replica is gone or stuck: try the next one
-                        break
-                    self.updates.mark_reported(rec.update_id)
-                    logger.info("result of update {} delivered to the Manager{}", rec.update_id,
-                                " (it had it already)" if ack.duplicate else "")
-            await asyncio.sleep(RETRY_S)
+        """Deliver at start, whenever a helper exits, and every RETRY_S while a delivery fails; else sleep.
+
+        The journal is read only then: scanning it every RETRY_S cost an idle supervisor CPU for nothing.
+        IDLE_SCAN_S is the bounded fallback should a settled result ever come without a helper's exit.
+        """
+        with self.updates.helper_exits() as woken:
+            while True:
+                woken.clear()  # before the scan: a helper exiting during it wakes the next one
+                stub = self.manager.stub
+                done = stub is not None and await self._deliver(stub)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), IDLE_SCAN_S if done else RETRY_S)
+
+    async def _deliver(self, stub: manager_pb2_grpc.ManagerServiceStub) -> bool:
+        """Send every unacknowledged result; False if one could not be delivered (the rest wait for the retry)."""
+        for rec in self.updates.unreported():
+            try:
+                ack = await stub.ReportUpdateResult(update_result(rec, self.node_id),
+                                                    timeout=self.manager.cfg.rpc_timeout_s)
+            except grpc.aio.AioRpcError as e:
+                logger.debug("result of update {} not delivered: {}", rec.update_id, e.code().name)
+                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self.manager.call_failed()  # this replica is gone or stuck: try the next one
+                return False
+            self.updates.mark_reported(rec.update_id)
+            logger.info("result of update {} delivered to the Manager{}", rec.update_id,
+                        " (it had it already)" if ack.duplicate else "")
+        return True

@@ -326,10 +326,24 @@ class UpdateManager:
                 await _woken_or_poll(woken)
 
     @contextlib.contextmanager
-    def _wakeups(self, update_id: str) -> Iterator[asyncio.Event]:
-        """An event set when this update's ``journal.json`` is renamed into place (inotify) or a helper exits."""
+    def helper_exits(self) -> Iterator[asyncio.Event]:
+        """An event set whenever a helper of ours exits or an update is abandoned: a result may have settled."""
         woken = asyncio.Event()
         self._waiters.add(woken)
+        try:
+            yield woken
+        finally:
+            self._waiters.discard(woken)
+
+    @contextlib.contextmanager
+    def _wakeups(self, update_id: str) -> Iterator[asyncio.Event]:
+        """An event set when this update's ``journal.json`` is renamed into place (inotify) or a helper exits."""
+        with self.helper_exits() as woken, self._renames(update_id, woken):
+            yield woken
+
+    @contextlib.contextmanager
+    def _renames(self, update_id: str, woken: asyncio.Event) -> Iterator[None]:
+        """Set ``woken`` whenever this update's ``journal.json`` is renamed into place."""
         watch = watch_dir(self.journal.dir(update_id)) if valid_update_id(update_id) else None
         journal_name = JOURNAL_FILE
 
@@ -346,9 +360,8 @@ class UpdateManager:
         if watch is not None:
             self._loop.add_reader(watch.fd, readable)
         try:
-            yield woken
+            yield
         finally:
-            self._waiters.discard(woken)
             if watch is not None:
                 self._loop.remove_reader(watch.fd)
                 watch.close()
