@@ -91,9 +91,10 @@ def run(ctx: Ctx) -> Section:
     n = 5 if ctx.quick else 20
     runs = ctx.runs(2, 1)
     keys = make_keys(ctx.work / "keys")
-    ctx.log(f"building {2 * runs} signed packages")
+    ncpu = os.cpu_count() or 1
+    ctx.log(f"building {3 * runs} signed packages")
     pkgs: list[Package] = []
-    for i in range(2 * runs):
+    for i in range(3 * runs):
         v = f"1.{i + 1}.0"
         tree = agent_tree(ctx.work / "trees" / v, 10 * MiB)
         pkgs.append(build_package(tree, ctx.work / "pkgs" / f"app-{v}.tar.gz", "app", v, keys))
@@ -123,6 +124,8 @@ def run(ctx: Ctx) -> Section:
                                     "cmd_cpu": []}
     loop: dict[str, list[float]] = {"total": [], "latency": [], "rss": [], "nodes_cpu": [], "serve_cpu": [],
                                     "cmd_cpu": []}
+    per_cpu: dict[str, list[float]] = {"total": [], "latency": [], "rss": [], "nodes_cpu": [], "serve_cpu": [],
+                                       "cmd_cpu": []}  # the control: batches of one node per CPU
 
     def cpu() -> tuple[float, float]:
         """CPU seconds so far of every node (supervisor, its helpers and agents) and of the Manager's serve."""
@@ -143,15 +146,15 @@ def run(ctx: Ctx) -> Section:
         reported.append(sum(1 for u in rows if u.get("reported_at")))
         return [u["finished_at"] - u["created_at"] for u in rows]
 
-    def rollout(pkg: Package) -> None:
+    def rollout(pkg: Package, batch: int = BATCH, into: dict[str, list[float]] = roll) -> None:
         before = cpu()
-        _, wall, rss = mgr.run("rollout", "--all", "--canary", str(CANARY), "--batch-size", str(BATCH),
+        _, wall, rss = mgr.run("rollout", "--all", "--canary", str(CANARY), "--batch-size", str(batch),
                                "--package", pkg.path, "--component", "app", "--version", pkg.version,
                                "--timeout", "300")
-        roll["total"].append(wall)
-        roll["rss"].append(rss)
-        account(roll, before, mgr.last_cpu_s)
-        roll["latency"] += latencies(pkg.version)
+        into["total"].append(wall)
+        into["rss"].append(rss)
+        account(into, before, mgr.last_cpu_s)
+        into["latency"] += latencies(pkg.version)
 
     def push_loop(pkg: Package) -> None:
         t0 = time.perf_counter()
@@ -166,7 +169,7 @@ def run(ctx: Ctx) -> Section:
         loop["latency"] += latencies(pkg.version)
 
     for i in range(runs):
-        a, b = pkgs[2 * i], pkgs[2 * i + 1]
+        a, b, c = pkgs[3 * i], pkgs[3 * i + 1], pkgs[3 * i + 2]
         ctx.log(f"run {i + 1}/{runs}: rollout of {a.version}, then one push per node of {b.version}"
                 if i % 2 == 0 else f"run {i + 1}/{runs}: one push per node of {a.version}, then rollout of "
                 f"{b.version}")
@@ -176,6 +179,8 @@ def run(ctx: Ctx) -> Section:
         else:
             push_loop(a)
             rollout(b)
+        ctx.log(f"run {i + 1}/{runs}: rollout of {c.version} in batches of {ncpu}, one node per CPU")
+        rollout(c, batch=ncpu, into=per_cpu)
     # Results come back from each node's outbox on their own schedule: wait (bounded) until all have arrived.
     versions_pushed = {p.version for p in pkgs}
     t_wait = time.perf_counter()
@@ -227,7 +232,6 @@ def run(ctx: Ctx) -> Section:
           f"`ReportUpdateResult`: {sum(reported)} of {len(reported) * n} were recorded when the command that "
           f"pushed them returned, {arrived} of {len(final_rows)} after waiting {fmt_s(waited)} more; "
           f"{duplicates} duplicate reports (each acknowledged, recorded once).", "")
-    ncpu = os.cpu_count() or 1
     node_cpu, serve_cpu = median(loop["nodes_cpu"]), median(loop["serve_cpu"])
     s.add("CPU per node update (user + system; a node's figure is its supervisor's own and that of the children it "
           "reaped: the helper, and the agent version it replaced):", "")
@@ -240,16 +244,34 @@ def run(ctx: Ctx) -> Section:
     ]), "")
     per_update = node_cpu + serve_cpu
     alone = median(loop["latency"])
-    spread = BATCH * per_update / ncpu
-    s.add(f"- A batch updates {BATCH} nodes at once on {ncpu} CPUs. A node's update is CPU work more than waiting: "
-          f"it uses {fmt_s(per_update)} of CPU (the node's supervisor, helper and replaced agent, and the Manager's "
-          f"server) against its {fmt_s(alone)} of latency alone (part of that CPU falls outside the push-to-final "
-          f"time: the replaced agent's own life, the helper's exit, the supervisors' heartbeats). {BATCH} at once "
-          f"ask {fmt_s(BATCH * per_update)} of CPU of {ncpu} CPUs: {fmt_s(spread)} of wall time even spread "
-          f"perfectly, {spread / alone:.2f}x one node alone, so the 1.5x goal needs about "
-          f"{per_update / (1.5 * alone * ncpu / BATCH):.1f} times less CPU per update on this machine (the "
-          "helper's start-up is the largest part, section 3). Real hosts do not share their CPUs with the rest of "
-          "the batch; here 20 nodes share 2.")
+    busy = per_update / alone  # CPUs a lone node's update keeps busy, on average over its latency
+    floor = BATCH * busy / ncpu  # the least a batch can take, in lone-node latencies, if the CPUs are all it waits on
+    in_batch = median(roll["latency"]) / alone
+    s.add(f"Where a node's time goes in a batch: {BATCH} nodes at once on {ncpu} CPUs, and nothing else.", "")
+    s.add(*table(["", "per-node latency", "x one node alone"], [
+        ("one node at a time (push loop)", fmt_s(alone), "1.00x"),
+        (f"rollout in batches of {ncpu}: one node per CPU (the control)", fmt_spread(per_cpu["latency"]),
+         f"{median(per_cpu['latency']) / alone:.2f}x"),
+        (f"rollout in batches of {BATCH}", fmt_spread(roll["latency"]), f"{in_batch:.2f}x"),
+        (f"the floor for {BATCH} at once if CPU were all they wait for: {BATCH} x {fmt_s(per_update)} of CPU "
+         f"/ {ncpu} CPUs", fmt_s(BATCH * per_update / ncpu), f"{floor:.2f}x"),
+    ]), "")
+    s.add(f"- A lone node's update keeps {busy:.1f} CPUs busy on average over its latency: {fmt_s(per_update)} of "
+          f"CPU (its supervisor, helper and replaced agent, and the Manager's server) in {fmt_s(alone)}. It waits "
+          "on almost nothing but CPU: the download is over loopback, the health window is 0, and the helper's "
+          "download, the package server and the agent's start run at the same time. (Part of that CPU falls "
+          "outside push-to-final: the replaced agent's own life, the helper's exit, heartbeats; so the floor is "
+          f"somewhat high, and a measured batch can come in under it.) {BATCH} such updates sharing {ncpu} CPUs "
+          f"take about {floor:.2f}x one alone; the rollout measures {in_batch:.2f}x, and with one node per CPU "
+          f"{median(per_cpu['latency']) / alone:.2f}x: no lock, queue or serial step of the Manager or the nodes "
+          "adds to what sharing the CPUs costs.")
+    s.add(f"- Why the 1.5x goal is out of reach on this machine whatever is cut: CPU taken out of an update's "
+          f"path shortens the lone node's latency about as much, so the ratio stays near {BATCH} x (CPUs busy) / "
+          f"{ncpu}. It reaches 1.5x only if a lone update keeps at most {1.5 * ncpu / BATCH:.1f} CPUs busy, that is, "
+          f"waits for something other than this machine's CPUs for most of its time; today {busy:.1f}. Real hosts do "
+          f"not share their CPUs with the rest of the batch (here {n} nodes share {ncpu}); there a node's latency "
+          "in a rollout is its latency alone plus the Manager's share, which the batches of one node per CPU "
+          "approach.")
     s.summary = [
         SummaryRow("fleet", f"rollout to {n} nodes (canary {CANARY}, batches of {BATCH})",
                    fmt_s(median(roll["total"])), f"push loop {fmt_s(median(loop['total']))}",
@@ -258,6 +280,9 @@ def run(ctx: Ctx) -> Section:
                    f"push loop (one node at a time) {fmt_s(median(loop['latency']))}",
                    f"{median(roll['latency']) / median(loop['latency']):.2f}x", "≤ 1.5x one node alone",
                    yes_no(median(roll["latency"]) <= 1.5 * median(loop["latency"]))),
+        SummaryRow("fleet", f"per-node latency (rollout in batches of {ncpu}, one node per CPU)",
+                   fmt_s(median(per_cpu["latency"])), f"push loop {fmt_s(alone)}",
+                   f"{median(per_cpu['latency']) / alone:.2f}x", "", ""),
         SummaryRow("fleet", "Manager peak RSS", f"serve {fmt_mib(serve_hwm)}, rollout {fmt_mib(max(roll['rss']))}",
                    "—", "—", "", ""),
     ]
