@@ -24,6 +24,8 @@ from baton.config import ManagerConfig
 from baton.log import logger
 from baton.pb import common_pb2, manager_pb2, manager_pb2_grpc
 
+SYNC_COALESCE_S = 0.2  # agent changes this close together go to the Manager in one SyncAgentStates
+
 
 def manager_channel(cfg: ManagerConfig, address: str) -> grpc.aio.Channel:
     if cfg.tls_ca is None:
@@ -172,6 +174,11 @@ class ManagerClient:
                 raise _Failover
             now = time.monotonic()
             if self._dirty.is_set() or now >= next_sync:
+                if self._dirty.is_set():
+                    # An update's restart changes an agent three or four times within tens of milliseconds
+                    # (stopping, exited, starting, running): one report of where it ended, not one call each.
+                    await asyncio.sleep(SYNC_COALESCE_S)
+                    now = time.monotonic()
                 self._dirty.clear()
                 await self._stub.SyncAgentStates(
                     manager_pb2.SyncAgentStatesRequest(node_id=self.node_id, agents=self._agents()),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from baton.pb import common_pb2
+from baton.pb import common_pb2, daemon_pb2
 from tests.conftest import RecordingManager, agent, free_port, serve_manager, wait_for
 
 
@@ -54,3 +54,29 @@ def test_manager_that_restarts_gets_a_new_registration(make_supervisor):
     finally:
         server2.stop(0)
     assert sup.proc.poll() is None
+
+
+def test_an_agent_restart_reaches_the_manager_in_one_state_sync_not_one_per_change(make_supervisor):
+    port = free_port()
+    mgr = RecordingManager()
+    server = serve_manager(port, mgr)
+    try:
+        sup = make_supervisor(
+            [agent("web", "ready_agent.py", notify=True)],
+            extra={"manager": {"address": f"127.0.0.1:{port}", "heartbeat_interval_s": 60, "sync_interval_s": 60}},
+        ).start()
+        old_pid = sup.wait_agent("web", "running").pid
+        wait_for(lambda: any(a.pid == old_pid and a.state == common_pb2.AGENT_STATE_RUNNING
+                             for s in list(mgr.syncs) for a in s.agents), 10, what="the first agent's state")
+        before = len(mgr.syncs)
+
+        sup.stub.RestartAgent(daemon_pb2.AgentRef(name="web"))
+        new_pid = sup.wait_agent("web", "running").pid
+        wait_for(lambda: any(a.pid == new_pid and a.state == common_pb2.AGENT_STATE_RUNNING
+                             for s in list(mgr.syncs) for a in s.agents), 10, what="state sync of the restart")
+        time.sleep(1.0)  # any later sync of the same restart would have come by now
+        # Four changes (stopping, exited, starting, running) made four calls before. One when the new agent is
+        # ready within SYNC_COALESCE_S; a second if a loaded machine made it slower than that.
+        assert len(mgr.syncs) - before <= 2, [[(a.pid, a.state) for a in s.agents] for s in mgr.syncs[before:]]
+    finally:
+        server.stop(0)
