@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from baton import durable
 from baton.errors import BatonError
@@ -158,11 +158,21 @@ def valid_update_id(update_id: str) -> bool:
     return bool(_ID_RE.match(update_id))
 
 
+class Ended(NamedTuple):
+    """What pruning and the result outbox need of a final, settled record (such a record never changes again)."""
+
+    update_id: str
+    component: str
+    finished_at: float  # its updated_at if it has no finish time
+    created_at: float
+
+
 class Journal:
     """All update records under ``<state_dir>/updates``."""
 
     def __init__(self, state_dir: Path) -> None:
         self.root = Path(state_dir) / "updates"
+        self._ended: dict[str, Ended] = {}  # read once per process: see ended()
 
     def dir(self, update_id: str) -> Path:
         if not valid_update_id(update_id):
@@ -192,6 +202,7 @@ class Journal:
             d.mkdir(mode=0o700)
         except FileExistsError:
             raise JournalError(f"update {rec.update_id} already exists") from None
+        self._ended.pop(rec.update_id, None)  # an id used again after its record was pruned
         durable.fsync_dir(self.root)
         self.save(rec.moved(UpdateState.REQUESTED))
 
@@ -224,6 +235,27 @@ class Journal:
         out.sort(key=lambda r: r.created_at)
         return out
 
+    def ended(self) -> list[Ended]:
+        """Every final, settled record, oldest first, each parsed once by this Journal object.
+
+        A settled record is never written again, so a supervisor that prunes and reports after each update
+        reads only the records that changed since, not all of them (100 by default) twice per update.
+        """
+        if not self.root.is_dir():
+            return []
+        names = {d.name for d in self.root.iterdir() if valid_update_id(d.name)}
+        for gone in self._ended.keys() - names:
+            del self._ended[gone]
+        for name in names - self._ended.keys():
+            try:
+                rec = self.load(name)
+            except JournalError:  # being created, or unreadable: all() skips it too
+                continue
+            if rec.final and rec.settled:
+                self._ended[name] = Ended(rec.update_id, rec.component, rec.finished_at or rec.updated_at,
+                                          rec.created_at)
+        return sorted((self._ended[n] for n in sorted(names) if n in self._ended), key=lambda e: e.created_at)
+
     def unfinished(self) -> list[UpdateRecord]:
         """Updates still needing a helper: not final, or final with their after-effects not yet settled."""
         return [r for r in self.all() if not (r.final and r.settled)]
@@ -241,7 +273,7 @@ class Journal:
         except (OSError, ValueError):
             return {}
 
-    def prune(self, keep: int, max_age_s: float, delivered: Callable[[UpdateRecord], bool],
+    def prune(self, keep: int, max_age_s: float, delivered: Callable[[Ended], bool],
               now: float | None = None) -> list[str]:
         """Remove delivered final records beyond the newest ``keep`` or finished more than ``max_age_s`` ago.
 
@@ -253,16 +285,16 @@ class Journal:
         """
         now = time.time() if now is None else now
         self._sweep_pruned()
-        final = [r for r in self.all() if r.final and r.settled]
-        final.sort(key=lambda r: (r.finished_at or r.updated_at, r.created_at), reverse=True)
+        final = sorted(self.ended(), key=lambda e: (e.finished_at, e.created_at), reverse=True)
         removed: list[str] = []
         for i, rec in enumerate(final):
             too_many = i >= keep
-            too_old = now - (rec.finished_at or rec.updated_at) > max_age_s
+            too_old = now - rec.finished_at > max_age_s
             if (too_many or too_old) and delivered(rec):
                 gone = self.root / f"{_PRUNED_PREFIX}{rec.update_id}"
                 os.replace(self.dir(rec.update_id), gone)
                 durable.fsync_dir(self.root)
+                self._ended.pop(rec.update_id, None)
                 durable.remove_tree(gone)
                 removed.append(rec.update_id)
         return removed

@@ -28,6 +28,7 @@ from baton.errors import clip
 from baton.journal import (
     CANCEL_SIGNAL,
     JOURNAL_FILE,
+    Ended,
     Journal,
     JournalError,
     UpdateRecord,
@@ -481,8 +482,12 @@ class UpdateManager:
     # ---- results -------------------------------------------------------------------------------------
 
     def unreported(self) -> list[UpdateRecord]:
-        return [r for r in self.journal.all()
-                if r.final and r.settled and not self._reported_marker(r.update_id).exists()]
+        out: list[UpdateRecord] = []
+        for e in self.journal.ended():
+            if not self._reported_marker(e.update_id).exists():
+                with contextlib.suppress(JournalError):
+                    out.append(self.journal.load(e.update_id))
+        return out
 
     def _reported_marker(self, update_id: str) -> Path:
         return self.journal.dir(update_id) / "reported"
@@ -497,7 +502,7 @@ class UpdateManager:
         """Drop final records past ``update.keep_updates``/``keep_updates_days``; never an undelivered one."""
         u = self.cfg.update
 
-        def delivered(rec: UpdateRecord) -> bool:
+        def delivered(rec: Ended) -> bool:
             if rec.update_id in self.helpers or self.active.get(rec.component) == rec.update_id:
                 return False
             return not self.cfg.manager.address or self._reported_marker(rec.update_id).exists()

@@ -154,6 +154,28 @@ def test_journal_saves_changes_that_keep_the_state(tmp_path):
     assert journal.load("u1").attempts == 3
 
 
+def ended_record(journal: Journal, update_id: str, finished_at: float) -> None:
+    journal.create(UpdateRecord(update_id=update_id, request=REQUEST))
+    rec = journal.load(update_id).moved(U.DOWNLOADING).moved(U.FAILED, "gone", error="gone")
+    journal.save(replace(rec, finished_at=finished_at, settled=True))
+
+
+def test_journal_lists_ended_records_oldest_first_and_not_unfinished_or_pruned_ones(tmp_path):
+    journal = Journal(tmp_path)
+    ended_record(journal, "old", 1.0)
+    ended_record(journal, "new", 2.0)
+    journal.create(UpdateRecord(update_id="running", request=REQUEST))
+    assert [e.update_id for e in journal.ended()] == ["old", "new"]
+
+    running = journal.load("running").moved(U.DOWNLOADING).moved(U.FAILED, "x", error="x")
+    journal.save(replace(running, settled=True))  # ended since the last look: read again, now listed
+    assert [e.update_id for e in journal.ended()] == ["old", "new", "running"]
+
+    assert journal.prune(keep=1, max_age_s=1e12, delivered=lambda e: True) == ["new", "old"]  # newest kept
+    assert [e.update_id for e in journal.ended()] == ["running"]
+    assert [e.update_id for e in Journal(tmp_path).ended()] == ["running"]  # as a fresh reader sees it
+
+
 def test_supervisor_abandoning_a_switched_update_cannot_write_failed():
     """supervisor/updates.py writes FAILED through the record: from SWITCHING on the record refuses."""
     for s in set(UpdateState) - PRE_SWITCH:
