@@ -215,8 +215,9 @@ def run(ctx: Ctx) -> Section:
           f"`health_window_s = 0`). The update is a {size_mib:.1f} MiB package that every node downloads from "
           f"the Manager's package server. **Rollout**: `python -m manager rollout --all --canary {CANARY} "
           f"--batch-size {BATCH}` (the canary alone, then batches of {BATCH} in parallel). **Baseline**: the same "
-          f"update pushed to the nodes one after the other with `python -m manager push NODE` in a loop. Each "
-          f"uses a new version; they alternate; {runs} of each. Per-node latency is the Manager's own record "
+          f"update pushed to the nodes one after the other with `python -m manager push NODE` in a loop. "
+          f"**Control**: after each pair, a rollout in batches of {ncpu}, one node per CPU. Each uses a new "
+          f"version; rollout and loop alternate; {runs} of each. Per-node latency is the Manager's own record "
           "(`updates --json`: `finished_at - created_at`, push to final).", "")
     s.add(*table(["", "rollout", "push loop", "ratio"], [
         (f"total time for {n} nodes", fmt_spread(roll["total"]), fmt_spread(loop["total"]),
@@ -258,8 +259,9 @@ def run(ctx: Ctx) -> Section:
     ]), "")
     s.add(f"- A lone node's update keeps {busy:.1f} CPUs busy on average over its latency: {fmt_s(per_update)} of "
           f"CPU (its supervisor, helper and replaced agent, and the Manager's server) in {fmt_s(alone)}. It waits "
-          "on almost nothing but CPU: the download is over loopback, the health window is 0, and the helper's "
-          "download, the package server and the agent's start run at the same time. (Part of that CPU falls "
+          "on almost nothing but CPU: the download is over loopback, the health window is 0, and during the "
+          "download the package server sends while the helper receives, hashes and writes on three more threads. "
+          "(Part of that CPU falls "
           "outside push-to-final: the replaced agent's own life, the helper's exit, heartbeats; so the floor is "
           f"somewhat high, and a measured batch can come in under it.) {BATCH} such updates sharing {ncpu} CPUs "
           f"take about {floor:.2f}x one alone; the rollout measures {in_batch:.2f}x, and with one node per CPU "
