@@ -227,7 +227,11 @@ def test_chaos_rounds_keep_every_invariant(make_self_host, release, tmp_path):
     # what is being tested here (tests/test_supervisor.py covers FATAL).
     sup.cfg["agents"] = [*({**a, "start_retries": 100_000} for a in SELF_AGENTS),
                          {"name": "app", "packaged": True, "command": "bin/agent", "notify": True,
-                          "restart": "always", "backoff_initial_s": 0.2, "start_retries": 100_000}]
+                          "restart": "always", "backoff_initial_s": 0.2, "start_retries": 100_000,
+                          # a die_after_ready version dies well inside the 0.5 s health window: at its
+                          # default of 0.5 s after READY it died on the window's edge, and a helper that saw
+                          # RUNNING at once rightly committed it (seed 307872224, round 28)
+                          "env": {"DIE_AFTER": "0.2"}}]
     sup.cfg["manager"] = {"address": f"127.0.0.1:{port}", "retry_initial_s": 0.1, "retry_max_s": 0.5}
     install_version(sup.base / "install", "app", "1.0.0", release.tree("1.0.0"))
     sup.start(launcher=host.launcher)
