@@ -330,11 +330,12 @@ class Agent:
                 return
             log.write(data)
             followers = self._followers.get(stderr)
-            for q in list(followers or ()):
+            if not followers:
+                continue
+            for q in list(followers):
                 try:
                     q.put_nowait(data)
                 except asyncio.QueueFull:
-                    assert followers is not None
                     followers.discard(q)
                     with contextlib.suppress(asyncio.QueueEmpty):
                         q.get_nowait()
