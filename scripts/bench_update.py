@@ -288,18 +288,22 @@ def run(ctx: Ctx) -> Section:
                                                             strict=True)]))),
         ("by hand: the script and everything it ran (the old agent not included)", fmt_s(median(cpu["script"]))),
     ]), "")
-    start = {label: _start_cpu_s(code) for label, code in HELPER_START_PARTS}
+    start = dict(zip((label for label, _ in HELPER_START_PARTS),
+                     _start_cpu_s([code for _, code in HELPER_START_PARTS]), strict=True))
     s.add(f"Where the helper's CPU goes: its start-up, measured apart in the same run (a fresh `{Path(PY).name}` "
           f"process running just the import, {START_CPU_RUNS} runs each, median; the interpreter's own start "
           "included in each row but the first):", "")
     s.add(*table(["process", "CPU"], [(label, fmt_s(v)) for label, v in start.items()]), "")
-    bare, everything, with_grpc = (start[label] for label, _ in HELPER_START_PARTS)
+    bare, everything, collected, with_grpc = (start[label] for label, _ in HELPER_START_PARTS)
     s.add(f"- Interpreter start-up and imports are {fmt_s(everything)} of the helper's CPU per update (imports "
-          f"{fmt_s(everything - bare)}). The gRPC client that helpers used to talk to the supervisor with would "
-          f"add {fmt_s(with_grpc - everything)} to every update (the last row); it is imported now only for a "
-          "supervisor without the agent channel. (Imported on a thread beside the download, as it was before "
-          "the channel, it held the GIL the helper's other imports and the download's threads needed: updates "
-          "took about 20 ms longer than with it imported when needed.) The other "
+          f"{fmt_s(everything - bare)}). With the cycle collector on while they load, they cost "
+          f"{fmt_s(collected)} ({fmt_x(collected / everything)}): its full passes walk every module, class and "
+          "function made so far, again and again, while the imports keep making more. The gRPC client that "
+          f"helpers used to talk to the supervisor with would add {fmt_s(with_grpc - everything)} to every "
+          "update (the last row); it is imported now only for a supervisor without the agent channel. (Imported "
+          "on a thread beside the download, as it was before the channel, it held the GIL the helper's other "
+          "imports and the download's threads needed: updates took about 20 ms longer than with it imported when "
+          "needed.) The other "
           f"{fmt_s(median(cpu['helper and replaced agent']) - everything)} of the helper and replaced agent's "
           f"{fmt_s(median(cpu['helper and replaced agent']))} is the update's own work (download and both digests, "
           "extraction, fsyncs, control calls) and the replaced agent's own life (a Python program too).", "")
@@ -310,27 +314,34 @@ def run(ctx: Ctx) -> Section:
     return s
 
 
-START_CPU_RUNS = 7
+START_CPU_RUNS = 11
+_AS_APPLY = "import helper.cli\nwith helper.cli._loading():\n    import helper.machine, helper.control"
 HELPER_START_PARTS = (  # (what, the Python code a fresh interpreter runs)
     ("an interpreter that does nothing (`-c pass`)", "pass"),
-    ("the helper's update-path imports (`helper.cli`, `helper.machine`, `helper.control`)",
+    ("the helper's update-path imports (`helper.cli`, `helper.machine`, `helper.control`), loaded as "
+     "`helper apply` loads them: the cycle collector off, then the objects frozen", _AS_APPLY),
+    ("the same imports with the cycle collector on throughout (how the helper loaded them before)",
      "import helper.cli, helper.machine, helper.control"),
     ("those and the gRPC client's, which the agent channel replaces (`grpc`, protobuf stubs)",
-     "import helper.cli, helper.machine, helper.control, grpc, baton.pb.daemon_pb2_grpc"),
+     _AS_APPLY + ", grpc, baton.pb.daemon_pb2_grpc"),
 )
 
 
-def _start_cpu_s(code: str) -> float:
-    """Median CPU (user + system) of a fresh interpreter running ``code``, read from its own rusage."""
-    samples = []
+def _start_cpu_s(codes: list[str]) -> list[float]:
+    """Median CPU (user + system) of a fresh interpreter running each of ``codes``, read from its own rusage.
+
+    The codes take turns, so a change in the machine's speed during the runs shows in all of them alike.
+    """
+    samples: list[list[float]] = [[] for _ in codes]
     for _ in range(START_CPU_RUNS):
-        proc = subprocess.Popen([PY, "-c", code], cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{PY} -c {code!r} exited with {proc.returncode}")
-        samples.append(usage.ru_utime + usage.ru_stime)
-    return median(samples)
+        for code, got in zip(codes, samples, strict=True):
+            proc = subprocess.Popen([PY, "-c", code], cwd=ROOT)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{PY} -c {code!r} exited with {proc.returncode}")
+            got.append(usage.ru_utime + usage.ru_stime)
+    return [median(got) for got in samples]
 
 
 def _helpers(pid: int) -> list[int]:

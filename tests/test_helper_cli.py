@@ -132,3 +132,18 @@ def test_verify_refuses_a_fifo_as_the_signature_without_blocking(release, tmp_pa
     res = verify_within(str(pkg.path), str(fifo), str(release.public_key))
     assert res.returncode != 0
     assert "signature file" in res.stderr and "a FIFO, not a regular file" in res.stderr
+
+
+def test_the_update_paths_imports_leave_the_cycle_collector_on_even_when_one_fails():
+    """`helper apply` loads its modules with the collector off (start-up CPU); a long update still collects."""
+    code = ("import gc, helper.cli\n"
+            "try:\n"
+            "    with helper.cli._loading():\n"
+            "        import helper.machine\n"
+            "        raise ImportError('a broken module')\n"
+            "except ImportError:\n"
+            "    pass\n"
+            "print(gc.isenabled(), gc.get_freeze_count() > 1000)\n")
+    res = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["True", "True"]
