@@ -11,17 +11,15 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from baton.config import SUPERVISOR_COMPONENT, Config, ConfigError, load_config
 from baton.errors import BatonError
+from baton.startup import loading
 
 if TYPE_CHECKING:
     from helper.control import SupervisorControl
@@ -59,27 +57,8 @@ def _control(socket: Path) -> SupervisorControl:
     return SupervisorControl(socket)
 
 
-@contextlib.contextmanager
-def _loading() -> Iterator[None]:
-    """Imports with the cycle collector off, then their objects frozen out of its reach.
-
-    Importing the update path creates tens of thousands of objects (modules,
-    classes, functions) that live as long as the process. With the collector on,
-    its full passes walk all of them again and again while they are being
-    made: about a fifth of the helper's start-up CPU, on every update. Frozen
-    (``gc.freeze``), they are never walked again; objects made afterwards are
-    collected as usual.
-    """
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()
-        gc.enable()
-
-
 def cmd_apply(ns: argparse.Namespace) -> int:
-    with _loading():
+    with loading():
         from baton.journal import Journal
         from helper.locks import ComponentBusy, ComponentLock
         from helper.machine import UpdateRun
@@ -97,7 +76,7 @@ def cmd_apply(ns: argparse.Namespace) -> int:
         with ComponentLock(cfg.node.state_dir, rec.component):
             kind = UpdateRun
             if rec.component == SUPERVISOR_COMPONENT:  # the handover's machinery: loaded only for a self-update
-                with _loading():
+                with loading():
                     from helper.self_update import SelfUpdateRun
 
                 kind = SelfUpdateRun

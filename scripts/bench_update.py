@@ -315,7 +315,9 @@ def run(ctx: Ctx) -> Section:
 
 
 START_CPU_RUNS = 11
-_AS_APPLY = "import helper.cli\nwith helper.cli._loading():\n    import helper.machine, helper.control"
+_AS_APPLY = ("import helper.cli, baton.startup\n"
+             "with baton.startup.loading():\n"
+             "    import helper.machine, helper.control")
 HELPER_START_PARTS = (  # (what, the Python code a fresh interpreter runs)
     ("an interpreter that does nothing (`-c pass`)", "pass"),
     ("the helper's update-path imports (`helper.cli`, `helper.machine`, `helper.control`), loaded as "

@@ -47,13 +47,21 @@ def main() -> int:
     ns = p.parse_args()
 
     t_start = time.perf_counter()
-    if ns.helper_imports:
-        import helper.cli
-        import helper.control
-        import helper.machine
-        import helper.self_update  # noqa: F401
-    from baton.signing import load_trusted_keys
-    from helper.verify import read_signature_text, verify_package
+    from baton.startup import loading
+
+    with loading():  # as `helper apply` loads its modules
+        if ns.helper_imports:
+            import helper.cli
+            import helper.control
+            import helper.machine
+            import helper.self_update  # noqa: F401
+        from baton.config import UpdateConfig
+        from baton.digest import digest_stream
+        from baton.signing import load_trusted_keys
+        from helper.verify import read_signature_text, verify_package
+
+        if ns.mode == "download":
+            from helper.download import DownloadLimits, download
 
     keys = load_trusted_keys([ns.key])
     signature = read_signature_text(ns.signature)
@@ -62,14 +70,9 @@ def main() -> int:
 
     t0 = time.perf_counter()
     if ns.mode == "verify":
-        from baton.digest import digest_stream
-
         with open(ns.source, "rb") as f:
             digests = digest_stream(f, parallel=not ns.serial)
     else:
-        from baton.config import UpdateConfig
-        from helper.download import DownloadLimits, download
-
         dest = Path(ns.dest)
         dest.unlink(missing_ok=True)
         limits = DownloadLimits.from_config(UpdateConfig(free_space_reserve_bytes=0))

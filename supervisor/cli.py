@@ -12,6 +12,7 @@ from typing import Any
 
 from baton.config import Config, ConfigError, load_config
 from baton.errors import BatonError
+from baton.startup import loading
 from supervisor.logs import setup_logging
 from supervisor.version import supervisor_version
 
@@ -29,7 +30,8 @@ def _load(path: str) -> Config:
 
 def cmd_run(ns: argparse.Namespace) -> int:
     cfg = _load(ns.config)
-    from supervisor.daemon import prepare_dirs, run_supervisor
+    with loading():
+        from supervisor.daemon import prepare_dirs, run_supervisor
 
     try:
         prepare_dirs(cfg)
