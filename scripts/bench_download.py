@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_verify import openssl_speeds
+from bench_verify import openssl_speed
 from benchlib import (
     PY,
     SCRIPTS,
@@ -51,6 +51,10 @@ def _serve(d: Path, name: str, size: int, keys: Any) -> tuple[Path, str]:
         sha = hashlib.file_digest(f, "sha256").hexdigest()
     warm(pkg)
     return pkg, sha
+
+
+def fmt_rate_spread(rates: list[float]) -> str:
+    return f"{median(rates) / 1e6:.0f} MB/s [{min(rates) / 1e6:.0f}, {max(rates) / 1e6:.0f}]"
 
 
 def ours(url: str, dest: Path, pkg: Path, sha: str, size: int, keys: Any, helper_imports: bool = False
@@ -96,7 +100,8 @@ def run(ctx: Ctx) -> Section:
     dl.mkdir()
 
     t: dict[str, list[float]] = {k: [] for k in ("ours", "ours_dl", "ours_cpu", "curl_null", "curl", "sha256sum",
-                                                   "minisign", "by_hand")}
+                                                   "minisign", "by_hand", "sha256", "blake2b512")}
+    speed_s = 1 if ctx.quick else 2
     rss_big: list[int] = []
     hwm_imports: list[int] = []
 
@@ -123,7 +128,13 @@ def run(ctx: Ctx) -> Section:
     def run_curl_null() -> None:
         t["curl_null"].append(timed(["curl", "-sf", "-o", "/dev/null", url]))
 
-    readers = [("ours", run_ours), ("by hand", run_by_hand), ("curl -o /dev/null", run_curl_null)]
+    def run_limit() -> None:
+        """The machine's single-stream digest speeds, taken in the rotation: its speed drifts over a minute."""
+        for alg in ("sha256", "blake2b512"):
+            t[alg].append(openssl_speed(alg, speed_s))
+
+    readers = [("ours", run_ours), ("by hand", run_by_hand), ("curl -o /dev/null", run_curl_null),
+               ("openssl speed", run_limit)]
     try:
         for i in range(runs):
             k = i % len(readers)
@@ -141,16 +152,16 @@ def run(ctx: Ctx) -> Section:
         big_h = ours(url, dl / "ours.pkg", big_pkg, big_sha, big, keys, True)
     finally:
         server.stop()
-    speeds = openssl_speeds(ctx)
-    speed_sha, speed_b2, secs, reps = speeds.sha256, speeds.blake2b512, speeds.seconds, speeds.reps
+    m = {k: median(v) for k, v in t.items()}
+    speed_sha, speed_b2 = m["sha256"], m["blake2b512"]
     slower = min(speed_sha, speed_b2)
     slower_name = "SHA-256" if speed_sha < speed_b2 else "BLAKE2b-512"
-
-    m = {k: median(v) for k, v in t.items()}
     speedup = m["by_hand"] / m["ours"]
     worst_speedup = min(h / o for h, o in zip(t["by_hand"], t["ours"], strict=True))
     ours_rate = big / m["ours"]
-    vs_limit = ours_rate / slower
+    # each run of ours against the limit measured in the same turn of the rotation
+    vs_limits = [big / o / min(a, b) for o, a, b in zip(t["ours"], t["sha256"], t["blake2b512"], strict=True)]
+    vs_limit, worst_vs_limit = median(vs_limits), min(vs_limits)
     rss_big_kib = max(rss_big)
     worst = max(rss_big_kib, small_r["maxrss_kib"])
     s = Section(NAME, TITLE)
@@ -189,15 +200,18 @@ def run(ctx: Ctx) -> Section:
          fmt_mib(big_h["hwm_after_imports_kib"])),
     ]), "")
     growth = rss_big_kib - small_r["maxrss_kib"]
-    s.add(f"The machine's limit, single stream (`openssl speed -evp ALG -bytes 1048576 -seconds {secs}`, median of "
-          f"{reps}, measured after the runs above): SHA-256 {speed_sha / 1e6:.0f} MB/s, BLAKE2b-512 "
-          f"{speed_b2 / 1e6:.0f} MB/s; the slower is {slower_name}.", "")
+    s.add(f"The machine's limit, single stream (`openssl speed -evp ALG -bytes 1048576 -seconds {speed_s}`, taken "
+          f"once per turn of the rotation above, so each run of ours has one from the same minute; {runs} runs, "
+          f"median [min, max]): SHA-256 {fmt_rate_spread(t['sha256'])}, BLAKE2b-512 "
+          f"{fmt_rate_spread(t['blake2b512'])}; the slower is {slower_name}. The ratio below is the median of "
+          "each run's own ratio (ours against the limit of its turn), and the worst of them.", "")
     s.add(*table(["target", "figure", "met"], [
         ("download + verify ≥ 1.5x faster than by hand (whole processes; medians, and the worst single run)",
          f"{fmt_x(speedup)} ({fmt_s(m['by_hand'])} / {fmt_s(m['ours'])}); worst run {fmt_x(worst_speedup)}",
          yes_no(speedup >= 1.5 and worst_speedup >= 1.5)),
         (f"download + verify ≥ 0.6x of the slower digest's single-stream speed ({slower_name}, whole process)",
-         f"{fmt_x(vs_limit)} ({ours_rate / 1e6:.0f} / {slower / 1e6:.0f} MB/s)", yes_no(vs_limit >= 0.6)),
+         f"{fmt_x(vs_limit)} (medians {ours_rate / 1e6:.0f} / {slower / 1e6:.0f} MB/s); worst run "
+         f"{fmt_x(worst_vs_limit)}", yes_no(vs_limit >= 0.6)),
         ("peak RSS under 64 MiB whatever the size (download + verify)",
          f"{fmt_mib(small_r['maxrss_kib'])} at {fmt_size(small)}, {fmt_mib(rss_big_kib)} at {fmt_size(big)}",
          yes_no(worst < RSS_TARGET_KIB)),
