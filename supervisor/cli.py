@@ -12,7 +12,6 @@ from typing import Any
 
 from baton.config import Config, ConfigError, load_config
 from baton.errors import BatonError
-from baton.startup import loading
 from supervisor.logs import setup_logging
 from supervisor.version import supervisor_version
 
@@ -30,8 +29,7 @@ def _load(path: str) -> Config:
 
 def cmd_run(ns: argparse.Namespace) -> int:
     cfg = _load(ns.config)
-    with loading():
-        from supervisor.daemon import prepare_dirs, run_supervisor
+    from supervisor.daemon import prepare_dirs, run_supervisor
 
     try:
         prepare_dirs(cfg)

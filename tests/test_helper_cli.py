@@ -135,8 +135,8 @@ def test_verify_refuses_a_fifo_as_the_signature_without_blocking(release, tmp_pa
 
 
 def test_the_update_paths_imports_leave_the_cycle_collector_on_even_when_one_fails():
-    """`helper apply` and `supervisor run` load their modules with the collector off (start-up CPU, baton/startup.py);
-    a long update or the daemon still collects."""
+    """`helper apply` loads its modules with the collector off (start-up CPU, baton/startup.py); a long update
+    still collects."""
     code = ("import gc, baton.startup\n"
             "try:\n"
             "    with baton.startup.loading():\n"
