@@ -31,7 +31,6 @@ import re
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,7 @@ from baton.audit import (
 from baton.identity import peer_identity
 from baton.log import logger
 from supervisor.authz import READ_ONLY_METHODS, Channel, peer_label
+from supervisor.call_hooks import CallHooks, HookedInterceptor
 
 REFUSED_CODES = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
 RESULT_FIELDS = ("update_id",)  # fields of a response worth keeping in the record
@@ -189,22 +189,28 @@ class AuditTrail:
         return caller
 
 
-class AuditInterceptor(grpc.aio.ServerInterceptor):
+class AuditInterceptor(HookedInterceptor):
     """Records every call not known to be read-only, with its outcome. Register it first (outermost)."""
 
     def __init__(self, trail: AuditTrail) -> None:
         self.trail = trail
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method in READ_ONLY_METHODS:
-            return handler
-        return _audited(handler, method.rsplit("/", 1)[-1], self.trail)
+    def hooks(self, method: str) -> CallHooks | None:
+        return None if method in READ_ONLY_METHODS else _Audit(self.trail, method.rsplit("/", 1)[-1])
+
+
+class _Audit:
+    """Audits each call of one method (CallHooks): a :class:`_Call` from its start, written at its end."""
+
+    def __init__(self, trail: AuditTrail, name: str) -> None:
+        self.trail = trail
+        self.name = name
+
+    async def begin(self, request: Any, context: grpc.aio.ServicerContext) -> _Call:
+        return _Call(self.trail, self.name, request, context)
+
+    async def end(self, state: _Call, response: Any = None, exc: BaseException | None = None) -> None:
+        await state.done(response, exc)
 
 
 class _Call:
@@ -237,67 +243,6 @@ class _Call:
                           result=_result(response) if response is not None else {},
                           duration_ms=int((time.monotonic() - self.t0) * 1000))
         await self.trail.write(rec)
-
-
-def _audited(original: grpc.RpcMethodHandler, name: str, trail: AuditTrail) -> grpc.RpcMethodHandler:
-    """The same handler, recorded, for each of the four call shapes."""
-    handler: Any = original
-    ser = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.unary_unary is not None:
-        inner_uu = handler.unary_unary
-
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _Call(trail, name, request, context)
-            try:
-                response = await inner_uu(request, context)
-            except BaseException as e:
-                await call.done(exc=e)
-                raise
-            await call.done(response)
-            return response
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **ser)
-    if handler.unary_stream is not None:
-        inner_us = handler.unary_stream
-
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call = _Call(trail, name, request, context)
-            try:
-                async for item in inner_us(request, context):
-                    yield item
-            except BaseException as e:
-                await call.done(exc=e)
-                raise
-            await call.done()
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **ser)
-    if handler.stream_unary is not None:
-        inner_su = handler.stream_unary
-
-        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _Call(trail, name, None, context)
-            try:
-                response = await inner_su(requests, context)
-            except BaseException as e:
-                await call.done(exc=e)
-                raise
-            await call.done(response)
-            return response
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **ser)
-    inner_ss = handler.stream_stream
-
-    async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        call = _Call(trail, name, None, context)
-        try:
-            async for item in inner_ss(requests, context):
-                yield item
-        except BaseException as e:
-            await call.done(exc=e)
-            raise
-        await call.done()
-
-    return grpc.stream_stream_rpc_method_handler(stream_stream, **ser)
 
 
 # ---- `supervisor audit` ----------------------------------------------------------------------------------

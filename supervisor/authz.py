@@ -31,12 +31,13 @@ matching the common name or a DNS SAN.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
 from baton.identity import PeerIdentity, parse_allow_list, peer_identity
+from supervisor.call_hooks import CallHooks, HookedInterceptor
 
 READ_ONLY_METHODS = frozenset({
     "/baton.v1.DaemonService/GetStatus",
@@ -112,65 +113,28 @@ class Policy:
         return None
 
 
-class AuthzInterceptor(grpc.aio.ServerInterceptor):
+class AuthzInterceptor(HookedInterceptor):
     """Checks every call before its handler runs; read-only methods pass through unwrapped."""
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method in READ_ONLY_METHODS:
-            return handler
-        return _guarded(handler, method, self.policy)
+    def hooks(self, method: str) -> CallHooks | None:
+        return None if method in READ_ONLY_METHODS else _Check(self.policy, method)
 
 
-async def _check(policy: Policy, method: str, context: grpc.aio.ServicerContext, request: Any = None) -> None:
-    identity = peer_identity(context.auth_context())
-    why = policy.denial(method, identity, channel_of(context.peer(), identity), request)
-    if why is not None:
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+class _Check:
+    """The policy's decision in front of a call (CallHooks); a refusal ends it with PERMISSION_DENIED."""
 
+    def __init__(self, policy: Policy, method: str) -> None:
+        self.policy = policy
+        self.method = method
 
-def _guarded(original: grpc.RpcMethodHandler, method: str, policy: Policy) -> grpc.RpcMethodHandler:
-    """The same handler with the check in front, for each of the four call shapes."""
-    handler: Any = original  # grpc-stubs types the synchronous server's handlers; these are coroutines
-    ser = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.unary_unary is not None:
-        inner_uu = handler.unary_unary
+    async def begin(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        identity = peer_identity(context.auth_context())
+        why = self.policy.denial(self.method, identity, channel_of(context.peer(), identity), request)
+        if why is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
 
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await _check(policy, method, context, request)
-            return await inner_uu(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **ser)
-    if handler.unary_stream is not None:
-        inner_us = handler.unary_stream
-
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await _check(policy, method, context, request)
-            async for item in inner_us(request, context):
-                yield item
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **ser)
-    if handler.stream_unary is not None:
-        inner_su = handler.stream_unary
-
-        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            await _check(policy, method, context)
-            return await inner_su(requests, context)
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **ser)
-    inner_ss = handler.stream_stream
-
-    async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await _check(policy, method, context)
-        async for item in inner_ss(requests, context):
-            yield item
-
-    return grpc.stream_stream_rpc_method_handler(stream_stream, **ser)
+    async def end(self, state: Any, response: Any = None, exc: BaseException | None = None) -> None:
+        pass
