@@ -7,7 +7,7 @@ requests, so the four call shapes are each driven here through a generic service
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ async def _ss(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext)
         yield r[::-1]
 
 
-def _serve(tmp_path: Path, body: Callable[[grpc.aio.Channel], Coroutine[Any, Any, Any]], *,
+def _serve(tmp_path: Path, body: Callable[[grpc.aio.Channel], Awaitable[Any]], *,
            passed: frozenset[str] = frozenset(), refused: frozenset[str] = frozenset(),
            ) -> tuple[Any, list[tuple[Any, ...]]]:
     """Runs ``body(channel)`` against a fresh server; returns what it returned and the hooks' events."""
