@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_verify import openssl_speed
+from bench_verify import fmt_rate_spread, openssl_speed
 from benchlib import (
     PY,
     SCRIPTS,
@@ -51,10 +51,6 @@ def _serve(d: Path, name: str, size: int, keys: Any) -> tuple[Path, str]:
         sha = hashlib.file_digest(f, "sha256").hexdigest()
     warm(pkg)
     return pkg, sha
-
-
-def fmt_rate_spread(rates: list[float]) -> str:
-    return f"{median(rates) / 1e6:.0f} MB/s [{min(rates) / 1e6:.0f}, {max(rates) / 1e6:.0f}]"
 
 
 def ours(url: str, dest: Path, pkg: Path, sha: str, size: int, keys: Any, helper_imports: bool = False

@@ -8,7 +8,6 @@ import re
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from benchlib import (
     PY,
@@ -49,24 +48,8 @@ def openssl_speed(alg: str, seconds: int) -> float:
     raise RuntimeError(f"cannot parse openssl speed output for {alg}: {r.stdout[-300:]}")
 
 
-@dataclass(frozen=True)
-class OpensslSpeeds:
-    """Single-stream bytes per second of SHA-256 and BLAKE2b-512: the median of ``reps`` runs of ``seconds``."""
-
-    sha256: float
-    blake2b512: float
-    seconds: int
-    reps: int
-
-
-def openssl_speeds(ctx: Ctx) -> OpensslSpeeds:
-    secs, reps = (1, 1) if ctx.quick else (2, 3)
-    ctx.log(f"openssl speed, {reps} x {secs} s each")
-    speeds: dict[str, list[float]] = {"sha256": [], "blake2b512": []}
-    for _ in range(reps):
-        for alg in speeds:
-            speeds[alg].append(openssl_speed(alg, secs))
-    return OpensslSpeeds(median(speeds["sha256"]), median(speeds["blake2b512"]), secs, reps)
+def fmt_rate_spread(rates: list[float]) -> str:
+    return f"{median(rates) / 1e6:.0f} MB/s [{min(rates) / 1e6:.0f}, {max(rates) / 1e6:.0f}]"
 
 
 def run(ctx: Ctx) -> Section:
@@ -85,7 +68,8 @@ def run(ctx: Ctx) -> Section:
 
     times: dict[str, list[float]] = {k: [] for k in (
         "ours", "ours_inproc", "ours_serial", "sha256sum", "minisign", "by_hand",
-        "ossl_sha256", "ossl_b2", "ossl_both")}
+        "ossl_sha256", "ossl_b2", "ossl_both", "sha256", "blake2b512")}
+    speed_s = 1 if ctx.quick else 2
     hwm: list[int] = []
 
     def ours(serial: bool = False) -> None:
@@ -119,6 +103,11 @@ def run(ctx: Ctx) -> Section:
                 raise RuntimeError("openssl dgst failed")
         times["ossl_both"].append(time.perf_counter() - t0)
 
+    def limit() -> None:
+        """The machine's single-stream digest speeds, taken in the rotation: its speed drifts over a minute."""
+        for alg in ("sha256", "blake2b512"):
+            times[alg].append(openssl_speed(alg, speed_s))
+
     readers: list[tuple[str, Callable[[], None]]] = [
         ("ours", ours),
         ("by hand", by_hand),
@@ -126,6 +115,7 @@ def run(ctx: Ctx) -> Section:
         ("openssl blake2b512", lambda: times["ossl_b2"].append(timed(["openssl", "dgst", "-blake2b512", pkg]))),
         ("openssl both", ossl_both),
         ("ours serial", lambda: ours(serial=True)),
+        ("openssl speed", limit),
     ]
     for i in range(runs):
         k = i % len(readers)
@@ -134,15 +124,16 @@ def run(ctx: Ctx) -> Section:
         for _, fn in order:
             drop_dirty_pages()
             fn()
-    speeds = openssl_speeds(ctx)
-    speed_sha, speed_b2, secs, reps = speeds.sha256, speeds.blake2b512, speeds.seconds, speeds.reps
-
     m = {k: median(v) for k, v in times.items()}
+    speed_sha, speed_b2 = m["sha256"], m["blake2b512"]
     ours_rate = size / m["ours_inproc"]
     slower = min(speed_sha, speed_b2)
     slower_name = "SHA-256" if speed_sha < speed_b2 else "BLAKE2b-512"
     speedup = m["by_hand"] / m["ours"]
-    vs_limit = ours_rate / slower
+    # each run of ours against the limit measured in the same turn of the rotation
+    vs_limits = [size / o / min(a, b) for o, a, b in zip(times["ours_inproc"], times["sha256"], times["blake2b512"],
+                                                         strict=True)]
+    vs_limit, worst_vs_limit = median(vs_limits), min(vs_limits)
     dgst_slower = max(m["ossl_sha256"], m["ossl_b2"])
 
     s = Section(NAME, TITLE)
@@ -173,15 +164,17 @@ def run(ctx: Ctx) -> Section:
     ]
     s.add(*table(["reader", "wall time", "throughput", "its time / ours"], rows), "",
           "`its time / ours` above 1 means ours is faster; rows in brackets compare in-process times.", "")
-    s.add(f"The machine's limit, single stream (`openssl speed -evp ALG -bytes 1048576 -seconds {secs}`, median of "
-          f"{reps}): SHA-256 {speed_sha / 1e6:.0f} MB/s, BLAKE2b-512 {speed_b2 / 1e6:.0f} MB/s; the slower is "
-          f"{slower_name}.", "")
+    s.add(f"The machine's limit, single stream (`openssl speed -evp ALG -bytes 1048576 -seconds {speed_s}`, taken "
+          f"once per turn of the rotation above, so each run of ours has one from the same minute; {runs} runs, "
+          f"median [min, max]): SHA-256 {fmt_rate_spread(times['sha256'])}, BLAKE2b-512 "
+          f"{fmt_rate_spread(times['blake2b512'])}; the slower is {slower_name}. The ratio below is the median of "
+          "each run's own ratio (ours against the limit of its turn), and the worst of them.", "")
     s.add(*table(["target", "figure", "met"], [
         ("≥ 2x faster than by hand (whole processes)",
          f"{fmt_x(speedup)} ({fmt_s(m['by_hand'])} / {fmt_s(m['ours'])})", yes_no(speedup >= 2)),
         (f"≥ 0.85x of the slower OpenSSL digest ({slower_name}, `openssl speed`)",
-         f"{fmt_x(vs_limit)} ({ours_rate / 1e6:.0f} / {slower / 1e6:.0f} MB/s, ours inside the process)",
-         yes_no(vs_limit >= 0.85)),
+         f"{fmt_x(vs_limit)} (medians {ours_rate / 1e6:.0f} / {slower / 1e6:.0f} MB/s, ours inside the process); "
+         f"worst run {fmt_x(worst_vs_limit)}", yes_no(vs_limit >= 0.85)),
         ("(for reference) against the slower `openssl dgst` on the same file",
          f"{fmt_x(dgst_slower / m['ours'])} (whole processes, {fmt_s(dgst_slower)} / {fmt_s(m['ours'])})", "—"),
     ]), "")
