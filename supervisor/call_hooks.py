@@ -52,57 +52,41 @@ def wrap_handler(original: grpc.RpcMethodHandler, hooks: CallHooks) -> grpc.RpcM
     handler: Any = original  # grpc-stubs types the synchronous server's handlers; these are coroutines
     ser = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
     if handler.unary_unary is not None:
-        inner_uu = handler.unary_unary
-
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            state = await hooks.begin(request, context)
-            try:
-                response = await inner_uu(request, context)
-            except BaseException as e:
-                await hooks.end(state, exc=e)
-                raise
-            await hooks.end(state, response)
-            return response
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **ser)
+        return grpc.unary_unary_rpc_method_handler(_one_response(handler.unary_unary, hooks, False), **ser)
     if handler.unary_stream is not None:
-        inner_us = handler.unary_stream
-
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            state = await hooks.begin(request, context)
-            try:
-                async for item in inner_us(request, context):
-                    yield item
-            except BaseException as e:
-                await hooks.end(state, exc=e)
-                raise
-            await hooks.end(state)
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **ser)
+        return grpc.unary_stream_rpc_method_handler(_streamed_response(handler.unary_stream, hooks, False), **ser)
     if handler.stream_unary is not None:
-        inner_su = handler.stream_unary
+        return grpc.stream_unary_rpc_method_handler(_one_response(handler.stream_unary, hooks, True), **ser)
+    return grpc.stream_stream_rpc_method_handler(_streamed_response(handler.stream_stream, hooks, True), **ser)
 
-        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            state = await hooks.begin(None, context)
-            try:
-                response = await inner_su(requests, context)
-            except BaseException as e:
-                await hooks.end(state, exc=e)
-                raise
-            await hooks.end(state, response)
-            return response
 
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **ser)
-    inner_ss = handler.stream_stream
+def _one_response(inner: Any, hooks: CallHooks, streamed_request: bool) -> Any:
+    """A handler with one response, wrapped; ``begin`` is not given a streamed request (it is not read yet)."""
 
-    async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        state = await hooks.begin(None, context)
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        state = await hooks.begin(None if streamed_request else request, context)
         try:
-            async for item in inner_ss(requests, context):
+            response = await inner(request, context)
+        except BaseException as e:
+            await hooks.end(state, exc=e)
+            raise
+        await hooks.end(state, response)
+        return response
+
+    return call
+
+
+def _streamed_response(inner: Any, hooks: CallHooks, streamed_request: bool) -> Any:
+    """A handler with a stream of responses, wrapped; ``end`` comes after its last item."""
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        state = await hooks.begin(None if streamed_request else request, context)
+        try:
+            async for item in inner(request, context):
                 yield item
         except BaseException as e:
             await hooks.end(state, exc=e)
             raise
         await hooks.end(state)
 
-    return grpc.stream_stream_rpc_method_handler(stream_stream, **ser)
+    return call
