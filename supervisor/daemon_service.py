@@ -191,12 +191,14 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
         agent = await self._agent(request.name, context)
         try:
             log = agent.log_for(request.stderr)
-            queue = agent.follow(request.stderr) if request.follow else None
         except AgentError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
             return
+        # Drained before the queue exists: what is drained now goes into the log, which the head is read from,
+        # and not also into the queue, which would show it twice. Nothing can run between these lines.
+        agent.flush_output()
+        queue = agent.follow(request.stderr) if request.follow else None
         try:
-            agent.flush_output()
             head = log.last_lines(min(request.lines, TAIL_MAX_LINES))
             if head:
                 yield daemon_pb2.LogChunk(data=head)

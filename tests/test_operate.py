@@ -151,6 +151,27 @@ def test_tail_follow_sees_new_lines(make_supervisor):
         proc.wait(10)
 
 
+def test_tail_follow_shows_each_line_once_while_the_agent_writes_fast(make_supervisor):
+    """Output still in the pipe when tail starts goes into the log it reads first, not also into what it follows."""
+    code = ("import itertools, time\n"
+            "for i in itertools.count():\n"
+            "    print(f'line {i}', flush=True)\n"
+            "    time.sleep(0.0005)\n")
+    sup = make_supervisor([{"name": "chatty", "command": PY, "args": ["-u", "-c", code], "start_seconds": 0.2}]).start()
+    sup.wait_agent("chatty", "running")
+    for _ in range(8):
+        proc = subprocess.Popen([PY, "-m", "supervisor", "tail", "-f", "-n", "3", "chatty", "--socket",
+                                 str(sup.socket)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        sup.reaper.track(proc.pid)
+        try:
+            assert proc.stdout is not None
+            numbers = [int(proc.stdout.readline().split()[1]) for _ in range(40)]
+        finally:
+            proc.kill()
+            proc.wait(10)
+        assert numbers == list(range(numbers[0], numbers[0] + 40))
+
+
 def test_tail_follow_ends_when_the_agent_is_removed_and_clear_empties_the_log(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
     sup.wait_agent("web", "running")
