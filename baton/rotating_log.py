@@ -82,11 +82,11 @@ class RotatingLog:
         if n <= 0:
             return b""
         try:
-            with open(self.path, "rb") as f:
+            with open(self.path, "rb", opener=_read_nofollow) as f:
                 size = os.fstat(f.fileno()).st_size
                 f.seek(max(0, size - max_bytes))
                 data = f.read()
-        except FileNotFoundError:
+        except OSError:  # missing, or a link someone planted: nothing to show
             return b""
         lines = data.splitlines(keepends=True)
         return b"".join(lines[-n:])

@@ -172,6 +172,19 @@ def test_tail_follow_shows_each_line_once_while_the_agent_writes_fast(make_super
         assert numbers == list(range(numbers[0], numbers[0] + 40))
 
 
+def test_tail_does_not_follow_a_link_planted_in_place_of_the_log(make_supervisor, tmp_path):
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
+    sup.wait_agent("web", "running")
+    secret = tmp_path / "secret"
+    secret.write_text("not for the agent's readers\n")
+    log = sup.log_of("web")
+    log.unlink()
+    log.symlink_to(secret)
+    res = ctl(sup, "tail", "-n", "5", "web")
+    assert res.returncode == 0, res.stderr
+    assert "not for the agent's readers" not in res.stdout
+
+
 def test_tail_follow_ends_when_the_agent_is_removed_and_clear_empties_the_log(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
     sup.wait_agent("web", "running")
