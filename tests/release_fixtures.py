@@ -1,7 +1,7 @@
 """Session-scoped supervisor releases for the tests (docs/releases.md): built once, shared by every module.
 
 Building a release runs pip over the whole lock file, so the suite builds two (1.0.0 from
-requirements/runtime.lock, 1.1.0 with idna at another version) and derives the broken and
+requirements/runtime.lock, 1.1.0 with prometheus-client at another version) and derives the broken and
 foreign ones from 1.0.0's tree. Tests that use them are marked ``slow`` (still run in CI).
 """
 
@@ -21,7 +21,7 @@ from tests.conftest import PY, ROOT
 
 LOCK = ROOT / "requirements" / "runtime.lock"
 # A pure-Python dependency at another pinned version than runtime.lock's (from pip's configured index).
-ALT_IDNA = ("3.10", "946d195a0d259cbba61165e88e65941f16e9b36ea6ddb97f00452bae8b1287d3")
+ALT_DEP = ("prometheus-client", "0.25.0", "d5aec89e349a6ec230805d0df882f3807f74fd6c1a2fa86864e3c2279059fed1")
 BUILD_TIMEOUT_S = 600
 
 
@@ -31,19 +31,19 @@ def package_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 def alt_lock(dest: Path) -> Path:
-    """runtime.lock with idna pinned to another version: the second release's only dependency change."""
+    """runtime.lock with ALT_DEP pinned to another version: the second release's only dependency change."""
     text = LOCK.read_text()
-    version, digest = ALT_IDNA
-    new, n = re.subn(r"^idna==\S+ \\\n(?:    --hash=sha256:[0-9a-f]+(?: \\)?\n)+",
-                     f"idna=={version} \\\n    --hash=sha256:{digest}\n", text, flags=re.M)
-    assert n == 1, "runtime.lock has no idna entry to replace"
+    name, version, digest = ALT_DEP
+    new, n = re.subn(rf"^{re.escape(name)}==\S+ \\\n(?:    --hash=sha256:[0-9a-f]+(?: \\)?\n)+",
+                     f"{name}=={version} \\\n    --hash=sha256:{digest}\n", text, flags=re.M)
+    assert n == 1, f"runtime.lock has no {name} entry to replace"
     dest.write_text(new)
     return dest
 
 
 @dataclass(frozen=True)
 class Releases:
-    """The tarballs of the session: 1.0.0 (the lock), 1.1.0 (idna differs), and derived broken/foreign ones."""
+    """The tarballs of the session: 1.0.0 (the lock), 1.1.0 (prometheus-client differs), derived broken/foreign ones."""
 
     dir: Path
     v100: Path

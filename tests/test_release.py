@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import tarfile
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,11 @@ from tests.conftest import (
     Package,
     Release,
     SupervisorProc,
+    free_port,
     stop_everything_of,
     wait_for,
 )
-from tests.release_fixtures import ALT_IDNA, LOCK, Releases, envi, package_cli, unpack
+from tests.release_fixtures import ALT_DEP, LOCK, Releases, envi, package_cli, unpack
 
 pytestmark = pytest.mark.slow
 
@@ -143,8 +145,21 @@ def test_installed_release_serves_and_reports_its_bundled_dependency_versions(ho
     assert _install(host, releases.v100).returncode == 0
     st = _start_installed(host).status()
     assert st.supervisor_version == "1.0.0"
-    assert st.dependencies["idna"] == "3.20" and st.dependencies["grpcio"] == "1.85.3"
+    assert st.dependencies["prometheus-client"] == "0.26.0" and st.dependencies["grpcio"] == "1.85.3"
     assert "pytest" not in st.dependencies  # nothing from the test's interpreter
+
+
+def test_an_installed_release_serves_metrics_when_they_are_turned_on(host: SupervisorProc,
+                                                                    releases: Releases) -> None:
+    """[metrics] needs prometheus-client: the release bundles it, so turning the documented key on works."""
+    port = free_port()
+    host.cfg["metrics"] = {"listen": f"127.0.0.1:{port}"}
+    assert _install(host, releases.v100).returncode == 0
+    _start_installed(host)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    assert 'baton_supervisor_info{node="node-1",version="1.0.0"} 1.0' in text
+    assert 'baton_agents{state="running"} 3.0' in text
 
 
 def test_install_self_refuses_to_overwrite_an_installed_version(host: SupervisorProc, releases: Releases) -> None:
@@ -226,7 +241,7 @@ def test_self_update_to_a_release_with_another_dependency_version_commits_with_a
     assert st.success, st.error
     status = host.status()
     assert status.supervisor_version == "1.1.0"
-    assert status.dependencies["idna"] == ALT_IDNA[0]
+    assert status.dependencies[ALT_DEP[0]] == ALT_DEP[1]
     assert _agent_pids(host) == before
 
 
@@ -314,7 +329,7 @@ def test_rollback_with_an_empty_environment_and_no_supervisor_runs_the_previous_
     assert r.returncode == 0, r.stderr
     assert "rolled back 1.1.0 -> 1.0.0" in r.stdout
     st = host.status()
-    assert st.supervisor_version == "1.0.0" and st.dependencies["idna"] == "3.20"
+    assert st.supervisor_version == "1.0.0" and st.dependencies["prometheus-client"] == "0.26.0"
     again = envi(helper, "--rollback", "--config", host.config_path)
     assert again.returncode == 1
     assert "no earlier good version" in again.stderr and "1.1.0" in again.stderr

@@ -270,7 +270,7 @@ def test_one_command_installs_a_release_enables_and_starts_it_under_systemd_and_
     st = host.wait_final(uid, timeout=120)
     assert st.state == common_pb2.UPDATE_STATE_COMMITTED, st.error
     status = sup.status()
-    assert (status.supervisor_version, status.dependencies["idna"]) == ("1.1.0", "3.10")
+    assert (status.supervisor_version, status.dependencies["prometheus-client"]) == ("1.1.0", "0.25.0")
     assert systemd.show(UNIT.name, "MainPID", "NRestarts") == {"MainPID": main_pid, "NRestarts": "0"}
     assert agent_pids(host) == before
     assert not os.path.lexists(unit) and not os.path.lexists(wants), "the machine's own /etc was touched"
