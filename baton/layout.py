@@ -32,6 +32,11 @@ TRASH_PREFIX = ".trash-"
 # helper/release.py, so that the daemon does not import the release builder (and cryptography) for two names.
 START_LOG_ENV = "BATON_START_LOG"
 START_LOG_NAME = "supervisor-start.log"
+# The supervisor's systemd unit: its name, where a checkout keeps it, and where every supervisor version tree
+# (a release, or a code-only tree) carries it for install-self to render and doctor to compare with.
+SERVICE_UNIT = "baton-supervisor.service"
+UNIT_IN_CHECKOUT = Path("packaging") / "systemd" / SERVICE_UNIT
+UNIT_IN_VERSION = Path("share") / "systemd" / SERVICE_UNIT
 
 
 def reserved_name_problem(path: str) -> str | None:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from baton import durable
 from baton.errors import BatonError
-from baton.layout import START_LOG_ENV
+from baton.layout import START_LOG_ENV, UNIT_IN_CHECKOUT, UNIT_IN_VERSION
 from baton.versions import validate_version
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ ENTRY_POINTS = {
 }
 DEFAULT_PYTHON = "/usr/bin/python3"
 SHARE_FILES = {
-    "systemd/baton-supervisor.service": "packaging/systemd/baton-supervisor.service",
+    str(UNIT_IN_VERSION.relative_to("share")): str(UNIT_IN_CHECKOUT),
     "supervisor.example.toml": "packaging/supervisor.example.toml",
 }
 LAUNCHER = '''#!{python} -IS

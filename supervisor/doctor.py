@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from baton.config import SUPERVISOR_COMPONENT, Config, ConfigError, load_config
+from baton.layout import SERVICE_UNIT, UNIT_IN_CHECKOUT, UNIT_IN_VERSION
 
 OK = "ok"
 WARNING = "warning"
@@ -34,9 +35,8 @@ CERT_WARN_DAYS = 14  # a certificate that expires sooner is a warning (--cert-da
 CLOCK_BACK_TOLERANCE_S = 300.0  # the clock may read this much earlier than a time this host recorded
 RECENT_UPDATES = 20  # journal records consulted for "the largest recent package"
 PROBE_TIMEOUT_S = 3.0
-UNIT_NAME = "baton-supervisor.service"
-UNIT_PATHS = (Path("/etc/systemd/system") / UNIT_NAME, Path("/usr/lib/systemd/system") / UNIT_NAME,
-              Path("/lib/systemd/system") / UNIT_NAME)
+UNIT_PATHS = (Path("/etc/systemd/system") / SERVICE_UNIT, Path("/usr/lib/systemd/system") / SERVICE_UNIT,
+              Path("/lib/systemd/system") / SERVICE_UNIT)
 # Unit settings the handover depends on (docs/handover.md#under-systemd): a difference is a problem.
 UNIT_CRITICAL = ("Type", "NotifyAccess", "KillMode")
 # Settings each site sets for itself: never compared.
@@ -239,10 +239,18 @@ def supervisor_socket(cfg: Config) -> Path:
     return cfg.grpc.unix_socket or cfg.control_socket
 
 
-def check_supervisor(ctx: Context) -> list[Finding]:
+def _status(ctx: Context) -> Any:
+    """The running supervisor's GetStatus (read-only, so not audited); raises grpc.RpcError when it does not answer."""
     import grpc
 
     from baton.pb import daemon_pb2, daemon_pb2_grpc
+
+    with grpc.insecure_channel(f"unix:{supervisor_socket(ctx.cfg)}") as ch:
+        return daemon_pb2_grpc.DaemonServiceStub(ch).GetStatus(daemon_pb2.GetStatusRequest(), timeout=PROBE_TIMEOUT_S)
+
+
+def check_supervisor(ctx: Context) -> list[Finding]:
+    import grpc
 
     path = supervisor_socket(ctx.cfg)
     fix = (f"start it: systemctl start baton-supervisor (or supervisor run --config {ctx.cfg.source}); "
@@ -250,15 +258,40 @@ def check_supervisor(ctx: Context) -> list[Finding]:
     if not path.is_socket():
         return [Finding("supervisor", PROBLEM, f"not running: no socket at {path}", fix)]
     try:
-        with grpc.insecure_channel(f"unix:{path}") as ch:
-            st = daemon_pb2_grpc.DaemonServiceStub(ch).GetStatus(daemon_pb2.GetStatusRequest(),
-                                                                 timeout=PROBE_TIMEOUT_S)
+        st = _status(ctx)
     except grpc.RpcError as e:
         why = "nothing accepts connections (a stale socket)" if e.code() == grpc.StatusCode.UNAVAILABLE else \
             f"{e.code().name} {str(e.details())[:200]}"
         return [Finding("supervisor", PROBLEM, f"no answer on {path}: {why}", fix)]
     return [Finding("supervisor", OK, f"pid {st.pid}, version {st.supervisor_version}, up {st.uptime_seconds:.0f}s,"
                                       f" {len(st.agents)} agents, answering on {path}")]
+
+
+def check_agents(ctx: Context) -> list[Finding]:
+    """FATAL agents are problems, agents in BACKOFF (crash-looping) warnings; each with where to look."""
+    import grpc
+
+    from baton.pb import common_pb2
+
+    if not supervisor_socket(ctx.cfg).is_socket():
+        return [Finding("agents", OK, "the supervisor is not running (see the supervisor check)")]
+    try:
+        st = _status(ctx)
+    except grpc.RpcError:
+        return [Finding("agents", OK, "the supervisor does not answer (see the supervisor check)")]
+    out = []
+    for a in st.agents:
+        where = f"its log: supervisor tail {a.name} ({a.log_path})" if a.log_path else f"supervisor tail {a.name}"
+        why = f": {a.last_error}" if a.last_error else ""
+        if a.state == common_pb2.AGENT_STATE_FATAL:
+            out.append(Finding("agents", PROBLEM, f"{a.name} is FATAL after {a.restarts} restarts{why}",
+                               f"find the cause in {where}; fix it, then: supervisor start {a.name}"))
+        elif a.state == common_pb2.AGENT_STATE_BACKOFF:
+            out.append(Finding("agents", WARNING, f"{a.name} is crash-looping (BACKOFF, {a.restarts} restarts){why}",
+                               f"find the cause in {where}"))
+    running = sum(a.state == common_pb2.AGENT_STATE_RUNNING for a in st.agents)
+    return out or [Finding("agents", OK, f"{running} of {len(st.agents)} agents running, none FATAL or "
+                                         "crash-looping")]
 
 
 def check_manager(ctx: Context) -> list[Finding]:
@@ -395,9 +428,9 @@ def check_clock(ctx: Context) -> list[Finding]:
 
 
 def shipped_unit() -> Path | None:
-    """The unit shipped with this code: in a checkout, or inside an installed version (``share/``)."""
-    here = Path(__file__).resolve().parent.parent
-    for p in (here / "packaging" / "systemd" / UNIT_NAME, here.parent / "share" / UNIT_NAME):
+    """The unit shipped with this code: in a checkout, or inside an installed version (``share/systemd/``)."""
+    here = Path(__file__).resolve().parent.parent  # the checkout, or a version's lib/
+    for p in (here / UNIT_IN_CHECKOUT, here.parent / UNIT_IN_VERSION):
         if p.is_file():
             return p
     return None
@@ -422,7 +455,7 @@ def parse_unit(text: str) -> dict[tuple[str, str], str]:
 def check_systemd_unit(ctx: Context) -> list[Finding]:
     installed = next((p for p in ctx.unit_paths if p.is_file()), None)
     if installed is None:
-        return [Finding("systemd-unit", OK, f"no {UNIT_NAME} installed (not run by systemd)")]
+        return [Finding("systemd-unit", OK, f"no {SERVICE_UNIT} installed (not run by systemd)")]
     ship = shipped_unit()
     if ship is None:
         return [Finding("systemd-unit", WARNING, f"{installed} is installed but this release has no shipped unit "
@@ -454,6 +487,7 @@ CHECKS: tuple[tuple[str, Callable[[Context], list[Finding]]], ...] = (
     ("disk-space", check_disk_space),
     ("layout", check_layout),
     ("supervisor", check_supervisor),
+    ("agents", check_agents),
     ("manager", check_manager),
     ("certificates", check_certificates),
     ("clock", check_clock),
@@ -499,7 +533,7 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     d = sub.add_parser("doctor", help="check this host: config, keys, directories, disk, layout, supervisor, "
-                                      "Manager, certificates, clock, systemd unit")
+                                      "agents, Manager, certificates, clock, systemd unit")
     d.add_argument("--config", "-c", default="/etc/baton/supervisor.toml")
     d.add_argument("--json", action="store_true", help="one JSON document: every finding and the exit status")
     d.add_argument("--cert-days", type=float, default=CERT_WARN_DAYS,

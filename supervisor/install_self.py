@@ -28,7 +28,7 @@ from typing import Any
 from baton import durable
 from baton.config import SUPERVISOR_COMPONENT, Config
 from baton.errors import BatonError
-from baton.layout import ComponentLayout
+from baton.layout import SERVICE_UNIT, UNIT_IN_CHECKOUT, UNIT_IN_VERSION, ComponentLayout
 from baton.marks import Marks
 from baton.versions import compare_versions
 
@@ -73,12 +73,12 @@ def write_tree(dest: Path, version: str, source: Path | None = None) -> Path:
         shutil.copytree(source / pkg, lib / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
                         dirs_exist_ok=True)
     (dest / "VERSION").write_text(version + "\n")
-    unit = source / "packaging" / "systemd" / "baton-supervisor.service"  # a checkout
+    unit = source / UNIT_IN_CHECKOUT
     if not unit.is_file():
-        unit = source.parent / "share" / "baton-supervisor.service"  # an installed version
+        unit = source.parent / UNIT_IN_VERSION  # an installed version: source is its lib/
     if unit.is_file():  # what `supervisor doctor` compares an installed unit with
-        (dest / "share").mkdir(exist_ok=True)
-        shutil.copy(unit, dest / "share" / unit.name)
+        (dest / UNIT_IN_VERSION).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(unit, dest / UNIT_IN_VERSION)
     bin_dir = dest / "bin"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "supervisor").write_text(LAUNCHER)
@@ -122,8 +122,6 @@ def helper_command() -> list[str]:
 # --- installing a release ---------------------------------------------------------------------------
 
 DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
-UNIT_NAME = "baton-supervisor.service"
-UNIT_TEMPLATE = Path("share") / "systemd" / UNIT_NAME
 
 
 class InstallRefused(BatonError):
@@ -188,8 +186,8 @@ def install_release(cfg: Config, release_root: Path, *, force: bool = False,
     marks.committed(SUPERVISOR_COMPONENT, version)
     unit = None
     if unit_dir is not None:
-        template = (release_root / UNIT_TEMPLATE).read_text()
-        unit = unit_dir / UNIT_NAME
+        template = (release_root / UNIT_IN_VERSION).read_text()
+        unit = unit_dir / SERVICE_UNIT
         unit_dir.mkdir(parents=True, exist_ok=True)
         text = render_unit(template, cfg.node.install_root.resolve(), cfg.source.resolve())
         durable.write_bytes(unit, text.encode(), 0o644)
@@ -264,7 +262,7 @@ def _supervisor_status(cfg: Config) -> Any:
         return None
 
 
-def enable_unit(cfg: Config, unit: str = UNIT_NAME, timeout: float = ENABLE_TIMEOUT_S,
+def enable_unit(cfg: Config, unit: str = SERVICE_UNIT, timeout: float = ENABLE_TIMEOUT_S,
                 progress: Callable[[str], None] = print) -> Running:
     """``systemctl daemon-reload`` and ``enable --now`` the unit, then wait until it runs a supervisor that answers.
 

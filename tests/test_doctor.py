@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from baton.journal import Journal, UpdateRecord, UpdateRequestRecord
+from baton.layout import UNIT_IN_VERSION
 from baton.signing import load_public_key
 from manager.devca import issue_manager, issue_node, make_ca
 from supervisor.install_self import render_unit
-from tests.conftest import PY, ROOT, free_port, wait_for
+from tests.conftest import PY, ROOT, agent, free_port, wait_for
 from tests.manager_fixtures import make_manager_fixture  # noqa: F401  (the make_manager fixture)
 
 NOBODY = 65534
@@ -45,8 +46,8 @@ def test_a_healthy_host_is_all_ok_and_the_text_output_has_one_line_per_finding(u
     code, checks = doctor(update_host.sup.config_path)
     assert code == 0, [c for c in checks if c["status"] != "ok"]
     names = {c["check"] for c in checks}
-    assert names == {"config", "trusted-keys", "directories", "disk-space", "layout", "supervisor", "manager",
-                     "certificates", "clock", "systemd-unit"}
+    assert names == {"config", "trusted-keys", "directories", "disk-space", "layout", "supervisor", "agents",
+                     "manager", "certificates", "clock", "systemd-unit"}
     key = worst(checks, "trusted-keys")
     assert load_public_key(update_host.release.public_key).key_id_hex in key["message"]
     text = subprocess.run([PY, "-m", "supervisor", "doctor", "--config", str(update_host.sup.config_path)],
@@ -121,6 +122,22 @@ def test_a_dead_supervisor_is_a_problem_until_started_again(update_host):
     update_host.sup.start()
     code, checks = doctor(update_host.sup.config_path)
     assert code == 0 and "answering" in worst(checks, "supervisor")["message"]
+
+
+def test_a_fatal_agent_is_a_problem_naming_its_log_and_a_crash_looping_one_a_warning(make_supervisor):
+    sup = make_supervisor([
+        agent("steady", "crash_agent.py"),
+        agent("broken", "crash_agent.py", env={"CRASH_AFTER": "0"}, start_retries=1, backoff_initial_s=0.05),
+        agent("looping", "crash_agent.py", env={"CRASH_AFTER": "0"}, start_retries=1000, backoff_initial_s=30.0)])
+    sup.start()
+    sup.wait_agent("broken", "fatal")
+    sup.wait_agent("looping", "backoff")
+    code, checks = doctor(sup.config_path)
+    found = {c["message"].split()[0]: c for c in checks if c["check"] == "agents"}
+    assert code == 2 and set(found) == {"broken", "looping"}
+    assert found["broken"]["status"] == "problem" and "FATAL" in found["broken"]["message"]
+    assert str(sup.base) in found["broken"]["fix"] and "supervisor start broken" in found["broken"]["fix"]
+    assert found["looping"]["status"] == "warning" and "crash-looping" in found["looping"]["message"]
 
 
 def test_too_little_space_for_the_largest_recent_package_is_a_problem(update_host):
@@ -244,7 +261,7 @@ def test_the_troubleshooting_guide_has_a_section_for_every_check():
 def test_an_installed_supervisor_version_carries_the_unit_its_doctor_compares_with(make_self_host, tmp_path):
     host = make_self_host(tcp=False)
     version_dir = host.sup_layout.version_dir("1.0.0")
-    shipped = version_dir / "share" / "baton-supervisor.service"
+    shipped = version_dir / UNIT_IN_VERSION
     assert shipped.read_text() == (ROOT / "packaging" / "systemd" / "baton-supervisor.service").read_text()
     unit = tmp_path / "baton-supervisor.service"
     unit.write_text(render_unit(shipped.read_text(), host.launcher.parents[3], host.sup.config_path))

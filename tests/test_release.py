@@ -162,6 +162,17 @@ def test_an_installed_release_serves_metrics_when_they_are_turned_on(host: Super
     assert 'baton_agents{state="running"} 3.0' in text
 
 
+def test_doctor_of_an_installed_release_compares_the_unit_with_the_one_the_release_ships(host: SupervisorProc,
+                                                                                         releases: Releases) -> None:
+    assert _install(host, releases.v100).returncode == 0
+    _start_installed(host)
+    unit = host.base / "units" / "baton-supervisor.service"
+    r = envi(_launcher(host), "doctor", "--config", host.config_path, "--json", "--systemd-unit", unit)
+    found = [c for c in json.loads(r.stdout)["checks"] if c["check"] == "systemd-unit"]
+    assert [c["status"] for c in found] == ["ok"], found
+    assert found[0]["message"].endswith("versions/1.0.0/share/systemd/baton-supervisor.service")
+
+
 def test_install_self_refuses_to_overwrite_an_installed_version(host: SupervisorProc, releases: Releases) -> None:
     assert _install(host, releases.v100).returncode == 0
     marker = host.base / "install" / "supervisor" / "versions" / "1.0.0" / "extra"
