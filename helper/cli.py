@@ -118,23 +118,25 @@ def cmd_status(ns: argparse.Namespace) -> int:
 
 
 def cmd_rollback(ns: argparse.Namespace) -> int:
-    from helper.recovery import RollbackError, manual_rollback
+    from helper.recovery import RollbackError, manual_rollback, rollback_component
 
     _setup_logging()
     cfg = _load(ns.config)
     started = time.time()
+    component = ns.rollback or ""
     try:
-        if ns.rollback == SUPERVISOR_COMPONENT:
+        component = rollback_component(cfg, ns.rollback or None)
+        if component == SUPERVISOR_COMPONENT:
             from helper.self_update import rollback_supervisor  # the handover's machinery: only for the supervisor
 
             done = rollback_supervisor(cfg, ns.to)
         else:
-            done = manual_rollback(cfg, ns.rollback, ns.to)
+            done = manual_rollback(cfg, component, ns.to)
     except (RollbackError, BatonError) as e:
-        _audit(cfg, "helper --rollback", {"component": ns.rollback}, started, "failed", str(e))
+        _audit(cfg, "helper --rollback", {"component": component}, started, "failed", str(e))
         print(f"helper --rollback: {e}", file=sys.stderr)
         return EXIT_FAILED
-    _audit(cfg, "helper --rollback", {"component": ns.rollback}, started, "ok", done)
+    _audit(cfg, "helper --rollback", {"component": component}, started, "ok", done)
     print(done)
     return 0
 
@@ -156,8 +158,9 @@ def _audit(cfg: Config, call: str, args: dict[str, str], started: float, outcome
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="helper", description="Baton update helper")
     p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help="the supervisor's config file")
-    p.add_argument("--rollback", nargs="?", const="supervisor", metavar="COMPONENT",
-                   help="switch COMPONENT (default: supervisor) back to its previous version")
+    p.add_argument("--rollback", nargs="?", const="", metavar="COMPONENT",
+                   help="switch COMPONENT back to its previous version (may be left out when the supervisor is "
+                        "the only component)")
     p.add_argument("--to", metavar="VERSION", help="with --rollback: the installed version to go to "
                    "(default: the highest one below the current that is not marked failed)")
     p.add_argument("--status", action="store_true", help="list components, versions and unfinished updates")

@@ -5,7 +5,10 @@ version (the highest installed one below the current that is not marked failed,
 or ``--to VERSION``) and restarts it through the supervisor; when the
 supervisor is down it only switches the link, and the next supervisor start
 runs the old version. The version rolled away from (to a lower one) is marked
-failed, so a second rollback never moves forward to it.
+failed, so a second rollback never moves forward to it. With ``--to`` the
+operator names the version: nothing is marked failed (the one left may be
+good), the named one loses any failed mark (choosing it is the operator's
+word that it is good), and going to a newer version is said as such.
 """
 
 from __future__ import annotations
@@ -29,6 +32,29 @@ class RollbackError(BatonError):
 
 def components(cfg: Config) -> list[str]:
     return [a.name for a in cfg.agents if a.packaged] + [SUPERVISOR_COMPONENT]
+
+
+def rollback_component(cfg: Config, named: str | None) -> str:
+    """The component ``helper --rollback [COMPONENT]`` means: the one named, or the only one there is.
+
+    Raises:
+        RollbackError: none named while there is more than one to choose from (a bare ``--rollback`` once
+            meant the supervisor, a surprise on a host whose operator meant an agent).
+    """
+    if named is not None:
+        return named
+    choices = components(cfg)
+    if len(choices) == 1:
+        return choices[0]
+    raise RollbackError(f"name the component to roll back: one of {', '.join(choices)} "
+                        "(helper --rollback COMPONENT)")
+
+
+def moved(cur: str | None, target: str) -> str:
+    """How a switch reads: "rolled back 2.0 -> 1.0", or "moved forward 1.0 -> 2.0 (a newer version)"."""
+    if cur and compare_versions(target, cur) > 0:
+        return f"moved forward {cur} -> {target} (a newer version)"
+    return f"rolled back {cur or '-'} -> {target}"
 
 
 def status_report(cfg: Config) -> str:
@@ -83,16 +109,20 @@ def switched_back(cfg: Config, component: str, to: str | None = None,
                   before_switch: Callable[[], None] = lambda: None) -> Iterator[tuple[str | None, str]]:
     """Under the component's lock: ``current`` -> the rollback target; yields (current before, target).
 
-    The version rolled away from (to a lower one) is marked failed, so it is never chosen again
-    automatically. The lock is held until the block (restarting what now is current) ends.
+    Without ``to``, the version rolled away from (to a lower one) is marked failed, so it is never chosen
+    again automatically. With ``to``, nothing is marked and ``to`` loses its failed mark. The lock is held
+    until the block (restarting what now is current) ends.
     """
     layout = ComponentLayout(cfg.node.install_root, component)
+    marks = Marks(cfg.node.state_dir)
     with ComponentLock(cfg.node.state_dir, component):
         cur, target = rollback_target(cfg, component, to)
         before_switch()
         layout.switch(target)
-        if cur and compare_versions(target, cur) < 0:
-            Marks(cfg.node.state_dir).record_failure(component, cur)
+        if to is not None:
+            marks.clear_failed(component, target)
+        elif cur and compare_versions(target, cur) < 0:
+            marks.record_failure(component, cur)
         yield cur, target
 
 
@@ -114,4 +144,4 @@ def manual_rollback(cfg: Config, component: str, to: str | None = None) -> str:
             raise RollbackError(f"{component}: switched {cur} -> {target}, but: {e}") from None
         finally:
             control.close()
-    return f"{component}: rolled back {cur} -> {target}; running"
+    return f"{component}: {moved(cur, target)}; running"

@@ -55,7 +55,7 @@ from baton.states import UpdateState as S
 from baton.strict_modes import log_opener
 from helper.bridge import Bridge
 from helper.machine import ControlFactory, UpdateRun
-from helper.recovery import switched_back
+from helper.recovery import moved, switched_back
 
 PREPARE_TIMEOUT_S = 30.0
 KILL_WAIT_S = 10.0
@@ -515,4 +515,4 @@ def rollback_supervisor(cfg: Config, to: str | None = None) -> str:
                                   + (f"; its output ends:\n{tail}" if tail else "")) from None
         finally:
             session.close()
-    return f"supervisor: rolled back {cur} -> {target}; running (pid {session.pid})"
+    return f"supervisor: {moved(cur, target)}; running (pid {session.pid})"

@@ -386,6 +386,20 @@ def test_helper_rollback_switches_back_and_restarts_through_the_supervisor(updat
     assert update_host.layout.current_version() == "1.0.0"
 
 
+def test_helper_rollback_without_a_component_names_the_choices_and_changes_nothing(update_host):
+    import subprocess
+    import sys
+
+    assert update_host.wait_final(update_host.push(update_host.release.build("1.1.0"))).success
+    pid = update_host.sup.agent("app").pid
+    res = subprocess.run([sys.executable, "-m", "helper", "--config", str(update_host.sup.config_path),
+                          "--rollback"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert res.stderr.strip() == ("helper --rollback: name the component to roll back: one of app, supervisor "
+                                  "(helper --rollback COMPONENT)")
+    assert update_host.layout.current_version() == "1.1.0" and update_host.sup.agent("app").pid == pid
+
+
 def test_helper_rollback_with_the_supervisor_down_only_switches_the_link(update_host):
     import subprocess
     import sys

@@ -356,10 +356,12 @@ def test_rollback_to_an_explicit_version_goes_there(running_release: SupervisorP
     assert _push(host, release, releases.v110, "1.1.0").success
     helper = host.base / "install" / "supervisor" / "current" / "bin" / "helper"
     assert envi(helper, "--rollback", "--config", host.config_path).returncode == 0
+    assert Marks(host.state_dir).failed("supervisor") == ["1.1.0"]  # the automatic rollback condemned it
     r = envi(helper, "--rollback", "--to", "1.1.0", "--config", host.config_path)
     assert r.returncode == 0, r.stderr
+    assert "moved forward 1.0.0 -> 1.1.0 (a newer version)" in r.stdout
     assert host.status().supervisor_version == "1.1.0"
-    assert "1.0.0" not in Marks(host.state_dir).failed("supervisor")  # going forward by hand condemns nothing
+    assert Marks(host.state_dir).failed("supervisor") == []  # named by hand: 1.1.0 is good again, 1.0.0 never bad
 
 
 def test_rollback_from_a_broken_current_release_works_with_the_other_release_helper(
