@@ -111,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--component", required=True, type=_component_arg)
     build.add_argument("--version", required=True, type=_version_arg)
     build.add_argument("-o", "--output", required=True, type=Path, help="package file to write")
+    build.add_argument("--force", action="store_true", help="overwrite an existing package file")
     build.add_argument(
         "--gzip",
         action=argparse.BooleanOptionalAction,
@@ -136,8 +137,10 @@ def _add_release_parser(sub: argparse._SubParsersAction) -> None:
 
     release = sub.add_parser("release", help="build a self-contained supervisor release (docs/releases.md)")
     release.add_argument("--version", required=True, type=_version_arg)
-    release.add_argument("-o", "--output", required=True, type=Path,
-                         help="tarball to write, or a directory for baton-V-<python tag>-<platform>.tar.gz")
+    release.add_argument("-o", "--output", required=True,
+                         help="tarball to write, or a directory (existing, or ending with /: created) for "
+                              "baton-V-<python tag>-<platform>.tar.gz")
+    release.add_argument("--force", action="store_true", help="overwrite an existing tarball")
     release.add_argument("--lock", type=Path, help="hashed lock file (default: requirements/runtime.lock)")
     release.add_argument("--python", default=DEFAULT_PYTHON,
                          help=f"the interpreter the launchers run (default: {DEFAULT_PYTHON})")
@@ -324,6 +327,8 @@ def _build(args: argparse.Namespace) -> None:
     use_gzip = args.gzip
     if use_gzip is None:
         use_gzip = args.output.name.endswith((".gz", ".tgz"))
+    if os.path.lexists(args.output) and not args.force:
+        raise PackageToolError(f"{args.output} already exists; use --force to overwrite it")
     digests = build_package(args.dir, args.output, use_gzip)
     print(f"wrote {args.output} ({args.component} {args.version}, {'tar.gz' if use_gzip else 'tar'})")
     print(f"size: {digests.size}")
@@ -337,7 +342,7 @@ def _release(args: argparse.Namespace) -> None:
     lock = args.lock or source / "requirements" / "runtime.lock"
     started = time.monotonic()
     dest, manifest, digests = build_release(args.version, args.output, lock=lock, python=args.python,
-                                            source=source)
+                                            source=source, force=args.force)
     print(f"wrote {dest} (supervisor release {manifest.version} for {manifest.target}, "
           f"{len(manifest.dependencies)} dependencies, {time.monotonic() - started:.1f}s)")
     print(f"size: {digests.size}")

@@ -334,23 +334,42 @@ def write_release_tree(root: Path, version: str, *, lock: Path, python: str, sou
     return manifest
 
 
-def build_release(version: str, output: Path, *, lock: Path, python: str = DEFAULT_PYTHON,
-                  source: Path | None = None) -> tuple[Path, ReleaseManifest, Digests]:
-    """Build ``baton-<version>-<tag>-<platform>.tar.gz`` (into ``output`` if it is a directory).
+def release_destination(output: str | Path, version: str, target: Target, *, force: bool = False) -> Path:
+    """Where a release goes: ``output`` itself, or ``baton-V-<tag>-<platform>.tar.gz`` in it when it is a
+    directory or ends with ``/`` (created if missing, as ``-o dist/`` reads).
 
     Raises:
-        ReleaseError: the interpreter does not match, pip fails, or the lock file is missing.
+        ReleaseError: the file exists and ``force`` is false (a build never replaces a file silently).
+    """
+    text = str(output)
+    out = Path(text)
+    if text.endswith(os.sep) or out.is_dir():
+        out.mkdir(parents=True, exist_ok=True)
+        out = out / release_file_name(version, target)
+    if os.path.lexists(out) and not force:
+        raise ReleaseError(f"{out} already exists; use --force to overwrite it")
+    return out
+
+
+def build_release(version: str, output: str | Path, *, lock: Path, python: str = DEFAULT_PYTHON,
+                  source: Path | None = None, force: bool = False) -> tuple[Path, ReleaseManifest, Digests]:
+    """Build ``baton-<version>-<tag>-<platform>.tar.gz`` (into ``output`` if it names a directory).
+
+    Raises:
+        ReleaseError: the interpreter does not match, pip fails, the lock file is missing, or the
+            tarball exists and ``force`` is false (checked before anything is built).
     """
     from helper.package_tool import build_package
 
     source = source or Path(__file__).resolve().parent.parent
     if not lock.is_file():
         raise ReleaseError(f"lock file {lock} not found")
+    release_destination(output, version, interpreter_target(python), force=force)  # refuse before pip runs
     work = Path(tempfile.mkdtemp(prefix="baton-release-"))
     try:
         root = work / f"baton-{version}"
         manifest = write_release_tree(root, version, lock=lock, python=python, source=source)
-        dest = output / release_file_name(version, manifest.target) if output.is_dir() else output
+        dest = release_destination(output, version, manifest.target, force=force)
         digests = build_package(work, dest, use_gzip=True)
     finally:
         with contextlib.suppress(OSError):

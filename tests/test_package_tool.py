@@ -155,6 +155,18 @@ def test_build_writes_plain_tar_unless_the_name_asks_for_gzip(tmp_path: Path) ->
     assert (tmp_path / "q.tar").read_bytes().startswith(b"\x1f\x8b")
 
 
+def test_build_never_overwrites_an_existing_file_without_force(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    pkg = tmp_path / "web.tar.gz"
+    pkg.write_bytes(b"an earlier build")
+    r = run("build", tree, "--component", "web", "--version", "1", "-o", pkg)
+    assert r.returncode == 1
+    assert r.stderr == f"baton-package: error: {pkg} already exists; use --force to overwrite it\n"
+    assert pkg.read_bytes() == b"an earlier build"
+    ok("build", tree, "--component", "web", "--version", "1", "-o", pkg, "--force")
+    assert pkg.read_bytes().startswith(b"\x1f\x8b")
+
+
 def test_build_refuses_a_symlink_pointing_outside_the_tree(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree")
     (tree / "etc" / "passwd").symlink_to("../../../etc/passwd")

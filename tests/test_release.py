@@ -45,10 +45,19 @@ def _sha256(path: Path) -> str:
 
 
 def test_two_builds_of_the_same_commit_and_lock_are_byte_identical(releases: Releases, tmp_path: Path) -> None:
-    r = package_cli("release", "--version", "1.0.0", "-o", tmp_path)
+    """Built as the README writes it, `-o dist/`: a missing directory named with a slash is created."""
+    r = package_cli("release", "--version", "1.0.0", "-o", f"{tmp_path / 'dist'}/")
     assert r.returncode == 0, r.stderr
-    again = tmp_path / releases.v100.name
+    again = tmp_path / "dist" / releases.v100.name
     assert _sha256(again) == _sha256(releases.v100)
+
+
+def test_a_release_never_overwrites_an_existing_tarball_without_force(releases: Releases, tmp_path: Path) -> None:
+    existing = tmp_path / releases.v100.name
+    existing.write_bytes(b"kept")
+    r = package_cli("release", "--version", "1.0.0", "-o", tmp_path)
+    assert r.returncode == 1 and f"{existing} already exists; use --force to overwrite it" in r.stderr
+    assert existing.read_bytes() == b"kept"
 
 
 def test_a_launcher_interpreter_of_another_python_minor_version_is_refused_before_building(tmp_path: Path) -> None:
