@@ -82,8 +82,8 @@ def _install_from_release(ctx: Ctx, sup: BatonSupervisor, tarball: Path) -> floa
     subprocess.run(["tar", "-xzf", str(tarball), "-C", str(dest)], check=True)
     (root,) = dest.iterdir()
     r = subprocess.run(["env", "-i", str(root / "bin" / "supervisor"), "install-self", "--config",
-                        str(sup.config_path), "--unit-dir", str(sup.base / "units")], capture_output=True, text=True,
-                       cwd="/", timeout=300)
+                        str(sup.config_path), "--unit-dir", str(sup.base / "units"), "--bin-dir", ""],
+                       capture_output=True, text=True, cwd="/", timeout=300)
     elapsed = time.monotonic() - t0
     if r.returncode != 0:
         raise RuntimeError(f"install-self failed: {r.stderr.strip()}")

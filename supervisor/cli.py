@@ -204,7 +204,12 @@ def cmd_install_self(ns: argparse.Namespace) -> int:
         print("supervisor install-self: --enable starts the unit that --no-unit does not write; drop one of them",
               file=sys.stderr)
         return EXIT_USAGE
+    if ns.purge and not ns.uninstall:
+        print("supervisor install-self: --purge goes with --uninstall", file=sys.stderr)
+        return EXIT_USAGE
     cfg = _load(ns.config)
+    if ns.uninstall:
+        return uninstall_self(ns, cfg)
     root = release_root_of_running_code()
     if root is not None:
         return install_self_release(ns, cfg, root)
@@ -220,17 +225,23 @@ def cmd_install_self(ns: argparse.Namespace) -> int:
 
 def install_self_release(ns: argparse.Namespace, cfg: Config, root: Path) -> int:
     """``install-self`` run from an unpacked release: install that release (docs/releases.md)."""
-    from supervisor.install_self import install_release
+    from supervisor.install_self import check_command_links, install_release, write_command_links
 
     if ns.version and ns.version != supervisor_version():
         print(f"supervisor: this release is {supervisor_version()}, not {ns.version}", file=sys.stderr)
         return 1
+    bin_dir = Path(ns.bin_dir) if ns.bin_dir else None
     try:
+        if bin_dir is not None:
+            check_command_links(cfg, bin_dir)  # before anything is installed
         done = install_release(cfg, root, force=ns.force, unit_dir=None if ns.no_unit else Path(ns.unit_dir))
+        links = write_command_links(cfg, bin_dir) if bin_dir is not None else []
     except BatonError as e:
         print(f"supervisor install-self: {e}", file=sys.stderr)
         return 1
     print(f"installed supervisor {done.version} at {done.path}; current -> versions/{done.version}")
+    if links:
+        print(f"linked {', '.join(p.name for p in links)} into {bin_dir}")
     if done.unit is None:
         return 0
     if not ns.enable:
@@ -238,6 +249,23 @@ def install_self_release(ns: argparse.Namespace, cfg: Config, root: Path) -> int
         return 0
     print(f"wrote {done.unit}")
     return enable_installed(cfg, done.version, done.unit)
+
+
+def uninstall_self(ns: argparse.Namespace, cfg: Config) -> int:
+    """``install-self --uninstall``: undo install-self; state and logs stay unless ``--purge``."""
+    from supervisor.install_self import uninstall
+
+    try:
+        done = uninstall(cfg, unit_dir=Path(ns.unit_dir), bin_dir=Path(ns.bin_dir) if ns.bin_dir else None,
+                         purge=ns.purge)
+    except BatonError as e:
+        print(f"supervisor install-self --uninstall: {e}", file=sys.stderr)
+        return 1
+    for path in done.removed:
+        print(f"removed {path}")
+    if done.kept:
+        print(f"kept {', '.join(map(str, done.kept))} (state and logs; --purge removes them)")
+    return 0
 
 
 def enable_installed(cfg: Config, version: str, unit: Path) -> int:
@@ -370,6 +398,13 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
     i.add_argument("--no-unit", action="store_true", help="do not write the systemd unit")
     i.add_argument("--enable", action="store_true",
                    help="then systemctl daemon-reload, enable --now the unit, and wait until the supervisor answers")
+    i.add_argument("--bin-dir", default="/usr/local/bin",
+                   help="where to link the supervisor and helper commands ('' for no links)")
+    i.add_argument("--uninstall", action="store_true",
+                   help="stop and disable the unit, remove it, the command links and the supervisor's versions; "
+                        "state and logs stay")
+    i.add_argument("--purge", action="store_true",
+                   help="with --uninstall: also remove the state directory, the logs and the agents' versions")
     i.set_defaults(fn=cmd_install_self)
     d = command("demo", "run a self-contained demo in a temporary directory", "supervisor demo --seconds 10")
     d.add_argument("--seconds", type=float, default=5.0, help="how long to keep running at the end")

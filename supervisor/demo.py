@@ -178,7 +178,8 @@ restart = "always"
         unpacked = self.base / "release" / "baton-1.0.0"
         print(f"   $ tar -xzf {tarball.name} && ./baton-1.0.0/bin/supervisor install-self --config supervisor.toml")
         res = subprocess.run(["env", "-i", str(unpacked / "bin" / "supervisor"), "install-self", "--config",
-                              str(self.cfg_path), "--unit-dir", str(self.base / "systemd")],
+                              str(self.cfg_path), "--unit-dir", str(self.base / "systemd"), "--bin-dir",
+                              str(self.base / "bin")],
                              capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
             raise SystemExit(f"demo: install-self failed: {res.stderr.strip()}")

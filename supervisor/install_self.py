@@ -16,6 +16,7 @@ from __future__ import annotations
 
 # shutil (with bz2 and lzma, about 0.3 MiB) is imported where trees are copied: the daemon imports this module
 # only for launcher(), helper_command() and running_from_layout().
+import contextlib
 import os
 import subprocess
 import sys
@@ -122,6 +123,8 @@ def helper_command() -> list[str]:
 # --- installing a release ---------------------------------------------------------------------------
 
 DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
+DEFAULT_BIN_DIR = Path("/usr/local/bin")  # the FHS's place for the operator's commands installed locally
+OPERATOR_COMMANDS = ("supervisor", "helper")  # linked into the bin directory, through `current`
 
 
 class InstallRefused(BatonError):
@@ -138,6 +141,38 @@ class Installed:
 def render_unit(template: str, install_root: Path, config: Path) -> str:
     """The unit template with this host's install root and config file filled in."""
     return template.replace("@INSTALL_ROOT@", str(install_root)).replace("@CONFIG@", str(config))
+
+
+def command_links(cfg: Config, bin_dir: Path) -> dict[Path, str]:
+    """Each operator command's link in ``bin_dir`` -> its target, through ``current`` so a self-update moves it."""
+    current_bin = layout(cfg).current_link.absolute() / "bin"
+    return {bin_dir / name: str(current_bin / name) for name in OPERATOR_COMMANDS}
+
+
+def _ours(link: Path, target: str) -> bool:
+    return link.is_symlink() and os.readlink(link) == target
+
+
+def check_command_links(cfg: Config, bin_dir: Path) -> None:
+    """Refuse (before anything is installed) to replace a command in ``bin_dir`` that is not our link."""
+    for link, target in command_links(cfg, bin_dir).items():
+        if os.path.lexists(link) and not _ours(link, target):
+            raise InstallRefused(f"{link} exists and is not a link to {target}: move it away, or install "
+                                 "with --bin-dir DIR (or --bin-dir '' for no links)")
+
+
+def write_command_links(cfg: Config, bin_dir: Path) -> list[Path]:
+    """Link each operator command into ``bin_dir`` (each link made beside and renamed into place)."""
+    check_command_links(cfg, bin_dir)
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for link, target in command_links(cfg, bin_dir).items():
+        tmp = link.with_name(f".{link.name}.baton-{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+    durable.fsync_dir(bin_dir)
+    return list(command_links(cfg, bin_dir))
 
 
 def install_release(cfg: Config, release_root: Path, *, force: bool = False,
@@ -300,3 +335,63 @@ def enable_unit(cfg: Config, unit: str = SERVICE_UNIT, timeout: float = ENABLE_T
         time.sleep(ENABLE_POLL_S)
     raise EnableFailed(f"{unit} is not running a supervisor that answers on {cfg.control_socket} after "
                        f"{timeout:.0f} s ({state.get('ActiveState', '?')}/{state.get('SubState', '?')})")
+
+
+# --- uninstalling (install-self --uninstall) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Uninstalled:
+    removed: tuple[Path, ...]  # what was removed, in order
+    kept: tuple[Path, ...]  # state and logs left in place (without purge)
+
+
+def uninstall(cfg: Config, *, unit_dir: Path = DEFAULT_UNIT_DIR, bin_dir: Path | None = DEFAULT_BIN_DIR,
+              purge: bool = False) -> Uninstalled:
+    """Remove what install-self added: the unit (stopped and disabled first under systemd), the command links
+    that are ours, and the supervisor's versions; with ``purge`` also the state directory, the logs and the
+    agents' installed versions.
+
+    Raises:
+        InstallRefused: a supervisor still answers on this config and systemd cannot stop it (stop it first).
+        EnableFailed: systemd was asked to stop and disable the unit and failed (nothing removed).
+    """
+    import shutil
+
+    from helper.self_update import running_supervisor
+
+    removed: list[Path] = []
+    unit = unit_dir / SERVICE_UNIT
+    if unit.is_file():
+        try:
+            exe = _systemctl()
+        except SystemdUnavailable:
+            exe = ""
+        if exe:
+            _run_systemctl(exe, "disable", "--now", SERVICE_UNIT)  # stops the supervisor and its agents
+    running, _ = running_supervisor(cfg)
+    if running:
+        raise InstallRefused(f"supervisor {running} is running on {cfg.control_socket}: stop it first "
+                             "(systemctl stop baton-supervisor); nothing was removed")
+    if unit.is_file():
+        os.unlink(unit)
+        durable.fsync_dir(unit_dir)
+        removed.append(unit)
+        with contextlib.suppress(SystemdUnavailable, EnableFailed):
+            _run_systemctl(_systemctl(), "daemon-reload")
+    if bin_dir is not None:
+        for link, target in command_links(cfg, bin_dir).items():
+            if _ours(link, target):  # a command someone else put there stays
+                os.unlink(link)
+                removed.append(link)
+    trees = [layout(cfg).root]
+    if purge:
+        trees += [cfg.node.install_root, cfg.node.state_dir, cfg.log_dir, cfg.download_dir]
+    for tree in trees:
+        if len(tree.resolve().parts) < 3:  # "/" or "/opt": a config naming one is not Baton's own directory
+            continue
+        if tree.is_dir() and not tree.is_symlink():
+            shutil.rmtree(tree)
+            removed.append(tree)
+    kept = () if purge else tuple(p for p in (cfg.node.state_dir, cfg.log_dir) if p.exists())
+    return Uninstalled(tuple(removed), kept)

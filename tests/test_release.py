@@ -123,7 +123,7 @@ def host(make_supervisor: Callable[..., SupervisorProc], release: Release) -> Su
 def _install(host: SupervisorProc, tarball: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     root = unpack(tarball, host.base / "unpacked" / tarball.name)
     return envi(root / "bin" / "supervisor", "install-self", "--config", host.config_path,
-                 "--unit-dir", host.base / "units", *extra)
+                 "--unit-dir", host.base / "units", "--bin-dir", host.base / "bin", *extra)
 
 
 def _launcher(host: SupervisorProc) -> Path:
@@ -180,6 +180,43 @@ def test_doctor_of_an_installed_release_compares_the_unit_with_the_one_the_relea
     found = [c for c in json.loads(r.stdout)["checks"] if c["check"] == "systemd-unit"]
     assert [c["status"] for c in found] == ["ok"], found
     assert found[0]["message"].endswith("versions/1.0.0/share/systemd/baton-supervisor.service")
+
+
+def test_install_self_links_the_operator_commands_through_current(host: SupervisorProc, releases: Releases) -> None:
+    assert _install(host, releases.v100).returncode == 0
+    current_bin = host.base / "install" / "supervisor" / "current" / "bin"
+    for name in ("supervisor", "helper"):
+        assert os.readlink(host.base / "bin" / name) == str(current_bin / name)
+    assert envi(host.base / "bin" / "supervisor", "--version").stdout.split()[-1] == "1.0.0"
+
+
+def test_install_self_refuses_a_foreign_command_in_the_bin_dir_before_installing(host: SupervisorProc,
+                                                                                 releases: Releases) -> None:
+    (host.base / "bin").mkdir()
+    (host.base / "bin" / "helper").write_text("#!/bin/sh\necho someone else's helper\n")
+    r = _install(host, releases.v100)
+    assert r.returncode == 1 and f"{host.base / 'bin' / 'helper'} exists and is not a link" in r.stderr
+    assert not (host.base / "install" / "supervisor").exists()
+    assert (host.base / "bin" / "helper").read_text().endswith("someone else's helper\n")
+
+
+def test_uninstall_removes_what_install_self_added_and_keeps_state_and_logs(host: SupervisorProc,
+                                                                           releases: Releases) -> None:
+    assert _install(host, releases.v100).returncode == 0
+    _start_installed(host)
+    linked = host.base / "bin" / "supervisor"
+    uninstall = ("install-self", "--config", host.config_path, "--uninstall", "--unit-dir", host.base / "units",
+                 "--bin-dir", host.base / "bin")
+    r = envi(linked, *uninstall)
+    assert r.returncode == 1 and "is running" in r.stderr and "nothing was removed" in r.stderr
+    assert (host.base / "units" / "baton-supervisor.service").is_file() and os.path.lexists(linked)
+    stop_everything_of(host)
+    r = envi(linked, *uninstall)
+    assert r.returncode == 0, r.stderr
+    assert not (host.base / "units" / "baton-supervisor.service").exists()
+    assert not os.path.lexists(linked) and not os.path.lexists(host.base / "bin" / "helper")
+    assert not (host.base / "install" / "supervisor").exists()
+    assert host.state_dir.is_dir() and f"kept {host.state_dir}" in r.stdout
 
 
 def test_install_self_refuses_to_overwrite_an_installed_version(host: SupervisorProc, releases: Releases) -> None:

@@ -59,7 +59,7 @@ def install_self_cli(*args: str | Path, release_root: Path | None = None,
     there even on a machine whose PID 1 is systemd.
     """
     exe = [str(release_root / "bin" / "supervisor")] if release_root else [PY, "-m", "supervisor"]
-    argv = ["env", "-i", *exe, "install-self", *map(str, args)]
+    argv = ["env", "-i", *exe, "install-self", "--bin-dir", "", *map(str, args)]  # no links in the machine's PATH
     if without_systemd:
         argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                 'mount -t tmpfs -o mode=755 tmpfs /run && exec "$@"', "sh", *argv]
@@ -236,7 +236,7 @@ def test_systemctl_stop_stops_every_agent(systemd, unit_host):
 
 @needs_systemd
 @pytest.mark.slow
-def test_one_command_installs_a_release_enables_and_starts_it_under_systemd_and_it_self_updates_to_a_release(
+def test_one_command_installs_a_release_enables_and_starts_it_under_systemd_self_updates_and_uninstalls(
         systemd, make_supervisor, release, releases):
     """README "Installing from a release": tar -xzf, then `install-self --enable`; the unit is not edited.
 
@@ -254,7 +254,7 @@ def test_one_command_installs_a_release_enables_and_starts_it_under_systemd_and_
     wants = ETC_UNITS / "multi-user.target.wants" / UNIT.name
     assert not os.path.lexists(unit) and not os.path.lexists(wants)
     res = systemd.inside("env", "-i", root / "bin" / "supervisor", "install-self", "--config", sup.config_path,
-                         "--enable")
+                         "--enable", "--bin-dir", sup.base / "bin")
     assert res.returncode == 0, res.stdout + res.stderr
     props = systemd.show(UNIT.name, "ActiveState", "UnitFileState", "MainPID")
     assert (props["ActiveState"], props["UnitFileState"]) == ("active", "enabled")
@@ -274,6 +274,19 @@ def test_one_command_installs_a_release_enables_and_starts_it_under_systemd_and_
     assert systemd.show(UNIT.name, "MainPID", "NRestarts") == {"MainPID": main_pid, "NRestarts": "0"}
     assert agent_pids(host) == before
     assert not os.path.lexists(unit) and not os.path.lexists(wants), "the machine's own /etc was touched"
+    linked = sup.base / "bin" / "supervisor"  # the operator's PATH entry follows current
+    assert subprocess.run([linked, "--version"], capture_output=True, text=True).stdout.split()[-1] == "1.1.0"
+
+    res = systemd.inside("env", "-i", linked, "install-self", "--config", sup.config_path, "--uninstall",
+                         "--bin-dir", sup.base / "bin")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert systemd.show(UNIT.name, "ActiveState", "UnitFileState") == {"ActiveState": "inactive",
+                                                                       "UnitFileState": ""}
+    assert not systemd.path_inside(unit).exists() and not systemd.path_inside(wants).exists()
+    assert not os.path.lexists(linked) and not (sup.base / "install" / "supervisor").exists()
+    assert sup.state_dir.is_dir() and "kept " in res.stdout  # state and logs stay without --purge
+    for pid in before.values():
+        wait_for(lambda pid=pid: not psutil.pid_exists(pid), 30, what=f"agent {pid} stopped by the uninstall")
 
 
 def _daemon_fails_at_start(root: Path) -> None:
@@ -292,7 +305,7 @@ def test_install_self_enable_of_a_unit_that_fails_to_start_says_where_to_look_an
     sup.write_config()
     root = unpack(releases.derived("1.0.1", _daemon_fails_at_start), sup.base / "unpacked")
     res = systemd.inside("env", "-i", root / "bin" / "supervisor", "install-self", "--config", sup.config_path,
-                         "--enable")
+                         "--enable", "--bin-dir", sup.base / "bin")
     assert res.returncode == 1
     (line,) = res.stderr.splitlines()
     assert "supervisor 1.0.1 IS installed" in line and f"{UNIT.name} failed to start" in line
