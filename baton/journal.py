@@ -14,6 +14,12 @@ not list (``IllegalTransition``), and :meth:`Journal.save` refuses a record
 whose state is not the last one ``moved`` recorded (a ``replace(state=...)``),
 so no writer, helper or supervisor, can put a state on disk around the table.
 
+Update ids and Baton's own names share ``<state_dir>/updates/``: the helpers'
+lock directory (``LOCKS_DIR``) lives there, at the same path in every version, so
+that an old and a new helper still exclude each other. An id is therefore never
+one of ``RESERVED_IDS`` (:func:`check_update_id`), and every internal name in that
+directory is built here, from that set, so none can be added without reserving it.
+
 Format version 1. Readers ignore unknown keys, so a newer writer can add some.
 """
 
@@ -41,6 +47,11 @@ CANCELLED = "cancelled"  # the reason and error of a cancelled update
 CANCEL_SIGNAL = signal.SIGUSR1
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PRUNED_PREFIX = ".pruned-"  # not a valid update id, so never read as a record
+JOURNAL_DIR = "updates"  # <state_dir>/updates: one directory per update id, and LOCKS_DIR
+LOCKS_DIR = "locks"  # <state_dir>/updates/locks/<component>.lock: helper/locks.py
+# Names in JOURNAL_DIR that are Baton's, not an update's: an id equal to one would make a record of the
+# helpers' lock directory, and pruning that record would delete the lock files under a running helper.
+RESERVED_IDS = frozenset({LOCKS_DIR})
 
 
 class JournalError(BatonError):
@@ -154,8 +165,31 @@ class UpdateRecord:
         )
 
 
+def check_update_id(update_id: str) -> None:
+    """Raises JournalError, with the reason, unless ``update_id`` may name a record in the journal."""
+    if update_id in RESERVED_IDS:
+        raise JournalError(f"update id {update_id!r} is reserved: it names Baton's own directory "
+                           f"{JOURNAL_DIR}/{update_id} in the state directory")
+    if not _ID_RE.match(update_id):
+        raise JournalError(f"invalid update id {update_id[:80]!r}: 1-64 letters, digits, '_', '.', '-', "
+                           "starting with a letter or digit")
+
+
 def valid_update_id(update_id: str) -> bool:
-    return bool(_ID_RE.match(update_id))
+    try:
+        check_update_id(update_id)
+    except JournalError:
+        return False
+    return True
+
+
+def journal_root(state_dir: Path) -> Path:
+    return Path(state_dir) / JOURNAL_DIR
+
+
+def lock_dir(state_dir: Path) -> Path:
+    """Where helpers hold their component locks: the same path in every version (see the module docstring)."""
+    return journal_root(state_dir) / LOCKS_DIR
 
 
 class Ended(NamedTuple):
@@ -171,12 +205,11 @@ class Journal:
     """All update records under ``<state_dir>/updates``."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.root = Path(state_dir) / "updates"
+        self.root = journal_root(state_dir)
         self._ended: dict[str, Ended] = {}  # read once per process: see ended()
 
     def dir(self, update_id: str) -> Path:
-        if not valid_update_id(update_id):
-            raise JournalError(f"invalid update id {update_id!r}")
+        check_update_id(update_id)
         return self.root / update_id
 
     def path(self, update_id: str) -> Path:

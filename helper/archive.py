@@ -112,7 +112,7 @@ def extract_package(fileobj: BinaryIO, parent: Path, limits: ExtractLimits) -> P
     staging = Path(tempfile.mkdtemp(dir=parent, prefix=".staging-"))
     try:
         _extract(fileobj, staging, limits)
-        _fix_modes_and_sync(staging)
+        fix_modes_and_sync(staging)
         fsync_dir(parent)
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
@@ -277,8 +277,12 @@ def _resolve_link(key: str, links: dict[str, str]) -> str | None:
     return None
 
 
-def _fix_modes_and_sync(staging: Path) -> None:
-    """Directories 0755, files 0644 or 0755 by their owner exec bit; fsync everything, leaves first."""
+def fix_modes_and_sync(staging: Path) -> None:
+    """Directories 0755, files 0644 or 0755 by their owner exec bit; fsync everything, leaves first.
+
+    So nothing installed is setuid, setgid, sticky or writable by others, whatever the source said (a package's
+    members, or a release tree ``install-self`` copies).
+    """
     for dirpath, dirnames, filenames in os.walk(staging, topdown=False):
         for name in (*filenames, *dirnames):
             path = os.path.join(dirpath, name)

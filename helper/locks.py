@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from baton.errors import BatonError
+from baton.journal import lock_dir
 
 
 class ComponentBusy(BatonError):
@@ -17,7 +18,7 @@ class ComponentBusy(BatonError):
 
 class ComponentLock:
     def __init__(self, state_dir: Path, component: str) -> None:
-        self.path = Path(state_dir) / "updates" / "locks" / f"{component}.lock"
+        self.path = lock_dir(state_dir) / f"{component}.lock"
         self.component = component
         self._fd = -1
 

@@ -189,6 +189,19 @@ def _check_symlink(root: Path, rel: str, target: str) -> None:
         raise PackageToolError(f"{root / rel}: symlink to {target!r} points outside {root}")
 
 
+def check_links_inside(root: Path) -> None:
+    """Refuse a tree with a symbolic link that leads out of it: what it names would be packed or installed.
+
+    Links to something inside ``root`` are fine. Links are checked where they are, never followed down.
+
+    Raises:
+        PackageToolError: naming the first such link (in sorted order) and its target.
+    """
+    for rel in _walk(root):
+        if (root / rel).is_symlink():
+            _check_symlink(root, rel, os.readlink(root / rel))
+
+
 def _tarinfo(root: Path, rel: str) -> tuple[tarfile.TarInfo, BinaryIO | None]:
     path = root / rel
     st = os.lstat(path)

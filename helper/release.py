@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 from baton import durable
 from baton.errors import BatonError
 from baton.layout import START_LOG_ENV, UNIT_IN_CHECKOUT, UNIT_IN_VERSION
-from baton.versions import validate_version
+from baton.versions import InvalidVersion, parse_version, validate_version
 
 if TYPE_CHECKING:
     from baton.digest import Digests  # cryptography: not loaded by a supervisor that asks for its dependencies
@@ -52,9 +52,10 @@ ENTRY_POINTS = {
     "baton-package": "helper.package_tool",
 }
 DEFAULT_PYTHON = "/usr/bin/python3"
+SHARE_SOURCE = "packaging"  # where SHARE_FILES come from in a checkout
 SHARE_FILES = {
     str(UNIT_IN_VERSION.relative_to("share")): str(UNIT_IN_CHECKOUT),
-    "supervisor.example.toml": "packaging/supervisor.example.toml",
+    "supervisor.example.toml": f"{SHARE_SOURCE}/supervisor.example.toml",
 }
 LAUNCHER = '''#!{python} -IS
 """Baton release launcher: run this release's {name} on the system Python, isolated from the environment."""
@@ -147,8 +148,10 @@ class ReleaseManifest:
             deps = data["dependencies"]
             if not isinstance(deps, dict):
                 raise TypeError("dependencies")
+            version = str(data["version"])
+            parse_version(version)  # the package format's rule: the version becomes versions/<version>/
             return cls(
-                version=str(data["version"]),
+                version=version,
                 target=Target(str(data["python_tag"]), str(data["platform"])),
                 python=str(data["python"]),
                 dependencies=tuple(sorted((str(k), str(v)) for k, v in deps.items())),
@@ -156,6 +159,8 @@ class ReleaseManifest:
             )
         except (KeyError, TypeError) as e:
             raise ReleaseError(f"{MANIFEST_NAME}: missing or malformed field {e}") from None
+        except InvalidVersion as e:
+            raise ReleaseError(f"{MANIFEST_NAME}: {e}") from None
 
     def write(self, root: Path) -> None:
         text = json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
@@ -299,7 +304,13 @@ def _bundled(lib: Path) -> tuple[tuple[str, str], ...]:
 
 def write_release_tree(root: Path, version: str, *, lock: Path, python: str, source: Path) -> ReleaseManifest:
     """Fill ``root`` (new, empty) with the release tree; returns its manifest."""
+    from helper.package_tool import check_links_inside
+
     validate_version(version)
+    # Before pip, so a refused checkout costs nothing: a link out of the tree would pack what it names (a
+    # build host's /etc/passwd, a key) into the release; links inside it are copied as links.
+    for top in (*PACKAGES, SHARE_SOURCE):
+        check_links_inside(source / top)
     here = running_target()
     target = interpreter_target(python)
     if target != here:
@@ -310,7 +321,7 @@ def write_release_tree(root: Path, version: str, *, lock: Path, python: str, sou
     _pip_install(lock, lib)
     shutil.rmtree(lib / "bin", ignore_errors=True)  # console scripts naming the build's interpreter
     for pkg in PACKAGES:
-        shutil.copytree(source / pkg, lib / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(source / pkg, lib / pkg, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     bin_dir = root / "bin"
     bin_dir.mkdir()
     for name, module in ENTRY_POINTS.items():

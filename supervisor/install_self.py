@@ -179,13 +179,20 @@ def install_release(cfg: Config, release_root: Path, *, force: bool = False,
                     unit_dir: Path | None = DEFAULT_UNIT_DIR) -> Installed:
     """Install the unpacked release at ``release_root`` as a version, make it current, write the unit.
 
+    The copy gets the modes a package's files get (``helper.archive.fix_modes_and_sync``: no setuid, setgid or
+    sticky bit, nothing writable by others) and is fsynced before it is renamed into place.
+
     Raises:
         InstallRefused: the version is installed already, is below the highest committed
             version (without ``force``), or a supervisor is running on this config.
-        ReleaseError: not a release, or built for another Python or platform.
+        ReleaseError: not a release, built for another Python or platform, or its RELEASE.json
+            names a version that is not a safe directory name.
+        PackageToolError: a symbolic link in the release leads out of it.
     """
     import shutil
 
+    from helper.archive import fix_modes_and_sync
+    from helper.package_tool import check_links_inside
     from helper.release import ReleaseError, check_compatible, compile_bytecode, read_manifest
     from helper.self_update import running_supervisor
 
@@ -194,6 +201,7 @@ def install_release(cfg: Config, release_root: Path, *, force: bool = False,
         raise ReleaseError(f"{release_root} is not a release (no RELEASE.json); build one with "
                            "`baton-package release`")
     check_compatible(manifest)
+    check_links_inside(release_root)
     version = manifest.version
     lay = layout(cfg)
     if lay.version_dir(version).exists():
@@ -216,6 +224,7 @@ def install_release(cfg: Config, release_root: Path, *, force: bool = False,
         shutil.rmtree(staging)
     shutil.copytree(release_root, staging, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     compile_bytecode(staging)
+    fix_modes_and_sync(staging)
     dest = lay.install(staging, version)
     lay.switch(version)
     marks.committed(SUPERVISOR_COMPONENT, version)

@@ -33,6 +33,7 @@ from baton.journal import (
     JournalError,
     UpdateRecord,
     UpdateRequestRecord,
+    check_update_id,
     valid_update_id,
 )
 from baton.layout import ComponentLayout
@@ -179,8 +180,11 @@ class UpdateManager:
         if running is not None:
             await context.abort(grpc.StatusCode.ABORTED,
                                 f"update {running} of {req.component} is still running; try again when it ends")
-        if req.update_id and not valid_update_id(req.update_id):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid update_id {clip(req.update_id)!r}")
+        if req.update_id:
+            try:
+                check_update_id(req.update_id)
+            except JournalError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
             check_request(self.cfg, component=req.component, version=req.version, download_url=req.download_url,
                           sha256=req.sha256, size=req.size, signature=req.signature, node_id=req.node_id,
