@@ -51,9 +51,10 @@ def cmd_check_config(ns: argparse.Namespace) -> int:
 
 
 def _fmt_agents(agents: list[Any]) -> str:
+    from baton.text import printable
     from supervisor.ctl import state_name
 
-    rows = [("NAME", "STATE", "PID", "VERSION", "UPTIME", "RESTARTS", "LAST EXIT", "NOTE")]
+    rows: list[tuple[str, ...]] = [("NAME", "STATE", "PID", "VERSION", "UPTIME", "RESTARTS", "LAST EXIT", "NOTE")]
     now = time.time()
     for a in agents:
         uptime = f"{now - a.start_time:.0f}s" if a.pid else "-"
@@ -65,8 +66,8 @@ def _fmt_agents(agents: list[Any]) -> str:
         else:
             how = ""
         note = "; ".join(x for x in (a.last_error, how) if x)
-        rows.append((a.name, state_name(a.state), str(a.pid or "-"), a.version or "-", uptime, str(a.restarts), last,
-                     note))
+        rows.append(tuple(printable(c) for c in (a.name, state_name(a.state), str(a.pid or "-"), a.version or "-",
+                                                  uptime, str(a.restarts), last, note)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
@@ -86,12 +87,13 @@ def _ctl(fn: Any) -> Any:
     """Run an operator command: a CtlError is one line on stderr and exit 1."""
 
     def run(ns: argparse.Namespace) -> int:
+        from baton.text import printable
         from supervisor.ctl import CtlError  # here, not when the parser is built: `run` would keep it resident
 
         try:
             return int(fn(ns))
         except CtlError as e:
-            print(f"supervisor: {e}", file=sys.stderr)
+            print(printable(f"supervisor: {e}"), file=sys.stderr)  # it may quote the supervisor's words
             return 1
         except KeyboardInterrupt:
             return 130
@@ -100,14 +102,16 @@ def _ctl(fn: Any) -> Any:
 
 
 def _last_lines(c: Any, name: str) -> list[str]:
-    """The last lines of a fatal agent's log, for the note under the status table ([] if not allowed)."""
+    """The last lines of a fatal agent's log, for the note under the status table ([] if not allowed), printable:
+    the agent wrote them, escape sequences and all."""
     import grpc
 
     from baton.pb import daemon_pb2
+    from baton.text import printable_lines
 
     try:
         chunks = c.stub.TailLog(daemon_pb2.TailRequest(name=name, lines=FATAL_TAIL_LINES), timeout=c.timeout)
-        return b"".join(ch.data for ch in chunks).decode(errors="replace").splitlines()
+        return printable_lines(b"".join(ch.data for ch in chunks).decode(errors="replace"))
     except grpc.RpcError:
         return []
 
@@ -124,14 +128,17 @@ def cmd_status(ns: argparse.Namespace) -> int:
 
         print(json.dumps(to_json(st), indent=2))
         return 0
+    from baton.text import printable
+
     head = f"node {st.node_id}  supervisor {st.supervisor_version}  pid {st.pid}  up {st.uptime_seconds:.0f}s"
     if st.manager_configured:
         head += f"  manager {'connected' if st.manager_connected else 'not connected'}"
-    print(head)
+    print(printable(head))
     print(_fmt_agents(list(st.agents)))
     for a in st.agents:
         if a.name in fatal:
-            print(f"\n{a.name} is fatal (`supervisor start {a.name}` retries); its log {a.log_path} ends:")
+            print()
+            print(printable(f"{a.name} is fatal (`supervisor start {a.name}` retries); its log {a.log_path} ends:"))
             for line in fatal[a.name] or ["(empty)"]:
                 print(f"  {line}")
     from supervisor.cli_update import holds_lines
@@ -153,14 +160,17 @@ def cmd_tail(ns: argparse.Namespace) -> int:
     import grpc
 
     from baton.pb import daemon_pb2
+    from baton.text import PrintableStream
     from supervisor.ctl import client
 
+    # On a terminal the agent's escape sequences are shown escaped; into a pipe or a file its bytes go as written.
+    stream = PrintableStream() if sys.stdout.isatty() else None
     with client(_socket_path(ns), ns.timeout) as c:
         req = daemon_pb2.TailRequest(name=ns.name, lines=ns.lines, follow=ns.follow, stderr=ns.stderr)
         out = sys.stdout.buffer
         try:
             for chunk in c.stub.TailLog(req, timeout=None if ns.follow else ns.timeout):
-                out.write(chunk.data)
+                out.write(chunk.data if stream is None else stream.feed(chunk.data).encode())
                 out.flush()
         except grpc.RpcError as e:
             raise c.error(e) from None
