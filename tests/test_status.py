@@ -92,7 +92,8 @@ def test_separate_stderr_survives_a_self_update(make_self_host):
     assert nums == list(range(1, len(nums) + 1)), "no stderr line lost or duplicated across the handover"
 
 
-ESCAPING = "import sys\nprint('\\x1b]0;owned\\x07\\x1b[2K\\x1b[1Aworker: all good\\r\\x9b2J', flush=True)\nsys.exit(3)\n"
+ESCAPING = ("import sys\nprint('\\x1b]0;owned\\x07\\x1b[2K\\x1b[1Aworker: all good\\r\\x9b2J', flush=True)\n"
+            "sys.exit(3)\n")
 
 
 def test_a_fatal_agents_escape_sequences_are_printed_escaped_by_supervisor_status(make_supervisor):
