@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -73,6 +74,29 @@ def _fmt_agents(agents: list[Any]) -> str:
 
 
 FATAL_TAIL_LINES = 3
+MAX_COUNT = 2**32 - 1  # line counts and limits travel as uint32
+
+
+def count_arg(text: str) -> int:
+    """An argparse type: a whole number from 0 to :data:`MAX_COUNT` (a usage error, not a traceback, else)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= n <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{n} is out of range (0 to {MAX_COUNT})")
+    return n
+
+
+def seconds_arg(text: str) -> float:
+    """An argparse type: a finite number of seconds greater than 0."""
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(s) and s > 0):
+        raise argparse.ArgumentTypeError(f"{text} seconds: expected a finite number greater than 0")
+    return s
 
 
 def _socket_path(ns: argparse.Namespace) -> Path:
@@ -314,7 +338,7 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
         sp.add_argument("--config", "-c", default="/etc/baton/supervisor.toml",
                         help="config file whose grpc.unix_socket to use (default: %(default)s)")
         sp.add_argument("--socket", help="the supervisor's Unix socket (instead of reading the config)")
-        sp.add_argument("--timeout", type=float, default=5.0, help="seconds per call (default: %(default)s)")
+        sp.add_argument("--timeout", type=seconds_arg, default=5.0, help="seconds per call (default: %(default)s)")
         if json_flag:
             sp.add_argument("--json", action="store_true", help="print JSON (every field, zeros included)")
 
@@ -344,19 +368,19 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
     ):
         a = command(action, help, example)
         a.add_argument("names", nargs="+", metavar="NAME", help="agent names, or `all`")
-        a.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the new state")
+        a.add_argument("--wait", type=seconds_arg, default=60.0, help="seconds to wait for the new state")
         client_args(a)
         a.set_defaults(fn=_ctl(cmd_control), action=action)
     g = command("signal", "send a signal to agents' process groups", "supervisor signal HUP web")
     g.add_argument("signal", help="HUP, SIGHUP, USR1, ... or a number")
     g.add_argument("names", nargs="+", metavar="NAME", help="agent names, or `all`")
-    g.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the state to settle")
+    g.add_argument("--wait", type=seconds_arg, default=5.0, help="seconds to wait for the state to settle")
     client_args(g)
     g.set_defaults(fn=_ctl(cmd_control), action="signal")
     t = command("tail", "print an agent's output, through the supervisor (no access to the log dir needed)",
                 "supervisor tail -f -n 50 web")
     t.add_argument("name", metavar="NAME")
-    t.add_argument("-n", "--lines", type=int, default=10, help="last lines to print first (default: %(default)s)")
+    t.add_argument("-n", "--lines", type=count_arg, default=10, help="last lines to print first (default: %(default)s)")
     t.add_argument("-f", "--follow", action="store_true", help="keep printing new output until interrupted")
     t.add_argument("--stderr", action="store_true", help='the separate stderr log (agents with stderr = "separate")')
     client_args(t, json_flag=False)
@@ -368,7 +392,7 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
     cl.set_defaults(fn=_ctl(cmd_clear))
     rl = command("reload", "re-read the config: start new agents, stop removed ones, restart changed ones",
                  "supervisor reload --config /etc/baton/supervisor.toml")
-    rl.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the reload to finish")
+    rl.add_argument("--wait", type=seconds_arg, default=300.0, help="seconds to wait for the reload to finish")
     client_args(rl)
     rl.set_defaults(fn=_ctl(cmd_reload))
     i = command("install-self", "install this release as the current supervisor version under install_root",
@@ -399,12 +423,20 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ns = build_parser(run_only=argv[:1] == ["run"]).parse_args(argv)
-    if ns.fn is not cmd_run:
-        # A client command: gRPC logs each GOAWAY it receives at INFO, and the supervisor sends one to a kept
-        # connection when it is idle or old (supervisor/front.py), which a `--watch` would print every poll.
-        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    return int(ns.fn(ns))
+    if ns.fn is cmd_run:
+        return int(ns.fn(ns))
+    # A client command: gRPC logs each GOAWAY it receives at INFO, and the supervisor sends one to a kept
+    # connection when it is idle or old (supervisor/front.py), which a `--watch` would print every poll.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    try:
+        return int(ns.fn(ns))
+    except (BatonError, OSError) as e:  # a file or path that is not what it should be: one line, no traceback
+        from baton.text import printable
 
+        print(printable(f"supervisor {ns.cmd}: {e}"), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 if __name__ == "__main__":
     sys.exit(main())

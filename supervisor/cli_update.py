@@ -364,9 +364,11 @@ def cmd_cancel(ns: argparse.Namespace) -> int:
 
 
 def _socket_args(p: argparse.ArgumentParser) -> None:
+    from supervisor.cli import seconds_arg
+
     p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help="the supervisor's config (for grpc.unix_socket)")
     p.add_argument("--socket", help="the supervisor's Unix socket (instead of reading the config)")
-    p.add_argument("--timeout-rpc", type=float, default=10.0, help=argparse.SUPPRESS)
+    p.add_argument("--timeout-rpc", type=seconds_arg, default=10.0, help=argparse.SUPPRESS)
 
 
 def _guarded(fn: Any) -> Any:
@@ -383,6 +385,7 @@ def _guarded(fn: Any) -> Any:
 
 
 def add_parsers(sub: argparse._SubParsersAction[Any]) -> None:
+    from supervisor.cli import count_arg, seconds_arg  # where the parser is built: loaded already
     fmt = argparse.RawDescriptionHelpFormatter
     u = sub.add_parser("update", help="push an update to this host's supervisor and follow it",
                        description="Push a signed package to the local supervisor and follow it to its end.",
@@ -397,16 +400,16 @@ def add_parsers(sub: argparse._SubParsersAction[Any]) -> None:
     u.add_argument("--size", type=int, help="with --url: the package's size in bytes")
     u.add_argument("--allow-downgrade", action="store_true", help="install a version not newer than the highest")
     u.add_argument("--force", action="store_true", help="retry a version that failed before")
-    u.add_argument("--timeout", type=float, default=900.0, help="seconds to follow the update (default 900)")
+    u.add_argument("--timeout", type=seconds_arg, default=900.0, help="seconds to follow the update (default 900)")
     u.add_argument("--json", action="store_true", help="print only the final status, as JSON")
     _socket_args(u)
     u.set_defaults(fn=_guarded(cmd_update))
     ls = sub.add_parser("updates", help="list this host's recent updates", epilog=UPDATES_EPILOG,
                         formatter_class=fmt)
     ls.add_argument("--watch", action="store_true", help="redraw until Ctrl-C")
-    ls.add_argument("--interval", type=float, default=1.0, help="seconds between redraws with --watch")
+    ls.add_argument("--interval", type=seconds_arg, default=1.0, help="seconds between redraws with --watch")
     ls.add_argument("--component", help="only this component's updates")
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--limit", type=count_arg, default=50, help="at most this many (0: the default, 50)")
     ls.add_argument("--json", action="store_true")
     _socket_args(ls)
     ls.set_defaults(fn=_guarded(cmd_updates))
