@@ -20,6 +20,14 @@ On disk it is append-only:
 - when the file passes :data:`MAX_BYTES` it is rotated by rename
   (``audit.log`` -> ``audit.log.1`` -> ... -> ``audit.log.<BACKUPS>``, the oldest
   dropped); no record is ever rewritten in place.
+
+Refused calls go to a file of their own, ``refused.log`` (same format, same
+rules, its own budget: :data:`REFUSALS_MAX_BYTES`, :data:`REFUSALS_BACKUPS`).
+Anyone who can reach a listener can make refusals, as many as they like, so they
+must never rotate away the records of what was changed; the supervisor also
+limits how many it writes per caller (``supervisor/audit.py``). Readers merge
+both files by time; files written before the split (refusals in ``audit.log``)
+read as they always did.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ from baton.errors import BatonError
 AUDIT_FORMAT = 1
 MAX_BYTES = 8 * 1024 * 1024  # per file, before rotation
 BACKUPS = 5  # rotated files kept: at most (1 + BACKUPS) * MAX_BYTES on disk
+REFUSALS_MAX_BYTES = 4 * 1024 * 1024  # refused.log, per file, before rotation
+REFUSALS_BACKUPS = 3  # rotated refused.log files kept
 MAX_VALUE_CHARS = 256  # a longer argument is cut (the record says so)
 
 OUTCOME_OK = "ok"
@@ -159,39 +169,28 @@ def audit_dir(state_dir: Path) -> Path:
     return Path(state_dir) / "audit"
 
 
-class AuditLog:
-    """Appends records to, and reads them back from, ``<state_dir>/audit/``."""
+class _RotatingFile:
+    """One append-only file of records and its rotated copies (``name``, ``name.1`` ... ``name.<backups>``)."""
 
-    def __init__(self, state_dir: Path, max_bytes: int = MAX_BYTES, backups: int = BACKUPS) -> None:
-        self.dir = audit_dir(state_dir)
-        self.path = self.dir / "audit.log"
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
-        self._thread_lock = threading.Lock()
 
-    def append(self, rec: AuditRecord) -> None:
-        """Append one record durably.
-
-        Raises:
-            AuditError: the log is not a regular file we own, or the write failed.
-        """
-        line = (json.dumps(rec.to_json(), separators=(",", ":"), sort_keys=True) + "\n").encode()
+    def append(self, line: bytes) -> None:
+        """Append one line and fsync it; rotate after, if it grew past ``max_bytes``. Under the caller's lock."""
+        fd = self._open()
         try:
-            with self._thread_lock, self._locked():
-                fd = self._open()
-                try:
-                    size = os.fstat(fd).st_size
-                    if size and os.pread(fd, 1, size - 1) != b"\n":
-                        line = b"\n" + line  # a record a crash tore: end it, lose nothing else
-                    os.write(fd, line)
-                    os.fsync(fd)
-                    size += len(line)
-                finally:
-                    os.close(fd)
-                if size >= self.max_bytes:
-                    self._rotate()
-        except OSError as e:
-            raise AuditError(f"cannot write the audit log {self.path}: {e.strerror or e}") from None
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line  # a record a crash tore: end it, lose nothing else
+            os.write(fd, line)
+            os.fsync(fd)
+            size += len(line)
+        finally:
+            os.close(fd)
+        if size >= self.max_bytes:
+            self._rotate()
 
     def _open(self) -> int:
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC  # read: the last byte
@@ -204,16 +203,6 @@ class AuditLog:
             os.fchmod(fd, 0o600)
         return fd
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.dir / "audit.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
     def _rotate(self) -> None:
         """Rename down the chain (the oldest is dropped); under the lock, so no append races it."""
         with contextlib.suppress(FileNotFoundError):
@@ -225,7 +214,7 @@ class AuditLog:
             os.replace(self.path, self._backup(1))
         else:
             os.unlink(self.path)
-        durable.fsync_dir(self.dir)
+        durable.fsync_dir(self.path.parent)
 
     def _backup(self, i: int) -> Path:
         return self.path.with_name(f"{self.path.name}.{i}")
@@ -235,8 +224,51 @@ class AuditLog:
         out = [self._backup(i) for i in range(self.backups, 0, -1)] + [self.path]
         return [p for p in out if p.is_file()]
 
+
+class AuditLog:
+    """Appends records to, and reads them back from, ``<state_dir>/audit/``: changes and failures to
+    ``audit.log``, refusals to ``refused.log``."""
+
+    def __init__(self, state_dir: Path, max_bytes: int = MAX_BYTES, backups: int = BACKUPS,
+                 refusals_max_bytes: int = REFUSALS_MAX_BYTES, refusals_backups: int = REFUSALS_BACKUPS) -> None:
+        self.dir = audit_dir(state_dir)
+        self._changes = _RotatingFile(self.dir / "audit.log", max_bytes, backups)
+        self._refusals = _RotatingFile(self.dir / "refused.log", refusals_max_bytes, refusals_backups)
+        self.path = self._changes.path
+        self.refusals_path = self._refusals.path
+        self._thread_lock = threading.Lock()
+
+    def append(self, rec: AuditRecord) -> None:
+        """Append one record durably (a refusal to ``refused.log``, anything else to ``audit.log``).
+
+        Raises:
+            AuditError: the log is not a regular file we own, or the write failed.
+        """
+        line = (json.dumps(rec.to_json(), separators=(",", ":"), sort_keys=True) + "\n").encode()
+        target = self._refusals if rec.outcome == OUTCOME_REFUSED else self._changes
+        try:
+            with self._thread_lock, self._locked():
+                target.append(line)
+        except OSError as e:
+            raise AuditError(f"cannot write the audit log {target.path}: {e.strerror or e}") from None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.dir / "audit.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def files(self) -> list[Path]:
+        """Every file that holds records: the changes' oldest first, then the refusals' oldest first."""
+        return self._changes.files() + self._refusals.files()
+
     def read(self, since: float | None = None) -> list[AuditRecord]:
-        """Every record (at or after ``since``), oldest first; lines that do not parse are skipped."""
+        """Every record (at or after ``since``) of both files, merged by time, oldest first; lines that do not
+        parse are skipped."""
         out: list[AuditRecord] = []
         for p in self.files():
             with open(p, "rb") as f:
@@ -247,4 +279,5 @@ class AuditLog:
                         continue
                     if since is None or rec.time >= since:
                         out.append(rec)
+        out.sort(key=lambda r: r.time)  # stable: records of one time keep their order in their file
         return out

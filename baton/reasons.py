@@ -14,7 +14,11 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
-from baton.errors import clip
+from baton.errors import MAX_QUOTED_CHARS, clip
+
+OUTPUT_LINES = 5  # of a failed version's output quoted in the error a person reads
+OUTPUT_QUOTE = "; its last output: "  # what precedes that quote in the error
+OUTPUT_WITHHELD = "; its last output is shown to the callers allowed to operate it"
 
 
 class FailureReason(StrEnum):
@@ -248,3 +252,25 @@ def message(reason: FailureReason, detail: str, known: Mapping[str, str] | None 
     """What a person reads: what happened, then what to do (``detail``; next step: ...)."""
     step = next_step(reason, known)
     return f"{detail}; next step: {step} (docs/troubleshooting.md#{reason.anchor})" if step else detail
+
+
+def quote_output(log: str, lines: int = OUTPUT_LINES) -> str:
+    """The last ``lines`` lines of ``log`` on one line, clipped: the error stays readable in a table."""
+    tail = " | ".join(line.strip() for line in log.strip().splitlines()[-lines:] if line.strip())
+    return repr(clip(tail[-MAX_QUOTED_CHARS * 2:], MAX_QUOTED_CHARS * 2))
+
+
+def with_output(text: str, last_log: str) -> str:
+    """``text`` with the failed version's last output quoted after it (nothing added when it wrote nothing)."""
+    return text + OUTPUT_QUOTE + quote_output(last_log) if last_log.strip() else text
+
+
+def without_output(error: str, last_log: str) -> str:
+    """``error`` with the quote :func:`with_output` put in it (from the same ``last_log``) replaced by a note.
+
+    A failed version's output may hold what it must not show to anyone but its operators (a secret it
+    printed on the way down); the quote is found exactly, as it was made, not by parsing text it wrote.
+    """
+    if not last_log.strip():
+        return error
+    return error.replace(OUTPUT_QUOTE + quote_output(last_log), OUTPUT_WITHHELD, 1)

@@ -193,6 +193,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     p = build_parser()
     ns = p.parse_args(argv)
+    if ns.cmd == "apply":  # run by the supervisor, into helper.log: a traceback there is what debugging needs
+        return _run(p, ns)
+    try:
+        return _run(p, ns)
+    except (BatonError, OSError) as e:  # a file or path that is not what it should be: one line, no traceback
+        from baton.text import printable
+
+        print(printable(f"helper: {e}"), file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _run(p: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     if ns.rollback is not None:
         return cmd_rollback(ns)
     if ns.status:

@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING
 from baton import faults
 from baton.admission import check_request
 from baton.config import Config
-from baton.errors import MAX_QUOTED_CHARS, BatonError, clip
+from baton.errors import BatonError
 from baton.journal import CANCEL_SIGNAL, CANCELLED, Journal, UpdateRecord
 from baton.log import logger
 from baton.marks import Marks
-from baton.reasons import FailureReason, classify, facts, message
+from baton.reasons import FailureReason, classify, facts, message, with_output
 from baton.states import PRE_SWITCH
 from baton.states import UpdateState as S
 from helper.control_errors import HealthCheckFailed, SupervisorUnavailable
@@ -314,8 +314,8 @@ class UpdateRun:
             why = FailureReason.ROLLBACK_FAILED
         text = "; ".join([detail, *notes])
         if why is not FailureReason.CANCELLED:
-            if last_log.strip() and why in (FailureReason.NEW_VERSION_EXITED, FailureReason.NEW_VERSION_NOT_READY):
-                text += f"; its last output: {quote_output(last_log)}"
+            if why in (FailureReason.NEW_VERSION_EXITED, FailureReason.NEW_VERSION_NOT_READY):
+                text = with_output(text, last_log)
             text = message(why, text)
         self._move(S.ROLLED_BACK, error=text, reason=why.value, rolled_back=True, success=False,
                    finished_at=time.time(), last_log=last_log, timings=self._timed("rollback", t0))
@@ -354,11 +354,3 @@ class UpdateRun:
         except OSError:
             return ""
 
-
-OUTPUT_LINES = 5  # of a failed version's output quoted in the error a person reads
-
-
-def quote_output(log: str, lines: int = OUTPUT_LINES) -> str:
-    """The last ``lines`` lines of ``log`` on one line, clipped: the error stays readable in a table."""
-    tail = " | ".join(line.strip() for line in log.strip().splitlines()[-lines:] if line.strip())
-    return repr(clip(tail[-MAX_QUOTED_CHARS * 2:], MAX_QUOTED_CHARS * 2))

@@ -26,6 +26,7 @@ from typing import Any, TextIO
 from baton.errors import BatonError
 from baton.log import logger
 from baton.reasons import reason_name
+from baton.text import printable
 from manager.errors import ManagerError, PushRefused, UnknownNode
 from manager.packages import DEFAULT_MAX_DOWNLOADS
 from manager.publish import PackageRef, publish
@@ -111,6 +112,8 @@ def fmt_ago(t: float) -> str:
 
 
 def table(rows: Sequence[Sequence[str]]) -> str:
+    """Columns, every cell printable (baton/text.py): nodes report their hostnames, agents and errors."""
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
@@ -121,7 +124,8 @@ def short(text: str, n: int = 60) -> str:
 
 
 def say(out: TextIO, line: str) -> None:
-    out.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+    """A progress line of a push or rollout, printable: it may quote a node's status."""
+    out.write(f"{time.strftime('%H:%M:%S')} {printable(line)}\n")
     out.flush()
 
 
@@ -554,8 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(ns.func(ns))
     except PushRefused as e:
-        print(f"baton-manager: {e}", file=sys.stderr)
+        print(printable(f"baton-manager: {e}"), file=sys.stderr)  # it quotes the node's words
         return EXIT_FAILED
     except BatonError as e:
-        print(f"baton-manager: {e}", file=sys.stderr)
+        print(printable(f"baton-manager: {e}"), file=sys.stderr)
         return EXIT_USAGE

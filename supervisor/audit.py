@@ -11,8 +11,14 @@ connection to a fresh abstract Unix address and :class:`Callers` remembers who
 is behind it: uid, pid and command line from SO_PEERCRED for a local peer, the
 TCP address for a remote one, whose certificate identity the interceptor then
 reads from the TLS auth context. A local peer the Front hangs up on never
-reaches gRPC; :meth:`AuditTrail.refused_connection` records it instead (at most
-one record per uid per second, the rest counted in the next).
+reaches gRPC; :meth:`AuditTrail.refused_connection` records it instead.
+
+Refusals are limited (:class:`RefusalBudget`): anyone who can reach a listener
+can make them as fast as they like (1,500 in 2.6 s over the read-only loopback
+listener), so only the first few per caller in each window are written one by
+one, and at the window's end one record per caller says how many more there
+were and of which calls. They also go to a file of their own (``baton/audit.py``),
+so they can never rotate away the records of accepted changes.
 
 A record is written after the call ends, with the outcome; writing it is
 fsynced off the event loop. A record that cannot be written is logged as an
@@ -26,12 +32,14 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
 import os
 import re
 import socket
 import sys
 import time
-from dataclasses import replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +64,10 @@ from supervisor.call_hooks import CallHooks, HookedInterceptor
 
 REFUSED_CODES = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
 RESULT_FIELDS = ("update_id",)  # fields of a response worth keeping in the record
-REFUSAL_RECORD_INTERVAL_S = 1.0
+REFUSAL_WINDOW_S = 10.0  # refusals are counted per window of this many seconds
+REFUSALS_PER_CALLER = 5  # refusal records written one by one per caller in a window
+REFUSALS_PER_WINDOW = 50  # ... and by all callers together (loopback alone has 2**24 addresses to call from)
+SUPPRESSED_CALL = "refusals not recorded"  # the call name of the record that counts the rest
 _ABSTRACT_PREFIX = "unix-abstract:"
 
 
@@ -139,14 +150,70 @@ def _result(response: Any) -> dict[str, Any]:
     return {f: getattr(response, f) for f in RESULT_FIELDS if getattr(response, f, "")}
 
 
+def refusal_key(caller: Caller) -> str:
+    """Whom refusals are counted against: a certificate identity, a local uid, a TCP peer's host (not its port:
+    a new connection is a new port)."""
+    if caller.kind == "tls" and caller.identity:
+        return f"tls {caller.identity}"
+    if caller.uid is not None:
+        return f"uid {caller.uid}"
+    return f"{caller.kind} {caller.address.rpartition(':')[0] or caller.address}"
+
+
+@dataclass
+class _Suppressed:
+    """The refusals of one caller not written one by one in this window."""
+
+    first: float  # epoch seconds
+    caller: Caller
+    calls: Counter[str] = field(default_factory=Counter)
+
+
+class RefusalBudget:
+    """How many refusals are written one by one in each window: :data:`REFUSALS_PER_CALLER` per caller and
+    :data:`REFUSALS_PER_WINDOW` in all; the rest are counted, per caller (callers past the overall limit
+    together), for :meth:`take` to sum up at the window's end."""
+
+    OTHERS = "other callers"
+
+    def __init__(self, per_caller: int = REFUSALS_PER_CALLER, overall: int = REFUSALS_PER_WINDOW,
+                 window_s: float = REFUSAL_WINDOW_S) -> None:
+        self.per_caller = per_caller
+        self.overall = overall
+        self.window_s = window_s
+        self.window_start = -math.inf  # monotonic
+        self._written: Counter[str] = Counter()
+        self._suppressed: dict[str, _Suppressed] = {}
+
+    def admit(self, key: str, caller: Caller, call: str, now: float) -> bool:
+        """True: write this refusal one by one. False: it was counted instead (``now`` is monotonic)."""
+        if now >= self.window_start + self.window_s:
+            self.window_start = now
+            self._written.clear()
+        if self._written[key] < self.per_caller and self._written.total() < self.overall:
+            self._written[key] += 1
+            return True
+        if key not in self._suppressed and len(self._suppressed) >= self.overall:
+            key, caller = self.OTHERS, Caller(kind="many")  # the counts stay bounded whoever calls
+        entry = self._suppressed.setdefault(key, _Suppressed(time.time(), caller))
+        entry.calls[call] += 1
+        return False
+
+    def take(self) -> dict[str, _Suppressed]:
+        """The refusals counted so far, by caller; the counts start again from nothing."""
+        out, self._suppressed = self._suppressed, {}
+        return out
+
+
 class AuditTrail:
     """Writes the supervisor's records; shared by the interceptor and the Front."""
 
-    def __init__(self, log: AuditLog, callers: Callers) -> None:
+    def __init__(self, log: AuditLog, callers: Callers, refusals: RefusalBudget | None = None) -> None:
         self.log = log
         self.callers = callers
-        self._last_refusal: dict[int, float] = {}
-        self._suppressed: dict[int, int] = {}
+        self.refusals = refusals or RefusalBudget()
+        self._summary: asyncio.TimerHandle | None = None
+        self._summaries: set[asyncio.Task[None]] = set()
 
     @staticmethod
     def local_caller(uid: int, pid: int) -> Caller:
@@ -162,23 +229,40 @@ class AuditTrail:
         return Caller(kind="tcp", address=address)
 
     async def write(self, rec: AuditRecord) -> None:
+        """Write ``rec``; a refusal only within the caller's budget (the rest are summed up at the window's end)."""
+        if rec.outcome == OUTCOME_REFUSED and not self.refusals.admit(refusal_key(rec.caller), rec.caller,
+                                                                      rec.call, time.monotonic()):
+            if self._summary is None:  # the loop's clock is time.monotonic, the budget's
+                self._summary = asyncio.get_running_loop().call_at(
+                    self.refusals.window_start + self.refusals.window_s, self._write_summaries)
+            return
+        await self._append(rec)
+
+    async def _append(self, rec: AuditRecord) -> None:
         try:
             await asyncio.to_thread(self.log.append, rec)
         except AuditError as e:
             logger.error("audit record not written ({} {} by {}): {}", rec.call, rec.outcome,
                          rec.caller.describe(), e)
 
+    def _write_summaries(self) -> None:
+        self._summary = None
+        for key, s in self.refusals.take().items():
+            n = s.calls.total()
+            calls = ", ".join(f"{c} {k}" for c, k in sorted(s.calls.items()))
+            rec = AuditRecord(time=s.first, caller=s.caller, call=SUPPRESSED_CALL, outcome=OUTCOME_REFUSED,
+                              code=grpc.StatusCode.PERMISSION_DENIED.name,
+                              message=f"{n} more refusals of {key} not recorded one by one ({calls}): at most "
+                                      f"{self.refusals.per_caller} per caller are, every "
+                                      f"{self.refusals.window_s:g} s",
+                              args={"suppressed": n, "calls": dict(s.calls)})
+            task = asyncio.get_running_loop().create_task(self._append(rec))
+            self._summaries.add(task)  # held until done: the loop keeps only a weak reference
+            task.add_done_callback(self._summaries.discard)
+
     async def refused_connection(self, caller: Caller, why: str) -> None:
-        uid = caller.uid if caller.uid is not None else -1
-        now = time.monotonic()
-        if now - self._last_refusal.get(uid, -1e9) < REFUSAL_RECORD_INTERVAL_S:
-            self._suppressed[uid] = self._suppressed.get(uid, 0) + 1
-            return
-        self._last_refusal[uid] = now
-        more = self._suppressed.pop(uid, 0)
-        msg = why + (f" (and {more} more refused connections from uid {uid} not recorded one by one)" if more else "")
         await self.write(AuditRecord(time=time.time(), caller=caller, call="connect", outcome=OUTCOME_REFUSED,
-                                     code=grpc.StatusCode.PERMISSION_DENIED.name, message=msg))
+                                     code=grpc.StatusCode.PERMISSION_DENIED.name, message=why))
 
     def caller_of(self, context: grpc.aio.ServicerContext) -> Caller:
         peer = context.peer() or ""
@@ -270,12 +354,17 @@ def parse_since(text: str, now: float) -> float:
 
 
 def format_records(records: list[AuditRecord]) -> str:
-    rows = [("TIME (UTC)", "CALLER", "CALL", "ARGS", "OUTCOME")]
+    """The table ``supervisor audit`` prints; every field went through :func:`baton.text.printable` (a caller
+    chose the arguments, and a record on disk may hold anything)."""
+    from baton.text import printable
+
+    rows: list[tuple[str, ...]] = [("TIME (UTC)", "CALLER", "CALL", "ARGS", "OUTCOME")]
     for r in records:
         args = " ".join(f"{k}={v}" for k, v in sorted(r.args.items()))
         args += "".join(f" -> {k}={v}" for k, v in r.result.items())
         outcome = r.outcome if r.outcome == OUTCOME_OK else f"{r.outcome} {r.code}: {r.message}"
-        rows.append((format_time(r.time), r.caller.describe(), r.call, args or "-", outcome))
+        cells = (format_time(r.time), r.caller.describe(), r.call, args or "-", outcome)
+        rows.append(tuple(printable(c) for c in cells))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)), row[-1]]).rstrip()
                      for row in rows)

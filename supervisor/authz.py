@@ -101,16 +101,29 @@ class Policy:
         if channel in (Channel.INSECURE_TCP, Channel.UNKNOWN):
             return (f"{name} refused: this TCP listener has no TLS (grpc.insecure_tcp) and serves read-only "
                     "methods only; use the Unix socket or mutual TLS")
+        if not self.may_operate(peer, channel):
+            return f"{name} refused: client identity {peer.describe()} is not in grpc.allowed_clients"
         operator = channel is Channel.OPERATOR or (
             channel is Channel.TLS and any(peer.matches(e) for e in self.operators))
-        if channel is Channel.TLS and not operator and not any(peer.matches(e) for e in self.allowed):
-            return f"{name} refused: client identity {peer.describe()} is not in grpc.allowed_clients"
         wanted = [f for f in OPERATOR_FIELDS.get(method, ()) if request is not None and getattr(request, f, False)]
         if wanted and not operator:
             who = (f"client identity {peer.describe()} is not in grpc.allow_downgrade_clients"
                    if channel is Channel.TLS else "the local peer's uid is not in grpc.allow_downgrade_uids")
             return f"{name} with {' and '.join(wanted)} is an operator power: {who}"
         return None
+
+
+    def may_operate(self, peer: PeerIdentity, channel: Channel) -> bool:
+        """Whether this caller may call mutating methods: start, stop, tail, push. Who may operate an agent may
+        also read what it printed; a read-only caller is shown neither (a failed version's last output)."""
+        if channel in (Channel.LOCAL, Channel.OPERATOR):
+            return True
+        return channel is Channel.TLS and any(peer.matches(e) for e in (*self.allowed, *self.operators))
+
+    def context_may_operate(self, context: grpc.aio.ServicerContext) -> bool:
+        """:meth:`may_operate` for the caller of ``context`` (as :class:`AuthzInterceptor` decides it)."""
+        identity = peer_identity(context.auth_context())
+        return self.may_operate(identity, channel_of(context.peer(), identity))
 
 
 class AuthzInterceptor(HookedInterceptor):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -51,9 +52,10 @@ def cmd_check_config(ns: argparse.Namespace) -> int:
 
 
 def _fmt_agents(agents: list[Any]) -> str:
+    from baton.text import printable
     from supervisor.ctl import state_name
 
-    rows = [("NAME", "STATE", "PID", "VERSION", "UPTIME", "RESTARTS", "LAST EXIT", "NOTE")]
+    rows: list[tuple[str, ...]] = [("NAME", "STATE", "PID", "VERSION", "UPTIME", "RESTARTS", "LAST EXIT", "NOTE")]
     now = time.time()
     for a in agents:
         uptime = f"{now - a.start_time:.0f}s" if a.pid else "-"
@@ -65,13 +67,36 @@ def _fmt_agents(agents: list[Any]) -> str:
         else:
             how = ""
         note = "; ".join(x for x in (a.last_error, how) if x)
-        rows.append((a.name, state_name(a.state), str(a.pid or "-"), a.version or "-", uptime, str(a.restarts), last,
-                     note))
+        rows.append(tuple(printable(c) for c in (a.name, state_name(a.state), str(a.pid or "-"), a.version or "-",
+                                                  uptime, str(a.restarts), last, note)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 FATAL_TAIL_LINES = 3
+MAX_COUNT = 2**32 - 1  # line counts and limits travel as uint32
+
+
+def count_arg(text: str) -> int:
+    """An argparse type: a whole number from 0 to :data:`MAX_COUNT` (a usage error, not a traceback, else)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= n <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{n} is out of range (0 to {MAX_COUNT})")
+    return n
+
+
+def seconds_arg(text: str) -> float:
+    """An argparse type: a finite number of seconds greater than 0."""
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(s) and s > 0):
+        raise argparse.ArgumentTypeError(f"{text} seconds: expected a finite number greater than 0")
+    return s
 
 
 def _socket_path(ns: argparse.Namespace) -> Path:
@@ -86,12 +111,13 @@ def _ctl(fn: Any) -> Any:
     """Run an operator command: a CtlError is one line on stderr and exit 1."""
 
     def run(ns: argparse.Namespace) -> int:
+        from baton.text import printable
         from supervisor.ctl import CtlError  # here, not when the parser is built: `run` would keep it resident
 
         try:
             return int(fn(ns))
         except CtlError as e:
-            print(f"supervisor: {e}", file=sys.stderr)
+            print(printable(f"supervisor: {e}"), file=sys.stderr)  # it may quote the supervisor's words
             return 1
         except KeyboardInterrupt:
             return 130
@@ -100,14 +126,16 @@ def _ctl(fn: Any) -> Any:
 
 
 def _last_lines(c: Any, name: str) -> list[str]:
-    """The last lines of a fatal agent's log, for the note under the status table ([] if not allowed)."""
+    """The last lines of a fatal agent's log, for the note under the status table ([] if not allowed), printable:
+    the agent wrote them, escape sequences and all."""
     import grpc
 
     from baton.pb import daemon_pb2
+    from baton.text import printable_lines
 
     try:
         chunks = c.stub.TailLog(daemon_pb2.TailRequest(name=name, lines=FATAL_TAIL_LINES), timeout=c.timeout)
-        return b"".join(ch.data for ch in chunks).decode(errors="replace").splitlines()
+        return printable_lines(b"".join(ch.data for ch in chunks).decode(errors="replace"))
     except grpc.RpcError:
         return []
 
@@ -124,14 +152,17 @@ def cmd_status(ns: argparse.Namespace) -> int:
 
         print(json.dumps(to_json(st), indent=2))
         return 0
+    from baton.text import printable
+
     head = f"node {st.node_id}  supervisor {st.supervisor_version}  pid {st.pid}  up {st.uptime_seconds:.0f}s"
     if st.manager_configured:
         head += f"  manager {'connected' if st.manager_connected else 'not connected'}"
-    print(head)
+    print(printable(head))
     print(_fmt_agents(list(st.agents)))
     for a in st.agents:
         if a.name in fatal:
-            print(f"\n{a.name} is fatal (`supervisor start {a.name}` retries); its log {a.log_path} ends:")
+            print()
+            print(printable(f"{a.name} is fatal (`supervisor start {a.name}` retries); its log {a.log_path} ends:"))
             for line in fatal[a.name] or ["(empty)"]:
                 print(f"  {line}")
     from supervisor.cli_update import holds_lines
@@ -153,14 +184,17 @@ def cmd_tail(ns: argparse.Namespace) -> int:
     import grpc
 
     from baton.pb import daemon_pb2
+    from baton.text import PrintableStream
     from supervisor.ctl import client
 
+    # On a terminal the agent's escape sequences are shown escaped; into a pipe or a file its bytes go as written.
+    stream = PrintableStream() if sys.stdout.isatty() else None
     with client(_socket_path(ns), ns.timeout) as c:
         req = daemon_pb2.TailRequest(name=ns.name, lines=ns.lines, follow=ns.follow, stderr=ns.stderr)
         out = sys.stdout.buffer
         try:
             for chunk in c.stub.TailLog(req, timeout=None if ns.follow else ns.timeout):
-                out.write(chunk.data)
+                out.write(chunk.data if stream is None else stream.feed(chunk.data).encode())
                 out.flush()
         except grpc.RpcError as e:
             raise c.error(e) from None
@@ -332,7 +366,7 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
         sp.add_argument("--config", "-c", default="/etc/baton/supervisor.toml",
                         help="config file whose grpc.unix_socket to use (default: %(default)s)")
         sp.add_argument("--socket", help="the supervisor's Unix socket (instead of reading the config)")
-        sp.add_argument("--timeout", type=float, default=5.0, help="seconds per call (default: %(default)s)")
+        sp.add_argument("--timeout", type=seconds_arg, default=5.0, help="seconds per call (default: %(default)s)")
         if json_flag:
             sp.add_argument("--json", action="store_true", help="print JSON (every field, zeros included)")
 
@@ -362,19 +396,19 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
     ):
         a = command(action, help, example)
         a.add_argument("names", nargs="+", metavar="NAME", help="agent names, or `all`")
-        a.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the new state")
+        a.add_argument("--wait", type=seconds_arg, default=60.0, help="seconds to wait for the new state")
         client_args(a)
         a.set_defaults(fn=_ctl(cmd_control), action=action)
     g = command("signal", "send a signal to agents' process groups", "supervisor signal HUP web")
     g.add_argument("signal", help="HUP, SIGHUP, USR1, ... or a number")
     g.add_argument("names", nargs="+", metavar="NAME", help="agent names, or `all`")
-    g.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the state to settle")
+    g.add_argument("--wait", type=seconds_arg, default=5.0, help="seconds to wait for the state to settle")
     client_args(g)
     g.set_defaults(fn=_ctl(cmd_control), action="signal")
     t = command("tail", "print an agent's output, through the supervisor (no access to the log dir needed)",
                 "supervisor tail -f -n 50 web")
     t.add_argument("name", metavar="NAME")
-    t.add_argument("-n", "--lines", type=int, default=10, help="last lines to print first (default: %(default)s)")
+    t.add_argument("-n", "--lines", type=count_arg, default=10, help="last lines to print first (default: %(default)s)")
     t.add_argument("-f", "--follow", action="store_true", help="keep printing new output until interrupted")
     t.add_argument("--stderr", action="store_true", help='the separate stderr log (agents with stderr = "separate")')
     client_args(t, json_flag=False)
@@ -386,7 +420,7 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
     cl.set_defaults(fn=_ctl(cmd_clear))
     rl = command("reload", "re-read the config: start new agents, stop removed ones, restart changed ones",
                  "supervisor reload --config /etc/baton/supervisor.toml")
-    rl.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the reload to finish")
+    rl.add_argument("--wait", type=seconds_arg, default=300.0, help="seconds to wait for the reload to finish")
     client_args(rl)
     rl.set_defaults(fn=_ctl(cmd_reload))
     i = command("install-self", "install this release as the current supervisor version under install_root",
@@ -424,12 +458,20 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ns = build_parser(run_only=argv[:1] == ["run"]).parse_args(argv)
-    if ns.fn is not cmd_run:
-        # A client command: gRPC logs each GOAWAY it receives at INFO, and the supervisor sends one to a kept
-        # connection when it is idle or old (supervisor/front.py), which a `--watch` would print every poll.
-        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    return int(ns.fn(ns))
+    if ns.fn is cmd_run:
+        return int(ns.fn(ns))
+    # A client command: gRPC logs each GOAWAY it receives at INFO, and the supervisor sends one to a kept
+    # connection when it is idle or old (supervisor/front.py), which a `--watch` would print every poll.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    try:
+        return int(ns.fn(ns))
+    except (BatonError, OSError) as e:  # a file or path that is not what it should be: one line, no traceback
+        from baton.text import printable
 
+        print(printable(f"supervisor {ns.cmd}: {e}"), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from baton.errors import BatonError
+from baton.text import printable
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -171,7 +172,8 @@ def state_name(status: Any) -> str:
 
 
 def progress_line(status: Any) -> str:
-    """``app 1.0.0 -> 1.1.0  downloading  1.2 MiB/3.4 MiB  512.0 KiB/s  ETA 4s``"""
+    """``app 1.0.0 -> 1.1.0  downloading  1.2 MiB/3.4 MiB  512.0 KiB/s  ETA 4s``, printable (the error may quote
+    a failed version's output)."""
     parts = [f"{status.component} {status.from_version or '-'} -> {status.to_version}", state_name(status)]
     if status.bytes_total and status.bytes_done and state_name(status) == "downloading":
         parts.append(f"{_bytes(status.bytes_done)}/{_bytes(status.bytes_total)}")
@@ -182,7 +184,7 @@ def progress_line(status: Any) -> str:
             parts.append(f"ETA {left / rate:.0f}s")
     if status.error:
         parts.append(status.error)
-    return "  ".join(parts)
+    return printable("  ".join(parts))
 
 
 def follow(stub: Any, update_id: str, timeout: float, show: Any) -> Any:
@@ -264,7 +266,8 @@ def cmd_update(ns: argparse.Namespace) -> int:
                 raise CliError(f"push refused: {err}") from None
             printer = _Printer(sys.stdout.isatty(), ns.json)
             if not ns.json:
-                print(f"update {update_id}: {pkg.component} {pkg.version} ({_bytes(pkg.size)}) accepted", flush=True)
+                print(printable(f"update {update_id}: {pkg.component} {pkg.version} ({_bytes(pkg.size)}) accepted"),
+                      flush=True)
             try:
                 final = follow(stub, update_id, ns.timeout, printer)
             except KeyboardInterrupt:
@@ -277,10 +280,11 @@ def cmd_update(ns: argparse.Namespace) -> int:
         print(json.dumps(MessageToDict(final, always_print_fields_with_no_presence=True), indent=2))
     if final.success:
         if not ns.json:
-            print(f"update {update_id}: committed {pkg.component} {pkg.version}")
+            print(printable(f"update {update_id}: committed {pkg.component} {pkg.version}"))
         return EXIT_OK
     what = "rolled back" if final.rolled_back else state_name(final)
-    print(f"supervisor update: update {update_id} {what}: {final.error or 'no reason given'}", file=sys.stderr)
+    print(printable(f"supervisor update: update {update_id} {what}: {final.error or 'no reason given'}"),
+          file=sys.stderr)
     return EXIT_FAILED
 
 
@@ -288,13 +292,14 @@ def cmd_update(ns: argparse.Namespace) -> int:
 
 
 def updates_table(updates: list[Any], now: float) -> str:
-    rows = [("ID", "COMPONENT", "FROM", "TO", "STATE", "PROGRESS", "AGE", "ERROR")]
+    rows: list[tuple[str, ...]] = [("ID", "COMPONENT", "FROM", "TO", "STATE", "PROGRESS", "AGE", "ERROR")]
     for u in updates:
         prog = (f"{100 * u.bytes_done // u.bytes_total}%" if u.bytes_total and not u.finished and u.bytes_done
                 else "-")
         age = f"{max(now - u.updated_at, 0):.0f}s" if u.updated_at else "-"
-        rows.append((u.update_id, u.component, u.from_version or "-", u.to_version, state_name(u), prog, age,
-                     u.error.splitlines()[0] if u.error else ""))
+        error = u.error.splitlines()[0] if u.error else ""
+        rows.append(tuple(printable(c) for c in (u.update_id, u.component, u.from_version or "-", u.to_version,
+                                                  state_name(u), prog, age, error)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
@@ -351,7 +356,7 @@ def cmd_cancel(ns: argparse.Namespace) -> int:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 raise CliError(f"no update {ns.update_id!r} on this node (see `supervisor updates`)") from None
             raise rpc_error(e, where) from None
-    print(f"update {status.update_id}: {state_name(status)}" + (f": {status.error}" if status.error else ""))
+    print(printable(f"update {status.update_id}: {state_name(status)}" + (f": {status.error}" if status.error else "")))
     return EXIT_OK
 
 
@@ -359,9 +364,11 @@ def cmd_cancel(ns: argparse.Namespace) -> int:
 
 
 def _socket_args(p: argparse.ArgumentParser) -> None:
+    from supervisor.cli import seconds_arg
+
     p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help="the supervisor's config (for grpc.unix_socket)")
     p.add_argument("--socket", help="the supervisor's Unix socket (instead of reading the config)")
-    p.add_argument("--timeout-rpc", type=float, default=10.0, help=argparse.SUPPRESS)
+    p.add_argument("--timeout-rpc", type=seconds_arg, default=10.0, help=argparse.SUPPRESS)
 
 
 def _guarded(fn: Any) -> Any:
@@ -371,13 +378,14 @@ def _guarded(fn: Any) -> Any:
         try:
             return int(fn(ns))
         except CliError as e:
-            print(f"supervisor {prog}: {e}", file=sys.stderr)
+            print(printable(f"supervisor {prog}: {e}"), file=sys.stderr)  # it may quote a server's words
             return e.code
 
     return run
 
 
 def add_parsers(sub: argparse._SubParsersAction[Any]) -> None:
+    from supervisor.cli import count_arg, seconds_arg  # where the parser is built: loaded already
     fmt = argparse.RawDescriptionHelpFormatter
     u = sub.add_parser("update", help="push an update to this host's supervisor and follow it",
                        description="Push a signed package to the local supervisor and follow it to its end.",
@@ -392,16 +400,16 @@ def add_parsers(sub: argparse._SubParsersAction[Any]) -> None:
     u.add_argument("--size", type=int, help="with --url: the package's size in bytes")
     u.add_argument("--allow-downgrade", action="store_true", help="install a version not newer than the highest")
     u.add_argument("--force", action="store_true", help="retry a version that failed before")
-    u.add_argument("--timeout", type=float, default=900.0, help="seconds to follow the update (default 900)")
+    u.add_argument("--timeout", type=seconds_arg, default=900.0, help="seconds to follow the update (default 900)")
     u.add_argument("--json", action="store_true", help="print only the final status, as JSON")
     _socket_args(u)
     u.set_defaults(fn=_guarded(cmd_update))
     ls = sub.add_parser("updates", help="list this host's recent updates", epilog=UPDATES_EPILOG,
                         formatter_class=fmt)
     ls.add_argument("--watch", action="store_true", help="redraw until Ctrl-C")
-    ls.add_argument("--interval", type=float, default=1.0, help="seconds between redraws with --watch")
+    ls.add_argument("--interval", type=seconds_arg, default=1.0, help="seconds between redraws with --watch")
     ls.add_argument("--component", help="only this component's updates")
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--limit", type=count_arg, default=50, help="at most this many (0: the default, 50)")
     ls.add_argument("--json", action="store_true")
     _socket_args(ls)
     ls.set_defaults(fn=_guarded(cmd_updates))
@@ -416,5 +424,5 @@ def holds_lines(holds: list[Any]) -> list[str]:
     if not holds:
         return []
     return ["", "held (pushes refused):",
-            *(f"  {h.component}" + (f": {h.reason}" if h.reason else "") for h in holds)]
+            *(printable(f"  {h.component}" + (f": {h.reason}" if h.reason else "")) for h in holds)]
 

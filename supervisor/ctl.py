@@ -110,14 +110,16 @@ def client(socket_path: Path, timeout: float) -> Iterator[Client]:
 
 
 def describe(a: common_pb2.AgentInfo) -> str:
-    """``web: running (pid 1234)``, ``web: fatal (exited with status 3 ...)``."""
+    """``web: running (pid 1234)``, ``web: fatal (exited with status 3 ...)``, printable."""
+    from baton.text import printable
+
     text = f"{a.name}: {state_name(a.state)}"
     if a.pid:
         text += f" (pid {a.pid})"
     if a.state in (common_pb2.AGENT_STATE_FATAL, common_pb2.AGENT_STATE_BACKOFF, common_pb2.AGENT_STATE_EXITED) \
             and a.last_error:
         text += f": {a.last_error}"
-    return text
+    return printable(text)
 
 
 def emit(results: list[common_pb2.AgentInfo], as_json: bool) -> None:

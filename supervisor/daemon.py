@@ -157,15 +157,17 @@ class Supervisor:
         from supervisor.authz import AuthzInterceptor, Policy
 
         g = self.cfg.grpc
+        policy = Policy(g.allowed_clients, g.allow_downgrade_clients)
         interceptors: list[grpc.aio.ServerInterceptor] = [
             AuditInterceptor(self.audit),  # first: sees refusals too
             self.gate,  # during a handover: changes wait for the next process, watches end
-            AuthzInterceptor(Policy(g.allowed_clients, g.allow_downgrade_clients)),
+            AuthzInterceptor(policy),
         ]
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *SERVER_OPTIONS], interceptors=interceptors)
         daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
             DaemonService(self.cfg.node.id, self.version, self.started_at, self.pm, self.updates,
-                          manager_connected=self, reload=self.reload, state_dir=self.cfg.node.state_dir),
+                          manager_connected=self, reload=self.reload, state_dir=self.cfg.node.state_dir,
+                          policy=policy),
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

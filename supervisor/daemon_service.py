@@ -16,8 +16,10 @@ import grpc
 from baton.config import ConfigError
 from baton.holds import Holds
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
+from baton.reasons import without_output
 from baton.states import AgentState
 from supervisor.agents import AgentError, AgentSnapshot, ProcessManager, UnknownAgent, parse_signal
+from supervisor.authz import Policy
 
 TAIL_MAX_LINES = 10_000
 WATCH_AGENT_HEARTBEAT_S = 0.1  # WatchAgent sends the agent at least this often (daemon.proto)
@@ -71,7 +73,7 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
     def __init__(self, node_id: str, version: str, started_at: float, pm: ProcessManager,
                  updates: UpdateManager | None, manager_connected: object = None,
                  reload: Callable[[], Awaitable[Any]] | None = None,
-                 state_dir: Path | None = None) -> None:
+                 state_dir: Path | None = None, policy: Policy | None = None) -> None:
         self.node_id = node_id
         self.version = version
         self.started_at = started_at
@@ -80,6 +82,18 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
         self._manager_connected = manager_connected
         self._reload = reload
         self._holds = Holds(state_dir) if state_dir is not None else None
+        self.policy = policy or Policy(())  # without one: only the Unix socket's callers may operate
+
+    def _shown(self, status: daemon_pb2.UpdateStatus, context: grpc.aio.ServicerContext) -> daemon_pb2.UpdateStatus:
+        """``status`` as this caller may see it: a failed version's last output (``last_log`` and its quote in
+        ``error``) only for a caller allowed to operate (``Policy.may_operate``); it may have printed a secret."""
+        if not status.last_log or self.policy.context_may_operate(context):
+            return status
+        shown = daemon_pb2.UpdateStatus()
+        shown.CopyFrom(status)
+        shown.error = without_output(status.error, status.last_log)
+        shown.last_log = ""
+        return shown
 
     async def GetStatus(self, request: daemon_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> daemon_pb2.Status:
@@ -158,7 +172,7 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
         if self.updates is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "updates are not enabled on this supervisor")
         assert self.updates is not None
-        return await self.updates.get(request.update_id, context)
+        return self._shown(await self.updates.get(request.update_id, context), context)
 
     async def WatchUpdate(self, request: daemon_pb2.UpdateRef, context: grpc.aio.ServicerContext
                           ) -> AsyncIterator[daemon_pb2.UpdateStatus]:
@@ -166,7 +180,7 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "updates are not enabled on this supervisor")
         assert self.updates is not None
         async for status in self.updates.watch(request.update_id, context):
-            yield status
+            yield self._shown(status, context)
 
     async def CancelUpdate(self, request: daemon_pb2.UpdateRef, context: grpc.aio.ServicerContext
                            ) -> daemon_pb2.UpdateStatus:
@@ -239,4 +253,5 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "updates are not enabled on this supervisor")
         assert self.updates is not None
         limit = min(request.limit or DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT)
-        return await self.updates.recent(limit, request.component)
+        recent = await self.updates.recent(limit, request.component)
+        return daemon_pb2.ListUpdatesResponse(updates=[self._shown(u, context) for u in recent.updates])

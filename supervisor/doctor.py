@@ -51,7 +51,11 @@ class Finding:
     fix: str = ""
 
     def line(self) -> str:
-        return f"{self.status:<8} {self.check:<13} {self.message}" + (f" -> fix: {self.fix}" if self.fix else "")
+        """One printable line: a message may quote a file, an agent's note or a server's words."""
+        from baton.text import printable
+
+        return printable(f"{self.status:<8} {self.check:<13} {self.message}"
+                         + (f" -> fix: {self.fix}" if self.fix else ""))
 
 
 @dataclass(frozen=True)

@@ -214,3 +214,68 @@ def test_an_audit_log_that_is_a_symlink_is_not_followed(tmp_path):
     with pytest.raises(AuditError):
         log.append(AuditRecord(time=time.time(), caller=Caller(kind="helper"), call="x", outcome="ok"))
     assert target.read_text() == ""
+
+
+def test_a_flood_of_refused_calls_is_bounded_and_never_rotates_away_accepted_changes(make_supervisor):
+    """1,500 refused StopAgent calls through the read-only loopback listener, as fast as a client can make them."""
+    from supervisor.audit import REFUSALS_PER_CALLER, SUPPRESSED_CALL
+
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True)], tcp=True)
+    sup.start()
+    pid = sup.wait_agent("web", "running").pid
+    sup.stub.RestartAgent(daemon_pb2.AgentRef(name="web"), timeout=15)  # an accepted change, through the socket
+    pid = sup.wait_agent("web", "running", pred=lambda a: a.pid != pid).pid
+    changes = wait_for(lambda: (sup.state_dir / "audit" / "audit.log").read_bytes(), 10, what="the change's record")
+
+    with grpc.insecure_channel(sup.cfg["grpc"]["listen"][0]) as ch:
+        stub = daemon_pb2_grpc.DaemonServiceStub(ch)
+        codes = []
+        for _ in range(15):
+            calls = [stub.StopAgent.future(daemon_pb2.AgentRef(name="web"), timeout=30) for _ in range(100)]
+            codes += [c.exception().code() for c in calls]  # type: ignore[union-attr]
+    assert set(codes) == {grpc.StatusCode.PERMISSION_DENIED} and len(codes) == 1500
+
+    summary = wait_for(lambda: records(sup.state_dir, SUPPRESSED_CALL), 30, what="the suppressed-refusals record")
+    one_by_one = records(sup.state_dir, "StopAgent")
+    assert len(one_by_one) == REFUSALS_PER_CALLER and {r.outcome for r in one_by_one} == {"refused"}
+    assert [r.args["suppressed"] for r in summary] == [1500 - REFUSALS_PER_CALLER]
+    assert summary[0].args["calls"] == {"StopAgent": 1500 - REFUSALS_PER_CALLER}
+    assert summary[0].caller.kind == "tcp" and "1495 more refusals of tcp 127.0.0.1" in summary[0].message
+    assert (sup.state_dir / "audit" / "audit.log").read_bytes() == changes, "the changes' file is untouched"
+    assert sup.agent("web").pid == pid, "nothing was stopped"
+
+
+def test_escape_sequences_in_a_records_arguments_are_printed_escaped_by_supervisor_audit(make_supervisor):
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True)], tcp=True)
+    sup.start()
+    evil = "web\x1b]0;owned\x07\x1b[2K\x1b[1A\rok \u202efdp.exe"
+    with grpc.insecure_channel(sup.cfg["grpc"]["listen"][0]) as ch, pytest.raises(grpc.RpcError) as e:
+        daemon_pb2_grpc.DaemonServiceStub(ch).StopAgent(daemon_pb2.AgentRef(name=evil), timeout=15)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    wait_for(lambda: records(sup.state_dir, "StopAgent"), 10, what="the refusal's record")
+
+    res = subprocess.run([PY, "-m", "supervisor", "audit", "--config", str(sup.config_path)], capture_output=True,
+                         cwd=ROOT, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert b"name=web\\x1b]0;owned\\x07\\x1b[2K\\x1b[1A\\rok \\u202efdp.exe" in res.stdout
+    assert not set(res.stdout) & ((set(range(0x20)) - {0x0a}) | {0x7f}), "no control byte but the newlines"
+    assert "\u202e".encode() not in res.stdout
+    assert json.loads(audit_cli(sup.config_path, "--json").stdout)["args"]["name"] == evil, "--json keeps it exact"
+
+
+def test_refusals_rotate_in_their_own_file_and_read_back_merged_with_changes_by_time(tmp_path):
+    log = AuditLog(tmp_path, refusals_max_bytes=600, refusals_backups=1)
+    old = AuditRecord(time=1.0, caller=Caller(kind="tcp"), call="StopAgent", outcome="refused")
+    log.dir.mkdir(parents=True)
+    log.path.write_text(json.dumps(old.to_json()) + "\n")  # written before refusals had a file of their own
+    log.append(AuditRecord(time=2.0, caller=Caller(kind="local", uid=0), call="StopAgent", outcome="ok"))
+    changes = log.path.read_bytes()
+    for i in range(40):
+        log.append(AuditRecord(time=3.0 + i, caller=Caller(kind="tcp"), call="StopAgent", outcome="refused"))
+
+    assert log.path.read_bytes() == changes
+    assert {"audit.log", "refused.log.1"} <= {p.name for p in log.files()} <= {"audit.log", "refused.log",
+                                                                                "refused.log.1"}
+    got = log.read()
+    assert [r.time for r in got[:2]] == [1.0, 2.0] and [r.time for r in got] == sorted(r.time for r in got)
+    assert got[-1].time == 42.0

@@ -90,3 +90,19 @@ def test_separate_stderr_survives_a_self_update(make_self_host):
     assert "err " not in host.sup.log_of("split").read_text()
     nums = [int(line.split()[1]) for line in err_log.read_text().splitlines()]
     assert nums == list(range(1, len(nums) + 1)), "no stderr line lost or duplicated across the handover"
+
+
+ESCAPING = ("import sys\nprint('\\x1b]0;owned\\x07\\x1b[2K\\x1b[1Aworker: all good\\r\\x9b2J', flush=True)\n"
+            "sys.exit(3)\n")
+
+
+def test_a_fatal_agents_escape_sequences_are_printed_escaped_by_supervisor_status(make_supervisor):
+    sup = make_supervisor([{"name": "worker", "command": PY, "args": ["-c", ESCAPING], "start_seconds": 1.0,
+                            "start_retries": 1, "backoff_initial_s": 0.1}]).start()
+    sup.wait_agent("worker", "fatal")
+    res = subprocess.run([PY, "-m", "supervisor", "status", "--socket", str(sup.socket)], capture_output=True,
+                         cwd=ROOT, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert b"  \\x1b]0;owned\\x07\\x1b[2K\\x1b[1Aworker: all good\\r\\x9b2J\n" in res.stdout
+    assert not set(res.stdout) & ((set(range(0x20)) - {0x0a}) | {0x7f}), "no control byte but the newlines"
+    assert "\x9b".encode() not in res.stdout, "nor the one-byte CSI (C1)"
