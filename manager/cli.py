@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from baton.config import is_loopback
 from baton.errors import BatonError
 from baton.log import logger
 from baton.reasons import reason_name
@@ -128,6 +129,29 @@ def say(out: TextIO, line: str) -> None:
 # ---- serve --------------------------------------------------------------------------------------------
 
 
+def check_listen(listen: str, tls: bool, insecure_loopback: bool) -> None:
+    """The supervisor's rule for ManagerService: TCP needs mutual TLS, except on loopback with the opt-in.
+
+    Without TLS the Manager cannot tell one caller from another, so whoever reaches the port may register
+    any node id at an address of their choosing and report any node's results.
+    """
+    if listen.startswith("unix:"):
+        return  # a Unix socket: its file's owner and mode decide who connects
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(f"--listen {listen!r}: expected HOST:PORT")
+    if tls:
+        if insecure_loopback:
+            raise UsageError("--insecure-loopback is for a listener without TLS; it must not be given with --tls-*")
+        return
+    if not is_loopback(host.strip("[]")):
+        raise UsageError(f"--listen {listen}: without --tls-cert/--tls-key/--tls-ca ManagerService listens on "
+                         "loopback only (127.0.0.0/8, ::1, localhost), and only with --insecure-loopback")
+    if not insecure_loopback:
+        raise UsageError(f"--listen {listen} would serve ManagerService without TLS: give --tls-cert, --tls-key "
+                         "and --tls-ca, or --insecure-loopback to trust every caller on this host")
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     from manager.packages import PackageServer
     from manager.service import make_server, server_credentials
@@ -136,6 +160,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     tls = [ns.tls_cert, ns.tls_key, ns.tls_ca]
     if any(tls) and not all(tls):
         raise UsageError("--tls-cert, --tls-key and --tls-ca go together")
+    check_listen(ns.listen, all(tls), ns.insecure_loopback)
     if bool(ns.packages) != bool(ns.http):
         raise UsageError("--packages and --http go together")
     if ns.max_downloads < 1:
@@ -199,6 +224,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     logger.info("baton-manager serving ManagerService on {} ({}), database {}{}", ns.listen,
                 "mutual TLS" if creds else "insecure", getattr(store, "url", ns.db),
                 f", packages from {ns.packages} at {ns.http_url or packages.url}" if packages else "")
+    if creds is None:
+        logger.warning("ManagerService on {} has no TLS (--insecure-loopback): any process on this host may "
+                       "register as any node and report its results", ns.listen)
     stop.wait()
     logger.info("baton-manager stopping")
     runner.stop()
@@ -470,7 +498,11 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve ManagerService (and the package directory over HTTP)")
     _db(s)
-    s.add_argument("--listen", required=True, metavar="HOST:PORT", help="ManagerService address")
+    s.add_argument("--listen", required=True, metavar="HOST:PORT",
+                   help="ManagerService address (needs --tls-*, or loopback with --insecure-loopback)")
+    s.add_argument("--insecure-loopback", action="store_true",
+                   help="serve ManagerService without TLS on a loopback --listen: every caller on this host is "
+                        "trusted to speak for any node (development, tests, a Manager beside its nodes)")
     s.add_argument("--packages", metavar="DIR", help="serve this directory over HTTP")
     s.add_argument("--http", metavar="HOST:PORT", help="the package server's address")
     s.add_argument("--http-url", help="the package server's URL as nodes reach it (default http://HOST:PORT)")
