@@ -6,9 +6,16 @@ arrived before. The supervisor writes its ``reported`` marker only after our
 ack, and we ack only after the row is committed, so every result is recorded
 exactly once however often it is sent.
 
-With mutual TLS, a node may only speak for itself: the node id in a request
-must be named by its certificate (``URI:spiffe://baton/node/ID``, ``DNS:ID`` or
-``CN=ID``), and the identity it registered with is recorded.
+With mutual TLS, a node may only speak for itself, in every method: the node id
+in a request must be named by its certificate, and the identity it registered
+with is recorded. A certificate that carries a Baton identity
+(``URI:spiffe://baton/...``, as ``manager/devca.py`` issues them) names node ID
+only by ``URI:spiffe://baton/node/ID``, so a Manager's certificate
+(``spiffe://baton/manager/NAME``, ``DNS:NAME``) never speaks for a node; any
+other certificate names it by ``DNS:ID`` or ``CN=ID``. A result is taken only
+for an update of the node that reports it, and a final result once reported
+is never replaced (``manager/store.py``). Without TLS (``--insecure-loopback``)
+there is no identity: every caller on the host may speak for any node.
 """
 
 from __future__ import annotations
@@ -24,18 +31,25 @@ from baton.log import logger
 from baton.pb import common_pb2, manager_pb2, manager_pb2_grpc
 from baton.reasons import reason_name
 from baton.states import UpdateState
+from manager.errors import FinalResultKept, NotOwner
 from manager.store import Node, ResultRow, Store
 
 WORKERS = 8
 _UNROUTABLE_HOSTS = ("", "0.0.0.0", "::", "[::]")
 
 
+BATON_URI = "spiffe://baton/"  # the prefix of every identity manager/devca.py issues
+
+
 def node_uri(node_id: str) -> str:
-    return f"spiffe://baton/node/{node_id}"
+    return f"{BATON_URI}node/{node_id}"
 
 
 def speaks_for(peer: PeerIdentity, node_id: str) -> bool:
-    return node_uri(node_id) in peer.uris or node_id in peer.dns or peer.common_name == node_id
+    """Whether the certificate names this node (see the module docstring for the mapping)."""
+    if any(u.startswith(BATON_URI) for u in peer.uris):
+        return node_uri(node_id) in peer.uris
+    return node_id in peer.dns or peer.common_name == node_id
 
 
 def reachable_address(registered: str, peer: str) -> str:
@@ -112,7 +126,15 @@ class ManagerService(manager_pb2_grpc.ManagerServiceServicer):
         self._identity(request.node_id, context)
         if not request.update_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "update_id is required")
-        duplicate = self.store.record_result(result_row(request))
+        try:
+            duplicate = self.store.record_result(result_row(request))
+        except NotOwner as e:
+            logger.warning("refused a result from {} for update {}: {}", request.node_id, request.update_id, e)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+        except FinalResultKept as e:
+            # Acknowledged, so that the node's outbox moves on to its other results; the record is unchanged.
+            logger.warning("ignored a result from {}: {}", request.node_id, e)
+            return manager_pb2.ReportAck(update_id=request.update_id, duplicate=True)
         logger.info("result of update {} from {}: {}{}", request.update_id, request.node_id,
                     common_pb2.UpdateState.Name(request.state).removeprefix("UPDATE_STATE_").lower(),
                     " (duplicate)" if duplicate else "")

@@ -23,6 +23,13 @@ its update, the supervisor's result) cannot go backwards:
 - a row in a final state never moves to a non-final one;
 - once the supervisor's result has arrived (``reported_at``), only another
   result may change the row: the result is the node's own record.
+
+and a result obeys two more, checked in the statement that writes it:
+
+- it comes from the node the update belongs to (``NotOwner`` otherwise): update
+  ids are not secret, and any node could otherwise rewrite another's record;
+- a final result, once reported, is never replaced by a different one
+  (``FinalResultKept``); the same one delivered again counts as a duplicate.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from baton.states import UpdateState
-from manager.errors import SchemaTooNew, StoreError
+from manager.errors import FinalResultKept, NotOwner, SchemaTooNew, StoreError
 
 if TYPE_CHECKING:
     import psycopg
@@ -417,13 +424,19 @@ class _SqlStore:
         """Upsert a supervisor's result by update id in one statement; True if it had arrived before.
 
         One statement, so two replicas given the same result at once still count it once each: the row's
-        ``reports`` after the upsert says whether this delivery was the first.
+        ``reports`` after the upsert says whether this delivery was the first. The statement's ``WHERE``
+        leaves the row alone when it belongs to another node or holds a different final result already.
+
+        Raises:
+            NotOwner: the update belongs to another node (nothing written).
+            FinalResultKept: the node reported another final result for it before (nothing written).
         """
         now = time.time()
+        finals = ",".join("?" * len(FINAL_STATES))
         with self._tx() as c:
             cur = self._exec(
                 c,
-                """INSERT INTO updates (update_id, node, component, from_version, to_version, state, success,
+                f"""INSERT INTO updates (update_id, node, component, from_version, to_version, state, success,
                                         rolled_back, error, timings, created_at, finished_at, reported_at,
                                         reports, last_log, reason)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)
@@ -433,13 +446,23 @@ class _SqlStore:
                      from_version = excluded.from_version, last_log = excluded.last_log, reason = excluded.reason,
                      reported_at = COALESCE(updates.reported_at, excluded.reported_at),
                      reports = updates.reports + 1
+                   WHERE updates.node = excluded.node
+                     AND (updates.reported_at IS NULL OR updates.state = excluded.state
+                          OR updates.state NOT IN ({finals}))
                    RETURNING reports""",
                 (result.update_id, result.node, result.component, result.from_version, result.to_version,
                  result.state.value, int(result.success), int(result.rolled_back), result.error,
                  json.dumps(result.timings), result.started_at or now, result.finished_at or now, now,
-                 result.last_log, result.reason),
+                 result.last_log, result.reason, *FINAL_STATES),
             )
-            return int(cur.fetchone()["reports"]) > 1
+            written = cur.fetchone()
+            if written is not None:
+                return int(written["reports"]) > 1
+            kept = self._exec(c, "SELECT node, state FROM updates WHERE update_id = ?",
+                              (result.update_id,)).fetchone()
+        if kept["node"] != result.node:
+            raise NotOwner(result.update_id, kept["node"], result.node)
+        raise FinalResultKept(result.update_id, kept["state"], result.state.value)
 
     def update(self, update_id: str) -> UpdateRow | None:
         rows = self._query("SELECT * FROM updates WHERE update_id = ?", (update_id,))
