@@ -43,7 +43,7 @@ from manager.rollout import (
     follow,
     new_rollout,
 )
-from manager.store import ACTIVE_ROLLOUT_STATES, RolloutRow, Store, failures_by_reason
+from manager.store import ACTIVE_ROLLOUT_STATES, RolloutRow, Store, failures_by_reason, password_from_file
 from manager.store import open_store as store_at
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -58,7 +58,8 @@ class UsageError(ManagerError):
 
 
 def open_store(ns: argparse.Namespace) -> Store:
-    return store_at(ns.db)
+    password = password_from_file(Path(ns.db_password_file)) if ns.db_password_file else ""
+    return store_at(ns.db, password)
 
 
 def client_tls(ns: argparse.Namespace, store: Store) -> ClientTls | None:
@@ -465,7 +466,11 @@ def cmd_updates(ns: argparse.Namespace) -> int:
 def _db(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=os.environ.get("BATON_MANAGER_DB", DEFAULT_DB),
                    help="the database: a SQLite file (PATH or sqlite:///PATH) or postgresql://... "
-                        "(default: $BATON_MANAGER_DB or ./baton-manager.db)")
+                        "(default: $BATON_MANAGER_DB or ./baton-manager.db); its password is best not in it: "
+                        "PGPASSWORD, ~/.pgpass (PGPASSFILE) or --db-password-file keep it off the command line")
+    p.add_argument("--db-password-file", metavar="FILE", default=os.environ.get("BATON_MANAGER_DB_PASSWORD_FILE"),
+                   help="PostgreSQL: the password is this file's first line; mode 0600 or stricter "
+                        "(default: $BATON_MANAGER_DB_PASSWORD_FILE)")
 
 
 def _tls(p: argparse.ArgumentParser, what: str) -> None:
