@@ -31,7 +31,9 @@ from baton.log import logger
 from baton.pb import common_pb2, manager_pb2, manager_pb2_grpc
 from baton.reasons import reason_name
 from baton.states import UpdateState
+from baton.throttle import RETRY_AFTER_KEY
 from manager.errors import FinalResultKept, NotOwner
+from manager.ratelimit import CallKind, CallLimits, NodeRateLimiter
 from manager.store import Node, ResultRow, Store
 
 WORKERS = 8
@@ -81,26 +83,39 @@ def result_row(r: common_pb2.UpdateResult) -> ResultRow:
 
 
 class ManagerService(manager_pb2_grpc.ManagerServiceServicer):
-    def __init__(self, store: Store, *, tls: bool, heartbeat_interval_s: float = 0.0) -> None:
+    def __init__(self, store: Store, *, tls: bool, heartbeat_interval_s: float = 0.0,
+                 limits: CallLimits | None = None) -> None:
         self.store = store
         self.tls = tls
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.limiter = NodeRateLimiter(limits)
 
-    def _identity(self, node_id: str, context: grpc.ServicerContext) -> str:
-        """The caller's certificate identity; aborts when it does not name ``node_id``."""
+    def _identity(self, node_id: str, context: grpc.ServicerContext, kind: CallKind) -> str:
+        """The caller's certificate identity; aborts when it does not name ``node_id`` or the node calls too often.
+
+        Both are decided before the store is touched, so a refused call costs the store nothing.
+        """
         if not node_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node_id is required")
-        if not self.tls:
-            return ""
-        peer = peer_identity(context.auth_context())
-        if not speaks_for(peer, node_id):
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"certificate {peer.describe()} does not name node {node_id!r}")
-        return next((n for n in peer.names() if n.startswith("URI:")), peer.describe())
+        identity = ""
+        if self.tls:
+            peer = peer_identity(context.auth_context())
+            if not speaks_for(peer, node_id):
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              f"certificate {peer.describe()} does not name node {node_id!r}")
+            identity = next((n for n in peer.names() if n.startswith("URI:")), peer.describe())
+        wait_s = self.limiter.admit(kind, node_id)
+        if wait_s:
+            bucket = self.limiter.limits.of(kind)
+            context.set_trailing_metadata(((RETRY_AFTER_KEY, f"{max(wait_s, 0.001):.3f}"),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"node {node_id!r} calls {kind.value} more often than {bucket.rate_per_s:g}/s "
+                          f"(bursts of {bucket.burst}); retry in {wait_s:.1f}s")
+        return identity
 
     def Register(self, request: manager_pb2.RegisterRequest, context: grpc.ServicerContext
                  ) -> manager_pb2.RegisterResponse:
-        identity = self._identity(request.node_id, context)
+        identity = self._identity(request.node_id, context, CallKind.REGISTER)
         address = reachable_address(request.grpc_address, context.peer())
         self.store.register_node(Node(id=request.node_id, version=request.supervisor_version,
                                       hostname=request.hostname, address=address, identity=identity,
@@ -112,18 +127,18 @@ class ManagerService(manager_pb2_grpc.ManagerServiceServicer):
 
     def Heartbeat(self, request: manager_pb2.HeartbeatRequest, context: grpc.ServicerContext
                   ) -> manager_pb2.HeartbeatResponse:
-        self._identity(request.node_id, context)
+        self._identity(request.node_id, context, CallKind.REPORT)
         return manager_pb2.HeartbeatResponse(known=self.store.touch_node(request.node_id, request.supervisor_version))
 
     def SyncAgentStates(self, request: manager_pb2.SyncAgentStatesRequest, context: grpc.ServicerContext
                         ) -> manager_pb2.SyncAgentStatesResponse:
-        self._identity(request.node_id, context)
+        self._identity(request.node_id, context, CallKind.REPORT)
         self.store.set_agents(request.node_id, agents_json(request.agents))
         return manager_pb2.SyncAgentStatesResponse()
 
     def ReportUpdateResult(self, request: common_pb2.UpdateResult, context: grpc.ServicerContext
                            ) -> manager_pb2.ReportAck:
-        self._identity(request.node_id, context)
+        self._identity(request.node_id, context, CallKind.REPORT)
         if not request.update_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "update_id is required")
         try:
@@ -147,11 +162,12 @@ def server_credentials(cert: bytes, key: bytes, ca: bytes) -> grpc.ServerCredent
 
 
 def make_server(store: Store, listen: str, credentials: grpc.ServerCredentials | None,
-                heartbeat_interval_s: float = 0.0) -> tuple[grpc.Server, int]:
+                heartbeat_interval_s: float = 0.0, limits: CallLimits | None = None) -> tuple[grpc.Server, int]:
     """A started-later gRPC server with ManagerService; returns it and the bound port."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="manager-rpc"),
                          options=[("grpc.so_reuseport", 0)])
     manager_pb2_grpc.add_ManagerServiceServicer_to_server(
-        ManagerService(store, tls=credentials is not None, heartbeat_interval_s=heartbeat_interval_s), server)
+        ManagerService(store, tls=credentials is not None, heartbeat_interval_s=heartbeat_interval_s,
+                       limits=limits), server)
     port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
     return server, port
