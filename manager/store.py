@@ -863,11 +863,10 @@ def open_store(url: str, password: str = "") -> SqliteStore | PostgresStore:
     if url.startswith("sqlite:"):
         path = url.removeprefix("sqlite://")
         if not url.startswith("sqlite://") or not path.startswith("/"):
-            raise StoreError(f"--db {_redacted(url)}: expected sqlite:///ABSOLUTE/PATH")
+            raise StoreError(f"{_redacted(url)}: expected sqlite:///ABSOLUTE/PATH")
         return SqliteStore(Path(path))
     if _SCHEME.match(url):
-        raise StoreError(f"--db {_redacted(url)}: unknown kind of database (a SQLite path, sqlite:///PATH or "
-                         "postgresql://...; write ./NAME for a file whose name has a colon)")
+        raise StoreError(f"{_redacted(url)}: unknown database URL (postgresql://... or sqlite:///PATH)")
     return SqliteStore(Path(url))
 
 

@@ -65,7 +65,7 @@ def test_a_libpq_keyword_string_is_refused_without_its_password_and_creates_no_f
 def test_an_unknown_database_string_is_refused_with_one_line_and_creates_no_file(tmp_path, form):
     res = manager(tmp_path, "nodes", "--db", form)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
-    assert res.stderr.startswith(f"baton-manager: --db {form}: ")
+    assert res.stderr.startswith(f"baton-manager: {form}: ")
     assert list(tmp_path.iterdir()) == []
 
 
