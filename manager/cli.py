@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from baton.config import is_loopback
 from baton.errors import BatonError
 from baton.log import logger
 from baton.reasons import reason_name
@@ -43,7 +44,7 @@ from manager.rollout import (
     follow,
     new_rollout,
 )
-from manager.store import ACTIVE_ROLLOUT_STATES, RolloutRow, Store, failures_by_reason
+from manager.store import ACTIVE_ROLLOUT_STATES, RolloutRow, Store, failures_by_reason, password_from_file
 from manager.store import open_store as store_at
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -58,7 +59,8 @@ class UsageError(ManagerError):
 
 
 def open_store(ns: argparse.Namespace) -> Store:
-    return store_at(ns.db)
+    password = password_from_file(Path(ns.db_password_file)) if ns.db_password_file else ""
+    return store_at(ns.db, password)
 
 
 def client_tls(ns: argparse.Namespace, store: Store) -> ClientTls | None:
@@ -132,6 +134,29 @@ def say(out: TextIO, line: str) -> None:
 # ---- serve --------------------------------------------------------------------------------------------
 
 
+def check_listen(listen: str, tls: bool, insecure_loopback: bool) -> None:
+    """The supervisor's rule for ManagerService: TCP needs mutual TLS, except on loopback with the opt-in.
+
+    Without TLS the Manager cannot tell one caller from another, so whoever reaches the port may register
+    any node id at an address of their choosing and report any node's results.
+    """
+    if listen.startswith("unix:"):
+        return  # a Unix socket: its file's owner and mode decide who connects
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(f"--listen {listen!r}: expected HOST:PORT")
+    if tls:
+        if insecure_loopback:
+            raise UsageError("--insecure-loopback is for a listener without TLS; it must not be given with --tls-*")
+        return
+    if not is_loopback(host.strip("[]")):
+        raise UsageError(f"--listen {listen}: without --tls-cert/--tls-key/--tls-ca ManagerService listens on "
+                         "loopback only (127.0.0.0/8, ::1, localhost), and only with --insecure-loopback")
+    if not insecure_loopback:
+        raise UsageError(f"--listen {listen} would serve ManagerService without TLS: give --tls-cert, --tls-key "
+                         "and --tls-ca, or --insecure-loopback to trust every caller on this host")
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     from manager.packages import PackageServer
     from manager.service import make_server, server_credentials
@@ -140,6 +165,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     tls = [ns.tls_cert, ns.tls_key, ns.tls_ca]
     if any(tls) and not all(tls):
         raise UsageError("--tls-cert, --tls-key and --tls-ca go together")
+    check_listen(ns.listen, all(tls), ns.insecure_loopback)
     if bool(ns.packages) != bool(ns.http):
         raise UsageError("--packages and --http go together")
     if ns.max_downloads < 1:
@@ -203,6 +229,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     logger.info("baton-manager serving ManagerService on {} ({}), database {}{}", ns.listen,
                 "mutual TLS" if creds else "insecure", getattr(store, "url", ns.db),
                 f", packages from {ns.packages} at {ns.http_url or packages.url}" if packages else "")
+    if creds is None:
+        logger.warning("ManagerService on {} has no TLS (--insecure-loopback): any process on this host may "
+                       "register as any node and report its results", ns.listen)
     stop.wait()
     logger.info("baton-manager stopping")
     runner.stop()
@@ -441,7 +470,11 @@ def cmd_updates(ns: argparse.Namespace) -> int:
 def _db(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=os.environ.get("BATON_MANAGER_DB", DEFAULT_DB),
                    help="the database: a SQLite file (PATH or sqlite:///PATH) or postgresql://... "
-                        "(default: $BATON_MANAGER_DB or ./baton-manager.db)")
+                        "(default: $BATON_MANAGER_DB or ./baton-manager.db); its password is best not in it: "
+                        "PGPASSWORD, ~/.pgpass (PGPASSFILE) or --db-password-file keep it off the command line")
+    p.add_argument("--db-password-file", metavar="FILE", default=os.environ.get("BATON_MANAGER_DB_PASSWORD_FILE"),
+                   help="PostgreSQL: the password is this file's first line; mode 0600 or stricter "
+                        "(default: $BATON_MANAGER_DB_PASSWORD_FILE)")
 
 
 def _tls(p: argparse.ArgumentParser, what: str) -> None:
@@ -474,7 +507,11 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve ManagerService (and the package directory over HTTP)")
     _db(s)
-    s.add_argument("--listen", required=True, metavar="HOST:PORT", help="ManagerService address")
+    s.add_argument("--listen", required=True, metavar="HOST:PORT",
+                   help="ManagerService address (needs --tls-*, or loopback with --insecure-loopback)")
+    s.add_argument("--insecure-loopback", action="store_true",
+                   help="serve ManagerService without TLS on a loopback --listen: every caller on this host is "
+                        "trusted to speak for any node (development, tests, a Manager beside its nodes)")
     s.add_argument("--packages", metavar="DIR", help="serve this directory over HTTP")
     s.add_argument("--http", metavar="HOST:PORT", help="the package server's address")
     s.add_argument("--http-url", help="the package server's URL as nodes reach it (default http://HOST:PORT)")

@@ -41,3 +41,29 @@ class RolloutError(ManagerError):
 
 class NodeOffline(PushRefused):
     """The node could not be reached for a push (UNAVAILABLE, DEADLINE_EXCEEDED): a rollout retries it later."""
+
+
+class ResultRefused(ManagerError):
+    """A supervisor's result that the store does not take; nothing was written."""
+
+    def __init__(self, message: str, update_id: str) -> None:
+        super().__init__(message)
+        self.update_id = update_id
+
+
+class NotOwner(ResultRefused):
+    """A result for an update that belongs to another node: a node reports on its own updates only."""
+
+    def __init__(self, update_id: str, owner: str, node: str) -> None:
+        super().__init__(f"update {update_id} belongs to node {owner!r}, not {node!r}", update_id)
+        self.owner = owner
+        self.node = node
+
+
+class FinalResultKept(ResultRefused):
+    """A result that would replace the final one the node reported before: the first final result stands."""
+
+    def __init__(self, update_id: str, kept: str, offered: str) -> None:
+        super().__init__(f"update {update_id} was reported {kept}; a later {offered} does not replace it", update_id)
+        self.kept = kept
+        self.offered = offered

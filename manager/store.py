@@ -15,7 +15,8 @@ PostgreSQL between several ``serve`` replicas on several machines:
 
 ``MIGRATIONS`` are applied in order, each in its own transaction, and a database
 newer than this code is refused rather than written to. ``open_store(url)``
-chooses the database: ``postgresql://...``, ``sqlite:///path`` or a bare path.
+chooses the database: ``postgresql://...``, ``sqlite:///path`` or a bare path;
+anything else is refused, and no message or log shows a password.
 
 Update rows obey two rules, so that the two writers of a row (a push following
 its update, the supervisor's result) cannot go backwards:
@@ -23,6 +24,13 @@ its update, the supervisor's result) cannot go backwards:
 - a row in a final state never moves to a non-final one;
 - once the supervisor's result has arrived (``reported_at``), only another
   result may change the row: the result is the node's own record.
+
+and a result obeys two more, checked in the statement that writes it:
+
+- it comes from the node the update belongs to (``NotOwner`` otherwise): update
+  ids are not secret, and any node could otherwise rewrite another's record;
+- a final result, once reported, is never replaced by a different one
+  (``FinalResultKept``); the same one delivered again counts as a duplicate.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from baton.states import UpdateState
-from manager.errors import SchemaTooNew, StoreError
+from manager.errors import FinalResultKept, NotOwner, SchemaTooNew, StoreError
 
 if TYPE_CHECKING:
     import psycopg
@@ -417,13 +425,19 @@ class _SqlStore:
         """Upsert a supervisor's result by update id in one statement; True if it had arrived before.
 
         One statement, so two replicas given the same result at once still count it once each: the row's
-        ``reports`` after the upsert says whether this delivery was the first.
+        ``reports`` after the upsert says whether this delivery was the first. The statement's ``WHERE``
+        leaves the row alone when it belongs to another node or holds a different final result already.
+
+        Raises:
+            NotOwner: the update belongs to another node (nothing written).
+            FinalResultKept: the node reported another final result for it before (nothing written).
         """
         now = time.time()
+        finals = ",".join("?" * len(FINAL_STATES))
         with self._tx() as c:
             cur = self._exec(
                 c,
-                """INSERT INTO updates (update_id, node, component, from_version, to_version, state, success,
+                f"""INSERT INTO updates (update_id, node, component, from_version, to_version, state, success,
                                         rolled_back, error, timings, created_at, finished_at, reported_at,
                                         reports, last_log, reason)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)
@@ -433,13 +447,23 @@ class _SqlStore:
                      from_version = excluded.from_version, last_log = excluded.last_log, reason = excluded.reason,
                      reported_at = COALESCE(updates.reported_at, excluded.reported_at),
                      reports = updates.reports + 1
+                   WHERE updates.node = excluded.node
+                     AND (updates.reported_at IS NULL OR updates.state = excluded.state
+                          OR updates.state NOT IN ({finals}))
                    RETURNING reports""",
                 (result.update_id, result.node, result.component, result.from_version, result.to_version,
                  result.state.value, int(result.success), int(result.rolled_back), result.error,
                  json.dumps(result.timings), result.started_at or now, result.finished_at or now, now,
-                 result.last_log, result.reason),
+                 result.last_log, result.reason, *FINAL_STATES),
             )
-            return int(cur.fetchone()["reports"]) > 1
+            written = cur.fetchone()
+            if written is not None:
+                return int(written["reports"]) > 1
+            kept = self._exec(c, "SELECT node, state FROM updates WHERE update_id = ?",
+                              (result.update_id,)).fetchone()
+        if kept["node"] != result.node:
+            raise NotOwner(result.update_id, kept["node"], result.node)
+        raise FinalResultKept(result.update_id, kept["state"], result.state.value)
 
     def update(self, update_id: str) -> UpdateRow | None:
         rows = self._query("SELECT * FROM updates WHERE update_id = ?", (update_id,))
@@ -678,11 +702,13 @@ class PostgresStore(_SqlStore):
     _CLAIM_LOCK = "FOR UPDATE SKIP LOCKED"
     _ROW_LOCK = "FOR UPDATE"
 
-    def __init__(self, url: str, *, migrate_to: int = SCHEMA_VERSION, pool_size: int = PG_POOL_SIZE) -> None:
+    def __init__(self, url: str, *, migrate_to: int = SCHEMA_VERSION, pool_size: int = PG_POOL_SIZE,
+                 password: str = "") -> None:
         import psycopg
 
-        self.url = _redacted(url)
+        self.url = _redacted(url, password)
         self._dsn = url
+        self._password = password  # "" leaves it to the URL, PGPASSWORD or PGPASSFILE (libpq's conventions)
         self.pool_size = pool_size
         self._cond = threading.Condition()
         self._idle: list[psycopg.Connection[dict[str, Any]]] = []
@@ -692,14 +718,15 @@ class PostgresStore(_SqlStore):
                 self._migrate(conn, migrate_to)
         except psycopg.Error as e:
             self.close()
-            raise StoreError(f"cannot open the database {_redacted(url)}: {str(e).strip()}") from None
+            raise StoreError(_redacted(f"cannot open the database {url}: {str(e).strip()}", password)) from None
 
     def _connect(self) -> psycopg.Connection[dict[str, Any]]:
         import psycopg
         from psycopg.rows import dict_row
 
+        # password=None is left out of the connection string: then the URL's, PGPASSWORD's or PGPASSFILE's.
         return psycopg.connect(self._dsn, autocommit=True, row_factory=dict_row,
-                               connect_timeout=int(BUSY_TIMEOUT_S))
+                               connect_timeout=int(BUSY_TIMEOUT_S), password=self._password or None)
 
     @contextmanager
     def _checkout(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
@@ -775,21 +802,70 @@ class PostgresStore(_SqlStore):
             return conn.execute(_pg(sql).encode(), args).fetchall()
 
 
-def _redacted(url: str) -> str:
-    """A database URL without its password, for messages and logs."""
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+# Every spelling of a password a database string can carry: ``user:PASSWORD@`` in a URL, and ``password=``
+# as a URL query parameter or a libpq keyword (quoted or not).
+_URL_PASSWORD = re.compile(r"(://[^:/@?#]*):[^@/?#]*@")
+_KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]*)", re.IGNORECASE)
+_KEYWORD_DSN = re.compile(r"^\s*[A-Za-z_]+\s*=")  # libpq's "host=... dbname=..." form
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+PG_SCHEMES = ("postgresql://", "postgres://")
 
 
-def open_store(url: str) -> SqliteStore | PostgresStore:
-    """``postgresql://...`` (or ``postgres://``), ``sqlite:///path``, or a bare path to a SQLite file."""
-    if url.startswith(("postgresql://", "postgres://")):
-        return PostgresStore(url)
-    if url.startswith("sqlite://"):
+def _redacted(text: str, password: str = "") -> str:
+    """A database URL (or a message holding one) without its password, for messages and logs."""
+    text = _KEYWORD_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", text))
+    return text.replace(password, "***") if password else text
+
+
+def password_from_file(path: Path) -> str:
+    """The database password kept in a file of its own (its first line), so that it is in no command line.
+
+    Raises:
+        StoreError: the file cannot be read, is empty, or group or others may read it.
+    """
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise StoreError(f"--db-password-file {path}: cannot read it: {getattr(e, 'strerror', None) or e}") from None
+    if mode & 0o077:
+        raise StoreError(f"--db-password-file {path}: group or others may read it (mode {mode & 0o777:04o}); "
+                         "chmod 600 it")
+    password = text.split("\n", 1)[0]
+    if not password:
+        raise StoreError(f"--db-password-file {path}: its first line is empty")
+    return password
+
+
+def open_store(url: str, password: str = "") -> SqliteStore | PostgresStore:
+    """``postgresql://...`` (or ``postgres://``), ``sqlite:///path``, or a bare path to a SQLite file.
+
+    ``password`` (from ``--db-password-file``) is for PostgreSQL; without it libpq's own ``PGPASSWORD`` and
+    ``PGPASSFILE`` (``~/.pgpass``) apply. Anything else is refused without being echoed whole: a libpq keyword
+    string would otherwise become a SQLite file named after it, password included.
+
+    Raises:
+        StoreError: not a database string this Manager knows, or the database cannot be opened.
+    """
+    if url.startswith(PG_SCHEMES):
+        if password and (_URL_PASSWORD.search(url) or _KEYWORD_PASSWORD.search(url.partition("?")[2])):
+            raise StoreError(f"--db {_redacted(url)} has a password and --db-password-file gives another: give "
+                             "it once")
+        return PostgresStore(url, password=password)
+    if _KEYWORD_DSN.match(url):
+        raise StoreError("--db looks like a libpq keyword string (KEY=VALUE ...), which this Manager does not "
+                         "read: give postgresql://USER@HOST/DB (the password by PGPASSWORD, ~/.pgpass or "
+                         "--db-password-file)")
+    if not url.strip():
+        raise StoreError("--db is empty: give a SQLite path, sqlite:///PATH or postgresql://...")
+    if password:
+        raise StoreError("--db-password-file is for a PostgreSQL --db (postgresql://...); SQLite has no password")
+    if url.startswith("sqlite:"):
         path = url.removeprefix("sqlite://")
-        if not path.startswith("/"):
-            raise StoreError(f"{url}: expected sqlite:///ABSOLUTE/PATH")
+        if not url.startswith("sqlite://") or not path.startswith("/"):
+            raise StoreError(f"{_redacted(url)}: expected sqlite:///ABSOLUTE/PATH")
         return SqliteStore(Path(path))
-    if "://" in url:
+    if _SCHEME.match(url):
         raise StoreError(f"{_redacted(url)}: unknown database URL (postgresql://... or sqlite:///PATH)")
     return SqliteStore(Path(url))
 

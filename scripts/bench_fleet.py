@@ -58,7 +58,7 @@ class Manager:
         self.http_port = free_port()
         self.last_cpu_s = 0.0  # user + system seconds of the last command run
         self.proc = ctx.reaper.popen(
-            [PY, "-m", "manager", "serve", "--db", self.db, "--listen", f"127.0.0.1:{self.port}",
+            [PY, "-m", "manager", "serve", "--db", self.db, "--listen", f"127.0.0.1:{self.port}", "--insecure-loopback",
              "--packages", self.packages, "--http", f"127.0.0.1:{self.http_port}", "--heartbeat-interval", "1"],
             log=ctx.work / "manager-serve.log")
 

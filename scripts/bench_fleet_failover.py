@@ -93,7 +93,7 @@ def run(ctx: Ctx) -> Section:
             port = free_port()
             addresses.append(f"127.0.0.1:{port}")
             p = ctx.reaper.popen([PY, "-m", "manager", "serve", "--db", db, "--listen", f"127.0.0.1:{port}",
-                                  "--heartbeat-interval", "10", "--rollout-lease", str(lease)],
+                                  "--insecure-loopback", "--heartbeat-interval", "10", "--rollout-lease", str(lease)],
                                  log=ctx.work / f"serve-{i}.log")
             serves[p.pid] = p
             wait_for(lambda port=port: _port_open(port), 60, interval=0.2, what=f"serve replica {i} to listen")

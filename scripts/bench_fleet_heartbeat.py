@@ -106,8 +106,8 @@ def _one(ctx: Ctx, kind: str, db: str, replicas: int, nodes: int, duration: floa
         port = free_port()
         addresses.append(f"127.0.0.1:{port}")
         serves.append(ctx.reaper.popen(
-            [PY, "-m", "manager", "serve", "--db", db, "--listen", f"127.0.0.1:{port}", "--heartbeat-interval",
-             str(HEARTBEAT_S)], log=work / f"serve-{i}.log"))
+            [PY, "-m", "manager", "serve", "--db", db, "--listen", f"127.0.0.1:{port}", "--insecure-loopback",
+             "--heartbeat-interval", str(HEARTBEAT_S)], log=work / f"serve-{i}.log"))
         wait_for(lambda port=port: _port_open(port), 60, interval=0.2, what=f"serve replica {i} to listen")
     sims, logs = [], []
     per = [nodes // generators + (1 if g < nodes % generators else 0) for g in range(generators)]

@@ -56,7 +56,8 @@ def _one(ctx: Ctx, kind: str, db: str, replicas: int, sims: int, reals: int, key
         port, http_port = free_port(), free_port()
         addresses.append(f"127.0.0.1:{port}")
         serves.append(ctx.reaper.popen(
-            [PY, "-m", "manager", "serve", "--db", db, "--listen", f"127.0.0.1:{port}", "--packages", packages,
+            [PY, "-m", "manager", "serve", "--db", db, "--listen", f"127.0.0.1:{port}", "--insecure-loopback",
+             "--packages", packages,
              "--http", f"127.0.0.1:{http_port}", "--heartbeat-interval", "10", "--max-downloads", "200"],
             log=work / f"serve-{i}.log"))
         time.sleep(1.0)  # the first replica migrates the database before the next opens it

@@ -146,7 +146,7 @@ restart = "always"
         self.manager = subprocess.Popen(
             [sys.executable, "-m", "manager", "serve", "--db", str(self.db), "--listen",
              f"127.0.0.1:{self.manager_port}", "--packages", str(self.base / "served"), "--http",
-             f"127.0.0.1:{self.http_port}"], stdout=log, stderr=subprocess.STDOUT)
+             f"127.0.0.1:{self.http_port}", "--insecure-loopback"], stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
     def release(self, version: str) -> Path:

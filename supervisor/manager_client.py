@@ -7,7 +7,9 @@ comes back the client registers again and sends the current agent states.
 ``manager.address`` may name several replicas of the Manager (one database
 behind them). The client talks to one at a time; when a call fails (or the
 result outbox reports a failed delivery) it moves at once to the next address
-and registers there. Only after every address failed in a row does it back off.
+and registers there. Only after every address failed in a row does it back off. A replica that answers
+RESOURCE_EXHAUSTED (this node calls it too often) is not failed over from: the client waits what it asked
+(``baton/throttle.py``), at least its own backoff, and calls it again.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import grpc
 from baton.config import ManagerConfig
 from baton.log import logger
 from baton.pb import common_pb2, manager_pb2, manager_pb2_grpc
+from baton.throttle import retry_after_s
 
 SYNC_COALESCE_S = 0.2  # agent changes this close together go to the Manager in one SyncAgentStates
 
@@ -114,6 +117,16 @@ class ManagerClient:
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    # The replica is up and answering, but this node calls it too often (manager/ratelimit.py):
+                    # wait what it asked, at least our own backoff, then the same replica again.
+                    wait_s = max(delay, retry_after_s(e))
+                    logger.warning("the Manager at {} asks this node to slow down: {}; calling again in {:.1f}s",
+                                   self.address, e.details(), wait_s)
+                    self.connected = False
+                    await asyncio.sleep(wait_s)
+                    delay = min(delay * 2, self.cfg.retry_max_s)
+                    continue
                 if self.connected:
                     logger.warning("lost the Manager at {}: {}", self.address, e.code().name)
                 else:

@@ -76,6 +76,8 @@ class ManagerProc:
         if self.tls:
             argv += ["--tls-cert", str(self.tls["cert"]), "--tls-key", str(self.tls["key"]),
                      "--tls-ca", str(self.tls["ca"])]
+        else:
+            argv.append("--insecure-loopback")  # loopback only: a Manager without TLS is refused elsewhere
         argv += self.extra_args
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env)

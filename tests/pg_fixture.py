@@ -26,7 +26,7 @@ class PgCluster:
     """``fsync=False`` (the tests): no flush to disk at each commit. The benchmarks ask for PostgreSQL's
     default (``fsync=True``) where a commit's cost is what they measure."""
 
-    def __init__(self, fsync: bool = False) -> None:
+    def __init__(self, fsync: bool = False, password: str = "") -> None:
         if not PG_BIN_DIRS:
             raise RuntimeError("PostgreSQL is not installed (/usr/lib/postgresql/*/bin): run scripts/bootstrap.sh")
         self.bin = PG_BIN_DIRS[0]
@@ -35,12 +35,19 @@ class PgCluster:
         self.data = self.dir / "data"
         self._counter = itertools.count(1)
         self.fsync = fsync
+        self.password = password  # set: the role ``baton`` must give it (scram-sha-256), else trust
 
     def _as_postgres(self, *argv: str) -> None:
         subprocess.run(["runuser", "-u", "postgres", "--", *argv], check=True, capture_output=True, timeout=60)
 
     def start(self) -> PgCluster:
-        self._as_postgres(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "baton")
+        auth = ["-A", "trust"]
+        if self.password:
+            pwfile = self.dir / "pwfile"
+            pwfile.write_text(self.password + "\n")
+            shutil.chown(pwfile, "postgres")
+            auth = ["-A", "scram-sha-256", "--pwfile", str(pwfile)]
+        self._as_postgres(str(self.bin / "initdb"), "-D", str(self.data), *auth, "-U", "baton")
         self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o",
                           f"-k {self.dir} -c listen_addresses='' -c fsync={'on' if self.fsync else 'off'} "
                           "-c max_connections=200",
@@ -68,7 +75,7 @@ class PgCluster:
         import psycopg
 
         name = f"t{os.getpid()}_{next(self._counter)}"
-        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+        with psycopg.connect(self.url("postgres"), autocommit=True, password=self.password or None) as conn:
             conn.execute(f"CREATE DATABASE {name} TEMPLATE template0".encode())
         return self.url(name)
 

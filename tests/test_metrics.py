@@ -128,8 +128,8 @@ def test_manager_metrics_show_nodes_online_and_move_with_a_committed_push(tmp_pa
 
 
 def test_manager_refuses_a_non_loopback_metrics_address(tmp_path):
-    r = subprocess.run([PY, "-m", "manager", "serve", "--listen", f"127.0.0.1:{free_port()}", "--metrics",
-                        "0.0.0.0:9464"], capture_output=True, text=True, cwd=ROOT, timeout=60,
+    r = subprocess.run([PY, "-m", "manager", "serve", "--listen", f"127.0.0.1:{free_port()}", "--insecure-loopback",
+                        "--metrics", "0.0.0.0:9464"], capture_output=True, text=True, cwd=ROOT, timeout=60,
                        env={**os.environ, "BATON_MANAGER_DB": str(tmp_path / "m.db")})
     assert r.returncode != 0
     assert "--metrics: 0.0.0.0 is not a loopback address" in r.stderr

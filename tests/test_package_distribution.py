@@ -104,7 +104,7 @@ def test_a_rollout_records_the_package_bytes_its_nodes_downloaded(make_manager, 
 
 def test_max_downloads_below_one_is_refused_with_one_line(tmp_path):
     res = subprocess.run([PY, "-m", "manager", "serve", "--db", str(tmp_path / "m.db"), "--listen",
-                          f"127.0.0.1:{free_port()}", "--max-downloads", "0"],
+                          f"127.0.0.1:{free_port()}", "--insecure-loopback", "--max-downloads", "0"],
                          capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert (res.returncode, res.stderr.strip().splitlines()) == (
         2, ["baton-manager: --max-downloads must be at least 1"])

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from baton.states import UpdateState
-from manager.errors import SchemaTooNew, StoreError
+from manager.errors import FinalResultKept, NotOwner, SchemaTooNew, StoreError
 from manager.store import (
     SCHEMA_VERSION,
     Node,
@@ -102,6 +102,31 @@ def test_results_are_deduplicated_by_update_id_and_a_final_update_never_moves_ba
     assert [u.update_id for u in store.updates(state="rolled_back")] == ["u2"]
     assert [u.update_id for u in store.updates(node="node-1", component="app")] == ["u2", "u1"], \
         "oldest first: u2 started (started_at=1.0) before u1 was pushed"
+
+
+def test_a_result_from_another_node_is_refused_and_changes_nothing(store):
+    assert store.create_update(UpdateRow(update_id="u1", node="node-1", component="app", to_version="1.1.0"))
+    pushed = store.update("u1")
+    with pytest.raises(NotOwner) as e:
+        store.record_result(result("u1", node="node-2"))
+    assert (e.value.owner, e.value.node) == ("node-1", "node-2")
+    assert store.update("u1") == pushed
+    assert store.record_result(result("u2", "rolled_back")) is False
+    reported = store.update("u2")
+    with pytest.raises(NotOwner):
+        store.record_result(result("u2", node="node-2"))
+    assert store.update("u2") == reported
+
+
+def test_a_reported_final_result_is_never_replaced_by_another(store):
+    assert store.record_result(result("u1", "rolled_back", error="not ready")) is False
+    reported = store.update("u1")
+    with pytest.raises(FinalResultKept) as e:
+        store.record_result(result("u1", "committed"))
+    assert (e.value.kept, e.value.offered) == ("rolled_back", "committed")
+    assert store.update("u1") == reported
+    assert store.record_result(result("u1", "rolled_back", error="not ready")) is True, "the same one again"
+    assert store.update("u1").reports == 2
 
 
 def test_one_result_delivered_to_two_replicas_at_once_counts_one_first_delivery(store_url):

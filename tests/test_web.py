@@ -192,7 +192,7 @@ def test_text_from_the_store_is_escaped_on_the_page_and_in_a_node_history(
 def test_the_page_without_tls_on_a_non_loopback_address_is_refused_with_one_line(tmp_path):
     port = free_port()
     res = subprocess.run([PY, "-m", "manager", "serve", "--db", str(tmp_path / "m.db"), "--listen",
-                          f"127.0.0.1:{free_port()}", "--web", f"0.0.0.0:{port}"],
+                          f"127.0.0.1:{free_port()}", "--insecure-loopback", "--web", f"0.0.0.0:{port}"],
                          capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
