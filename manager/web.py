@@ -29,18 +29,18 @@ import base64
 import hashlib
 import html
 import ipaddress
-import socket
 import ssl
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+from baton.bounded_http import BoundedHTTPServer, BoundedRequestHandler
 from baton.log import logger
 from manager.errors import ManagerError
 from manager.push import Operator
@@ -252,7 +252,7 @@ def peer_is_node(cert: dict[str, Any] | None) -> bool:
     return False
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(BoundedRequestHandler):
     server_version = "baton-manager-web"
     view: FleetView
     tls: bool
@@ -328,21 +328,18 @@ def tls_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     return ctx
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(BoundedHTTPServer):
+    """Its connections are bounded (``baton.bounded_http``); a TLS handshake is part of the request head's time."""
 
     def __init__(self, addr: tuple[str, int], handler: type[BaseHTTPRequestHandler],
                  ctx: ssl.SSLContext | None) -> None:
         self.ctx = ctx
-        if ":" in addr[0]:
-            self.address_family = socket.AF_INET6
         super().__init__(addr, handler)
 
     def get_request(self) -> tuple[Any, Any]:
         sock, addr = super().get_request()
         if self.ctx is None:
             return sock, addr
-        sock.settimeout(10.0)  # a client that never finishes its handshake does not hold a thread forever
         return self.ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
 
     def finish_request(self, request: Any, client_address: Any) -> None:
