@@ -17,9 +17,9 @@ the URL never change, so any HTTP cache or CDN in front of the Manager may keep 
 Load: at most ``max_downloads`` package bodies are sent at once; a GET beyond that
 is answered ``503`` with ``Retry-After: RETRY_AFTER_S`` (the helper waits and
 retries within its deadline). A client that stops reading gives its slot back:
-the server is a ``baton.bounded_http`` server, so a body that moves no byte for
-``idle_timeout_s``, or less than ``min_rate_bytes_per_s`` over a window, is cut
-and its connection closed; ``max_downloads + HttpLimits.max_connections``
+the server is a ``baton.bounded_http`` server, so a body the client acknowledges
+no byte of for ``idle_timeout_s``, or less than ``min_rate_bytes_per_s`` over a
+window, is cut and its connection reset; ``max_downloads + HttpLimits.max_connections``
 connections have a thread, and idle or half-sent requests are evicted first.
 ``on_served(sha256, bytes)`` is called after each body of a content-addressed
 package with the bytes actually sent (``serve`` adds them to the store's counter

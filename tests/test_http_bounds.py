@@ -114,6 +114,31 @@ def test_clients_that_take_every_download_slot_and_never_read_are_cut_and_a_genu
     assert manager.proc is not None and manager.proc.poll() is None
 
 
+def test_a_client_that_reads_a_package_under_the_rate_floor_is_cut_and_frees_its_slot(
+        make_manager: Callable[..., ManagerProc], tmp_path: Path) -> None:
+    manager = make_manager(args=("--max-downloads", "1"))
+    path, data = published(manager, tmp_path, 8 * 1024 * 1024)
+    with sockets() as trickle:
+        s = connect(manager.http_port, rcvbuf=4096)
+        trickle.append(s)
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        got, started, cut = 0, time.monotonic(), False
+        while time.monotonic() - started < LIMITS.rate_window_s + LIMITS.idle_timeout_s + 10:
+            try:  # 4 KiB every 5 s, about 800 bytes/s: never idle for the server, always under its floor
+                chunk = s.recv(4096)
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                cut = True
+                break
+            got += len(chunk)
+            time.sleep(5)
+        assert cut and got < len(data) // 10, f"the trickle took {got} bytes in {time.monotonic() - started:.0f} s"
+        assert time.monotonic() - started >= LIMITS.rate_window_s, "not before a whole window"
+        status, body, _ = download(manager.http_port, path, 5)
+        assert (status, body == data) == (200, True), "its slot is free again"
+
+
 def test_a_client_that_never_reads_the_local_package_file_gives_way_to_the_helper(tmp_path: Path) -> None:
     pkg = tmp_path / "app-1.1.0.tar.gz"
     pkg.write_bytes(bytes(range(256)) * 32 * 1024)  # 8 MiB
