@@ -2,6 +2,11 @@
 
 Allow-list entries: ``CN=name``, ``DNS:name``, ``URI:uri``, or a bare ``name``
 matching the common name or a DNS SAN.
+
+Baton's certificates say what they are by a URI SAN (the development CA,
+``manager/devca.py``, issues them so): ``spiffe://baton/node/ID`` for a node,
+``spiffe://baton/manager/NAME`` for a Manager, ``spiffe://baton/operator/NAME``
+for a person operating the fleet.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ from typing import Any
 from baton.errors import BatonError
 
 _KINDS = ("CN", "DNS", "URI")
+NODE_URI_PREFIX = "spiffe://baton/node/"
+MANAGER_URI_PREFIX = "spiffe://baton/manager/"
+OPERATOR_URI_PREFIX = "spiffe://baton/operator/"
 
 
 class AllowListError(BatonError):
@@ -40,6 +48,14 @@ class PeerIdentity:
     def describe(self) -> str:
         return ", ".join(self.names()) or "no certificate"
 
+    @property
+    def is_node(self) -> bool:
+        return any(u.startswith(NODE_URI_PREFIX) for u in self.uris)
+
+    @property
+    def is_operator(self) -> bool:
+        return any(u.startswith(OPERATOR_URI_PREFIX) for u in self.uris)
+
     def matches(self, entry: AllowEntry) -> bool:
         if entry.kind == "CN":
             return self.common_name == entry.value
@@ -66,6 +82,15 @@ def peer_identity(auth_context: Mapping[str, Any]) -> PeerIdentity:
         uris=values("peer_uri"),
         tls=b"ssl" in tuple(auth_context.get("transport_security_type", ())),
     )
+
+
+def certificate_identity(cert: Mapping[str, Any] | None) -> PeerIdentity:
+    """The names in a certificate Python's ``ssl`` verified (``SSLSocket.getpeercert()``)."""
+    cert = cert or {}
+    cn = [str(v) for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+    sans = cert.get("subjectAltName", ())
+    return PeerIdentity(common_name=cn[0] if cn else "", dns=tuple(str(v) for k, v in sans if k == "DNS"),
+                        uris=tuple(str(v) for k, v in sans if k == "URI"), tls=bool(cert))
 
 
 @dataclass(frozen=True)

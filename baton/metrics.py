@@ -6,6 +6,10 @@ at scrape time by a collector from the process's own state (no counters to
 keep in step with events), so a scrape always shows what the process knows.
 The HTTP server runs in its own thread; a port still held by a previous
 process (a supervisor handing over to its successor) is retried for a while.
+It is prometheus_client's WSGI exposition (``make_wsgi_app``) on a
+``baton.bounded_http`` server instead of ``start_http_server``'s, whose
+thread per connection waits for ever: idle connections are timed out and
+evicted, and at most ``HttpLimits.max_connections`` have a thread.
 """
 
 from __future__ import annotations
@@ -14,14 +18,25 @@ import threading
 import time
 from collections.abc import Iterable
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.registry import Collector
 
+from baton.bounded_http import BoundedHTTPServer, BoundedRequestHandler
 from baton.log import logger
 
 BIND_RETRY_S = 30.0
 BIND_RETRY_INTERVAL_S = 0.25
+
+
+class _MetricsHTTPServer(BoundedHTTPServer, WSGIServer):
+    pass
+
+
+class _MetricsHandler(BoundedRequestHandler, WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        return
 
 
 class MetricsServer:
@@ -33,7 +48,7 @@ class MetricsServer:
         self.registry = CollectorRegistry(auto_describe=False)
         for c in collectors:
             self.registry.register(c)
-        self._server: Any = None
+        self._server: _MetricsHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self._binder: threading.Thread | None = None
@@ -52,10 +67,14 @@ class MetricsServer:
 
     def _try_bind(self) -> bool:
         try:
-            self._server, self._thread = start_http_server(self.port, addr=self.host, registry=self.registry)
+            server = make_server(self.host, self.port, make_wsgi_app(self.registry), _MetricsHTTPServer,
+                                 _MetricsHandler)
         except OSError as e:
             self.last_error = e
             return False
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
         logger.info("metrics: serving Prometheus metrics on http://{}:{}/metrics", self.host, self.port)
         return True
 

@@ -158,6 +158,7 @@ def check_listen(listen: str, tls: bool, insecure_loopback: bool) -> None:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
+    from baton.identity import parse_allow_list
     from manager.packages import PackageServer
     from manager.service import make_server, server_credentials
     from manager.web import WebServer
@@ -217,7 +218,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     web: WebServer | None = None
     if ns.web:
         web = WebServer(store, ns.web, tls=(Path(ns.tls_cert), Path(ns.tls_key), Path(ns.tls_ca)) if all(tls)
-                        else None, heartbeat_interval_s=ns.heartbeat_interval)
+                        else None, heartbeat_interval_s=ns.heartbeat_interval,
+                        allow=parse_allow_list(ns.web_allow, "--web-allow"), hosts=tuple(ns.web_host))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -529,6 +531,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--web", metavar="HOST:PORT",
                    help="serve the read-only fleet page there (loopback only unless --tls-* is given, which "
                         "then requires a client certificate from the same CA)")
+    s.add_argument("--web-allow", action="append", default=[], metavar="IDENTITY",
+                   help="a client certificate that may read the page: CN=name, DNS:name, URI:uri or a bare name "
+                        "(repeatable; default: operator certificates, URI:spiffe://baton/operator/NAME, and the "
+                        "Manager's own; a node's certificate never)")
+    s.add_argument("--web-host", action="append", default=[], metavar="NAME",
+                   help="a name the page answers to in the Host header besides its listen address (repeatable)")
     _tls(s, "the Manager's server")
     s.set_defaults(func=cmd_serve)
 

@@ -8,6 +8,8 @@ Creates a CA and leaf certificates with ``cryptography`` (ECDSA P-256):
   ``URI:spiffe://baton/manager/NAME``;
 - ``node-ID.pem``/``.key`` for each node: SAN ``DNS:ID``, ``IP:127.0.0.1`` and
   ``URI:spiffe://baton/node/ID``;
+- ``operator-NAME.pem``/``.key`` for each operator (a person, reading the fleet
+  page): SAN ``URI:spiffe://baton/operator/NAME`` only;
 - optionally an expired Manager certificate (``expired-NAME.pem``) and a second,
   unrelated CA (``other-ca.pem``) with a Manager certificate of the same name
   (``other-manager-NAME.pem``), which tests use to prove they are refused.
@@ -22,13 +24,15 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from baton.identity import MANAGER_URI_PREFIX, NODE_URI_PREFIX, OPERATOR_URI_PREFIX
 
 CA_VALID_DAYS = 3650
 LEAF_VALID_DAYS = 825
@@ -62,6 +66,7 @@ class DevPki:
     expired: dict[str, Issued]
     other_ca: Issued | None
     other_managers: dict[str, Issued]
+    operators: dict[str, Issued] = field(default_factory=dict)
 
     @property
     def manager(self) -> Issued:
@@ -151,12 +156,17 @@ def issue(ca: Authority, outdir: Path, stem: str, common_name: str, sans: list[x
 
 
 def manager_sans(name: str) -> list[x509.GeneralName]:
-    return [x509.DNSName(name), x509.UniformResourceIdentifier(f"spiffe://baton/manager/{name}")]
+    return [x509.DNSName(name), x509.UniformResourceIdentifier(f"{MANAGER_URI_PREFIX}{name}")]
 
 
 def node_sans(node_id: str) -> list[x509.GeneralName]:
     return [x509.DNSName(node_id), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            x509.UniformResourceIdentifier(f"spiffe://baton/node/{node_id}")]
+            x509.UniformResourceIdentifier(f"{NODE_URI_PREFIX}{node_id}")]
+
+
+def operator_sans(name: str) -> list[x509.GeneralName]:
+    """An operator is a person, not a host: no DNS name or address a host's check could mistake for one."""
+    return [x509.UniformResourceIdentifier(f"{OPERATOR_URI_PREFIX}{name}")]
 
 
 def issue_manager(ca: Authority, outdir: Path, name: str, *, stem: str = "", expired: bool = False) -> Issued:
@@ -167,8 +177,12 @@ def issue_node(ca: Authority, outdir: Path, node_id: str, *, valid_days: float =
     return issue(ca, outdir, f"node-{node_id}", node_id, node_sans(node_id), valid_days=valid_days)
 
 
+def issue_operator(ca: Authority, outdir: Path, name: str) -> Issued:
+    return issue(ca, outdir, f"operator-{name}", name, operator_sans(name))
+
+
 def make_dev_pki(outdir: Path, managers: list[str], nodes: list[str], *, expired: list[str] | None = None,
-                 other_ca: bool = False) -> DevPki:
+                 other_ca: bool = False, operators: list[str] | None = None) -> DevPki:
     """Everything a development fleet needs; see the module docstring for the file names.
 
     Raises:
@@ -189,4 +203,5 @@ def make_dev_pki(outdir: Path, managers: list[str], nodes: list[str], *, expired
         oca = make_ca(outdir, "Unrelated CA", stem="other-ca")
         other = oca.files
         other_managers = {first: issue_manager(oca, outdir, first, stem=f"other-manager-{first}")}
-    return DevPki(ca.files, issued_managers, issued_nodes, issued_expired, other, other_managers)
+    issued_operators = {o: issue_operator(ca, outdir, o) for o in operators or []}
+    return DevPki(ca.files, issued_managers, issued_nodes, issued_expired, other, other_managers, issued_operators)

@@ -16,25 +16,29 @@ the URL never change, so any HTTP cache or CDN in front of the Manager may keep 
 
 Load: at most ``max_downloads`` package bodies are sent at once; a GET beyond that
 is answered ``503`` with ``Retry-After: RETRY_AFTER_S`` (the helper waits and
-retries within its deadline). ``on_served(sha256, bytes)`` is called after each
-body of a content-addressed package with the bytes actually sent (``serve``
-adds them to the store's counter for that package).
+retries within its deadline). A client that stops reading gives its slot back:
+the server is a ``baton.bounded_http`` server, so a body the client acknowledges
+no byte of for ``idle_timeout_s``, or less than ``min_rate_bytes_per_s`` over a
+window, is cut and its connection reset; ``max_downloads + HttpLimits.max_connections``
+connections have a thread, and idle or half-sent requests are evicted first.
+``on_served(sha256, bytes)`` is called after each body of a content-addressed
+package with the bytes actually sent (``serve`` adds them to the store's counter
+for that package).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from baton.bounded_http import BoundedHTTPServer, BoundedRequestHandler, HttpLimits
 from baton.log import logger
 
 COPY_CHUNK = 256 * 1024
@@ -95,7 +99,7 @@ def parse_range(header: str, size: int) -> tuple[int, int] | bool | None:
     return start, end
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(BoundedRequestHandler):
     server: PackageHTTPServer
     protocol_version = "HTTP/1.1"
 
@@ -171,25 +175,17 @@ class _Handler(BaseHTTPRequestHandler):
             if not body:
                 return 0
             f.seek(first)
-            remaining = length
-            with contextlib.suppress(ConnectionError):
-                while remaining > 0:
-                    chunk = f.read(min(COPY_CHUNK, remaining))
-                    if not chunk:
-                        break
-                    self.wfile.write(chunk)
-                    remaining -= len(chunk)
-            return length - remaining
+            return self.send_range(f, length, COPY_CHUNK)
 
 
-class PackageHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-
+class PackageHTTPServer(BoundedHTTPServer):
     def __init__(self, address: tuple[str, int], root: Path, max_downloads: int,
                  on_served: Callable[[str, int], None] | None) -> None:
         self.root = Path(root)
         self.slots = threading.BoundedSemaphore(max_downloads)
         self.on_served = on_served
+        # every download has a thread, and as many again answer HEADs, 304s and 503s
+        self.limits = HttpLimits(max_connections=max_downloads + HttpLimits.max_connections)
         super().__init__(address, _Handler)
 
 

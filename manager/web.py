@@ -19,8 +19,18 @@ script and style (by hash) and same-origin fetches.
 
 Exposure follows the Manager's rules: without TLS the page listens on loopback
 only (no unauthenticated TCP); with the Manager's TLS files it requires a client
-certificate from the same CA, and a node's certificate (``spiffe://baton/node/ID``)
-is refused with 403: the page is for operators, not for the fleet's hosts.
+certificate from the same CA that is an operator's: by default one with an
+operator identity (``URI:spiffe://baton/operator/NAME``, ``scripts/dev_ca.py
+--operator``) or the Manager's own certificate, else exactly the identities
+``--web-allow`` names. A node's certificate (``spiffe://baton/node/ID``) is
+refused with 403 whatever the list says: the page is for operators, not for the
+fleet's hosts (nor for any other certificate the CA signed).
+
+Each request's ``Host`` must name the page: the listen address, ``localhost``
+when it listens on loopback, any IP address when it listens on all of them, or
+a ``--web-host`` name; anything else is answered 421 with no content, so a page
+on another site whose name was re-bound to this address (DNS rebinding) reads
+nothing.
 """
 
 from __future__ import annotations
@@ -29,18 +39,19 @@ import base64
 import hashlib
 import html
 import ipaddress
-import socket
 import ssl
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+from baton.bounded_http import BoundedHTTPServer, BoundedRequestHandler
+from baton.identity import AllowEntry, PeerIdentity, certificate_identity
 from baton.log import logger
 from manager.errors import ManagerError
 from manager.push import Operator
@@ -53,7 +64,6 @@ DEFAULT_HEARTBEAT_S = 10.0  # the supervisors' own default ([manager] heartbeat_
 MAX_ROLLOUTS = 20  # the most recent ones on the page
 MAX_UPDATES = 200  # of one node's history
 MAX_REASON_NODES = 10  # nodes named per failure reason; the rest are counted
-NODE_URI_PREFIX = "spiffe://baton/node/"
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
@@ -244,18 +254,60 @@ def offline_after(heartbeat_interval_s: float) -> float:
     return OFFLINE_AFTER_HEARTBEATS * (heartbeat_interval_s if heartbeat_interval_s > 0 else DEFAULT_HEARTBEAT_S)
 
 
-def peer_is_node(cert: dict[str, Any] | None) -> bool:
-    """Whether a verified client certificate (``SSLSocket.getpeercert()``) names a node of the fleet."""
-    for kind, value in (cert or {}).get("subjectAltName", ()):
-        if kind == "URI" and str(value).startswith(NODE_URI_PREFIX):
-            return True
-    return False
+@dataclass(frozen=True)
+class WebAccess:
+    """Who may read the page: the ``Host`` names it answers to and, over TLS, the client certificates."""
+
+    hosts: frozenset[str]  # lower case, without a port
+    any_ip_host: bool = False  # listening on every address: any IP literal names it
+    allow: tuple[AllowEntry, ...] = ()  # empty: operator identities and the Manager's own certificate
+    own_cert: bytes = field(default=b"", repr=False)  # the Manager's certificate, DER
+
+    def host_refusal(self, header: str | None) -> str:
+        """Why the request's ``Host`` does not name this page, or ""."""
+        name = request_host(header or "")
+        if not name:
+            return "a request without a Host header"
+        if name in self.hosts:
+            return ""
+        if self.any_ip_host and _is_ip(name):
+            return ""
+        return f"Host {name!r} does not name this page"
+
+    def peer_refusal(self, peer: PeerIdentity, der: bytes | None) -> str:
+        """Why a verified client certificate may not read the page, or ""."""
+        if peer.is_node:
+            return "a node's certificate may not read the fleet page"
+        if self.allow:
+            allowed = any(peer.matches(e) for e in self.allow)
+        else:
+            allowed = peer.is_operator or (bool(self.own_cert) and der == self.own_cert)
+        return "" if allowed else f"{peer.describe()} is not an operator of this fleet page"
 
 
-class _Handler(BaseHTTPRequestHandler):
+def request_host(header: str) -> str:
+    """The host a ``Host`` header names, lower case, without its port or a final dot."""
+    host = header.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class _Handler(BoundedRequestHandler):
     server_version = "baton-manager-web"
     view: FleetView
     tls: bool
+    access: WebAccess
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("web {} {}", self.address_string(), format % args)
@@ -267,9 +319,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(body=True)
 
     def _serve(self, body: bool) -> None:
-        if self.tls and peer_is_node(self.connection.getpeercert()):
-            return self._send(HTTPStatus.FORBIDDEN, "a node's certificate may not read the fleet page\n",
-                              "text/plain", body)
+        if self.tls:
+            peer = certificate_identity(self.connection.getpeercert())
+            why = self.access.peer_refusal(peer, self.connection.getpeercert(binary_form=True))
+            if why:
+                logger.info("web: refused {}: {}", self.address_string(), why)
+                return self._send(HTTPStatus.FORBIDDEN, why + "\n", "text/plain", body)
+        why = self.access.host_refusal(self.headers.get("Host"))
+        if why:
+            logger.info("web: refused {}: {}", self.address_string(), why)
+            return self._send(HTTPStatus.MISDIRECTED_REQUEST, why + "\n", "text/plain", body)
         path = unquote(urlsplit(self.path).path)
         try:
             status, text, ctype = self._route(path)
@@ -318,6 +377,12 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _first_certificate(pem: str) -> bytes:
+    """The first certificate of a PEM file (the leaf, before any chain), DER; ValueError without one."""
+    start, end = pem.index(ssl.PEM_HEADER), pem.index(ssl.PEM_FOOTER) + len(ssl.PEM_FOOTER)
+    return ssl.PEM_cert_to_DER_cert(pem[start:end])
+
+
 def tls_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     """Server side of mutual TLS: a client certificate from ``ca`` is required."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -328,21 +393,18 @@ def tls_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     return ctx
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(BoundedHTTPServer):
+    """Its connections are bounded (``baton.bounded_http``); a TLS handshake is part of the request head's time."""
 
     def __init__(self, addr: tuple[str, int], handler: type[BaseHTTPRequestHandler],
                  ctx: ssl.SSLContext | None) -> None:
         self.ctx = ctx
-        if ":" in addr[0]:
-            self.address_family = socket.AF_INET6
         super().__init__(addr, handler)
 
     def get_request(self) -> tuple[Any, Any]:
         sock, addr = super().get_request()
         if self.ctx is None:
             return sock, addr
-        sock.settimeout(10.0)  # a client that never finishes its handshake does not hold a thread forever
         return self.ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
 
     def finish_request(self, request: Any, client_address: Any) -> None:
@@ -356,10 +418,15 @@ class _Server(ThreadingHTTPServer):
 
 
 class WebServer:
-    """The page on ``host:port`` in a thread; ``tls`` = (cert, key, ca) or None (then loopback only)."""
+    """The page on ``host:port`` in a thread; ``tls`` = (cert, key, ca) or None (then loopback only).
+
+    ``allow``: the identities that may read it over TLS (default: operators, module docstring);
+    ``hosts``: more names it answers to in ``Host``.
+    """
 
     def __init__(self, store: Store, listen: str, *, tls: tuple[Path, Path, Path] | None = None,
-                 heartbeat_interval_s: float = 0.0) -> None:
+                 heartbeat_interval_s: float = 0.0, allow: tuple[AllowEntry, ...] = (),
+                 hosts: tuple[str, ...] = ()) -> None:
         host, sep, port = listen.rpartition(":")
         host = host.strip("[]")
         if not sep or not host or not port.isdigit():
@@ -367,12 +434,21 @@ class WebServer:
         if tls is None and not _is_loopback(host):
             raise WebError(f"--web {listen}: without --tls-* the page listens on loopback only "
                            "(127.0.0.1, ::1): no unauthenticated TCP")
+        if tls is None and allow:
+            raise WebError("--web-allow names client certificates: it needs --tls-cert, --tls-key and --tls-ca")
+        for name in hosts:
+            if not name or name != request_host(name):
+                raise WebError(f"--web-host {name!r}: expected a host name without a port")
         try:
             ctx = tls_context(*tls) if tls else None
-        except (OSError, ssl.SSLError) as e:
+            own_cert = _first_certificate(tls[0].read_text()) if tls else b""
+        except (OSError, ssl.SSLError, ValueError) as e:
             raise WebError(f"--web: cannot use the TLS files: {e}") from None
+        wildcard = _is_ip(host) and ipaddress.ip_address(host).is_unspecified
+        names = {request_host(host), *hosts} | ({"localhost"} if _is_loopback(host) else set())
+        access = WebAccess(frozenset(names), any_ip_host=wildcard, allow=allow, own_cert=own_cert)
         handler = type("Handler", (_Handler,), {"view": FleetView(store, offline_after(heartbeat_interval_s)),
-                                                 "tls": ctx is not None})
+                                                 "tls": ctx is not None, "access": access})
         try:
             self.httpd = _Server((host, int(port)), handler, ctx)
         except OSError as e:

@@ -1,6 +1,8 @@
 """A one-file HTTP server on loopback: how ``supervisor update --package FILE`` hands its file to the helper.
 
 Its own module so that the daemon, which builds the same command-line parser, does not load ``http.server``.
+The server is a ``baton.bounded_http`` one: another local user connecting to its port can neither pin its
+threads (idle and half-sent requests are timed out and evicted) nor hold the file open by never reading.
 """
 
 from __future__ import annotations
@@ -9,15 +11,16 @@ import contextlib
 import secrets
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from baton.bounded_http import BoundedHTTPServer, BoundedRequestHandler
+
 CHUNK = 256 * 1024
 
 
-class _OneFileHandler(BaseHTTPRequestHandler):
+class _OneFileHandler(BoundedRequestHandler):
     server: _OneFileServer
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -51,15 +54,12 @@ class _OneFileHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
-        with open(self.server.file, "rb") as f, contextlib.suppress(OSError):
+        with open(self.server.file, "rb") as f:
             f.seek(start)
-            while chunk := f.read(CHUNK):
-                self.wfile.write(chunk)
+            self.send_range(f, size - start, CHUNK)
 
 
-class _OneFileServer(ThreadingHTTPServer):
-    daemon_threads = True
-
+class _OneFileServer(BoundedHTTPServer):
     def __init__(self, file: Path) -> None:
         super().__init__(("127.0.0.1", 0), _OneFileHandler)
         self.file = file

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import shutil
+import socket
 import ssl
 import subprocess
 import tempfile
@@ -15,13 +16,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from baton.pb import common_pb2, manager_pb2, manager_pb2_grpc
-from manager.devca import issue_manager, issue_node, make_ca
+from manager.devca import issue, issue_manager, issue_node, issue_operator, make_ca
 from tests.conftest import PY, ROOT, Release, free_port, wait_for
 from tests.manager_fixtures import (
     ManagerProc,
@@ -207,8 +209,12 @@ def pki(tmp_path: Path) -> dict[str, Path]:
     manager = issue_manager(ca, d, "manager-1")
     node = issue_node(ca, d, "node-1")
     other = issue_manager(make_ca(d / "other", "Some other CA"), d / "other", "manager-1")
+    alice, bob = issue_operator(ca, d, "alice"), issue_operator(ca, d, "bob")
+    dns_node = issue(ca, d, "dns-node", "web-1", [x509.DNSName("web-1")])  # a host named by DNS alone
     return {"ca": ca.files.cert, "cert": manager.cert, "key": manager.key, "node_cert": node.cert,
-            "node_key": node.key, "other_cert": other.cert, "other_key": other.key}
+            "node_key": node.key, "other_cert": other.cert, "other_key": other.key, "alice_cert": alice.cert,
+            "alice_key": alice.key, "bob_cert": bob.cert, "bob_key": bob.key, "dns_node_cert": dns_node.cert,
+            "dns_node_key": dns_node.key}
 
 
 def tls_get(web: str, pki: dict[str, Path], who: str | None) -> int:
@@ -235,3 +241,57 @@ def test_with_tls_the_page_requires_an_operator_certificate_from_the_managers_ca
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         urllib.request.urlopen(f"http://{web}/", timeout=10)  # plain HTTP gets nothing
     assert manager.proc is not None and manager.proc.poll() is None
+
+
+def test_with_tls_only_an_operator_certificate_reads_the_page_not_any_other_the_ca_signed(make_manager, pki):
+    manager, web = web_manager(make_manager, tls={"ca": pki["ca"], "cert": pki["cert"], "key": pki["key"]})
+    assert tls_get(web, pki, "alice_") == 200, "an operator's certificate (dev_ca.py --operator)"
+    assert tls_get(web, pki, "dns_node_") == 403, "a host's certificate that names it by DNS alone"
+    assert tls_get(web, pki, "node_") == 403
+    assert manager.proc is not None and manager.proc.poll() is None
+
+
+def test_web_allow_names_exactly_who_reads_the_page_and_never_a_node(make_manager, pki):
+    _, web = web_manager(make_manager, tls={"ca": pki["ca"], "cert": pki["cert"], "key": pki["key"]},
+                         args=("--web-allow", "URI:spiffe://baton/operator/bob", "--web-allow", "web-1",
+                               "--web-allow", "node-1"))
+    assert tls_get(web, pki, "bob_") == 200
+    assert tls_get(web, pki, "dns_node_") == 200, "named by the list"
+    assert tls_get(web, pki, "alice_") == 403, "an operator the list does not name"
+    assert tls_get(web, pki, "") == 403, "the Manager's own certificate, once a list is given"
+    assert tls_get(web, pki, "node_") == 403, "a node's certificate, even when the list names it"
+
+
+def test_web_allow_without_tls_is_refused_with_one_line(tmp_path):
+    res = subprocess.run([PY, "-m", "manager", "serve", "--db", str(tmp_path / "m.db"), "--listen",
+                          f"127.0.0.1:{free_port()}", "--web", f"127.0.0.1:{free_port()}", "--web-allow", "alice"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert (res.returncode, res.stderr.strip().splitlines()) == (2, [
+        "baton-manager: --web-allow names client certificates: it needs --tls-cert, --tls-key and --tls-ca"])
+
+
+def raw_get(web: str, host: str | None) -> tuple[int, str]:
+    """GET / with exactly this Host header (none when None), as a page a browser loaded elsewhere would send."""
+    addr, port = web.rsplit(":", 1)
+    with socket.create_connection((addr, int(port)), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\n" + (f"Host: {host}\r\n".encode() if host is not None else b"")
+                  + b"Connection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_a_request_whose_host_names_another_site_gets_421_and_no_page_content(make_manager):
+    manager, web = web_manager(make_manager, args=("--web-host", "fleet.example.org"))
+    with grpc.insecure_channel(manager.address) as ch:
+        manager_pb2_grpc.ManagerServiceStub(ch).Register(
+            manager_pb2.RegisterRequest(node_id="secret-node", supervisor_version="1.0.0"), timeout=10)
+    port = web.rsplit(":", 1)[1]
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", "", None):
+        status, body = raw_get(web, host)
+        assert status == 421 and "secret-node" not in body and "<html" not in body, (host, status, body)
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "fleet.example.org", f"FLEET.example.org.:{port}"):
+        status, body = raw_get(web, host)
+        assert status == 200 and "secret-node" in body, (host, status)
