@@ -195,7 +195,7 @@ class AgentConfig:
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 3
     user: str = ""                # run as this user (its primary group unless `group`); "" = as the supervisor
-    group: str = ""
+    group: str = ""               # only with `user`: alone it would leave the agent root
     umask: str = ""               # octal, e.g. "027"; "" = the supervisor's
     stderr: str = "merged"        # "merged" into the output log, or "separate" (<log_dir>/<name>.stderr.log)
 
@@ -596,7 +596,7 @@ def _validate(cfg: Config, host_checks: bool = True) -> None:
 
 
 def _validate_identity(a: AgentConfig, key: str) -> None:
-    """user/group name existing accounts, umask is octal, stderr one of STDERR_MODES."""
+    """user/group name existing accounts (group only with user), umask is octal, stderr one of STDERR_MODES."""
     import grp
     import pwd
 
@@ -605,6 +605,9 @@ def _validate_identity(a: AgentConfig, key: str) -> None:
             pwd.getpwnam(a.user)
         except KeyError:
             raise ConfigError(f"{key}.user", f"no such user {a.user!r}") from None
+    if a.group and not a.user:
+        raise ConfigError(f"{key}.group", f"{a.group!r} without user would run the agent as root with only its group "
+                          "changed: set user too (user alone takes that user's groups)")
     if a.group:
         try:
             grp.getgrnam(a.group)

@@ -15,7 +15,8 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import PY, ROOT, ProcessReaper, SupervisorProc, agent, stop_everything_of, wait_for
+from tests.conftest import (PY, ROOT, ProcessReaper, SupervisorProc, agent, agent_processes, stop_everything_of,
+                            wait_for)
 
 
 def ctl(sup, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -273,15 +274,16 @@ def _check_nobody_agent(sup: SupervisorProc, nobody: Any) -> None:
     assert Path(sup.state_dir / "agents" / "low" / "output.fifo").stat().st_mode & 0o777 == 0o600
 
 
-def test_group_alone_changes_only_the_group(make_supervisor):
+def test_group_without_user_is_refused_at_start_and_starts_no_agent(make_supervisor):
     import grp
 
     nogroup = grp.getgrgid(pwd_nobody_gid())
-    sup = make_supervisor([agent("web", "ready_agent.py", notify=True, group=nogroup.gr_name)]).start()
-    a = sup.wait_agent("web", "running")
-    p = psutil.Process(a.pid)
-    assert p.uids().real == os.getuid()
-    assert p.gids().real == p.gids().effective == nogroup.gr_gid
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True, group=nogroup.gr_name)])
+    sup.start(wait=False)
+    assert sup.proc is not None and sup.proc.wait(30) == 2
+    assert "agents[0].group: " in sup.output() and "without user would run the agent as root" in sup.output()
+    assert agent_processes(sup.state_dir, "web") == []
+    assert not (sup.state_dir / "agents.json").exists()
 
 
 def pwd_nobody_gid() -> int:
