@@ -40,6 +40,9 @@ _LABEL_VALUE_RE = re.compile(r"^[A-Za-z0-9_.-]{0,64}$")
 
 
 STDERR_MODES = ("merged", "separate")
+# Who may send on a notify agent's socket: its main process only, or any process of its process group (as
+# systemd's NotifyAccess=main and, for the processes an agent starts itself, exec/all).
+NOTIFY_ACCESS = ("main", "group")
 # The directory that relative paths in the file being read resolve against (None: relative paths refused).
 _BASE_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar("baton_config_base_dir", default=None)
 
@@ -191,6 +194,7 @@ class AgentConfig:
     start_seconds: float = 1.0
     start_retries: int = 5
     notify: bool = False
+    notify_access: str = "main"   # "main": only the agent's own pid may notify; "group": its process group too
     autostart: bool = True
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 3
@@ -596,7 +600,8 @@ def _validate(cfg: Config, host_checks: bool = True) -> None:
 
 
 def _validate_identity(a: AgentConfig, key: str) -> None:
-    """user/group name existing accounts (group only with user), umask is octal, stderr one of STDERR_MODES."""
+    """user/group name existing accounts (group only with user), umask is octal, stderr and notify_access one of
+    their modes."""
     import grp
     import pwd
 
@@ -617,6 +622,9 @@ def _validate_identity(a: AgentConfig, key: str) -> None:
         raise ConfigError(f"{key}.umask", f"must be an octal mode like \"027\", got {a.umask!r}")
     if a.stderr not in STDERR_MODES:
         raise ConfigError(f"{key}.stderr", f"must be one of {', '.join(STDERR_MODES)}, got {a.stderr!r}")
+    if a.notify_access not in NOTIFY_ACCESS:
+        raise ConfigError(f"{key}.notify_access", f"must be one of {', '.join(NOTIFY_ACCESS)}, got "
+                          f"{a.notify_access!r}")
 
 
 def _validate_dirs(cfg: Config) -> None:

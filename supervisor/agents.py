@@ -279,7 +279,7 @@ class Agent:
             # to stderr.fifo: keep draining it (into the output log) so that the agent never blocks on it.
             self._err_fd = self._open_fifo(self.err_fifo_path, err_fd, self._drain_err)
         if self.cfg.notify:
-            self._notify = NotifySocket(self.notify_path, self._on_notify)
+            self._notify = NotifySocket(self.notify_path, self._on_notify, self._may_notify, f"agent {self.name}")
             self._notify.open(self._loop, notify_sock if isinstance(notify_sock, socket.socket) else None)
 
     def close_channels(self, unlink: bool = True) -> None:
@@ -372,6 +372,19 @@ class Agent:
                 with contextlib.suppress(asyncio.QueueFull):
                     q.put_nowait(None)
             qs.clear()
+
+    def _may_notify(self, pid: int) -> bool:
+        """The kernel-reported sender is this agent's process (or, with notify_access = "group", of its group)."""
+        if not self.pid or not self.state.has_process:
+            return False
+        if pid == self.pid:
+            return True
+        if self.cfg.notify_access != "group":
+            return False
+        try:
+            return os.getpgid(pid) == self.pid  # the agent leads its own session and group (start_new_session)
+        except OSError:  # gone already
+            return False
 
     def _on_notify(self, fields: dict[str, str]) -> None:
         if "STATUS" in fields:
@@ -515,6 +528,8 @@ class Agent:
         self.last_error = ""
         self.status_text = ""
         self._is_child = True
+        if self._notify is not None:
+            self._notify.forget_refused()
         self._watch(os.pidfd_open(popen.pid))
         self._set_state(AgentState.STARTING)
         logger.info("agent {} started pid {} version {}", self.name, self.pid, version or "-")

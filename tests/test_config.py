@@ -202,6 +202,7 @@ def test_stop_signal_accepts_names_with_and_without_sig(tmp_path, name):
     ('user = "nobody"\ngroup = "no-such-group-here"', "agents[0].group", "no such group"),
     ('umask = "999"', "agents[0].umask", "octal"),
     ('stderr = "elsewhere"', "agents[0].stderr", "merged, separate"),
+    ('notify_access = "all"', "agents[0].notify_access", "main, group"),
 ])
 def test_bad_user_group_umask_or_stderr_is_refused(tmp_path, line, key, problem):
     with pytest.raises(ConfigError) as e:

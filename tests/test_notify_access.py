@@ -1,0 +1,145 @@
+"""Round 3 hardening of agents' notify sockets: only the agent's own process is heard (SCM_CREDENTIALS).
+
+Every attack is made by a real process of the agent's user against a real supervisor, and the tests check that
+the agent's state, its record in the agent table and the update's outcome are what they would be without it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import SYSTEM_PYTHON, Release, SupervisorProc, agent, install_version, stop_everything_of, wait_for
+
+# Sends its argument on $NOTIFY_SOCKET COUNT times, prints its pid: the attacker, run as the agent's user.
+SENDER = r"""
+import os, socket, sys, time
+count, gap = int(sys.argv[2]), float(sys.argv[3])
+print(os.getpid(), flush=True)
+for _ in range(count):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(os.environ["NOTIFY_SOCKET"])
+        s.sendall(sys.argv[1].encode())
+    time.sleep(gap)
+"""
+
+
+def notify_socket_of(pid: int) -> str:
+    """The NOTIFY_SOCKET a running agent was given."""
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return next(v.split(b"=", 1)[1].decode() for v in env if v.startswith(b"NOTIFY_SOCKET="))
+
+
+def send(path: str, message: str, count: int = 1, gap_s: float = 0.0, user: str | None = "nobody"
+         ) -> subprocess.Popen[str]:
+    """Another process (of ``user``) sending ``message`` on ``path``."""
+    return subprocess.Popen([SYSTEM_PYTHON, "-c", SENDER, message, str(count), str(gap_s)], user=user,
+                            env={"NOTIFY_SOCKET": path}, stdout=subprocess.PIPE, text=True, cwd="/")
+
+
+def sent(proc: subprocess.Popen[str]) -> int:
+    """The sender's pid, once it has sent everything (it fails if the socket could not be reached)."""
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, "the sender could not reach the socket"
+    return int(out.split()[0])
+
+
+def tree_for_nobody(release: Release, version: str, behaviour: str = "good") -> Path:
+    """The sample packaged agent, started by the system interpreter (the test's may be unreadable to nobody)."""
+    from tests.conftest import PY
+
+    tree = release.tree(version, behaviour)
+    launcher = tree / "bin" / "agent"
+    launcher.write_text(launcher.read_text().replace(PY, SYSTEM_PYTHON))
+    return tree
+
+
+def table_record(sup: SupervisorProc, name: str) -> dict[str, Any]:
+    data = json.loads((sup.state_dir / "agents.json").read_text())
+    return next(a for a in data["agents"] if a["name"] == name)
+
+
+def refusals(sup: SupervisorProc, pid: int) -> int:
+    return sup.stdout_path.read_text(errors="replace").count(f"ignored notify messages from pid {pid} ")
+
+
+@pytest.fixture
+def nobody_sup(traversable_base: Path, reaper: Any) -> Any:
+    made: list[SupervisorProc] = []
+
+    def make(agents: list[dict[str, Any]], **kw: Any) -> SupervisorProc:
+        s = SupervisorProc(traversable_base / f"sup{len(made)}", reaper, agents, **kw)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close_channel()
+        stop_everything_of(s)
+
+
+def test_ready_from_another_process_of_the_agents_user_leaves_it_starting(nobody_sup):
+    sup = nobody_sup([{"name": "low", "command": "/bin/sleep", "args": ["600"], "user": "nobody",
+                       "notify": True}]).start()
+    a = sup.wait_agent("low", "starting")
+    attacker = sent(send(notify_socket_of(a.pid), "READY=1\nSTATUS=forged", count=3))
+    wait_for(lambda: refusals(sup, attacker), what="the refusal in the supervisor's log")
+    time.sleep(1.0)
+    now = sup.agent("low")
+    assert now.state == a.state and now.pid == a.pid
+    assert table_record(sup, "low")["state"] == "starting"
+    assert refusals(sup, attacker) == 1  # three datagrams, one line
+
+
+@pytest.mark.parametrize(("access", "state"), [("main", "starting"), ("group", "running")])
+def test_ready_from_a_child_of_the_agent_counts_only_with_notify_access_group(make_supervisor, access, state):
+    # The shell is the agent's main process; the interpreter it starts sends READY=1 from the same process group.
+    script = f"{SYSTEM_PYTHON} -c '{SENDER}' READY=1 1 0 && exec sleep 600"
+    sup = make_supervisor([{"name": "sh", "command": "/bin/sh", "args": ["-c", script], "notify": True,
+                            "notify_access": access}]).start()
+    a = sup.wait_agent("sh", state)
+    if state == "starting":
+        wait_for(lambda: "ignored notify messages from pid" in sup.stdout_path.read_text(), what="the refusal")
+        time.sleep(0.5)
+        assert sup.agent("sh").state == a.state
+    assert table_record(sup, "sh")["state"] == state
+
+
+def test_update_to_a_version_that_never_becomes_ready_rolls_back_despite_forged_ready(nobody_sup, traversable_base):
+    from baton.layout import ComponentLayout
+    from tests.test_agent_update import ROLLED_BACK
+
+    release = Release(traversable_base / "release")
+    sup = nobody_sup([{"name": "app", "packaged": True, "command": "bin/agent", "notify": True, "user": "nobody",
+                       "restart": "always", "backoff_initial_s": 0.2, "stop_timeout_s": 5.0}],
+                     extra={"update": {"trusted_keys": [str(release.public_key)], "health_timeout_s": 3.0,
+                                       "health_window_s": 0.5, "free_space_reserve_bytes": 0,
+                                       "file_url_root": str(traversable_base)}})
+    install_version(sup.base / "install", "app", "1.0.0", tree_for_nobody(release, "1.0.0"))
+    sup.start()
+    before = sup.wait_agent("app", "running")
+    path = notify_socket_of(before.pid)
+    pkg = release.build("1.1.0", tree=tree_for_nobody(release, "1.1.0", "never_ready"))
+    forger = send(path, "READY=1", count=400, gap_s=0.02)  # READY every 20 ms, for the whole health check
+    update_id = sup.stub.PushUpdate(pkg.request(), timeout=10).update_id
+    from baton.pb import daemon_pb2
+
+    st = wait_for(lambda: (s := sup.stub.GetUpdate(daemon_pb2.UpdateRef(update_id=update_id), timeout=5)).finished
+                  and s, timeout=90, what="the update to finish")
+    forger_pid = sent(forger)
+    assert st.state == ROLLED_BACK and st.rolled_back and not st.success, st.error
+    assert ComponentLayout(sup.base / "install", "app").current_version() == "1.0.0"
+    assert sup.wait_agent("app", "running").version == "1.0.0"
+    assert refusals(sup, forger_pid) >= 1
+
+
+def test_the_agents_own_ready_is_still_heard(make_supervisor):
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
+    a = sup.wait_agent("web", "running")
+    assert table_record(sup, "web")["state"] == "running"
+    assert "ignored notify messages" not in sup.output() and a.pid
