@@ -187,12 +187,24 @@ class ExitSignal:
 
 @dataclass
 class Identity:
-    """Popen's privilege-dropping arguments (None/-1: unchanged)."""
+    """Popen's privilege-dropping arguments (None/-1: unchanged), and the account of ``user`` if one is set."""
 
     user: int | None = None
     group: int | None = None
     extra_groups: list[int] | None = None
     umask: int = -1
+    account: pwd.struct_passwd | None = None
+
+    @property
+    def other_user(self) -> bool:
+        """The agent runs as a user other than the supervisor's: it gets no part of our environment."""
+        return self.account is not None and self.account.pw_uid != os.geteuid()
+
+
+# What an agent run as another user finds in its environment besides its `env` (systemd's defaults).
+AGENT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_LANG = "C.UTF-8"
+INHERITED_ENV_DROPPED = ("NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_", "INVOCATION_ID")  # systemd's, meant for us
 
 
 class Agent:
@@ -484,15 +496,8 @@ class Agent:
             return
         try:
             cmd, cwd, version = self._resolve()
-            env = dict(os.environ)
-            for k in [k for k in env if k.startswith(("NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_", "INVOCATION_ID"))]:
-                del env[k]
-            env.update(self.cfg.env)
-            env["BATON_AGENT_NAME"] = self.name
-            env["BATON_AGENT_VERSION"] = version
-            if self.cfg.notify:
-                env["NOTIFY_SOCKET"] = str(self.notify_path)
-            ident = self._identity(env)
+            ident = self._identity()
+            env = self._environment(ident, version)
             out = os.open(self.fifo_path, os.O_RDWR | os.O_CLOEXEC)
             err = os.open(self.err_fifo_path, os.O_RDWR | os.O_CLOEXEC) if self.err_log is not None else out
             try:
@@ -536,7 +541,26 @@ class Agent:
         if not self.cfg.notify:
             self._timer = self._loop.call_later(self.cfg.start_seconds, self._start_seconds_passed, self.pid)
 
-    def _identity(self, env: dict[str, str]) -> Identity:
+    def _environment(self, ident: Identity, version: str) -> dict[str, str]:
+        """The agent's environment: ours (less systemd's own variables) for an agent of our user, only a minimal
+        login-like set for one run as another user (a secret in root's environment is not theirs to read), then
+        its configured ``env``, then Baton's variables."""
+        pw = ident.account
+        if pw is not None and ident.other_user:
+            env = {"PATH": AGENT_PATH, "HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name,
+                   "SHELL": pw.pw_shell or "/bin/sh", "LANG": os.environ.get("LANG") or DEFAULT_LANG}
+        else:
+            env = {k: v for k, v in os.environ.items() if not k.startswith(INHERITED_ENV_DROPPED)}
+            if pw is not None:
+                env.update(USER=pw.pw_name, LOGNAME=pw.pw_name, HOME=pw.pw_dir)
+        env.update(self.cfg.env)
+        env["BATON_AGENT_NAME"] = self.name
+        env["BATON_AGENT_VERSION"] = version
+        if self.cfg.notify:
+            env["NOTIFY_SOCKET"] = str(self.notify_path)
+        return env
+
+    def _identity(self) -> Identity:
         """Popen arguments that drop to ``user``/``group`` and set ``umask`` in the child before the exec.
 
         The output FIFOs are opened by us and inherited, so they need no permission; the notify socket is
@@ -557,7 +581,7 @@ class Agent:
             uid, gid = pw.pw_uid, pw.pw_gid
             out.user = uid
             out.extra_groups = [g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid]
-            env.update(USER=pw.pw_name, LOGNAME=pw.pw_name, HOME=pw.pw_dir)
+            out.account = pw
         if self.cfg.group:
             gid = grp.getgrnam(self.cfg.group).gr_gid
         out.group = gid

@@ -143,3 +143,55 @@ def test_the_agents_own_ready_is_still_heard(make_supervisor):
     a = sup.wait_agent("web", "running")
     assert table_record(sup, "web")["state"] == "running"
     assert "ignored notify messages" not in sup.output() and a.pid
+
+
+# ---- the environment of an agent run as another user --------------------------------------------------------------
+
+# Prints whether it can read its parent's (the supervisor's) environment, then sleeps.
+PEEK = r"""
+import os, time
+try:
+    open(f"/proc/{os.getppid()}/environ", "rb").read()
+    print("parent environ readable", flush=True)
+except OSError as e:
+    print("parent environ", type(e).__name__, flush=True)
+time.sleep(600)
+"""
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    """What the kernel holds as a process's environment (what it was started with)."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(v.decode().split("=", 1) for v in raw if v)
+
+
+def test_agent_run_as_nobody_gets_only_its_env_and_a_login_set_not_the_supervisors(nobody_sup):
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    sup = nobody_sup([{"name": "low", "command": SYSTEM_PYTHON, "args": ["-u", "-c", PEEK], "user": "nobody",
+                       "env": {"GREETING": "hi"}}])
+    sup.start(env={"BATON_TEST_SECRET": "s3cret", "LANG": "C.UTF-8"})
+    a = sup.wait_agent("low", "running")
+    assert environ_of(a.pid) == {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": nobody.pw_dir,
+        "USER": "nobody", "LOGNAME": "nobody", "SHELL": nobody.pw_shell, "LANG": "C.UTF-8", "GREETING": "hi",
+        "BATON_AGENT_NAME": "low", "BATON_AGENT_VERSION": ""}
+    text = wait_for(lambda: (t := sup.log_of("low").read_text()) and "parent environ" in t and t,
+                    what="the agent's output")
+    assert "parent environ PermissionError" in text
+
+
+def test_an_agents_env_overrides_the_login_set(nobody_sup):
+    sup = nobody_sup([{"name": "low", "command": "/bin/sleep", "args": ["600"], "user": "nobody",
+                       "env": {"PATH": "/opt/tools/bin", "HOME": "/var/empty"}}]).start()
+    env = environ_of(sup.wait_agent("low", "running").pid)
+    assert (env["PATH"], env["HOME"], env["USER"]) == ("/opt/tools/bin", "/var/empty", "nobody")
+
+
+def test_a_root_agent_keeps_the_supervisors_environment_as_before(make_supervisor):
+    sup = make_supervisor([{"name": "web", "command": "/bin/sleep", "args": ["600"], "env": {"GREETING": "hi"}}])
+    sup.start(env={"BATON_TEST_SECRET": "s3cret", "NOTIFY_SOCKET": str(sup.base / "no-systemd.sock")})
+    env = environ_of(sup.wait_agent("web", "running").pid)
+    assert env["BATON_TEST_SECRET"] == "s3cret" and env["GREETING"] == "hi"
+    assert "NOTIFY_SOCKET" not in env  # systemd's, meant for the supervisor
