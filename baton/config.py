@@ -43,6 +43,7 @@ STDERR_MODES = ("merged", "separate")
 # Who may send on a notify agent's socket: its main process only, or any process of its process group (as
 # systemd's NotifyAccess=main and, for the processes an agent starts itself, exec/all).
 NOTIFY_ACCESS = ("main", "group")
+NOTIFY_DIR_NAME = ".notify"  # under install_root; no component can be named so (names start with a letter or digit)
 # The directory that relative paths in the file being read resolve against (None: relative paths refused).
 _BASE_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar("baton_config_base_dir", default=None)
 
@@ -234,6 +235,13 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return self.node.state_dir / "run"
+
+    @property
+    def notify_dir(self) -> Path:
+        """Where notify agents' sockets live, one directory each: not in the 0700 state directory, which an agent
+        run as another user would need the search bit on; the install root must be reachable by such agents
+        anyway (their code is there)."""
+        return self.node.install_root / NOTIFY_DIR_NAME
 
     @property
     def control_socket(self) -> Path:

@@ -38,6 +38,7 @@ from baton.layout import ComponentLayout, version_of_dir
 from baton.log import logger
 from baton.rotating_log import RotatingLog
 from baton.states import AGENT_KEPT_STATES, AGENT_TRANSITIONS, AgentState, IllegalTransition, check_move
+from baton.strict_modes import UnsafePath, check_dir, make_dirs
 from supervisor.notify_socket import NotifySocket
 
 F_SETPIPE_SZ = 1031
@@ -259,6 +260,12 @@ class Agent:
 
     @property
     def notify_path(self) -> Path:
+        """Where a process started now is told to notify: a directory of its own under ``Config.notify_dir``."""
+        return self._config.notify_dir / self.name / "notify.sock"
+
+    @property
+    def legacy_notify_path(self) -> Path:
+        """Where versions before round 3 bound it, in the state directory: an agent they started still uses it."""
         return self.dir / "notify.sock"
 
     @property
@@ -284,26 +291,82 @@ class Agent:
     def open_channels(self, fifo_fd: int | None = None, notify_sock: object | None = None,
                       err_fd: int | None = None) -> None:
         """Open the output FIFO(s) and the notify socket (or take them over from a handover)."""
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dirs(self.dir.parent, 0o700)
+        make_dirs(self.dir, 0o700)
         self._fifo_fd = self._open_fifo(self.fifo_path, fifo_fd, self._drain)
         if self.err_log is not None or err_fd is not None or self.err_fifo_path.exists():
             # With stderr merged by the config now, a running agent started with it separate may still write
             # to stderr.fifo: keep draining it (into the output log) so that the agent never blocks on it.
             self._err_fd = self._open_fifo(self.err_fifo_path, err_fd, self._drain_err)
         if self.cfg.notify:
-            self._notify = NotifySocket(self.notify_path, self._on_notify, self._may_notify, f"agent {self.name}")
-            self._notify.open(self._loop, notify_sock if isinstance(notify_sock, socket.socket) else None)
+            self._open_notify(notify_sock if isinstance(notify_sock, socket.socket) else None)
+
+    def _open_notify(self, inherited: socket.socket | None) -> None:
+        """Read the notify socket handed over (bound wherever its version bound it), else bind one.
+
+        A socket left at the legacy path (a supervisor of an earlier version was killed, its agent lives on)
+        is bound again there, so that the adopted process still reaches us; the next spawn moves to
+        :attr:`notify_path` (:meth:`_spawn`).
+        """
+        legacy = inherited is None and stat.S_ISSOCK(_lstat_mode(self.legacy_notify_path))
+        path = self.legacy_notify_path if legacy else self.notify_path
+        owner = self._notify_owner()
+        if inherited is None and not legacy:
+            self._prepare_notify_dir(owner)
+        self._notify = NotifySocket(path, self._on_notify, self._may_notify, f"agent {self.name}")
+        self._notify.open(self._loop, inherited)
+        if inherited is None and owner is not None:  # connect() needs write permission on the socket
+            os.chown(path, *owner, follow_symlinks=False)
+
+    def _notify_owner(self) -> tuple[int, int] | None:
+        """(uid, gid) the agent runs as when it is not the supervisor's user, else None."""
+        if not self.cfg.user:
+            return None
+        try:
+            pw = pwd.getpwnam(self.cfg.user)
+            gid = grp.getgrnam(self.cfg.group).gr_gid if self.cfg.group else pw.pw_gid
+        except KeyError:
+            return None  # the spawn fails with the name; the socket stays root's meanwhile
+        return None if pw.pw_uid == os.geteuid() else (pw.pw_uid, gid)
+
+    def _prepare_notify_dir(self, owner: tuple[int, int] | None) -> None:
+        """``<notify_dir>/<name>/``: ours, reachable by the agent's group only (0710), or by us only (0700).
+
+        Its parent is root's and 0711, so nobody but us can put anything in it and only its path is reachable:
+        the state directory stays 0700. Opened without following a link and changed through the descriptor.
+        """
+        root = self._config.notify_dir
+        make_dirs(root, 0o711)
+        try:
+            check_dir(root)
+        except UnsafePath as e:
+            raise AgentError(f"agent {self.name}: notify sockets' directory: {e}") from None
+        d = root / self.name
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, 0o700)
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_uid != os.geteuid():
+                raise AgentError(f"agent {self.name}: {d} is not owned by the supervisor's user")
+            os.fchown(fd, os.geteuid(), owner[1] if owner else os.getegid())
+            os.fchmod(fd, 0o710 if owner else 0o700)
+        finally:
+            os.close(fd)
 
     def close_channels(self, unlink: bool = True) -> None:
+        path = self._notify.path if self._notify is not None else None
         fd, sock, err_fd = self.detach_channels()
         for f in (fd, err_fd):
             if f >= 0:
                 os.close(f)
         if sock is not None:
             sock.close()
-            if unlink:
+            if unlink and path is not None:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.notify_path)
+                    os.unlink(path)
+                with contextlib.suppress(OSError):  # its own directory, if it is one (not the legacy one)
+                    if path.parent == self.notify_path.parent:
+                        os.rmdir(path.parent)
         self._end_followers()
 
     def detach_channels(self) -> tuple[int, socket.socket | None, int]:
@@ -496,6 +559,9 @@ class Agent:
             return
         try:
             cmd, cwd, version = self._resolve()
+            if self._notify is not None and self._notify.path != self.notify_path:
+                self._notify.close(self._loop)  # the legacy socket: the process that used it is gone
+                self._open_notify(None)
             ident = self._identity()
             env = self._environment(ident, version)
             out = os.open(self.fifo_path, os.O_RDWR | os.O_CLOEXEC)
@@ -564,7 +630,7 @@ class Agent:
         """Popen arguments that drop to ``user``/``group`` and set ``umask`` in the child before the exec.
 
         The output FIFOs are opened by us and inherited, so they need no permission; the notify socket is
-        reached by path, so it is given to the agent's uid and its directories get the search bit only.
+        reached by path, so it is given to the agent's uid in a directory of its own (:meth:`_open_notify`).
         """
         umask = self.cfg.umask_value
         out = Identity(umask=-1 if umask is None else umask)
@@ -585,11 +651,6 @@ class Agent:
         if self.cfg.group:
             gid = grp.getgrnam(self.cfg.group).gr_gid
         out.group = gid
-        if self.cfg.notify and self._notify is not None:
-            os.chown(self.notify_path, uid, gid)
-            for d in (self.dir, self.dir.parent, self._config.node.state_dir):
-                with contextlib.suppress(OSError):
-                    os.chmod(d, stat.S_IMODE(os.stat(d).st_mode) | 0o111)
         return out
 
     def _watch(self, pidfd: int) -> None:
@@ -1036,6 +1097,13 @@ class ProcessManager:
         for t in self._retiring.values():
             t.cancel()  # the next supervisor adopts and retires them again (their records are kept)
         self._retiring.clear()
+
+
+def _lstat_mode(path: Path) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except OSError:
+        return 0
 
 
 def _close_channel_fds(ch: tuple[int | None, object | None, int | None]) -> None:

@@ -7,6 +7,7 @@ the agent's state, its record in the agent table and the update's outcome are wh
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from baton.pb import daemon_pb2
 from tests.conftest import SYSTEM_PYTHON, Release, SupervisorProc, agent, install_version, stop_everything_of, wait_for
 
 # Sends its argument on $NOTIFY_SOCKET COUNT times, prints its pid: the attacker, run as the agent's user.
@@ -37,8 +39,14 @@ def notify_socket_of(pid: int) -> str:
 
 def send(path: str, message: str, count: int = 1, gap_s: float = 0.0, user: str | None = "nobody"
          ) -> subprocess.Popen[str]:
-    """Another process (of ``user``) sending ``message`` on ``path``."""
-    return subprocess.Popen([SYSTEM_PYTHON, "-c", SENDER, message, str(count), str(gap_s)], user=user,
+    """Another process (of ``user``, with its groups, as a login would have it) sending ``message`` on ``path``."""
+    import pwd
+
+    ids: dict[str, Any] = {}
+    if user is not None:
+        pw = pwd.getpwnam(user)
+        ids = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": os.getgrouplist(user, pw.pw_gid)}
+    return subprocess.Popen([SYSTEM_PYTHON, "-c", SENDER, message, str(count), str(gap_s)], **ids,
                             env={"NOTIFY_SOCKET": path}, stdout=subprocess.PIPE, text=True, cwd="/")
 
 
@@ -65,7 +73,10 @@ def table_record(sup: SupervisorProc, name: str) -> dict[str, Any]:
 
 
 def refusals(sup: SupervisorProc, pid: int) -> int:
-    return sup.stdout_path.read_text(errors="replace").count(f"ignored notify messages from pid {pid} ")
+    """Lines in the supervisor's log saying it ignored ``pid`` (after a self-update, in its log file)."""
+    logs = [sup.stdout_path, sup.state_dir / "logs" / "supervisor.log"]
+    return max(p.read_text(errors="replace").count(f"ignored notify messages from pid {pid} ") for p in logs
+               if p.exists())
 
 
 @pytest.fixture
@@ -127,7 +138,6 @@ def test_update_to_a_version_that_never_becomes_ready_rolls_back_despite_forged_
     pkg = release.build("1.1.0", tree=tree_for_nobody(release, "1.1.0", "never_ready"))
     forger = send(path, "READY=1", count=400, gap_s=0.02)  # READY every 20 ms, for the whole health check
     update_id = sup.stub.PushUpdate(pkg.request(), timeout=10).update_id
-    from baton.pb import daemon_pb2
 
     st = wait_for(lambda: (s := sup.stub.GetUpdate(daemon_pb2.UpdateRef(update_id=update_id), timeout=5)).finished
                   and s, timeout=90, what="the update to finish")
@@ -195,3 +205,120 @@ def test_a_root_agent_keeps_the_supervisors_environment_as_before(make_superviso
     env = environ_of(sup.wait_agent("web", "running").pid)
     assert env["BATON_TEST_SECRET"] == "s3cret" and env["GREETING"] == "hi"
     assert "NOTIFY_SOCKET" not in env  # systemd's, meant for the supervisor
+
+
+# ---- where the notify socket lives -------------------------------------------------------------------------------
+
+# Sends READY=1 on $NOTIFY_SOCKET once, then sleeps: a notify agent run as nobody.
+READY_THEN_SLEEP = r"""
+import os, socket, time
+with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+    s.connect(os.environ["NOTIFY_SOCKET"])
+    s.sendall(b"READY=1")
+time.sleep(600)
+"""
+
+
+def mode_owner(path: Path) -> tuple[int, int, int]:
+    st = path.lstat()
+    return st.st_mode & 0o7777, st.st_uid, st.st_gid
+
+
+def test_state_dir_stays_0700_while_an_agent_run_as_nobody_notifies(nobody_sup):
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    sup = nobody_sup([{"name": "low", "command": SYSTEM_PYTHON, "args": ["-u", "-c", READY_THEN_SLEEP],
+                       "user": "nobody", "notify": True}]).start()
+    a = sup.wait_agent("low", "running")  # its READY=1 reached us
+    notify_dir = sup.base / "install" / ".notify"
+    assert notify_socket_of(a.pid) == str(notify_dir / "low" / "notify.sock")
+    for d in (sup.state_dir, sup.state_dir / "agents", sup.state_dir / "agents" / "low"):
+        assert mode_owner(d) == (0o700, 0, 0), d
+    assert mode_owner(notify_dir) == (0o711, 0, 0)
+    assert mode_owner(notify_dir / "low") == (0o710, 0, nobody.pw_gid)
+    assert mode_owner(notify_dir / "low" / "notify.sock")[:2] == (0o600, nobody.pw_uid)
+
+
+def test_another_user_cannot_reach_an_agents_notify_socket(nobody_sup):
+    import pwd
+
+    other = next(u for u in ("daemon", "bin", "sys") if _exists(u))
+    sup = nobody_sup([{"name": "low", "command": "/bin/sleep", "args": ["600"], "user": "nobody",
+                       "notify": True}]).start()
+    a = sup.wait_agent("low", "starting")
+    proc = send(notify_socket_of(a.pid), "READY=1", user=other)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0 and pwd.getpwnam(other).pw_gid != pwd.getpwnam("nobody").pw_gid
+    time.sleep(0.5)
+    assert sup.agent("low").state == a.state and table_record(sup, "low")["state"] == "starting"
+
+
+def _exists(user: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(user)
+        return True
+    except KeyError:
+        return False
+
+
+def test_agent_started_by_an_earlier_version_keeps_notifying_at_its_old_path(make_supervisor, tmp_path):
+    """An agent an earlier version started (its NOTIFY_SOCKET in the state directory) and left running when that
+    supervisor died is adopted; its READY still arrives; restarted, it is given the new path."""
+    import socket as socketlib
+
+    from baton.agent_table import AgentRecord, AgentTable
+    from supervisor.agents import process_start_time
+    from tests.conftest import AGENTS, PY
+
+    go = tmp_path / "go"
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True, env={"READY_WHEN_FILE": str(go)})])
+    adir = sup.state_dir / "agents" / "web"
+    adir.mkdir(parents=True, mode=0o700)
+    sup.state_dir.chmod(0o700)
+    legacy = adir / "notify.sock"
+    with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM) as s:  # what the dead supervisor left
+        s.bind(str(legacy))
+    os.mkfifo(adir / "output.fifo", 0o600)
+    out = os.open(adir / "output.fifo", os.O_RDWR)
+    old = subprocess.Popen([PY, "-u", str(AGENTS / "ready_agent.py")], start_new_session=True,
+                           env={"NOTIFY_SOCKET": str(legacy), "READY_WHEN_FILE": str(go)},
+                           stdout=out, stderr=subprocess.STDOUT)
+    os.close(out)
+    sup.reaper.track(old.pid)
+    start = wait_for(lambda: process_start_time(old.pid), what="the old agent's start time")
+    AgentTable(sup.state_dir / "agents.json").save([AgentRecord(
+        name="web", pid=old.pid, start_time=start, version="", restarts=0, consecutive_failures=0,
+        state="starting", stop_signal="TERM", stop_timeout_s=10.0)])
+    sup.start()
+    a = sup.wait_agent("web", "starting")
+    assert a.pid == old.pid
+    go.touch()
+    sup.wait_agent("web", "running")
+    go.unlink()
+    sup.stub.RestartAgent(daemon_pb2.AgentRef(name="web"), timeout=30)
+    new = sup.wait_agent("web", "starting", pred=lambda x: x.pid != old.pid)
+    assert notify_socket_of(new.pid) == str(sup.base / "install" / ".notify" / "web" / "notify.sock")
+    assert not legacy.exists()
+    go.touch()
+    sup.wait_agent("web", "running", pred=lambda x: x.pid == new.pid)
+    assert mode_owner(sup.state_dir)[0] == 0o700
+
+
+def test_a_ready_forged_after_a_self_update_is_refused_on_the_handed_over_socket(make_self_host, tmp_path):
+    go = tmp_path / "go"
+    go.touch()
+    host = make_self_host(agents=[agent("web", "ready_agent.py", notify=True, env={"READY_WHEN_FILE": str(go)})])
+    assert host.wait_final(host.push(host.supervisor_package("1.1.0")), timeout=90).success
+    kept = host.sup.wait_agent("web", "running")
+    go.unlink()
+    host.sup.stub.RestartAgent(daemon_pb2.AgentRef(name="web"), timeout=30)
+    a = host.sup.wait_agent("web", "starting", pred=lambda x: x.pid != kept.pid)
+    forger = sent(send(notify_socket_of(a.pid), "READY=1", count=3, user=None))  # root, but not the agent
+    wait_for(lambda: refusals(host.sup, forger), what="the refusal")
+    time.sleep(0.5)
+    assert host.sup.agent("web").state == a.state
+    go.touch()
+    host.sup.wait_agent("web", "running", pred=lambda x: x.pid == a.pid)

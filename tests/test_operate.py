@@ -253,7 +253,7 @@ def _check_nobody_agent(sup: SupervisorProc, nobody: Any) -> None:
     assert f"uid {nobody.pw_uid} gid {nobody.pw_gid} groups [" in text
     assert "umask 0o27" in text
     assert "cwd /\n" in text
-    assert (sup.state_dir / "agents" / "low" / "notify.sock").stat().st_uid == nobody.pw_uid
+    assert (sup.base / "install" / ".notify" / "low" / "notify.sock").stat().st_uid == nobody.pw_uid
     assert Path(sup.state_dir / "agents" / "low" / "output.fifo").stat().st_mode & 0o777 == 0o600
 
 
