@@ -40,6 +40,10 @@ _LABEL_VALUE_RE = re.compile(r"^[A-Za-z0-9_.-]{0,64}$")
 
 
 STDERR_MODES = ("merged", "separate")
+# Who may send on a notify agent's socket: its main process only, or any process of its process group (as
+# systemd's NotifyAccess=main and, for the processes an agent starts itself, exec/all).
+NOTIFY_ACCESS = ("main", "group")
+NOTIFY_DIR_NAME = ".notify"  # under install_root; no component can be named so (names start with a letter or digit)
 # The directory that relative paths in the file being read resolve against (None: relative paths refused).
 _BASE_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar("baton_config_base_dir", default=None)
 
@@ -191,11 +195,12 @@ class AgentConfig:
     start_seconds: float = 1.0
     start_retries: int = 5
     notify: bool = False
+    notify_access: str = "main"   # "main": only the agent's own pid may notify; "group": its process group too
     autostart: bool = True
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 3
     user: str = ""                # run as this user (its primary group unless `group`); "" = as the supervisor
-    group: str = ""
+    group: str = ""               # only with `user`: alone it would leave the agent root
     umask: str = ""               # octal, e.g. "027"; "" = the supervisor's
     stderr: str = "merged"        # "merged" into the output log, or "separate" (<log_dir>/<name>.stderr.log)
 
@@ -230,6 +235,13 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return self.node.state_dir / "run"
+
+    @property
+    def notify_dir(self) -> Path:
+        """Where notify agents' sockets live, one directory each: not in the 0700 state directory, which an agent
+        run as another user would need the search bit on; the install root must be reachable by such agents
+        anyway (their code is there)."""
+        return self.node.install_root / NOTIFY_DIR_NAME
 
     @property
     def control_socket(self) -> Path:
@@ -596,7 +608,8 @@ def _validate(cfg: Config, host_checks: bool = True) -> None:
 
 
 def _validate_identity(a: AgentConfig, key: str) -> None:
-    """user/group name existing accounts, umask is octal, stderr one of STDERR_MODES."""
+    """user/group name existing accounts (group only with user), umask is octal, stderr and notify_access one of
+    their modes."""
     import grp
     import pwd
 
@@ -605,6 +618,9 @@ def _validate_identity(a: AgentConfig, key: str) -> None:
             pwd.getpwnam(a.user)
         except KeyError:
             raise ConfigError(f"{key}.user", f"no such user {a.user!r}") from None
+    if a.group and not a.user:
+        raise ConfigError(f"{key}.group", f"{a.group!r} without user would run the agent as root with only its group "
+                          "changed: set user too (user alone takes that user's groups)")
     if a.group:
         try:
             grp.getgrnam(a.group)
@@ -614,6 +630,9 @@ def _validate_identity(a: AgentConfig, key: str) -> None:
         raise ConfigError(f"{key}.umask", f"must be an octal mode like \"027\", got {a.umask!r}")
     if a.stderr not in STDERR_MODES:
         raise ConfigError(f"{key}.stderr", f"must be one of {', '.join(STDERR_MODES)}, got {a.stderr!r}")
+    if a.notify_access not in NOTIFY_ACCESS:
+        raise ConfigError(f"{key}.notify_access", f"must be one of {', '.join(NOTIFY_ACCESS)}, got "
+                          f"{a.notify_access!r}")
 
 
 def _validate_dirs(cfg: Config) -> None:

@@ -38,6 +38,7 @@ from baton.layout import ComponentLayout, version_of_dir
 from baton.log import logger
 from baton.rotating_log import RotatingLog
 from baton.states import AGENT_KEPT_STATES, AGENT_TRANSITIONS, AgentState, IllegalTransition, check_move
+from baton.strict_modes import UnsafePath, check_dir, make_dirs
 from supervisor.notify_socket import NotifySocket
 
 F_SETPIPE_SZ = 1031
@@ -187,12 +188,24 @@ class ExitSignal:
 
 @dataclass
 class Identity:
-    """Popen's privilege-dropping arguments (None/-1: unchanged)."""
+    """Popen's privilege-dropping arguments (None/-1: unchanged), and the account of ``user`` if one is set."""
 
     user: int | None = None
     group: int | None = None
     extra_groups: list[int] | None = None
     umask: int = -1
+    account: pwd.struct_passwd | None = None
+
+    @property
+    def other_user(self) -> bool:
+        """The agent runs as a user other than the supervisor's: it gets no part of our environment."""
+        return self.account is not None and self.account.pw_uid != os.geteuid()
+
+
+# What an agent run as another user finds in its environment besides its `env` (systemd's defaults).
+AGENT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_LANG = "C.UTF-8"
+INHERITED_ENV_DROPPED = ("NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_", "INVOCATION_ID")  # systemd's, meant for us
 
 
 class Agent:
@@ -247,6 +260,12 @@ class Agent:
 
     @property
     def notify_path(self) -> Path:
+        """Where a process started now is told to notify: a directory of its own under ``Config.notify_dir``."""
+        return self._config.notify_dir / self.name / "notify.sock"
+
+    @property
+    def legacy_notify_path(self) -> Path:
+        """Where versions before round 3 bound it, in the state directory: an agent they started still uses it."""
         return self.dir / "notify.sock"
 
     @property
@@ -272,26 +291,82 @@ class Agent:
     def open_channels(self, fifo_fd: int | None = None, notify_sock: object | None = None,
                       err_fd: int | None = None) -> None:
         """Open the output FIFO(s) and the notify socket (or take them over from a handover)."""
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dirs(self.dir.parent, 0o700)
+        make_dirs(self.dir, 0o700)
         self._fifo_fd = self._open_fifo(self.fifo_path, fifo_fd, self._drain)
         if self.err_log is not None or err_fd is not None or self.err_fifo_path.exists():
             # With stderr merged by the config now, a running agent started with it separate may still write
             # to stderr.fifo: keep draining it (into the output log) so that the agent never blocks on it.
             self._err_fd = self._open_fifo(self.err_fifo_path, err_fd, self._drain_err)
         if self.cfg.notify:
-            self._notify = NotifySocket(self.notify_path, self._on_notify)
-            self._notify.open(self._loop, notify_sock if isinstance(notify_sock, socket.socket) else None)
+            self._open_notify(notify_sock if isinstance(notify_sock, socket.socket) else None)
+
+    def _open_notify(self, inherited: socket.socket | None) -> None:
+        """Read the notify socket handed over (bound wherever its version bound it), else bind one.
+
+        A socket left at the legacy path (a supervisor of an earlier version was killed, its agent lives on)
+        is bound again there, so that the adopted process still reaches us; the next spawn moves to
+        :attr:`notify_path` (:meth:`_spawn`).
+        """
+        legacy = inherited is None and stat.S_ISSOCK(_lstat_mode(self.legacy_notify_path))
+        path = self.legacy_notify_path if legacy else self.notify_path
+        owner = self._notify_owner()
+        if inherited is None and not legacy:
+            self._prepare_notify_dir(owner)
+        self._notify = NotifySocket(path, self._on_notify, self._may_notify, f"agent {self.name}")
+        self._notify.open(self._loop, inherited)
+        if inherited is None and owner is not None:  # connect() needs write permission on the socket
+            os.chown(path, *owner, follow_symlinks=False)
+
+    def _notify_owner(self) -> tuple[int, int] | None:
+        """(uid, gid) the agent runs as when it is not the supervisor's user, else None."""
+        if not self.cfg.user:
+            return None
+        try:
+            pw = pwd.getpwnam(self.cfg.user)
+            gid = grp.getgrnam(self.cfg.group).gr_gid if self.cfg.group else pw.pw_gid
+        except KeyError:
+            return None  # the spawn fails with the name; the socket stays root's meanwhile
+        return None if pw.pw_uid == os.geteuid() else (pw.pw_uid, gid)
+
+    def _prepare_notify_dir(self, owner: tuple[int, int] | None) -> None:
+        """``<notify_dir>/<name>/``: ours, reachable by the agent's group only (0710), or by us only (0700).
+
+        Its parent is root's and 0711, so nobody but us can put anything in it and only its path is reachable:
+        the state directory stays 0700. Opened without following a link and changed through the descriptor.
+        """
+        root = self._config.notify_dir
+        make_dirs(root, 0o711)
+        try:
+            check_dir(root)
+        except UnsafePath as e:
+            raise AgentError(f"agent {self.name}: notify sockets' directory: {e}") from None
+        d = root / self.name
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, 0o700)
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_uid != os.geteuid():
+                raise AgentError(f"agent {self.name}: {d} is not owned by the supervisor's user")
+            os.fchown(fd, os.geteuid(), owner[1] if owner else os.getegid())
+            os.fchmod(fd, 0o710 if owner else 0o700)
+        finally:
+            os.close(fd)
 
     def close_channels(self, unlink: bool = True) -> None:
+        path = self._notify.path if self._notify is not None else None
         fd, sock, err_fd = self.detach_channels()
         for f in (fd, err_fd):
             if f >= 0:
                 os.close(f)
         if sock is not None:
             sock.close()
-            if unlink:
+            if unlink and path is not None:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.notify_path)
+                    os.unlink(path)
+                with contextlib.suppress(OSError):  # its own directory, if it is one (not the legacy one)
+                    if path.parent == self.notify_path.parent:
+                        os.rmdir(path.parent)
         self._end_followers()
 
     def detach_channels(self) -> tuple[int, socket.socket | None, int]:
@@ -372,6 +447,19 @@ class Agent:
                 with contextlib.suppress(asyncio.QueueFull):
                     q.put_nowait(None)
             qs.clear()
+
+    def _may_notify(self, pid: int) -> bool:
+        """The kernel-reported sender is this agent's process (or, with notify_access = "group", of its group)."""
+        if not self.pid or not self.state.has_process:
+            return False
+        if pid == self.pid:
+            return True
+        if self.cfg.notify_access != "group":
+            return False
+        try:
+            return os.getpgid(pid) == self.pid  # the agent leads its own session and group (start_new_session)
+        except OSError:  # gone already
+            return False
 
     def _on_notify(self, fields: dict[str, str]) -> None:
         if "STATUS" in fields:
@@ -471,15 +559,11 @@ class Agent:
             return
         try:
             cmd, cwd, version = self._resolve()
-            env = dict(os.environ)
-            for k in [k for k in env if k.startswith(("NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_", "INVOCATION_ID"))]:
-                del env[k]
-            env.update(self.cfg.env)
-            env["BATON_AGENT_NAME"] = self.name
-            env["BATON_AGENT_VERSION"] = version
-            if self.cfg.notify:
-                env["NOTIFY_SOCKET"] = str(self.notify_path)
-            ident = self._identity(env)
+            if self._notify is not None and self._notify.path != self.notify_path:
+                self._notify.close(self._loop)  # the legacy socket: the process that used it is gone
+                self._open_notify(None)
+            ident = self._identity()
+            env = self._environment(ident, version)
             out = os.open(self.fifo_path, os.O_RDWR | os.O_CLOEXEC)
             err = os.open(self.err_fifo_path, os.O_RDWR | os.O_CLOEXEC) if self.err_log is not None else out
             try:
@@ -515,17 +599,38 @@ class Agent:
         self.last_error = ""
         self.status_text = ""
         self._is_child = True
+        if self._notify is not None:
+            self._notify.forget_refused()
         self._watch(os.pidfd_open(popen.pid))
         self._set_state(AgentState.STARTING)
         logger.info("agent {} started pid {} version {}", self.name, self.pid, version or "-")
         if not self.cfg.notify:
             self._timer = self._loop.call_later(self.cfg.start_seconds, self._start_seconds_passed, self.pid)
 
-    def _identity(self, env: dict[str, str]) -> Identity:
+    def _environment(self, ident: Identity, version: str) -> dict[str, str]:
+        """The agent's environment: ours (less systemd's own variables) for an agent of our user, only a minimal
+        login-like set for one run as another user (a secret in root's environment is not theirs to read), then
+        its configured ``env``, then Baton's variables."""
+        pw = ident.account
+        if pw is not None and ident.other_user:
+            env = {"PATH": AGENT_PATH, "HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name,
+                   "SHELL": pw.pw_shell or "/bin/sh", "LANG": os.environ.get("LANG") or DEFAULT_LANG}
+        else:
+            env = {k: v for k, v in os.environ.items() if not k.startswith(INHERITED_ENV_DROPPED)}
+            if pw is not None:
+                env.update(USER=pw.pw_name, LOGNAME=pw.pw_name, HOME=pw.pw_dir)
+        env.update(self.cfg.env)
+        env["BATON_AGENT_NAME"] = self.name
+        env["BATON_AGENT_VERSION"] = version
+        if self.cfg.notify:
+            env["NOTIFY_SOCKET"] = str(self.notify_path)
+        return env
+
+    def _identity(self) -> Identity:
         """Popen arguments that drop to ``user``/``group`` and set ``umask`` in the child before the exec.
 
         The output FIFOs are opened by us and inherited, so they need no permission; the notify socket is
-        reached by path, so it is given to the agent's uid and its directories get the search bit only.
+        reached by path, so it is given to the agent's uid in a directory of its own (:meth:`_open_notify`).
         """
         umask = self.cfg.umask_value
         out = Identity(umask=-1 if umask is None else umask)
@@ -542,15 +647,10 @@ class Agent:
             uid, gid = pw.pw_uid, pw.pw_gid
             out.user = uid
             out.extra_groups = [g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid]
-            env.update(USER=pw.pw_name, LOGNAME=pw.pw_name, HOME=pw.pw_dir)
+            out.account = pw
         if self.cfg.group:
             gid = grp.getgrnam(self.cfg.group).gr_gid
         out.group = gid
-        if self.cfg.notify and self._notify is not None:
-            os.chown(self.notify_path, uid, gid)
-            for d in (self.dir, self.dir.parent, self._config.node.state_dir):
-                with contextlib.suppress(OSError):
-                    os.chmod(d, stat.S_IMODE(os.stat(d).st_mode) | 0o111)
         return out
 
     def _watch(self, pidfd: int) -> None:
@@ -997,6 +1097,13 @@ class ProcessManager:
         for t in self._retiring.values():
             t.cancel()  # the next supervisor adopts and retires them again (their records are kept)
         self._retiring.clear()
+
+
+def _lstat_mode(path: Path) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except OSError:
+        return 0
 
 
 def _close_channel_fds(ch: tuple[int | None, object | None, int | None]) -> None:

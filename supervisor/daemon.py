@@ -81,7 +81,7 @@ def status_line(states: list[AgentState]) -> str:
 def prepare_dirs(cfg: Config) -> None:
     """Create what is missing with our modes; a directory that exists keeps its mode (baton/strict_modes.py)."""
     for d, mode in ((cfg.node.state_dir, 0o700), (cfg.run_dir, 0o700), (cfg.log_dir, 0o750),
-                    (cfg.node.install_root, 0o755), (cfg.download_dir, 0o700)):
+                    (cfg.node.install_root, 0o755), (cfg.notify_dir, 0o711), (cfg.download_dir, 0o700)):
         make_dirs(d, mode)
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +30,8 @@ from tests.pg_fixture import pg_cluster, pg_url  # noqa: F401  (a real PostgreSQ
 ROOT = Path(__file__).resolve().parent.parent
 AGENTS = Path(__file__).resolve().parent / "agents"
 PY = sys.executable
+# For agents run as nobody: the test's virtualenv may be unreadable to that user, the system interpreter is not.
+SYSTEM_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 
 
 def wait_for(pred: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05, what: str = "condition") -> Any:
@@ -236,6 +240,15 @@ def reaper() -> Iterator[ProcessReaper]:
     r = ProcessReaper()
     yield r
     r.kill_all()
+
+
+@pytest.fixture
+def traversable_base(reaper: ProcessReaper) -> Iterator[Path]:
+    """A base directory outside pytest's 0700 tmp tree, so that a path below it is reachable by nobody."""
+    d = Path(tempfile.mkdtemp(prefix="baton-user-", dir="/tmp"))
+    d.chmod(0o711)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

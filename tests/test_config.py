@@ -199,9 +199,10 @@ def test_stop_signal_accepts_names_with_and_without_sig(tmp_path, name):
 
 @pytest.mark.parametrize(("line", "key", "problem"), [
     ('user = "no-such-user-here"', "agents[0].user", "no such user"),
-    ('group = "no-such-group-here"', "agents[0].group", "no such group"),
+    ('user = "nobody"\ngroup = "no-such-group-here"', "agents[0].group", "no such group"),
     ('umask = "999"', "agents[0].umask", "octal"),
     ('stderr = "elsewhere"', "agents[0].stderr", "merged, separate"),
+    ('notify_access = "all"', "agents[0].notify_access", "main, group"),
 ])
 def test_bad_user_group_umask_or_stderr_is_refused(tmp_path, line, key, problem):
     with pytest.raises(ConfigError) as e:
@@ -224,6 +225,28 @@ def test_check_config_refuses_a_bad_value_in_one_line_naming_the_key_with_exit_2
     assert len(lines) == 1, res.stderr
     assert key in lines[0] and problem in lines[0]
     assert "Traceback" not in res.stderr
+
+
+def test_group_without_user_is_refused_at_check_config_naming_the_key(tmp_path):
+    import grp
+    import pwd
+
+    nogroup = grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
+    res = check_config(write(tmp_path, BASE + AGENT + f'group = "{nogroup}"\n'))
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert "agents[0].group: " in lines[0] and "without user would run the agent as root" in lines[0]
+
+
+def test_group_with_user_is_accepted(tmp_path):
+    import grp
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    nogroup = grp.getgrgid(nobody.pw_gid).gr_name
+    cfg = load_config(write(tmp_path, BASE + AGENT + f'user = "nobody"\ngroup = "{nogroup}"\n'), environ={})
+    assert (cfg.agents[0].user, cfg.agents[0].group) == ("nobody", nogroup)
 
 
 def test_trusted_key_that_is_not_a_minisign_public_key_is_refused(tmp_path):

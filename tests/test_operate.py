@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
-import pytest
 
-from tests.conftest import PY, ROOT, ProcessReaper, SupervisorProc, agent, stop_everything_of, wait_for
+from tests.conftest import PY, ROOT, SYSTEM_PYTHON, SupervisorProc, agent, agent_processes, stop_everything_of, wait_for
 
 
 def ctl(sup, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -222,7 +216,6 @@ def test_tail_stderr_of_a_merged_agent_says_it_is_merged(make_supervisor):
     assert "writes stderr into its output log" in res.stderr
 
 
-SYSTEM_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 # Run as nobody by the system interpreter (the test's virtualenv may be unreadable to nobody): reports who it
 # is and its umask, writes a file, sends READY=1 on $NOTIFY_SOCKET.
 AS_NOBODY = r"""
@@ -235,15 +228,6 @@ with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
     s.sendall(b"READY=1")
 time.sleep(600)
 """
-
-
-@pytest.fixture
-def traversable_base(reaper: ProcessReaper) -> Iterator[Path]:
-    """A base directory outside pytest's 0700 tmp tree, so that a path below it is reachable by nobody."""
-    d = Path(tempfile.mkdtemp(prefix="baton-user-", dir="/tmp"))
-    d.chmod(0o711)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_user_and_umask_apply_and_the_log_and_notify_socket_still_work(traversable_base, reaper):
@@ -269,19 +253,20 @@ def _check_nobody_agent(sup: SupervisorProc, nobody: Any) -> None:
     assert f"uid {nobody.pw_uid} gid {nobody.pw_gid} groups [" in text
     assert "umask 0o27" in text
     assert "cwd /\n" in text
-    assert (sup.state_dir / "agents" / "low" / "notify.sock").stat().st_uid == nobody.pw_uid
+    assert (sup.base / "install" / ".notify" / "low" / "notify.sock").stat().st_uid == nobody.pw_uid
     assert Path(sup.state_dir / "agents" / "low" / "output.fifo").stat().st_mode & 0o777 == 0o600
 
 
-def test_group_alone_changes_only_the_group(make_supervisor):
+def test_group_without_user_is_refused_at_start_and_starts_no_agent(make_supervisor):
     import grp
 
     nogroup = grp.getgrgid(pwd_nobody_gid())
-    sup = make_supervisor([agent("web", "ready_agent.py", notify=True, group=nogroup.gr_name)]).start()
-    a = sup.wait_agent("web", "running")
-    p = psutil.Process(a.pid)
-    assert p.uids().real == os.getuid()
-    assert p.gids().real == p.gids().effective == nogroup.gr_gid
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True, group=nogroup.gr_name)])
+    sup.start(wait=False)
+    assert sup.proc is not None and sup.proc.wait(30) == 2
+    assert "agents[0].group: " in sup.output() and "without user would run the agent as root" in sup.output()
+    assert agent_processes(sup.state_dir, "web") == []
+    assert not (sup.state_dir / "agents.json").exists()
 
 
 def pwd_nobody_gid() -> int:
