@@ -264,7 +264,8 @@ def test_web_allow_names_exactly_who_reads_the_page_and_never_a_node(make_manage
 
 def test_web_allow_without_tls_is_refused_with_one_line(tmp_path):
     res = subprocess.run([PY, "-m", "manager", "serve", "--db", str(tmp_path / "m.db"), "--listen",
-                          f"127.0.0.1:{free_port()}", "--web", f"127.0.0.1:{free_port()}", "--web-allow", "alice"],
+                          f"127.0.0.1:{free_port()}", "--insecure-loopback", "--web", f"127.0.0.1:{free_port()}",
+                          "--web-allow", "alice"],
                          capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert (res.returncode, res.stderr.strip().splitlines()) == (2, [
         "baton-manager: --web-allow names client certificates: it needs --tls-cert, --tls-key and --tls-ca"])
