@@ -18,7 +18,8 @@ from baton.config import SUPERVISOR_COMPONENT, Config
 from baton.errors import BatonError
 from baton.journal import UpdateRecord
 from baton.layout import STAGING_PREFIX, ComponentLayout, version_of_dir
-from baton.signing import PublicKey, load_trusted_keys
+from baton.signing import PublicKey, TrustedKeyError, load_trusted_keys
+from baton.strict_modes import UnsafePath, check_trusted, trusted_key_files
 from helper.archive import ExtractLimits, extract_package
 from helper.download import DownloadedFile, DownloadLimits, DownloadProgress, FileIdentity, download
 from helper.verify import VerifiedPackage, verify_package
@@ -38,7 +39,13 @@ class Installer:
         return self.cfg.download_dir / f"{update_id}.pkg"
 
     def trusted_keys(self) -> tuple[PublicKey, ...]:
-        """Fail closed: no key, or a key that cannot be read, refuses every update."""
+        """Fail closed: no key, a key that cannot be read, or one another user could have replaced
+        (``baton/strict_modes.py``, checked before a byte of it is read) refuses every update."""
+        for item in trusted_key_files(self.cfg):
+            try:
+                check_trusted(item)
+            except UnsafePath as e:
+                raise TrustedKeyError(item.path, f"{e.problem} ({item.key})") from None
         return load_trusted_keys(self.cfg.update.trusted_keys)
 
     def download(self, rec: UpdateRecord, progress: Callable[[DownloadProgress], None],
