@@ -39,8 +39,11 @@ class NotifySocket:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            sock.bind(str(self.path))
-            os.chmod(self.path, 0o600)
+            old = os.umask(0o177)  # 0600 as it is bound: no chmod through a name afterwards
+            try:
+                sock.bind(str(self.path))
+            finally:
+                os.umask(old)
         sock.setblocking(False)
         self._sock = sock
         loop.add_reader(sock.fileno(), self._readable)
