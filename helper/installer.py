@@ -30,6 +30,17 @@ class VerifyTimeout(BatonError):
         super().__init__(f"verification did not finish within verify_timeout_s={limit_s:g}s")
 
 
+def configured_trusted_keys(cfg: Config) -> tuple[PublicKey, ...]:
+    """``update.trusted_keys``, failing closed: no key, a key that cannot be read, or one another user could
+    have replaced (``baton/strict_modes.py``, checked before a byte of it is read) is a TrustedKeyError."""
+    for item in trusted_key_files(cfg):
+        try:
+            check_trusted(item)
+        except UnsafePath as e:
+            raise TrustedKeyError(item.path, f"{e.problem} ({item.key})") from None
+    return load_trusted_keys(cfg.update.trusted_keys)
+
+
 class Installer:
     def __init__(self, cfg: Config, component: str) -> None:
         self.cfg = cfg
@@ -39,14 +50,7 @@ class Installer:
         return self.cfg.download_dir / f"{update_id}.pkg"
 
     def trusted_keys(self) -> tuple[PublicKey, ...]:
-        """Fail closed: no key, a key that cannot be read, or one another user could have replaced
-        (``baton/strict_modes.py``, checked before a byte of it is read) refuses every update."""
-        for item in trusted_key_files(self.cfg):
-            try:
-                check_trusted(item)
-            except UnsafePath as e:
-                raise TrustedKeyError(item.path, f"{e.problem} ({item.key})") from None
-        return load_trusted_keys(self.cfg.update.trusted_keys)
+        return configured_trusted_keys(self.cfg)
 
     def download(self, rec: UpdateRecord, progress: Callable[[DownloadProgress], None],
                  created: Callable[[FileIdentity], None]) -> DownloadedFile:

@@ -118,6 +118,22 @@ def _user_name(uid: int) -> str:
         return str(uid)
 
 
+def check_trusted_paths(ctx: Context) -> list[Finding]:
+    """The rule check-config, run and reload apply to every path root trusts (baton/strict_modes.py)."""
+    from baton.strict_modes import UnsafePath, check_trusted, trusted_paths
+
+    items = trusted_paths(ctx.cfg)
+    out = []
+    for item in items:
+        try:
+            check_trusted(item)
+        except UnsafePath as e:
+            at = e.at or item.path
+            out.append(Finding("trusted-paths", PROBLEM, str(e), f"chown -h root: {at} && chmod go-w {at}"))
+    return out or [Finding("trusted-paths", OK, f"{len(items)} files and directories root trusts: owned by root "
+                                                "or our user, writable by nobody else")]
+
+
 def check_directories(ctx: Context) -> list[Finding]:
     c = ctx.cfg
     dirs = {"state_dir": c.node.state_dir, "run dir": c.run_dir, "log dir": c.log_dir,
@@ -450,6 +466,7 @@ def check_systemd_unit(ctx: Context) -> list[Finding]:
 
 CHECKS: tuple[tuple[str, Callable[[Context], list[Finding]]], ...] = (
     ("trusted-keys", check_trusted_keys),
+    ("trusted-paths", check_trusted_paths),
     ("directories", check_directories),
     ("disk-space", check_disk_space),
     ("layout", check_layout),

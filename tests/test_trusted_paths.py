@@ -328,3 +328,16 @@ def test_agent_command_is_accepted_when_only_root_or_its_own_user_can_change_wha
         body["user"] = "nobody"
     res = supervisor("check-config", str(config_with_agent(tmp_path, body)))
     assert res.returncode == 0, res.stderr
+
+
+def test_helper_verify_with_the_config_refuses_a_key_another_user_owns_as_an_update_would(tmp_path, release):
+    from tests.test_helper_cli import helper, sig_file
+
+    pkg = release.build("1.1.0")
+    cfg = config(tmp_path, update={"trusted_keys": [str(release.public_key)]})
+    os.chown(release.public_key, NOBODY, NOBODY)
+    res = helper("verify", str(pkg.path), "--signature", sig_file(pkg), "--component", "app", "--version", "1.1.0",
+                 "--config", str(cfg))
+    assert res.returncode == 1
+    line = one_line(res)
+    assert "REFUSED" in line and f"owned by uid {NOBODY}" in line and "update.trusted_keys[0]" in line
