@@ -16,7 +16,6 @@ import grp
 import os
 import socket
 import struct
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -100,7 +99,8 @@ def bind_unix(path: Path, group: str = "") -> socket.socket:
 
 def _bind_with_group(sock: socket.socket, path: Path, gid: int) -> None:
     """Bind, chown and chmod in a 0700 directory of our own beside ``path``, then rename the socket onto it."""
-    private = Path(tempfile.mkdtemp(prefix=".bind-", dir=path.parent))
+    private = path.parent / f".bind-{os.urandom(8).hex()}"  # not tempfile: it would keep shutil's bz2 and lzma
+    os.mkdir(private, 0o700)                                 # resident (test_supervisor's memory test)
     staged = private / path.name
     try:
         sock.bind(str(staged))
