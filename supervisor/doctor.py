@@ -265,6 +265,13 @@ def check_supervisor(ctx: Context) -> list[Finding]:
            f"why it stopped: {ctx.cfg.log_dir / 'supervisor.log'}, journalctl -u baton-supervisor")
     if not path.is_socket():
         return [Finding("supervisor", PROBLEM, f"not running: no socket at {path}", fix)]
+    from supervisor.ctl import CtlError, checked_socket
+
+    try:
+        checked_socket(path, "grpc.unix_socket" if ctx.cfg.grpc.unix_socket else "node.state_dir")
+    except CtlError as e:  # whoever answers there may not be the supervisor: not asked (see trusted-paths)
+        return [Finding("supervisor", PROBLEM, str(e), f"move grpc.unix_socket to a directory only root can write "
+                                                        f"(e.g. /run/baton), or: chmod go-w {path.parent}")]
     try:
         with grpc.insecure_channel(f"unix:{path}") as ch:
             st = daemon_pb2_grpc.DaemonServiceStub(ch).GetStatus(daemon_pb2.GetStatusRequest(),

@@ -341,3 +341,23 @@ def test_helper_verify_with_the_config_refuses_a_key_another_user_owns_as_an_upd
     assert res.returncode == 1
     line = one_line(res)
     assert "REFUSED" in line and f"owned by uid {NOBODY}" in line and "update.trusted_keys[0]" in line
+
+
+def test_doctor_reports_a_socket_in_a_directory_others_may_change_and_does_not_ask_it(tmp_path, shared):
+    from tests.test_doctor import doctor, worst
+
+    sockets = world_writable_dir(shared)
+    sock_path, met = sockets / "supervisor.sock", sockets / "met"
+    impostor = subprocess.Popen([SYSTEM_PY, "-c", IMPOSTOR, str(sock_path), str(met)], user=NOBODY, group=NOBODY,
+                                extra_groups=[], cwd="/", stdout=subprocess.PIPE, text=True)
+    try:
+        assert impostor.stdout is not None and impostor.stdout.readline() == "listening\n"
+        code, checks = doctor(config(tmp_path, grpc={"unix_socket": str(sock_path)}))
+        assert code == 2
+        assert worst(checks, "trusted-paths")["message"].startswith("grpc.unix_socket:")
+        assert f"refusing to talk to {sock_path}" in worst(checks, "supervisor")["message"]
+        time.sleep(0.2)
+        assert not met.exists(), "the impostor was asked"
+    finally:
+        impostor.kill()
+        impostor.wait()
