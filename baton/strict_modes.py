@@ -43,13 +43,15 @@ LOG_FILE_MODE = 0o640
 class UnsafePath(BatonError):
     """A directory or file that someone other than root (or our user) could change under us.
 
-    ``key`` names the config key (or option) the path came from, "" when the caller did not say.
+    ``key`` names the config key (or option) the path came from, "" when the caller did not say; ``at`` is
+    the path at fault (the file, a parent or a link on the way), None when not known.
     """
 
-    def __init__(self, message: str, key: str = "") -> None:
+    def __init__(self, message: str, key: str = "", at: Path | None = None) -> None:
         super().__init__(f"{key}: {message}" if key else message)
         self.key = key
         self.problem = message
+        self.at = at
 
 
 class Kind(enum.Enum):
@@ -108,21 +110,21 @@ def check_path(path: Path, kind: Kind = Kind.DIR) -> None:
         st = os.lstat(link)
         if st.st_uid not in uids:
             raise UnsafePath(f"symbolic link {link} is owned by uid {st.st_uid} (must be root or uid "
-                             f"{os.geteuid()})")
+                             f"{os.geteuid()})", at=link)
     for d, is_target in _chain(path):
         st = os.stat(d)
         if is_target and kind is Kind.FILE:
             if not stat.S_ISREG(st.st_mode):
-                raise UnsafePath(f"{d} is not a regular file")
+                raise UnsafePath(f"{d} is not a regular file", at=d)
         elif not stat.S_ISDIR(st.st_mode):
-            raise UnsafePath(f"{d} is not a directory")
+            raise UnsafePath(f"{d} is not a directory", at=d)
         if st.st_uid not in uids:
             raise UnsafePath(f"{d} is owned by uid {st.st_uid} (must be root or uid {os.geteuid()}): "
-                             f"{_describe(st)}")
+                             f"{_describe(st)}", at=d)
         if _writable_by_others(st):
             if not is_target and st.st_mode & stat.S_ISVTX and st.st_uid == 0:
                 continue  # a sticky root directory such as /tmp: nobody can replace what we create there
-            raise UnsafePath(f"{d} is writable by group or others ({_describe(st)}, group {st.st_gid})")
+            raise UnsafePath(f"{d} is writable by group or others ({_describe(st)}, group {st.st_gid})", at=d)
 
 
 def check_dir(path: Path) -> None:
@@ -135,9 +137,9 @@ def check_trusted(item: Trusted) -> None:
     try:
         check_path(item.path, item.kind)
     except UnsafePath as e:
-        raise UnsafePath(e.problem, key=item.key) from None
+        raise UnsafePath(e.problem, key=item.key, at=e.at) from None
     except OSError as e:
-        raise UnsafePath(f"cannot check {item.path}: {e.strerror}", key=item.key) from None
+        raise UnsafePath(f"cannot check {item.path}: {e.strerror}", key=item.key, at=item.path) from None
 
 
 def runs_as_trusted_user(agent: AgentConfig) -> bool:
