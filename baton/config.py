@@ -604,7 +604,7 @@ def _validate(cfg: Config, host_checks: bool = True) -> None:
         if a.working_dir is not None and not a.working_dir.is_dir():
             raise ConfigError(f"{key}.working_dir", f"directory {a.working_dir} not found")
     if host_checks:
-        _validate_dirs(cfg)
+        _validate_paths(cfg)
 
 
 def _validate_identity(a: AgentConfig, key: str) -> None:
@@ -635,15 +635,12 @@ def _validate_identity(a: AgentConfig, key: str) -> None:
                           f"{a.notify_access!r}")
 
 
-def _validate_dirs(cfg: Config) -> None:
-    """Directories root writes to: owned by root (or our user), not writable by others (baton/strict_modes.py)."""
-    from baton.strict_modes import UnsafePath, check_dir
+def _validate_paths(cfg: Config) -> None:
+    """Every file and directory root trusts: owned by root (or our user), not writable by others
+    (``baton/strict_modes.py``, which holds the list)."""
+    from baton.strict_modes import UnsafePath, check_config_paths
 
-    for key, path in (("node.state_dir", cfg.node.state_dir), ("update.download_dir", cfg.download_dir),
-                      ("log.dir", cfg.log_dir), ("node.install_root", cfg.node.install_root)):
-        try:
-            check_dir(path)
-        except UnsafePath as e:
-            raise ConfigError(key, str(e)) from None
-        except OSError as e:
-            raise ConfigError(key, f"cannot check {path}: {e.strerror}") from None
+    try:
+        check_config_paths(cfg)
+    except UnsafePath as e:
+        raise ConfigError(e.key, e.problem) from None

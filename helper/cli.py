@@ -93,11 +93,14 @@ def cmd_verify(ns: argparse.Namespace) -> int:
     from baton.signing import load_trusted_keys
     from helper.verify import format_verified, verify_file
 
-    keys_paths = ns.key or []
-    if not keys_paths and ns.config:
-        keys_paths = [str(k) for k in _load(ns.config).update.trusted_keys]
+    cfg = _load(ns.config) if not ns.key and ns.config else None
     try:
-        keys = load_trusted_keys(keys_paths)
+        if cfg is not None:
+            from helper.installer import configured_trusted_keys
+
+            keys = configured_trusted_keys(cfg)  # what an update would trust, judged as an update judges it
+        else:
+            keys = load_trusted_keys(ns.key or [])
         vp = verify_file(ns.package, ns.signature, keys, ns.component, ns.version, node_id=ns.node, now=time.time())
     except BatonError as e:
         print(f"helper verify: REFUSED: {e}", file=sys.stderr)

@@ -18,7 +18,8 @@ from baton.config import SUPERVISOR_COMPONENT, Config
 from baton.errors import BatonError
 from baton.journal import UpdateRecord
 from baton.layout import STAGING_PREFIX, ComponentLayout, version_of_dir
-from baton.signing import PublicKey, load_trusted_keys
+from baton.signing import PublicKey, TrustedKeyError, load_trusted_keys
+from baton.strict_modes import UnsafePath, check_trusted, trusted_key_files
 from helper.archive import ExtractLimits, extract_package
 from helper.download import DownloadedFile, DownloadLimits, DownloadProgress, FileIdentity, download
 from helper.verify import VerifiedPackage, verify_package
@@ -27,6 +28,17 @@ from helper.verify import VerifiedPackage, verify_package
 class VerifyTimeout(BatonError):
     def __init__(self, limit_s: float) -> None:
         super().__init__(f"verification did not finish within verify_timeout_s={limit_s:g}s")
+
+
+def configured_trusted_keys(cfg: Config) -> tuple[PublicKey, ...]:
+    """``update.trusted_keys``, failing closed: no key, a key that cannot be read, or one another user could
+    have replaced (``baton/strict_modes.py``, checked before a byte of it is read) is a TrustedKeyError."""
+    for item in trusted_key_files(cfg):
+        try:
+            check_trusted(item)
+        except UnsafePath as e:
+            raise TrustedKeyError(item.path, f"{e.problem} ({item.key})") from None
+    return load_trusted_keys(cfg.update.trusted_keys)
 
 
 class Installer:
@@ -38,8 +50,7 @@ class Installer:
         return self.cfg.download_dir / f"{update_id}.pkg"
 
     def trusted_keys(self) -> tuple[PublicKey, ...]:
-        """Fail closed: no key, or a key that cannot be read, refuses every update."""
-        return load_trusted_keys(self.cfg.update.trusted_keys)
+        return configured_trusted_keys(self.cfg)
 
     def download(self, rec: UpdateRecord, progress: Callable[[DownloadProgress], None],
                  created: Callable[[FileIdentity], None]) -> DownloadedFile:

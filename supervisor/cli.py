@@ -101,10 +101,14 @@ def seconds_arg(text: str) -> float:
 
 def _socket_path(ns: argparse.Namespace) -> Path:
     """``--socket``, else ``grpc.unix_socket`` of ``--config``, else its private ``<state_dir>/run/control.sock``."""
+    from supervisor.ctl import checked_socket
+
     if ns.socket:
-        return Path(ns.socket)
+        return checked_socket(Path(ns.socket), "--socket")
     cfg = _load(ns.config)
-    return cfg.grpc.unix_socket or cfg.control_socket
+    if cfg.grpc.unix_socket is not None:
+        return checked_socket(cfg.grpc.unix_socket, "grpc.unix_socket")
+    return checked_socket(cfg.control_socket, "node.state_dir")
 
 
 def _ctl(fn: Any) -> Any:

@@ -74,17 +74,25 @@ class PackageInfo:
 
 
 def target(ns: argparse.Namespace) -> str:
-    if ns.socket:
-        return f"unix:{ns.socket}"
-    from baton.config import ConfigError, load_config
+    """``unix:PATH`` of ``--socket`` or ``grpc.unix_socket``, refused (as root) in a directory others may change."""
+    from supervisor.ctl import CtlError, checked_socket
 
+    if ns.socket:
+        path, key = Path(ns.socket), "--socket"
+    else:
+        from baton.config import ConfigError, load_config
+
+        try:
+            cfg = load_config(Path(ns.config))
+        except ConfigError as e:
+            raise CliError(f"config error: {e}", EXIT_USAGE) from None
+        if cfg.grpc.unix_socket is None:
+            raise CliError("the config has no grpc.unix_socket; pass --socket", EXIT_USAGE)
+        path, key = cfg.grpc.unix_socket, "grpc.unix_socket"
     try:
-        cfg = load_config(Path(ns.config))
-    except ConfigError as e:
-        raise CliError(f"config error: {e}", EXIT_USAGE) from None
-    if cfg.grpc.unix_socket is None:
-        raise CliError("the config has no grpc.unix_socket; pass --socket", EXIT_USAGE)
-    return f"unix:{cfg.grpc.unix_socket}"
+        return f"unix:{checked_socket(path, key)}"
+    except CtlError as e:
+        raise CliError(str(e)) from None
 
 
 def rpc_error(e: Any, where: str) -> CliError:

@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 
 from baton.errors import BatonError
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
+from baton.strict_modes import Kind, Trusted, UnsafePath, check_trusted
 
 EXIT_FAILED = 1
 SETTLED = frozenset({common_pb2.AGENT_STATE_RUNNING, common_pb2.AGENT_STATE_STOPPED, common_pb2.AGENT_STATE_EXITED,
@@ -39,6 +40,17 @@ def state_name(state: int) -> str:
 def to_json(msg: Message) -> dict[str, Any]:
     """Every field, zeros and empty strings included (a script must not guess at absent keys)."""
     return MessageToDict(msg, always_print_fields_with_no_presence=True)
+
+
+def checked_socket(path: Path, key: str) -> Path:
+    """As root, refuse a socket in a directory another user could change: they could have moved the
+    supervisor's socket aside and be listening in its place (``baton/strict_modes.py``, the daemon's rule)."""
+    if os.geteuid() == 0:
+        try:
+            check_trusted(Trusted(key, path.parent, Kind.DIR))
+        except UnsafePath as e:
+            raise CtlError(f"refusing to talk to {path}: {e}") from None
+    return path
 
 
 class Client:

@@ -122,6 +122,22 @@ def _user_name(uid: int) -> str:
         return str(uid)
 
 
+def check_trusted_paths(ctx: Context) -> list[Finding]:
+    """The rule check-config, run and reload apply to every path root trusts (baton/strict_modes.py)."""
+    from baton.strict_modes import UnsafePath, check_trusted, trusted_paths
+
+    items = trusted_paths(ctx.cfg)
+    out = []
+    for item in items:
+        try:
+            check_trusted(item)
+        except UnsafePath as e:
+            at = e.at or item.path
+            out.append(Finding("trusted-paths", PROBLEM, str(e), f"chown -h root: {at} && chmod go-w {at}"))
+    return out or [Finding("trusted-paths", OK, f"{len(items)} files and directories root trusts: owned by root "
+                                                "or our user, writable by nobody else")]
+
+
 def check_directories(ctx: Context) -> list[Finding]:
     c = ctx.cfg
     dirs = {"state_dir": c.node.state_dir, "run dir": c.run_dir, "log dir": c.log_dir,
@@ -261,6 +277,13 @@ def check_supervisor(ctx: Context) -> list[Finding]:
            f"why it stopped: {ctx.cfg.log_dir / 'supervisor.log'}, journalctl -u baton-supervisor")
     if not path.is_socket():
         return [Finding("supervisor", PROBLEM, f"not running: no socket at {path}", fix)]
+    from supervisor.ctl import CtlError, checked_socket
+
+    try:
+        checked_socket(path, "grpc.unix_socket" if ctx.cfg.grpc.unix_socket else "node.state_dir")
+    except CtlError as e:  # whoever answers there may not be the supervisor: not asked (see trusted-paths)
+        return [Finding("supervisor", PROBLEM, str(e), f"move grpc.unix_socket to a directory only root can write "
+                                                        f"(e.g. /run/baton), or: chmod go-w {path.parent}")]
     try:
         st = _status(ctx)
     except grpc.RpcError as e:
@@ -487,6 +510,7 @@ def check_systemd_unit(ctx: Context) -> list[Finding]:
 
 CHECKS: tuple[tuple[str, Callable[[Context], list[Finding]]], ...] = (
     ("trusted-keys", check_trusted_keys),
+    ("trusted-paths", check_trusted_paths),
     ("directories", check_directories),
     ("disk-space", check_disk_space),
     ("layout", check_layout),

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from baton.errors import BatonError
 from baton.log import logger
+from baton.strict_modes import UnsafePath, check_dir, make_dirs
 from supervisor.authz import Channel, peer_label
 
 if TYPE_CHECKING:
@@ -63,25 +64,59 @@ def bind_tcp(address: str) -> socket.socket:
 
 
 def bind_unix(path: Path, group: str = "") -> socket.socket:
-    """Create the socket 0600 (0660 for a named group) with no window where it is wider."""
+    """Listen at ``path``, 0600 (0660 for a named group), in a directory only root (or our user) may change.
+
+    Nothing is done by a name another user could reach: the directory is judged first
+    (``baton/strict_modes.py``; ListenError names it). Without a group the umask gives the socket its mode as
+    it is bound; with one, the socket is bound, given its group and mode inside a private directory of its
+    own, and renamed into place (a rename replaces whatever is at ``path``, a planted symbolic link
+    included, without following it).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        check_dir(path.parent)
+        make_dirs(path.parent, 0o755)
+    except (UnsafePath, OSError) as e:
+        raise ListenError(f"cannot listen on {path}: {e}") from None
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o177 if not group else 0o117)
     try:
-        sock.bind(str(path))
+        if group:
+            _bind_with_group(sock, path, grp.getgrnam(group).gr_gid)
+        else:
+            old = os.umask(0o177)
+            try:
+                sock.bind(str(path))
+            finally:
+                os.umask(old)
     except OSError as e:
         sock.close()
         raise ListenError(f"cannot listen on {path}: {e.strerror}") from None
-    finally:
-        os.umask(old)
-    if group:
-        os.chown(path, -1, grp.getgrnam(group).gr_gid)
-        os.chmod(path, 0o660)
     sock.listen(BACKLOG)
     return sock
+
+
+def _bind_with_group(sock: socket.socket, path: Path, gid: int) -> None:
+    """Bind, chown and chmod in a 0700 directory of our own beside ``path``, then rename the socket onto it."""
+    private = path.parent / f".bind-{os.urandom(8).hex()}"  # not tempfile: it would keep shutil's bz2 and lzma
+    os.mkdir(private, 0o700)                                 # resident (test_supervisor's memory test)
+    staged = private / path.name
+    try:
+        sock.bind(str(staged))
+        os.chown(staged, -1, gid)
+        os.chmod(staged, 0o660)
+        os.rename(staged, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(staged)  # only if the rename did not happen
+        with contextlib.suppress(OSError):
+            os.rmdir(private)
+
+
+def unix_path(key: str, sock: socket.socket) -> str:
+    """Where a listening Unix socket is: its config address (``unix:PATH``) or the name it was bound to."""
+    return key.removeprefix("unix:") if key.startswith("unix:") else str(sock.getsockname())
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -250,10 +285,10 @@ class Front:
         await self.stop_accepting()
         for t in list(self._conns):
             t.cancel()
-        for s in self.sockets.values():
-            if s.family == socket.AF_UNIX:
+        for key, s in self.sockets.items():
+            if s.family == socket.AF_UNIX:  # a socket with a group was renamed into place (bind_unix)
                 with contextlib.suppress(OSError, FileNotFoundError):
-                    os.unlink(s.getsockname())
+                    os.unlink(unix_path(key, s))
             s.close()
         self.sockets.clear()
 

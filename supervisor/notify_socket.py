@@ -87,8 +87,11 @@ class NotifySocket:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            sock.bind(str(self.path))
-            os.chmod(self.path, 0o600)
+            old = os.umask(0o177)  # 0600 as it is bound: no chmod through a name afterwards
+            try:
+                sock.bind(str(self.path))
+            finally:
+                os.umask(old)
         # On an inherited socket too: a handover from a version that did not set it must not turn the check off.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         sock.setblocking(False)

@@ -46,7 +46,8 @@ def test_a_healthy_host_is_all_ok_and_the_text_output_has_one_line_per_finding(u
     code, checks = doctor(update_host.sup.config_path)
     assert code == 0, [c for c in checks if c["status"] != "ok"]
     names = {c["check"] for c in checks}
-    assert names == {"config", "trusted-keys", "directories", "disk-space", "layout", "supervisor", "agents",
+    assert names == {"config", "trusted-keys", "trusted-paths", "directories", "disk-space", "layout", "supervisor",
+                     "agents", "manager", "certificates", "clock", "systemd-unit"}
                      "manager", "certificates", "clock", "systemd-unit"}
     key = worst(checks, "trusted-keys")
     assert load_public_key(update_host.release.public_key).key_id_hex in key["message"]
@@ -74,6 +75,17 @@ def test_a_state_dir_owned_by_nobody_is_a_problem_until_chowned(update_host):
     run_fix(bad["fix"])
     code, checks = doctor(update_host.sup.config_path)
     assert worst(checks, "directories")["status"] == "ok" and code == 0
+
+
+def test_a_trusted_key_owned_by_nobody_is_a_problem_until_chowned(update_host):
+    key = update_host.release.public_key
+    os.chown(key, NOBODY, -1)
+    code, checks = doctor(update_host.sup.config_path)
+    bad = worst(checks, "trusted-paths")
+    assert code == 2 and bad["message"].startswith("update.trusted_keys[0]:") and "uid 65534" in bad["message"]
+    run_fix(bad["fix"])
+    code, checks = doctor(update_host.sup.config_path)
+    assert worst(checks, "trusted-paths")["status"] == "ok" and code == 0
 
 
 def test_a_missing_trusted_key_is_a_problem_until_restored(update_host):

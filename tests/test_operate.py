@@ -236,7 +236,8 @@ def test_user_and_umask_apply_and_the_log_and_notify_socket_still_work(traversab
     nobody = pwd.getpwnam("nobody")
     sup = SupervisorProc(traversable_base / "sup", reaper, [
         {"name": "low", "command": SYSTEM_PYTHON, "args": ["-u", "-c", AS_NOBODY], "user": "nobody",
-         "umask": "027", "notify": True}])
+         "umask": "027", "notify": True}],
+        extra={"update": {"file_url_root": str(traversable_base)}})  # the default, two levels up, is /tmp itself
     try:
         _check_nobody_agent(sup.start(), nobody)
     finally:

@@ -55,10 +55,12 @@ def test_state_dir_owned_by_nobody_is_refused_by_check_config_and_by_run(tmp_pat
     assert list(state.iterdir()) == [], "run created nothing in it"
 
 
+@needs_root
 @pytest.mark.parametrize("mode", [0o777, 0o770, 0o1777])
 def test_world_or_group_writable_state_dir_is_refused(tmp_path, mode):
     state = tmp_path / "state"
     state.mkdir()
+    os.chown(state, -1, NOBODY)  # group-writable is refused for any group but root's (gid 0)
     state.chmod(mode)
     res = supervisor("check-config", str(config(tmp_path)))
     assert res.returncode == 2
@@ -75,9 +77,11 @@ def test_download_dir_owned_by_nobody_is_refused(tmp_path):
     assert "update.download_dir" in one_line(res)
 
 
+@needs_root
 def test_group_writable_parent_of_install_root_is_refused(tmp_path):
     parent = tmp_path / "opt"
     parent.mkdir()
+    os.chown(parent, -1, NOBODY)
     parent.chmod(0o775)
     res = supervisor("check-config", str(config(tmp_path, node={"install_root": str(parent / "baton")})))
     assert res.returncode == 2
