@@ -48,7 +48,6 @@ def test_a_healthy_host_is_all_ok_and_the_text_output_has_one_line_per_finding(u
     names = {c["check"] for c in checks}
     assert names == {"config", "trusted-keys", "trusted-paths", "directories", "disk-space", "layout", "supervisor",
                      "agents", "manager", "certificates", "clock", "systemd-unit"}
-                     "manager", "certificates", "clock", "systemd-unit"}
     key = worst(checks, "trusted-keys")
     assert load_public_key(update_host.release.public_key).key_id_hex in key["message"]
     text = subprocess.run([PY, "-m", "supervisor", "doctor", "--config", str(update_host.sup.config_path)],
