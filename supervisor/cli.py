@@ -192,8 +192,11 @@ def cmd_reload(ns: argparse.Namespace) -> int:
                          ("unchanged", r.unchanged)):
         print(f"{label}: {', '.join(names) or '-'}")
     if r.not_applied:
-        print(f"not applied until the next supervisor start: [{'], ['.join(r.not_applied)}]")
-    return 0
+        print(f"not applied until `supervisor restart-daemon` (agents keep running) or the next start: "
+              f"[{'], ['.join(r.not_applied)}]")
+    if r.tls:
+        print(r.tls, file=sys.stderr if r.tls_kept_old else sys.stdout)
+    return 1 if r.tls_kept_old else 0
 
 
 def cmd_install_self(ns: argparse.Namespace) -> int:

@@ -41,7 +41,7 @@ from supervisor.audit import AuditInterceptor, AuditTrail, Callers
 from supervisor.daemon_service import DaemonService, agent_info
 from supervisor.front import SERVER_OPTIONS, Front, UnixPeerPolicy, bind_tcp, bind_unix
 from supervisor.handover import ReceivedState
-from supervisor.tls import server_credentials
+from supervisor.tls import TlsReloadError, server_tls
 from supervisor.updates import UpdateManager
 from supervisor.version import supervisor_version
 
@@ -68,6 +68,8 @@ class Reloaded:
 
     agents: ReloadResult
     not_applied: tuple[str, ...]
+    tls: str = ""  # what became of grpc.tls_*: "" without TLS, else one line (re-read, unchanged, or kept and why)
+    tls_kept_old: bool = False  # the files on disk did not load: the old ones are still served
 
 
 def status_line(states: list[AgentState]) -> str:
@@ -118,7 +120,7 @@ class Supervisor:
         self.pm = ProcessManager(cfg, self._agent_changed)
         self.agent_socket = AgentSocket(self.pm, self.audit, agent_channel.socket_path(cfg.run_dir))
         self.updates = UpdateManager(cfg)
-        self._credentials = server_credentials(cfg.grpc)  # None: the TCP backend port is insecure
+        self.tls = server_tls(cfg.grpc)  # None: the TCP backend port is insecure
         self.gate = handover.HandoverGate()
         self.server = self._grpc_server()
         self.front = Front(self.backend_path,
@@ -183,7 +185,7 @@ class Supervisor:
         """Two private ports: TCP clients reach ``backend_path`` (mutual TLS and the allow-list when configured),
         local clients ``local_backend_path``; ``supervisor/authz.py`` tells their calls apart by transport."""
         g = self.cfg.grpc
-        creds = self._credentials
+        creds = self.tls.credentials() if self.tls is not None else None
         if creds is not None and not (g.allowed_clients or g.allow_downgrade_clients):
             logger.warning("TLS is on but grpc.allowed_clients is empty: no client may change anything over TCP")
         if creds is None and g.listen:
@@ -250,10 +252,14 @@ class Supervisor:
         return bool(self.cfg.manager.address)
 
     async def reload(self) -> Reloaded:
-        """Re-read the config file and apply its agents; ConfigError (nothing changed) for a bad file.
+        """Re-read the config file, apply its agents and re-read the TLS files; ConfigError (nothing changed) for
+        a bad file.
 
-        Only ``agents`` is applied; other sections that differ are named in ``not_applied`` and take effect
-        at the next start (listening sockets, directories and the Manager client are not rebuilt live).
+        ``agents`` is applied, and ``grpc.tls_cert``/``tls_key``/``tls_ca`` are read again from the running
+        config's paths (a renewed certificate written over the old file is served from the next connection; files
+        that do not load leave the old ones served). Other sections that differ are named in ``not_applied``:
+        ``supervisor restart-daemon`` applies them, keeping every agent (listening sockets, directories and the
+        Manager client are not rebuilt live).
         """
         await self._agents_ready.wait()
         assert self.cfg.source is not None
@@ -261,7 +267,9 @@ class Supervisor:
         not_applied = tuple(f.name for f in dataclasses.fields(Config)
                             if f.name not in ("agents", "source") and getattr(new, f.name) != getattr(self.cfg, f.name))
         if not_applied:
-            logger.warning("reload: changes to [{}] take effect at the next supervisor start", ", ".join(not_applied))
+            logger.warning("reload: changes to [{}] take effect at `supervisor restart-daemon` or the next start",
+                           ", ".join(not_applied))
+        tls, tls_kept_old = await asyncio.to_thread(self._reload_tls)
         merged = dataclasses.replace(self.cfg, agents=new.agents)
         systemd.notify("RELOADING=1\nSTATUS=reloading the config")
         try:
@@ -270,7 +278,25 @@ class Supervisor:
             self.cfg = merged
             self.updates.cfg = merged
             systemd.notify(f"READY=1\nSTATUS={status_line(self.pm.states())}")
-        return Reloaded(result, not_applied)
+        return Reloaded(result, not_applied, tls, tls_kept_old)
+
+    def _reload_tls(self) -> tuple[str, bool]:
+        """Re-read grpc.tls_*: (the line for the log and the reload's answer, whether the old files stay served)."""
+        if self.tls is None:
+            return "", False
+        try:
+            changed = self.tls.reload(self.cfg.grpc)
+        except TlsReloadError as e:
+            line = (f"TLS: the old certificate (serial {self.tls.files.serial:x}) is still served: the new files "
+                    f"do not load: {e}")
+            logger.error("reload: {}", line)
+            return line, True
+        if changed:
+            line = f"TLS: serving the new certificate (serial {self.tls.files.serial:x}) from the next connection"
+            logger.info("reload: {}", line)
+        else:
+            line = f"TLS: the certificate is unchanged (serial {self.tls.files.serial:x})"
+        return line, False
 
     def _reload_on_signal(self) -> None:
         async def run() -> None:
