@@ -55,6 +55,7 @@ STATUS_DELAY_S = 0.05  # agent changes within this share one systemd STATUS line
 STRAY_REAP_DELAY_S = 0.05  # SIGCHLDs within this share one look for stray children
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 TRIM_HEAP_AFTER_START_S = 1.0  # start-up's garbage (config, handover, spawning every agent) freed by then
+RESTART_HOLDER_TIMEOUT_S = 30.0  # systemctl restart: the helper's PREPARE by then, else the agents are left to adopt
 TRIM_HEAP_EVERY_S = 60.0  # and what later bursts (updates, waves of restarts) left: a trim costs well under 1 ms
 
 
@@ -112,6 +113,7 @@ class Supervisor:
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._reloads: set[asyncio.Task[None]] = set()
+        self._restart_check: asyncio.Task[None] | None = None  # SIGTERM under systemd: a stop or a restart?
         self._agents_ready = asyncio.Event()  # a reload (SIGHUP, RPC) that comes while starting waits for it
         self._status_soon: asyncio.TimerHandle | None = None
         self._reap_soon: asyncio.TimerHandle | None = None
@@ -312,6 +314,67 @@ class Supervisor:
         self._reloads.add(task)  # the loop keeps only a weak reference to a task
         task.add_done_callback(self._reloads.discard)
 
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        deciding = self._restart_check is not None or self._stop.is_set()
+        if sig is signal.SIGTERM and systemd.under_systemd() and not deciding:
+            self._restart_check = asyncio.get_running_loop().create_task(self._stop_or_restart())
+        else:
+            self._stop.set()
+
+    async def _stop_or_restart(self) -> None:
+        """SIGTERM from systemd: ``systemctl restart`` keeps every agent, a stop (or a shutdown) stops them all.
+
+        systemd says which in the unit's pending job (``restart`` or ``stop``). For a restart a helper of ours, in a
+        transient unit of its own, takes the agents and descriptors through the self-update's handover; this
+        process then exits instead of exec'ing and systemd starts the next one, which takes them from the helper.
+        Anything we cannot tell or do is a stop, as documented. docs/handover.md, "Under systemd".
+        """
+        unit = systemd.own_unit()
+        job = await asyncio.to_thread(systemd.pending_job, unit) if unit else ""
+        if job not in systemd.RESTART_JOBS:
+            self._stop.set()
+            return
+        why_not = handover.cannot_hand_over(self.cfg) or ("" if self._agents_ready.is_set() else "still starting")
+        if not why_not and not await self._start_restart_helper(unit):
+            why_not = "its helper could not be started"
+        if why_not:
+            logger.warning("systemd restarts {}, but the agents cannot be handed over ({}): stopping every agent",
+                           unit, why_not)
+            self._stop.set()
+            return
+        await asyncio.sleep(RESTART_HOLDER_TIMEOUT_S)
+        if self.endpoint.busy:
+            return  # the handover ends in exit_keeping_agents (its own timeouts bound it)
+        logger.error("systemd restarts {}: no helper asked for the agents within {:g}s", unit, RESTART_HOLDER_TIMEOUT_S)
+        self.pm.release_all()
+        self.pm.persist()
+        handover.exit_keeping_agents("the next process adopts them from agents.json")
+
+    async def _start_restart_helper(self, unit: str) -> bool:
+        """``supervisor restart-daemon --after-exit`` in a transient unit: outside what systemd stops with ours."""
+        import subprocess
+
+        from supervisor.install_self import launcher
+
+        logger.info("systemd restarts {}: handing every agent over to the next process", unit)
+        self.endpoint.exit_after_handover = True
+        log_path = self.cfg.log_dir / "restart-daemon.log"
+        argv = systemd.transient_unit_argv(
+            f"baton-restart-{os.getpid()}-{int(time.time())}", log_path,
+            [str(launcher(self.cfg)), "restart-daemon", "--config", str(self.cfg.source), "--after-exit"])
+        try:
+            res = await asyncio.to_thread(subprocess.run, argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                          text=True, timeout=RESTART_HOLDER_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            logger.error("systemd-run: {}", e)
+            self.endpoint.exit_after_handover = False
+            return False
+        if res.returncode != 0:
+            logger.error("systemd-run exited {}: {}", res.returncode, res.stderr.strip()[-500:])
+            self.endpoint.exit_after_handover = False
+            return False
+        return True
+
     async def _trim_heap(self) -> None:
         """Hand the C heap's free memory back shortly after start-up, then every TRIM_HEAP_EVERY_S (libc.trim_heap)."""
         await asyncio.sleep(TRIM_HEAP_AFTER_START_S)
@@ -328,7 +391,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_log_loop_exception)
         for sig in STOP_SIGNALS:
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, handover.HANDLED_SIGNALS)  # blocked across a handover's exec
         if os.environ.pop(handover.PENDING_STOP_ENV, None):

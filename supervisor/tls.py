@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -40,6 +41,14 @@ class TlsFiles:
 
     def configuration(self) -> grpc.ServerCertificateConfiguration:
         return grpc.ssl_server_certificate_configuration([(self.key, self.cert)], root_certificates=self.ca)
+
+
+def key_belongs_to(key: Any, cert: Any) -> bool:
+    """Whether the private ``key`` is the one of ``cert``'s public key (cryptography's objects)."""
+    from cryptography.hazmat.primitives import serialization
+
+    spki = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    return bool(key.public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki))
 
 
 def read_tls_files(cfg: GrpcConfig) -> TlsFiles:
@@ -71,9 +80,7 @@ def read_tls_files(cfg: GrpcConfig) -> TlsFiles:
         x509.load_pem_x509_certificates(data["tls_ca"])
     except ValueError as e:
         raise TlsReloadError("grpc.tls_ca", f"{cfg.tls_ca} is not a PEM certificate: {e}") from None
-    pem = serialization.Encoding.PEM
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(pem, spki) != cert.public_key().public_bytes(pem, spki):
+    if not key_belongs_to(key, cert):
         raise TlsReloadError("grpc.tls_key", f"{cfg.tls_key} is not the key of the certificate {cfg.tls_cert}")
     return TlsFiles(data["tls_cert"], data["tls_key"], data["tls_ca"], cert.serial_number)
 
