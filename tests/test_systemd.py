@@ -51,6 +51,25 @@ def test_verify_would_catch_a_bad_setting(tmp_path):
     assert res.stdout + res.stderr != ""
 
 
+@pytest.mark.parametrize("lines", [
+    "0::/system.slice/baton-supervisor.service\n",
+    "12:pids:/\n1:name=systemd:/system.slice/baton-supervisor.service\n0::/\n",
+])
+def test_the_supervisor_finds_its_own_unit_in_its_cgroup(tmp_path, lines):
+    from supervisor.systemd import own_unit
+
+    (tmp_path / "cgroup").write_text(lines)
+    assert own_unit(str(tmp_path / "cgroup")) == "baton-supervisor.service"
+
+
+def test_outside_a_service_there_is_no_unit_to_ask_about(tmp_path):
+    from supervisor.systemd import own_unit
+
+    (tmp_path / "cgroup").write_text("0::/user.slice/user-0.slice/session-1.scope\n")
+    assert own_unit(str(tmp_path / "cgroup")) == ""
+    assert own_unit(str(tmp_path / "missing")) == ""
+
+
 def install_self_cli(*args: str | Path, release_root: Path | None = None,
                      without_systemd: bool = False) -> subprocess.CompletedProcess[str]:
     """``supervisor install-self ARGS`` from the checkout or an unpacked release, as root with an empty environment.
