@@ -28,12 +28,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from baton import agent_channel
 from baton.agent_table import AgentRecord
 from baton.audit import AuditLog
-from baton.config import Config, load_config
+from baton.config import Config, ConfigError, load_config
 from baton.errors import BatonError
 from baton.log import logger
 from baton.pb import daemon_pb2_grpc
 from baton.states import AgentState
 from baton.strict_modes import make_dirs
+from baton.tls_files import TlsFilesError
 from supervisor import handover, libc, systemd
 from supervisor.agent_socket import AgentSocket
 from supervisor.agents import AgentSnapshot, ProcessManager, ReloadResult, same_process
@@ -41,7 +42,7 @@ from supervisor.audit import AuditInterceptor, AuditTrail, Callers
 from supervisor.daemon_service import DaemonService, agent_info
 from supervisor.front import SERVER_OPTIONS, Front, UnixPeerPolicy, bind_tcp, bind_unix
 from supervisor.handover import ReceivedState
-from supervisor.tls import TlsReloadError, server_tls
+from supervisor.tls import server_tls
 from supervisor.updates import UpdateManager
 from supervisor.version import supervisor_version
 
@@ -265,7 +266,11 @@ class Supervisor:
         """
         await self._agents_ready.wait()
         assert self.cfg.source is not None
-        new = await asyncio.to_thread(load_config, self.cfg.source)
+        try:
+            new = await asyncio.to_thread(load_config, self.cfg.source)
+        except ConfigError as e:  # a renewed TLS pair that does not belong together is refused here, old one kept
+            logger.error("reload refused, the running config stays: {}", e)
+            raise
         not_applied = tuple(f.name for f in dataclasses.fields(Config)
                             if f.name not in ("agents", "source") and getattr(new, f.name) != getattr(self.cfg, f.name))
         if not_applied:
@@ -288,7 +293,7 @@ class Supervisor:
             return "", False
         try:
             changed = self.tls.reload(self.cfg.grpc)
-        except TlsReloadError as e:
+        except TlsFilesError as e:
             line = (f"TLS: the old certificate (serial {self.tls.files.serial:x}) is still served: the new files "
                     f"do not load: {e}")
             logger.error("reload: {}", line)
@@ -302,13 +307,9 @@ class Supervisor:
 
     def _reload_on_signal(self) -> None:
         async def run() -> None:
-            from baton.config import ConfigError
-
             logger.info("SIGHUP: reloading {}", self.cfg.source)
-            try:
+            with contextlib.suppress(ConfigError):  # reload() logged it
                 await self.reload()
-            except ConfigError as e:
-                logger.error("reload refused, the running config stays: {}", e)
 
         task = asyncio.get_running_loop().create_task(run())
         self._reloads.add(task)  # the loop keeps only a weak reference to a task

@@ -341,7 +341,7 @@ def check_certificates(ctx: Context) -> list[Finding]:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from supervisor.tls import key_belongs_to
+    from baton.tls_files import key_belongs_to
 
     c = ctx.cfg
     pairs = [("grpc.tls_cert", c.grpc.tls_cert, c.grpc.tls_key), ("grpc.tls_ca", c.grpc.tls_ca, None),

@@ -109,16 +109,38 @@ def test_renewed_certificate_is_served_after_reload_without_a_restart(tls_sup, p
 
 
 def test_broken_new_certificate_keeps_the_old_one_served_and_says_so(tls_sup, pki):
+    """A renewed certificate whose key was not copied: the reload is refused with one line naming the key, the old
+    certificate stays served, and nothing else of the reload happens (a bad file changes nothing)."""
     served = Path(tls_sup.cfg["grpc"]["tls_cert"]).parent
     old_serial = served_serial(tls_sup, pki)
+    before = tls_sup.status()
     renewed = renew(pki)
     shutil.copy(renewed.cert, served / "node.pem")  # the renewed certificate, but the key left as it was
-    res = reload_cli(tls_sup)
+    tls_sup.cfg["agents"] = []  # would stop web, were the file accepted
+    tls_sup.write_config()
+    res = subprocess.run([PY, "-m", "supervisor", "reload", "--socket", str(tls_sup.socket)], capture_output=True,
+                         text=True, timeout=60, cwd=ROOT)
     assert res.returncode == 1
-    (line,) = res.stderr.splitlines()
-    assert line == (f"TLS: the old certificate (serial {old_serial:x}) is still served: the new files do not load: "
-                    f"grpc.tls_key: {served / 'node.key'} is not the key of the certificate {served / 'node.pem'}")
-    assert "unchanged: web" in res.stdout, "the rest of the reload was applied"
+    problem = (f"grpc.tls_key: {served / 'node.key'} is not the key of the certificate {served / 'node.pem'}")
+    assert res.stderr == f"supervisor: config error: {problem}; the running config stays\n"
     assert served_serial(tls_sup, pki) == old_serial
-    assert status_over_tls(tls_sup, pki).node_id == "node-1"
-    assert line in (tls_sup.state_dir / "logs" / "supervisor.log").read_text()
+    after = status_over_tls(tls_sup, pki)
+    assert [(a.name, a.pid) for a in after.agents] == [(a.name, a.pid) for a in before.agents]
+    assert f"reload refused, the running config stays: {problem}" in tls_sup.output()
+
+
+@pytest.mark.parametrize("section", ["grpc", "manager"])
+def test_check_config_refuses_a_key_that_is_not_the_certificates_naming_the_key(make_supervisor, pki, section):
+    """What the reload keeps out of the server is kept out of a start too: one line, exit 2, nothing started."""
+    other = renew(pki)
+    tls = {"tls_cert": str(pki.node.cert), "tls_key": str(other.key), "tls_ca": str(pki.ca.files.cert)}
+    extra = {"grpc": {**tls, "allowed_clients": [ALLOWED]}} if section == "grpc" else {
+        "manager": {**tls, "address": "127.0.0.1:7444", "server_name": "manager-1"}}
+    sup = make_supervisor([], tcp=section == "grpc", extra=extra)
+    sup.write_config()
+    for argv in (["check-config", str(sup.config_path)], ["run", "--config", str(sup.config_path)]):
+        res = subprocess.run([PY, "-m", "supervisor", *argv], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert res.returncode == 2
+        assert res.stderr == (f"supervisor: config error: {section}.tls_key: {other.key} is not the key of the "
+                              f"certificate {pki.node.cert}\n")
+    assert not sup.state_dir.exists(), "nothing was started"
