@@ -152,7 +152,7 @@ class HandoverSession:
             faults.crash_point("handover-state-received")
             wire.send(conn, wire.Exec())
             self._to(Custody.EXEC_SENT)
-        logger.info("handover: got {} agents and {} descriptors from supervisor pid {}; it execs now",
+        logger.info("handover: got {} agents and {} descriptors from supervisor pid {}; it execs (or exits) now",
                     len(state.agents), len(fds), self.pid)
         faults.crash_point("handover-exec-sent")
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import urllib.request
 
+import grpc
 import psutil
 import pytest
 
@@ -120,4 +121,18 @@ def test_supervisor_killed_during_restart_daemon_leaves_every_agent_adopted_by_t
     for name in AGENTS:
         a = host.sup.wait_agent(name, "running", timeout=30)
         assert agent_processes(host.sup.state_dir, name) == [a.pid], f"agent {name} must run exactly once"
+    assert not (host.sup.base / "run" / "handover.json").exists()
+
+
+def test_restart_daemon_with_no_supervisor_running_starts_nothing(make_self_host):
+    host = make_self_host(tcp=False)
+    pids = agent_pids(host)
+    host.sup.kill()  # dead, not stopped: the agents keep running
+    res = restart_daemon(host)
+    assert res.returncode == 1
+    assert res.stderr == (f"supervisor restart-daemon: supervisor: not restarted: no supervisor answers on "
+                          f"{host.sup.state_dir / 'run' / 'control.sock'}\n")
+    with pytest.raises(grpc.RpcError):  # nobody serves: nothing was started
+        host.sup.status(timeout=1)
+    assert {n: agent_processes(host.sup.state_dir, n) for n in AGENTS} == {n: [p] for n, p in pids.items()}
     assert not (host.sup.base / "run" / "handover.json").exists()
