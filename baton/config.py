@@ -437,6 +437,18 @@ def _require_file(path: Path | None, key: str, marker: bytes = b"", read: bool =
         raise ConfigError(key, f"{path} holds no {marker.decode().strip('-')} (PEM)")
 
 
+def _require_tls_pair(section: str, cert: Path | None, key: Path | None, ca: Path | None) -> None:
+    """A certificate and key that load and belong together (a mismatch would only show at the first handshake)."""
+    if cert is None or key is None:
+        return
+    from baton.tls_files import TlsFilesError, read_tls_files
+
+    try:
+        read_tls_files(section, cert, key, ca)
+    except TlsFilesError as e:
+        raise ConfigError(e.key, e.problem) from None
+
+
 def _split_address(addr: str, key: str) -> tuple[str, int]:
     """HOST:PORT (``[v6]:PORT``) with a port from 1 to 65535."""
     host, sep, port = addr.rpartition(":")
@@ -532,6 +544,9 @@ def _validate(cfg: Config, host_checks: bool = True) -> None:
         marker = b"PRIVATE KEY-----" if name == "tls_key" else b"-----BEGIN CERTIFICATE-----"
         _require_file(getattr(cfg.manager, name), f"manager.{name}", marker, host_checks)
     m = cfg.manager
+    if host_checks:
+        _require_tls_pair("grpc", cfg.grpc.tls_cert, cfg.grpc.tls_key, cfg.grpc.tls_ca)
+        _require_tls_pair("manager", m.tls_cert, m.tls_key, m.tls_ca)
     if m.address.strip() and not m.addresses:
         raise ConfigError("manager.address", f"{m.address!r} names no HOST:PORT")
     for addr in m.addresses:

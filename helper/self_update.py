@@ -43,7 +43,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from baton import faults
 from baton import handover as wire
 from baton.agent_table import AgentTable
-from baton.config import Config
+from baton.config import SUPERVISOR_COMPONENT, Config
 from baton.errors import BatonError
 from baton.journal import Journal, UpdateRecord
 from baton.layout import START_LOG_ENV, START_LOG_NAME, ComponentLayout
@@ -54,6 +54,7 @@ from baton.states import CUSTODY_TRANSITIONS, Custody, check_move
 from baton.states import UpdateState as S
 from baton.strict_modes import log_opener
 from helper.bridge import Bridge
+from helper.locks import ComponentBusy, ComponentLock
 from helper.machine import ControlFactory, UpdateRun
 from helper.recovery import moved, switched_back
 
@@ -151,9 +152,14 @@ class HandoverSession:
             faults.crash_point("handover-state-received")
             wire.send(conn, wire.Exec())
             self._to(Custody.EXEC_SENT)
-        logger.info("handover: got {} agents and {} descriptors from supervisor pid {}; it execs now",
+        logger.info("handover: got {} agents and {} descriptors from supervisor pid {}; it execs (or exits) now",
                     len(state.agents), len(fds), self.pid)
         faults.crash_point("handover-exec-sent")
+
+    def expect_exit(self) -> None:
+        """The process we took the state from exits instead of exec'ing (systemd restarts the unit): its end is
+        no failure, and the next supervisor is systemd's to start; we wait for its HELLO."""
+        self.pid = 0
 
     # ---- answering while no supervisor does (helper/bridge.py) -----------------------------------------------
 
@@ -516,3 +522,62 @@ def rollback_supervisor(cfg: Config, to: str | None = None) -> str:
         finally:
             session.close()
     return f"supervisor: {moved(cur, target)}; running (pid {session.pid})"
+
+
+def restart_supervisor(cfg: Config, *, after_exit: bool = False) -> str:
+    """``supervisor restart-daemon``: the running supervisor starts again through the handover, agents kept.
+
+    The same version (``current``) with the config file as it is now: the running process gives its agent table
+    and descriptors to us and execs ``current`` in its own pid (``after_exit``: it exits, and systemd, which is
+    restarting the unit, starts the next process); the next one takes them, adopts every agent (same pids, the
+    same output pipes and notify sockets) and must pass the self-update's handshake. If it does not, we kill
+    it and start ``current`` again (systemd does under systemd) with what we hold, as a rollback does.
+
+    Raises:
+        SelfUpdateError: no supervisor runs, another update of the supervisor holds its lock, the running one
+            refused (nothing was stopped), or no supervisor came up healthy (its start log is quoted).
+    """
+    layout = ComponentLayout(cfg.node.install_root, SUPERVISOR_COMPONENT)
+    try:
+        lock = ComponentLock(cfg.node.state_dir, SUPERVISOR_COMPONENT).acquire()
+    except ComponentBusy as e:
+        raise SelfUpdateError(f"supervisor: not restarted: {e}") from None
+    try:
+        version = layout.current_version()
+        if not after_exit and not running_supervisor(cfg)[0]:
+            raise SelfUpdateError(f"supervisor: not restarted: no supervisor answers on {cfg.control_socket}")
+        if version is None:
+            raise SelfUpdateError(f"supervisor: not restarted: no supervisor version is installed in {layout.root} "
+                                  "(`supervisor install-self`); only a supervisor run from there restarts in place")
+        clear_start_log(cfg)
+        session = HandoverSession(cfg, f"restart-{os.getpid()}", version)
+        try:
+            _restart_through(session, version, after_exit)
+        finally:
+            session.close()
+    finally:
+        lock.release()
+    return f"supervisor {version}: restarted (pid {session.pid}); every agent kept"
+
+
+def _restart_through(session: HandoverSession, version: str, after_exit: bool) -> None:
+    timeout_s = session.cfg.update.handshake_timeout_s
+    try:
+        session.take_state()
+        if after_exit:
+            session.expect_exit()
+        session.await_supervisor(version, timeout_s)
+        return
+    except (wire.HandoverError, OSError) as e:
+        if session.custody is Custody.UNTOUCHED and session.pid and process_alive(session.pid):
+            raise SelfUpdateError(f"supervisor: not restarted: {e}") from None
+        first = e
+    logger.warning("restart: {}; starting supervisor {} again with the agents we hold", first, version)
+    session.kill_supervisor()
+    session.start_supervisor()
+    try:
+        session.await_supervisor(version, timeout_s)
+    except (wire.HandoverError, OSError) as e:
+        tail = start_log_tail(session.cfg)
+        raise SelfUpdateError(f"supervisor: the restart failed ({first}) and so did a second start: {e}"
+                              + (f"; its output ends:\n{tail}" if tail else "")) from None

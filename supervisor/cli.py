@@ -1,4 +1,5 @@
-"""Command line: ``supervisor run|check-config|status|demo|update|updates|cancel`` and ``--version``."""
+"""Command line: ``supervisor run|check-config|status|reload|restart-daemon|demo|update|updates|cancel`` and
+``--version``, among others (``supervisor --help``)."""
 
 from __future__ import annotations
 
@@ -230,7 +231,25 @@ def cmd_reload(ns: argparse.Namespace) -> int:
                          ("unchanged", r.unchanged)):
         print(f"{label}: {', '.join(names) or '-'}")
     if r.not_applied:
-        print(f"not applied until the next supervisor start: [{'], ['.join(r.not_applied)}]")
+        print(f"not applied until `supervisor restart-daemon` (agents keep running) or the next start: "
+              f"[{'], ['.join(r.not_applied)}]")
+    if r.tls:
+        print(r.tls, file=sys.stderr if r.tls_kept_old else sys.stdout)
+    return 1 if r.tls_kept_old else 0
+
+
+def cmd_restart_daemon(ns: argparse.Namespace) -> int:
+    """Start the supervisor again through the handover (docs/handover.md): agents kept, the config re-read."""
+    from baton.log import logger
+    from helper.self_update import SelfUpdateError, restart_supervisor
+
+    cfg = _load(ns.config)  # a bad config is refused here: nothing is stopped
+    logger.configure(level="INFO" if ns.after_exit else "WARNING", tag="restart-daemon")
+    try:
+        print(restart_supervisor(cfg, after_exit=ns.after_exit))
+    except SelfUpdateError as e:
+        print(f"supervisor restart-daemon: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -427,6 +446,13 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
     rl.add_argument("--wait", type=seconds_arg, default=300.0, help="seconds to wait for the reload to finish")
     client_args(rl)
     rl.set_defaults(fn=_ctl(cmd_reload))
+    rd = command("restart-daemon", "start the supervisor again with the config file as it is now, keeping every agent "
+                 "(same pids, output and notify sockets): applies what `reload` cannot",
+                 "supervisor restart-daemon --config /etc/baton/supervisor.toml")
+    rd.add_argument("--config", "-c", default="/etc/baton/supervisor.toml", help="config file (default: %(default)s)")
+    # what the supervisor itself runs when systemd restarts its unit: it exits, systemd starts the next process
+    rd.add_argument("--after-exit", action="store_true", help=argparse.SUPPRESS)
+    rd.set_defaults(fn=cmd_restart_daemon)
     i = command("install-self", "install this release as the current supervisor version under install_root",
                 "supervisor install-self --config /etc/baton/supervisor.toml --enable")
     i.add_argument("--config", "-c", required=True)

@@ -28,12 +28,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from baton import agent_channel
 from baton.agent_table import AgentRecord
 from baton.audit import AuditLog
-from baton.config import Config, load_config
+from baton.config import Config, ConfigError, load_config
 from baton.errors import BatonError
 from baton.log import logger
 from baton.pb import daemon_pb2_grpc
 from baton.states import AgentState
 from baton.strict_modes import make_dirs
+from baton.tls_files import TlsFilesError
 from supervisor import handover, libc, systemd
 from supervisor.agent_socket import AgentSocket
 from supervisor.agents import AgentSnapshot, ProcessManager, ReloadResult, same_process
@@ -41,7 +42,7 @@ from supervisor.audit import AuditInterceptor, AuditTrail, Callers
 from supervisor.daemon_service import DaemonService, agent_info
 from supervisor.front import SERVER_OPTIONS, Front, UnixPeerPolicy, bind_tcp, bind_unix
 from supervisor.handover import ReceivedState
-from supervisor.tls import server_credentials
+from supervisor.tls import server_tls
 from supervisor.updates import UpdateManager
 from supervisor.version import supervisor_version
 
@@ -55,6 +56,7 @@ STATUS_DELAY_S = 0.05  # agent changes within this share one systemd STATUS line
 STRAY_REAP_DELAY_S = 0.05  # SIGCHLDs within this share one look for stray children
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 TRIM_HEAP_AFTER_START_S = 1.0  # start-up's garbage (config, handover, spawning every agent) freed by then
+RESTART_HOLDER_TIMEOUT_S = 30.0  # systemctl restart: the helper's PREPARE by then, else the agents are left to adopt
 TRIM_HEAP_EVERY_S = 60.0  # and what later bursts (updates, waves of restarts) left: a trim costs well under 1 ms
 
 
@@ -68,6 +70,8 @@ class Reloaded:
 
     agents: ReloadResult
     not_applied: tuple[str, ...]
+    tls: str = ""  # what became of grpc.tls_*: "" without TLS, else one line (re-read, unchanged, or kept and why)
+    tls_kept_old: bool = False  # the files on disk did not load: the old ones are still served
 
 
 def status_line(states: list[AgentState]) -> str:
@@ -110,6 +114,7 @@ class Supervisor:
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._reloads: set[asyncio.Task[None]] = set()
+        self._restart_check: asyncio.Task[None] | None = None  # SIGTERM under systemd: a stop or a restart?
         self._agents_ready = asyncio.Event()  # a reload (SIGHUP, RPC) that comes while starting waits for it
         self._status_soon: asyncio.TimerHandle | None = None
         self._reap_soon: asyncio.TimerHandle | None = None
@@ -118,7 +123,7 @@ class Supervisor:
         self.pm = ProcessManager(cfg, self._agent_changed)
         self.agent_socket = AgentSocket(self.pm, self.audit, agent_channel.socket_path(cfg.run_dir))
         self.updates = UpdateManager(cfg)
-        self._credentials = server_credentials(cfg.grpc)  # None: the TCP backend port is insecure
+        self.tls = server_tls(cfg.grpc)  # None: the TCP backend port is insecure
         self.gate = handover.HandoverGate()
         self.server = self._grpc_server()
         self.front = Front(self.backend_path,
@@ -185,7 +190,7 @@ class Supervisor:
         """Two private ports: TCP clients reach ``backend_path`` (mutual TLS and the allow-list when configured),
         local clients ``local_backend_path``; ``supervisor/authz.py`` tells their calls apart by transport."""
         g = self.cfg.grpc
-        creds = self._credentials
+        creds = self.tls.credentials() if self.tls is not None else None
         if creds is not None and not (g.allowed_clients or g.allow_downgrade_clients):
             logger.warning("TLS is on but grpc.allowed_clients is empty: no client may change anything over TCP")
         if creds is None and g.listen:
@@ -252,18 +257,28 @@ class Supervisor:
         return bool(self.cfg.manager.address)
 
     async def reload(self) -> Reloaded:
-        """Re-read the config file and apply its agents; ConfigError (nothing changed) for a bad file.
+        """Re-read the config file, apply its agents and re-read the TLS files; ConfigError (nothing changed) for
+        a bad file.
 
-        Only ``agents`` is applied; other sections that differ are named in ``not_applied`` and take effect
-        at the next start (listening sockets, directories and the Manager client are not rebuilt live).
+        ``agents`` is applied, and ``grpc.tls_cert``/``tls_key``/``tls_ca`` are read again from the running
+        config's paths (a renewed certificate written over the old file is served from the next connection; files
+        that do not load leave the old ones served). Other sections that differ are named in ``not_applied``:
+        ``supervisor restart-daemon`` applies them, keeping every agent (listening sockets, directories and the
+        Manager client are not rebuilt live).
         """
         await self._agents_ready.wait()
         assert self.cfg.source is not None
-        new = await asyncio.to_thread(load_config, self.cfg.source)
+        try:
+            new = await asyncio.to_thread(load_config, self.cfg.source)
+        except ConfigError as e:  # a renewed TLS pair that does not belong together is refused here, old one kept
+            logger.error("reload refused, the running config stays: {}", e)
+            raise
         not_applied = tuple(f.name for f in dataclasses.fields(Config)
                             if f.name not in ("agents", "source") and getattr(new, f.name) != getattr(self.cfg, f.name))
         if not_applied:
-            logger.warning("reload: changes to [{}] take effect at the next supervisor start", ", ".join(not_applied))
+            logger.warning("reload: changes to [{}] take effect at `supervisor restart-daemon` or the next start",
+                           ", ".join(not_applied))
+        tls, tls_kept_old = await asyncio.to_thread(self._reload_tls)
         merged = dataclasses.replace(self.cfg, agents=new.agents)
         systemd.notify("RELOADING=1\nSTATUS=reloading the config")
         try:
@@ -272,21 +287,96 @@ class Supervisor:
             self.cfg = merged
             self.updates.cfg = merged
             systemd.notify(f"READY=1\nSTATUS={status_line(self.pm.states())}")
-        return Reloaded(result, not_applied)
+        return Reloaded(result, not_applied, tls, tls_kept_old)
+
+    def _reload_tls(self) -> tuple[str, bool]:
+        """Re-read grpc.tls_*: (the line for the log and the reload's answer, whether the old files stay served)."""
+        if self.tls is None:
+            return "", False
+        try:
+            changed = self.tls.reload(self.cfg.grpc)
+        except TlsFilesError as e:
+            line = (f"TLS: the old certificate (serial {self.tls.files.serial:x}) is still served: the new files "
+                    f"do not load: {e}")
+            logger.error("reload: {}", line)
+            return line, True
+        if changed:
+            line = f"TLS: serving the new certificate (serial {self.tls.files.serial:x}) from the next connection"
+            logger.info("reload: {}", line)
+        else:
+            line = f"TLS: the certificate is unchanged (serial {self.tls.files.serial:x})"
+        return line, False
 
     def _reload_on_signal(self) -> None:
         async def run() -> None:
-            from baton.config import ConfigError
-
             logger.info("SIGHUP: reloading {}", self.cfg.source)
-            try:
+            with contextlib.suppress(ConfigError):  # reload() logged it
                 await self.reload()
-            except ConfigError as e:
-                logger.error("reload refused, the running config stays: {}", e)
 
         task = asyncio.get_running_loop().create_task(run())
         self._reloads.add(task)  # the loop keeps only a weak reference to a task
         task.add_done_callback(self._reloads.discard)
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        deciding = self._restart_check is not None or self._stop.is_set()
+        if sig is signal.SIGTERM and systemd.under_systemd() and not deciding:
+            self._restart_check = asyncio.get_running_loop().create_task(self._stop_or_restart())
+        else:
+            self._stop.set()
+
+    async def _stop_or_restart(self) -> None:
+        """SIGTERM from systemd: ``systemctl restart`` keeps every agent, a stop (or a shutdown) stops them all.
+
+        systemd says which in the unit's pending job (``restart`` or ``stop``). For a restart a helper of ours, in a
+        transient unit of its own, takes the agents and descriptors through the self-update's handover; this
+        process then exits instead of exec'ing and systemd starts the next one, which takes them from the helper.
+        Anything we cannot tell or do is a stop, as documented. docs/handover.md, "Under systemd".
+        """
+        unit = systemd.own_unit()
+        job = await asyncio.to_thread(systemd.pending_job, unit) if unit else ""
+        if job not in systemd.RESTART_JOBS:
+            self._stop.set()
+            return
+        why_not = handover.cannot_hand_over(self.cfg) or ("" if self._agents_ready.is_set() else "still starting")
+        if not why_not and not await self._start_restart_helper(unit):
+            why_not = "its helper could not be started"
+        if why_not:
+            logger.warning("systemd restarts {}, but the agents cannot be handed over ({}): stopping every agent",
+                           unit, why_not)
+            self._stop.set()
+            return
+        await asyncio.sleep(RESTART_HOLDER_TIMEOUT_S)
+        if self.endpoint.busy:
+            return  # the handover ends in exit_keeping_agents (its own timeouts bound it)
+        logger.error("systemd restarts {}: no helper asked for the agents within {:g}s", unit, RESTART_HOLDER_TIMEOUT_S)
+        self.pm.release_all()
+        self.pm.persist()
+        handover.exit_keeping_agents("the next process adopts them from agents.json")
+
+    async def _start_restart_helper(self, unit: str) -> bool:
+        """``supervisor restart-daemon --after-exit`` in a transient unit: outside what systemd stops with ours."""
+        import subprocess
+
+        from supervisor.install_self import launcher
+
+        logger.info("systemd restarts {}: handing every agent over to the next process", unit)
+        self.endpoint.exit_after_handover = True
+        log_path = self.cfg.log_dir / "restart-daemon.log"
+        argv = systemd.transient_unit_argv(
+            f"baton-restart-{os.getpid()}-{int(time.time())}", log_path,
+            [str(launcher(self.cfg)), "restart-daemon", "--config", str(self.cfg.source), "--after-exit"])
+        try:
+            res = await asyncio.to_thread(subprocess.run, argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                          text=True, timeout=RESTART_HOLDER_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            logger.error("systemd-run: {}", e)
+            self.endpoint.exit_after_handover = False
+            return False
+        if res.returncode != 0:
+            logger.error("systemd-run exited {}: {}", res.returncode, res.stderr.strip()[-500:])
+            self.endpoint.exit_after_handover = False
+            return False
+        return True
 
     async def _trim_heap(self) -> None:
         """Hand the C heap's free memory back shortly after start-up, then every TRIM_HEAP_EVERY_S (libc.trim_heap)."""
@@ -304,7 +394,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_log_loop_exception)
         for sig in STOP_SIGNALS:
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, handover.HANDLED_SIGNALS)  # blocked across a handover's exec
         if os.environ.pop(handover.PENDING_STOP_ENV, None):

@@ -245,7 +245,8 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"config error: {e}; the running config stays")
         r = done.agents
         return daemon_pb2.ReloadResponse(started=r.started, stopped=r.stopped, restarted=r.restarted,
-                                         unchanged=r.unchanged, not_applied=done.not_applied)
+                                         unchanged=r.unchanged, not_applied=done.not_applied, tls=done.tls,
+                                         tls_kept_old=done.tls_kept_old)
 
     async def ListUpdates(self, request: daemon_pb2.ListUpdatesRequest, context: grpc.aio.ServicerContext
                           ) -> daemon_pb2.ListUpdatesResponse:

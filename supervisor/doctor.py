@@ -368,6 +368,8 @@ def check_certificates(ctx: Context) -> list[Finding]:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
+    from baton.tls_files import key_belongs_to
+
     c = ctx.cfg
     pairs = [("grpc.tls_cert", c.grpc.tls_cert, c.grpc.tls_key), ("grpc.tls_ca", c.grpc.tls_ca, None),
              ("manager.tls_cert", c.manager.tls_cert, c.manager.tls_key), ("manager.tls_ca", c.manager.tls_ca, None)]
@@ -376,7 +378,8 @@ def check_certificates(ctx: Context) -> list[Finding]:
         if path is None:
             continue
         renew = (f"issue a new certificate (your CA, or scripts/dev_ca.py for a development fleet), write it to "
-                 f"{path} and restart the supervisor")
+                 f"{path} and run " + ("`supervisor reload`" if key_name.startswith("grpc.") else
+                                       "`supervisor restart-daemon` (agents keep running)"))
         try:
             cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
         except (OSError, ValueError) as e:
@@ -399,8 +402,7 @@ def check_certificates(ctx: Context) -> list[Finding]:
             if key_path is not None:
                 try:
                     key = serialization.load_pem_private_key(key_path.read_bytes(), None)
-                    spki = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-                    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+                    if not key_belongs_to(key, cert):
                         out.append(Finding("certificates", PROBLEM, f"{key_path} is not the key of {path}",
                                            f"install the key that belongs to {path}, or a new pair"))
                 except (OSError, ValueError, TypeError) as e:

@@ -22,7 +22,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -172,6 +172,14 @@ def exec_current(cfg: Config, stop_requested: bool) -> None:
     os.execve(exe, [exe, "run", "--config", str(cfg.source)], env)
 
 
+def exit_keeping_agents(how: str = "handed over to the helper") -> NoReturn:
+    """End this process, its agents left running (systemd restarts the unit; the next process takes them from the
+    helper, or adopts them from ``agents.json``). As with the exec, nothing of Python's shutdown runs."""
+    systemd.notify("STOPPING=1\nSTATUS=restarting: the agents keep running")
+    logger.info("exiting for systemd's restart of the unit; the agents keep running ({})", how)
+    os._exit(0)
+
+
 class HandoverGate(grpc.aio.ServerInterceptor):
     """Once closed (at quiesce): every call but the read-only ones is UNAVAILABLE, as the bridge answers, and
     the watches open end UNAVAILABLE too (clients retry it, and reach the next process).
@@ -262,6 +270,13 @@ class HandoverEndpoint:
         self._sock: socket.socket | None = None
         self._busy = False
         self._handed_over: list[socket.socket] = []  # kept open until the exec
+        # systemd is restarting the unit: after handing over, exit (systemd starts the next process) instead of exec
+        self.exit_after_handover = False
+
+    @property
+    def busy(self) -> bool:
+        """A helper's PREPARE is being served: this process ends in its exec (or exit) whatever happens now."""
+        return self._busy
 
     def start(self) -> None:
         self._sock = wire.seqpacket_listener(self.path)
@@ -323,10 +338,13 @@ class HandoverEndpoint:
             await self.server.stop(grace=INFLIGHT_GRACE_S)
             reply, extra = await asyncio.to_thread(wire.recv, conn, EXEC_CONFIRM_TIMEOUT_S, "exec")
             wire.close_fds(extra)
-            logger.info("handover: helper answered {}; exec of the current version", reply.message.TYPE)
+            logger.info("handover: helper answered {}; {}", reply.message.TYPE,
+                        "exit" if self.exit_after_handover else "exec of the current version")
         except (wire.HandoverError, OSError) as e:
             logger.error("handover: {}; exec of the current version anyway (it adopts what runs)", e)
         finally:
+            if self.exit_after_handover:
+                exit_keeping_agents()
             exec_current(self.cfg, self._stop_requested.is_set())
 
     async def quiesce(self) -> tuple[wire.State, list[int]]:

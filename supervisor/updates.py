@@ -389,11 +389,7 @@ class UpdateManager:
         argv = [*helper_command(), "apply", "--config", str(self.cfg.source), "--update-id",
                 update_id, "--socket", str(self.cfg.control_socket)]
         if systemd.under_systemd() and _which("systemd-run"):
-            # Its own transient unit: outside what systemd stops or kills with the supervisor's service.
-            env = [f"--setenv={k}={v}" for k, v in os.environ.items() if k.startswith("BATON_") or k == "PYTHONPATH"]
-            argv = ["systemd-run", f"--unit=baton-helper-{update_id}-{n}", "--collect", "--quiet",
-                    f"--property=StandardOutput=append:{log_path}", f"--property=StandardError=append:{log_path}",
-                    *env, *argv]
+            argv = systemd.transient_unit_argv(f"baton-helper-{update_id}-{n}", log_path, argv)
         with open(log_path, "ab", opener=log_opener) as log:
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True, close_fds=True)

@@ -51,6 +51,25 @@ def test_verify_would_catch_a_bad_setting(tmp_path):
     assert res.stdout + res.stderr != ""
 
 
+@pytest.mark.parametrize("lines", [
+    "0::/system.slice/baton-supervisor.service\n",
+    "12:pids:/\n1:name=systemd:/system.slice/baton-supervisor.service\n0::/\n",
+])
+def test_the_supervisor_finds_its_own_unit_in_its_cgroup(tmp_path, lines):
+    from supervisor.systemd import own_unit
+
+    (tmp_path / "cgroup").write_text(lines)
+    assert own_unit(str(tmp_path / "cgroup")) == "baton-supervisor.service"
+
+
+def test_outside_a_service_there_is_no_unit_to_ask_about(tmp_path):
+    from supervisor.systemd import own_unit
+
+    (tmp_path / "cgroup").write_text("0::/user.slice/user-0.slice/session-1.scope\n")
+    assert own_unit(str(tmp_path / "cgroup")) == ""
+    assert own_unit(str(tmp_path / "missing")) == ""
+
+
 def install_self_cli(*args: str | Path, release_root: Path | None = None,
                      without_systemd: bool = False) -> subprocess.CompletedProcess[str]:
     """``supervisor install-self ARGS`` from the checkout or an unpacked release, as root with an empty environment.
@@ -105,12 +124,13 @@ def test_install_self_enable_without_systemd_keeps_the_release_installed_and_say
     assert (sup.base / "units" / UNIT.name).is_file()
 
 
-def unit_for_test(sup: SupervisorProc) -> str:
+def unit_for_test(sup: SupervisorProc, env: dict[str, str] | None = None) -> str:
     """The shipped unit as install-self renders it, for a development tree (BATON_PYTHON), logging to a file."""
     from supervisor.install_self import render_unit
 
     text = render_unit(UNIT.read_text(), sup.base / "install", sup.config_path)
-    text = text.replace("[Service]\n", f"[Service]\nEnvironment=BATON_PYTHON={PY}\n", 1)
+    for k, v in {"BATON_PYTHON": PY, **(env or {})}.items():
+        text = text.replace("[Service]\n", f"[Service]\nEnvironment={k}={v}\n", 1)
     text = text.replace("[Unit]\n", "[Unit]\nDefaultDependencies=no\n", 1)
     text = text.replace("WatchdogSec=30s", "WatchdogSec=3s")  # a switch that starved the watchdog would show
     text = re.sub(r"^(After|Wants)=network-online.target\n", "", text, flags=re.M)
@@ -131,6 +151,10 @@ def systemd(tmp_path):
 
 @pytest.fixture
 def unit_host(systemd, make_supervisor, release):
+    return start_unit_host(systemd, make_supervisor, release)
+
+
+def start_unit_host(systemd, make_supervisor, release, env: dict[str, str] | None = None) -> SelfUpdateHost:
     from baton.config import load_config
     from supervisor.install_self import install_self
 
@@ -139,7 +163,7 @@ def unit_host(systemd, make_supervisor, release):
                                             "free_space_reserve_bytes": 0}})
     sup.write_config()
     install_self(load_config(sup.config_path), "1.0.0")
-    systemd.add_unit("baton-supervisor.service", unit_for_test(sup))
+    systemd.add_unit("baton-supervisor.service", unit_for_test(sup, env))
     res = systemd.systemctl("start", "baton-supervisor.service", timeout=120)
     assert res.returncode == 0, res.stderr + sup.output()
     for a in ("web", "worker", "chatty"):
@@ -211,6 +235,59 @@ def test_failed_self_update_under_systemd_rolls_back(systemd, unit_host):
     assert status.supervisor_version == "1.0.0"
     assert systemd.show("baton-supervisor.service", "ActiveState")["ActiveState"] == "active"
     assert agent_pids(unit_host) == before
+
+
+@needs_systemd
+def test_systemctl_restart_keeps_every_agent_and_applies_a_changed_metrics_section(systemd, unit_host):
+    """docs/handover.md, "Under systemd": the unit really restarts (a new MainPID), the agents do not."""
+    import urllib.request
+
+    from tests.conftest import agent_processes, free_port
+
+    sup = unit_host.sup
+    main_pid = int(systemd.show("baton-supervisor.service", "MainPID")["MainPID"])
+    before = agent_pids(unit_host)
+    port = free_port()
+    sup.cfg["metrics"] = {"listen": f"127.0.0.1:{port}"}
+    sup.write_config()
+    res = systemd.systemctl("restart", "baton-supervisor.service", timeout=120)
+    assert res.returncode == 0, res.stderr + sup.output()
+    props = systemd.show("baton-supervisor.service", "MainPID", "ActiveState")
+    assert props["ActiveState"] == "active" and int(props["MainPID"]) != main_pid
+    status = sup.status()
+    assert status.pid == int(props["MainPID"])  # pids of the manager's namespace
+    assert agent_pids(unit_host) == before
+    for a in status.agents:
+        assert a.kept and len(agent_processes(sup.state_dir, a.name)) == 1  # host pids: one process each
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        assert 'baton_agents{state="running"} 3.0' in r.read().decode()
+    assert not (sup.base / "run" / "handover.json").exists()
+
+
+@needs_systemd
+def test_supervisor_killed_while_systemctl_restart_hands_over_leaves_every_agent_adopted_by_the_next_start(
+        systemd, make_supervisor, release, tmp_path):
+    """SIGKILL right after the old process gave its state to the helper: systemd starts the next one, which takes
+    the agents from the helper."""
+    from tests.conftest import agent_processes
+
+    crash = tmp_path / "crash-at"
+    host = start_unit_host(systemd, make_supervisor, release, env={"BATON_SUPERVISOR_CRASH_FILE": str(crash)})
+    main_pid = systemd.show("baton-supervisor.service", "MainPID")["MainPID"]
+    before = agent_pids(host)
+    crash.write_text("handover-state-sent")
+    res = systemd.systemctl("restart", "baton-supervisor.service", timeout=120)
+    assert not crash.exists(), "the crash point was not reached"
+    assert res.returncode == 0, res.stderr + host.sup.output()
+    status = wait_for(lambda: (s := host.sup.status(timeout=2)).agents and s, 60, what="the next supervisor")
+    props = systemd.show("baton-supervisor.service", "MainPID", "ActiveState")
+    assert props["ActiveState"] == "active" and props["MainPID"] != main_pid
+    assert status.pid == int(props["MainPID"])
+    assert agent_pids(host) == before
+    for name in ("web", "worker", "chatty"):
+        host.sup.wait_agent(name, "running", timeout=30)
+        assert len(agent_processes(host.sup.state_dir, name)) == 1, f"agent {name} must run exactly once"
+    wait_for(lambda: not (host.sup.base / "run" / "handover.json").exists(), 60, what="the handover to end")
 
 
 @needs_systemd

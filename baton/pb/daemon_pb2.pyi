@@ -497,6 +497,12 @@ class ReloadResponse(_message.Message):
     RESTARTED_FIELD_NUMBER: _builtins.int
     UNCHANGED_FIELD_NUMBER: _builtins.int
     NOT_APPLIED_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
+    TLS_KEPT_OLD_FIELD_NUMBER: _builtins.int
+    tls: _builtins.str
+    """grpc.tls_* re-read: "" without TLS, else one line (served, unchanged, or kept)"""
+    tls_kept_old: _builtins.bool
+    """the TLS files on disk did not load: the old certificate is still served"""
     @_builtins.property
     def started(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """new agents"""
@@ -513,7 +519,7 @@ class ReloadResponse(_message.Message):
     def unchanged(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def not_applied(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """config sections that change only at the next supervisor start"""
+        """config sections applied only by `supervisor restart-daemon` or the next start"""
 
     def __init__(
         self,
@@ -523,10 +529,12 @@ class ReloadResponse(_message.Message):
         restarted: _abc.Iterable[_builtins.str] | None = ...,
         unchanged: _abc.Iterable[_builtins.str] | None = ...,
         not_applied: _abc.Iterable[_builtins.str] | None = ...,
+        tls: _builtins.str = ...,
+        tls_kept_old: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["not_applied", b"not_applied", "restarted", b"restarted", "started", b"started", "stopped", b"stopped", "unchanged", b"unchanged"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["not_applied", b"not_applied", "restarted", b"restarted", "started", b"started", "stopped", b"stopped", "tls", b"tls", "tls_kept_old", b"tls_kept_old", "unchanged", b"unchanged"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
