@@ -260,12 +260,21 @@ def supervisor_socket(cfg: Config) -> Path:
 
 
 def _status(ctx: Context) -> Any:
-    """The running supervisor's GetStatus (read-only, so not audited); raises grpc.RpcError when it does not answer."""
+    """The running supervisor's GetStatus (read-only, so not audited).
+
+    Raises:
+        CtlError: the socket's directory is one another user could change: whoever answers there may not be
+            the supervisor, so it is not asked (see trusted-paths).
+        grpc.RpcError: it does not answer.
+    """
     import grpc
 
     from baton.pb import daemon_pb2, daemon_pb2_grpc
+    from supervisor.ctl import checked_socket
 
-    with grpc.insecure_channel(f"unix:{supervisor_socket(ctx.cfg)}") as ch:
+    path = checked_socket(supervisor_socket(ctx.cfg), "grpc.unix_socket" if ctx.cfg.grpc.unix_socket
+                          else "node.state_dir")
+    with grpc.insecure_channel(f"unix:{path}") as ch:
         return daemon_pb2_grpc.DaemonServiceStub(ch).GetStatus(daemon_pb2.GetStatusRequest(), timeout=PROBE_TIMEOUT_S)
 
 
@@ -277,15 +286,13 @@ def check_supervisor(ctx: Context) -> list[Finding]:
            f"why it stopped: {ctx.cfg.log_dir / 'supervisor.log'}, journalctl -u baton-supervisor")
     if not path.is_socket():
         return [Finding("supervisor", PROBLEM, f"not running: no socket at {path}", fix)]
-    from supervisor.ctl import CtlError, checked_socket
+    from supervisor.ctl import CtlError
 
     try:
-        checked_socket(path, "grpc.unix_socket" if ctx.cfg.grpc.unix_socket else "node.state_dir")
-    except CtlError as e:  # whoever answers there may not be the supervisor: not asked (see trusted-paths)
+        st = _status(ctx)
+    except CtlError as e:
         return [Finding("supervisor", PROBLEM, str(e), f"move grpc.unix_socket to a directory only root can write "
                                                         f"(e.g. /run/baton), or: chmod go-w {path.parent}")]
-    try:
-        st = _status(ctx)
     except grpc.RpcError as e:
         why = "nothing accepts connections (a stale socket)" if e.code() == grpc.StatusCode.UNAVAILABLE else \
             f"{e.code().name} {str(e.details())[:200]}"
@@ -299,13 +306,14 @@ def check_agents(ctx: Context) -> list[Finding]:
     import grpc
 
     from baton.pb import common_pb2
+    from supervisor.ctl import CtlError
 
     if not supervisor_socket(ctx.cfg).is_socket():
         return [Finding("agents", OK, "the supervisor is not running (see the supervisor check)")]
     try:
         st = _status(ctx)
-    except grpc.RpcError:
-        return [Finding("agents", OK, "the supervisor does not answer (see the supervisor check)")]
+    except (CtlError, grpc.RpcError):
+        return [Finding("agents", OK, "not asked: the supervisor did not answer (see the supervisor check)")]
     out = []
     for a in st.agents:
         where = f"its log: supervisor tail {a.name} ({a.log_path})" if a.log_path else f"supervisor tail {a.name}"

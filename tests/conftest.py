@@ -96,6 +96,13 @@ class ProcessReaper:
         psutil.wait_procs(procs, timeout=5)
 
 
+def default_file_url_root(base: Path) -> Path:
+    """Where a test's file:// packages may be: its tmp_path or, for the session's releases, beside it; never a
+    world-writable directory such as /tmp itself (a supervisor refuses a file_url_root others may write)."""
+    root = base.parent.parent
+    return base.parent if root.stat().st_mode & 0o002 else root
+
+
 class SupervisorProc:
     """A real supervisor process on a config of the test's making."""
 
@@ -110,8 +117,7 @@ class SupervisorProc:
         cfg: dict[str, Any] = {
             "node": {"id": node_id, "state_dir": str(self.state_dir), "install_root": str(base / "install")},
             "grpc": {"unix_socket": str(self.socket)},
-            # test packages are file:// URLs in the test's tmp_path or, for the session's releases, beside it
-            "update": {"file_url_root": str(base.parent.parent)},
+            "update": {"file_url_root": str(default_file_url_root(base))},
             "log": {"level": "DEBUG"},
             "agents": agents,
         }
@@ -251,19 +257,28 @@ def traversable_base(reaper: ProcessReaper) -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def make_supervisor(tmp_path: Path, reaper: ProcessReaper) -> Iterator[Callable[..., SupervisorProc]]:
+@contextlib.contextmanager
+def supervisors_in(base: Path, reaper: ProcessReaper) -> Iterator[Callable[..., SupervisorProc]]:
+    """``make(agents, name="sup", **kw)``: supervisors below ``base``, each stopped with all it ran at the end."""
     made: list[SupervisorProc] = []
 
     def make(agents: list[dict[str, Any]], name: str = "sup", **kw: Any) -> SupervisorProc:
-        s = SupervisorProc(tmp_path / name, reaper, agents, **kw)
+        s = SupervisorProc(base / name, reaper, agents, **kw)
         made.append(s)
         return s
 
-    yield make
-    for s in made:
-        s.close_channel()
-        stop_everything_of(s)
+    try:
+        yield make
+    finally:
+        for s in made:
+            s.close_channel()
+            stop_everything_of(s)
+
+
+@pytest.fixture
+def make_supervisor(tmp_path: Path, reaper: ProcessReaper) -> Iterator[Callable[..., SupervisorProc]]:
+    with supervisors_in(tmp_path, reaper) as make:
+        yield make
 
 
 def stop_everything_of(s: SupervisorProc) -> None:

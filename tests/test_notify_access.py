@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from baton.pb import daemon_pb2
-from tests.conftest import SYSTEM_PYTHON, Release, SupervisorProc, agent, install_version, stop_everything_of, wait_for
+from tests.conftest import SYSTEM_PYTHON, Release, SupervisorProc, agent, install_version, supervisors_in, wait_for
 
 # Sends its argument on $NOTIFY_SOCKET COUNT times, prints its pid: the attacker, run as the agent's user.
 SENDER = r"""
@@ -81,17 +81,9 @@ def refusals(sup: SupervisorProc, pid: int) -> int:
 
 @pytest.fixture
 def nobody_sup(traversable_base: Path, reaper: Any) -> Any:
-    made: list[SupervisorProc] = []
-
-    def make(agents: list[dict[str, Any]], **kw: Any) -> SupervisorProc:
-        s = SupervisorProc(traversable_base / f"sup{len(made)}", reaper, agents, **kw)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.close_channel()
-        stop_everything_of(s)
+    """Supervisors in a directory nobody can traverse to (its agents run as nobody)."""
+    with supervisors_in(traversable_base, reaper) as make:
+        yield make
 
 
 def test_ready_from_another_process_of_the_agents_user_leaves_it_starting(nobody_sup):

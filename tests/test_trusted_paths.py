@@ -34,7 +34,7 @@ from tests.conftest import (
     agent,
     dump_toml,
     install_version,
-    stop_everything_of,
+    supervisors_in,
     wait_for,
 )
 from tests.test_agent_update import refused
@@ -58,18 +58,13 @@ def shared() -> Iterator[Path]:
 @pytest.fixture
 def shared_supervisor(shared: Path, reaper: ProcessReaper) -> Iterator[Any]:
     """Make a supervisor whose files are in ``shared`` (so the attacker can reach the ones it is given)."""
-    made: list[SupervisorProc] = []
+    with supervisors_in(shared, reaper) as make_in:
 
-    def make(agents: list[dict[str, Any]], **extra: dict[str, Any]) -> SupervisorProc:
-        extra.setdefault("update", {})["file_url_root"] = str(shared)
-        s = SupervisorProc(shared / "sup", reaper, agents, extra=extra)
-        made.append(s)
-        return s
+        def make(agents: list[dict[str, Any]], **extra: dict[str, Any]) -> SupervisorProc:
+            extra.setdefault("update", {})["file_url_root"] = str(shared)
+            return make_in(agents, extra=extra)
 
-    yield make
-    for s in made:
-        s.close_channel()
-        stop_everything_of(s)
+        yield make
 
 
 def as_nobody(code: str, *args: str) -> subprocess.CompletedProcess[str]:
