@@ -29,7 +29,29 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from loguru import logger
+
+def _import_loguru_without_its_sink() -> Any:
+    """loguru's own stderr sink (``LOGURU_AUTOINIT``, its documented switch) would be removed at once below: each
+    sink costs loguru about 3 ms to set up (its traceback formatter expands every sysconfig scheme's paths), paid
+    in every helper's start. The switch is set only around the import, not for our children."""
+    if "loguru" in sys.modules:
+        return sys.modules["loguru"].logger
+    before = os.environ.get("LOGURU_AUTOINIT")
+    os.environ["LOGURU_AUTOINIT"] = "False"
+    try:
+        from loguru import logger
+    finally:
+        if before is None:
+            del os.environ["LOGURU_AUTOINIT"]
+        else:
+            os.environ["LOGURU_AUTOINIT"] = before
+    return logger
+
+
+if TYPE_CHECKING:
+    from loguru import logger
+else:
+    logger = _import_loguru_without_its_sink()
 
 if TYPE_CHECKING:
     from baton.rotating_log import RotatingLog

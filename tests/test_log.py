@@ -214,6 +214,17 @@ def _assert_serialized(line: str, pid: int) -> dict:
     return doc
 
 
+def test_a_program_that_never_configures_the_log_writes_one_readable_line_per_event_to_stderr() -> None:
+    """Only baton.log's sink: loguru's own (whose tracebacks show variables' values) is never added, and the
+    switch that keeps it out is not left in the environment of the program's children."""
+    code = ("from baton.log import logger; import os; logger.info('hello {}', 'world'); "
+            "print(os.environ.get('LOGURU_AUTOINIT'))")
+    res = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                         env={k: v for k, v in os.environ.items() if k != "LOGURU_AUTOINIT"})
+    (line,) = res.stderr.splitlines()
+    assert LINE.match(line) and line.endswith("] hello world") and res.stdout == "None\n"
+
+
 def test_supervisor_run_json_writes_loguru_serialize_lines_to_stderr_and_its_file(make_supervisor, tmp_path):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)])
     proc = _run_json(sup, tmp_path / "stderr")
