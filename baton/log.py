@@ -50,11 +50,10 @@ def _import_loguru_without_its_sink() -> Any:
 
 if TYPE_CHECKING:
     from loguru import logger
+
+    from baton.rotating_log import RotatingLog
 else:
     logger = _import_loguru_without_its_sink()
-
-if TYPE_CHECKING:
-    from baton.rotating_log import RotatingLog
 
 FILE_MAX_BYTES = 10 * 1024 * 1024  # a log file is rotated when it would pass this size
 FILE_BACKUPS = 3  # rotated files kept (name.log.1 ... name.log.3)
