@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from baton.errors import BatonError
-from baton.log import THRESHOLDS
+from baton.log import LEVELS
 
 ENV_OVERRIDES = {
     "BATON_NODE_ID": ("node", "id"),
@@ -578,7 +578,7 @@ def _validate(cfg: Config, host_checks: bool = True) -> None:
     if not (math.isfinite(u.keep_updates_days) and u.keep_updates_days > 0):
         raise ConfigError("update.keep_updates_days", "must be finite and greater than 0")
     _ = cfg.metrics.address  # raises the ConfigError naming metrics.listen
-    if cfg.log.level.upper() not in THRESHOLDS:
+    if cfg.log.level.upper() not in LEVELS:
         raise ConfigError("log.level", f"unknown level {cfg.log.level!r}")
     seen: dict[str, int] = {}
     for i, a in enumerate(cfg.agents):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Awaitable
 from pathlib import Path
 
 from baton.log import logger
@@ -77,19 +78,18 @@ class RotatingLog:
         except OSError:  # missing, or a link someone planted: nothing to quote
             return ""
 
-    def last_lines(self, n: int, max_bytes: int = 1 << 20) -> bytes:
-        """The last ``n`` lines of the current file (at most ``max_bytes`` of them), for ``supervisor tail``."""
-        if n <= 0:
-            return b""
-        try:
-            with open(self.path, "rb", opener=_read_nofollow) as f:
-                size = os.fstat(f.fileno()).st_size
-                f.seek(max(0, size - max_bytes))
-                data = f.read()
-        except OSError:  # missing, or a link someone planted: nothing to show
-            return b""
-        lines = data.splitlines(keepends=True)
-        return b"".join(lines[-n:])
+    def last_lines(self, n: int, max_bytes: int = 1 << 20) -> Awaitable[bytes]:
+        """The last ``n`` lines of the file as it is now (at most ``max_bytes`` of them), for ``supervisor tail``.
+
+        The file is opened and its size taken now, so what is appended after this call is not in the answer
+        (``TailLog`` sends it from its queue) even once the file has rotated; the bytes are read off the event
+        loop (aiofiles) when the result is awaited.
+        """
+        fd, end = -1, 0
+        with contextlib.suppress(OSError):  # missing, or a link someone planted: nothing to show
+            fd = _read_nofollow(str(self.path), os.O_RDONLY)
+            end = os.fstat(fd).st_size
+        return _last_lines(fd, end, n, max_bytes)
 
     def clear(self) -> int:
         """Truncate the log and remove its rotated files; returns the bytes removed."""
@@ -109,6 +109,19 @@ class RotatingLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+async def _last_lines(fd: int, end: int, n: int, max_bytes: int) -> bytes:
+    if fd < 0:
+        return b""
+    import aiofiles  # imported at the first tail, not at start
+
+    async with aiofiles.open(fd, "rb") as f:  # closes fd
+        if n <= 0:
+            return b""
+        await f.seek(max(0, end - max_bytes))
+        data = await f.read(min(end, max_bytes))
+    return b"".join(data.splitlines(keepends=True)[-n:])
 
 
 def _read_nofollow(path: str, flags: int) -> int:

@@ -31,9 +31,9 @@ EXIT_BUSY = 75
 
 
 def _setup_logging(json: bool = False) -> None:
-    from baton.log import logger
+    from baton.log import configure
 
-    logger.configure(json=json, tag="helper")
+    configure(json=json, tag="helper")
 
 
 def _load(path: str) -> Config:

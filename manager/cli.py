@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 from baton.config import is_loopback
 from baton.errors import BatonError
+from baton.log import configure as configure_log
 from baton.log import logger
 from baton.reasons import reason_name
 from baton.text import printable
@@ -599,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     # gRPC logs each GOAWAY a client receives at INFO; supervisors send one to a connection when it is idle or
     # old (supervisor/front.py), so a push or a rollout following its nodes would print one per poll.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    logger.configure(level=os.environ.get("BATON_MANAGER_LOG_LEVEL", "INFO"))
+    configure_log(level=os.environ.get("BATON_MANAGER_LOG_LEVEL", "INFO"))
     try:
         return int(ns.func(ns))
     except PushRefused as e:

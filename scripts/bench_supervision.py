@@ -36,6 +36,7 @@ NAME = "supervision"
 TITLE = "5. Supervision"
 AGENT_COMMAND = ["/bin/sleep", "100000"]
 START_SECONDS = 1.0
+RSS_GOAL_X = 1.5  # issue 26: with the design's libraries (loguru) loaded
 BATON_BACKOFF_S = 0.001  # only for second exits within 30 s (the 100-at-once case after the single kills)
 
 
@@ -323,8 +324,8 @@ def run(ctx: Ctx) -> Section:
         SummaryRow("supervision", "idle CPU / RSS", f"{median(b.idle_cpu):.2f} % / {mib(b.rss_kib)}",
                    f"supervisord {median(s_.idle_cpu):.2f} % / {mib(s_.rss_kib)}",
                    f"{fmt_x(median(s_.idle_cpu) / median(b.idle_cpu)) if median(b.idle_cpu) else 'n/a'} / "
-                   f"{fmt_x(median(s_.rss_kib) / median(b.rss_kib))}", "RSS ≤ 1.4x supervisord's",
-                   yes_no(median(b.rss_kib) <= 1.4 * median(s_.rss_kib))),
+                   f"{fmt_x(median(s_.rss_kib) / median(b.rss_kib))}", f"RSS ≤ {RSS_GOAL_X:g}x supervisord's",
+                   yes_no(median(b.rss_kib) <= RSS_GOAL_X * median(s_.rss_kib))),
     ]
     return sec
 

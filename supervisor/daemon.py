@@ -535,7 +535,7 @@ def _child_pids() -> set[int]:
 def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """Unhandled errors in callbacks go to our log (one JSON line with --json), not to a bare traceback."""
     exc = context.get("exception")
-    logger.exception("event loop: {}", context.get("message", "unhandled error"), exc=exc)
+    logger.opt(exception=exc).error("event loop: {}", context.get("message", "unhandled error"))
 
 
 def run_supervisor(cfg: Config) -> int:

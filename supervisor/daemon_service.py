@@ -209,11 +209,13 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
             return
         # Drained before the queue exists: what is drained now goes into the log, which the head is read from,
-        # and not also into the queue, which would show it twice. Nothing can run between these lines.
+        # and not also into the queue, which would show it twice. Nothing can run between these lines: the head
+        # is the file as it is here (opened and measured), its bytes read after; what comes later is the queue's.
         agent.flush_output()
         queue = agent.follow(request.stderr) if request.follow else None
+        head_read = log.last_lines(min(request.lines, TAIL_MAX_LINES))  # the file as it is now, read below
         try:
-            head = log.last_lines(min(request.lines, TAIL_MAX_LINES))
+            head = await head_read
             if head:
                 yield daemon_pb2.LogChunk(data=head)
             while queue is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from baton.log import logger
+from baton import log
 
 
 def setup_logging(level: str = "INFO", json: bool = False, file: Path | None = None) -> None:
@@ -13,4 +13,4 @@ def setup_logging(level: str = "INFO", json: bool = False, file: Path | None = N
     The file is opened without following a link and only if root (or our user) alone owns it
     (``baton/strict_modes.py``); its directory must exist. Raises UnsafePath otherwise.
     """
-    logger.configure(level=level, json=json, file=file)
+    log.configure(level=level, json=json, file=file)

@@ -64,9 +64,11 @@ async def _woken_or_poll(woken: asyncio.Event) -> None:
 
 
 async def _read(path: Path) -> bytes:
-    """A small file's bytes, read off the event loop in one hop to a worker thread (open, read and close
-    there together: aiofiles, used before, made each of the three a hop of its own)."""
-    return await asyncio.to_thread(path.read_bytes)
+    """A small file's bytes (a journal record, a progress file), read off the event loop by aiofiles."""
+    import aiofiles  # imported at the first read, not at start
+
+    async with aiofiles.open(path, "rb") as f:
+        return await f.read()
 
 
 def update_status(rec: UpdateRecord, progress: dict[str, object]) -> daemon_pb2.UpdateStatus:
@@ -235,7 +237,7 @@ class UpdateManager:
         try:
             data = await _read(self.journal.path(update_id))
             return UpdateRecord.from_json(json.loads(data))
-        except (JournalError, OSError, ValueError, KeyError):
+        except (JournalError, OSError, ValueError, KeyError, TypeError):
             return None
 
     async def _progress(self, update_id: str) -> dict[str, object]:
@@ -294,7 +296,14 @@ class UpdateManager:
 
     async def recent(self, limit: int, component: str) -> daemon_pb2.ListUpdatesResponse:
         """Newest first, with each one's progress; reads the journal off the event loop."""
-        records = await asyncio.to_thread(self.journal.all)
+        import aiofiles.os
+
+        try:
+            names = [n for n in await aiofiles.os.listdir(self.journal.root) if valid_update_id(n)]
+        except OSError:  # no update yet
+            names = []
+        loaded = await asyncio.gather(*(self._load(n) for n in names))
+        records = sorted((r for r in loaded if r is not None), key=lambda r: r.created_at)
         chosen = [r for r in reversed(records) if not component or r.component == component][:limit]
         return daemon_pb2.ListUpdatesResponse(
             updates=[update_status(r, await self._progress(r.update_id)) for r in chosen])
