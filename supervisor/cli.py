@@ -240,11 +240,11 @@ def cmd_reload(ns: argparse.Namespace) -> int:
 
 def cmd_restart_daemon(ns: argparse.Namespace) -> int:
     """Start the supervisor again through the handover (docs/handover.md): agents kept, the config re-read."""
-    from baton.log import logger
+    from baton.log import configure
     from helper.self_update import SelfUpdateError, restart_supervisor
 
     cfg = _load(ns.config)  # a bad config is refused here: nothing is stopped
-    logger.configure(level="INFO" if ns.after_exit else "WARNING", tag="restart-daemon")
+    configure(level="INFO" if ns.after_exit else "WARNING", tag="restart-daemon")
     try:
         print(restart_supervisor(cfg, after_exit=ns.after_exit))
     except SelfUpdateError as e:
