@@ -94,3 +94,10 @@ def unpack(tarball: Path, dest: Path) -> Path:
 def envi(*argv: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run with an empty environment from ``/``, as a new host's root shell or a unit would."""
     return subprocess.run(["env", "-i", *map(str, argv)], capture_output=True, text=True, cwd="/", timeout=timeout)
+
+
+def install_self(launcher_root: Path, config: Path, base: Path, *extra: str | Path) -> subprocess.CompletedProcess[str]:
+    """``<release>/bin/supervisor install-self`` with the unit and the command links kept in ``base`` (a test
+    never writes to the machine's /etc/systemd/system or /usr/local/bin)."""
+    return envi(launcher_root / "bin" / "supervisor", "install-self", "--config", config, "--unit-dir", base / "units",
+                "--bin-dir", base / "bin", *extra)

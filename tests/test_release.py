@@ -32,7 +32,7 @@ from tests.conftest import (
     stop_everything_of,
     wait_for,
 )
-from tests.release_fixtures import ALT_DEP, LOCK, Releases, envi, package_cli, unpack
+from tests.release_fixtures import ALT_DEP, LOCK, Releases, envi, install_self, package_cli, unpack
 
 pytestmark = pytest.mark.slow
 
@@ -122,8 +122,7 @@ def host(make_supervisor: Callable[..., SupervisorProc], release: Release) -> Su
 
 def _install(host: SupervisorProc, tarball: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     root = unpack(tarball, host.base / "unpacked" / tarball.name)
-    return envi(root / "bin" / "supervisor", "install-self", "--config", host.config_path,
-                 "--unit-dir", host.base / "units", "--bin-dir", host.base / "bin", *extra)
+    return install_self(root, host.config_path, host.base, *extra)
 
 
 def _launcher(host: SupervisorProc) -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PY, ROOT, SELF_AGENTS, SupervisorProc, snapshot_tree
-from tests.release_fixtures import BUILD_TIMEOUT_S, Releases, envi, unpack
+from tests.release_fixtures import BUILD_TIMEOUT_S, Releases, install_self, unpack
 
 # ---- building: fails before pip, so no release is built here ----------------------------------------------
 
@@ -77,8 +77,7 @@ def _unpacked(host: SupervisorProc, releases: Releases, edit: Callable[[Path], N
 
 
 def _install_self(host: SupervisorProc, root: Path) -> subprocess.CompletedProcess[str]:
-    return envi(root / "bin" / "supervisor", "install-self", "--config", host.config_path,
-                "--unit-dir", host.base / "units")
+    return install_self(root, host.config_path, host.base)
 
 
 def _world(host: SupervisorProc) -> dict[str, tuple[int, int, str]]:
