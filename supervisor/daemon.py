@@ -39,6 +39,7 @@ from supervisor import handover, libc, systemd
 from supervisor.agent_socket import AgentSocket
 from supervisor.agents import AgentSnapshot, ProcessManager, ReloadResult, same_process
 from supervisor.audit import AuditInterceptor, AuditTrail, Callers
+from supervisor.clock import keep_clock_record
 from supervisor.daemon_service import DaemonService, agent_info
 from supervisor.front import SERVER_OPTIONS, Front, UnixPeerPolicy, bind_tcp, bind_unix
 from supervisor.handover import ReceivedState
@@ -256,6 +257,11 @@ class Supervisor:
     def manager_configured(self) -> bool:
         return bool(self.cfg.manager.address)
 
+    @property
+    def manager_clock(self) -> tuple[float, float]:
+        """The Manager's clock minus ours and when it was measured (0, 0: never; supervisor/clock.py)."""
+        return (self.manager.clock_offset_s, self.manager.clock_measured_at) if self.manager else (0.0, 0.0)
+
     async def reload(self) -> Reloaded:
         """Re-read the config file, apply its agents and re-read the TLS files; ConfigError (nothing changed) for
         a bad file.
@@ -432,11 +438,13 @@ class Supervisor:
             self.manager.start()
         if self.outbox is not None:
             self.outbox.start()
+        clock = asyncio.create_task(keep_clock_record(self.cfg.node.state_dir))  # doctor judges the clock by it
         await self._stop.wait()
         logger.info("supervisor stopping: stopping every agent")
         systemd.notify("STOPPING=1\nSTATUS=stopping agents")
         await self._shutdown()
         trimmer.cancel()
+        clock.cancel()
         if watchdog is not None:
             watchdog.cancel()
         logger.info("supervisor stopped")
