@@ -1,7 +1,9 @@
 """The supervisor's side of the audit trail (the log itself: ``baton/audit.py``).
 
 Every call that is not known to be read-only (``authz.READ_ONLY_METHODS``) is
-recorded, so a mutating method added later is audited without a change here.
+recorded, so a mutating method added later is audited without a change here;
+read-only calls only when ``grpc.audit_read_calls`` asks (a host polled by
+monitoring would otherwise write and fsync a record per poll).
 :class:`AuditInterceptor` is the outermost interceptor: it wraps the
 authorization check, so a call the allow-list refuses is recorded as refused.
 
@@ -314,13 +316,17 @@ class AuditTrail:
 
 
 class AuditInterceptor(HookedInterceptor):
-    """Records every call not known to be read-only, with its outcome. Register it first (outermost)."""
+    """Records every call not known to be read-only (every call with ``read_calls``: ``grpc.audit_read_calls``),
+    with its outcome. Register it first (outermost)."""
 
-    def __init__(self, trail: AuditTrail) -> None:
+    def __init__(self, trail: AuditTrail, read_calls: bool = False) -> None:
         self.trail = trail
+        self.read_calls = read_calls
 
     def hooks(self, method: str) -> CallHooks | None:
-        return None if method in READ_ONLY_METHODS else _Audit(self.trail, method.rsplit("/", 1)[-1])
+        if method in READ_ONLY_METHODS and not self.read_calls:
+            return None
+        return _Audit(self.trail, method.rsplit("/", 1)[-1])
 
 
 class _Audit:

@@ -165,7 +165,7 @@ class Supervisor:
         g = self.cfg.grpc
         policy = Policy(g.allowed_clients, g.allow_downgrade_clients)
         interceptors: list[grpc.aio.ServerInterceptor] = [
-            AuditInterceptor(self.audit),  # first: sees refusals too
+            AuditInterceptor(self.audit, read_calls=g.audit_read_calls),  # first: sees refusals too
             self.gate,  # during a handover: changes wait for the next process, watches end
             AuthzInterceptor(policy),
         ]

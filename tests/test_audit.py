@@ -76,6 +76,28 @@ def test_a_stop_is_recorded_and_read_back_by_supervisor_audit(make_supervisor):
     assert bad.returncode == 2 and "--since 'yesterday'" in bad.stderr
 
 
+def test_read_only_calls_are_recorded_only_when_grpc_audit_read_calls_asks(make_supervisor):
+    quiet = make_supervisor([agent("web", "ready_agent.py", notify=True)], name="quiet")
+    asked = make_supervisor([agent("web", "ready_agent.py", notify=True)], name="asked",
+                            extra={"grpc": {"audit_read_calls": True}})
+    for sup in (quiet, asked):
+        sup.start()
+        sup.stub.ListAgents(daemon_pb2.ListAgentsRequest(), timeout=15)
+    assert records(quiet.state_dir) == []
+    [rec] = records(asked.state_dir, "ListAgents")
+    assert (rec.outcome, rec.caller.kind, rec.caller.uid) == ("ok", "local", os.getuid())
+
+
+def test_a_grpc_audit_read_calls_that_is_not_a_boolean_is_refused_by_check_config_naming_the_key(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('[node]\nid = "n"\n[grpc]\nunix_socket = "/run/x.sock"\naudit_read_calls = "yes"\n')
+    r = subprocess.run([PY, "-m", "supervisor", "check-config", str(path)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    assert r.returncode == 2
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("supervisor: config error: grpc.audit_read_calls: ")
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="running a client as another user needs root")
 def test_a_local_unprivileged_user_is_refused_and_audited_as_refused(make_supervisor, open_dir):  # noqa: F811
     sock = open_dir / "supervisor.sock"
