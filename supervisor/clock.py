@@ -108,12 +108,18 @@ def record_clock(state_dir: Path) -> None:
     durable.write_json(clock_path(state_dir), asdict(now), 0o644)
 
 
+def try_record_clock(state_dir: Path) -> None:
+    """:func:`record_clock`; a failure is a warning (doctor then judges by an older record, or none)."""
+    try:
+        record_clock(state_dir)
+    except OSError as e:
+        logger.warning("could not record the clock in {}: {}", clock_path(state_dir), e)
+
+
 async def keep_clock_record(state_dir: Path) -> None:
-    """The supervisor's task: :func:`record_clock` now and every :data:`RECORD_EVERY_S` (on the loop, as the
-    agent table's writes are: a file of 100 bytes)."""
+    """The supervisor's task: :func:`record_clock` every :data:`RECORD_EVERY_S` after the first, which the
+    supervisor writes before it serves (so a client that saw it answer finds the record). On the loop, as the
+    agent table's writes are: a file of 100 bytes."""
     while True:
-        try:
-            record_clock(state_dir)
-        except OSError as e:
-            logger.warning("could not record the clock in {}: {}", clock_path(state_dir), e)
         await asyncio.sleep(RECORD_EVERY_S)
+        try_record_clock(state_dir)

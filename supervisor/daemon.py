@@ -39,7 +39,7 @@ from supervisor import handover, libc, systemd
 from supervisor.agent_socket import AgentSocket
 from supervisor.agents import AgentSnapshot, ProcessManager, ReloadResult, same_process
 from supervisor.audit import AuditInterceptor, AuditTrail, Callers
-from supervisor.clock import keep_clock_record
+from supervisor.clock import keep_clock_record, try_record_clock
 from supervisor.daemon_service import DaemonService, agent_info
 from supervisor.front import SERVER_OPTIONS, Front, UnixPeerPolicy, bind_tcp, bind_unix
 from supervisor.handover import ReceivedState
@@ -411,6 +411,7 @@ class Supervisor:
         watchdog = asyncio.create_task(self._feed_watchdog(interval)) if interval else None
         prepare_dirs(self.cfg)
         lock_fd = lock_state_dir(self.cfg)
+        try_record_clock(self.cfg.node.state_dir)  # doctor judges the clock by it (supervisor/clock.py)
         if (err := libc.set_child_subreaper()) is not None:
             logger.warning("{}: an agent's orphaned children will be reaped by PID 1, not by the supervisor", err)
         self._reap_strays()
@@ -438,7 +439,7 @@ class Supervisor:
             self.manager.start()
         if self.outbox is not None:
             self.outbox.start()
-        clock = asyncio.create_task(keep_clock_record(self.cfg.node.state_dir))  # doctor judges the clock by it
+        clock = asyncio.create_task(keep_clock_record(self.cfg.node.state_dir))
         await self._stop.wait()
         logger.info("supervisor stopping: stopping every agent")
         systemd.notify("STOPPING=1\nSTATUS=stopping agents")
