@@ -53,6 +53,7 @@ BACKUPS = 5  # rotated files kept: at most (1 + BACKUPS) * MAX_BYTES on disk
 REFUSALS_MAX_BYTES = 4 * 1024 * 1024  # refused.log, per file, before rotation
 REFUSALS_BACKUPS = 3  # rotated refused.log files kept
 MAX_VALUE_CHARS = 256  # a longer argument is cut (the record says so)
+CALLER_KEYS = ("identity", "uid", "pid", "command", "address", "login_uid", "login_user", "sudo_user")  # on disk
 
 OUTCOME_OK = "ok"
 OUTCOME_REFUSED = "refused"  # PERMISSION_DENIED / UNAUTHENTICATED, or a local peer hung up on
@@ -66,7 +67,13 @@ class AuditError(BatonError):
 
 @dataclass(frozen=True)
 class Caller:
-    """Who made a call: ``tls`` (certificate identity), ``local`` (SO_PEERCRED), ``helper`` (a manual command)."""
+    """Who made a call: ``tls`` (certificate identity), ``local`` (SO_PEERCRED), ``helper`` (a manual command).
+
+    For a local caller, the person behind the uid: ``login_uid`` is the kernel's audit login uid
+    (``/proc/PID/loginuid``, set once at login by PAM and kept across sudo and su; the process cannot change
+    it), with its name; ``sudo_user`` is ``$SUDO_USER`` from the caller's environment, which the caller wrote
+    itself, so it is recorded as a claim, never as the identity.
+    """
 
     kind: str
     identity: str = ""  # certificate names for tls; the login name for helper
@@ -74,6 +81,9 @@ class Caller:
     pid: int | None = None
     command: str = ""  # the local peer's command line, shortened
     address: str = ""  # the TCP peer address, when known
+    login_uid: int | None = None  # None: no login session (a service, a container, the kernel's "unset")
+    login_user: str = ""  # login_uid's name when the record was written
+    sudo_user: str = ""  # claimed by the caller: its $SUDO_USER
 
     def describe(self) -> str:
         parts = [self.kind]
@@ -81,6 +91,10 @@ class Caller:
             parts.append(self.identity)
         if self.uid is not None:
             parts.append(f"uid {self.uid}")
+        if self.login_uid is not None:
+            parts.append(f"login {self.login_user or '?'}({self.login_uid})")
+        if self.sudo_user:
+            parts.append(f"claims sudo {self.sudo_user}")
         if self.pid is not None:
             parts.append(f"pid {self.pid}")
         if self.address:
@@ -103,7 +117,7 @@ class AuditRecord:
     def to_json(self) -> dict[str, Any]:
         c = self.caller
         caller: dict[str, Any] = {"kind": c.kind}
-        for k in ("identity", "uid", "pid", "command", "address"):
+        for k in CALLER_KEYS:
             v = getattr(c, k)
             if v not in ("", None):
                 caller[k] = v
@@ -124,7 +138,9 @@ class AuditRecord:
         return cls(
             time=parse_time(d["time"]),
             caller=Caller(kind=str(c.get("kind", "")), identity=str(c.get("identity", "")), uid=c.get("uid"),
-                          pid=c.get("pid"), command=str(c.get("command", "")), address=str(c.get("address", ""))),
+                          pid=c.get("pid"), command=str(c.get("command", "")), address=str(c.get("address", "")),
+                          login_uid=c.get("login_uid"), login_user=str(c.get("login_user", "")),
+                          sudo_user=str(c.get("sudo_user", ""))),
             call=str(d["call"]),
             outcome=str(d["outcome"]),
             code=str(d.get("code", "")),

@@ -82,6 +82,8 @@ class GrpcConfig:
     # Operator powers (PushUpdate's allow_downgrade and force): TLS identities, and local Unix-socket peer uids.
     allow_downgrade_clients: tuple[str, ...] = ()
     allow_downgrade_uids: tuple[int, ...] = (0,)
+    # Audit read-only calls (GetStatus, ListAgents, WatchAgent...) too: each is then an fsynced record.
+    audit_read_calls: bool = False
 
     @property
     def tls(self) -> bool:

@@ -199,6 +199,7 @@ class Ended(NamedTuple):
     component: str
     finished_at: float  # its updated_at if it has no finish time
     created_at: float
+    state: UpdateState  # final
 
 
 class Journal:
@@ -286,7 +287,7 @@ class Journal:
                 continue
             if rec.final and rec.settled:
                 self._ended[name] = Ended(rec.update_id, rec.component, rec.finished_at or rec.updated_at,
-                                          rec.created_at)
+                                          rec.created_at, rec.state)
         return sorted((self._ended[n] for n in sorted(names) if n in self._ended), key=lambda e: e.created_at)
 
     def unfinished(self) -> list[UpdateRecord]:
@@ -307,29 +308,32 @@ class Journal:
             return {}
 
     def prune(self, keep: int, max_age_s: float, delivered: Callable[[Ended], bool],
-              now: float | None = None) -> list[str]:
+              now: float | None = None, before_remove: Callable[[list[Ended]], None] | None = None) -> list[str]:
         """Remove delivered final records beyond the newest ``keep`` or finished more than ``max_age_s`` ago.
 
         Only final, settled records for which ``delivered`` says yes (the Manager
         has it, or there is no Manager) are removed; unfinished ones never count
-        or go. Each removal is durable: the directory is renamed out of the
-        record namespace and the rename fsynced before it is deleted, so a crash
-        leaves a whole record or a leftover the next prune deletes.
+        or go. ``before_remove`` is given the records about to go before any is
+        touched (the running totals keep them: ``supervisor/update_totals.py``).
+        Each removal is durable: the directory is renamed out of the record
+        namespace and the rename fsynced before it is deleted, so a crash leaves
+        a whole record or a leftover the next prune deletes.
         """
         now = time.time() if now is None else now
         self._sweep_pruned()
         final = sorted(self.ended(), key=lambda e: (e.finished_at, e.created_at), reverse=True)
+        going = [rec for i, rec in enumerate(final)
+                 if (i >= keep or now - rec.finished_at > max_age_s) and delivered(rec)]
+        if going and before_remove is not None:
+            before_remove(going)
         removed: list[str] = []
-        for i, rec in enumerate(final):
-            too_many = i >= keep
-            too_old = now - rec.finished_at > max_age_s
-            if (too_many or too_old) and delivered(rec):
-                gone = self.root / f"{_PRUNED_PREFIX}{rec.update_id}"
-                os.replace(self.dir(rec.update_id), gone)
-                durable.fsync_dir(self.root)
-                self._ended.pop(rec.update_id, None)
-                durable.remove_tree(gone)
-                removed.append(rec.update_id)
+        for rec in going:
+            gone = self.root / f"{_PRUNED_PREFIX}{rec.update_id}"
+            os.replace(self.dir(rec.update_id), gone)
+            durable.fsync_dir(self.root)
+            self._ended.pop(rec.update_id, None)
+            durable.remove_tree(gone)
+            removed.append(rec.update_id)
         return removed
 
     def _sweep_pruned(self) -> None:

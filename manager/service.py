@@ -20,6 +20,7 @@ there is no identity: every caller on the host may speak for any node.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from concurrent import futures
 from typing import Any
@@ -123,12 +124,14 @@ class ManagerService(manager_pb2_grpc.ManagerServiceServicer):
                                       labels=tuple(sorted(request.labels.items()))))
         logger.info("node {} registered (supervisor {}, {}{})", request.node_id, request.supervisor_version,
                     address or "no address", f", {identity}" if identity else "")
-        return manager_pb2.RegisterResponse(heartbeat_interval_seconds=self.heartbeat_interval_s)
+        return manager_pb2.RegisterResponse(heartbeat_interval_seconds=self.heartbeat_interval_s,
+                                            manager_time=time.time())
 
     def Heartbeat(self, request: manager_pb2.HeartbeatRequest, context: grpc.ServicerContext
                   ) -> manager_pb2.HeartbeatResponse:
         self._identity(request.node_id, context, CallKind.REPORT)
-        return manager_pb2.HeartbeatResponse(known=self.store.touch_node(request.node_id, request.supervisor_version))
+        return manager_pb2.HeartbeatResponse(known=self.store.touch_node(request.node_id, request.supervisor_version),
+                                             manager_time=time.time())
 
     def SyncAgentStates(self, request: manager_pb2.SyncAgentStatesRequest, context: grpc.ServicerContext
                         ) -> manager_pb2.SyncAgentStatesResponse:

@@ -11,6 +11,7 @@ command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 command -v unshare >/dev/null 2>&1 || need_apt+=(util-linux)
+command -v faketime >/dev/null 2>&1 || need_apt+=(faketime)  # the doctor's clock tests: a process whose clock is years off
 ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need_apt+=(postgresql)  # the tests' real PostgreSQL
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)  # the web page's test: a real headless browser
 command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)

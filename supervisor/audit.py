@@ -1,7 +1,9 @@
 """The supervisor's side of the audit trail (the log itself: ``baton/audit.py``).
 
 Every call that is not known to be read-only (``authz.READ_ONLY_METHODS``) is
-recorded, so a mutating method added later is audited without a change here.
+recorded, so a mutating method added later is audited without a change here;
+read-only calls only when ``grpc.audit_read_calls`` asks (a host polled by
+monitoring would otherwise write and fsync a record per poll).
 :class:`AuditInterceptor` is the outermost interceptor: it wraps the
 authorization check, so a call the allow-list refuses is recorded as refused.
 
@@ -71,8 +73,16 @@ SUPPRESSED_CALL = "refusals not recorded"  # the call name of the record that co
 _ABSTRACT_PREFIX = "unix-abstract:"
 
 
+ENVIRON_READ_BYTES = 128 * 1024  # of a caller's /proc/PID/environ, looking for SUDO_USER
+NO_LOGIN_UID = 0xFFFFFFFF  # the kernel's "never logged in" ((uid_t)-1)
+
+
 def local_caller(uid: int, pid: int) -> Caller:
-    return Caller(kind="local", uid=uid, pid=pid, command=_command_line(pid))
+    """A local peer with the person behind it: the kernel's login uid, and the ``SUDO_USER`` it claims."""
+    login_uid = _login_uid(pid)
+    return Caller(kind="local", uid=uid, pid=pid, command=_command_line(pid), login_uid=login_uid,
+                  login_user=_user_name(login_uid) if login_uid is not None else "",
+                  sudo_user=_claimed_sudo_user(pid))
 
 
 def _command_line(pid: int) -> str:
@@ -82,6 +92,38 @@ def _command_line(pid: int) -> str:
     except OSError:
         return ""
     return shorten(raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace"), 200)
+
+
+def _login_uid(pid: int) -> int | None:
+    """``/proc/PID/loginuid``: written by PAM at login, inherited, and unchangeable without CAP_AUDIT_CONTROL."""
+    try:
+        with open(f"/proc/{pid}/loginuid", "rb") as f:
+            value = int(f.read(16))
+    except (OSError, ValueError):
+        return None
+    return None if value == NO_LOGIN_UID else value
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return ""
+
+
+def _claimed_sudo_user(pid: int) -> str:
+    """``$SUDO_USER`` of the caller (readable by root only); anyone can set it, so it is only ever a claim."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            raw = f.read(ENVIRON_READ_BYTES)
+    except OSError:
+        return ""
+    for entry in raw.split(b"\0"):
+        if entry.startswith(b"SUDO_USER="):
+            return shorten(entry[len(b"SUDO_USER="):].decode("utf-8", "replace"), 64)
+    return ""
 
 
 class Callers:
@@ -274,13 +316,17 @@ class AuditTrail:
 
 
 class AuditInterceptor(HookedInterceptor):
-    """Records every call not known to be read-only, with its outcome. Register it first (outermost)."""
+    """Records every call not known to be read-only (every call with ``read_calls``: ``grpc.audit_read_calls``),
+    with its outcome. Register it first (outermost)."""
 
-    def __init__(self, trail: AuditTrail) -> None:
+    def __init__(self, trail: AuditTrail, read_calls: bool = False) -> None:
         self.trail = trail
+        self.read_calls = read_calls
 
     def hooks(self, method: str) -> CallHooks | None:
-        return None if method in READ_ONLY_METHODS else _Audit(self.trail, method.rsplit("/", 1)[-1])
+        if method in READ_ONLY_METHODS and not self.read_calls:
+            return None
+        return _Audit(self.trail, method.rsplit("/", 1)[-1])
 
 
 class _Audit:
@@ -353,21 +399,52 @@ def parse_since(text: str, now: float) -> float:
                          "like 2026-01-31T12:00:00Z") from None
 
 
-def format_records(records: list[AuditRecord]) -> str:
+MIN_CUT_COLUMN = 16  # a column cut to fit a terminal keeps at least this many characters
+CUT_MARK = "..."
+
+
+def format_records(records: list[AuditRecord], width: int | None = None) -> str:
     """The table ``supervisor audit`` prints; every field went through :func:`baton.text.printable` (a caller
-    chose the arguments, and a record on disk may hold anything)."""
+    chose the arguments, and a record on disk may hold anything).
+
+    ``width``: the terminal's columns; the widest of CALLER, ARGS and OUTCOME is cut (ending ``...``) until a
+    row fits, so a record is one line on screen. None: nothing is cut (a pipe gets whole records).
+    """
     from baton.text import printable
 
-    rows: list[tuple[str, ...]] = [("TIME (UTC)", "CALLER", "CALL", "ARGS", "OUTCOME")]
+    rows: list[list[str]] = [["TIME (UTC)", "CALLER", "CALL", "ARGS", "OUTCOME"]]
     for r in records:
         args = " ".join(f"{k}={v}" for k, v in sorted(r.args.items()))
         args += "".join(f" -> {k}={v}" for k, v in r.result.items())
         outcome = r.outcome if r.outcome == OUTCOME_OK else f"{r.outcome} {r.code}: {r.message}"
         cells = (format_time(r.time), r.caller.describe(), r.call, args or "-", outcome)
-        rows.append(tuple(printable(c) for c in cells))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)), row[-1]]).rstrip()
+        rows.append([printable(c) for c in cells])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    if width is not None:
+        _fit(widths, width - 2 * (len(widths) - 1), cuttable=(1, 3, 4))
+    for row in rows:
+        for i, w in enumerate(widths):
+            if len(row[i]) > w:
+                row[i] = row[i][:w - len(CUT_MARK)] + CUT_MARK
+    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(row[:-1], widths[:-1], strict=True)), row[-1]]).rstrip()
                      for row in rows)
+
+
+def _fit(widths: list[int], room: int, cuttable: tuple[int, ...]) -> None:
+    """Narrow the widest of the ``cuttable`` columns, one character at a time, until they fit in ``room``."""
+    while sum(widths) > room:
+        i = max(cuttable, key=lambda c: widths[c])
+        if widths[i] <= MIN_CUT_COLUMN:
+            return  # a terminal this narrow wraps: better than cells cut to nothing
+        widths[i] -= 1
+
+
+def _terminal_columns() -> int | None:
+    """The width of the terminal stdout is, or None when it is not one."""
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else None
+    except OSError:
+        return None
 
 
 def cmd_audit(ns: argparse.Namespace) -> int:
@@ -389,11 +466,16 @@ def cmd_audit(ns: argparse.Namespace) -> int:
         print(f"supervisor audit: cannot read {e.filename}: {e.strerror} (run it as the supervisor's user)",
               file=sys.stderr)
         return 1
-    if ns.json:
-        for r in records:
-            print(json.dumps(r.to_json(), sort_keys=True))
-    else:
-        print(format_records(records))
+    try:
+        if ns.json:
+            for r in records:
+                sys.stdout.write(json.dumps(r.to_json(), sort_keys=True) + "\n")
+        else:
+            print(format_records(records, None if ns.wide else _terminal_columns()))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader had enough (| head): not an error. Python would complain again flushing stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
@@ -402,4 +484,5 @@ def add_parser(sub: Any) -> None:
     a.add_argument("--config", "-c", default="/etc/baton/supervisor.toml")
     a.add_argument("--since", help="only records since: a duration (30m, 1h, 7d) or an ISO time")
     a.add_argument("--json", action="store_true", help="one JSON record per line, as stored")
+    a.add_argument("--wide", action="store_true", help="on a terminal too, print every cell whole")
     a.set_defaults(fn=cmd_audit)

@@ -39,6 +39,7 @@ from supervisor import handover, libc, systemd
 from supervisor.agent_socket import AgentSocket
 from supervisor.agents import AgentSnapshot, ProcessManager, ReloadResult, same_process
 from supervisor.audit import AuditInterceptor, AuditTrail, Callers
+from supervisor.clock import keep_clock_record, try_record_clock
 from supervisor.daemon_service import DaemonService, agent_info
 from supervisor.front import SERVER_OPTIONS, Front, UnixPeerPolicy, bind_tcp, bind_unix
 from supervisor.handover import ReceivedState
@@ -164,7 +165,7 @@ class Supervisor:
         g = self.cfg.grpc
         policy = Policy(g.allowed_clients, g.allow_downgrade_clients)
         interceptors: list[grpc.aio.ServerInterceptor] = [
-            AuditInterceptor(self.audit),  # first: sees refusals too
+            AuditInterceptor(self.audit, read_calls=g.audit_read_calls),  # first: sees refusals too
             self.gate,  # during a handover: changes wait for the next process, watches end
             AuthzInterceptor(policy),
         ]
@@ -255,6 +256,11 @@ class Supervisor:
     @property
     def manager_configured(self) -> bool:
         return bool(self.cfg.manager.address)
+
+    @property
+    def manager_clock(self) -> tuple[float, float]:
+        """The Manager's clock minus ours and when it was measured (0, 0: never; supervisor/clock.py)."""
+        return (self.manager.clock_offset_s, self.manager.clock_measured_at) if self.manager else (0.0, 0.0)
 
     async def reload(self) -> Reloaded:
         """Re-read the config file, apply its agents and re-read the TLS files; ConfigError (nothing changed) for
@@ -405,6 +411,7 @@ class Supervisor:
         watchdog = asyncio.create_task(self._feed_watchdog(interval)) if interval else None
         prepare_dirs(self.cfg)
         lock_fd = lock_state_dir(self.cfg)
+        try_record_clock(self.cfg.node.state_dir)  # doctor judges the clock by it (supervisor/clock.py)
         if (err := libc.set_child_subreaper()) is not None:
             logger.warning("{}: an agent's orphaned children will be reaped by PID 1, not by the supervisor", err)
         self._reap_strays()
@@ -432,11 +439,13 @@ class Supervisor:
             self.manager.start()
         if self.outbox is not None:
             self.outbox.start()
+        clock = asyncio.create_task(keep_clock_record(self.cfg.node.state_dir))
         await self._stop.wait()
         logger.info("supervisor stopping: stopping every agent")
         systemd.notify("STOPPING=1\nSTATUS=stopping agents")
         await self._shutdown()
         trimmer.cancel()
+        clock.cancel()
         if watchdog is not None:
             watchdog.cancel()
         logger.info("supervisor stopped")

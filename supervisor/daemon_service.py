@@ -98,6 +98,7 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
     async def GetStatus(self, request: daemon_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> daemon_pb2.Status:
         connected = bool(getattr(self._manager_connected, "connected", False))
+        offset, measured_at = getattr(self._manager_connected, "manager_clock", (0.0, 0.0))
         return daemon_pb2.Status(
             node_id=self.node_id,
             supervisor_version=self.version,
@@ -110,6 +111,8 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
             holds=[daemon_pb2.ComponentHold(component=h.component, reason=h.reason, since=h.since)
                    for h in (self._holds.all() if self._holds is not None else [])],
             dependencies=_dependencies(),
+            manager_clock_offset_s=offset,
+            manager_clock_measured_at=measured_at,
         )
 
     async def ListAgents(self, request: daemon_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext

@@ -32,7 +32,6 @@ PROBLEM = "problem"
 _RANK = {OK: 0, WARNING: 1, PROBLEM: 2}
 
 CERT_WARN_DAYS = 14  # a certificate that expires sooner is a warning (--cert-days)
-CLOCK_BACK_TOLERANCE_S = 300.0  # the clock may read this much earlier than a time this host recorded
 RECENT_UPDATES = 20  # journal records consulted for "the largest recent package"
 PROBE_TIMEOUT_S = 3.0
 UNIT_PATHS = (Path("/etc/systemd/system") / SERVICE_UNIT, Path("/usr/lib/systemd/system") / SERVICE_UNIT,
@@ -449,19 +448,54 @@ def last_recorded_time(cfg: Config) -> tuple[float, str]:
 
 
 def check_clock(ctx: Context) -> list[Finding]:
+    """Off in either direction: before this release's build or a time this host recorded (back), or moved away
+    from the time since boot since the supervisor's record, or from the Manager's time (ahead or back)."""
     from baton.audit import format_time
+    from supervisor.clock import CLOCK_TOLERANCE_S, clock_path, describe_jump, load_record, read_clock
 
     fix = "set the clock: timedatectl set-ntp true (or chronyc makestep); then run doctor again"
     built = build_time()
-    if ctx.now < built - CLOCK_BACK_TOLERANCE_S:
+    if ctx.now < built - CLOCK_TOLERANCE_S:
         return [Finding("clock", PROBLEM, f"the clock reads {format_time(ctx.now)}, before this release was built "
                                           f"({format_time(built)}): TLS and signature expiry checks will fail", fix)]
     last, where = last_recorded_time(ctx.cfg)
-    if last > ctx.now + CLOCK_BACK_TOLERANCE_S:
+    if last > ctx.now + CLOCK_TOLERANCE_S:
         return [Finding("clock", PROBLEM, f"the clock reads {format_time(ctx.now)}, {(last - ctx.now) / 60:.0f} "
                                           f"minutes before a time this host recorded in {where} "
                                           f"({format_time(last)}): it jumped back", fix)]
-    return [Finding("clock", OK, f"{format_time(ctx.now)}, after this release's build and every recorded time")]
+    out = []
+    record = load_record(ctx.cfg.node.state_dir)
+    jump = read_clock(ctx.now).jumped(record) if record is not None else None
+    if record is not None and jump is not None:
+        out.append(Finding("clock", PROBLEM, f"the clock reads {format_time(ctx.now)}: it jumped "
+                                             f"{describe_jump(jump)} against the time since boot since the "
+                                             f"supervisor recorded {format_time(record.wall)} in "
+                                             f"{clock_path(ctx.cfg.node.state_dir)}", fix))
+    offset, measured_at = _manager_clock(ctx)
+    if measured_at and abs(offset) > CLOCK_TOLERANCE_S:
+        out.append(Finding("clock", PROBLEM, f"the clock is {describe_jump(-offset)} of the Manager's (the "
+                                             f"supervisor measured it at {format_time(measured_at)})",
+                           fix + " (if the Manager's clock is the wrong one, set that one)"))
+    against = ", the time since boot" if record is not None else ""
+    against += ", the Manager's" if measured_at else ""
+    return out or [Finding("clock", OK, f"{format_time(ctx.now)}, after this release's build and every recorded "
+                                        f"time{against and ', and in step with' + against[1:]}")]
+
+
+def _manager_clock(ctx: Context) -> tuple[float, float]:
+    """The Manager's clock minus this host's and when the supervisor measured it; (0, 0) when it has not or
+    does not answer (the supervisor check says why)."""
+    import grpc
+
+    from supervisor.ctl import CtlError
+
+    if not ctx.cfg.manager.address or not supervisor_socket(ctx.cfg).is_socket():
+        return 0.0, 0.0
+    try:
+        st = _status(ctx)
+    except (CtlError, grpc.RpcError):
+        return 0.0, 0.0
+    return st.manager_clock_offset_s, st.manager_clock_measured_at
 
 
 def shipped_unit() -> Path | None:

@@ -66,6 +66,8 @@ class ManagerClient:
         self.labels = dict(labels or {})
         self.connected = False
         self.registrations = 0
+        self.clock_offset_s = 0.0  # the Manager's clock minus ours, at clock_measured_at (0: never measured)
+        self.clock_measured_at = 0.0
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._channel: grpc.aio.Channel | None = None
@@ -83,6 +85,13 @@ class ManagerClient:
     def call_failed(self) -> None:
         """Another task's call to the Manager failed: move to the next replica without waiting for a heartbeat."""
         self._broken.set()
+
+    def _clock_measured(self, sent: float, manager_time: float) -> None:
+        """Keep the Manager's clock minus ours, taken at the middle of the call (supervisor/clock.py)."""
+        if manager_time:  # 0: a Manager that does not say
+            received = time.time()
+            self.clock_offset_s = manager_time - (sent + received) / 2
+            self.clock_measured_at = received
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="manager-client")
@@ -153,6 +162,7 @@ class ManagerClient:
 
     async def _register(self) -> None:
         assert self._stub is not None
+        sent = time.time()
         resp = await self._stub.Register(
             manager_pb2.RegisterRequest(
                 node_id=self.node_id,
@@ -164,6 +174,7 @@ class ManagerClient:
             ),
             timeout=self.cfg.rpc_timeout_s,
         )
+        self._clock_measured(sent, resp.manager_time)
         self.interval = resp.heartbeat_interval_seconds or self.cfg.heartbeat_interval_s
         self.connected = True
         self.registrations += 1
@@ -200,6 +211,7 @@ class ManagerClient:
                 next_sync = now + self.cfg.sync_interval_s
             if now >= next_beat:
                 self._seq += 1
+                sent = time.time()
                 resp = await self._stub.Heartbeat(
                     manager_pb2.HeartbeatRequest(
                         node_id=self.node_id,
@@ -209,6 +221,7 @@ class ManagerClient:
                     ),
                     timeout=self.cfg.rpc_timeout_s,
                 )
+                self._clock_measured(sent, resp.manager_time)
                 if not resp.known:
                     await self._register()
                 next_beat = now + self.interval

@@ -2,14 +2,16 @@
 
 Agents come from the process manager (read on the event loop, so a scrape sees
 a consistent snapshot); updates, step durations and handovers from the update
-journal; helper runs from the update manager. Counters derived from the
-journal (``baton_updates_finished_total``) count the records it keeps.
+journal; helper runs from the update manager. ``baton_updates_finished_total``
+comes from running totals that pruning the journal never lowers
+(``supervisor/update_totals.py``). Uptimes are start times (the
+``process_start_time_seconds`` convention): a gauge of seconds since start is
+stale the moment it is scraped, and a start time also says when it restarted.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from prometheus_client.registry import Collector
 from baton.config import SUPERVISOR_COMPONENT
 from baton.journal import Journal
 from baton.metrics import MetricsServer
-from baton.states import AgentState, UpdateState
+from baton.states import AgentState
 from supervisor.agents import AgentSnapshot
 
 SNAPSHOT_TIMEOUT_S = 5.0
@@ -34,12 +36,6 @@ class _Snapshot:
     helpers_running: int
     manager_configured: bool
     manager_connected: bool
-
-
-def update_result(state: UpdateState) -> str | None:
-    """committed / failed / rolled_back for a final state, None otherwise."""
-    return {UpdateState.COMMITTED: "committed", UpdateState.FAILED: "failed",
-            UpdateState.ROLLED_BACK: "rolled_back"}.get(state)
 
 
 class SupervisorCollector(Collector):
@@ -60,14 +56,14 @@ class SupervisorCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = asyncio.run_coroutine_threadsafe(self._take(), self.loop).result(SNAPSHOT_TIMEOUT_S)
-        now = time.time()
-        yield from self._agents(snap, now)
+        yield from self._agents(snap)
         yield from self._updates()
         info = GaugeMetricFamily("baton_supervisor_info", "This supervisor", labels=["node", "version"])
         info.add_metric([self.sup.cfg.node.id, self.sup.version], 1)
         yield info
-        yield GaugeMetricFamily("baton_supervisor_uptime_seconds", "Seconds since this supervisor process started",
-                                value=now - self.sup.started_at)
+        yield GaugeMetricFamily("baton_supervisor_start_time_seconds",
+                                "When this supervisor process started (Unix epoch seconds)",
+                                value=self.sup.started_at)
         yield CounterMetricFamily("baton_helper_runs", "Helper processes this supervisor process started",
                                   value=snap.helper_runs)
         yield GaugeMetricFamily("baton_helpers_running", "Helper processes running now", value=snap.helpers_running)
@@ -76,7 +72,7 @@ class SupervisorCollector(Collector):
         yield GaugeMetricFamily("baton_manager_connected", "1 while connected to the Manager",
                                 value=int(snap.manager_connected))
 
-    def _agents(self, snap: _Snapshot, now: float) -> Iterator[Metric]:
+    def _agents(self, snap: _Snapshot) -> Iterator[Metric]:
         by_state = GaugeMetricFamily("baton_agents", "Agents by state", labels=["state"])
         counts = Counter(a.state for a in snap.agents)
         for state in AgentState:
@@ -84,18 +80,24 @@ class SupervisorCollector(Collector):
         yield by_state
         restarts = CounterMetricFamily("baton_agent_restarts", "Restarts of the agent since it was first started",
                                        labels=["agent"])
-        uptime = GaugeMetricFamily("baton_agent_uptime_seconds", "Seconds the agent's process has run (0: none)",
-                                   labels=["agent"])
+        started = GaugeMetricFamily("baton_agent_start_time_seconds",
+                                    "When the agent's process started (Unix epoch seconds; none while it has none)",
+                                    labels=["agent"])
+        version = GaugeMetricFamily("baton_agent_version_info", "1 for the version of each packaged agent installed",
+                                    labels=["agent", "version"])
         last_exit = GaugeMetricFamily("baton_agent_last_exit_status",
                                       "The agent's last exit code, or -N for signal N", labels=["agent"])
         up = GaugeMetricFamily("baton_agent_up", "1 while the agent is running", labels=["agent"])
         for a in snap.agents:
             restarts.add_metric([a.name], a.restarts)
-            uptime.add_metric([a.name], max(now - a.start_time, 0.0) if a.pid and a.start_time else 0.0)
+            if a.pid and a.start_time:
+                started.add_metric([a.name], a.start_time)
+            if a.version:  # a packaged agent's installed version; a plain command has none
+                version.add_metric([a.name, a.version], 1)
             if a.last_exit_status is not None:
                 last_exit.add_metric([a.name], a.last_exit_status)
             up.add_metric([a.name], int(a.state == AgentState.RUNNING))
-        yield from (restarts, uptime, last_exit, up)
+        yield from (restarts, started, version, last_exit, up)
 
     def _updates(self) -> Iterator[Metric]:
         records = self.journal.all()
@@ -106,10 +108,8 @@ class SupervisorCollector(Collector):
         yield by_state
         finished = CounterMetricFamily("baton_updates_finished", "Finished updates by component and result",
                                        labels=["component", "result"])
-        results = Counter((r.component, update_result(r.state)) for r in records if r.final and r.settled)
-        for (comp, result), n in sorted(results.items(), key=str):
-            if result is not None:
-                finished.add_metric([comp, result], n)
+        for (comp, result), n in sorted(self.sup.updates.totals.finished(self.journal).items()):
+            finished.add_metric([comp, result], n)
         yield finished
         steps = SummaryMetricFamily("baton_update_step_seconds", "Duration of each update step (from the journal)",
                                     labels=["component", "step"])

@@ -45,6 +45,7 @@ from supervisor import systemd
 from supervisor.agents import reap
 from supervisor.dirwatch import watch_dir
 from supervisor.install_self import helper_command, running_from_layout
+from supervisor.update_totals import UpdateTotals
 
 MAX_HELPER_STARTS = 5
 RESPAWN_DELAY_S = 0.5
@@ -127,6 +128,7 @@ class UpdateManager:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.journal = Journal(cfg.node.state_dir)
+        self.totals = UpdateTotals(cfg.node.state_dir)
         self.active: dict[str, str] = {}
         self.helpers: dict[str, HelperProcess] = {}
         self.starts: dict[str, int] = {}
@@ -517,7 +519,9 @@ class UpdateManager:
             return not self.cfg.manager.address or self._reported_marker(rec.update_id).exists()
 
         try:
-            removed = self.journal.prune(u.keep_updates, u.keep_updates_days * 86400.0, delivered)
+            removed = self.journal.prune(u.keep_updates, u.keep_updates_days * 86400.0, delivered,
+                                         before_remove=lambda going: self.totals.fold(
+                                             going, [e.update_id for e in self.journal.ended()]))
         except OSError as e:
             logger.warning("pruning the update journal failed: {}", e)
             return

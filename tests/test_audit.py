@@ -76,6 +76,28 @@ def test_a_stop_is_recorded_and_read_back_by_supervisor_audit(make_supervisor):
     assert bad.returncode == 2 and "--since 'yesterday'" in bad.stderr
 
 
+def test_read_only_calls_are_recorded_only_when_grpc_audit_read_calls_asks(make_supervisor):
+    quiet = make_supervisor([agent("web", "ready_agent.py", notify=True)], name="quiet")
+    asked = make_supervisor([agent("web", "ready_agent.py", notify=True)], name="asked",
+                            extra={"grpc": {"audit_read_calls": True}})
+    for sup in (quiet, asked):
+        sup.start()
+        sup.stub.ListAgents(daemon_pb2.ListAgentsRequest(), timeout=15)
+    assert records(quiet.state_dir) == []
+    [rec] = records(asked.state_dir, "ListAgents")
+    assert (rec.outcome, rec.caller.kind, rec.caller.uid) == ("ok", "local", os.getuid())
+
+
+def test_a_grpc_audit_read_calls_that_is_not_a_boolean_is_refused_by_check_config_naming_the_key(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('[node]\nid = "n"\n[grpc]\nunix_socket = "/run/x.sock"\naudit_read_calls = "yes"\n')
+    r = subprocess.run([PY, "-m", "supervisor", "check-config", str(path)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    assert r.returncode == 2
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("supervisor: config error: grpc.audit_read_calls: ")
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="running a client as another user needs root")
 def test_a_local_unprivileged_user_is_refused_and_audited_as_refused(make_supervisor, open_dir):  # noqa: F811
     sock = open_dir / "supervisor.sock"
@@ -90,6 +112,57 @@ def test_a_local_unprivileged_user_is_refused_and_audited_as_refused(make_superv
     assert (rec.outcome, rec.code, rec.caller.kind, rec.caller.uid) == ("refused", "PERMISSION_DENIED", "local", 65534)
     assert rec.caller.pid and "uid 65534 may not use the local socket" in rec.message
     assert SYSTEM_CLIENT_MARK in rec.caller.command
+
+
+STOP_WEB = ("import grpc, sys; from baton.pb import daemon_pb2, daemon_pb2_grpc; "
+            "ch = grpc.insecure_channel('unix:' + sys.argv[1]); "
+            "daemon_pb2_grpc.DaemonServiceStub(ch).StopAgent(daemon_pb2.AgentRef(name='web'), timeout=15)")
+
+
+def stop_web_as(sock: Path, login_uid: int | None, sudo_user: str | None) -> None:
+    """StopAgent from a root child whose kernel login uid is ``login_uid`` (as PAM sets it at login) and whose
+    environment claims ``SUDO_USER``."""
+    def set_login_uid() -> None:
+        if login_uid is not None:
+            with open("/proc/self/loginuid", "w") as f:
+                f.write(str(login_uid))
+
+    env = {k: v for k, v in os.environ.items() if k != "SUDO_USER"}
+    if sudo_user is not None:
+        env["SUDO_USER"] = sudo_user
+    subprocess.run([PY, "-c", STOP_WEB, str(sock)], cwd=ROOT, env=env, preexec_fn=set_login_uid, check=True,
+                   timeout=60)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setting a login uid needs root")
+def test_a_root_call_is_recorded_with_the_login_user_behind_it_and_sudo_user_only_as_a_claim(make_supervisor):
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True)])
+    sup.start()
+    sup.wait_agent("web", "running")
+    stop_web_as(sup.socket, login_uid=65534, sudo_user="mallory")
+
+    [rec] = records(sup.state_dir, "StopAgent")
+    c = rec.caller
+    assert (c.kind, c.uid, c.login_uid, c.login_user, c.sudo_user) == ("local", 0, 65534, "nobody", "mallory")
+    assert "uid 0 login nobody(65534) claims sudo mallory" in c.describe()
+    row = audit_cli(sup.config_path).stdout.splitlines()[1]
+    assert "login nobody(65534) claims sudo mallory" in row
+    line = json.loads(audit_cli(sup.config_path, "--json").stdout)
+    assert line["caller"]["login_uid"] == 65534 and line["caller"]["sudo_user"] == "mallory"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="clearing a login uid needs root")
+def test_a_caller_outside_any_login_session_has_no_login_user_whatever_it_claims(make_supervisor):
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True)])
+    sup.start()
+    sup.wait_agent("web", "running")
+    stop_web_as(sup.socket, login_uid=0xFFFFFFFF, sudo_user=None)
+
+    [rec] = records(sup.state_dir, "StopAgent")
+    assert (rec.caller.login_uid, rec.caller.login_user, rec.caller.sudo_user) == (None, "", "")
+    assert "login" not in rec.caller.describe()
+    assert set(json.loads(audit_cli(sup.config_path, "--json").stdout)["caller"]) == {"kind", "uid", "pid",
+                                                                                        "command"}
 
 
 SYSTEM_CLIENT_MARK = "-I -c"  # run_client's command line, as /proc shows it
@@ -261,6 +334,66 @@ def test_escape_sequences_in_a_records_arguments_are_printed_escaped_by_supervis
     assert not set(res.stdout) & ((set(range(0x20)) - {0x0a}) | {0x7f}), "no control byte but the newlines"
     assert "\u202e".encode() not in res.stdout
     assert json.loads(audit_cli(sup.config_path, "--json").stdout)["args"]["name"] == evil, "--json keeps it exact"
+
+
+def long_records(state_dir: Path, n: int) -> None:
+    """``n`` records with a long caller, argument and message, as a busy host's log holds."""
+    log = AuditLog(state_dir)
+    caller = Caller(kind="local", uid=0, pid=4242, command="python3 " + "x" * 150, login_uid=1000,
+                    login_user="alice", sudo_user="alice")
+    for i in range(n):
+        log.append(AuditRecord(time=1_700_000_000.0 + i, caller=caller, call="PushUpdate", outcome="failed",
+                               code="FAILED_PRECONDITION", message="m" * 300,
+                               args={"component": "app", "url": "file:///srv/" + "p" * 200}))
+
+
+def test_supervisor_audit_on_a_terminal_prints_each_record_on_one_line_of_its_width(make_supervisor):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    sup = make_supervisor([])
+    sup.write_config()
+    long_records(sup.state_dir, 3)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        proc = subprocess.Popen([PY, "-m", "supervisor", "audit", "--config", str(sup.config_path)], cwd=ROOT,
+                                stdout=slave, stderr=subprocess.PIPE)
+        os.close(slave)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        os.close(master)
+    lines = out.decode().replace("\r\n", "\n").splitlines()
+    assert len(lines) == 4 and all(len(line) <= 100 for line in lines), lines
+    assert all(line.startswith("2023-11-14T22:13:2") for line in lines[1:])
+    wide = audit_cli(sup.config_path).stdout.splitlines()  # a pipe, not a terminal: whole cells
+    assert "m" * 300 in wide[1]
+
+
+def test_supervisor_audit_json_into_a_pipe_closed_early_ends_quietly(make_supervisor):
+    sup = make_supervisor([])
+    sup.write_config()
+    long_records(sup.state_dir, 400)  # far more than a pipe holds
+    for args in (["--json"], []):
+        proc = subprocess.Popen([PY, "-m", "supervisor", "audit", "--config", str(sup.config_path), *args],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stderr is not None
+        first = proc.stdout.readline()
+        proc.stdout.close()  # as `| head -1` does
+        assert proc.wait(60) == 0
+        assert proc.stderr.read() == b"", "no traceback, no complaint"
+        assert first.strip()
 
 
 def test_refusals_rotate_in_their_own_file_and_read_back_merged_with_changes_by_time(tmp_path):

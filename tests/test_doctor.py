@@ -11,6 +11,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from baton.journal import Journal, UpdateRecord, UpdateRequestRecord
 from baton.layout import UNIT_IN_VERSION
 from baton.signing import load_public_key
@@ -178,6 +180,59 @@ def test_a_clock_behind_a_recorded_time_is_a_problem(update_host):
     assert code == 2 and "jumped back" in bad["message"] and "timedatectl" in bad["fix"]
     shutil.rmtree(journal.dir("from-the-future"))
     assert worst(doctor(update_host.sup.config_path)[1], "clock")["status"] == "ok"
+
+
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")  # Debian's faketime (bootstrap.sh)
+
+
+def faked_clock(offset: str) -> dict[str, str]:
+    """The environment of a process whose wall clock is ``offset`` (libfaketime: "+3y", "-2h") off the host's;
+    the time since boot (/proc/uptime) is not faked."""
+    assert LIBFAKETIME.exists(), "scripts/bootstrap.sh installs Debian's faketime"
+    return {"LD_PRELOAD": str(LIBFAKETIME), "FAKETIME": offset}
+
+
+def test_a_clock_three_years_ahead_is_a_problem_naming_the_clock(update_host):
+    record = update_host.sup.state_dir / "clock.json"
+    wait_for(record.exists, 10, what="the supervisor's record of the clock")
+    before = record.read_bytes()
+    res = subprocess.run([PY, "-m", "supervisor", "doctor", "--config", str(update_host.sup.config_path), "--json",
+                          "--systemd-unit", str(update_host.sup.base / "no-such.service")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60,
+                         env={**os.environ, **faked_clock("+3y")})
+    report = json.loads(res.stdout)
+    bad = worst(report["checks"], "clock")
+    assert res.returncode == 2 and bad["status"] == "problem", report
+    assert "jumped 3.0 years ahead against the time since boot" in bad["message"] and "timedatectl" in bad["fix"]
+    assert [c["check"] for c in report["checks"] if c["status"] == "problem"] == ["clock"]
+    assert record.read_bytes() == before, "doctor changes nothing"
+    assert worst(doctor(update_host.sup.config_path)[1], "clock")["status"] == "ok"
+
+
+def test_a_supervisor_clock_hours_ahead_of_the_managers_is_a_problem(make_supervisor, make_manager, release):
+    from tests.manager_fixtures import node_config
+
+    manager = make_manager()
+    sup = make_supervisor([], extra=node_config(manager, release))
+    sup.start(env=faked_clock("+2h"))
+    st = wait_for(lambda: (s := sup.status()).manager_clock_measured_at and s, 20,
+                  what="the supervisor to measure the Manager's clock")
+    assert st.manager_clock_offset_s == pytest.approx(-7200, abs=60)
+    code, checks = doctor(sup.config_path)
+    found = [c for c in checks if c["check"] == "clock" and "Manager" in c["message"]]
+    assert code == 2 and len(found) == 1 and found[0]["status"] == "problem"
+    assert "the clock is 2 hours ahead of the Manager's" in found[0]["message"]
+
+
+def test_a_clock_in_step_with_the_manager_is_ok(make_supervisor, make_manager, release):
+    from tests.manager_fixtures import node_config
+
+    manager = make_manager()
+    sup = make_supervisor([], extra=node_config(manager, release))
+    sup.start()
+    wait_for(lambda: sup.status().manager_clock_measured_at, 20, what="the supervisor to measure the Manager's clock")
+    clock = worst(doctor(sup.config_path)[1], "clock")
+    assert clock["status"] == "ok" and "in step with the time since boot, the Manager's" in clock["message"]
 
 
 def _tls_host(make_supervisor, release, tmp_path, manager_address: str, node_days: float):  # type: ignore[no-untyped-def]

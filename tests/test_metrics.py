@@ -72,6 +72,73 @@ def test_supervisor_metrics_move_with_a_killed_agent_and_a_committed_update(metr
     assert value(after_update, "baton_helper_runs_total") >= 1
 
 
+def test_finished_updates_total_never_goes_down_when_the_journal_is_pruned_or_the_supervisor_restarts(
+        make_supervisor, release):
+    port = free_port()
+    sup = make_supervisor(
+        [dict(PACKAGED_APP)],
+        extra={"update": {"trusted_keys": [str(release.public_key)], "health_timeout_s": 10.0,
+                          "health_window_s": 0.5, "free_space_reserve_bytes": 0, "keep_updates": 1},
+               "metrics": {"listen": f"127.0.0.1:{port}"}},
+    )
+    install_version(sup.base / "install", "app", "1.0.0", release.tree("1.0.0"))
+    sup.start()
+    sup.wait_agent("app", "running")
+    wait_for(lambda: port_open(port), 10, what="the metrics endpoint")
+    host = UpdateHost(sup, release)
+    for n, version in enumerate(("1.1.0", "1.2.0", "1.3.0"), start=1):
+        st = host.wait_final(host.push(host.release.build(version)))
+        assert st.success, st.error
+        wait_for(lambda: len(list((sup.state_dir / "updates").glob("*/journal.json"))) == 1, 10,
+                 what="the journal pruned to one record")
+        samples = scrape(port)
+        assert value(samples, "baton_updates_finished_total", component="app", result="committed") == n
+        assert value(samples, "baton_updates", component="app", state="committed") == 1  # what the journal holds
+    sup.terminate()
+    sup.start()
+    wait_for(lambda: port_open(port), 10, what="the metrics endpoint after the restart")
+    assert value(scrape(port), "baton_updates_finished_total", component="app", result="committed") == 3
+
+
+def test_a_journal_whose_totals_cannot_be_kept_is_not_pruned_so_no_finished_update_is_lost(make_supervisor, release):
+    port = free_port()
+    sup = make_supervisor(
+        [dict(PACKAGED_APP)],
+        extra={"update": {"trusted_keys": [str(release.public_key)], "health_timeout_s": 10.0,
+                          "health_window_s": 0.5, "free_space_reserve_bytes": 0, "keep_updates": 1},
+               "metrics": {"listen": f"127.0.0.1:{port}"}},
+    )
+    install_version(sup.base / "install", "app", "1.0.0", release.tree("1.0.0"))
+    sup.state_dir.mkdir(parents=True, exist_ok=True)
+    (sup.state_dir / "metrics").write_text("not a directory\n")  # update-totals.json cannot be written below it
+    sup.start()
+    sup.wait_agent("app", "running")
+    wait_for(lambda: port_open(port), 10, what="the metrics endpoint")
+    host = UpdateHost(sup, release)
+    for version in ("1.1.0", "1.2.0"):
+        st = host.wait_final(host.push(host.release.build(version)))
+        assert st.success, st.error
+    wait_for(lambda: "pruning the update journal failed" in sup.output(), 10, what="the refused prune in the log")
+    assert len(list((sup.state_dir / "updates").glob("*/journal.json"))) == 2, "both records kept"
+    assert (sup.state_dir / "metrics").read_text() == "not a directory\n"
+    assert value(scrape(port), "baton_updates_finished_total", component="app", result="committed") == 2
+
+
+def test_start_times_are_gauges_of_when_each_process_started_and_the_agent_version_is_an_info_metric(
+        metrics_host):
+    host, port = metrics_host
+    samples = scrape(port)
+    app = host.sup.agent("app")
+    st = host.sup.status()
+    assert value(samples, "baton_supervisor_start_time_seconds") == pytest.approx(st.started_at, abs=1)
+    assert value(samples, "baton_agent_start_time_seconds", agent="app") == pytest.approx(app.start_time, abs=1)
+    assert value(samples, "baton_agent_version_info", agent="app", version="1.0.0") == 1
+    assert not any(name.endswith("uptime_seconds") for name, _ in samples)
+    again = scrape(port)  # a start time does not move while the process runs, as an uptime would
+    assert value(again, "baton_agent_start_time_seconds", agent="app") == \
+        value(samples, "baton_agent_start_time_seconds", agent="app")
+
+
 def test_supervisor_metrics_are_off_by_default_and_not_even_imported():
     out = subprocess.run([PY, "-c", "import sys, supervisor.daemon, supervisor.cli; "
                                     "print('prometheus_client' in sys.modules)"],

@@ -70,6 +70,8 @@ class Status(_message.Message):
     MANAGER_CONFIGURED_FIELD_NUMBER: _builtins.int
     HOLDS_FIELD_NUMBER: _builtins.int
     DEPENDENCIES_FIELD_NUMBER: _builtins.int
+    MANAGER_CLOCK_OFFSET_S_FIELD_NUMBER: _builtins.int
+    MANAGER_CLOCK_MEASURED_AT_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     supervisor_version: _builtins.str
     uptime_seconds: _builtins.float
@@ -78,6 +80,11 @@ class Status(_message.Message):
     manager_connected: _builtins.bool
     manager_configured: _builtins.bool
     """contract version 2: false when no [manager] address is set"""
+    manager_clock_offset_s: _builtins.float
+    """The Manager's clock minus this host's, in seconds (positive: this clock is behind), as last measured
+    at manager_clock_measured_at (Unix seconds; 0: never, e.g. no Manager or an older one). Contract version 3.
+    """
+    manager_clock_measured_at: _builtins.float
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.AgentInfo]: ...
     @_builtins.property
@@ -103,10 +110,12 @@ class Status(_message.Message):
         manager_configured: _builtins.bool = ...,
         holds: _abc.Iterable[Global___ComponentHold] | None = ...,
         dependencies: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        manager_clock_offset_s: _builtins.float = ...,
+        manager_clock_measured_at: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "dependencies", b"dependencies", "holds", b"holds", "manager_configured", b"manager_configured", "manager_connected", b"manager_connected", "node_id", b"node_id", "pid", b"pid", "started_at", b"started_at", "supervisor_version", b"supervisor_version", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "dependencies", b"dependencies", "holds", b"holds", "manager_clock_measured_at", b"manager_clock_measured_at", "manager_clock_offset_s", b"manager_clock_offset_s", "manager_configured", b"manager_configured", "manager_connected", b"manager_connected", "node_id", b"node_id", "pid", b"pid", "started_at", b"started_at", "supervisor_version", b"supervisor_version", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -85,16 +85,20 @@ class RegisterResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    MANAGER_TIME_FIELD_NUMBER: _builtins.int
     heartbeat_interval_seconds: _builtins.float
     """0: keep the supervisor's configured interval"""
+    manager_time: _builtins.float
+    """Unix seconds as the Manager answered: the node's clock is judged by it (added, v1)"""
     def __init__(
         self,
         *,
         heartbeat_interval_seconds: _builtins.float = ...,
+        manager_time: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_seconds", b"heartbeat_interval_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_seconds", b"heartbeat_interval_seconds", "manager_time", b"manager_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -133,16 +137,20 @@ class HeartbeatResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KNOWN_FIELD_NUMBER: _builtins.int
+    MANAGER_TIME_FIELD_NUMBER: _builtins.int
     known: _builtins.bool
     """false: the Manager lost this node; the supervisor registers again"""
+    manager_time: _builtins.float
+    """as in RegisterResponse (added, v1; 0 from an older Manager: nothing measured)"""
     def __init__(
         self,
         *,
         known: _builtins.bool = ...,
+        manager_time: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["known", b"known"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["known", b"known", "manager_time", b"manager_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
