@@ -252,7 +252,8 @@ class Config:
         return next((a for a in self.agents if a.name == name), None)
 
 
-def load_config(path: Path, environ: Mapping[str, str] | None = None, *, host_checks: bool = True) -> Config:
+def load_config(path: Path, environ: Mapping[str, str] | None = None, *, host_checks: bool = True,
+                keys: bool = True) -> Config:
     """Read, merge over defaults, apply environment overrides, validate.
 
     ``host_checks=False`` checks the values only and skips what depends on the host: reading the trusted keys
@@ -260,6 +261,9 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None, *, host_ch
     reads the keys itself when it verifies and guards its own download file (so a key removed or a directory
     changed since the supervisor started is a clean failure of that update rather than a helper that cannot
     start), and for ``supervisor doctor``, which judges each of those itself and prints the fix.
+
+    ``keys=False`` leaves ``update.trusted_keys`` unjudged (:func:`trusted_keys_problem`): for ``supervisor run``
+    and a reload, where broken trust material refuses updates, never the agents.
     """
     path = Path(path).absolute()
     try:
@@ -271,12 +275,12 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None, *, host_ch
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("", f"{path} is not valid TOML: {e}") from None
     return config_from_dict(raw, environ=os.environ if environ is None else environ, source=path.resolve(),
-                            host_checks=host_checks)
+                            host_checks=host_checks, keys=keys)
 
 
 def config_from_dict(
     raw: Mapping[str, Any], environ: Mapping[str, str] | None = None, source: Path | None = None,
-    host_checks: bool = True,
+    host_checks: bool = True, keys: bool = True,
 ) -> Config:
     raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
     for var, (section, key) in ENV_OVERRIDES.items():
@@ -306,7 +310,7 @@ def config_from_dict(
         cfg = _build_config(raw, agents_raw, source)
     finally:
         _BASE_DIR.reset(token)
-    _validate(cfg, host_checks)
+    _validate(cfg, host_checks, keys)
     return cfg
 
 
@@ -512,25 +516,39 @@ def _validate_grpc(g: GrpcConfig, host_checks: bool = True) -> None:
             raise ConfigError("grpc.unix_socket_group", f"no such group {g.unix_socket_group!r}") from None
 
 
-def _validate_trusted_keys(keys: tuple[Path, ...]) -> None:
-    """Every key file is a readable minisign public key now, not at the first update."""
-    if not keys:
-        return  # baton.signing is not imported for nothing: it would stay resident in the supervisor
-    from baton.signing import KeyFormatError, load_public_key
+def trusted_keys_problem(cfg: Config) -> ConfigError | None:
+    """What makes ``update.trusted_keys`` unusable now, naming the entry (None: every key is safe and loads).
 
-    for i, path in enumerate(keys):
-        key = f"update.trusted_keys[{i}]"
+    A key another user could replace (``baton/strict_modes.py``, judged before a byte of it is read), a missing
+    or unreadable file, or one that is not a minisign public key. Broken trust material refuses updates only:
+    ``supervisor run`` and a reload keep supervising the agents with it (``load_config(..., keys=False)``) and
+    report it; the push and the helper refuse every update while it lasts; ``check-config`` refuses the file.
+    An empty list is not a problem here: the helper refuses every update then (NoTrustedKeys) and doctor warns.
+    """
+    if not cfg.update.trusted_keys:
+        return None  # baton.signing is not imported for nothing: it would stay resident in the supervisor
+    from baton.signing import KeyFormatError, load_public_key
+    from baton.strict_modes import UnsafePath, check_trusted, trusted_key_files
+
+    for item in trusted_key_files(cfg):
+        try:
+            check_trusted(item)
+        except UnsafePath as e:
+            return ConfigError(item.key, e.problem)
+        path = item.path
         if not path.is_file():
-            raise ConfigError(key, f"file {path} not found" if not path.exists() else f"{path} is not a regular file")
+            return ConfigError(item.key, f"file {path} not found" if not path.exists() else
+                               f"{path} is not a regular file")
         try:
             load_public_key(path)
         except OSError as e:
-            raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
+            return ConfigError(item.key, f"cannot read {path}: {e.strerror}")
         except KeyFormatError as e:
-            raise ConfigError(key, f"not a minisign public key: {e}") from None
+            return ConfigError(item.key, f"not a minisign public key: {e}")
+    return None
 
 
-def _validate(cfg: Config, host_checks: bool = True) -> None:
+def _validate(cfg: Config, host_checks: bool = True, keys: bool = True) -> None:
     if not cfg.node.id:
         raise ConfigError("node.id", "is required (or set BATON_NODE_ID)")
     if not _NAME_RE.match(cfg.node.id):
@@ -563,8 +581,10 @@ def _validate(cfg: Config, host_checks: bool = True) -> None:
     for name in ("max_package_bytes", "max_files", "max_unpacked_bytes", "min_rate_window_s"):
         if getattr(u, name) <= 0:
             raise ConfigError(f"update.{name}", "must be greater than 0")
-    if host_checks:
-        _validate_trusted_keys(u.trusted_keys)
+    if host_checks and keys:
+        problem = trusted_keys_problem(cfg)
+        if problem is not None:
+            raise problem
     for name in ("verify_timeout_s", "download_timeout_s", "connect_timeout_s", "read_timeout_s",
                  "health_timeout_s", "handshake_timeout_s"):
         if getattr(u, name) <= 0:

@@ -21,16 +21,16 @@ EXIT_CONFIG = 2
 EXIT_USAGE = 2
 
 
-def _load(path: str) -> Config:
+def _load(path: str, keys: bool = True) -> Config:
     try:
-        return load_config(Path(path))
+        return load_config(Path(path), keys=keys)
     except ConfigError as e:
         print(f"supervisor: config error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    cfg = _load(ns.config)
+    cfg = _load(ns.config, keys=False)  # broken trust material refuses updates, not the agents (the log says so)
     from supervisor.daemon import prepare_dirs, run_supervisor
 
     try:
@@ -163,6 +163,8 @@ def cmd_status(ns: argparse.Namespace) -> int:
     if st.manager_configured:
         head += f"  manager {'connected' if st.manager_connected else 'not connected'}"
     print(printable(head))
+    if st.updates_refused:
+        print(printable(f"updates refused: {st.updates_refused}"))
     print(_fmt_agents(list(st.agents)))
     for a in st.agents:
         if a.name in fatal:

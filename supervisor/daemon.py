@@ -269,7 +269,7 @@ class Supervisor:
         await self._agents_ready.wait()
         assert self.cfg.source is not None
         try:
-            new = await asyncio.to_thread(load_config, self.cfg.source)
+            new = await asyncio.to_thread(partial(load_config, self.cfg.source, keys=False))
         except ConfigError as e:  # a renewed TLS pair that does not belong together is refused here, old one kept
             logger.error("reload refused, the running config stays: {}", e)
             raise
@@ -287,6 +287,8 @@ class Supervisor:
             self.cfg = merged
             self.updates.cfg = merged
             systemd.notify(f"READY=1\nSTATUS={status_line(self.pm.states())}")
+        if refused := self.updates.refused_because():
+            logger.error("every update is refused until this is fixed (the agents are supervised): {}", refused)
         return Reloaded(result, not_applied, tls, tls_kept_old)
 
     def _reload_tls(self) -> tuple[str, bool]:
@@ -424,6 +426,8 @@ class Supervisor:
         await self._set_serving(True)
         logger.info("supervisor {} (node {}, pid {}) serving on {}; {} agents", self.version, self.cfg.node.id,
                     os.getpid(), ", ".join(self.front.addresses()), len(self.pm.agents))
+        if refused := self.updates.refused_because():
+            logger.error("every update is refused until this is fixed (the agents are supervised): {}", refused)
         if received is not None:
             await self._finish_handover(received)
         systemd.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={status_line(self.pm.states())}")

@@ -38,6 +38,8 @@ class UpdateManager(Protocol):
     async def cancel(self, update_id: str, context: grpc.aio.ServicerContext) -> daemon_pb2.UpdateStatus: ...
     async def recent(self, limit: int, component: str) -> daemon_pb2.ListUpdatesResponse: ...
 
+    def refused_because(self) -> str: ...
+
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 1000
 
@@ -110,6 +112,7 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
             holds=[daemon_pb2.ComponentHold(component=h.component, reason=h.reason, since=h.since)
                    for h in (self._holds.all() if self._holds is not None else [])],
             dependencies=_dependencies(),
+            updates_refused=self.updates.refused_because() if self.updates is not None else "",
         )
 
     async def ListAgents(self, request: daemon_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext

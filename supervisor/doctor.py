@@ -297,8 +297,12 @@ def check_supervisor(ctx: Context) -> list[Finding]:
         why = "nothing accepts connections (a stale socket)" if e.code() == grpc.StatusCode.UNAVAILABLE else \
             f"{e.code().name} {str(e.details())[:200]}"
         return [Finding("supervisor", PROBLEM, f"no answer on {path}: {why}", fix)]
-    return [Finding("supervisor", OK, f"pid {st.pid}, version {st.supervisor_version}, up {st.uptime_seconds:.0f}s,"
-                                      f" {len(st.agents)} agents, answering on {path}")]
+    out = [Finding("supervisor", OK, f"pid {st.pid}, version {st.supervisor_version}, up {st.uptime_seconds:.0f}s,"
+                                     f" {len(st.agents)} agents, answering on {path}")]
+    if st.updates_refused:  # the agents run; only updates wait for the trust material
+        out.append(Finding("supervisor", PROBLEM, f"every update is refused: {st.updates_refused}",
+                           "fix the file it names (see trusted-keys and trusted-paths); no restart is needed"))
+    return out
 
 
 def check_agents(ctx: Context) -> list[Finding]:

@@ -70,6 +70,7 @@ class Status(_message.Message):
     MANAGER_CONFIGURED_FIELD_NUMBER: _builtins.int
     HOLDS_FIELD_NUMBER: _builtins.int
     DEPENDENCIES_FIELD_NUMBER: _builtins.int
+    UPDATES_REFUSED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     supervisor_version: _builtins.str
     uptime_seconds: _builtins.float
@@ -78,6 +79,11 @@ class Status(_message.Message):
     manager_connected: _builtins.bool
     manager_configured: _builtins.bool
     """contract version 2: false when no [manager] address is set"""
+    updates_refused: _builtins.str
+    """Why every PushUpdate is refused now, naming the config key ("" when updates are accepted): broken trust
+    material (update.trusted_keys missing, unreadable or replaceable by another user, reason TRUSTED_KEYS_BROKEN).
+    The agents are supervised all the same. Added in contract version 2; empty from older supervisors.
+    """
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.AgentInfo]: ...
     @_builtins.property
@@ -103,10 +109,11 @@ class Status(_message.Message):
         manager_configured: _builtins.bool = ...,
         holds: _abc.Iterable[Global___ComponentHold] | None = ...,
         dependencies: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        updates_refused: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "dependencies", b"dependencies", "holds", b"holds", "manager_configured", b"manager_configured", "manager_connected", b"manager_connected", "node_id", b"node_id", "pid", b"pid", "started_at", b"started_at", "supervisor_version", b"supervisor_version", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "dependencies", b"dependencies", "holds", b"holds", "manager_configured", b"manager_configured", "manager_connected", b"manager_connected", "node_id", b"node_id", "pid", b"pid", "started_at", b"started_at", "supervisor_version", b"supervisor_version", "updates_refused", b"updates_refused", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
