@@ -310,10 +310,10 @@ def test_agent_command_others_may_write_is_refused_when_the_agent_runs_as_root(t
     pwned = shared / "pwned"
     as_nobody("import sys; open(sys.argv[1], 'w').write(sys.argv[2])", str(cmd), f"#!/bin/sh\nid > {pwned}\n")
     cfg = config_with_agent(tmp_path, {"name": "web", "command": str(cmd)})
-    for res in (supervisor("check-config", str(cfg)), supervisor("run", "--config", str(cfg))):
-        assert res.returncode == 2
-        line = one_line(res)
-        assert "agents[0].command" in line and "writable by group or others" in line
+    res = supervisor("check-config", str(cfg))  # `run` starts without it (issue 25): test_degrade
+    assert res.returncode == 2
+    line = one_line(res)
+    assert "agents[0].command" in line and "writable by group or others" in line
     assert not pwned.exists()
 
 
