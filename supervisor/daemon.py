@@ -463,7 +463,8 @@ class Supervisor:
             msg = handover.wire.Unhealthy(reason="; ".join(problems), version=self.version, pid=os.getpid())
         else:
             msg = handover.wire.Healthy(version=self.version, pid=os.getpid(),
-                                        agents={s.name: s.pid for s in self.pm.snapshots()})
+                                        agents={s.name: s.pid for s in self.pm.snapshots()
+                                                if s.state is not AgentState.CONFIG_ERROR})  # never run: no pid
         reply = await asyncio.to_thread(received.report, msg)
         logger.info("handover: reported {}; the helper answered {}", msg.TYPE, reply.TYPE if reply else "nothing")
 
