@@ -272,7 +272,9 @@ def cmd_restart_daemon(ns: argparse.Namespace) -> int:
     from baton.log import logger
     from helper.self_update import SelfUpdateError, restart_supervisor
 
-    cfg = _load(ns.config)  # a bad config is refused here: nothing is stopped
+    # A config the next process could not start with is refused here (nothing is stopped); a broken key or agent
+    # section is not such a config: the next process starts as `run` does, with what is safe.
+    cfg = _load(ns.config, degrade=True)
     logger.configure(level="INFO" if ns.after_exit else "WARNING", tag="restart-daemon")
     try:
         print(restart_supervisor(cfg, after_exit=ns.after_exit))

@@ -21,7 +21,17 @@ import pytest
 
 from baton.admission import REFUSAL_METADATA_KEY
 from baton.pb import common_pb2, daemon_pb2
-from tests.conftest import PY, ROOT, Release, SupervisorProc, UpdateHost, agent, agent_processes, install_version
+from tests.conftest import (
+    PY,
+    ROOT,
+    Release,
+    SupervisorProc,
+    UpdateHost,
+    agent,
+    agent_processes,
+    install_version,
+    wait_for,
+)
 from tests.test_doctor import doctor
 from tests.test_strict_modes import one_line
 from tests.test_trusted_paths import as_nobody, command_script, shared, shared_supervisor  # noqa: F401 (fixtures)
@@ -220,3 +230,45 @@ def test_a_root_agent_whose_command_another_user_rewrote_is_never_run_and_the_ot
     assert bad.state == common_pb2.AGENT_STATE_CONFIG_ERROR
     assert bad.last_error.startswith("agents[1].command: ") and "writable by group or others" in bad.last_error
     assert not pwned.exists(), "the rewritten command ran as root"
+
+
+def test_the_manager_records_a_push_refused_for_broken_trust_material_with_its_reason(update_host, tmp_path):
+    from baton.states import UpdateState
+    from manager.errors import PushRefused
+    from manager.publish import PackageRef
+    from manager.push import Pusher, Target
+    from manager.store import SqliteStore
+
+    pkg = update_host.release.build("1.1.0")
+    update_host.release.public_key.unlink()
+    store = SqliteStore(tmp_path / "manager.db")
+    ref = PackageRef("app", "1.1.0", pkg.url, pkg.sha256, pkg.size, pkg.signature)
+    with Pusher(store, Target("node-1", f"unix:{update_host.sup.socket}"), None) as pusher, \
+            pytest.raises(PushRefused) as e:
+        pusher.push(ref, update_id="feedfacefeedface")
+    assert e.value.code == "FAILED_PRECONDITION"
+    row = store.update("feedfacefeedface")
+    assert row is not None and row.state == UpdateState.FAILED and row.reason == "TRUSTED_KEYS_BROKEN"
+    assert "update.trusted_keys[0]" in row.error and "not found" in row.error
+    assert journaled(update_host.sup) == [], "the node journaled the refused push"
+
+
+def test_restart_daemon_with_a_broken_key_and_a_broken_agent_keeps_the_other_agents_and_refuses_updates(
+        make_self_host, release):
+    from tests.test_restart_daemon import restart_daemon
+
+    host = make_self_host(tcp=False)
+    sup = host.sup
+    before = {a.name: a.pid for a in sup.status().agents}
+    broken, others = "worker", ("chatty", "web")  # worker crashes by design: its pid is not one to compare
+    next(a for a in sup.cfg["agents"] if a["name"] == broken)["command"] = "/nonexistent/baton-agent"
+    sup.write_config()
+    release.public_key.unlink()
+    res = restart_daemon(host)
+    assert res.returncode == 0, res.stdout + res.stderr + sup.output()
+    after = sup.status()
+    assert {a.name: a.pid for a in after.agents if a.name != broken} == {n: before[n] for n in others}
+    bad = sup.wait_agent(broken, "config_error")
+    assert bad.last_error.endswith("/nonexistent/baton-agent is not an executable file")
+    wait_for(lambda: agent_processes(sup.state_dir, broken) == [], what=f"{broken}'s process to be stopped")
+    assert after.updates_refused.startswith("update.trusted_keys[0]: ")
