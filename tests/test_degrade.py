@@ -33,6 +33,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.test_doctor import doctor
+from tests.test_metrics import metrics_host, scrape, value  # noqa: F401 (a fixture)
 from tests.test_strict_modes import one_line
 from tests.test_trusted_paths import as_nobody, command_script, shared, shared_supervisor  # noqa: F401 (fixtures)
 
@@ -272,3 +273,20 @@ def test_restart_daemon_with_a_broken_key_and_a_broken_agent_keeps_the_other_age
     assert bad.last_error.endswith("/nonexistent/baton-agent is not an executable file")
     wait_for(lambda: agent_processes(sup.state_dir, broken) == [], what=f"{broken}'s process to be stopped")
     assert after.updates_refused.startswith("update.trusted_keys[0]: ")
+
+
+def test_metrics_show_refused_updates_and_an_agent_not_run_for_its_config(metrics_host):  # noqa: F811 (fixture)
+    host, port = metrics_host
+    assert value(scrape(port), "baton_updates_refused") == 0
+    saved = host.release.public_key.read_bytes()
+    host.release.public_key.unlink()
+    assert value(scrape(port), "baton_updates_refused") == 1
+    host.release.public_key.write_bytes(saved)
+    assert value(scrape(port), "baton_updates_refused") == 0
+
+    host.sup.cfg["agents"].append(agent("bad", "ready_agent.py", user="no-such-user-baton"))
+    host.sup.write_config()
+    assert cli("reload", "--socket", str(host.sup.socket)).returncode == 0
+    samples = scrape(port)
+    assert value(samples, "baton_agents", state="config_error") == 1
+    assert value(samples, "baton_agents", state="running") == 1
