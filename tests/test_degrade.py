@@ -262,7 +262,8 @@ def test_restart_daemon_with_a_broken_key_and_a_broken_agent_keeps_the_other_age
     sup = host.sup
     before = {a.name: a.pid for a in sup.status().agents}
     broken, others = "worker", ("chatty", "web")  # worker crashes by design: its pid is not one to compare
-    next(a for a in sup.cfg["agents"] if a["name"] == broken)["command"] = "/nonexistent/baton-agent"
+    sup.cfg["agents"] = [{**a, "command": "/nonexistent/baton-agent"} if a["name"] == broken else a
+                         for a in sup.cfg["agents"]]  # new dicts: SELF_AGENTS' own are shared by every test
     sup.write_config()
     release.public_key.unlink()
     res = restart_daemon(host)
