@@ -216,6 +216,19 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class BrokenAgent:
+    """An agent whose own section is invalid: not run (state ``config_error``), the other agents are."""
+
+    name: str
+    key: str      # the key at fault, as in the file: agents[2].command
+    problem: str  # what is wrong with it
+
+    @property
+    def error(self) -> str:
+        return f"{self.key}: {self.problem}"
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
@@ -225,6 +238,7 @@ class Config:
     agents: tuple[AgentConfig, ...] = ()
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: Path | None = None
+    broken_agents: tuple[BrokenAgent, ...] = ()  # only with load_config(..., degrade=True)
 
     @property
     def download_dir(self) -> Path:
@@ -254,7 +268,8 @@ class Config:
         return next((a for a in self.agents if a.name == name), None)
 
 
-def load_config(path: Path, environ: Mapping[str, str] | None = None, *, host_checks: bool = True) -> Config:
+def load_config(path: Path, environ: Mapping[str, str] | None = None, *, host_checks: bool = True,
+                degrade: bool = False) -> Config:
     """Read, merge over defaults, apply environment overrides, validate.
 
     ``host_checks=False`` checks the values only and skips what depends on the host: reading the trusted keys
@@ -262,6 +277,11 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None, *, host_ch
     reads the keys itself when it verifies and guards its own download file (so a key removed or a directory
     changed since the supervisor started is a clean failure of that update rather than a helper that cannot
     start), and for ``supervisor doctor``, which judges each of those itself and prints the fix.
+
+    ``degrade=True`` is for ``supervisor run`` and a reload, where a problem that refuses only a risky action
+    does not refuse the file: ``update.trusted_keys`` is left unjudged (:func:`trusted_keys_problem`: it refuses
+    updates), and an agent whose own section is invalid is set apart in ``broken_agents`` (it is not run, the
+    others are). A problem anywhere else, or in an agent's ``name``, still raises.
     """
     path = Path(path).absolute()
     try:
@@ -273,12 +293,52 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None, *, host_ch
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("", f"{path} is not valid TOML: {e}") from None
     return config_from_dict(raw, environ=os.environ if environ is None else environ, source=path.resolve(),
-                            host_checks=host_checks)
+                            host_checks=host_checks, degrade=degrade)
+
+
+def where_it_runs(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """``node.state_dir`` and ``grpc.unix_socket`` of a config file that does not load, from what of it can be read.
+
+    For the read-only commands (``status``, ``tail``, ``audit``, ``doctor``), which must still reach the running
+    supervisor while the file is being fixed. Each ``[table]`` of the file is parsed on its own, so a TOML error
+    or a bad value elsewhere leaves these two readable; what cannot be read takes its default (and the
+    environment's ``BATON_GRPC_UNIX_SOCKET`` wins, as at a start). Nothing else of the result is validated: it
+    only says where to look, and the socket's directory is still judged before it is asked
+    (``supervisor/ctl.py``, ``checked_socket``).
+    """
+    path = Path(path).absolute()
+    environ = os.environ if environ is None else environ
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        text = ""
+    tables: dict[str, Any] = {}
+    for chunk in re.split(r"(?m)^(?=\s*\[)", text):
+        try:
+            for name, body in tomllib.loads(chunk).items():
+                if isinstance(body, Mapping):
+                    tables.setdefault(name, {}).update(body)
+        except tomllib.TOMLDecodeError:
+            continue  # the broken table; the others still say where things are
+
+    def path_of(section: str, key: str, default: Path | None) -> Path | None:
+        value = environ.get("BATON_GRPC_UNIX_SOCKET") if (section, key) == ("grpc", "unix_socket") else None
+        value = value or tables.get(section, {}).get(key)
+        token = _BASE_DIR.set(path.parent)
+        try:
+            return _convert(Path, value, f"{section}.{key}") if value else default
+        except ConfigError:
+            return default
+        finally:
+            _BASE_DIR.reset(token)
+
+    return Config(node=NodeConfig(state_dir=path_of("node", "state_dir", NodeConfig.state_dir) or NodeConfig.state_dir),
+                  grpc=GrpcConfig(unix_socket=path_of("grpc", "unix_socket", None)), source=path)
 
 
 def config_from_dict(
     raw: Mapping[str, Any], environ: Mapping[str, str] | None = None, source: Path | None = None,
-    host_checks: bool = True,
+    host_checks: bool = True, degrade: bool = False,
 ) -> Config:
     raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
     for var, (section, key) in ENV_OVERRIDES.items():
@@ -303,13 +363,53 @@ def config_from_dict(
     agents_raw = raw.get("agents", [])
     if not isinstance(agents_raw, list):
         raise ConfigError("agents", "must be an array of tables ([[agents]])")
+    if degrade:
+        return _without_broken_agents(raw, agents_raw, source, host_checks)
+    return _checked(raw, agents_raw, source, host_checks, keys=True)
+
+
+def _checked(raw: Mapping[str, Any], agents_raw: list[Any], source: Path | None, host_checks: bool, keys: bool
+             ) -> Config:
     token = _BASE_DIR.set(source.parent if source is not None else None)
     try:
         cfg = _build_config(raw, agents_raw, source)
     finally:
         _BASE_DIR.reset(token)
-    _validate(cfg, host_checks)
+    _validate(cfg, host_checks, keys)
     return cfg
+
+
+_AGENT_KEY = re.compile(r"^agents\[(\d+)\](\.[^.]+)?")
+
+
+def _without_broken_agents(raw: Mapping[str, Any], agents_raw: list[Any], source: Path | None, host_checks: bool
+                           ) -> Config:
+    """The config with each agent whose own section is invalid set apart in ``broken_agents``, keys as in the file.
+
+    Validated again without each broken agent until it passes, so every problem is the one strict validation
+    reports. An agent that cannot be named (a bad, missing or duplicate ``name``, or not a table) cannot be set
+    apart: that, and any problem outside ``[[agents]]``, raises as strict validation does.
+    """
+    kept = list(enumerate(agents_raw))  # (index in the file, section)
+    broken: list[BrokenAgent] = []
+    while True:
+        try:
+            cfg = _checked(raw, [a for _, a in kept], source, host_checks, keys=False)
+            return dataclasses.replace(cfg, broken_agents=tuple(broken))
+        except ConfigError as e:
+            m = _AGENT_KEY.match(e.key)
+            if m is None:
+                raise
+            j = int(m.group(1))
+            index, section = kept[j]
+            key = f"agents[{index}]{e.key[m.end(1) + 1:]}"
+            name = section.get("name") if isinstance(section, Mapping) else None
+            others = [a.get("name") for i, a in kept if i != index and isinstance(a, Mapping)]
+            if (m.group(2) == ".name" or not isinstance(name, str) or not _NAME_RE.match(name)
+                    or name == SUPERVISOR_COMPONENT or name in others or name in {b.name for b in broken}):
+                raise ConfigError(key, e.problem) from None
+            broken.append(BrokenAgent(name, key, e.problem))
+            del kept[j]
 
 
 def _build_config(raw: Mapping[str, Any], agents_raw: list[Any], source: Path | None) -> Config:
@@ -514,25 +614,39 @@ def _validate_grpc(g: GrpcConfig, host_checks: bool = True) -> None:
             raise ConfigError("grpc.unix_socket_group", f"no such group {g.unix_socket_group!r}") from None
 
 
-def _validate_trusted_keys(keys: tuple[Path, ...]) -> None:
-    """Every key file is a readable minisign public key now, not at the first update."""
-    if not keys:
-        return  # baton.signing is not imported for nothing: it would stay resident in the supervisor
-    from baton.signing import KeyFormatError, load_public_key
+def trusted_keys_problem(cfg: Config) -> ConfigError | None:
+    """What makes ``update.trusted_keys`` unusable now, naming the entry (None: every key is safe and loads).
 
-    for i, path in enumerate(keys):
-        key = f"update.trusted_keys[{i}]"
+    A key another user could replace (``baton/strict_modes.py``, judged before a byte of it is read), a missing
+    or unreadable file, or one that is not a minisign public key. Broken trust material refuses updates only:
+    ``supervisor run`` and a reload keep supervising the agents with it (``load_config(..., degrade=True)``) and
+    report it; the push and the helper refuse every update while it lasts; ``check-config`` refuses the file.
+    An empty list is not a problem here: the helper refuses every update then (NoTrustedKeys) and doctor warns.
+    """
+    if not cfg.update.trusted_keys:
+        return None  # baton.signing is not imported for nothing: it would stay resident in the supervisor
+    from baton.signing import KeyFormatError, load_public_key
+    from baton.strict_modes import UnsafePath, check_trusted, trusted_key_files
+
+    for item in trusted_key_files(cfg):
+        try:
+            check_trusted(item)
+        except UnsafePath as e:
+            return ConfigError(item.key, e.problem)
+        path = item.path
         if not path.is_file():
-            raise ConfigError(key, f"file {path} not found" if not path.exists() else f"{path} is not a regular file")
+            return ConfigError(item.key, f"file {path} not found" if not path.exists() else
+                               f"{path} is not a regular file")
         try:
             load_public_key(path)
         except OSError as e:
-            raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
+            return ConfigError(item.key, f"cannot read {path}: {e.strerror}")
         except KeyFormatError as e:
-            raise ConfigError(key, f"not a minisign public key: {e}") from None
+            return ConfigError(item.key, f"not a minisign public key: {e}")
+    return None
 
 
-def _validate(cfg: Config, host_checks: bool = True) -> None:
+def _validate(cfg: Config, host_checks: bool = True, keys: bool = True) -> None:
     if not cfg.node.id:
         raise ConfigError("node.id", "is required (or set BATON_NODE_ID)")
     if not _NAME_RE.match(cfg.node.id):
@@ -565,8 +679,10 @@ def _validate(cfg: Config, host_checks: bool = True) -> None:
     for name in ("max_package_bytes", "max_files", "max_unpacked_bytes", "min_rate_window_s"):
         if getattr(u, name) <= 0:
             raise ConfigError(f"update.{name}", "must be greater than 0")
-    if host_checks:
-        _validate_trusted_keys(u.trusted_keys)
+    if host_checks and keys:
+        problem = trusted_keys_problem(cfg)
+        if problem is not None:
+            raise problem
     for name in ("verify_timeout_s", "download_timeout_s", "connect_timeout_s", "read_timeout_s",
                  "health_timeout_s", "handshake_timeout_s"):
         if getattr(u, name) <= 0:

@@ -62,6 +62,7 @@ class AgentState(enum.Enum):
     EXITED = "exited"
     FATAL = "fatal"
     NOT_INSTALLED = "not_installed"  # a packaged agent with no version yet: waits for its first update
+    CONFIG_ERROR = "config_error"  # its own config section is invalid: not run, the others are (shown, never held)
 
     @property
     def has_process(self) -> bool:
@@ -84,6 +85,9 @@ AGENT_TRANSITIONS: dict[AgentState, frozenset[AgentState]] = {
     AgentState.FATAL: frozenset({AgentState.STARTING, AgentState.STOPPED}),
     # no restart counted, no start_retries burnt: a start (an update's restart) once a version is installed
     AgentState.NOT_INSTALLED: frozenset({AgentState.STARTING, AgentState.STOPPED}),
+    # No Agent ever holds it, so it has no edge: the process manager shows it for each section the config set
+    # apart (Config.broken_agents); a reload that fixes the section makes a new Agent, STOPPED as any other.
+    AgentState.CONFIG_ERROR: frozenset(),
 }
 
 # The states a later supervisor process keeps for an agent without a process (from the agent table) instead

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ import grpc
 
 from baton.admission import REFUSAL_METADATA_KEY
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
-from baton.reasons import reason_name
+from baton.reasons import FailureReason, reason_name
 from baton.states import UpdateState
 from manager.errors import NodeOffline, PushRefused
 from manager.publish import PackageRef
@@ -36,6 +36,12 @@ from manager.store import Store, UpdateRow
 POLL_S = 0.25
 RPC_TIMEOUT_S = 10.0
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def refusal_reason(trailing: Sequence[tuple[str, str | bytes]]) -> str:
+    """The failure reason a node named for a refused push (``baton-refusal``: TRUSTED_KEYS_BROKEN), else ""."""
+    said = {v.decode(errors="replace") if isinstance(v, bytes) else v for k, v in trailing if k == REFUSAL_METADATA_KEY}
+    return next((r.value for r in FailureReason if r.value in said and r is not FailureReason.UNSPECIFIED), "")
 
 
 @dataclass(frozen=True)
@@ -177,7 +183,8 @@ class Pusher:
                     error = f"held on {self.target.node_id}: {details}"
                 self.store.finish_update(UpdateRow(update_id=update_id, node=self.target.node_id,
                                                    component=pkg.component, to_version=pkg.version,
-                                                   state=UpdateState.FAILED, error=error, finished_at=time.time()))
+                                                   state=UpdateState.FAILED, error=error, finished_at=time.time(),
+                                                   reason=refusal_reason(trailing)))
                 raise PushRefused(self.target.node_id, code.name, details) from None
         return update_id
 

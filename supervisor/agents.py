@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from baton.agent_table import AgentRecord, AgentTable
-from baton.config import AgentConfig, Config, signal_number
+from baton.config import AgentConfig, BrokenAgent, Config, signal_number
 from baton.errors import BatonError
 from baton.layout import ComponentLayout, version_of_dir
 from baton.log import logger
@@ -60,6 +60,14 @@ class UnknownAgent(AgentError):
     def __init__(self, name: str) -> None:
         super().__init__(f"unknown agent {name!r}")
         self.name = name
+
+
+class NotRunnable(UnknownAgent):
+    """An agent whose config section is invalid: there is nothing to start, stop or signal until it is fixed."""
+
+    def __init__(self, broken: BrokenAgent) -> None:
+        AgentError.__init__(self, f"agent {broken.name!r} is not run: its config section is invalid: {broken.error}")
+        self.name = broken.name
 
 
 @dataclass(frozen=True)
@@ -850,6 +858,12 @@ class ReloadResult:
     unchanged: tuple[str, ...] = ()
 
 
+def config_error_snapshot(broken: BrokenAgent) -> AgentSnapshot:
+    """How an agent whose own config section is invalid is shown: no process, the one-line error as its note."""
+    return AgentSnapshot(name=broken.name, state=AgentState.CONFIG_ERROR, pid=0, start_time=0.0, restarts=0,
+                         last_exit_status=None, version="", last_error=broken.error, adopted=False, status_text="")
+
+
 def retired_config(rec: AgentRecord) -> AgentConfig:
     """Enough of a config to stop an agent that the config no longer names: its recorded stop signal and timeout."""
     return AgentConfig(name=rec.name, command="", stop_signal=rec.stop_signal, stop_timeout_s=rec.stop_timeout_s,
@@ -926,14 +940,20 @@ class ProcessManager:
         try:
             return self.agents[name]
         except KeyError:
-            raise UnknownAgent(name) from None
+            broken = next((b for b in self.config.broken_agents if b.name == name), None)
+            raise UnknownAgent(name) if broken is None else NotRunnable(broken) from None
 
     def snapshots(self) -> list[AgentSnapshot]:
+        """Every agent, then each one whose config section is invalid (CONFIG_ERROR, never run)."""
         self._durable_before_shown()
-        return [a.snapshot() for a in self.agents.values()]
+        return [a.snapshot() for a in self.agents.values()] + [
+            config_error_snapshot(b) for b in self.config.broken_agents if b.name not in self.agents]
 
     def snapshot(self, name: str) -> AgentSnapshot:
         """One agent as :meth:`snapshots` shows it; UnknownAgent if it is not (or no longer) here."""
+        broken = next((b for b in self.config.broken_agents if b.name == name), None)
+        if broken is not None and name not in self.agents:
+            return config_error_snapshot(broken)
         agent = self.get(name)
         self._durable_before_shown()
         return agent.snapshot()

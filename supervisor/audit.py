@@ -42,7 +42,6 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -448,13 +447,9 @@ def _terminal_columns() -> int | None:
 
 
 def cmd_audit(ns: argparse.Namespace) -> int:
-    from baton.config import ConfigError, load_config
+    from supervisor.cli import readable_config
 
-    try:
-        cfg = load_config(Path(ns.config))
-    except ConfigError as e:
-        print(f"supervisor: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = readable_config(ns.config, "audit")  # a file being fixed still says where the audit log is
     try:
         since = parse_since(ns.since, time.time()) if ns.since else None
     except ValueError as e:

@@ -21,16 +21,16 @@ EXIT_CONFIG = 2
 EXIT_USAGE = 2
 
 
-def _load(path: str) -> Config:
+def _load(path: str, degrade: bool = False) -> Config:
     try:
-        return load_config(Path(path))
+        return load_config(Path(path), degrade=degrade)
     except ConfigError as e:
         print(f"supervisor: config error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    cfg = _load(ns.config)
+    cfg = _load(ns.config, degrade=True)  # a broken key refuses updates, a broken agent itself: the log says so
     from supervisor.daemon import prepare_dirs, run_supervisor
 
     try:
@@ -47,7 +47,17 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 
 def cmd_check_config(ns: argparse.Namespace) -> int:
-    cfg = _load(ns.file)
+    """One line per problem, exit 2 if any: also those a start would only report (a broken trusted key refuses
+    updates, a broken agent section that agent), so an operator sees them before a restart."""
+    from baton.config import trusted_keys_problem
+
+    cfg = _load(ns.file, degrade=True)  # a problem that would stop a start: its one line, exit 2
+    keys = trusted_keys_problem(cfg)
+    problems = ([str(keys)] if keys is not None else []) + [b.error for b in cfg.broken_agents]
+    for problem in problems:
+        print(f"supervisor: config error: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_CONFIG
     print(f"{ns.file}: ok (node {cfg.node.id}, {len(cfg.agents)} agents)")
     return 0
 
@@ -100,13 +110,30 @@ def seconds_arg(text: str) -> float:
     return s
 
 
-def _socket_path(ns: argparse.Namespace) -> Path:
-    """``--socket``, else ``grpc.unix_socket`` of ``--config``, else its private ``<state_dir>/run/control.sock``."""
+def readable_config(path: str, command: str) -> Config:
+    """The config for a read-only command: the file, or while it does not load (one line on stderr saying so)
+    where the running supervisor is (``where_it_runs``), so ``status``, ``tail``, ``audit`` and ``doctor`` still
+    work while it is being fixed."""
+    from baton.config import where_it_runs
+
+    try:
+        return load_config(Path(path))
+    except ConfigError as e:
+        print(f"supervisor {command}: config error: {e} (the running supervisor is asked all the same)",
+              file=sys.stderr)
+        return where_it_runs(Path(path))
+
+
+def _socket_path(ns: argparse.Namespace, read_only: str = "") -> Path:
+    """``--socket``, else ``grpc.unix_socket`` of ``--config``, else its private ``<state_dir>/run/control.sock``.
+
+    ``read_only`` names a command that only reads: a config that does not load is then no reason to refuse.
+    """
     from supervisor.ctl import checked_socket
 
     if ns.socket:
         return checked_socket(Path(ns.socket), "--socket")
-    cfg = _load(ns.config)
+    cfg = readable_config(ns.config, read_only) if read_only else _load(ns.config)
     if cfg.grpc.unix_socket is not None:
         return checked_socket(cfg.grpc.unix_socket, "grpc.unix_socket")
     return checked_socket(cfg.control_socket, "node.state_dir")
@@ -149,7 +176,7 @@ def cmd_status(ns: argparse.Namespace) -> int:
     from baton.pb import common_pb2, daemon_pb2
     from supervisor.ctl import client, to_json
 
-    with client(_socket_path(ns), ns.timeout) as c:
+    with client(_socket_path(ns, read_only="status"), ns.timeout) as c:
         st = c.call("GetStatus", daemon_pb2.GetStatusRequest())
         fatal = {a.name: _last_lines(c, a.name) for a in st.agents if a.state == common_pb2.AGENT_STATE_FATAL}
     if ns.json:
@@ -163,6 +190,8 @@ def cmd_status(ns: argparse.Namespace) -> int:
     if st.manager_configured:
         head += f"  manager {'connected' if st.manager_connected else 'not connected'}"
     print(printable(head))
+    if st.updates_refused:
+        print(printable(f"updates refused: {st.updates_refused}"))
     print(_fmt_agents(list(st.agents)))
     for a in st.agents:
         if a.name in fatal:
@@ -194,7 +223,7 @@ def cmd_tail(ns: argparse.Namespace) -> int:
 
     # On a terminal the agent's escape sequences are shown escaped; into a pipe or a file its bytes go as written.
     stream = PrintableStream() if sys.stdout.isatty() else None
-    with client(_socket_path(ns), ns.timeout) as c:
+    with client(_socket_path(ns, read_only="tail"), ns.timeout) as c:
         req = daemon_pb2.TailRequest(name=ns.name, lines=ns.lines, follow=ns.follow, stderr=ns.stderr)
         out = sys.stdout.buffer
         try:
@@ -243,7 +272,9 @@ def cmd_restart_daemon(ns: argparse.Namespace) -> int:
     from baton.log import configure
     from helper.self_update import SelfUpdateError, restart_supervisor
 
-    cfg = _load(ns.config)  # a bad config is refused here: nothing is stopped
+    # A config the next process could not start with is refused here (nothing is stopped); a broken key or agent
+    # section is not such a config: the next process starts as `run` does, with what is safe.
+    cfg = _load(ns.config, degrade=True)
     configure(level="INFO" if ns.after_exit else "WARNING", tag="restart-daemon")
     try:
         print(restart_supervisor(cfg, after_exit=ns.after_exit))

@@ -83,6 +83,13 @@ def status_line(states: list[AgentState]) -> str:
             f"of {len(states)} agents")
 
 
+def log_broken_agents(cfg: Config) -> None:
+    """Each agent set apart for its invalid section, loudly: it is not run until the file is fixed and reloaded."""
+    for b in cfg.broken_agents:
+        logger.error("agent {} is not run (config_error) until its section is fixed and reloaded: {}", b.name,
+                     b.error)
+
+
 def prepare_dirs(cfg: Config) -> None:
     """Create what is missing with our modes; a directory that exists keeps its mode (baton/strict_modes.py)."""
     for d, mode in ((cfg.node.state_dir, 0o700), (cfg.run_dir, 0o700), (cfg.log_dir, 0o750),
@@ -275,17 +282,18 @@ class Supervisor:
         await self._agents_ready.wait()
         assert self.cfg.source is not None
         try:
-            new = await asyncio.to_thread(load_config, self.cfg.source)
+            new = await asyncio.to_thread(partial(load_config, self.cfg.source, degrade=True))
         except ConfigError as e:  # a renewed TLS pair that does not belong together is refused here, old one kept
             logger.error("reload refused, the running config stays: {}", e)
             raise
-        not_applied = tuple(f.name for f in dataclasses.fields(Config)
-                            if f.name not in ("agents", "source") and getattr(new, f.name) != getattr(self.cfg, f.name))
+        not_applied = tuple(f.name for f in dataclasses.fields(Config) if f.name not in ("agents", "broken_agents",
+                            "source") and getattr(new, f.name) != getattr(self.cfg, f.name))
         if not_applied:
             logger.warning("reload: changes to [{}] take effect at `supervisor restart-daemon` or the next start",
                            ", ".join(not_applied))
         tls, tls_kept_old = await asyncio.to_thread(self._reload_tls)
-        merged = dataclasses.replace(self.cfg, agents=new.agents)
+        merged = dataclasses.replace(self.cfg, agents=new.agents, broken_agents=new.broken_agents)
+        log_broken_agents(merged)
         systemd.notify("RELOADING=1\nSTATUS=reloading the config")
         try:
             result = await self.pm.reload(merged)
@@ -293,6 +301,8 @@ class Supervisor:
             self.cfg = merged
             self.updates.cfg = merged
             systemd.notify(f"READY=1\nSTATUS={status_line(self.pm.states())}")
+        if refused := self.updates.refused_because():
+            logger.error("every update is refused until this is fixed (the agents are supervised): {}", refused)
         return Reloaded(result, not_applied, tls, tls_kept_old)
 
     def _reload_tls(self) -> tuple[str, bool]:
@@ -431,6 +441,9 @@ class Supervisor:
         await self._set_serving(True)
         logger.info("supervisor {} (node {}, pid {}) serving on {}; {} agents", self.version, self.cfg.node.id,
                     os.getpid(), ", ".join(self.front.addresses()), len(self.pm.agents))
+        if refused := self.updates.refused_because():
+            logger.error("every update is refused until this is fixed (the agents are supervised): {}", refused)
+        log_broken_agents(self.cfg)
         if received is not None:
             await self._finish_handover(received)
         systemd.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={status_line(self.pm.states())}")
@@ -459,7 +472,8 @@ class Supervisor:
             msg = handover.wire.Unhealthy(reason="; ".join(problems), version=self.version, pid=os.getpid())
         else:
             msg = handover.wire.Healthy(version=self.version, pid=os.getpid(),
-                                        agents={s.name: s.pid for s in self.pm.snapshots()})
+                                        agents={s.name: s.pid for s in self.pm.snapshots()
+                                                if s.state is not AgentState.CONFIG_ERROR})  # never run: no pid
         reply = await asyncio.to_thread(received.report, msg)
         logger.info("handover: reported {}; the helper answered {}", msg.TYPE, reply.TYPE if reply else "nothing")
 

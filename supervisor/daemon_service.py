@@ -38,6 +38,8 @@ class UpdateManager(Protocol):
     async def cancel(self, update_id: str, context: grpc.aio.ServicerContext) -> daemon_pb2.UpdateStatus: ...
     async def recent(self, limit: int, component: str) -> daemon_pb2.ListUpdatesResponse: ...
 
+    def refused_because(self) -> str: ...
+
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 1000
 
@@ -113,6 +115,7 @@ class DaemonService(daemon_pb2_grpc.DaemonServiceServicer):
             dependencies=_dependencies(),
             manager_clock_offset_s=offset,
             manager_clock_measured_at=measured_at,
+            updates_refused=self.updates.refused_because() if self.updates is not None else "",
         )
 
     async def ListAgents(self, request: daemon_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext

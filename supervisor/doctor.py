@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from baton.config import SUPERVISOR_COMPONENT, Config, ConfigError, load_config
+from baton.config import SUPERVISOR_COMPONENT, Config, ConfigError, load_config, where_it_runs
 from baton.layout import SERVICE_UNIT, UNIT_IN_CHECKOUT, UNIT_IN_VERSION
 
 OK = "ok"
@@ -296,12 +296,17 @@ def check_supervisor(ctx: Context) -> list[Finding]:
         why = "nothing accepts connections (a stale socket)" if e.code() == grpc.StatusCode.UNAVAILABLE else \
             f"{e.code().name} {str(e.details())[:200]}"
         return [Finding("supervisor", PROBLEM, f"no answer on {path}: {why}", fix)]
-    return [Finding("supervisor", OK, f"pid {st.pid}, version {st.supervisor_version}, up {st.uptime_seconds:.0f}s,"
-                                      f" {len(st.agents)} agents, answering on {path}")]
+    out = [Finding("supervisor", OK, f"pid {st.pid}, version {st.supervisor_version}, up {st.uptime_seconds:.0f}s,"
+                                     f" {len(st.agents)} agents, answering on {path}")]
+    if st.updates_refused:  # the agents run; only updates wait for the trust material
+        out.append(Finding("supervisor", PROBLEM, f"every update is refused: {st.updates_refused}",
+                           "fix the file it names (see trusted-keys and trusted-paths); no restart is needed"))
+    return out
 
 
 def check_agents(ctx: Context) -> list[Finding]:
-    """FATAL agents are problems, agents in BACKOFF (crash-looping) warnings; each with where to look."""
+    """FATAL agents and those not run for an invalid config section are problems, agents in BACKOFF
+    (crash-looping) warnings; each with where to look."""
     import grpc
 
     from baton.pb import common_pb2
@@ -317,7 +322,10 @@ def check_agents(ctx: Context) -> list[Finding]:
     for a in st.agents:
         where = f"its log: supervisor tail {a.name} ({a.log_path})" if a.log_path else f"supervisor tail {a.name}"
         why = f": {a.last_error}" if a.last_error else ""
-        if a.state == common_pb2.AGENT_STATE_FATAL:
+        if a.state == common_pb2.AGENT_STATE_CONFIG_ERROR:
+            out.append(Finding("agents", PROBLEM, f"{a.name} is not run: its config section is invalid: {a.last_error}",
+                               f"fix that key, then: supervisor check-config {ctx.cfg.source} && supervisor reload"))
+        elif a.state == common_pb2.AGENT_STATE_FATAL:
             out.append(Finding("agents", PROBLEM, f"{a.name} is FATAL after {a.restarts} restarts{why}",
                                f"find the cause in {where}; fix it, then: supervisor start {a.name}"))
         elif a.state == common_pb2.AGENT_STATE_BACKOFF:
@@ -567,16 +575,23 @@ CHECKS: tuple[tuple[str, Callable[[Context], list[Finding]]], ...] = (
 )
 
 
+WITHOUT_CONFIG = ("supervisor", "agents")  # the checks that need only where the supervisor is (where_it_runs)
+
+
 def run_checks(config: Path, *, now: float | None = None, cert_days: float = CERT_WARN_DAYS,
                unit_paths: Iterable[Path] = UNIT_PATHS) -> list[Finding]:
-    """Every finding, config first; with a config that does not load, that is the only one."""
+    """Every finding, config first; with a config that does not load, the running supervisor's only."""
+    checks = CHECKS
     try:
         cfg = load_config(config, host_checks=False)  # each host check below is one finding with its fix
+        out = [Finding("config", OK, f"{config} validates (node {cfg.node.id}, {len(cfg.agents)} agents)")]
     except ConfigError as e:
-        return [Finding("config", PROBLEM, str(e), f"correct it, then: supervisor check-config {config}")]
-    out = [Finding("config", OK, f"{config} validates (node {cfg.node.id}, {len(cfg.agents)} agents)")]
+        # The running supervisor is still asked, where the file says it is (its agents keep running meanwhile).
+        cfg = where_it_runs(config)
+        checks = tuple((name, check) for name, check in CHECKS if name in WITHOUT_CONFIG)
+        out = [Finding("config", PROBLEM, str(e), f"correct it, then: supervisor check-config {config}")]
     ctx = Context(cfg, time.time() if now is None else now, cert_days, tuple(unit_paths))
-    for name, check in CHECKS:
+    for name, check in checks:
         try:
             out += check(ctx)
         except Exception as e:  # a check that breaks must not hide the others

@@ -71,6 +71,9 @@ class SupervisorCollector(Collector):
                                 value=int(snap.manager_configured))
         yield GaugeMetricFamily("baton_manager_connected", "1 while connected to the Manager",
                                 value=int(snap.manager_connected))
+        refused = bool(self.sup.updates.refused_because())
+        yield GaugeMetricFamily("baton_updates_refused", "1 while every update is refused (broken trust material: "
+                                "supervisor status says which key)", value=int(refused))
 
     def _agents(self, snap: _Snapshot) -> Iterator[Metric]:
         by_state = GaugeMetricFamily("baton_agents", "Agents by state", labels=["state"])

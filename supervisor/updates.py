@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 
 from baton import durable, reasons
-from baton.config import SUPERVISOR_COMPONENT, Config
+from baton.config import SUPERVISOR_COMPONENT, Config, trusted_keys_problem
 from baton.errors import clip
 from baton.journal import (
     CANCEL_SIGNAL,
@@ -168,6 +168,14 @@ class UpdateManager:
         logger.info("update {}: watching its running helper pid {}", rec.update_id, rec.helper_pid)
         return True
 
+    def refused_because(self) -> str:
+        """Why every update is refused now ("" when none is): broken trust material, named by its key.
+
+        Judged afresh each time, so a key restored on disk takes effect at the next push without a restart.
+        """
+        problem = trusted_keys_problem(self.cfg)
+        return f"{problem} ({reasons.FailureReason.TRUSTED_KEYS_BROKEN.value})" if problem is not None else ""
+
     # ---- RPCs ----------------------------------------------------------------------------------------
 
     async def push(self, req: daemon_pb2.UpdateRequest, context: grpc.aio.ServicerContext
@@ -184,6 +192,10 @@ class UpdateManager:
         if running is not None:
             await context.abort(grpc.StatusCode.ABORTED,
                                 f"update {running} of {req.component} is still running; try again when it ends")
+        if refused := self.refused_because():  # refused here, not by a helper spawned to fail
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"updates are refused: {refused}",
+                                trailing_metadata=((REFUSAL_METADATA_KEY,
+                                                    reasons.FailureReason.TRUSTED_KEYS_BROKEN.value),))
         if req.update_id:
             try:
                 check_update_id(req.update_id)

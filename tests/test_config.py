@@ -103,8 +103,7 @@ def test_bad_config_names_the_key_and_the_problem(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["unknown_key", "duplicate_agent", "relative_missing_file", "missing_file",
-                                  "nan_timeout", "port_out_of_range", "unknown_group", "nul_in_args",
-                                  "missing_trusted_key"])
+                                  "nan_timeout", "port_out_of_range", "unknown_group"])
 def test_run_with_bad_config_exits_2_and_starts_nothing(tmp_path, case):
     body, key, _ = BAD[case]
     body = body.replace("/tmp/baton-cfg-test", str(tmp_path))

@@ -58,12 +58,14 @@ def test_a_healthy_host_is_all_ok_and_the_text_output_has_one_line_per_finding(u
     assert len(text.stdout.splitlines()) == len(checks) + 1 and text.stdout.startswith("ok ")
 
 
-def test_a_config_that_does_not_validate_is_the_one_problem(tmp_path):
+def test_a_config_that_does_not_validate_is_a_problem_and_only_where_the_supervisor_runs_is_still_checked(tmp_path):
     cfg = tmp_path / "bad.toml"
-    cfg.write_text('[node]\nid = "n1"\n[grpc]\nunix_socket = "/tmp/x.sock"\n[update]\ndownload_timeout_s = -1\n')
+    sock = tmp_path / "x.sock"
+    cfg.write_text(f'[node]\nid = "n1"\n[grpc]\nunix_socket = "{sock}"\n[update]\ndownload_timeout_s = -1\n')
     code, checks = doctor(cfg)
-    assert code == 2 and [c["check"] for c in checks] == ["config"]
+    assert code == 2 and [c["check"] for c in checks] == ["config", "supervisor", "agents"]
     assert "update.download_timeout_s" in checks[0]["message"] and "check-config" in checks[0]["fix"]
+    assert checks[1]["status"] == "problem" and f"no socket at {sock}" in checks[1]["message"]
 
 
 def test_a_state_dir_owned_by_nobody_is_a_problem_until_chowned(update_host):

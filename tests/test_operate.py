@@ -258,16 +258,17 @@ def _check_nobody_agent(sup: SupervisorProc, nobody: Any) -> None:
     assert Path(sup.state_dir / "agents" / "low" / "output.fifo").stat().st_mode & 0o777 == 0o600
 
 
-def test_group_without_user_is_refused_at_start_and_starts_no_agent(make_supervisor):
+def test_group_without_user_is_never_run_and_shown_as_a_config_error(make_supervisor):
     import grp
 
     nogroup = grp.getgrgid(pwd_nobody_gid())
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True, group=nogroup.gr_name)])
-    sup.start(wait=False)
-    assert sup.proc is not None and sup.proc.wait(30) == 2
-    assert "agents[0].group: " in sup.output() and "without user would run the agent as root" in sup.output()
+    sup.start()  # the other agents would run (issue 25); this one never does
+    web = sup.wait_agent("web", "config_error")
+    assert web.last_error.startswith("agents[0].group: ")
+    assert "without user would run the agent as root" in web.last_error
+    assert "agents[0].group: " in sup.output()
     assert agent_processes(sup.state_dir, "web") == []
-    assert not (sup.state_dir / "agents.json").exists()
 
 
 def pwd_nobody_gid() -> int:

@@ -70,12 +70,12 @@ def test_sighup_reloads_the_config_and_logs_it(make_supervisor):
 def test_a_bad_config_is_refused_with_one_line_and_the_running_config_stays(make_supervisor):
     sup = make_supervisor([agent("keep", "ready_agent.py", notify=True)]).start()
     keep = sup.wait_agent("keep", "running")
-    sup.cfg["agents"] = [agent("keep", "ready_agent.py", notify=True, restrat="always")]
+    sup.cfg["update"]["max_backup"] = 3  # outside [[agents]]: the whole file is refused (an agent's own: test_degrade)
     sup.write_config()
     res = reload(sup)
     assert res.returncode == 1
-    assert res.stderr.splitlines() == ["supervisor: config error: agents[0].restrat: unknown key "
-                                       "(did you mean restart?); the running config stays"]
+    assert res.stderr.splitlines() == ["supervisor: config error: update.max_backup: unknown key "
+                                       "(did you mean max_backups?); the running config stays"]
     os.kill(sup.proc.pid, signal.SIGHUP)
     wait_for(lambda: "reload refused, the running config stays" in sup.output(), what="the refusal in the log")
     assert sup.agent("keep").pid == keep.pid

@@ -37,6 +37,8 @@ class _AgentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgentState
     AGENT_STATE_FATAL: _AgentState.ValueType  # 7
     AGENT_STATE_NOT_INSTALLED: _AgentState.ValueType  # 8
     """packaged, no version installed yet: waits for its first update"""
+    AGENT_STATE_CONFIG_ERROR: _AgentState.ValueType  # 9
+    """its own config section is invalid (last_error names the key): not run"""
 
 class AgentState(_AgentState, metaclass=_AgentStateEnumTypeWrapper): ...
 
@@ -50,6 +52,8 @@ AGENT_STATE_EXITED: AgentState.ValueType  # 6
 AGENT_STATE_FATAL: AgentState.ValueType  # 7
 AGENT_STATE_NOT_INSTALLED: AgentState.ValueType  # 8
 """packaged, no version installed yet: waits for its first update"""
+AGENT_STATE_CONFIG_ERROR: AgentState.ValueType  # 9
+"""its own config section is invalid (last_error names the key): not run"""
 Global___AgentState: _TypeAlias = AgentState  # noqa: Y015
 
 class _UpdateState:

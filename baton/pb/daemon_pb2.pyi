@@ -72,6 +72,7 @@ class Status(_message.Message):
     DEPENDENCIES_FIELD_NUMBER: _builtins.int
     MANAGER_CLOCK_OFFSET_S_FIELD_NUMBER: _builtins.int
     MANAGER_CLOCK_MEASURED_AT_FIELD_NUMBER: _builtins.int
+    UPDATES_REFUSED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     supervisor_version: _builtins.str
     uptime_seconds: _builtins.float
@@ -85,6 +86,11 @@ class Status(_message.Message):
     at manager_clock_measured_at (Unix seconds; 0: never, e.g. no Manager or an older one). Contract version 3.
     """
     manager_clock_measured_at: _builtins.float
+    updates_refused: _builtins.str
+    """Why every PushUpdate is refused now, naming the config key ("" when updates are accepted): broken trust
+    material (update.trusted_keys missing, unreadable or replaceable by another user, reason TRUSTED_KEYS_BROKEN).
+    The agents are supervised all the same. Contract version 3; empty from older supervisors.
+    """
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.AgentInfo]: ...
     @_builtins.property
@@ -112,10 +118,11 @@ class Status(_message.Message):
         dependencies: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         manager_clock_offset_s: _builtins.float = ...,
         manager_clock_measured_at: _builtins.float = ...,
+        updates_refused: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "dependencies", b"dependencies", "holds", b"holds", "manager_clock_measured_at", b"manager_clock_measured_at", "manager_clock_offset_s", b"manager_clock_offset_s", "manager_configured", b"manager_configured", "manager_connected", b"manager_connected", "node_id", b"node_id", "pid", b"pid", "started_at", b"started_at", "supervisor_version", b"supervisor_version", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "dependencies", b"dependencies", "holds", b"holds", "manager_clock_measured_at", b"manager_clock_measured_at", "manager_clock_offset_s", b"manager_clock_offset_s", "manager_configured", b"manager_configured", "manager_connected", b"manager_connected", "node_id", b"node_id", "pid", b"pid", "started_at", b"started_at", "supervisor_version", b"supervisor_version", "updates_refused", b"updates_refused", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
