@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from baton.errors import BatonError
+from baton.limits import BadLimit, Limits, limits_of
 from baton.log import THRESHOLDS
 
 ENV_OVERRIDES = {
@@ -203,6 +204,12 @@ class AgentConfig:
     group: str = ""               # only with `user`: alone it would leave the agent root
     umask: str = ""               # octal, e.g. "027"; "" = the supervisor's
     stderr: str = "merged"        # "merged" into the output log, or "separate" (<log_dir>/<name>.stderr.log)
+    # Resource limits (baton/limits.py; 0 or "": none): a cgroup of the agent's own, and RLIMIT_NOFILE.
+    memory_max: str = ""          # "512M", "1G": the kernel kills the agent past it (an OOM kill)
+    tasks_max: int = 0            # processes and threads: a fork past it fails
+    cpu_weight: int = 0           # 1..10000, relative to 100 (systemd's CPUWeight=)
+    cpu_quota: str = ""           # "50%" of one CPU, "200%" for two (systemd's CPUQuota=)
+    open_files: int = 0           # RLIMIT_NOFILE (systemd's LimitNOFILE=)
 
     @property
     def stop_signum(self) -> int:
@@ -211,6 +218,11 @@ class AgentConfig:
     @property
     def umask_value(self) -> int | None:
         return int(self.umask, 8) if self.umask else None
+
+    def limits(self, prefix: str = "") -> Limits:
+        """The parsed resource limits; BadLimit naming ``prefix.key`` (checked at load, so only a bug raises)."""
+        return limits_of(self.memory_max, self.tasks_max, self.cpu_weight, self.cpu_quota, self.open_files,
+                         prefix or f"agent {self.name}")
 
 
 @dataclass(frozen=True)
@@ -608,6 +620,10 @@ def _validate(cfg: Config, host_checks: bool = True) -> None:
             raise ConfigError(f"{key}.stop_signal", f"unknown signal {a.stop_signal!r} (e.g. TERM, SIGINT, QUIT)"
                               ) from None
         _validate_identity(a, key)
+        try:
+            a.limits(key)
+        except BadLimit as e:
+            raise ConfigError(e.key, e.problem) from None
         for name in ("stop_timeout_s", "backoff_initial_s", "backoff_max_s"):
             if getattr(a, name) <= 0:
                 raise ConfigError(f"{key}.{name}", "must be greater than 0")

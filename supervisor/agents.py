@@ -19,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import grp
 import os
 import pwd
+import resource
 import signal
 import socket
 import stat
@@ -35,10 +37,12 @@ from baton.agent_table import AgentRecord, AgentTable
 from baton.config import AgentConfig, Config, signal_number
 from baton.errors import BatonError
 from baton.layout import ComponentLayout, version_of_dir
+from baton.limits import Limits
 from baton.log import logger
 from baton.rotating_log import RotatingLog
 from baton.states import AGENT_KEPT_STATES, AGENT_TRANSITIONS, AgentState, IllegalTransition, check_move
 from baton.strict_modes import UnsafePath, check_dir, make_dirs
+from supervisor.cgroups import AgentCgroup, CgroupError, CgroupHost
 from supervisor.notify_socket import NotifySocket
 
 F_SETPIPE_SZ = 1031
@@ -206,12 +210,24 @@ class Identity:
 AGENT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_LANG = "C.UTF-8"
 INHERITED_ENV_DROPPED = ("NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_", "INVOCATION_ID")  # systemd's, meant for us
+# An agent with limits starts as this shell, which waits on a pipe until the supervisor has put it in its cgroup
+# and set its RLIMIT_NOFILE, then execs the command in the same process: the command never runs unlimited.
+# (Popen's preexec_fn would run Python in a forked child of a threaded process; a pipe needs no code there.)
+GATE_SHELL = "/bin/sh"
+GATE_SCRIPT = 'read _ || exit 126; exec </dev/null; exec "$@"'  # the gate is its stdin (dash: fds 0-9 only)
+GATE_EXIT = 126  # the supervisor went away before opening the gate: the command never ran
+
+
+@functools.cache
+def cgroup_host() -> CgroupHost:
+    """The controllers this supervisor process can use (found once: they change only with a restart)."""
+    return CgroupHost.detect()
 
 
 class Agent:
     # Slots, not a __dict__: past 30 attributes an instance dict no longer shares its keys (1.5 KiB each).
-    __slots__ = ("_adopting", "_config", "_err_fd", "_exited", "_fifo_fd", "_followers", "_is_child", "_lock",
-                 "_loop", "_notify", "_on_change", "_pidfd", "_popen", "_stable_timer", "_state", "_timer",
+    __slots__ = ("_adopting", "_cgroup", "_config", "_err_fd", "_exited", "_fifo_fd", "_followers", "_is_child",
+                 "_lock", "_loop", "_notify", "_on_change", "_pidfd", "_popen", "_stable_timer", "_state", "_timer",
                  "adopted", "cfg", "consecutive_failures", "dir", "err_log", "kept", "last_error",
                  "last_exit_status", "layout", "log", "name", "pid", "restarts", "retiring", "start_time",
                  "status_text", "version")
@@ -251,6 +267,7 @@ class Agent:
         self._notify: NotifySocket | None = None
         self._loop = asyncio.get_running_loop()
         self._lock = asyncio.Lock()
+        self._cgroup: AgentCgroup | None = None
 
     # ---- plumbing that lives as long as the supervisor -------------------------------------------
 
@@ -566,10 +583,18 @@ class Agent:
             env = self._environment(ident, version)
             out = os.open(self.fifo_path, os.O_RDWR | os.O_CLOEXEC)
             err = os.open(self.err_fifo_path, os.O_RDWR | os.O_CLOEXEC) if self.err_log is not None else out
+            limits = self.cfg.limits(self._key)
+            gate_r, gate_w = os.pipe2(os.O_CLOEXEC) if limits.any else (-1, -1)
+            argv = [str(cmd), *self.cfg.args]
+            if limits.any:
+                if not os.access(cmd, os.X_OK):
+                    raise AgentError(f"{cmd} is not an executable file")
+                argv = [GATE_SHELL, "-c", GATE_SCRIPT, "baton-gate", *argv]
+                self._cgroup = cgroup_host().prepare(self.name, limits, self._key) if limits.asked() else None
             try:
                 popen = subprocess.Popen(
-                    [str(cmd), *self.cfg.args],
-                    stdin=subprocess.DEVNULL,
+                    argv,
+                    stdin=gate_r if gate_r >= 0 else subprocess.DEVNULL,
                     stdout=out,
                     stderr=err,
                     cwd=str(cwd),
@@ -585,7 +610,11 @@ class Agent:
                 os.close(out)
                 if err != out:
                     os.close(err)
-        except (OSError, AgentError) as e:
+                if gate_r >= 0:
+                    os.close(gate_r)
+            if gate_w >= 0:
+                self._open_gate(popen, gate_w, limits)
+        except (OSError, AgentError, CgroupError) as e:
             self.last_error = f"cannot start: {e}"
             logger.error("agent {}: {}", self.name, self.last_error)
             self._set_state(AgentState.STARTING)
@@ -606,6 +635,28 @@ class Agent:
         logger.info("agent {} started pid {} version {}", self.name, self.pid, version or "-")
         if not self.cfg.notify:
             self._timer = self._loop.call_later(self.cfg.start_seconds, self._start_seconds_passed, self.pid)
+
+    @property
+    def _key(self) -> str:
+        """This agent's section in the config (``agents[2]``), for errors naming a key."""
+        i = next((i for i, a in enumerate(self._config.agents) if a.name == self.name), None)
+        return f"agents[{i}]" if i is not None else f"agent {self.name}"
+
+    def _open_gate(self, popen: subprocess.Popen[bytes], gate_w: int, limits: Limits) -> None:
+        """Put the held child in its cgroup, give it its open-files limit, then let it exec its command; on a
+        failure the child is killed (closing the pipe alone would let it exit with GATE_EXIT)."""
+        try:
+            if self._cgroup is not None:
+                self._cgroup.enter(popen.pid)
+            if limits.open_files:
+                resource.prlimit(popen.pid, resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
+            os.write(gate_w, b"\n")
+        except OSError as e:
+            _kill_group(popen.pid, signal.SIGKILL)
+            popen.wait()
+            raise AgentError(f"cannot apply its limits: {e}") from None
+        finally:
+            os.close(gate_w)
 
     def _environment(self, ident: Identity, version: str) -> dict[str, str]:
         """The agent's environment: ours (less systemd's own variables) for an agent of our user, only a minimal
@@ -686,13 +737,15 @@ class Agent:
         _kill_group(pgid, signal.SIGKILL)
         self.last_exit_status = status
         self._exited.set()
-        logger.info("agent {} pid {} exited with {}", self.name, pgid, "unknown status" if status is None else status)
+        reason = self._cgroup.exit_reason(self.cfg.limits(self._key)) if self._cgroup is not None else ""
+        logger.info("agent {} pid {} exited with {}{}", self.name, pgid,
+                    "unknown status" if status is None else status, f" ({reason})" if reason else "")
         if self.state is AgentState.STOPPING:
             self._set_state(AgentState.STOPPED)
             return
-        self._after_exit(status)
+        self._after_exit(status, reason=reason)
 
-    def _after_exit(self, status: int | None, spawn_failed: bool = False) -> None:
+    def _after_exit(self, status: int | None, spawn_failed: bool = False, reason: str = "") -> None:
         was_starting = self.state is AgentState.STARTING
         self._cancel_timers()
         failure = spawn_failed or was_starting or status != 0
@@ -700,6 +753,8 @@ class Agent:
             self.last_error = "exited (status unknown: adopted process)"
         elif not spawn_failed and failure:
             self.last_error = f"exited with status {status}" + (" before it was ready" if was_starting else "")
+        if reason:
+            self.last_error = f"{self.last_error}: {reason}" if self.last_error else reason
         policy = self.cfg.restart
         if policy == "never" or (policy == "on-failure" and not failure):
             self._set_state(AgentState.EXITED)
@@ -751,6 +806,9 @@ class Agent:
         self.restarts = rec.restarts
         self.consecutive_failures = rec.consecutive_failures
         self.adopted = True
+        if self.cfg.limits(self._key).asked():  # it stays in the cgroup it was started in
+            self._cgroup = cgroup_host().group(self.name)
+            self._cgroup.baseline()
         self._watch(pidfd)
         self._adopting = True
         try:
@@ -824,6 +882,12 @@ class Agent:
             os.killpg(self.pid, signum)
         except ProcessLookupError:
             raise AgentError(f"agent {self.name}: its process is gone") from None
+
+    def remove_cgroup(self) -> None:
+        """The agent left the config: its cgroup goes too (whatever is still in it is killed)."""
+        if self.cfg.limits(self._key).asked():
+            cgroup_host().group(self.name).remove()
+        self._cgroup = None
 
     def _refuse_if_retiring(self) -> None:
         if self.retiring:
@@ -1037,6 +1101,7 @@ class ProcessManager:
             while agent.state.has_process:  # SIGKILLed but not yet reaped (a process in D state): keep waiting
                 await agent.wait_exit()
             agent.close_channels()
+            agent.remove_cgroup()
             if self.agents.get(agent.name) is agent:
                 del self.agents[agent.name]
             logger.info("agent {} stopped and removed", agent.name)

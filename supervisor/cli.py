@@ -48,6 +48,13 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 def cmd_check_config(ns: argparse.Namespace) -> int:
     cfg = _load(ns.file)
+    from supervisor.cgroups import check_config
+
+    try:
+        check_config(cfg)  # a limit this host has no controller for: refused here, not at the agent's start
+    except ConfigError as e:
+        print(f"supervisor: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     print(f"{ns.file}: ok (node {cfg.node.id}, {len(cfg.agents)} agents)")
     return 0
 
