@@ -6,6 +6,8 @@ inside the agent what it was given before its command ran.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,26 @@ def test_agent_command_runs_in_its_cgroup_with_its_open_files_limit_from_its_fir
     assert (dirs["pids"] / "pids.max").read_text().strip() == "50"
     assert (dirs["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "50000"
     assert (dirs["cpu"] / "cpu.shares").read_text().strip() == "512"
+
+
+@needs
+def test_agent_adopted_by_the_next_supervisor_keeps_its_cgroup_and_its_oom_kill_is_recorded(make_supervisor):
+    sup = make_supervisor([limited("later", "hog-on-usr1", "200", memory_max="64M", start_seconds=0.2,
+                                   backoff_initial_s=30.0)]).start()
+    pid = sup.wait_agent("later", "running").pid
+    wait_for(lambda: "WAITING" in sup.log_of("later").read_text(), what="the agent to wait for its signal")
+    sup.kill()
+    sup.start()
+    a = sup.wait_agent("later", "running")
+    assert a.pid == pid and a.adopted
+    memory = HOST.hierarchies["memory"].own_dir / AGENTS_DIR / "later"
+    assert str(pid) in (memory / "cgroup.procs").read_text().split()
+    assert (memory / "memory.limit_in_bytes").read_text().strip() == str(64 << 20)
+    os.kill(pid, signal.SIGUSR1)
+    wait_for(lambda: f"agent later pid {pid} exited with unknown status (killed by the kernel: memory limit "
+             f"(memory_max = {64 << 20} bytes) reached (oom_kill 1))" in sup.output(), what="the OOM kill's log line")
+    again = sup.wait_agent("later", "running", pred=lambda a: a.pid not in (0, pid)).pid  # it had been running
+    assert str(again) in (memory / "cgroup.procs").read_text().split()
 
 
 @needs

@@ -1,11 +1,12 @@
 """An agent for resource limits: prints where it runs (cgroups, open-files limit), then does what argv says.
 
 ``hog MIB``: allocates and touches MIB MiB, then sleeps; ``fork N``: forks N sleeping children, exits 3 when a
-fork is refused; ``show``: only sleeps.
+fork is refused; ``hog-on-usr1 MIB``: the same as ``hog`` when it receives SIGUSR1; ``show``: only sleeps.
 """
 
 import os
 import resource
+import signal
 import sys
 import time
 
@@ -13,6 +14,11 @@ with open("/proc/self/cgroup") as f:
     print("CGROUP", f.read().replace("\n", " "), flush=True)
 print("NOFILE", resource.getrlimit(resource.RLIMIT_NOFILE)[0], flush=True)
 mode = sys.argv[1]
+if mode == "hog-on-usr1":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    print("WAITING", flush=True)
+    signal.sigwait({signal.SIGUSR1})
+    mode = "hog"
 if mode == "hog":
     chunks = []
     for _ in range(int(sys.argv[2])):
