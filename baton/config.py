@@ -26,6 +26,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from baton.errors import BatonError
 from baton.limits import BadLimit, Limits, limits_of
 from baton.log import THRESHOLDS
+from baton.start_order import Ordered
 
 ENV_OVERRIDES = {
     "BATON_NODE_ID": ("node", "id"),
@@ -210,6 +211,8 @@ class AgentConfig:
     cpu_weight: int = 0           # 1..10000, relative to 100 (systemd's CPUWeight=)
     cpu_quota: str = ""           # "50%" of one CPU, "200%" for two (systemd's CPUQuota=)
     open_files: int = 0           # RLIMIT_NOFILE (systemd's LimitNOFILE=)
+    priority: int = 0             # start order: lower first (baton/start_order.py); stop in reverse
+    after: tuple[str, ...] = ()   # agents started before this one (each has left "starting" first)
 
     @property
     def stop_signum(self) -> int:
@@ -259,6 +262,9 @@ class Config:
     def control_socket(self) -> Path:
         """The private gRPC socket: helpers' fallback, the local CLI's default, the handover's own checks."""
         return self.run_dir / "control.sock"
+
+    def ordered_agents(self) -> list[Ordered]:
+        return [Ordered(a.name, a.priority, a.after) for a in self.agents]
 
     def agent(self, name: str) -> AgentConfig | None:
         return next((a for a in self.agents if a.name == name), None)
@@ -634,8 +640,19 @@ def _validate(cfg: Config, host_checks: bool = True) -> None:
             raise ConfigError(f"{key}.{bad}", "is out of range")
         if a.working_dir is not None and not a.working_dir.is_dir():
             raise ConfigError(f"{key}.working_dir", f"directory {a.working_dir} not found")
+    _validate_order(cfg)
     if host_checks:
         _validate_paths(cfg)
+
+
+def _validate_order(cfg: Config) -> None:
+    """An ``after`` naming no agent, or a cycle of them, is refused naming the key."""
+    from baton.start_order import OrderError, start_order
+
+    try:
+        start_order(cfg.ordered_agents())
+    except OrderError as e:
+        raise ConfigError(e.key, e.problem) from None
 
 
 def _validate_identity(a: AgentConfig, key: str) -> None:

@@ -40,6 +40,7 @@ from baton.layout import ComponentLayout, version_of_dir
 from baton.limits import Limits
 from baton.log import logger
 from baton.rotating_log import RotatingLog
+from baton.start_order import start_order
 from baton.states import AGENT_KEPT_STATES, AGENT_TRANSITIONS, AgentState, IllegalTransition, check_move
 from baton.strict_modes import UnsafePath, check_dir, make_dirs
 from supervisor.cgroups import AgentCgroup, CgroupError, CgroupHost
@@ -937,6 +938,7 @@ class ProcessManager:
         self._listeners: list[Callable[[AgentSnapshot], None]] = [on_change] if on_change else []
         self.agents: dict[str, Agent] = {}
         self._retiring: dict[str, asyncio.Task[None]] = {}
+        self._waiting: dict[str, asyncio.Task[None]] = {}  # agents whose start waits on their `after`
         self._reload_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
         self._flush: asyncio.Handle | None = None
@@ -1063,7 +1065,8 @@ class ProcessManager:
             else:
                 old.close_channels()
                 del self.agents[name]
-        for name, agent in list(self.agents.items()):
+        for name in self._in_start_order():
+            agent = self.agents[name]
             if name in self._retiring:
                 continue
             prev = by_name.get(name)
@@ -1079,8 +1082,50 @@ class ProcessManager:
             if agent.cfg.autostart:
                 if prev is not None and not agent.waiting_for_install():
                     agent.restarts += 1
-                agent._spawn()
+                self._spawn_in_order(agent)
         self.persist()
+
+    # ---- start order ---------------------------------------------------------------------------------
+    # Agents start in baton/start_order.py's order: by priority at once, and one with `after` only once each
+    # agent it names has left "starting" (running, or given up); they stop in the reverse order.
+
+    def _in_start_order(self) -> list[str]:
+        """Every agent here, configured ones in start order, then the retired (their order no longer matters)."""
+        order = [n for n in start_order(self.config.ordered_agents()) if n in self.agents]
+        return order + [n for n in self.agents if n not in order]
+
+    def _spawn_in_order(self, agent: Agent) -> None:
+        if not any(d in self.agents for d in agent.cfg.after):
+            agent._spawn()
+            return
+        task = self._loop.create_task(self._spawn_after(agent))
+        self._waiting[agent.name] = task
+        task.add_done_callback(lambda t: self._waiting.pop(agent.name, None) if self._waiting.get(agent.name) is t
+                               else None)
+
+    async def _spawn_after(self, agent: Agent) -> None:
+        deps = set(agent.cfg.after)
+        changed = asyncio.Event()
+
+        def listener(snap: AgentSnapshot) -> None:
+            if snap.name in deps:
+                changed.set()
+
+        def starting() -> list[str]:
+            return [d for d in deps if d in self._waiting
+                    or (d in self.agents and self.agents[d].state in (AgentState.STARTING, AgentState.BACKOFF))]
+
+        self.add_listener(listener)
+        try:
+            while pending := starting():
+                logger.debug("agent {} waits for {} to start", agent.name, ", ".join(sorted(pending)))
+                changed.clear()
+                waits = [self._waiting[d] for d in pending if d in self._waiting]
+                await (asyncio.wait(waits) if waits else changed.wait())
+        finally:
+            self.remove_listener(listener)
+        if self.agents.get(agent.name) is agent and not agent.retiring and agent.state is AgentState.STOPPED:
+            agent._spawn()  # not started meanwhile by a `supervisor start`
 
     def _add(self, cfg: AgentConfig, channels: tuple[int | None, object | None, int | None] | None) -> Agent:
         agent = Agent(cfg, self.config, self._changed)
@@ -1136,12 +1181,12 @@ class ProcessManager:
             waits = [self._retiring[n] for n in removed + changed]
             waits += [t for n, t in self._retiring.items() if n in added]  # a name coming back
             await asyncio.gather(*waits, return_exceptions=True)
-            for name in changed + added:
+            for name in [n for n in start_order(config.ordered_agents()) if n in changed + added]:
                 agent = self._add(new[name], None)
                 if name in changed:
                     agent.restarts = old[name].restarts
                 if agent.cfg.autostart:
-                    agent._spawn()
+                    self._spawn_in_order(agent)
             for name in unchanged:
                 old[name]._config = config
             self.persist()
@@ -1150,13 +1195,30 @@ class ProcessManager:
             return ReloadResult(tuple(added), tuple(removed), tuple(changed), tuple(unchanged))
 
     async def stop_all(self) -> None:
-        await asyncio.gather(*(a.stop() for a in list(self.agents.values())))
+        """Stop every agent, in the reverse of the start order: one stops once every agent that started after
+        it (a higher priority number, or naming it in `after`) has stopped; the others at the same time."""
+        for t in list(self._waiting.values()):
+            t.cancel()
+        stops: dict[str, asyncio.Task[None]] = {}
+        cfgs = {a.name: a.cfg for a in self.agents.values()}
+        for name in reversed(self._in_start_order()):
+            later = [t for n, t in stops.items() if name in cfgs[n].after or cfgs[n].priority > cfgs[name].priority]
+            stops[name] = self._loop.create_task(self._stop_after(self.agents[name], later))
+        await asyncio.gather(*stops.values())
         await self.wait_retired()
         self.persist()
         for a in list(self.agents.values()):
             a.close_channels()
 
+    @staticmethod
+    async def _stop_after(agent: Agent, later: list[asyncio.Task[None]]) -> None:
+        if later:
+            await asyncio.wait(later)
+        await agent.stop()
+
     def release_all(self) -> None:
+        for t in list(self._waiting.values()):  # not started yet: the successor starts it in its turn
+            t.cancel()
         for a in self.agents.values():
             a.release()
         for t in self._retiring.values():
