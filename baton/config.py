@@ -187,6 +187,7 @@ class AgentConfig:
     command: str
     args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
+    env_file: Path | None = None  # KEY=VALUE lines (baton/env_file.py), over `env`; read at every start
     working_dir: Path | None = None
     packaged: bool = False
     stop_signal: str = "TERM"
@@ -643,6 +644,19 @@ def _validate(cfg: Config, host_checks: bool = True) -> None:
     _validate_order(cfg)
     if host_checks:
         _validate_paths(cfg)
+        _validate_env_files(cfg)
+
+
+def _validate_env_files(cfg: Config) -> None:
+    """Each ``env_file`` reads as KEY=VALUE lines (the error names the line, never a value)."""
+    from baton.env_file import EnvFileError, read_env_file
+
+    for i, a in enumerate(cfg.agents):
+        if a.env_file is not None:
+            try:
+                read_env_file(a.env_file, f"agents[{i}].env_file")
+            except EnvFileError as e:
+                raise ConfigError(e.key, e.problem) from None
 
 
 def _validate_order(cfg: Config) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from baton.agent_table import AgentRecord, AgentTable
 from baton.config import AgentConfig, Config, signal_number
+from baton.env_file import EnvFileError, read_env_file
 from baton.errors import BatonError
 from baton.layout import ComponentLayout, version_of_dir
 from baton.limits import Limits
@@ -615,7 +616,7 @@ class Agent:
                     os.close(gate_r)
             if gate_w >= 0:
                 self._open_gate(popen, gate_w, limits)
-        except (OSError, AgentError, CgroupError) as e:
+        except (OSError, AgentError, CgroupError, EnvFileError) as e:
             self.last_error = f"cannot start: {e}"
             logger.error("agent {}: {}", self.name, self.last_error)
             self._set_state(AgentState.STARTING)
@@ -672,11 +673,24 @@ class Agent:
             if pw is not None:
                 env.update(USER=pw.pw_name, LOGNAME=pw.pw_name, HOME=pw.pw_dir)
         env.update(self.cfg.env)
+        if self.cfg.env_file is not None:
+            self._check_env_file()
+            env.update(read_env_file(self.cfg.env_file, f"{self._key}.env_file"))
         env["BATON_AGENT_NAME"] = self.name
         env["BATON_AGENT_VERSION"] = version
         if self.cfg.notify:
             env["NOTIFY_SOCKET"] = str(self.notify_path)
         return env
+
+    def _check_env_file(self) -> None:
+        """The round-3 rule at every start, not only at check-config: the file may have been swapped since."""
+        from baton.strict_modes import Kind, Trusted, check_trusted
+
+        assert self.cfg.env_file is not None
+        try:
+            check_trusted(Trusted(f"{self._key}.env_file", self.cfg.env_file, Kind.FILE))
+        except UnsafePath as e:
+            raise AgentError(str(e)) from None
 
     def _identity(self) -> Identity:
         """Popen arguments that drop to ``user``/``group`` and set ``umask`` in the child before the exec.
