@@ -82,6 +82,7 @@ def _fmt_agents(agents: list[Any]) -> str:
 
 
 FATAL_TAIL_LINES = 3
+STATUS_TAIL_LINES = 10  # `supervisor status NAME`
 MAX_COUNT = 2**32 - 1  # line counts and limits travel as uint32
 
 
@@ -137,7 +138,7 @@ def _ctl(fn: Any) -> Any:
     return run
 
 
-def _last_lines(c: Any, name: str) -> list[str]:
+def _last_lines(c: Any, name: str, lines: int = 0) -> list[str]:
     """The last lines of a fatal agent's log, for the note under the status table ([] if not allowed), printable:
     the agent wrote them, escape sequences and all."""
     import grpc
@@ -146,7 +147,8 @@ def _last_lines(c: Any, name: str) -> list[str]:
     from baton.text import printable_lines
 
     try:
-        chunks = c.stub.TailLog(daemon_pb2.TailRequest(name=name, lines=FATAL_TAIL_LINES), timeout=c.timeout)
+        chunks = c.stub.TailLog(daemon_pb2.TailRequest(name=name, lines=lines or FATAL_TAIL_LINES),
+                                timeout=c.timeout)
         return printable_lines(b"".join(ch.data for ch in chunks).decode(errors="replace"))
     except grpc.RpcError:
         return []
@@ -156,6 +158,8 @@ def cmd_status(ns: argparse.Namespace) -> int:
     from baton.pb import common_pb2, daemon_pb2
     from supervisor.ctl import client, to_json
 
+    if ns.name:
+        return _status_of_one(ns)
     with client(_socket_path(ns), ns.timeout) as c:
         st = c.call("GetStatus", daemon_pb2.GetStatusRequest())
         fatal = {a.name: _last_lines(c, a.name) for a in st.agents if a.state == common_pb2.AGENT_STATE_FATAL}
@@ -180,6 +184,43 @@ def cmd_status(ns: argparse.Namespace) -> int:
     from supervisor.cli_update import holds_lines
 
     print("\n".join(holds_lines(list(st.holds))), end="\n" if st.holds else "")
+    return 0
+
+
+def _status_of_one(ns: argparse.Namespace) -> int:
+    """``supervisor status NAME``: every field of one agent, one per line, and the end of its log."""
+    from baton.pb import daemon_pb2
+    from baton.text import printable
+    from supervisor.ctl import client, state_name, to_json
+
+    with client(_socket_path(ns), ns.timeout) as c:
+        st = c.call("GetStatus", daemon_pb2.GetStatusRequest())
+        a = next((x for x in st.agents if x.name == ns.name), None)
+        tail = _last_lines(c, ns.name, STATUS_TAIL_LINES) if a is not None and not ns.json else []
+    if a is None:
+        print(printable(f"supervisor status: no agent named {ns.name!r} (`supervisor status` lists them)"),
+              file=sys.stderr)
+        return 1
+    if ns.json:
+        import json
+
+        print(json.dumps(to_json(a), indent=2))
+        return 0
+    started = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(a.start_time)) if a.pid else "-"
+    uptime = f"{time.time() - a.start_time:.0f}s" if a.pid else "-"
+    if a.has_exit_status:
+        last_exit = f"killed by {a.last_exit_signal}" if a.last_exit_signal else f"status {a.last_exit_status}"
+    else:
+        last_exit = "-"
+    how = "kept across a supervisor update" if a.kept else "adopted after a supervisor restart" if a.adopted else "-"
+    for label, value in (("name", a.name), ("state", state_name(a.state)), ("pid", str(a.pid or "-")),
+                         ("version", a.version or "-"), ("started", started), ("uptime", uptime),
+                         ("restarts", str(a.restarts)), ("last exit", last_exit),
+                         ("last error", a.last_error or "-"), ("taken over", how), ("log", a.log_path or "-")):
+        print(printable(f"{label + ':':<12}{value}"))
+    print(f"last {STATUS_TAIL_LINES} lines of its log:")
+    for line in tail or ["(empty)"]:
+        print(f"  {line}")
     return 0
 
 
@@ -414,7 +455,9 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
                 "supervisor check-config /etc/baton/supervisor.toml")
     c.add_argument("file")
     c.set_defaults(fn=cmd_check_config)
-    s = command("status", "show the agents of the local supervisor", "supervisor status --json")
+    s = command("status", "show the agents of the local supervisor, or one in full detail",
+                "supervisor status --json\n  supervisor status web")
+    s.add_argument("name", nargs="?", metavar="NAME", help="one agent: every field and the end of its log")
     client_args(s)
     s.set_defaults(fn=_ctl(cmd_status))
     for action, help, example in (
