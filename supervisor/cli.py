@@ -18,6 +18,7 @@ from supervisor.logs import setup_logging
 from supervisor.version import supervisor_version
 
 EXIT_CONFIG = 2
+SUPERVISOR_LOG = "supervisor.log"  # in log.dir: what `supervisor run` logs, and `supervisor log` reads
 EXIT_USAGE = 2
 
 
@@ -35,7 +36,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
     try:
         prepare_dirs(cfg)
-        setup_logging(cfg.log.level, json=ns.json or cfg.log.json, file=cfg.log_dir / "supervisor.log")
+        setup_logging(cfg.log.level, json=ns.json or cfg.log.json, file=cfg.log_dir / SUPERVISOR_LOG)
     except (BatonError, OSError) as e:
         print(f"supervisor: {e}", file=sys.stderr)
         return 1
@@ -221,6 +222,36 @@ def _status_of_one(ns: argparse.Namespace) -> int:
     print(f"last {STATUS_TAIL_LINES} lines of its log:")
     for line in tail or ["(empty)"]:
         print(f"  {line}")
+    return 0
+
+
+def cmd_log(ns: argparse.Namespace) -> int:
+    """``supervisor log [-f] [-n N]``: the supervisor's own log file (``<log_dir>/supervisor.log``), root only."""
+    if os.geteuid() != 0:
+        print("supervisor log: the supervisor's log is root's (it names every agent, update and caller): "
+              "run it as root", file=sys.stderr)
+        return 1
+    from baton.rotating_log import follow_file, last_lines_of
+    from baton.text import PrintableStream
+
+    path = _load(ns.config).log_dir / SUPERVISOR_LOG
+    if not path.exists():
+        print(f"supervisor log: {path} does not exist (has the supervisor run with this config?)", file=sys.stderr)
+        return 1
+    stream = PrintableStream() if sys.stdout.isatty() else None
+    out = sys.stdout.buffer
+
+    def emit(data: bytes) -> None:
+        out.write(data if stream is None else stream.feed(data).encode())
+        out.flush()
+
+    emit(last_lines_of(path, ns.lines))
+    if ns.follow:
+        try:
+            for data in follow_file(path):
+                emit(data)
+        except KeyboardInterrupt:
+            pass
     return 0
 
 
@@ -460,6 +491,13 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
     s.add_argument("name", nargs="?", metavar="NAME", help="one agent: every field and the end of its log")
     client_args(s)
     s.set_defaults(fn=_ctl(cmd_status))
+    lg = command("log", "show the supervisor's own log (root only), and follow it with -f",
+                 "supervisor log -f -n 100")
+    lg.add_argument("--config", "-c", default="/etc/baton/supervisor.toml",
+                    help="config file whose log.dir to read (default: %(default)s)")
+    lg.add_argument("-n", "--lines", type=count_arg, default=20, help="last lines to show (default: %(default)s)")
+    lg.add_argument("-f", "--follow", action="store_true", help="then print what is appended, until Ctrl-C")
+    lg.set_defaults(fn=cmd_log)
     for action, help, example in (
         ("start", "start agents (a fatal agent is reset and started) and wait until they run",
          "supervisor start web worker"),
