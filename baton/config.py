@@ -202,6 +202,7 @@ class AgentConfig:
     autostart: bool = True
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 3
+    log_timestamps: bool = False  # each output line starts with the UTC time it was read (baton/log_stamps.py)
     user: str = ""                # run as this user (its primary group unless `group`); "" = as the supervisor
     group: str = ""               # only with `user`: alone it would leave the agent root
     umask: str = ""               # octal, e.g. "027"; "" = the supervisor's

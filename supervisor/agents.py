@@ -40,6 +40,7 @@ from baton.errors import BatonError
 from baton.layout import ComponentLayout, version_of_dir
 from baton.limits import Limits
 from baton.log import logger
+from baton.log_stamps import LineStamper
 from baton.rotating_log import RotatingLog
 from baton.start_order import start_order
 from baton.states import AGENT_KEPT_STATES, AGENT_TRANSITIONS, AgentState, IllegalTransition, check_move
@@ -229,7 +230,8 @@ def cgroup_host() -> CgroupHost:
 class Agent:
     # Slots, not a __dict__: past 30 attributes an instance dict no longer shares its keys (1.5 KiB each).
     __slots__ = ("_adopting", "_cgroup", "_config", "_err_fd", "_exited", "_fifo_fd", "_followers", "_is_child",
-                 "_lock", "_loop", "_notify", "_on_change", "_pidfd", "_popen", "_stable_timer", "_state", "_timer",
+                 "_lock", "_loop", "_notify", "_on_change", "_pidfd", "_popen", "_stable_timer", "_stampers",
+                 "_state", "_timer",
                  "adopted", "cfg", "consecutive_failures", "dir", "err_log", "kept", "last_error",
                  "last_exit_status", "layout", "log", "name", "pid", "restarts", "retiring", "start_time",
                  "status_text", "version")
@@ -270,6 +272,9 @@ class Agent:
         self._loop = asyncio.get_running_loop()
         self._lock = asyncio.Lock()
         self._cgroup: AgentCgroup | None = None
+        # One per stream (by stderr), with log_timestamps: whether the next byte read starts a line.
+        self._stampers: dict[bool, LineStamper] | None = ({False: LineStamper(), True: LineStamper()}
+                                                          if cfg.log_timestamps else None)
 
     # ---- plumbing that lives as long as the supervisor -------------------------------------------
 
@@ -422,6 +427,8 @@ class Agent:
                 return
             if not data:
                 return
+            if self._stampers is not None:
+                data = self._stampers[stderr].stamp(data)
             log.write(data)
             followers = self._followers.get(stderr)
             if not followers:

@@ -273,15 +273,35 @@ def cmd_tail(ns: argparse.Namespace) -> int:
 
     # On a terminal the agent's escape sequences are shown escaped; into a pipe or a file its bytes go as written.
     stream = PrintableStream() if sys.stdout.isatty() else None
+    since = None
+    if ns.since:
+        from baton.log_stamps import SinceFilter, parse_since
+
+        try:
+            since = SinceFilter(parse_since(ns.since))
+        except ValueError as e:
+            print(f"supervisor tail: --since: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    lines = MAX_COUNT if since is not None else ns.lines  # the server reads at most its last MiB
     with client(_socket_path(ns), ns.timeout) as c:
-        req = daemon_pb2.TailRequest(name=ns.name, lines=ns.lines, follow=ns.follow, stderr=ns.stderr)
+        req = daemon_pb2.TailRequest(name=ns.name, lines=lines, follow=ns.follow, stderr=ns.stderr)
         out = sys.stdout.buffer
+
+        def emit(data: bytes) -> None:
+            out.write(data if stream is None else stream.feed(data).encode())
+            out.flush()
+
         try:
             for chunk in c.stub.TailLog(req, timeout=None if ns.follow else ns.timeout):
-                out.write(chunk.data if stream is None else stream.feed(chunk.data).encode())
-                out.flush()
+                emit(chunk.data if since is None else since.feed(chunk.data))
         except grpc.RpcError as e:
             raise c.error(e) from None
+    if since is not None:
+        emit(since.finish())
+        if not since.stamped:
+            print(f"supervisor tail: agent {ns.name}'s log has no timestamps to filter by "
+                  "(set log_timestamps = true in its section)", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -521,6 +541,8 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
     t.add_argument("name", metavar="NAME")
     t.add_argument("-n", "--lines", type=count_arg, default=10, help="last lines to print first (default: %(default)s)")
     t.add_argument("-f", "--follow", action="store_true", help="keep printing new output until interrupted")
+    t.add_argument("--since", metavar="WHEN", help="only lines from WHEN on: 30s, 10m, 2h, 1d ago or a UTC time "
+                   "like 2026-12-07T22:00:00 (agents with log_timestamps = true; the current log file)")
     t.add_argument("--stderr", action="store_true", help='the separate stderr log (agents with stderr = "separate")')
     client_args(t, json_flag=False)
     t.set_defaults(fn=_ctl(cmd_tail))
