@@ -906,9 +906,9 @@ class Agent:
             raise AgentError(f"agent {self.name}: its process is gone") from None
 
     def remove_cgroup(self) -> None:
-        """The agent left the config: its cgroup goes too (whatever is still in it is killed)."""
-        if self.cfg.limits(self._key).asked():
-            cgroup_host().group(self.name).remove()
+        """The agent left the config: its cgroup goes too (whatever is still in it is killed). Whatever its
+        config says now: one retired while no supervisor ran is known only by its record, without its limits."""
+        cgroup_host().group(self.name).remove()
         self._cgroup = None
 
     def _refuse_if_retiring(self) -> None:

@@ -47,7 +47,8 @@ def first_lines(sup: Any, name: str) -> str:
 
 @needs
 def test_agent_past_memory_max_is_oom_killed_recorded_and_restarted_while_its_neighbour_runs_on(make_supervisor):
-    sup = make_supervisor([limited("hog", "hog", "200", memory_max="64M", backoff_initial_s=2.0),
+    sup = make_supervisor([limited("hog", "hog", "200", memory_max="64M", backoff_initial_s=2.0,
+                                   start_seconds=10.0),
                            limited("calm", "show")]).start()
     calm = sup.wait_agent("calm", "running").pid
     a = sup.wait_agent("hog", "backoff", pred=lambda a: "memory limit" in a.last_error)
@@ -61,7 +62,8 @@ def test_agent_past_memory_max_is_oom_killed_recorded_and_restarted_while_its_ne
 
 @needs
 def test_agent_past_tasks_max_cannot_fork_and_its_exit_names_the_limit(make_supervisor):
-    sup = make_supervisor([limited("forker", "fork", "10", tasks_max=4, backoff_initial_s=30.0)]).start()
+    sup = make_supervisor([limited("forker", "fork", "10", tasks_max=4, backoff_initial_s=30.0,
+                                   start_seconds=10.0)]).start()
     a = sup.wait_agent("forker", "backoff", pred=lambda a: "tasks limit" in a.last_error)
     assert a.last_exit_status == 3
     assert "tasks limit (tasks_max = 4) reached" in a.last_error
