@@ -7,6 +7,7 @@ inside the agent what it was given before its command ran.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -120,6 +121,43 @@ def test_agent_removed_from_the_config_takes_its_cgroup_with_it(make_supervisor)
                          text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
     assert not any(d.exists() for d in cgroup_dirs("gone"))
+
+
+def no_cgroups_launcher(tmp_path: Path) -> Path:
+    """Runs ``supervisor`` in a mount namespace where /sys/fs/cgroup is an empty tmpfs: a host without cgroups."""
+    launcher = tmp_path / "no-cgroups-supervisor"
+    launcher.write_text("#!/bin/sh\nexec unshare --mount --propagation private sh -c "
+                        "'mount -t tmpfs none /sys/fs/cgroup && exec \"$0\" -m supervisor \"$@\"' "
+                        f"{PY} \"$@\"\n")
+    launcher.chmod(0o755)
+    return launcher
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1)")
+def test_limit_without_its_controller_keeps_that_agent_stopped_naming_the_key_and_the_others_run(make_supervisor,
+                                                                                               tmp_path):
+    sup = make_supervisor([limited("capped", "show", memory_max="64M", start_retries=0),
+                           limited("free", "show", open_files=99)])
+    sup.start(launcher=no_cgroups_launcher(tmp_path))
+    assert "NOFILE 99" in first_lines(sup, "free")  # needs no cgroup
+    a = sup.wait_agent("capped", "fatal")
+    assert a.pid == 0 and "cannot start: agents[0].memory_max: needs the cgroup 'memory' controller" in a.last_error
+    assert not sup.log_of("capped").exists() or "CGROUP" not in sup.log_of("capped").read_text()
+    assert sup.wait_agent("free", "running").pid
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1)")
+def test_check_config_on_a_host_without_the_controller_refuses_the_limit_in_one_line(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[node]\nid = "n1"\nstate_dir = "{tmp_path}/state"\ninstall_root = "{tmp_path}/install"\n'
+                    f'[grpc]\nunix_socket = "{tmp_path}/s.sock"\n[[agents]]\nname = "a"\ncommand = "/bin/true"\n'
+                    'open_files = 10\n[[agents]]\nname = "b"\ncommand = "/bin/true"\ntasks_max = 5\n')
+    res = subprocess.run([str(no_cgroups_launcher(tmp_path)), "check-config", str(path)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("supervisor: config error: agents[1].tasks_max: needs the cgroup "
+                                                   "'pids' controller"), res.stderr
 
 
 @pytest.mark.parametrize(("line", "key", "problem"), [
