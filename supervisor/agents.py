@@ -590,16 +590,16 @@ class Agent:
                 self._open_notify(None)
             ident = self._identity()
             env = self._environment(ident, version)
-            out = os.open(self.fifo_path, os.O_RDWR | os.O_CLOEXEC)
-            err = os.open(self.err_fifo_path, os.O_RDWR | os.O_CLOEXEC) if self.err_log is not None else out
             limits = self.cfg.limits(self._key)
-            gate_r, gate_w = os.pipe2(os.O_CLOEXEC) if limits.any else (-1, -1)
             argv = [str(cmd), *self.cfg.args]
             if limits.any:
                 if not os.access(cmd, os.X_OK):
                     raise AgentError(f"{cmd} is not an executable file")
                 argv = [GATE_SHELL, "-c", GATE_SCRIPT, "baton-gate", *argv]
                 self._cgroup = cgroup_host().prepare(self.name, limits, self._key) if limits.asked() else None
+            out = os.open(self.fifo_path, os.O_RDWR | os.O_CLOEXEC)
+            err = os.open(self.err_fifo_path, os.O_RDWR | os.O_CLOEXEC) if self.err_log is not None else out
+            gate_r, gate_w = os.pipe2(os.O_CLOEXEC) if limits.any else (-1, -1)
             try:
                 popen = subprocess.Popen(
                     argv,
@@ -615,6 +615,10 @@ class Agent:
                     extra_groups=ident.extra_groups,
                     umask=ident.umask,
                 )
+            except BaseException:
+                if gate_w >= 0:
+                    os.close(gate_w)
+                raise
             finally:
                 os.close(out)
                 if err != out:
