@@ -192,10 +192,15 @@ class AgentCgroup:
         tasks = str(limits.tasks_max) if limits.tasks_max else "max"
         if "memory" in self.v2:
             writes.append(("memory_max", "memory", "memory.max", mem or "max"))
-        elif "memory" in self.dirs and mem:
-            writes.append(("memory_max", "memory", "memory.limit_in_bytes", mem))
-            if (self.dirs["memory"] / "memory.memsw.limit_in_bytes").exists():  # or it would swap instead
-                writes.append(("memory_max", "memory", "memory.memsw.limit_in_bytes", mem))
+        elif "memory" in self.dirs:
+            value = mem or "-1"  # -1 lifts a limit left in the directory by an earlier config
+            memsw = self.dirs["memory"] / "memory.memsw.limit_in_bytes"  # memory and swap: or it would swap instead
+            if memsw.exists():  # memsw may never be below the limit: raised first, lowered after
+                with contextlib.suppress(OSError):
+                    _write(memsw, value)
+            writes.append(("memory_max", "memory", "memory.limit_in_bytes", value))
+            if memsw.exists():
+                writes.append(("memory_max", "memory", "memory.memsw.limit_in_bytes", value))
         if "pids" in self.dirs:
             writes.append(("tasks_max", "pids", "pids.max", tasks))
         if "cpu" in self.v2:

@@ -111,6 +111,22 @@ def test_agent_adopted_by_the_next_supervisor_keeps_its_cgroup_and_its_oom_kill_
 
 
 @needs
+def test_memory_limit_changed_while_the_supervisor_was_down_is_what_the_next_start_applies(make_supervisor):
+    memory = HOST.hierarchies["memory"].own_dir / AGENTS_DIR / "grow"
+    sup = make_supervisor([limited("grow", "show", memory_max="64M")]).start()
+    sup.wait_agent("grow", "running")
+    for change, want in (({"memory_max": "256M"}, str(256 << 20)), ({"tasks_max": 30}, None)):
+        assert sup.terminate() == 0  # the agent stops; its cgroup stays, with its limit
+        sup.cfg["agents"] = [limited("grow", "show", **change)]
+        pid = sup.start().wait_agent("grow", "running").pid
+        limit = int((memory / "memory.limit_in_bytes").read_text())
+        assert limit == int(want) if want else limit > 1 << 60, limit  # lifted: the kernel's "no limit"
+        if not want:
+            assert (HOST.hierarchies["pids"].own_dir / AGENTS_DIR / "grow" / "pids.max").read_text().strip() == "30"
+        assert str(pid) in (memory / "cgroup.procs").read_text().split()
+
+
+@needs
 def test_agent_removed_from_the_config_takes_its_cgroup_with_it(make_supervisor):
     sup = make_supervisor([limited("gone", "show", tasks_max=20), limited("stays", "show")]).start()
     sup.wait_agent("gone", "running")
