@@ -42,7 +42,7 @@ from baton.limits import Limits
 from baton.log import logger
 from baton.log_stamps import LineStamper
 from baton.rotating_log import RotatingLog
-from baton.start_order import start_order
+from baton.start_order import OrderError, start_order
 from baton.states import AGENT_KEPT_STATES, AGENT_TRANSITIONS, AgentState, IllegalTransition, check_move
 from baton.strict_modes import UnsafePath, check_dir, make_dirs
 from supervisor.cgroups import AgentCgroup, CgroupError, CgroupHost
@@ -1116,7 +1116,7 @@ class ProcessManager:
 
     def _in_start_order(self) -> list[str]:
         """Every agent here, configured ones in start order, then the retired (their order no longer matters)."""
-        order = [n for n in start_order(self.config.ordered_agents()) if n in self.agents]
+        order = [n for n in _start_order(self.config) if n in self.agents]
         return order + [n for n in self.agents if n not in order]
 
     def _spawn_in_order(self, agent: Agent) -> None:
@@ -1206,7 +1206,7 @@ class ProcessManager:
             waits = [self._retiring[n] for n in removed + changed]
             waits += [t for n, t in self._retiring.items() if n in added]  # a name coming back
             await asyncio.gather(*waits, return_exceptions=True)
-            for name in [n for n in start_order(config.ordered_agents()) if n in changed + added]:
+            for name in [n for n in _start_order(config) if n in changed + added]:
                 agent = self._add(new[name], None)
                 if name in changed:
                     agent.restarts = old[name].restarts
@@ -1249,6 +1249,16 @@ class ProcessManager:
         for t in self._retiring.values():
             t.cancel()  # the next supervisor adopts and retires them again (their records are kept)
         self._retiring.clear()
+
+
+def _start_order(config: Config) -> list[str]:
+    """The agents' names in start order; the file's order if it has none (checked at load, so never expected:
+    a start order must not be what keeps every agent from starting)."""
+    try:
+        return start_order(config.ordered_agents())
+    except OrderError as e:
+        logger.error("start order: {}; starting in the order of the file", e)
+        return [a.name for a in config.agents]
 
 
 def _lstat_mode(path: Path) -> int:
