@@ -1090,7 +1090,8 @@ class ProcessManager:
             else:
                 old.close_channels()
                 del self.agents[name]
-        for name in self._in_start_order():
+        self._sort_agents()
+        for name in list(self.agents):
             agent = self.agents[name]
             if name in self._retiring:
                 continue
@@ -1118,6 +1119,13 @@ class ProcessManager:
         """Every agent here, configured ones in start order, then the retired (their order no longer matters)."""
         order = [n for n in _start_order(self.config) if n in self.agents]
         return order + [n for n in self.agents if n not in order]
+
+    def _sort_agents(self) -> None:
+        """Keep ``agents`` in start order: status lists them so, and `supervisor stop all` stops them in reverse."""
+        order = self._in_start_order()
+        agents = dict(self.agents)
+        self.agents.clear()
+        self.agents.update((n, agents[n]) for n in order)
 
     def _spawn_in_order(self, agent: Agent) -> None:
         if not any(d in self.agents for d in agent.cfg.after):
@@ -1214,6 +1222,7 @@ class ProcessManager:
                     self._spawn_in_order(agent)
             for name in unchanged:
                 old[name]._config = config
+            self._sort_agents()
             self.persist()
             logger.info("reload: started {}, stopped {}, restarted {}, unchanged {}", added or "-",
                         removed or "-", changed or "-", len(unchanged))

@@ -149,7 +149,10 @@ def control(c: Client, action: str, names: list[str], wait_s: float, signal: str
     """Run ``action`` on each agent and wait for its new state; (final infos, all reached what was asked)."""
     out: list[common_pb2.AgentInfo] = []
     ok = True
-    for name in c.names(names):
+    chosen = c.names(names)  # `all`: in the agents' start order (the supervisor lists them so)
+    if action == "stop" and names == ["all"]:
+        chosen.reverse()
+    for name in chosen:
         ref = daemon_pb2.AgentRef(name=name)
         if action == "stop":
             info = c.call("StopAgent", ref, timeout=max(wait_s, c.timeout))

@@ -53,6 +53,21 @@ def test_agents_stop_in_the_reverse_of_their_start_order(make_supervisor):
     assert first(lines, f"agent db pid {db_pid} exited") < first(lines, "agent early: stopping")
 
 
+def test_status_lists_agents_in_start_order_and_stop_all_stops_them_in_reverse(make_supervisor):
+    sup = make_supervisor([agent("web", "ready_agent.py", after=["db"]), agent("db", "ready_agent.py"),
+                           agent("early", "ready_agent.py", priority=-5)]).start()
+    for name in ("early", "db", "web"):
+        sup.wait_agent(name, "running")
+    assert [a.name for a in sup.status().agents] == ["early", "db", "web"]
+    res = subprocess.run([PY, "-m", "supervisor", "stop", "all", "--socket", str(sup.socket)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert [line.split(":")[0] for line in res.stdout.splitlines()] == ["web", "db", "early"]
+    lines = lines_of(sup)
+    assert first(lines, "agent web: stopping") < first(lines, "agent db: stopping") < first(lines,
+                                                                                         "agent early: stopping")
+
+
 @pytest.mark.parametrize(("agents", "key", "problem"), [
     ('[[agents]]\nname = "a"\ncommand = "/bin/true"\nafter = ["b"]\n', "agents[0].after[0]", "no agent named 'b'"),
     ('[[agents]]\nname = "a"\ncommand = "/bin/true"\nafter = ["b"]\n'
