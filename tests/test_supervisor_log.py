@@ -63,3 +63,26 @@ def test_log_as_another_user_is_refused_in_one_line_and_shows_nothing(make_super
     assert res.returncode == 1 and res.stdout == ""
     assert res.stderr == ("supervisor log: the supervisor's log is root's (it names every agent, update and caller): "
                           "run it as root\n")
+
+
+def test_log_follow_goes_on_into_the_new_file_after_a_rotation(make_supervisor):
+    sup = make_supervisor([]).start()
+    path = sup.state_dir / "logs" / "supervisor.log"
+    follower = subprocess.Popen([PY, "-m", "supervisor", "log", "-f", "-n", "0", "--config", str(sup.config_path)],
+                                stdout=subprocess.PIPE, cwd=ROOT)
+    try:
+        time.sleep(1.0)
+        with open(path, "ab") as f:
+            f.write(b"last line of the old file\n")
+        os.replace(path, path.with_name("supervisor.log.1"))  # what the rotation does, then a new file
+        path.write_bytes(b"first line of the new file\n")
+        seen = b""
+        deadline = time.monotonic() + 20
+        assert follower.stdout is not None
+        while b"first line of the new file" not in seen and time.monotonic() < deadline:
+            if select.select([follower.stdout], [], [], 0.5)[0]:
+                seen += os.read(follower.stdout.fileno(), 65536)
+        assert seen.index(b"last line of the old file") < seen.index(b"first line of the new file"), seen
+    finally:
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(10) == 0
