@@ -796,7 +796,10 @@ class Agent:
             # supervisord restarts a running program at once. A second exit before STABLE_RUN_S backs off.
             self._set_state(AgentState.BACKOFF)
             self.restarts += 1
+            killed_by = self.last_error
             self._spawn()
+            if reason and self.state is AgentState.STARTING:  # a kill by a limit stays in sight after the restart
+                self.last_error = f"restarted after: {killed_by}"
             logger.info("agent {} restarted at once (it had been running)", self.name)
             return
         delay = min(self.cfg.backoff_initial_s * 2 ** (self.consecutive_failures - 1), self.cfg.backoff_max_s)

@@ -106,7 +106,10 @@ def test_agent_adopted_by_the_next_supervisor_keeps_its_cgroup_and_its_oom_kill_
     os.kill(pid, signal.SIGUSR1)
     wait_for(lambda: f"agent later pid {pid} exited with unknown status (killed by the kernel: memory limit "
              f"(memory_max = {64 << 20} bytes) reached (oom_kill 1))" in sup.output(), what="the OOM kill's log line")
-    again = sup.wait_agent("later", "running", pred=lambda a: a.pid not in (0, pid)).pid  # it had been running
+    a = sup.wait_agent("later", "running", pred=lambda a: a.pid not in (0, pid))  # restarted at once: it had run
+    assert a.last_error == (f"restarted after: exited (status unknown: adopted process): killed by the kernel: "
+                            f"memory limit (memory_max = {64 << 20} bytes) reached (oom_kill 1)")
+    again = a.pid
     assert str(again) in (memory / "cgroup.procs").read_text().split()
 
 
