@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from baton.errors import BatonError
+from baton.limits import BadLimit, Limits, limits_of
 from baton.log import LEVELS
+from baton.start_order import Ordered
 
 ENV_OVERRIDES = {
     "BATON_NODE_ID": ("node", "id"),
@@ -187,6 +189,7 @@ class AgentConfig:
     command: str
     args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
+    env_file: Path | None = None  # KEY=VALUE lines (baton/env_file.py), over `env`; read at every start
     working_dir: Path | None = None
     packaged: bool = False
     stop_signal: str = "TERM"
@@ -201,10 +204,19 @@ class AgentConfig:
     autostart: bool = True
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 3
+    log_timestamps: bool = False  # each output line starts with the UTC time it was read (baton/log_stamps.py)
     user: str = ""                # run as this user (its primary group unless `group`); "" = as the supervisor
     group: str = ""               # only with `user`: alone it would leave the agent root
     umask: str = ""               # octal, e.g. "027"; "" = the supervisor's
     stderr: str = "merged"        # "merged" into the output log, or "separate" (<log_dir>/<name>.stderr.log)
+    # Resource limits (baton/limits.py; 0 or "": none): a cgroup of the agent's own, and RLIMIT_NOFILE.
+    memory_max: str = ""          # "512M", "1G": the kernel kills the agent past it (an OOM kill)
+    tasks_max: int = 0            # processes and threads: a fork past it fails
+    cpu_weight: int = 0           # 1..10000, relative to 100 (systemd's CPUWeight=)
+    cpu_quota: str = ""           # "50%" of one CPU, "200%" for two (systemd's CPUQuota=)
+    open_files: int = 0           # RLIMIT_NOFILE (systemd's LimitNOFILE=)
+    priority: int = 0             # start order: lower first (baton/start_order.py); stop in reverse
+    after: tuple[str, ...] = ()   # agents started before this one (each has left "starting" first)
 
     @property
     def stop_signum(self) -> int:
@@ -213,6 +225,11 @@ class AgentConfig:
     @property
     def umask_value(self) -> int | None:
         return int(self.umask, 8) if self.umask else None
+
+    def limits(self, prefix: str = "") -> Limits:
+        """The parsed resource limits; BadLimit naming ``prefix.key`` (checked at load, so only a bug raises)."""
+        return limits_of(self.memory_max, self.tasks_max, self.cpu_weight, self.cpu_quota, self.open_files,
+                         prefix or f"agent {self.name}")
 
 
 @dataclass(frozen=True)
@@ -263,6 +280,9 @@ class Config:
     def control_socket(self) -> Path:
         """The private gRPC socket: helpers' fallback, the local CLI's default, the handover's own checks."""
         return self.run_dir / "control.sock"
+
+    def ordered_agents(self) -> list[Ordered]:
+        return [Ordered(a.name, a.priority, a.after) for a in self.agents]
 
     def agent(self, name: str) -> AgentConfig | None:
         return next((a for a in self.agents if a.name == name), None)
@@ -726,6 +746,10 @@ def _validate(cfg: Config, host_checks: bool = True, keys: bool = True) -> None:
             raise ConfigError(f"{key}.stop_signal", f"unknown signal {a.stop_signal!r} (e.g. TERM, SIGINT, QUIT)"
                               ) from None
         _validate_identity(a, key)
+        try:
+            a.limits(key)
+        except BadLimit as e:
+            raise ConfigError(e.key, e.problem) from None
         for name in ("stop_timeout_s", "backoff_initial_s", "backoff_max_s"):
             if getattr(a, name) <= 0:
                 raise ConfigError(f"{key}.{name}", "must be greater than 0")
@@ -736,8 +760,32 @@ def _validate(cfg: Config, host_checks: bool = True, keys: bool = True) -> None:
             raise ConfigError(f"{key}.{bad}", "is out of range")
         if a.working_dir is not None and not a.working_dir.is_dir():
             raise ConfigError(f"{key}.working_dir", f"directory {a.working_dir} not found")
+    _validate_order(cfg)
     if host_checks:
         _validate_paths(cfg)
+        _validate_env_files(cfg)
+
+
+def _validate_env_files(cfg: Config) -> None:
+    """Each ``env_file`` reads as KEY=VALUE lines (the error names the line, never a value)."""
+    from baton.env_file import EnvFileError, read_env_file
+
+    for i, a in enumerate(cfg.agents):
+        if a.env_file is not None:
+            try:
+                read_env_file(a.env_file, f"agents[{i}].env_file")
+            except EnvFileError as e:
+                raise ConfigError(e.key, e.problem) from None
+
+
+def _validate_order(cfg: Config) -> None:
+    """An ``after`` naming no agent, or a cycle of them, is refused naming the key."""
+    from baton.start_order import OrderError, start_order
+
+    try:
+        start_order(cfg.ordered_agents())
+    except OrderError as e:
+        raise ConfigError(e.key, e.problem) from None
 
 
 def _validate_identity(a: AgentConfig, key: str) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 
 from baton.log import logger
@@ -122,6 +123,62 @@ async def _last_lines(fd: int, end: int, n: int, max_bytes: int) -> bytes:
         await f.seek(max(0, end - max_bytes))
         data = await f.read(min(end, max_bytes))
     return b"".join(data.splitlines(keepends=True)[-n:])
+
+
+def last_lines_of(path: Path, n: int, max_bytes: int = 1 << 20) -> bytes:
+    """The last ``n`` lines of the log file ``path`` (at most ``max_bytes`` of them), not following a link."""
+    if n <= 0:
+        return b""
+    try:
+        with open(path, "rb", opener=_read_nofollow) as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:  # missing, or a link someone planted: nothing to show
+        return b""
+    lines = data.splitlines(keepends=True)
+    return b"".join(lines[-n:])
+
+
+def follow_file(path: Path, poll_s: float = 0.2) -> Iterator[bytes]:
+    """What is appended to the log file ``path`` from now on, across its rotations and a `clear`, for ever.
+
+    Polls (the file is written by another process): when ``path`` names another file than the one open (rotated)
+    the rest of the open one is read first, then the new one from its start; a file that shrank (cleared) is
+    read again from its start.
+    """
+    f = None
+    while True:
+        if f is None:
+            with contextlib.suppress(OSError):
+                f = open(path, "rb", opener=_read_nofollow)  # noqa: SIM115 (kept open across the loop)
+                f.seek(0, os.SEEK_END)
+        if f is None:
+            time.sleep(poll_s)
+            continue
+        data = f.read()
+        if data:
+            yield data
+            continue
+        try:
+            st = os.stat(path, follow_symlinks=False)
+            rotated = st.st_ino != os.fstat(f.fileno()).st_ino
+        except OSError:
+            rotated = True
+        if rotated:
+            rest = f.read()
+            if rest:
+                yield rest
+            f.close()
+            try:
+                f = open(path, "rb", opener=_read_nofollow)  # noqa: SIM115
+            except OSError:
+                f = None
+            continue
+        if os.fstat(f.fileno()).st_size < f.tell():
+            f.seek(0)
+            continue
+        time.sleep(poll_s)
 
 
 def _read_nofollow(path: str, flags: int) -> int:

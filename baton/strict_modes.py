@@ -175,6 +175,8 @@ def trusted_paths(cfg: Config) -> tuple[Trusted, ...]:
     for i, a in enumerate(cfg.agents):
         if Path(a.command).is_absolute() and runs_as_trusted_user(a):
             out.append(Trusted(f"agents[{i}].command", Path(a.command), Kind.FILE))
+        if a.env_file is not None:  # root reads it for any agent: a swapped file would hand over others' secrets
+            out.append(Trusted(f"agents[{i}].env_file", a.env_file, Kind.FILE))
     if cfg.update.file_url_root is not None:
         out.append(Trusted("update.file_url_root", cfg.update.file_url_root, Kind.DIR))
     if cfg.grpc.unix_socket is not None:

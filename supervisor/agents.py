@@ -19,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import grp
 import os
 import pwd
+import resource
 import signal
 import socket
 import stat
@@ -33,12 +35,17 @@ from pathlib import Path
 
 from baton.agent_table import AgentRecord, AgentTable
 from baton.config import AgentConfig, BrokenAgent, Config, signal_number
+from baton.env_file import EnvFileError, read_env_file
 from baton.errors import BatonError
 from baton.layout import ComponentLayout, version_of_dir
+from baton.limits import Limits
 from baton.log import logger
+from baton.log_stamps import LineStamper
 from baton.rotating_log import RotatingLog
+from baton.start_order import OrderError, start_order
 from baton.states import AGENT_KEPT_STATES, AGENT_TRANSITIONS, AgentState, IllegalTransition, check_move
 from baton.strict_modes import UnsafePath, check_dir, make_dirs
+from supervisor.cgroups import AgentCgroup, CgroupError, CgroupHost
 from supervisor.notify_socket import NotifySocket
 
 F_SETPIPE_SZ = 1031
@@ -214,12 +221,25 @@ class Identity:
 AGENT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_LANG = "C.UTF-8"
 INHERITED_ENV_DROPPED = ("NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_", "INVOCATION_ID")  # systemd's, meant for us
+# An agent with limits starts as this shell, which waits on a pipe until the supervisor has put it in its cgroup
+# and set its RLIMIT_NOFILE, then execs the command in the same process: the command never runs unlimited.
+# (Popen's preexec_fn would run Python in a forked child of a threaded process; a pipe needs no code there.)
+GATE_SHELL = "/bin/sh"
+GATE_SCRIPT = 'read _ || exit 126; exec </dev/null; exec "$@"'  # the gate is its stdin (dash: fds 0-9 only)
+GATE_EXIT = 126  # the supervisor went away before opening the gate: the command never ran
+
+
+@functools.cache
+def cgroup_host() -> CgroupHost:
+    """The controllers this supervisor process can use (found once: they change only with a restart)."""
+    return CgroupHost.detect()
 
 
 class Agent:
     # Slots, not a __dict__: past 30 attributes an instance dict no longer shares its keys (1.5 KiB each).
-    __slots__ = ("_adopting", "_config", "_err_fd", "_exited", "_fifo_fd", "_followers", "_is_child", "_lock",
-                 "_loop", "_notify", "_on_change", "_pidfd", "_popen", "_stable_timer", "_state", "_timer",
+    __slots__ = ("_adopting", "_cgroup", "_config", "_err_fd", "_exited", "_fifo_fd", "_followers", "_is_child",
+                 "_lock", "_loop", "_notify", "_on_change", "_pidfd", "_popen", "_stable_timer", "_stampers",
+                 "_state", "_timer",
                  "adopted", "cfg", "consecutive_failures", "dir", "err_log", "kept", "last_error",
                  "last_exit_status", "layout", "log", "name", "pid", "restarts", "retiring", "start_time",
                  "status_text", "version")
@@ -259,6 +279,10 @@ class Agent:
         self._notify: NotifySocket | None = None
         self._loop = asyncio.get_running_loop()
         self._lock = asyncio.Lock()
+        self._cgroup: AgentCgroup | None = None
+        # One per stream (by stderr), with log_timestamps: whether the next byte read starts a line.
+        self._stampers: dict[bool, LineStamper] | None = ({False: LineStamper(), True: LineStamper()}
+                                                          if cfg.log_timestamps else None)
 
     # ---- plumbing that lives as long as the supervisor -------------------------------------------
 
@@ -411,6 +435,8 @@ class Agent:
                 return
             if not data:
                 return
+            if self._stampers is not None:
+                data = self._stampers[stderr].stamp(data)
             log.write(data)
             followers = self._followers.get(stderr)
             if not followers:
@@ -572,12 +598,20 @@ class Agent:
                 self._open_notify(None)
             ident = self._identity()
             env = self._environment(ident, version)
+            limits = self.cfg.limits(self._key)
+            argv = [str(cmd), *self.cfg.args]
+            if limits.any:
+                if not os.access(cmd, os.X_OK):
+                    raise AgentError(f"{cmd} is not an executable file")
+                argv = [GATE_SHELL, "-c", GATE_SCRIPT, "baton-gate", *argv]
+                self._cgroup = cgroup_host().prepare(self.name, limits, self._key) if limits.asked() else None
             out = os.open(self.fifo_path, os.O_RDWR | os.O_CLOEXEC)
             err = os.open(self.err_fifo_path, os.O_RDWR | os.O_CLOEXEC) if self.err_log is not None else out
+            gate_r, gate_w = os.pipe2(os.O_CLOEXEC) if limits.any else (-1, -1)
             try:
                 popen = subprocess.Popen(
-                    [str(cmd), *self.cfg.args],
-                    stdin=subprocess.DEVNULL,
+                    argv,
+                    stdin=gate_r if gate_r >= 0 else subprocess.DEVNULL,
                     stdout=out,
                     stderr=err,
                     cwd=str(cwd),
@@ -589,11 +623,19 @@ class Agent:
                     extra_groups=ident.extra_groups,
                     umask=ident.umask,
                 )
+            except BaseException:
+                if gate_w >= 0:
+                    os.close(gate_w)
+                raise
             finally:
                 os.close(out)
                 if err != out:
                     os.close(err)
-        except (OSError, AgentError) as e:
+                if gate_r >= 0:
+                    os.close(gate_r)
+            if gate_w >= 0:
+                self._open_gate(popen, gate_w, limits)
+        except (OSError, AgentError, CgroupError, EnvFileError) as e:
             self.last_error = f"cannot start: {e}"
             logger.error("agent {}: {}", self.name, self.last_error)
             self._set_state(AgentState.STARTING)
@@ -615,6 +657,28 @@ class Agent:
         if not self.cfg.notify:
             self._timer = self._loop.call_later(self.cfg.start_seconds, self._start_seconds_passed, self.pid)
 
+    @property
+    def _key(self) -> str:
+        """This agent's section in the config (``agents[2]``), for errors naming a key."""
+        i = next((i for i, a in enumerate(self._config.agents) if a.name == self.name), None)
+        return f"agents[{i}]" if i is not None else f"agent {self.name}"
+
+    def _open_gate(self, popen: subprocess.Popen[bytes], gate_w: int, limits: Limits) -> None:
+        """Put the held child in its cgroup, give it its open-files limit, then let it exec its command; on a
+        failure the child is killed (closing the pipe alone would let it exit with GATE_EXIT)."""
+        try:
+            if self._cgroup is not None:
+                self._cgroup.enter(popen.pid)
+            if limits.open_files:
+                resource.prlimit(popen.pid, resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
+            os.write(gate_w, b"\n")
+        except OSError as e:
+            _kill_group(popen.pid, signal.SIGKILL)
+            popen.wait()
+            raise AgentError(f"cannot apply its limits: {e}") from None
+        finally:
+            os.close(gate_w)
+
     def _environment(self, ident: Identity, version: str) -> dict[str, str]:
         """The agent's environment: ours (less systemd's own variables) for an agent of our user, only a minimal
         login-like set for one run as another user (a secret in root's environment is not theirs to read), then
@@ -628,11 +692,24 @@ class Agent:
             if pw is not None:
                 env.update(USER=pw.pw_name, LOGNAME=pw.pw_name, HOME=pw.pw_dir)
         env.update(self.cfg.env)
+        if self.cfg.env_file is not None:
+            self._check_env_file()
+            env.update(read_env_file(self.cfg.env_file, f"{self._key}.env_file"))
         env["BATON_AGENT_NAME"] = self.name
         env["BATON_AGENT_VERSION"] = version
         if self.cfg.notify:
             env["NOTIFY_SOCKET"] = str(self.notify_path)
         return env
+
+    def _check_env_file(self) -> None:
+        """The round-3 rule at every start, not only at check-config: the file may have been swapped since."""
+        from baton.strict_modes import Kind, Trusted, check_trusted
+
+        assert self.cfg.env_file is not None
+        try:
+            check_trusted(Trusted(f"{self._key}.env_file", self.cfg.env_file, Kind.FILE))
+        except UnsafePath as e:
+            raise AgentError(str(e)) from None
 
     def _identity(self) -> Identity:
         """Popen arguments that drop to ``user``/``group`` and set ``umask`` in the child before the exec.
@@ -694,13 +771,15 @@ class Agent:
         _kill_group(pgid, signal.SIGKILL)
         self.last_exit_status = status
         self._exited.set()
-        logger.info("agent {} pid {} exited with {}", self.name, pgid, "unknown status" if status is None else status)
+        reason = self._cgroup.exit_reason(self.cfg.limits(self._key)) if self._cgroup is not None else ""
+        logger.info("agent {} pid {} exited with {}{}", self.name, pgid,
+                    "unknown status" if status is None else status, f" ({reason})" if reason else "")
         if self.state is AgentState.STOPPING:
             self._set_state(AgentState.STOPPED)
             return
-        self._after_exit(status)
+        self._after_exit(status, reason=reason)
 
-    def _after_exit(self, status: int | None, spawn_failed: bool = False) -> None:
+    def _after_exit(self, status: int | None, spawn_failed: bool = False, reason: str = "") -> None:
         was_starting = self.state is AgentState.STARTING
         self._cancel_timers()
         failure = spawn_failed or was_starting or status != 0
@@ -708,6 +787,8 @@ class Agent:
             self.last_error = "exited (status unknown: adopted process)"
         elif not spawn_failed and failure:
             self.last_error = f"exited with status {status}" + (" before it was ready" if was_starting else "")
+        if reason:
+            self.last_error = f"{self.last_error}: {reason}" if self.last_error else reason
         policy = self.cfg.restart
         if policy == "never" or (policy == "on-failure" and not failure):
             self._set_state(AgentState.EXITED)
@@ -723,7 +804,10 @@ class Agent:
             # supervisord restarts a running program at once. A second exit before STABLE_RUN_S backs off.
             self._set_state(AgentState.BACKOFF)
             self.restarts += 1
+            killed_by = self.last_error
             self._spawn()
+            if reason and self.state is AgentState.STARTING:  # a kill by a limit stays in sight after the restart
+                self.last_error = f"restarted after: {killed_by}"
             logger.info("agent {} restarted at once (it had been running)", self.name)
             return
         delay = min(self.cfg.backoff_initial_s * 2 ** (self.consecutive_failures - 1), self.cfg.backoff_max_s)
@@ -759,6 +843,9 @@ class Agent:
         self.restarts = rec.restarts
         self.consecutive_failures = rec.consecutive_failures
         self.adopted = True
+        if self.cfg.limits(self._key).asked():  # it stays in the cgroup it was started in
+            self._cgroup = cgroup_host().group(self.name)
+            self._cgroup.baseline()
         self._watch(pidfd)
         self._adopting = True
         try:
@@ -833,6 +920,12 @@ class Agent:
         except ProcessLookupError:
             raise AgentError(f"agent {self.name}: its process is gone") from None
 
+    def remove_cgroup(self) -> None:
+        """The agent left the config: its cgroup goes too (whatever is still in it is killed). Whatever its
+        config says now: one retired while no supervisor ran is known only by its record, without its limits."""
+        cgroup_host().group(self.name).remove()
+        self._cgroup = None
+
     def _refuse_if_retiring(self) -> None:
         if self.retiring:
             raise AgentError(f"agent {self.name} left the config and is being stopped for good")
@@ -887,6 +980,7 @@ class ProcessManager:
         self._listeners: list[Callable[[AgentSnapshot], None]] = [on_change] if on_change else []
         self.agents: dict[str, Agent] = {}
         self._retiring: dict[str, asyncio.Task[None]] = {}
+        self._waiting: dict[str, asyncio.Task[None]] = {}  # agents whose start waits on their `after`
         self._reload_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
         self._flush: asyncio.Handle | None = None
@@ -1019,7 +1113,9 @@ class ProcessManager:
             else:
                 old.close_channels()
                 del self.agents[name]
-        for name, agent in list(self.agents.items()):
+        self._sort_agents()
+        for name in list(self.agents):
+            agent = self.agents[name]
             if name in self._retiring:
                 continue
             prev = by_name.get(name)
@@ -1035,8 +1131,57 @@ class ProcessManager:
             if agent.cfg.autostart:
                 if prev is not None and not agent.waiting_for_install():
                     agent.restarts += 1
-                agent._spawn()
+                self._spawn_in_order(agent)
         self.persist()
+
+    # ---- start order ---------------------------------------------------------------------------------
+    # Agents start in baton/start_order.py's order: by priority at once, and one with `after` only once each
+    # agent it names has left "starting" (running, or given up); they stop in the reverse order.
+
+    def _in_start_order(self) -> list[str]:
+        """Every agent here, configured ones in start order, then the retired (their order no longer matters)."""
+        order = [n for n in _start_order(self.config) if n in self.agents]
+        return order + [n for n in self.agents if n not in order]
+
+    def _sort_agents(self) -> None:
+        """Keep ``agents`` in start order: status lists them so, and `supervisor stop all` stops them in reverse."""
+        order = self._in_start_order()
+        agents = dict(self.agents)
+        self.agents.clear()
+        self.agents.update((n, agents[n]) for n in order)
+
+    def _spawn_in_order(self, agent: Agent) -> None:
+        if not any(d in self.agents for d in agent.cfg.after):
+            agent._spawn()
+            return
+        task = self._loop.create_task(self._spawn_after(agent))
+        self._waiting[agent.name] = task
+        task.add_done_callback(lambda t: self._waiting.pop(agent.name, None) if self._waiting.get(agent.name) is t
+                               else None)
+
+    async def _spawn_after(self, agent: Agent) -> None:
+        deps = set(agent.cfg.after)
+        changed = asyncio.Event()
+
+        def listener(snap: AgentSnapshot) -> None:
+            if snap.name in deps:
+                changed.set()
+
+        def starting() -> list[str]:
+            return [d for d in deps if d in self._waiting
+                    or (d in self.agents and self.agents[d].state in (AgentState.STARTING, AgentState.BACKOFF))]
+
+        self.add_listener(listener)
+        try:
+            while pending := starting():
+                logger.debug("agent {} waits for {} to start", agent.name, ", ".join(sorted(pending)))
+                changed.clear()
+                waits = [self._waiting[d] for d in pending if d in self._waiting]
+                await (asyncio.wait(waits) if waits else changed.wait())
+        finally:
+            self.remove_listener(listener)
+        if self.agents.get(agent.name) is agent and not agent.retiring and agent.state is AgentState.STOPPED:
+            agent._spawn()  # not started meanwhile by a `supervisor start`
 
     def _add(self, cfg: AgentConfig, channels: tuple[int | None, object | None, int | None] | None) -> Agent:
         agent = Agent(cfg, self.config, self._changed)
@@ -1057,6 +1202,7 @@ class ProcessManager:
             while agent.state.has_process:  # SIGKILLed but not yet reaped (a process in D state): keep waiting
                 await agent.wait_exit()
             agent.close_channels()
+            agent.remove_cgroup()
             if self.agents.get(agent.name) is agent:
                 del self.agents[agent.name]
             logger.info("agent {} stopped and removed", agent.name)
@@ -1091,32 +1237,60 @@ class ProcessManager:
             waits = [self._retiring[n] for n in removed + changed]
             waits += [t for n, t in self._retiring.items() if n in added]  # a name coming back
             await asyncio.gather(*waits, return_exceptions=True)
-            for name in changed + added:
+            for name in [n for n in _start_order(config) if n in changed + added]:
                 agent = self._add(new[name], None)
                 if name in changed:
                     agent.restarts = old[name].restarts
                 if agent.cfg.autostart:
-                    agent._spawn()
+                    self._spawn_in_order(agent)
             for name in unchanged:
                 old[name]._config = config
+            self._sort_agents()
             self.persist()
             logger.info("reload: started {}, stopped {}, restarted {}, unchanged {}", added or "-",
                         removed or "-", changed or "-", len(unchanged))
             return ReloadResult(tuple(added), tuple(removed), tuple(changed), tuple(unchanged))
 
     async def stop_all(self) -> None:
-        await asyncio.gather(*(a.stop() for a in list(self.agents.values())))
+        """Stop every agent, in the reverse of the start order: one stops once every agent that started after
+        it (a higher priority number, or naming it in `after`) has stopped; the others at the same time."""
+        for t in list(self._waiting.values()):
+            t.cancel()
+        stops: dict[str, asyncio.Task[None]] = {}
+        cfgs = {a.name: a.cfg for a in self.agents.values()}
+        for name in reversed(self._in_start_order()):
+            later = [t for n, t in stops.items() if name in cfgs[n].after or cfgs[n].priority > cfgs[name].priority]
+            stops[name] = self._loop.create_task(self._stop_after(self.agents[name], later))
+        await asyncio.gather(*stops.values())
         await self.wait_retired()
         self.persist()
         for a in list(self.agents.values()):
             a.close_channels()
 
+    @staticmethod
+    async def _stop_after(agent: Agent, later: list[asyncio.Task[None]]) -> None:
+        if later:
+            await asyncio.wait(later)
+        await agent.stop()
+
     def release_all(self) -> None:
+        for t in list(self._waiting.values()):  # not started yet: the successor starts it in its turn
+            t.cancel()
         for a in self.agents.values():
             a.release()
         for t in self._retiring.values():
             t.cancel()  # the next supervisor adopts and retires them again (their records are kept)
         self._retiring.clear()
+
+
+def _start_order(config: Config) -> list[str]:
+    """The agents' names in start order; the file's order if it has none (checked at load, so never expected:
+    a start order must not be what keeps every agent from starting)."""
+    try:
+        return start_order(config.ordered_agents())
+    except OrderError as e:
+        logger.error("start order: {}; starting in the order of the file", e)
+        return [a.name for a in config.agents]
 
 
 def _lstat_mode(path: Path) -> int:

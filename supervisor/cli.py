@@ -18,6 +18,7 @@ from supervisor.logs import setup_logging
 from supervisor.version import supervisor_version
 
 EXIT_CONFIG = 2
+SUPERVISOR_LOG = "supervisor.log"  # in log.dir: what `supervisor run` logs, and `supervisor log` reads
 EXIT_USAGE = 2
 
 
@@ -35,7 +36,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
     try:
         prepare_dirs(cfg)
-        setup_logging(cfg.log.level, json=ns.json or cfg.log.json, file=cfg.log_dir / "supervisor.log")
+        setup_logging(cfg.log.level, json=ns.json or cfg.log.json, file=cfg.log_dir / SUPERVISOR_LOG)
     except (BatonError, OSError) as e:
         print(f"supervisor: {e}", file=sys.stderr)
         return 1
@@ -48,12 +49,18 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 def cmd_check_config(ns: argparse.Namespace) -> int:
     """One line per problem, exit 2 if any: also those a start would only report (a broken trusted key refuses
-    updates, a broken agent section that agent), so an operator sees them before a restart."""
+    updates, a broken agent section that agent, a limit this host has no controller for), so an operator sees
+    them before a restart."""
     from baton.config import trusted_keys_problem
+    from supervisor.cgroups import check_config
 
     cfg = _load(ns.file, degrade=True)  # a problem that would stop a start: its one line, exit 2
     keys = trusted_keys_problem(cfg)
     problems = ([str(keys)] if keys is not None else []) + [b.error for b in cfg.broken_agents]
+    try:
+        check_config(cfg)  # a limit this host has no controller for: refused here, not at the agent's start
+    except ConfigError as e:
+        problems.append(str(e))
     for problem in problems:
         print(f"supervisor: config error: {problem}", file=sys.stderr)
     if problems:
@@ -85,6 +92,7 @@ def _fmt_agents(agents: list[Any]) -> str:
 
 
 FATAL_TAIL_LINES = 3
+STATUS_TAIL_LINES = 10  # `supervisor status NAME`
 MAX_COUNT = 2**32 - 1  # line counts and limits travel as uint32
 
 
@@ -157,7 +165,7 @@ def _ctl(fn: Any) -> Any:
     return run
 
 
-def _last_lines(c: Any, name: str) -> list[str]:
+def _last_lines(c: Any, name: str, lines: int = 0) -> list[str]:
     """The last lines of a fatal agent's log, for the note under the status table ([] if not allowed), printable:
     the agent wrote them, escape sequences and all."""
     import grpc
@@ -166,7 +174,8 @@ def _last_lines(c: Any, name: str) -> list[str]:
     from baton.text import printable_lines
 
     try:
-        chunks = c.stub.TailLog(daemon_pb2.TailRequest(name=name, lines=FATAL_TAIL_LINES), timeout=c.timeout)
+        chunks = c.stub.TailLog(daemon_pb2.TailRequest(name=name, lines=lines or FATAL_TAIL_LINES),
+                                timeout=c.timeout)
         return printable_lines(b"".join(ch.data for ch in chunks).decode(errors="replace"))
     except grpc.RpcError:
         return []
@@ -176,6 +185,8 @@ def cmd_status(ns: argparse.Namespace) -> int:
     from baton.pb import common_pb2, daemon_pb2
     from supervisor.ctl import client, to_json
 
+    if ns.name:
+        return _status_of_one(ns)
     with client(_socket_path(ns, read_only="status"), ns.timeout) as c:
         st = c.call("GetStatus", daemon_pb2.GetStatusRequest())
         fatal = {a.name: _last_lines(c, a.name) for a in st.agents if a.state == common_pb2.AGENT_STATE_FATAL}
@@ -205,6 +216,73 @@ def cmd_status(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _status_of_one(ns: argparse.Namespace) -> int:
+    """``supervisor status NAME``: every field of one agent, one per line, and the end of its log."""
+    from baton.pb import daemon_pb2
+    from baton.text import printable
+    from supervisor.ctl import client, state_name, to_json
+
+    with client(_socket_path(ns, read_only="status"), ns.timeout) as c:
+        st = c.call("GetStatus", daemon_pb2.GetStatusRequest())
+        a = next((x for x in st.agents if x.name == ns.name), None)
+        tail = _last_lines(c, ns.name, STATUS_TAIL_LINES) if a is not None and not ns.json else []
+    if a is None:
+        print(printable(f"supervisor status: no agent named {ns.name!r} (`supervisor status` lists them)"),
+              file=sys.stderr)
+        return 1
+    if ns.json:
+        import json
+
+        print(json.dumps(to_json(a), indent=2))
+        return 0
+    started = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(a.start_time)) if a.pid else "-"
+    uptime = f"{time.time() - a.start_time:.0f}s" if a.pid else "-"
+    if a.has_exit_status:
+        last_exit = f"killed by {a.last_exit_signal}" if a.last_exit_signal else f"status {a.last_exit_status}"
+    else:
+        last_exit = "-"
+    how = "kept across a supervisor update" if a.kept else "adopted after a supervisor restart" if a.adopted else "-"
+    for label, value in (("name", a.name), ("state", state_name(a.state)), ("pid", str(a.pid or "-")),
+                         ("version", a.version or "-"), ("started", started), ("uptime", uptime),
+                         ("restarts", str(a.restarts)), ("last exit", last_exit),
+                         ("last error", a.last_error or "-"), ("taken over", how), ("log", a.log_path or "-")):
+        print(printable(f"{label + ':':<12}{value}"))
+    print(f"last {STATUS_TAIL_LINES} lines of its log:")
+    for line in tail or ["(empty)"]:
+        print(f"  {line}")
+    return 0
+
+
+def cmd_log(ns: argparse.Namespace) -> int:
+    """``supervisor log [-f] [-n N]``: the supervisor's own log file (``<log_dir>/supervisor.log``), root only."""
+    if os.geteuid() != 0:
+        print("supervisor log: the supervisor's log is root's (it names every agent, update and caller): "
+              "run it as root", file=sys.stderr)
+        return 1
+    from baton.rotating_log import follow_file, last_lines_of
+    from baton.text import PrintableStream
+
+    path = _load(ns.config).log_dir / SUPERVISOR_LOG
+    if not path.exists():
+        print(f"supervisor log: {path} does not exist (has the supervisor run with this config?)", file=sys.stderr)
+        return 1
+    stream = PrintableStream() if sys.stdout.isatty() else None
+    out = sys.stdout.buffer
+
+    def emit(data: bytes) -> None:
+        out.write(data if stream is None else stream.feed(data).encode())
+        out.flush()
+
+    emit(last_lines_of(path, ns.lines))
+    if ns.follow:
+        try:
+            for data in follow_file(path):
+                emit(data)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
 def cmd_control(ns: argparse.Namespace) -> int:
     from supervisor.ctl import client, control, emit
 
@@ -223,15 +301,35 @@ def cmd_tail(ns: argparse.Namespace) -> int:
 
     # On a terminal the agent's escape sequences are shown escaped; into a pipe or a file its bytes go as written.
     stream = PrintableStream() if sys.stdout.isatty() else None
+    since = None
+    if ns.since:
+        from baton.log_stamps import SinceFilter, parse_since
+
+        try:
+            since = SinceFilter(parse_since(ns.since))
+        except ValueError as e:
+            print(f"supervisor tail: --since: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    lines = MAX_COUNT if since is not None else ns.lines  # the server reads at most its last MiB
     with client(_socket_path(ns, read_only="tail"), ns.timeout) as c:
-        req = daemon_pb2.TailRequest(name=ns.name, lines=ns.lines, follow=ns.follow, stderr=ns.stderr)
+        req = daemon_pb2.TailRequest(name=ns.name, lines=lines, follow=ns.follow, stderr=ns.stderr)
         out = sys.stdout.buffer
+
+        def emit(data: bytes) -> None:
+            out.write(data if stream is None else stream.feed(data).encode())
+            out.flush()
+
         try:
             for chunk in c.stub.TailLog(req, timeout=None if ns.follow else ns.timeout):
-                out.write(chunk.data if stream is None else stream.feed(chunk.data).encode())
-                out.flush()
+                emit(chunk.data if since is None else since.feed(chunk.data))
         except grpc.RpcError as e:
             raise c.error(e) from None
+    if since is not None:
+        emit(since.finish())
+        if not since.stamped:
+            print(f"supervisor tail: agent {ns.name}'s log has no timestamps to filter by "
+                  "(set log_timestamps = true in its section)", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -438,9 +536,18 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
                 "supervisor check-config /etc/baton/supervisor.toml")
     c.add_argument("file")
     c.set_defaults(fn=cmd_check_config)
-    s = command("status", "show the agents of the local supervisor", "supervisor status --json")
+    s = command("status", "show the agents of the local supervisor, or one in full detail",
+                "supervisor status --json\n  supervisor status web")
+    s.add_argument("name", nargs="?", metavar="NAME", help="one agent: every field and the end of its log")
     client_args(s)
     s.set_defaults(fn=_ctl(cmd_status))
+    lg = command("log", "show the supervisor's own log (root only), and follow it with -f",
+                 "supervisor log -f -n 100")
+    lg.add_argument("--config", "-c", default="/etc/baton/supervisor.toml",
+                    help="config file whose log.dir to read (default: %(default)s)")
+    lg.add_argument("-n", "--lines", type=count_arg, default=20, help="last lines to show (default: %(default)s)")
+    lg.add_argument("-f", "--follow", action="store_true", help="then print what is appended, until Ctrl-C")
+    lg.set_defaults(fn=cmd_log)
     for action, help, example in (
         ("start", "start agents (a fatal agent is reset and started) and wait until they run",
          "supervisor start web worker"),
@@ -464,6 +571,8 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
     t.add_argument("name", metavar="NAME")
     t.add_argument("-n", "--lines", type=count_arg, default=10, help="last lines to print first (default: %(default)s)")
     t.add_argument("-f", "--follow", action="store_true", help="keep printing new output until interrupted")
+    t.add_argument("--since", metavar="WHEN", help="only lines from WHEN on: 30s, 10m, 2h, 1d ago or a UTC time "
+                   "like 2026-12-07T22:00:00 (agents with log_timestamps = true; the current log file)")
     t.add_argument("--stderr", action="store_true", help='the separate stderr log (agents with stderr = "separate")')
     client_args(t, json_flag=False)
     t.set_defaults(fn=_ctl(cmd_tail))

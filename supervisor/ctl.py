@@ -149,7 +149,11 @@ def control(c: Client, action: str, names: list[str], wait_s: float, signal: str
     """Run ``action`` on each agent and wait for its new state; (final infos, all reached what was asked)."""
     out: list[common_pb2.AgentInfo] = []
     ok = True
-    for name in c.names(names):
+    chosen = c.names(names)  # `all`: in the agents' start order (the supervisor lists them so)
+    backwards = action == "stop" and names == ["all"]  # stopped in the reverse of that order
+    if backwards:
+        chosen.reverse()
+    for name in chosen:
         ref = daemon_pb2.AgentRef(name=name)
         if action == "stop":
             info = c.call("StopAgent", ref, timeout=max(wait_s, c.timeout))
@@ -164,4 +168,6 @@ def control(c: Client, action: str, names: list[str], wait_s: float, signal: str
             info = c.wait_settled(name, wait_s, lambda a: True)
             ok &= info.state == common_pb2.AGENT_STATE_RUNNING
         out.append(info)
+    if backwards:
+        out.reverse()  # printed in the order `status` lists them, whatever order they were stopped in
     return out, ok

@@ -9,6 +9,8 @@ import os
 import socket
 from pathlib import Path
 
+from supervisor.cgroups import SUPERVISOR_LEAF
+
 
 def notify(message: str) -> bool:
     """Send one sd_notify datagram; return False when not under systemd."""
@@ -63,7 +65,9 @@ def own_unit(cgroup_file: str = "/proc/self/cgroup") -> str:
     for line in lines:  # "0::/system.slice/baton-supervisor.service", or v1's "1:name=systemd:/..."
         _, controllers, path = line.split(":", 2)
         if controllers in ("", "name=systemd"):
-            last = path.rstrip("/").rsplit("/", 1)[-1]
+            parts = path.rstrip("/").rsplit("/", 2)
+            # The leaf our cgroup v2 limits move us into (supervisor/cgroups.py) is still the unit's.
+            last = parts[-2] if parts[-1] == SUPERVISOR_LEAF and len(parts) > 1 else parts[-1]
             if last.endswith(".service"):
                 return last
     return ""

@@ -106,3 +106,33 @@ def test_a_fatal_agents_escape_sequences_are_printed_escaped_by_supervisor_statu
     assert b"  \\x1b]0;owned\\x07\\x1b[2K\\x1b[1Aworker: all good\\r\\x9b2J\n" in res.stdout
     assert not set(res.stdout) & ((set(range(0x20)) - {0x0a}) | {0x7f}), "no control byte but the newlines"
     assert "\x9b".encode() not in res.stdout, "nor the one-byte CSI (C1)"
+
+
+def test_status_name_shows_every_field_of_one_agent_and_the_end_of_its_log(make_supervisor):
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True, backoff_initial_s=0.2),
+                           agent("other", "ready_agent.py")]).start()
+    first = sup.wait_agent("web", "running")
+    os.kill(first.pid, signal.SIGKILL)
+    a = sup.wait_agent("web", "running", pred=lambda a: a.pid != first.pid)
+    res = status(sup, "web")
+    assert res.returncode == 0, res.stderr
+    fields = dict(line.split(":", 1) for line in res.stdout.splitlines() if line[:1].isalpha() and ":" in line)
+    assert fields["name"].strip() == "web" and fields["state"].strip() == "running"
+    assert fields["pid"].strip() == str(a.pid) and fields["restarts"].strip() == "1"
+    assert fields["last exit"].strip() == "killed by SIGKILL" and fields["log"].strip() == str(sup.log_of("web"))
+    assert "other" not in res.stdout
+    assert f"  ready_agent web pid {a.pid} starting" in res.stdout.splitlines()
+
+
+def test_status_name_json_is_that_agent_alone(make_supervisor):
+    sup = make_supervisor([agent("web", "ready_agent.py"), agent("other", "ready_agent.py")]).start()
+    pid = sup.wait_agent("web", "running").pid
+    a = json.loads(status(sup, "web", "--json").stdout)
+    assert a["name"] == "web" and a["pid"] == pid and a["restarts"] == 0 and a["lastError"] == ""
+
+
+def test_status_of_an_unknown_agent_is_one_line_and_exit_1(make_supervisor):
+    sup = make_supervisor([agent("web", "ready_agent.py")]).start()
+    res = status(sup, "nope")
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr == "supervisor status: no agent named 'nope' (`supervisor status` lists them)\n"

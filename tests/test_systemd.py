@@ -54,6 +54,7 @@ def test_verify_would_catch_a_bad_setting(tmp_path):
 @pytest.mark.parametrize("lines", [
     "0::/system.slice/baton-supervisor.service\n",
     "12:pids:/\n1:name=systemd:/system.slice/baton-supervisor.service\n0::/\n",
+    "0::/system.slice/baton-supervisor.service/baton-supervisor\n",  # moved to its leaf by agents' cgroup limits
 ])
 def test_the_supervisor_finds_its_own_unit_in_its_cgroup(tmp_path, lines):
     from supervisor.systemd import own_unit

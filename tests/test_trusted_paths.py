@@ -113,7 +113,8 @@ def test_the_trusted_list_names_every_file_and_directory_root_trusts(tmp_path):
         "update": {"trusted_keys": [f"{t}/a.pub", f"{t}/b.pub"], "file_url_root": "/pkgs"},
         "agents": [{"name": "rootly", "command": "/bin/true"},
                    {"name": "nobodys", "command": "/bin/false", "user": "nobody"},
-                   {"name": "packaged", "command": "bin/app", "packaged": True}],
+                   {"name": "packaged", "command": "bin/app", "packaged": True},
+                   {"name": "secrets", "command": "/bin/false", "user": "nobody", "env_file": f"{t}/s.env"}],
     }, source=tmp_path / "supervisor.toml", host_checks=False)
     listed = {item.key: str(item.path) for item in trusted_paths(cfg)}
     assert listed == {
@@ -122,6 +123,7 @@ def test_the_trusted_list_names_every_file_and_directory_root_trusts(tmp_path):
         "grpc.tls_cert": f"{t}/c.pem", "grpc.tls_key": f"{t}/k.pem", "grpc.tls_ca": f"{t}/ca.pem",
         "manager.tls_cert": f"{t}/m-c.pem", "manager.tls_key": f"{t}/m-k.pem", "manager.tls_ca": f"{t}/m-ca.pem",
         "agents[0].command": "/bin/true",  # runs as root; nobody's, and the packaged one under install_root, do not
+        "agents[3].env_file": f"{t}/s.env",  # root reads it whoever the agent runs as
         "update.file_url_root": "/pkgs",
         "grpc.unix_socket": "/run/baton",
         "node.state_dir": "/s", "update.download_dir": "/s/downloads", "log.dir": "/s/logs", "node.install_root": "/i",

@@ -1,0 +1,232 @@
+"""Resource limits per agent (issue 25): a cgroup of its own (memory, tasks, CPU) and RLIMIT_NOFILE.
+
+Real supervisors, real agents, the kernel's own limits: each test makes an agent cross a limit, or reads from
+inside the agent what it was given before its command ran.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from baton.config import ConfigError, config_from_dict
+from baton.limits import Limits
+from supervisor.cgroups import AGENTS_DIR, CgroupHost, check_config
+from tests.conftest import AGENTS, PY, ROOT, wait_for
+
+HOST = CgroupHost.detect()  # the supervisors these tests start live in this process's cgroups
+needs = pytest.mark.skipif(not {"memory", "pids", "cpu"} <= set(HOST.hierarchies),
+                           reason="this host gives no memory, pids and cpu controllers")
+
+
+def limited(name: str, *argv: str, **kw: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {"name": name, "command": PY, "args": ["-u", str(AGENTS / "limits_agent.py"), *argv],
+                         "start_retries": 10}
+    d.update(kw)
+    return d
+
+
+def cgroup_dirs(name: str) -> list[Path]:
+    return [h.own_dir / AGENTS_DIR / name for h in HOST.hierarchies.values()]
+
+
+def first_lines(sup: Any, name: str) -> str:
+    """The agent's output once it has printed where it runs."""
+    def read() -> str:
+        path = sup.log_of(name)
+        text = path.read_text() if path.exists() else ""
+        return text if "NOFILE" in text else ""
+
+    return str(wait_for(read, what=f"the first lines of {name}"))
+
+
+@needs
+def test_agent_past_memory_max_is_oom_killed_recorded_and_restarted_while_its_neighbour_runs_on(make_supervisor):
+    sup = make_supervisor([limited("hog", "hog", "200", memory_max="64M", backoff_initial_s=2.0,
+                                   start_seconds=10.0),
+                           limited("calm", "show")]).start()
+    calm = sup.wait_agent("calm", "running").pid
+    a = sup.wait_agent("hog", "backoff", pred=lambda a: "memory limit" in a.last_error)
+    assert a.last_exit_signal == "SIGKILL"
+    assert "killed by the kernel: memory limit (memory_max = 67108864 bytes) reached (oom_kill 1)" in a.last_error
+    assert "ALLOCATED" not in sup.log_of("hog").read_text()
+    wait_for(lambda: "exited with -9 (killed by the kernel: memory limit" in sup.output(), what="the log line")
+    sup.wait_agent("hog", "backoff", timeout=30, pred=lambda a: a.restarts >= 1)  # restarted by policy, killed again
+    assert sup.wait_agent("calm", "running").pid == calm
+
+
+@needs
+def test_agent_past_tasks_max_cannot_fork_and_its_exit_names_the_limit(make_supervisor):
+    sup = make_supervisor([limited("forker", "fork", "10", tasks_max=4, backoff_initial_s=30.0,
+                                   start_seconds=10.0)]).start()
+    a = sup.wait_agent("forker", "backoff", pred=lambda a: "tasks limit" in a.last_error)
+    assert a.last_exit_status == 3
+    assert "tasks limit (tasks_max = 4) reached" in a.last_error
+    assert "FORK REFUSED 3" in sup.log_of("forker").read_text()
+
+
+@needs
+def test_agent_command_runs_in_its_cgroup_with_its_open_files_limit_from_its_first_instruction(make_supervisor):
+    sup = make_supervisor([limited("boxed", "show", memory_max="256M", tasks_max=50, cpu_weight=50,
+                                   cpu_quota="50%", open_files=77)]).start()
+    pid = sup.wait_agent("boxed", "running").pid
+    text = first_lines(sup, "boxed")
+    paths = {c: path for line in text.split("NOFILE")[0].split()[1:]
+             for _, ctrls, path in [line.split(":", 2)] for c in ctrls.split(",")}
+    for c in ("memory", "pids", "cpu"):
+        assert paths[c].endswith(f"/{AGENTS_DIR}/boxed"), paths
+    assert "NOFILE 77" in text
+    dirs = {c: h.own_dir / AGENTS_DIR / "boxed" for c, h in HOST.hierarchies.items()}
+    assert str(pid) in (dirs["memory"] / "cgroup.procs").read_text().split()
+    assert (dirs["memory"] / "memory.limit_in_bytes").read_text().strip() == str(256 << 20)
+    assert (dirs["pids"] / "pids.max").read_text().strip() == "50"
+    assert (dirs["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "50000"
+    assert (dirs["cpu"] / "cpu.shares").read_text().strip() == "512"
+
+
+@needs
+def test_agent_adopted_by_the_next_supervisor_keeps_its_cgroup_and_its_oom_kill_is_recorded(make_supervisor):
+    sup = make_supervisor([limited("later", "hog-on-usr1", "200", memory_max="64M", start_seconds=0.2,
+                                   backoff_initial_s=30.0)]).start()
+    pid = sup.wait_agent("later", "running").pid
+    wait_for(lambda: "WAITING" in sup.log_of("later").read_text(), what="the agent to wait for its signal")
+    sup.kill()
+    sup.start()
+    a = sup.wait_agent("later", "running")
+    assert a.pid == pid and a.adopted
+    memory = HOST.hierarchies["memory"].own_dir / AGENTS_DIR / "later"
+    assert str(pid) in (memory / "cgroup.procs").read_text().split()
+    assert (memory / "memory.limit_in_bytes").read_text().strip() == str(64 << 20)
+    os.kill(pid, signal.SIGUSR1)
+    wait_for(lambda: f"agent later pid {pid} exited with unknown status (killed by the kernel: memory limit "
+             f"(memory_max = {64 << 20} bytes) reached (oom_kill 1))" in sup.output(), what="the OOM kill's log line")
+    a = sup.wait_agent("later", "running", pred=lambda a: a.pid not in (0, pid))  # restarted at once: it had run
+    assert a.last_error == (f"restarted after: exited (status unknown: adopted process): killed by the kernel: "
+                            f"memory limit (memory_max = {64 << 20} bytes) reached (oom_kill 1)")
+    again = a.pid
+    assert str(again) in (memory / "cgroup.procs").read_text().split()
+
+
+@needs
+def test_memory_limit_changed_while_the_supervisor_was_down_is_what_the_next_start_applies(make_supervisor):
+    memory = HOST.hierarchies["memory"].own_dir / AGENTS_DIR / "grow"
+    sup = make_supervisor([limited("grow", "show", memory_max="64M")]).start()
+    sup.wait_agent("grow", "running")
+    for change, want in (({"memory_max": "256M"}, str(256 << 20)), ({"tasks_max": 30}, None)):
+        assert sup.terminate() == 0  # the agent stops; its cgroup stays, with its limit
+        sup.cfg["agents"] = [limited("grow", "show", **change)]
+        pid = sup.start().wait_agent("grow", "running").pid
+        limit = int((memory / "memory.limit_in_bytes").read_text())
+        assert limit == int(want) if want else limit > 1 << 60, limit  # lifted: the kernel's "no limit"
+        if not want:
+            assert (HOST.hierarchies["pids"].own_dir / AGENTS_DIR / "grow" / "pids.max").read_text().strip() == "30"
+        assert str(pid) in (memory / "cgroup.procs").read_text().split()
+
+
+@needs
+def test_agent_removed_from_the_config_takes_its_cgroup_with_it(make_supervisor):
+    sup = make_supervisor([limited("gone", "show", tasks_max=20), limited("stays", "show")]).start()
+    sup.wait_agent("gone", "running")
+    assert all(d.is_dir() for d in cgroup_dirs("gone") if d.parent.name == AGENTS_DIR and "pids" in str(d))
+    sup.cfg["agents"] = [limited("stays", "show")]
+    sup.write_config()
+    res = subprocess.run([PY, "-m", "supervisor", "reload", "--socket", str(sup.socket)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert not any(d.exists() for d in cgroup_dirs("gone"))
+
+
+def no_cgroups_launcher(tmp_path: Path) -> Path:
+    """Runs ``supervisor`` in a mount namespace where /sys/fs/cgroup is an empty tmpfs: a host without cgroups."""
+    launcher = tmp_path / "no-cgroups-supervisor"
+    launcher.write_text("#!/bin/sh\nexec unshare --mount --propagation private sh -c "
+                        "'mount -t tmpfs none /sys/fs/cgroup && exec \"$0\" -m supervisor \"$@\"' "
+                        f"{PY} \"$@\"\n")
+    launcher.chmod(0o755)
+    return launcher
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1)")
+def test_limit_without_its_controller_keeps_that_agent_stopped_naming_the_key_and_the_others_run(make_supervisor,
+                                                                                               tmp_path):
+    sup = make_supervisor([limited("capped", "show", memory_max="64M", start_retries=0),
+                           limited("free", "show", open_files=99)])
+    sup.start(launcher=no_cgroups_launcher(tmp_path))
+    assert "NOFILE 99" in first_lines(sup, "free")  # needs no cgroup
+    a = sup.wait_agent("capped", "fatal")
+    assert a.pid == 0 and "cannot start: agents[0].memory_max: needs the cgroup 'memory' controller" in a.last_error
+    assert not sup.log_of("capped").exists() or "CGROUP" not in sup.log_of("capped").read_text()
+    assert sup.wait_agent("free", "running").pid
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1)")
+def test_check_config_on_a_host_without_the_controller_refuses_the_limit_in_one_line(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[node]\nid = "n1"\nstate_dir = "{tmp_path}/state"\ninstall_root = "{tmp_path}/install"\n'
+                    f'[grpc]\nunix_socket = "{tmp_path}/s.sock"\n[[agents]]\nname = "a"\ncommand = "/bin/true"\n'
+                    'open_files = 10\n[[agents]]\nname = "b"\ncommand = "/bin/true"\ntasks_max = 5\n')
+    res = subprocess.run([str(no_cgroups_launcher(tmp_path)), "check-config", str(path)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("supervisor: config error: agents[1].tasks_max: needs the cgroup "
+                                                   "'pids' controller"), res.stderr
+
+
+@pytest.mark.parametrize(("line", "key", "problem"), [
+    ('memory_max = "lots"', "agents[0].memory_max", "must be a size"),
+    ('memory_max = "10K"', "agents[0].memory_max", "at least 1M"),
+    ('cpu_quota = "half"', "agents[0].cpu_quota", "percentage of one CPU"),
+    ("cpu_weight = 20000", "agents[0].cpu_weight", "1 to 10000"),
+    ("tasks_max = -1", "agents[0].tasks_max", "0 (no limit) or more"),
+    ("open_files = -5", "agents[0].open_files", "0 (the supervisor's limit) or more"),
+])
+def test_bad_limit_value_is_refused_at_check_config_in_one_line_naming_the_key(tmp_path, line, key, problem):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[node]\nid = "n1"\nstate_dir = "{tmp_path}/state"\ninstall_root = "{tmp_path}/install"\n'
+                    f'[grpc]\nunix_socket = "{tmp_path}/s.sock"\n[[agents]]\nname = "a"\ncommand = "/bin/true"\n'
+                    f"{line}\n")
+    res = subprocess.run([PY, "-m", "supervisor", "check-config", str(path)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and key in lines[0] and problem in lines[0], res.stderr
+
+
+def fake_v2_host(tmp_path: Path, controllers: str) -> CgroupHost:
+    """A cgroup v2 tree as a host without v1 controllers has it, our cgroup offering ``controllers``."""
+    own = tmp_path / "fs" / "system.slice" / "baton.service"
+    own.mkdir(parents=True)
+    (tmp_path / "fs" / "cgroup.controllers").write_text("memory pids cpu\n")
+    (own / "cgroup.controllers").write_text(controllers + "\n")
+    proc = tmp_path / "proc-cgroup"
+    proc.write_text("0::/system.slice/baton.service\n")
+    return CgroupHost.detect(tmp_path / "fs", proc)
+
+
+def test_limit_without_its_controller_is_refused_at_check_config_naming_the_key(tmp_path):
+    host = fake_v2_host(tmp_path, "cpu")
+    raw = {"node": {"id": "n"}, "grpc": {"unix_socket": str(tmp_path / "s.sock")},
+           "agents": [{"name": "a", "command": "/bin/true", "cpu_weight": 10},
+                      {"name": "b", "command": "/bin/true", "memory_max": "64M"}]}
+    with pytest.raises(ConfigError) as e:
+        check_config(config_from_dict(raw, host_checks=False), host)
+    assert e.value.key == "agents[1].memory_max" and "'memory' controller" in e.value.problem
+
+
+def test_cgroup_v2_is_preferred_and_found_again_from_the_supervisor_leaf(tmp_path):
+    host = fake_v2_host(tmp_path, "memory pids cpu")
+    assert all(h.v2 for h in host.hierarchies.values())
+    own = tmp_path / "fs" / "system.slice" / "baton.service"
+    proc = tmp_path / "proc-cgroup"
+    (own / "baton-supervisor").mkdir()
+    proc.write_text("0::/system.slice/baton.service/baton-supervisor\n")
+    again = CgroupHost.detect(tmp_path / "fs", proc)
+    assert again.group("x").dirs["memory"] == own / AGENTS_DIR / "x"
+    assert again.missing(Limits(memory_max_bytes=1 << 30, tasks_max=5)) == ()

@@ -1,0 +1,88 @@
+"""`supervisor log [-f] [-n N]` (issue 25): the supervisor's own log, as supervisorctl's `maintail`, root only."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import PY, ROOT, agent
+
+SITE = next(p for p in sys.path if p.endswith("site-packages"))  # the venv's, readable by nobody (not its python)
+
+
+def log_cmd(sup, *extra: str, **kw) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "-m", "supervisor", "log", "--config", str(sup.config_path), *extra],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60, **kw)
+
+
+def test_log_shows_the_last_lines_of_the_running_supervisors_log(make_supervisor):
+    sup = make_supervisor([agent("web", "ready_agent.py")]).start()
+    sup.wait_agent("web", "running")
+    res = log_cmd(sup, "-n", "3")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert len(lines) == 3
+    whole = (sup.state_dir / "logs" / "supervisor.log").read_text().splitlines()
+    assert lines == whole[-3:]
+
+
+def test_log_follow_prints_what_the_supervisor_logs_after_it_started(make_supervisor):
+    sup = make_supervisor([agent("web", "ready_agent.py")]).start()
+    pid = sup.wait_agent("web", "running").pid
+    follower = subprocess.Popen([PY, "-m", "supervisor", "log", "-f", "-n", "0", "--config", str(sup.config_path)],
+                                stdout=subprocess.PIPE, cwd=ROOT)
+    try:
+        time.sleep(1.0)  # it has opened the file and read to its end
+        os.kill(pid, signal.SIGKILL)
+        seen = b""
+        deadline = time.monotonic() + 20
+        assert follower.stdout is not None
+        while f"agent web pid {pid} exited".encode() not in seen and time.monotonic() < deadline:
+            if select.select([follower.stdout], [], [], 0.5)[0]:
+                seen += os.read(follower.stdout.fileno(), 65536)
+        assert f"agent web pid {pid} exited with -9".encode() in seen, seen
+        assert b"agent web stopped -> starting" not in seen  # -n 0: nothing from before it started
+    finally:
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(10) == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the caller is another user: needs root")
+def test_log_as_another_user_is_refused_in_one_line_and_shows_nothing(make_supervisor):
+    sup = make_supervisor([agent("web", "ready_agent.py")]).start()
+    sup.wait_agent("web", "running")
+    res = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3",
+                          "-m", "supervisor", "log", "--config", str(sup.config_path)], capture_output=True,
+                         text=True, cwd="/", timeout=60, env={"PYTHONPATH": f"{ROOT}:{SITE}"})
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr == ("supervisor log: the supervisor's log is root's (it names every agent, update and caller): "
+                          "run it as root\n")
+
+
+def test_log_follow_goes_on_into_the_new_file_after_a_rotation(make_supervisor):
+    sup = make_supervisor([]).start()
+    path = sup.state_dir / "logs" / "supervisor.log"
+    follower = subprocess.Popen([PY, "-m", "supervisor", "log", "-f", "-n", "0", "--config", str(sup.config_path)],
+                                stdout=subprocess.PIPE, cwd=ROOT)
+    try:
+        time.sleep(1.0)
+        with open(path, "ab") as f:
+            f.write(b"last line of the old file\n")
+        os.replace(path, path.with_name("supervisor.log.1"))  # what the rotation does, then a new file
+        path.write_bytes(b"first line of the new file\n")
+        seen = b""
+        deadline = time.monotonic() + 20
+        assert follower.stdout is not None
+        while b"first line of the new file" not in seen and time.monotonic() < deadline:
+            if select.select([follower.stdout], [], [], 0.5)[0]:
+                seen += os.read(follower.stdout.fileno(), 65536)
+        assert seen.index(b"last line of the old file") < seen.index(b"first line of the new file"), seen
+    finally:
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(10) == 0
