@@ -430,6 +430,16 @@ def _without_broken_agents(raw: Mapping[str, Any], agents_raw: list[Any], source
                 raise ConfigError(key, e.problem) from None
             broken.append(BrokenAgent(name, key, e.problem))
             del kept[j]
+            kept = [(i, _not_after(a, name)) for i, a in kept]
+
+
+def _not_after(section: Any, name: str) -> Any:
+    """``section`` without ``name`` in its ``after``: an agent set apart never starts, so it orders nothing (the
+    section that named it starts as if it had not, rather than being set apart for naming it)."""
+    after = section.get("after") if isinstance(section, Mapping) else None
+    if not isinstance(after, list) or name not in after:
+        return section
+    return {**section, "after": [n for n in after if n != name]}
 
 
 def _build_config(raw: Mapping[str, Any], agents_raw: list[Any], source: Path | None) -> Config:

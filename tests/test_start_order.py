@@ -85,3 +85,17 @@ def test_unknown_name_or_cycle_in_after_is_refused_at_check_config_naming_the_ke
     assert res.returncode == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and key in lines[0] and problem in lines[0], res.stderr
+
+
+def test_an_agent_after_one_set_apart_for_its_config_still_starts_in_a_degraded_config(tmp_path: Path) -> None:
+    """Ordering only: an agent never run (config_error) orders nothing, so the one after it is not set apart too."""
+    from baton.config import config_from_dict
+
+    cfg = config_from_dict({"node": {"id": "n1", "state_dir": str(tmp_path / "state"),
+                                     "install_root": str(tmp_path / "install")},
+                            "grpc": {"unix_socket": str(tmp_path / "s.sock")},
+                            "agents": [{"name": "db", "command": str(tmp_path / "no-such-binary")},
+                                       {"name": "web", "command": "/bin/true", "after": ["db"]}]},
+                           degrade=True)
+    assert [(b.name, b.key) for b in cfg.broken_agents] == [("db", "agents[0].command")]
+    assert [(a.name, a.after) for a in cfg.agents] == [("web", ())]
