@@ -342,6 +342,9 @@ def test_one_command_installs_a_release_enables_and_starts_it_under_systemd_self
     assert f"{UNIT.name} is enabled and active: supervisor 1.0.0, MainPID {main_pid}, agents: " in res.stdout
     for a in ("web", "worker", "chatty"):
         sup.wait_agent(a, "running", timeout=30)
+    doctor = systemd.inside("env", "-i", root / "bin" / "supervisor", "doctor", "--config", sup.config_path)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr  # a healthy release install under systemd: all ok
+    assert f"systemd-unit  {unit} matches " in doctor.stdout
     host = SelfUpdateHost(sup, release)
     before = agent_pids(host)
     uid = host.push(release.sign(releases.v110, "supervisor", "1.1.0"))
