@@ -37,6 +37,9 @@ START_LOG_NAME = "supervisor-start.log"
 SERVICE_UNIT = "baton-supervisor.service"
 UNIT_IN_CHECKOUT = Path("packaging") / "systemd" / SERVICE_UNIT
 UNIT_IN_VERSION = Path("share") / "systemd" / SERVICE_UNIT
+# The operator's guides (docs/*.md) as every release carries them, so that an error can name a file on the host.
+DOCS_IN_CHECKOUT = Path("docs")
+DOCS_IN_VERSION = Path("share") / "doc" / "baton"
 
 
 def reserved_name_problem(path: str) -> str | None:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
+from baton.docs import guide
 from baton.errors import MAX_QUOTED_CHARS, clip
 
 OUTPUT_LINES = 5  # of a failed version's output quoted in the error a person reads
@@ -143,8 +144,7 @@ NEXT_STEP: dict[FailureReason, str] = {
                              "and that its command, arguments and working directory are right",
     R.HANDSHAKE_TIMEOUT: "check the new supervisor's log: it did not complete the handover in time",
     R.HANDSHAKE_REFUSED: "check the new supervisor's log: it refused or broke the handover",
-    R.ROLLBACK_FAILED: "recover by hand: `helper --rollback` (docs/troubleshooting.md), check the backup and the "
-                       "old version's log",
+    R.ROLLBACK_FAILED: "recover by hand: `helper --rollback COMPONENT`, check the backup and the old version's log",
     R.CANCELLED: "push again when ready",
     R.HELPER_CRASHED: "read the helper's log for the crash; the update was given up after repeated attempts",
     R.INCOMPATIBLE_RELEASE: "push a version this node accepts (allow_downgrade/force when meant)",
@@ -251,7 +251,7 @@ def next_step(reason: FailureReason, known: Mapping[str, str] | None = None) -> 
 def message(reason: FailureReason, detail: str, known: Mapping[str, str] | None = None) -> str:
     """What a person reads: what happened, then what to do (``detail``; next step: ...)."""
     step = next_step(reason, known)
-    return f"{detail}; next step: {step} (docs/troubleshooting.md#{reason.anchor})" if step else detail
+    return f"{detail}; next step: {step} ({guide('troubleshooting.md', reason.anchor)})" if step else detail
 
 
 def quote_output(log: str, lines: int = OUTPUT_LINES) -> str:

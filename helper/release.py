@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from baton import durable
 from baton.errors import BatonError
-from baton.layout import START_LOG_ENV, UNIT_IN_CHECKOUT, UNIT_IN_VERSION
+from baton.layout import DOCS_IN_CHECKOUT, DOCS_IN_VERSION, START_LOG_ENV, UNIT_IN_CHECKOUT, UNIT_IN_VERSION
 from baton.versions import InvalidVersion, parse_version, validate_version
 
 if TYPE_CHECKING:
@@ -331,6 +331,9 @@ def write_release_tree(root: Path, version: str, *, lock: Path, python: str, sou
     for dest, src in SHARE_FILES.items():
         (root / "share" / dest).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source / src, root / "share" / dest)
+    (root / DOCS_IN_VERSION).mkdir(parents=True)
+    for doc in sorted((source / DOCS_IN_CHECKOUT).glob("*.md")):  # the guides an error names (baton/docs.py)
+        shutil.copyfile(doc, root / DOCS_IN_VERSION / doc.name)
     (root / "VERSION").write_text(version + "\n")
     from baton.digest import digest_stream
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from baton.config import SUPERVISOR_COMPONENT, Config, ConfigError, load_config, where_it_runs
+from baton.docs import guide
 from baton.layout import SERVICE_UNIT, UNIT_IN_CHECKOUT, UNIT_IN_VERSION
 
 OK = "ok"
@@ -220,7 +221,7 @@ def check_layout(ctx: Context) -> list[Finding]:
             else:
                 out.append(Finding("layout", WARNING, f"{comp}: nothing installed under {lay.versions_dir}",
                                    f"push a first version of {comp}, or install one by hand "
-                                   "(docs/troubleshooting.md#doctor-layout)"))
+                                   f"({guide('troubleshooting.md', 'doctor-layout')})"))
             continue
         cur = lay.current_version()
         installed = lay.installed_versions()
@@ -353,7 +354,7 @@ def check_manager(ctx: Context) -> list[Finding]:
         if m.tls_ca is None:
             return [Finding("manager", WARNING, f"{m.address} reachable, without TLS: the node cannot tell the "
                                                 "real Manager from an impostor",
-                            "set manager.tls_ca (and tls_cert, tls_key, server_name): docs/manager.md")]
+                            f"set manager.tls_ca (and tls_cert, tls_key, server_name): {guide('manager.md')}")]
         name = m.server_name or host
         import ssl  # here: `supervisor run` imports this module for its parser, and loads no ssl (__main__.py)
 
@@ -614,7 +615,7 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
         for f in findings:
             print(f.line())
         summary = {0: "all ok", 1: "warnings", 2: "problems"}[status]
-        print(f"{summary}; each check is explained in docs/troubleshooting.md")
+        print(f"{summary}; each check is explained in {guide('troubleshooting.md', 'doctor-checks')}")
     return status
 
 

@@ -24,6 +24,7 @@ import pytest
 
 from baton.pb import common_pb2
 from tests.conftest import (
+    ROOT,
     SELF_AGENTS,
     Package,
     Release,
@@ -216,6 +217,17 @@ def test_uninstall_removes_what_install_self_added_and_keeps_state_and_logs(host
     assert not os.path.lexists(linked) and not os.path.lexists(host.base / "bin" / "helper")
     assert not (host.base / "install" / "supervisor").exists()
     assert host.state_dir.is_dir() and f"kept {host.state_dir}" in r.stdout
+
+
+def test_an_installed_release_carries_the_guides_and_its_errors_name_them_on_the_host(host: SupervisorProc,
+                                                                                      releases: Releases) -> None:
+    assert _install(host, releases.v100).returncode == 0
+    docs = host.base / "install" / "supervisor" / "current" / "share" / "doc" / "baton"
+    assert {p.name for p in docs.glob("*.md")} == {p.name for p in (ROOT / "docs").glob("*.md")}
+    r = envi(_launcher(host), "doctor", "--config", host.config_path)
+    version_dir = host.base / "install" / "supervisor" / "versions" / "1.0.0"
+    guide = version_dir / "share" / "doc" / "baton" / "troubleshooting.md"
+    assert r.stdout.splitlines()[-1].endswith(f"each check is explained in {guide}#doctor-checks")
 
 
 def test_install_self_refuses_to_overwrite_an_installed_version(host: SupervisorProc, releases: Releases) -> None:
