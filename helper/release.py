@@ -3,9 +3,10 @@
 A release is one directory, ``baton-<version>/``, that becomes
 ``<install_root>/supervisor/versions/<version>/`` unchanged::
 
-    bin/supervisor, bin/helper, bin/baton-package   launchers: ``#!<python3> -IS``
+    bin/supervisor, bin/helper, bin/baton-package,  launchers: ``#!<python3> -IS``
+    bin/baton-manager
     lib/                                            Baton's packages and every dependency (pip --target)
-    share/                                          the systemd unit template and the example config
+    share/                                          the systemd unit, the example config, the guides (doc/baton/)
     RELEASE.json                                    the release manifest (version, Python ABI, platform, deps)
     VERSION
 
@@ -45,11 +46,12 @@ if TYPE_CHECKING:
 
 MANIFEST_NAME = "RELEASE.json"
 MANIFEST_FORMAT = 1
-PACKAGES = ("baton", "supervisor", "helper")
+PACKAGES = ("baton", "supervisor", "helper", "manager")  # the reference Manager too: one artifact for a fleet
 ENTRY_POINTS = {
     "supervisor": "supervisor.entry",
     "helper": "helper.cli",
     "baton-package": "helper.package_tool",
+    "baton-manager": "manager.cli",
 }
 DEFAULT_PYTHON = "/usr/bin/python3"
 SHARE_SOURCE = "packaging"  # where SHARE_FILES come from in a checkout

@@ -27,6 +27,7 @@ from tests.conftest import (
     ROOT,
     SELF_AGENTS,
     Package,
+    ProcessReaper,
     Release,
     SupervisorProc,
     free_port,
@@ -228,6 +229,33 @@ def test_an_installed_release_carries_the_guides_and_its_errors_name_them_on_the
     version_dir = host.base / "install" / "supervisor" / "versions" / "1.0.0"
     guide = version_dir / "share" / "doc" / "baton" / "troubleshooting.md"
     assert r.stdout.splitlines()[-1].endswith(f"each check is explained in {guide}#doctor-checks")
+
+
+def test_the_managers_postgresql_store_web_page_and_metrics_work_from_an_installed_release(
+        host: SupervisorProc, releases: Releases, pg_url: str, reaper: ProcessReaper) -> None:
+    """The release is the fleet's one artifact: its bin/baton-manager runs with what the release bundles (psycopg
+    for a PostgreSQL store, prometheus-client), nothing from the test's interpreter."""
+    from tests.manager_fixtures import port_open
+
+    assert _install(host, releases.v100).returncode == 0
+    manager = host.base / "install" / "supervisor" / "current" / "bin" / "baton-manager"
+    grpc_port, web, metrics = free_port(), free_port(), free_port()
+    proc = subprocess.Popen(["env", "-i", manager, "serve", "--db", pg_url, "--listen", f"127.0.0.1:{grpc_port}",
+                             "--insecure-loopback", "--web", f"127.0.0.1:{web}", "--metrics", f"127.0.0.1:{metrics}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/")
+    reaper.track(proc.pid)
+    try:
+        wait_for(lambda: (port_open(web) and port_open(metrics)) or proc.poll() is not None, 30, what="the Manager")
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        with urllib.request.urlopen(f"http://127.0.0.1:{web}/", timeout=10) as r:
+            assert r.status == 200 and "<html" in r.read().decode().lower()
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as r:
+            assert "baton_manager_nodes" in r.read().decode()
+        nodes = envi(manager, "nodes", "--db", pg_url)
+        assert nodes.returncode == 0, nodes.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_install_self_refuses_to_overwrite_an_installed_version(host: SupervisorProc, releases: Releases) -> None:
