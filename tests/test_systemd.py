@@ -6,13 +6,14 @@ import os
 import re
 import shutil
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 
 from baton.pb import common_pb2
-from tests.conftest import PY, ROOT, SELF_AGENTS, SelfUpdateHost, SupervisorProc, wait_for
+from tests.conftest import PY, ROOT, SELF_AGENTS, SelfUpdateHost, SupervisorProc, free_port, wait_for
 from tests.systemd_harness import SystemdManager, unavailable_reason
 
 UNIT = ROOT / "packaging" / "systemd" / "baton-supervisor.service"
@@ -323,9 +324,11 @@ def test_one_command_installs_a_release_enables_and_starts_it_under_systemd_self
     """
     from tests.release_fixtures import unpack
 
+    metrics = free_port()  # the documented [metrics] works from an installed release (prometheus-client bundled)
     sup = make_supervisor(list(SELF_AGENTS), name="rel",
                           extra={"update": {"trusted_keys": [str(release.public_key)], "handshake_timeout_s": 30.0,
-                                            "free_space_reserve_bytes": 0}})
+                                            "free_space_reserve_bytes": 0},
+                                 "metrics": {"listen": f"127.0.0.1:{metrics}"}})
     sup.write_config()
     root = unpack(releases.v100, sup.base / "unpacked")
     unit = ETC_UNITS / UNIT.name
@@ -345,6 +348,8 @@ def test_one_command_installs_a_release_enables_and_starts_it_under_systemd_self
     doctor = systemd.inside("env", "-i", root / "bin" / "supervisor", "doctor", "--config", sup.config_path)
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr  # a healthy release install under systemd: all ok
     assert f"systemd-unit  {unit} matches " in doctor.stdout
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as r:
+        assert 'baton_supervisor_info{node="node-1",version="1.0.0"} 1.0' in r.read().decode()
     host = SelfUpdateHost(sup, release)
     before = agent_pids(host)
     uid = host.push(release.sign(releases.v110, "supervisor", "1.1.0"))
