@@ -419,7 +419,8 @@ def cmd_nodes(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps([{"id": n.id, "version": n.version, "hostname": n.hostname, "address": n.address,
                            "identity": n.identity, "registered_at": n.registered_at, "last_seen": n.last_seen,
-                           "agents": list(n.agents), "labels": dict(n.labels)} for n in nodes], indent=2))
+                           "agents": list(n.agents), "labels": dict(n.labels), "updates_refused": n.updates_refused}
+                          for n in nodes], indent=2))
         return EXIT_OK
     rows = [("NODE", "ADDRESS", "SUPERVISOR", "HOSTNAME", "LAST SEEN", "AGENTS", "IDENTITY")]
     for n in nodes:
@@ -428,6 +429,9 @@ def cmd_nodes(ns: argparse.Namespace) -> int:
         rows.append((n.id, n.address or "-", n.version, n.hostname, fmt_ago(n.last_seen), agents or "-",
                      n.identity or "-"))
     print(table(rows))
+    for n in nodes:  # loud: such a node takes no update until someone fixes it
+        if n.updates_refused:
+            print(printable(f"{n.id} refuses every update: {n.updates_refused}"))
     return EXIT_OK
 
 

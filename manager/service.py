@@ -121,7 +121,8 @@ class ManagerService(manager_pb2_grpc.ManagerServiceServicer):
         self.store.register_node(Node(id=request.node_id, version=request.supervisor_version,
                                       hostname=request.hostname, address=address, identity=identity,
                                       agents=tuple(agents_json(request.agents)),
-                                      labels=tuple(sorted(request.labels.items()))))
+                                      labels=tuple(sorted(request.labels.items())),
+                                      updates_refused=request.updates_refused))
         logger.info("node {} registered (supervisor {}, {}{})", request.node_id, request.supervisor_version,
                     address or "no address", f", {identity}" if identity else "")
         return manager_pb2.RegisterResponse(heartbeat_interval_seconds=self.heartbeat_interval_s,
@@ -130,8 +131,8 @@ class ManagerService(manager_pb2_grpc.ManagerServiceServicer):
     def Heartbeat(self, request: manager_pb2.HeartbeatRequest, context: grpc.ServicerContext
                   ) -> manager_pb2.HeartbeatResponse:
         self._identity(request.node_id, context, CallKind.REPORT)
-        return manager_pb2.HeartbeatResponse(known=self.store.touch_node(request.node_id, request.supervisor_version),
-                                             manager_time=time.time())
+        known = self.store.touch_node(request.node_id, request.supervisor_version, request.updates_refused)
+        return manager_pb2.HeartbeatResponse(known=known, manager_time=time.time())
 
     def SyncAgentStates(self, request: manager_pb2.SyncAgentStatesRequest, context: grpc.ServicerContext
                         ) -> manager_pb2.SyncAgentStatesResponse:

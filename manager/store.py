@@ -133,6 +133,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "ALTER TABLE updates ADD COLUMN reason TEXT NOT NULL DEFAULT ''",
     ),
+    # 6: why a node refuses every update now (its broken trust material), as its last register or heartbeat said.
+    (
+        "ALTER TABLE nodes ADD COLUMN updates_refused TEXT NOT NULL DEFAULT ''",
+    ),
 )
 ACTIVE_ROLLOUT_STATES = ("running", "paused")  # a serve replica carries these out
 ROLLOUT_CONTROLS = ("", "pause", "cancel")  # what `rollout pause|resume|cancel` leaves for the owner
@@ -151,6 +155,7 @@ class Node:
     last_seen: float = 0.0
     agents: tuple[dict[str, Any], ...] = ()
     labels: tuple[tuple[str, str], ...] = ()  # sorted (key, value) pairs from its [node] labels
+    updates_refused: str = ""  # why it refuses every update now (broken trust material), "" if it does not
 
     def matches(self, selector: dict[str, str]) -> bool:
         """Whether every ``key=value`` of the selector is among its labels."""
@@ -260,7 +265,7 @@ class Store(Protocol):
     """The storage interface the service and the commands use: :class:`SqliteStore` or :class:`PostgresStore`."""
 
     def register_node(self, node: Node) -> None: ...
-    def touch_node(self, node_id: str, version: str = "") -> bool: ...
+    def touch_node(self, node_id: str, version: str = "", updates_refused: str = "") -> bool: ...
     def set_agents(self, node_id: str, agents: list[dict[str, Any]]) -> bool: ...
     def node(self, node_id: str) -> Node | None: ...
     def nodes(self) -> list[Node]: ...
@@ -348,21 +353,22 @@ class _SqlStore:
             self._exec(
                 c,
                 """INSERT INTO nodes (id, version, hostname, address, identity, registered_at, last_seen, agents,
-                                      labels)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                      labels, updates_refused)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (id) DO UPDATE SET version = excluded.version, hostname = excluded.hostname,
                      address = excluded.address, identity = excluded.identity,
                      registered_at = excluded.registered_at, last_seen = excluded.last_seen,
-                     agents = excluded.agents, labels = excluded.labels""",
+                     agents = excluded.agents, labels = excluded.labels,
+                     updates_refused = excluded.updates_refused""",
                 (node.id, node.version, node.hostname, node.address, node.identity, now, now,
-                 json.dumps(list(node.agents)), json.dumps(dict(node.labels), sort_keys=True)),
+                 json.dumps(list(node.agents)), json.dumps(dict(node.labels), sort_keys=True), node.updates_refused),
             )
 
-    def touch_node(self, node_id: str, version: str = "") -> bool:
+    def touch_node(self, node_id: str, version: str = "", updates_refused: str = "") -> bool:
         """A heartbeat: False when the node is unknown (it should register again)."""
         with self._tx() as c:
-            cur = self._exec(c, "UPDATE nodes SET last_seen = ?, version = COALESCE(NULLIF(?, ''), version) "
-                                "WHERE id = ?", (time.time(), version, node_id))
+            cur = self._exec(c, "UPDATE nodes SET last_seen = ?, version = COALESCE(NULLIF(?, ''), version), "
+                                "updates_refused = ? WHERE id = ?", (time.time(), version, updates_refused, node_id))
             return bool(cur.rowcount > 0)
 
     def set_agents(self, node_id: str, agents: list[dict[str, Any]]) -> bool:
@@ -873,7 +879,8 @@ def open_store(url: str, password: str = "") -> SqliteStore | PostgresStore:
 def _node(r: Any) -> Node:
     return Node(id=r["id"], version=r["version"], hostname=r["hostname"], address=r["address"],
                 identity=r["identity"], registered_at=r["registered_at"], last_seen=r["last_seen"],
-                agents=tuple(json.loads(r["agents"])), labels=tuple(sorted(json.loads(r["labels"]).items())))
+                agents=tuple(json.loads(r["agents"])), labels=tuple(sorted(json.loads(r["labels"]).items())),
+                updates_refused=r["updates_refused"])
 
 
 def _update(r: Any) -> UpdateRow:

@@ -152,7 +152,8 @@ class Supervisor:
 
         manager = ManagerClient(self.cfg.manager, self.cfg.node.id, self.version, self.started_at,
                                 lambda: [agent_info(s) for s in self.pm.snapshots()],
-                                grpc_address=self.cfg.grpc.push_address, labels=self.cfg.node.labels)
+                                grpc_address=self.cfg.grpc.push_address, labels=self.cfg.node.labels,
+                                updates_refused=self.updates.refused_because)
         return manager, ResultOutbox(self.updates, manager, self.cfg.node.id)
 
     @property

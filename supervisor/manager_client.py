@@ -56,12 +56,14 @@ class ManagerClient:
         agents: Callable[[], list[common_pb2.AgentInfo]],
         grpc_address: str = "",
         labels: Mapping[str, str] | None = None,
+        updates_refused: Callable[[], str] = lambda: "",
     ) -> None:
         self.cfg = cfg
         self.node_id = node_id
         self.version = version
         self.started_at = started_at
         self._agents = agents
+        self._updates_refused = updates_refused  # broken trust material, reported by every register and heartbeat
         self._grpc_address = grpc_address
         self.labels = dict(labels or {})
         self.connected = False
@@ -171,6 +173,7 @@ class ManagerClient:
                 grpc_address=self._grpc_address,
                 agents=self._agents(),
                 labels=dict(self.labels),
+                updates_refused=self._updates_refused(),
             ),
             timeout=self.cfg.rpc_timeout_s,
         )
@@ -218,6 +221,7 @@ class ManagerClient:
                         seq=self._seq,
                         uptime_seconds=time.time() - self.started_at,
                         supervisor_version=self.version,
+                        updates_refused=self._updates_refused(),
                     ),
                     timeout=self.cfg.rpc_timeout_s,
                 )

@@ -32,6 +32,7 @@ from tests.conftest import (
     install_version,
     wait_for,
 )
+from tests.manager_fixtures import make_manager_fixture  # noqa: F401  (the make_manager fixture)
 from tests.test_doctor import doctor
 from tests.test_metrics import metrics_host, scrape, value  # noqa: F401 (a fixture)
 from tests.test_strict_modes import one_line
@@ -291,3 +292,21 @@ def test_metrics_show_refused_updates_and_an_agent_not_run_for_its_config(metric
     samples = scrape(port)
     assert value(samples, "baton_agents", state="config_error") == 1
     assert value(samples, "baton_agents", state="running") == 1
+
+
+def test_a_node_with_broken_trust_material_says_so_to_the_manager_until_it_is_fixed(make_supervisor, release,
+                                                                                    make_manager):
+    from tests.manager_fixtures import make_fleet
+
+    manager = make_manager()
+    (host,) = make_fleet(make_supervisor, release, manager, 1)
+    saved = release.public_key.read_bytes()
+    release.public_key.unlink()
+    wait_for(lambda: "update.trusted_keys[0]" in manager.nodes()["node-1"]["updates_refused"], 20, interval=0.2,
+             what="the next heartbeat to tell the Manager")
+    listed = manager.cli("nodes").stdout
+    assert "node-1 refuses every update: update.trusted_keys[0]" in listed and "TRUSTED_KEYS_BROKEN" in listed
+    release.public_key.write_bytes(saved)
+    wait_for(lambda: manager.nodes()["node-1"]["updates_refused"] == "", 20, interval=0.2,
+             what="the heartbeat after the fix to clear it")
+    assert host.sup.agent("app").state == common_pb2.AGENT_STATE_RUNNING

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from baton.pb import common_pb2 as baton_dot_pb_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62\x61ton/pb/manager.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/pb/common.proto\"\xf1\x01\n\x0fRegisterRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1a\n\x12supervisor_version\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x04 \x01(\t\x12#\n\x06\x61gents\x18\x05 \x03(\x0b\x32\x13.baton.v1.AgentInfo\x12\x35\n\x06labels\x18\x06 \x03(\x0b\x32%.baton.v1.RegisterRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x10RegisterResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12\x14\n\x0cmanager_time\x18\x02 \x01(\x01\"d\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12\x1a\n\x12supervisor_version\x18\x04 \x01(\t\"8\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x14\n\x0cmanager_time\x18\x02 \x01(\x01\"N\n\x16SyncAgentStatesRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12#\n\x06\x61gents\x18\x02 \x03(\x0b\x32\x13.baton.v1.AgentInfo\"\x19\n\x17SyncAgentStatesResponse\"1\n\tReportAck\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x32\xb4\x02\n\x0eManagerService\x12\x41\n\x08Register\x12\x19.baton.v1.RegisterRequest\x1a\x1a.baton.v1.RegisterResponse\x12\x44\n\tHeartbeat\x12\x1a.baton.v1.HeartbeatRequest\x1a\x1b.baton.v1.HeartbeatResponse\x12V\n\x0fSyncAgentStates\x12 .baton.v1.SyncAgentStatesRequest\x1a!.baton.v1.SyncAgentStatesResponse\x12\x41\n\x12ReportUpdateResult\x12\x16.baton.v1.UpdateResult\x1a\x13.baton.v1.ReportAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62\x61ton/pb/manager.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/pb/common.proto\"\x8a\x02\n\x0fRegisterRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1a\n\x12supervisor_version\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x04 \x01(\t\x12#\n\x06\x61gents\x18\x05 \x03(\x0b\x32\x13.baton.v1.AgentInfo\x12\x35\n\x06labels\x18\x06 \x03(\x0b\x32%.baton.v1.RegisterRequest.LabelsEntry\x12\x17\n\x0fupdates_refused\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x10RegisterResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12\x14\n\x0cmanager_time\x18\x02 \x01(\x01\"}\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12\x1a\n\x12supervisor_version\x18\x04 \x01(\t\x12\x17\n\x0fupdates_refused\x18\x05 \x01(\t\"8\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x14\n\x0cmanager_time\x18\x02 \x01(\x01\"N\n\x16SyncAgentStatesRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12#\n\x06\x61gents\x18\x02 \x03(\x0b\x32\x13.baton.v1.AgentInfo\"\x19\n\x17SyncAgentStatesResponse\"1\n\tReportAck\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x32\xb4\x02\n\x0eManagerService\x12\x41\n\x08Register\x12\x19.baton.v1.RegisterRequest\x1a\x1a.baton.v1.RegisterResponse\x12\x44\n\tHeartbeat\x12\x1a.baton.v1.HeartbeatRequest\x1a\x1b.baton.v1.HeartbeatResponse\x12V\n\x0fSyncAgentStates\x12 .baton.v1.SyncAgentStatesRequest\x1a!.baton.v1.SyncAgentStatesResponse\x12\x41\n\x12ReportUpdateResult\x12\x16.baton.v1.UpdateResult\x1a\x13.baton.v1.ReportAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_REGISTERREQUEST']._serialized_start=60
-  _globals['_REGISTERREQUEST']._serialized_end=301
-  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_start=256
-  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_end=301
-  _globals['_REGISTERRESPONSE']._serialized_start=303
-  _globals['_REGISTERRESPONSE']._serialized_end=379
-  _globals['_HEARTBEATREQUEST']._serialized_start=381
-  _globals['_HEARTBEATREQUEST']._serialized_end=481
-  _globals['_HEARTBEATRESPONSE']._serialized_start=483
-  _globals['_HEARTBEATRESPONSE']._serialized_end=539
-  _globals['_SYNCAGENTSTATESREQUEST']._serialized_start=541
-  _globals['_SYNCAGENTSTATESREQUEST']._serialized_end=619
-  _globals['_SYNCAGENTSTATESRESPONSE']._serialized_start=621
-  _globals['_SYNCAGENTSTATESRESPONSE']._serialized_end=646
-  _globals['_REPORTACK']._serialized_start=648
-  _globals['_REPORTACK']._serialized_end=697
-  _globals['_MANAGERSERVICE']._serialized_start=700
-  _globals['_MANAGERSERVICE']._serialized_end=1008
+  _globals['_REGISTERREQUEST']._serialized_end=326
+  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_start=281
+  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_end=326
+  _globals['_REGISTERRESPONSE']._serialized_start=328
+  _globals['_REGISTERRESPONSE']._serialized_end=404
+  _globals['_HEARTBEATREQUEST']._serialized_start=406
+  _globals['_HEARTBEATREQUEST']._serialized_end=531
+  _globals['_HEARTBEATRESPONSE']._serialized_start=533
+  _globals['_HEARTBEATRESPONSE']._serialized_end=589
+  _globals['_SYNCAGENTSTATESREQUEST']._serialized_start=591
+  _globals['_SYNCAGENTSTATESREQUEST']._serialized_end=669
+  _globals['_SYNCAGENTSTATESRESPONSE']._serialized_start=671
+  _globals['_SYNCAGENTSTATESRESPONSE']._serialized_end=696
+  _globals['_REPORTACK']._serialized_start=698
+  _globals['_REPORTACK']._serialized_end=747
+  _globals['_MANAGERSERVICE']._serialized_start=750
+  _globals['_MANAGERSERVICE']._serialized_end=1058
 # @@protoc_insertion_point(module_scope)

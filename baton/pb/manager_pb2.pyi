@@ -51,11 +51,14 @@ class RegisterRequest(_message.Message):
     GRPC_ADDRESS_FIELD_NUMBER: _builtins.int
     AGENTS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    UPDATES_REFUSED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     supervisor_version: _builtins.str
     hostname: _builtins.str
     grpc_address: _builtins.str
     """where the Manager can reach DaemonService, "" if not reachable"""
+    updates_refused: _builtins.str
+    """why the node refuses every update now (broken trust material), "" if it does not"""
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.AgentInfo]: ...
     @_builtins.property
@@ -71,10 +74,11 @@ class RegisterRequest(_message.Message):
         grpc_address: _builtins.str = ...,
         agents: _abc.Iterable[_common_pb2.AgentInfo] | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        updates_refused: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "grpc_address", b"grpc_address", "hostname", b"hostname", "labels", b"labels", "node_id", b"node_id", "supervisor_version", b"supervisor_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "grpc_address", b"grpc_address", "hostname", b"hostname", "labels", b"labels", "node_id", b"node_id", "supervisor_version", b"supervisor_version", "updates_refused", b"updates_refused"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -112,10 +116,13 @@ class HeartbeatRequest(_message.Message):
     SEQ_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
     SUPERVISOR_VERSION_FIELD_NUMBER: _builtins.int
+    UPDATES_REFUSED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     seq: _builtins.int
     uptime_seconds: _builtins.float
     supervisor_version: _builtins.str
+    updates_refused: _builtins.str
+    """as in RegisterRequest: kept current at the Manager by every heartbeat (added, v1)"""
     def __init__(
         self,
         *,
@@ -123,10 +130,11 @@ class HeartbeatRequest(_message.Message):
         seq: _builtins.int = ...,
         uptime_seconds: _builtins.float = ...,
         supervisor_version: _builtins.str = ...,
+        updates_refused: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "seq", b"seq", "supervisor_version", b"supervisor_version", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "seq", b"seq", "supervisor_version", b"supervisor_version", "updates_refused", b"updates_refused", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
