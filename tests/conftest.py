@@ -26,6 +26,7 @@ import pytest
 
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc, manager_pb2, manager_pb2_grpc
 from tests.pg_fixture import pg_cluster, pg_url  # noqa: F401  (a real PostgreSQL per session)
+from tests.process_guard import pytest_runtest_call, pytest_runtest_setup  # noqa: F401  (the fast tier's fence)
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENTS = Path(__file__).resolve().parent / "agents"

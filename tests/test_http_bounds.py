@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from baton.bounded_http import HttpLimits
 from manager.packages import DEFAULT_MAX_DOWNLOADS
 from manager.publish import publish
@@ -90,6 +92,7 @@ def published(manager: ManagerProc, tmp_path: Path, size: int) -> tuple[str, byt
     return ref.url.removeprefix(base), data
 
 
+@pytest.mark.e2e
 def test_clients_that_take_every_download_slot_and_never_read_are_cut_and_a_genuine_download_succeeds(
         make_manager: Callable[..., ManagerProc], tmp_path: Path) -> None:
     manager = make_manager()  # the default --max-downloads
@@ -114,6 +117,7 @@ def test_clients_that_take_every_download_slot_and_never_read_are_cut_and_a_genu
     assert manager.proc is not None and manager.proc.poll() is None
 
 
+@pytest.mark.e2e
 def test_a_client_that_reads_a_package_under_the_rate_floor_is_cut_and_frees_its_slot(
         make_manager: Callable[..., ManagerProc], tmp_path: Path) -> None:
     manager = make_manager(args=("--max-downloads", "1"))
@@ -178,6 +182,7 @@ def idle_connections_do_not_stop_a_request(port: int, path: str) -> None:
         assert all(closed_by_server(s, LIMITS.head_timeout_s + 5) for s in idle)
 
 
+@pytest.mark.e2e
 def test_idle_connections_beyond_the_bound_do_not_stop_a_scrape_of_the_managers_metrics(
         make_manager: Callable[..., ManagerProc]) -> None:
     port = free_port()
@@ -187,6 +192,7 @@ def test_idle_connections_beyond_the_bound_do_not_stop_a_scrape_of_the_managers_
     assert manager.proc is not None and manager.proc.poll() is None
 
 
+@pytest.mark.e2e
 def test_idle_connections_beyond_the_bound_do_not_stop_a_read_of_the_web_page(
         make_manager: Callable[..., ManagerProc]) -> None:
     port = free_port()
@@ -196,6 +202,7 @@ def test_idle_connections_beyond_the_bound_do_not_stop_a_read_of_the_web_page(
     assert manager.proc is not None and manager.proc.poll() is None
 
 
+@pytest.mark.e2e
 def test_idle_connections_beyond_the_bound_do_not_stop_a_scrape_of_the_supervisors_metrics(make_supervisor) -> None:
     port = free_port()
     sup = make_supervisor([], extra={"metrics": {"listen": f"127.0.0.1:{port}"}})

@@ -23,6 +23,8 @@ from baton.pb import daemon_pb2
 from baton.states import UpdateState
 from tests.conftest import UpdateHost, install_version, snapshot_tree, wait_for
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 
 def _host(make_supervisor, release, update: dict) -> UpdateHost:
     extra = {"update": {"trusted_keys": [str(release.public_key)], "health_window_s": 0.2,

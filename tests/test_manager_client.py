@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from baton.pb import common_pb2, daemon_pb2
 from tests.conftest import RecordingManager, agent, free_port, serve_manager, wait_for
+
+pytestmark = pytest.mark.e2e  # every test here starts a process
 
 
 def test_manager_client_retries_while_manager_is_down_and_syncs_once_it_is_up(make_supervisor):

@@ -18,6 +18,8 @@ import pytest
 from baton.pb import daemon_pb2
 from tests.conftest import SYSTEM_PYTHON, Release, SupervisorProc, agent, install_version, supervisors_in, wait_for
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 # Sends its argument on $NOTIFY_SOCKET COUNT times, prints its pid: the attacker, run as the agent's user.
 SENDER = r"""
 import os, socket, sys, time
