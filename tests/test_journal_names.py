@@ -129,5 +129,7 @@ def test_state_dir_of_an_earlier_version_is_read_and_its_locks_record_is_left_al
     assert host.wait_final(uid).success
     assert snapshot_tree(lock_dir(host.sup.state_dir)) == locks_before
     assert os.path.isfile(lock_dir(host.sup.state_dir) / "app.lock")
-    assert sorted(p.name for p in root.iterdir()) == sorted(["locks", uid])
+    # pruned when its helper exits, a moment after the final record GetUpdate reports
+    wait_for(lambda: sorted(p.name for p in root.iterdir()) == sorted(["locks", uid]), 10,
+             what="the older record pruned after the next update, and the helpers' lock directory kept")
     assert Path(lock_dir(host.sup.state_dir) / JOURNAL_FILE).is_file()
