@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import io
+import math
 import socket
 import ssl
 import struct
@@ -53,19 +54,31 @@ class HttpLimits:
     min_rate_bytes_per_s: int = UpdateConfig.min_rate_bytes_per_s
     rate_window_s: float = UpdateConfig.min_rate_window_s
 
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {self.max_connections}")
+        if self.min_rate_bytes_per_s < 0:
+            raise ValueError(f"min_rate_bytes_per_s must not be negative, not {self.min_rate_bytes_per_s}")
+        for name in ("head_timeout_s", "idle_timeout_s", "rate_window_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, not {value}")
+
 
 class ClientTooSlow(TimeoutError):
     """A client took a body more slowly than ``min_rate_bytes_per_s`` over a window."""
 
 
 class BoundedHTTPServer(ThreadingHTTPServer):
-    """A ThreadingHTTPServer with ``limits`` (set it on the class, or on the instance before ``__init__``)."""
+    """A ThreadingHTTPServer with ``limits`` (given, or set on the class or the instance before ``__init__``)."""
 
     daemon_threads = True
     limits = HttpLimits()
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
-                 bind_and_activate: bool = True) -> None:
+                 bind_and_activate: bool = True, *, limits: HttpLimits | None = None) -> None:
+        if limits is not None:
+            self.limits = limits
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self._threads_free = threading.BoundedSemaphore(self.limits.max_connections)

@@ -18,12 +18,12 @@ import threading
 import time
 from collections.abc import Iterable
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.registry import Collector
 
-from baton.bounded_http import BoundedHTTPServer, BoundedRequestHandler
+from baton.bounded_http import BoundedHTTPServer, BoundedRequestHandler, HttpLimits
 from baton.log import logger
 
 BIND_RETRY_S = 30.0
@@ -42,9 +42,11 @@ class _MetricsHandler(BoundedRequestHandler, WSGIRequestHandler):
 class MetricsServer:
     """Serves one registry on ``host:port`` until :meth:`stop`."""
 
-    def __init__(self, host: str, port: int, collectors: Iterable[Collector]) -> None:
+    def __init__(self, host: str, port: int, collectors: Iterable[Collector], limits: HttpLimits | None = None
+                 ) -> None:
         self.host = host
         self.port = port
+        self.limits = limits
         self.registry = CollectorRegistry(auto_describe=False)
         for c in collectors:
             self.registry.register(c)
@@ -67,8 +69,9 @@ class MetricsServer:
 
     def _try_bind(self) -> bool:
         try:
-            server = make_server(self.host, self.port, make_wsgi_app(self.registry), _MetricsHTTPServer,
-                                 _MetricsHandler)
+            # wsgiref's make_server, with the limits
+            server = _MetricsHTTPServer((self.host, self.port), _MetricsHandler, limits=self.limits)
+            server.set_app(make_wsgi_app(self.registry))
         except OSError as e:
             self.last_error = e
             return False

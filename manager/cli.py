@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from baton.bounded_http import HttpLimits
 from baton.config import is_loopback
 from baton.errors import BatonError
 from baton.log import configure as configure_log
@@ -158,6 +159,24 @@ def check_listen(listen: str, tls: bool, insecure_loopback: bool) -> None:
                          "and --tls-ca, or --insecure-loopback to trust every caller on this host")
 
 
+# serve's flags for its HTTP endpoints' bounds (baton.bounded_http.HttpLimits), each defaulting to the field's own
+HTTP_LIMIT_FLAGS = {"--http-head-timeout": "head_timeout_s", "--http-idle-timeout": "idle_timeout_s",
+                    "--http-min-rate": "min_rate_bytes_per_s", "--http-rate-window": "rate_window_s"}
+
+
+def http_limits(ns: argparse.Namespace) -> HttpLimits:
+    """The bounds serve's package server, fleet page and /metrics apply; a bad value is a one-line error naming
+    its flag."""
+    given = {field: getattr(ns, field) for field in HTTP_LIMIT_FLAGS.values() if getattr(ns, field) is not None}
+    for flag, field in HTTP_LIMIT_FLAGS.items():
+        if field in given:
+            try:
+                HttpLimits(**{field: given[field]})
+            except ValueError as e:
+                raise UsageError(f"{flag}: {e}") from None
+    return HttpLimits(**given)
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     from baton.identity import parse_allow_list
     from manager.packages import PackageServer
@@ -172,6 +191,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         raise UsageError("--packages and --http go together")
     if ns.max_downloads < 1:
         raise UsageError("--max-downloads must be at least 1")
+    limits = http_limits(ns)
     store = open_store(ns)
     creds = None
     if all(tls):
@@ -190,7 +210,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         host, _, http_port = ns.http.rpartition(":")
         try:
             packages = PackageServer(Path(ns.packages), host.strip("[]"), int(http_port),
-                                     max_downloads=ns.max_downloads, on_served=store.add_served_bytes).start()
+                                     max_downloads=ns.max_downloads, on_served=store.add_served_bytes,
+                                     limits=limits).start()
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot serve packages on {ns.http}: {e}") from None
         store.set_setting("packages_dir", str(Path(ns.packages).resolve()))
@@ -213,14 +234,15 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         from manager.metrics import start_metrics  # prometheus_client: loaded only when asked for
 
         try:
-            metrics = start_metrics(store, host, metrics_port, ns.heartbeat_interval)
+            metrics = start_metrics(store, host, metrics_port, ns.heartbeat_interval, limits)
         except OSError as e:
             raise UsageError(f"cannot serve metrics on {ns.metrics}: {e.strerror or e}") from None
     web: WebServer | None = None
     if ns.web:
         web = WebServer(store, ns.web, tls=(Path(ns.tls_cert), Path(ns.tls_key), Path(ns.tls_ca)) if all(tls)
                         else None, heartbeat_interval_s=ns.heartbeat_interval,
-                        allow=parse_allow_list(ns.web_allow, "--web-allow"), hosts=tuple(ns.web_host))
+                        allow=parse_allow_list(ns.web_allow, "--web-allow"), hosts=tuple(ns.web_host),
+                        limits=limits)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -525,6 +547,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-downloads", type=int, default=DEFAULT_MAX_DOWNLOADS, metavar="N",
                    help="package bodies sent at once; beyond that 503 with Retry-After "
                         f"(default {DEFAULT_MAX_DOWNLOADS})")
+    s.add_argument("--http-head-timeout", dest="head_timeout_s", type=float, metavar="S",
+                   help=f"seconds an HTTP client has to send a request head (default {HttpLimits.head_timeout_s:g})")
+    s.add_argument("--http-idle-timeout", dest="idle_timeout_s", type=float, metavar="S",
+                   help="seconds a response write may make no progress before its connection ends "
+                        f"(default {HttpLimits.idle_timeout_s:g})")
+    s.add_argument("--http-min-rate", dest="min_rate_bytes_per_s", type=int, metavar="BYTES",
+                   help="bytes per second a package download must average over each --http-rate-window "
+                        f"(default {HttpLimits.min_rate_bytes_per_s})")
+    s.add_argument("--http-rate-window", dest="rate_window_s", type=float, metavar="S",
+                   help=f"seconds over which --http-min-rate is judged (default {HttpLimits.rate_window_s:g})")
     s.add_argument("--heartbeat-interval", type=float, default=0.0,
                    help="seconds between supervisor heartbeats (0: the supervisors' own setting)")
     s.add_argument("--rollout-lease", type=float, default=DEFAULT_LEASE_S,

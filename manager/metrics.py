@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from baton.bounded_http import HttpLimits
 from baton.metrics import MetricsServer
 from baton.states import UpdateState
 from manager.store import Store
@@ -60,6 +61,7 @@ class ManagerCollector(Collector):
         yield rollouts
 
 
-def start_metrics(store: Store, host: str, port: int, heartbeat_interval_s: float) -> MetricsServer:
+def start_metrics(store: Store, host: str, port: int, heartbeat_interval_s: float,
+                  limits: HttpLimits | None = None) -> MetricsServer:
     offline_after = MISSED_HEARTBEATS * (heartbeat_interval_s or DEFAULT_HEARTBEAT_S)
-    return MetricsServer(host, port, [ManagerCollector(store, offline_after)]).start()
+    return MetricsServer(host, port, [ManagerCollector(store, offline_after)], limits).start()

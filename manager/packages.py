@@ -33,6 +33,7 @@ import re
 import shutil
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -180,25 +181,26 @@ class _Handler(BoundedRequestHandler):
 
 class PackageHTTPServer(BoundedHTTPServer):
     def __init__(self, address: tuple[str, int], root: Path, max_downloads: int,
-                 on_served: Callable[[str, int], None] | None) -> None:
+                 on_served: Callable[[str, int], None] | None, limits: HttpLimits | None = None) -> None:
         self.root = Path(root)
         self.slots = threading.BoundedSemaphore(max_downloads)
         self.on_served = on_served
         # every download has a thread, and as many again answer HEADs, 304s and 503s
-        self.limits = HttpLimits(max_connections=max_downloads + HttpLimits.max_connections)
-        super().__init__(address, _Handler)
+        limits = limits or HttpLimits()
+        super().__init__(address, _Handler,
+                         limits=replace(limits, max_connections=max_downloads + limits.max_connections))
 
 
 class PackageServer:
     """The HTTP server on its own thread: ``start()``, ``url``, ``stop()``."""
 
     def __init__(self, root: Path, host: str, port: int, *, max_downloads: int = DEFAULT_MAX_DOWNLOADS,
-                 on_served: Callable[[str, int], None] | None = None) -> None:
+                 on_served: Callable[[str, int], None] | None = None, limits: HttpLimits | None = None) -> None:
         if max_downloads < 1:
             raise ValueError("max_downloads must be at least 1")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.httpd = PackageHTTPServer((host, port), self.root, max_downloads, on_served)
+        self.httpd = PackageHTTPServer((host, port), self.root, max_downloads, on_served, limits)
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="package-server", daemon=True)
 
     @property

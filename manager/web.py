@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from baton.bounded_http import BoundedHTTPServer, BoundedRequestHandler
+from baton.bounded_http import BoundedHTTPServer, BoundedRequestHandler, HttpLimits
 from baton.identity import AllowEntry, PeerIdentity, certificate_identity
 from baton.log import logger
 from manager.errors import ManagerError
@@ -397,9 +397,9 @@ class _Server(BoundedHTTPServer):
     """Its connections are bounded (``baton.bounded_http``); a TLS handshake is part of the request head's time."""
 
     def __init__(self, addr: tuple[str, int], handler: type[BaseHTTPRequestHandler],
-                 ctx: ssl.SSLContext | None) -> None:
+                 ctx: ssl.SSLContext | None, limits: HttpLimits | None = None) -> None:
         self.ctx = ctx
-        super().__init__(addr, handler)
+        super().__init__(addr, handler, limits=limits)
 
     def get_request(self) -> tuple[Any, Any]:
         sock, addr = super().get_request()
@@ -421,12 +421,13 @@ class WebServer:
     """The page on ``host:port`` in a thread; ``tls`` = (cert, key, ca) or None (then loopback only).
 
     ``allow``: the identities that may read it over TLS (default: operators, module docstring);
-    ``hosts``: more names it answers to in ``Host``.
+    ``hosts``: more names it answers to in ``Host``; ``limits``: its connections' bounds (default: every
+    endpoint's).
     """
 
     def __init__(self, store: Store, listen: str, *, tls: tuple[Path, Path, Path] | None = None,
                  heartbeat_interval_s: float = 0.0, allow: tuple[AllowEntry, ...] = (),
-                 hosts: tuple[str, ...] = ()) -> None:
+                 hosts: tuple[str, ...] = (), limits: HttpLimits | None = None) -> None:
         host, sep, port = listen.rpartition(":")
         host = host.strip("[]")
         if not sep or not host or not port.isdigit():
@@ -450,7 +451,7 @@ class WebServer:
         handler = type("Handler", (_Handler,), {"view": FleetView(store, offline_after(heartbeat_interval_s)),
                                                  "tls": ctx is not None, "access": access})
         try:
-            self.httpd = _Server((host, int(port)), handler, ctx)
+            self.httpd = _Server((host, int(port)), handler, ctx, limits)
         except OSError as e:
             raise WebError(f"cannot serve the web page on {listen}: {e}") from None
         self.scheme = "https" if ctx else "http"

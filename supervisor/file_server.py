@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from baton.bounded_http import BoundedHTTPServer, BoundedRequestHandler
+from baton.bounded_http import BoundedHTTPServer, BoundedRequestHandler, HttpLimits
 
 CHUNK = 256 * 1024
 
@@ -60,8 +60,8 @@ class _OneFileHandler(BoundedRequestHandler):
 
 
 class _OneFileServer(BoundedHTTPServer):
-    def __init__(self, file: Path) -> None:
-        super().__init__(("127.0.0.1", 0), _OneFileHandler)
+    def __init__(self, file: Path, limits: HttpLimits | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), _OneFileHandler, limits=limits)
         self.file = file
         self.url_path = f"/{secrets.token_hex(16)}/{quote(file.name)}"
 
@@ -71,9 +71,9 @@ class _OneFileServer(BoundedHTTPServer):
 
 
 @contextlib.contextmanager
-def serve_file(path: Path) -> Iterator[str]:
+def serve_file(path: Path, limits: HttpLimits | None = None) -> Iterator[str]:
     """The file's URL on loopback for the duration of the block; the server is stopped and joined after."""
-    server = _OneFileServer(path.resolve())
+    server = _OneFileServer(path.resolve(), limits)
     thread = threading.Thread(target=server.serve_forever, name="package-server", daemon=True)
     thread.start()
     try:

@@ -26,6 +26,7 @@ import pytest
 
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc, manager_pb2, manager_pb2_grpc
 from tests.pg_fixture import pg_cluster, pg_url  # noqa: F401  (a real PostgreSQL per session)
+from tests.process_guard import pytest_runtest_call, pytest_runtest_setup  # noqa: F401  (the fast tier's fence)
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENTS = Path(__file__).resolve().parent / "agents"
@@ -98,8 +99,12 @@ class ProcessReaper:
 
 def default_file_url_root(base: Path) -> Path:
     """Where a test's file:// packages may be: its tmp_path or, for the session's releases, beside it; never a
-    world-writable directory such as /tmp itself (a supervisor refuses a file_url_root others may write)."""
+    world-writable directory such as /tmp itself (a supervisor refuses a file_url_root others may write).
+    Under pytest-xdist the releases are the run's, one level above the worker's ``popen-gwN``."""
     root = base.parent.parent
+    worker = f"popen-{os.environ.get('PYTEST_XDIST_WORKER', '')}"
+    if worker in base.parts:
+        root = Path(*base.parts[:base.parts.index(worker)])
     return base.parent if root.stat().st_mode & 0o002 else root
 
 

@@ -3,15 +3,22 @@
 Building a release runs pip over the whole lock file, so the suite builds two (1.0.0 from
 requirements/runtime.lock, 1.1.0 with prometheus-client at another version) and derives the broken and
 foreign ones from 1.0.0's tree. Tests that use them are marked ``slow`` (still run in CI).
+
+Under pytest-xdist the workers share one build: the first to take the lock beside the run's base directory
+builds, the others wait and use it (a build costs minutes on 2 cores; one per worker would cost as many).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import re
+import shutil
 import subprocess
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,13 +58,18 @@ class Releases:
 
     def derived(self, version: str, edit: Callable[[Path], None]) -> Path:
         """1.0.0's tree as ``version``, changed by ``edit``, packed like a release (not rebuilt)."""
+        out = self.dir / f"derived-{version}-{edit.__name__}.tar.gz"
+        with locked(self.dir / "derived.lock"):  # another worker may be deriving the same one
+            if not out.exists():
+                self._derive(version, edit, out)
+        return out
+
+    def _derive(self, version: str, edit: Callable[[Path], None], out: Path) -> None:
         from helper.package_tool import build_package
         from helper.release import read_manifest
 
-        out = self.dir / f"derived-{version}-{edit.__name__}.tar.gz"
-        if out.exists():
-            return out
         work = self.dir / f"derived-{version}-{edit.__name__}"
+        shutil.rmtree(work, ignore_errors=True)  # what a failed attempt left
         with tarfile.open(self.v100) as tar:
             tar.extractall(work, filter="tar")
         root = work / f"baton-{version}"
@@ -69,18 +81,41 @@ class Releases:
         data["version"] = version
         (root / "RELEASE.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         edit(root)
-        build_package(work, out, True)
-        return out
+        build_package(work, out, True)  # atomic: whole or absent
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (created), held across processes: the pytest-xdist workers."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory all of this run's workers see: the base temp directory, or under pytest-xdist its parent
+    (each worker's base is a ``popen-gwN`` in it), as pytest-xdist's docs recommend for session fixtures."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session")
 def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
-    d = tmp_path_factory.mktemp("releases")
-    r = package_cli("release", "--version", "1.0.0", "-o", d)
-    assert r.returncode == 0, r.stderr
-    r = package_cli("release", "--version", "1.1.0", "--lock", alt_lock(d / "alt.lock"), "-o",
-                     d / "baton-1.1.0.tar.gz")
-    assert r.returncode == 0, r.stderr
+    shared = run_shared_dir(tmp_path_factory)
+    d = shared / "releases"
+    built = d / "built"
+    with locked(shared / "releases.lock"):
+        if not built.exists():
+            d.mkdir(exist_ok=True)
+            r = package_cli("release", "--version", "1.0.0", "-o", d)
+            assert r.returncode == 0, r.stderr
+            r = package_cli("release", "--version", "1.1.0", "--lock", alt_lock(d / "alt.lock"), "-o",
+                             d / "baton-1.1.0.tar.gz")
+            assert r.returncode == 0, r.stderr
+            built.touch()
     return Releases(d, d / "baton-1.0.0-cp311-linux_x86_64.tar.gz", d / "baton-1.1.0.tar.gz")
 
 

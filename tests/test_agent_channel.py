@@ -82,6 +82,7 @@ def test_a_reply_with_a_state_no_agent_has_is_refused():
 # ---- a real supervisor ------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_a_restart_over_the_channel_replaces_the_process_and_is_audited_as_restart_agent(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
     web = sup.wait_agent("web", "running")
@@ -101,6 +102,7 @@ def test_a_restart_over_the_channel_replaces_the_process_and_is_audited_as_resta
     assert (rec.caller.kind, rec.caller.uid, rec.caller.pid) == ("local", os.getuid(), os.getpid())
 
 
+@pytest.mark.e2e
 def test_an_unknown_agent_is_named_in_the_error_and_its_refused_stop_audited(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
     control = control_of(sup)
@@ -113,6 +115,7 @@ def test_an_unknown_agent_is_named_in_the_error_and_its_refused_stop_audited(mak
     assert (rec.outcome, rec.code) == ("failed", "NOT_FOUND") and "nope" in rec.message
 
 
+@pytest.mark.e2e
 def test_a_malformed_request_is_answered_bad_request_and_changes_nothing(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
     web = sup.wait_agent("web", "running")
@@ -124,6 +127,7 @@ def test_a_malformed_request_is_answered_bad_request_and_changes_nothing(make_su
     assert records(sup.state_dir, "RestartAgent") == []
 
 
+@pytest.mark.e2e
 def test_without_the_channel_the_helper_asks_over_grpc_as_before(make_supervisor):
     """A supervisor older than the channel has no agents.sock: the same calls go to its gRPC control socket."""
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
@@ -141,6 +145,7 @@ def test_without_the_channel_the_helper_asks_over_grpc_as_before(make_supervisor
     assert rec.args == {"name": "web"}  # the gRPC call's own record
 
 
+@pytest.mark.e2e
 def test_a_stopped_supervisor_leaves_no_agent_socket_behind(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
     path = socket_path(sup.state_dir / "run")
@@ -159,6 +164,7 @@ print(s.makefile("rb").readline().decode())
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(os.geteuid() != 0, reason="running a client as another user needs root")
 def test_a_peer_that_is_neither_root_nor_the_supervisor_is_refused_and_audited(make_supervisor, open_dir):  # noqa: F811
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
@@ -200,6 +206,7 @@ def serve_unavailable(path: Path) -> tuple[socket.socket, threading.Thread]:
     return listener, thread
 
 
+@pytest.mark.e2e
 def test_a_request_met_by_a_handover_is_asked_again_over_grpc_and_carried_out(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
     web = sup.wait_agent("web", "running")

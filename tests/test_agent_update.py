@@ -19,6 +19,8 @@ import pytest
 from baton.pb import common_pb2, daemon_pb2
 from tests.conftest import install_version, wait_for
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 COMMITTED = common_pb2.UPDATE_STATE_COMMITTED
 FAILED = common_pb2.UPDATE_STATE_FAILED
 ROLLED_BACK = common_pb2.UPDATE_STATE_ROLLED_BACK

@@ -31,6 +31,7 @@ def audit_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, cwd=ROOT, timeout=60)
 
 
+@pytest.mark.e2e
 def test_a_push_is_recorded_with_the_local_caller_and_the_signing_key_id_not_the_signature(update_host):
     pkg = update_host.release.build("1.1.0")
     update_id = update_host.push(pkg)
@@ -49,6 +50,7 @@ def test_a_push_is_recorded_with_the_local_caller_and_the_signing_key_id_not_the
     assert st.st_mode & 0o777 == 0o600
 
 
+@pytest.mark.e2e
 def test_a_stop_is_recorded_and_read_back_by_supervisor_audit(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)])
     sup.start()
@@ -76,6 +78,7 @@ def test_a_stop_is_recorded_and_read_back_by_supervisor_audit(make_supervisor):
     assert bad.returncode == 2 and "--since 'yesterday'" in bad.stderr
 
 
+@pytest.mark.e2e
 def test_read_only_calls_are_recorded_only_when_grpc_audit_read_calls_asks(make_supervisor):
     quiet = make_supervisor([agent("web", "ready_agent.py", notify=True)], name="quiet")
     asked = make_supervisor([agent("web", "ready_agent.py", notify=True)], name="asked",
@@ -88,6 +91,7 @@ def test_read_only_calls_are_recorded_only_when_grpc_audit_read_calls_asks(make_
     assert (rec.outcome, rec.caller.kind, rec.caller.uid) == ("ok", "local", os.getuid())
 
 
+@pytest.mark.e2e
 def test_a_grpc_audit_read_calls_that_is_not_a_boolean_is_refused_by_check_config_naming_the_key(tmp_path):
     path = tmp_path / "s.toml"
     path.write_text('[node]\nid = "n"\n[grpc]\nunix_socket = "/run/x.sock"\naudit_read_calls = "yes"\n')
@@ -98,6 +102,7 @@ def test_a_grpc_audit_read_calls_that_is_not_a_boolean_is_refused_by_check_confi
     assert line.startswith("supervisor: config error: grpc.audit_read_calls: ")
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(os.geteuid() != 0, reason="running a client as another user needs root")
 def test_a_local_unprivileged_user_is_refused_and_audited_as_refused(make_supervisor, open_dir):  # noqa: F811
     sock = open_dir / "supervisor.sock"
@@ -134,6 +139,7 @@ def stop_web_as(sock: Path, login_uid: int | None, sudo_user: str | None) -> Non
                    timeout=60)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(os.geteuid() != 0, reason="setting a login uid needs root")
 def test_a_root_call_is_recorded_with_the_login_user_behind_it_and_sudo_user_only_as_a_claim(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)])
@@ -151,6 +157,7 @@ def test_a_root_call_is_recorded_with_the_login_user_behind_it_and_sudo_user_onl
     assert line["caller"]["login_uid"] == 65534 and line["caller"]["sudo_user"] == "mallory"
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(os.geteuid() != 0, reason="clearing a login uid needs root")
 def test_a_caller_outside_any_login_session_has_no_login_user_whatever_it_claims(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)])
@@ -168,6 +175,7 @@ def test_a_caller_outside_any_login_session_has_no_login_user_whatever_it_claims
 SYSTEM_CLIENT_MARK = "-I -c"  # run_client's command line, as /proc shows it
 
 
+@pytest.mark.e2e
 def test_a_tls_client_is_recorded_by_its_certificate_identity_allowed_or_refused(make_supervisor, tmp_path):
     pki = make_dev_pki(tmp_path / "pki", ["manager-1", "manager-2"], ["node-1"])
     node = pki.nodes["node-1"]
@@ -201,6 +209,7 @@ def test_a_tls_client_is_recorded_by_its_certificate_identity_allowed_or_refused
     assert "manager-2" in refused.caller.identity and "allowed_clients" in refused.message
 
 
+@pytest.mark.e2e
 def test_a_manual_helper_rollback_writes_its_own_record(update_host):
     update_host.wait_final(update_host.push(update_host.release.build("1.1.0")))
     res = subprocess.run([PY, "-m", "helper", "--rollback", "app", "--config", str(update_host.sup.config_path)],
@@ -218,6 +227,7 @@ def test_a_manual_helper_rollback_writes_its_own_record(update_host):
     assert (failed.outcome, failed.args) == ("failed", {"component": "nope"}) and "unknown component" in failed.message
 
 
+@pytest.mark.e2e
 def test_the_audit_log_is_kept_across_a_self_update(make_self_host):
     host = make_self_host(tcp=False)
     host.sup.stub.RestartAgent(daemon_pb2.AgentRef(name="chatty"), timeout=15)
@@ -230,6 +240,7 @@ def test_the_audit_log_is_kept_across_a_self_update(make_self_host):
     assert calls == [("RestartAgent", "ok"), ("PushUpdate", "ok"), ("StopAgent", "ok")]
 
 
+@pytest.mark.e2e
 def test_a_self_update_that_rolls_back_keeps_the_log_too(make_self_host):
     host = make_self_host(tcp=False)
     update_id = host.push(host.supervisor_package("1.1.0", "exit_at_start"))
@@ -240,6 +251,7 @@ def test_a_self_update_that_rolls_back_keeps_the_log_too(make_self_host):
     assert calls == [("PushUpdate", "ok"), ("RestartAgent", "ok")]
 
 
+@pytest.mark.e2e
 def test_a_mutating_method_is_recorded_without_being_named_anywhere(make_supervisor):
     """CancelUpdate (contract version 2) is in no list: every method not known to be read-only is recorded."""
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)])
@@ -289,6 +301,7 @@ def test_an_audit_log_that_is_a_symlink_is_not_followed(tmp_path):
     assert target.read_text() == ""
 
 
+@pytest.mark.e2e
 def test_a_flood_of_refused_calls_is_bounded_and_never_rotates_away_accepted_changes(make_supervisor):
     """1,500 refused StopAgent calls through the read-only loopback listener, as fast as a client can make them."""
     from supervisor.audit import REFUSALS_PER_CALLER, SUPPRESSED_CALL
@@ -318,6 +331,7 @@ def test_a_flood_of_refused_calls_is_bounded_and_never_rotates_away_accepted_cha
     assert sup.agent("web").pid == pid, "nothing was stopped"
 
 
+@pytest.mark.e2e
 def test_escape_sequences_in_a_records_arguments_are_printed_escaped_by_supervisor_audit(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)], tcp=True)
     sup.start()
@@ -347,6 +361,7 @@ def long_records(state_dir: Path, n: int) -> None:
                                args={"component": "app", "url": "file:///srv/" + "p" * 200}))
 
 
+@pytest.mark.e2e
 def test_supervisor_audit_on_a_terminal_prints_each_record_on_one_line_of_its_width(make_supervisor):
     import fcntl
     import pty
@@ -381,6 +396,7 @@ def test_supervisor_audit_on_a_terminal_prints_each_record_on_one_line_of_its_wi
     assert "m" * 300 in wide[1]
 
 
+@pytest.mark.e2e
 def test_supervisor_audit_json_into_a_pipe_closed_early_ends_quietly(make_supervisor):
     sup = make_supervisor([])
     sup.write_config()

@@ -38,6 +38,8 @@ from tests.conftest import (
     wait_for,
 )
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 ROUNDS = int(os.environ.get("BATON_CHAOS_ROUNDS", "4"))
 SEED = int(os.environ.get("BATON_CHAOS_SEED", str(random.SystemRandom().randrange(1 << 30))))
 ROUND_LIMIT_S = 120.0

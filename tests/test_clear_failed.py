@@ -6,11 +6,14 @@ import subprocess
 import sys
 
 import grpc
+import pytest
 
 from baton.marks import Marks
 from helper.locks import ComponentLock
 from tests.conftest import UpdateHost
 from tests.test_agent_update import rejected_at_push
+
+pytestmark = pytest.mark.e2e  # every test here starts a process
 
 
 def helper(host: UpdateHost, *args: str) -> subprocess.CompletedProcess[str]:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+
 from tests.conftest import PY, ROOT, agent
+
+pytestmark = pytest.mark.e2e  # every test here starts a process
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -42,6 +42,7 @@ def one_line_error(r: subprocess.CompletedProcess[str], prog: str) -> str:
 # ---- supervisor update --------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_update_with_a_local_package_commits_and_runs_the_new_version(update_host):
     pkg = update_host.release.build("1.1.0")
     write_signature(pkg)
@@ -59,6 +60,7 @@ def test_update_with_a_local_package_commits_and_runs_the_new_version(update_hos
     assert update_host.layout.current_version() == "1.1.0"
 
 
+@pytest.mark.e2e
 def test_update_serves_the_package_only_on_loopback_and_only_while_it_runs(update_host):
     pkg = update_host.release.build("1.1.0")
     write_signature(pkg)
@@ -75,6 +77,7 @@ def test_update_serves_the_package_only_on_loopback_and_only_while_it_runs(updat
         urllib.request.urlopen(url, timeout=5)  # the server is gone with the command
 
 
+@pytest.mark.e2e
 def test_update_json_prints_the_final_status_with_every_field(update_host):
     pkg = update_host.release.build("1.1.0")
     write_signature(pkg)
@@ -86,6 +89,7 @@ def test_update_json_prints_the_final_status_with_every_field(update_host):
     assert (final["fromVersion"], final["toVersion"]) == ("1.0.0", "1.1.0")
 
 
+@pytest.mark.e2e
 def test_update_reads_the_version_from_the_signed_manifest_and_refuses_a_different_one(update_host):
     pkg = update_host.release.build("1.1.0")
     write_signature(pkg)
@@ -97,6 +101,7 @@ def test_update_reads_the_version_from_the_signed_manifest_and_refuses_a_differe
     assert supervisor(update_host, "updates", "--json").stdout.strip() == "[]"
 
 
+@pytest.mark.e2e
 def test_update_of_a_package_signed_for_another_component_is_refused_before_the_push(update_host):
     pkg = update_host.release.build("1.1.0", component="other")
     write_signature(pkg)
@@ -105,6 +110,7 @@ def test_update_of_a_package_signed_for_another_component_is_refused_before_the_
     assert "signed for component 'other', not 'app'" in one_line_error(r, "supervisor update")
 
 
+@pytest.mark.e2e
 def test_update_from_a_url_commits(update_host, pkgserver):
     pkg = update_host.release.build("1.1.0")
     sig = write_signature(pkg)
@@ -114,6 +120,7 @@ def test_update_from_a_url_commits(update_host, pkgserver):
     assert update_host.sup.agent("app").version == "1.1.0"
 
 
+@pytest.mark.e2e
 def test_update_that_rolls_back_exits_1_with_the_error(update_host):
     pkg = update_host.release.build("1.1.0", behaviour="exit_at_once")
     write_signature(pkg)
@@ -124,6 +131,7 @@ def test_update_that_rolls_back_exits_1_with_the_error(update_host):
     assert update_host.sup.agent("app").version == "1.0.0"
 
 
+@pytest.mark.e2e
 def test_update_to_an_unreachable_supervisor_is_one_clear_line(tmp_path, release):
     pkg = release.build("1.1.0")
     write_signature(pkg)
@@ -135,6 +143,7 @@ def test_update_to_an_unreachable_supervisor_is_one_clear_line(tmp_path, release
 # ---- supervisor updates / cancel ------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_updates_lists_recent_updates_newest_first(update_host):
     first = update_host.wait_final(update_host.push(update_host.release.build("1.1.0")))
     second = update_host.wait_final(update_host.push(update_host.release.build("1.2.0", behaviour="exit_at_once")))
@@ -154,6 +163,7 @@ def test_list_updates_is_read_only_for_the_authz_policy():
     assert "/baton.v1.DaemonService/ListUpdates" in READ_ONLY_METHODS
 
 
+@pytest.mark.e2e
 def test_cancel_of_an_unknown_update_is_one_clear_line(update_host):
     # Before CancelUpdate is served this says so; after, it names the unknown id. Either way: one line, exit 1.
     r = supervisor(update_host, "cancel", "0123456789abcdef")
@@ -165,6 +175,7 @@ def test_cancel_of_an_unknown_update_is_one_clear_line(update_host):
 # ---- holds --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_held_component_refuses_a_push_naming_the_hold_and_its_reason(update_host):
     r = helper(update_host, "hold", "app", "--reason", "payroll run until Friday")
     assert r.returncode == 0, r.stderr
@@ -180,6 +191,7 @@ def test_held_component_refuses_a_push_naming_the_hold_and_its_reason(update_hos
     assert not list(update_host.sup.stub.ListUpdates(daemon_pb2.ListUpdatesRequest(), timeout=5).updates)
 
 
+@pytest.mark.e2e
 def test_supervisor_update_of_a_held_component_is_refused_in_one_line(update_host):
     helper(update_host, "hold", "app", "--reason", "freeze")
     pkg = update_host.release.build("1.1.0")
@@ -190,6 +202,7 @@ def test_supervisor_update_of_a_held_component_is_refused_in_one_line(update_hos
     assert "FAILED_PRECONDITION" in line and "held" in line and "freeze" in line
 
 
+@pytest.mark.e2e
 def test_unhold_accepts_pushes_again(update_host):
     helper(update_host, "hold", "app")
     r = helper(update_host, "unhold", "app")
@@ -198,6 +211,7 @@ def test_unhold_accepts_pushes_again(update_host):
     assert st.success, st.error
 
 
+@pytest.mark.e2e
 def test_hold_survives_a_supervisor_restart(update_host):
     helper(update_host, "hold", "app", "--reason", "pinned")
     update_host.sup.terminate()
@@ -207,6 +221,7 @@ def test_hold_survives_a_supervisor_restart(update_host):
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+@pytest.mark.e2e
 def test_hold_file_is_private_and_written_durably(update_host):
     helper(update_host, "hold", "app", "--reason", "x")
     path = update_host.sup.state_dir / "holds" / "app.json"
@@ -215,6 +230,7 @@ def test_hold_file_is_private_and_written_durably(update_host):
     assert not [p for p in path.parent.iterdir() if p.name != "app.json"]  # no temp file left behind
 
 
+@pytest.mark.e2e
 def test_hold_of_an_unknown_component_is_refused(update_host):
     r = helper(update_host, "hold", "nope")
     assert r.returncode == 2
@@ -222,6 +238,7 @@ def test_hold_of_an_unknown_component_is_refused(update_host):
     assert not (update_host.sup.state_dir / "holds").exists()
 
 
+@pytest.mark.e2e
 def test_status_commands_show_holds(update_host):
     helper(update_host, "hold", "app", "--reason", "payroll")
     r = helper(update_host, "--status")
@@ -233,6 +250,7 @@ def test_status_commands_show_holds(update_host):
     assert status["holds"][0]["component"] == "app" and status["holds"][0]["reason"] == "payroll"
 
 
+@pytest.mark.e2e
 def test_admission_refuses_a_held_component_with_its_own_error_class(update_host):
     """The supervisor and the helper share check_request, so both refuse a held component the same way."""
     from baton.admission import Held, check_request
@@ -248,6 +266,7 @@ def test_admission_refuses_a_held_component_with_its_own_error_class(update_host
     assert e.value.hold.reason == "late"
 
 
+@pytest.mark.e2e
 def test_manager_records_a_push_refused_by_a_hold_as_held(update_host, tmp_path):
     from baton.states import UpdateState
     from manager.errors import PushRefused
@@ -269,6 +288,7 @@ def test_manager_records_a_push_refused_by_a_hold_as_held(update_host, tmp_path)
     assert "audit week" in row.error
 
 
+@pytest.mark.e2e
 def test_update_on_a_terminal_redraws_one_progress_line(update_host, pkgserver):
     import os
     import pty
@@ -301,6 +321,7 @@ def test_update_on_a_terminal_redraws_one_progress_line(update_host, pkgserver):
     assert "committed app 1.1.0" in text
 
 
+@pytest.mark.e2e
 def test_updates_watch_prints_a_new_table_when_an_update_appears(update_host):
     proc = subprocess.Popen([PY, "-m", "supervisor", "updates", "--watch", "--interval", "0.2", "--socket",
                              str(update_host.sup.socket)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -323,6 +344,7 @@ def test_updates_watch_prints_a_new_table_when_an_update_appears(update_host):
 
 @pytest.mark.parametrize("argv", [("supervisor", "update"), ("supervisor", "updates"), ("supervisor", "cancel"),
                                   ("helper", "hold"), ("helper", "unhold")])
+@pytest.mark.e2e
 def test_every_new_command_has_help_with_an_example(argv):
     r = cli(*argv, "--help")
     assert r.returncode == 0, r.stderr
@@ -359,6 +381,7 @@ def test_loopback_package_server_answers_only_its_one_path_with_ranges_and_stops
         conn.getresponse()
 
 
+@pytest.mark.e2e
 def test_run_has_its_own_help_and_the_full_command_list_is_unchanged():
     """`supervisor run` parses with run's parser alone (the daemon keeps no other command's parser loaded)."""
     r = cli("supervisor", "run", "--help")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from supervisor.clock import CLOCK_TOLERANCE_S, ClockReading, describe_jump, read_clock
 from tests.conftest import agent, wait_for
 from tests.test_doctor import faked_clock
@@ -34,6 +36,7 @@ def test_across_a_reboot_nothing_relates_the_two_clocks():
     assert ClockReading(1_900_000_000.0, 5.0, "another-boot").jumped(earlier) is None
 
 
+@pytest.mark.e2e
 def test_the_time_since_boot_is_not_moved_by_a_faked_wall_clock():
     import os
     import subprocess
@@ -50,6 +53,7 @@ def test_the_time_since_boot_is_not_moved_by_a_faked_wall_clock():
     assert abs(since_boot - here.since_boot) < 30
 
 
+@pytest.mark.e2e
 def test_a_supervisor_started_with_its_clock_years_ahead_logs_the_jump_and_records_the_new_reading(
         make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)])

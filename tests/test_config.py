@@ -104,6 +104,7 @@ def test_bad_config_names_the_key_and_the_problem(tmp_path, case):
 
 @pytest.mark.parametrize("case", ["unknown_key", "duplicate_agent", "relative_missing_file", "missing_file",
                                   "nan_timeout", "port_out_of_range", "unknown_group"])
+@pytest.mark.e2e
 def test_run_with_bad_config_exits_2_and_starts_nothing(tmp_path, case):
     body, key, _ = BAD[case]
     body = body.replace("/tmp/baton-cfg-test", str(tmp_path))
@@ -117,6 +118,7 @@ def test_run_with_bad_config_exits_2_and_starts_nothing(tmp_path, case):
     assert not (tmp_path / "state").exists()
 
 
+@pytest.mark.e2e
 def test_check_config_accepts_a_good_file_and_refuses_a_bad_one(tmp_path):
     good = write(tmp_path, BASE + AGENT)
     ok = subprocess.run([PY, "-m", "supervisor", "check-config", str(good)], capture_output=True, text=True,
@@ -216,6 +218,7 @@ def check_config(path: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("case", ["nan_window", "negative_limit", "zero_rate_window", "port_out_of_range",
                                   "unknown_group", "nul_in_env", "missing_trusted_key", "tcp_without_tls"])
+@pytest.mark.e2e
 def test_check_config_refuses_a_bad_value_in_one_line_naming_the_key_with_exit_2(tmp_path, case):
     body, key, problem = BAD[case]
     res = check_config(write(tmp_path, body))
@@ -226,6 +229,7 @@ def test_check_config_refuses_a_bad_value_in_one_line_naming_the_key_with_exit_2
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.e2e
 def test_group_without_user_is_refused_at_check_config_naming_the_key(tmp_path):
     import grp
     import pwd

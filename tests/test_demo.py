@@ -2,7 +2,11 @@
 
 import subprocess
 
+import pytest
+
 from tests.conftest import PY, ROOT
+
+pytestmark = pytest.mark.e2e  # every test here starts a process
 
 
 def test_demo_runs_and_no_agent_is_disturbed_by_the_self_update():

@@ -44,6 +44,7 @@ def run_fix(fix: str) -> None:
     subprocess.run(fix, shell=True, check=True, timeout=30)
 
 
+@pytest.mark.e2e
 def test_a_healthy_host_is_all_ok_and_the_text_output_has_one_line_per_finding(update_host):
     code, checks = doctor(update_host.sup.config_path)
     assert code == 0, [c for c in checks if c["status"] != "ok"]
@@ -58,6 +59,7 @@ def test_a_healthy_host_is_all_ok_and_the_text_output_has_one_line_per_finding(u
     assert len(text.stdout.splitlines()) == len(checks) + 1 and text.stdout.startswith("ok ")
 
 
+@pytest.mark.e2e
 def test_a_config_that_does_not_validate_is_a_problem_and_only_where_the_supervisor_runs_is_still_checked(tmp_path):
     cfg = tmp_path / "bad.toml"
     sock = tmp_path / "x.sock"
@@ -68,6 +70,7 @@ def test_a_config_that_does_not_validate_is_a_problem_and_only_where_the_supervi
     assert checks[1]["status"] == "problem" and f"no socket at {sock}" in checks[1]["message"]
 
 
+@pytest.mark.e2e
 def test_a_state_dir_owned_by_nobody_is_a_problem_until_chowned(update_host):
     state = update_host.sup.state_dir
     os.chown(state, NOBODY, -1)
@@ -80,6 +83,7 @@ def test_a_state_dir_owned_by_nobody_is_a_problem_until_chowned(update_host):
     assert worst(checks, "directories")["status"] == "ok" and code == 0
 
 
+@pytest.mark.e2e
 def test_a_trusted_key_owned_by_nobody_is_a_problem_until_chowned(update_host):
     key = update_host.release.public_key
     os.chown(key, NOBODY, -1)
@@ -91,6 +95,7 @@ def test_a_trusted_key_owned_by_nobody_is_a_problem_until_chowned(update_host):
     assert worst(checks, "trusted-paths")["status"] == "ok" and code == 0
 
 
+@pytest.mark.e2e
 def test_a_missing_trusted_key_is_a_problem_until_restored(update_host):
     key = update_host.release.public_key
     saved = key.read_text()
@@ -104,6 +109,7 @@ def test_a_missing_trusted_key_is_a_problem_until_restored(update_host):
     assert code == 0 and "key id" in worst(checks, "trusted-keys")["message"]
 
 
+@pytest.mark.e2e
 def test_a_stray_staging_directory_is_a_warning_until_removed(update_host):
     stray = update_host.layout.versions_dir / ".staging-9.9.9-4242"
     (stray / "bin").mkdir(parents=True)
@@ -116,6 +122,7 @@ def test_a_stray_staging_directory_is_a_warning_until_removed(update_host):
     assert code == 0
 
 
+@pytest.mark.e2e
 def test_a_current_link_to_a_version_not_installed_is_a_problem(update_host):
     (update_host.layout.versions_dir / "2.0.0").mkdir()  # no marker: not installed
     os.replace(update_host.layout.current_link, update_host.install_root / "saved-link")
@@ -128,6 +135,7 @@ def test_a_current_link_to_a_version_not_installed_is_a_problem(update_host):
     assert doctor(update_host.sup.config_path)[0] == 0
 
 
+@pytest.mark.e2e
 def test_a_dead_supervisor_is_a_problem_until_started_again(update_host):
     update_host.sup.kill()
     code, checks = doctor(update_host.sup.config_path)
@@ -139,6 +147,7 @@ def test_a_dead_supervisor_is_a_problem_until_started_again(update_host):
     assert code == 0 and "answering" in worst(checks, "supervisor")["message"]
 
 
+@pytest.mark.e2e
 def test_a_fatal_agent_is_a_problem_naming_its_log_and_a_crash_looping_one_a_warning(make_supervisor):
     sup = make_supervisor([
         agent("steady", "crash_agent.py"),
@@ -155,6 +164,7 @@ def test_a_fatal_agent_is_a_problem_naming_its_log_and_a_crash_looping_one_a_war
     assert found["looping"]["status"] == "warning" and "crash-looping" in found["looping"]["message"]
 
 
+@pytest.mark.e2e
 def test_too_little_space_for_the_largest_recent_package_is_a_problem(update_host):
     journal = Journal(update_host.sup.state_dir)
     huge = 1 << 60
@@ -168,6 +178,7 @@ def test_too_little_space_for_the_largest_recent_package_is_a_problem(update_hos
     assert worst(doctor(update_host.sup.config_path)[1], "disk-space")["status"] == "ok"
 
 
+@pytest.mark.e2e
 def test_a_clock_behind_a_recorded_time_is_a_problem(update_host):
     import time
 
@@ -194,6 +205,7 @@ def faked_clock(offset: str) -> dict[str, str]:
     return {"LD_PRELOAD": str(LIBFAKETIME), "FAKETIME": offset}
 
 
+@pytest.mark.e2e
 def test_a_clock_three_years_ahead_is_a_problem_naming_the_clock(update_host):
     record = update_host.sup.state_dir / "clock.json"
     wait_for(record.exists, 10, what="the supervisor's record of the clock")
@@ -211,6 +223,7 @@ def test_a_clock_three_years_ahead_is_a_problem_naming_the_clock(update_host):
     assert worst(doctor(update_host.sup.config_path)[1], "clock")["status"] == "ok"
 
 
+@pytest.mark.e2e
 def test_a_supervisor_clock_hours_ahead_of_the_managers_is_a_problem(make_supervisor, make_manager, release):
     from tests.manager_fixtures import node_config
 
@@ -226,6 +239,7 @@ def test_a_supervisor_clock_hours_ahead_of_the_managers_is_a_problem(make_superv
     assert "the clock is 2 hours ahead of the Manager's" in found[0]["message"]
 
 
+@pytest.mark.e2e
 def test_a_clock_in_step_with_the_manager_is_ok(make_supervisor, make_manager, release):
     from tests.manager_fixtures import node_config
 
@@ -249,6 +263,7 @@ def _tls_host(make_supervisor, release, tmp_path, manager_address: str, node_day
     return sup, ca, node
 
 
+@pytest.mark.e2e
 def test_a_certificate_near_expiry_is_a_warning_until_renewed(make_supervisor, release, tmp_path):
     sup, ca, node = _tls_host(make_supervisor, release, tmp_path, "", node_days=3)
     sup.cfg["manager"]["address"] = ""
@@ -264,6 +279,7 @@ def test_a_certificate_near_expiry_is_a_warning_until_renewed(make_supervisor, r
     assert code == 1, "--cert-days sets the horizon"
 
 
+@pytest.mark.e2e
 def test_an_unreachable_manager_is_a_problem_until_it_serves_with_a_chain_that_validates(
         make_supervisor, make_manager, release, tmp_path):
     port = free_port()
@@ -292,6 +308,7 @@ def test_an_unreachable_manager_is_a_problem_until_it_serves_with_a_chain_that_v
     assert "validates for 'manager-1'" in worst(checks, "manager")["message"]
 
 
+@pytest.mark.e2e
 def test_an_installed_unit_that_differs_from_the_shipped_one_is_reported(update_host, tmp_path):
     shipped = ROOT / "packaging" / "systemd" / "baton-supervisor.service"
     unit = tmp_path / "baton-supervisor.service"
@@ -306,6 +323,7 @@ def test_an_installed_unit_that_differs_from_the_shipped_one_is_reported(update_
     assert code == 0 and "matches" in worst(checks, "systemd-unit")["message"]
 
 
+@pytest.mark.e2e
 def test_the_fix_for_a_world_writable_download_dir_is_a_command_that_works(update_host):
     d = update_host.sup.state_dir / "downloads"
     wait_for(d.is_dir, 10, what="the download dir")
@@ -326,6 +344,7 @@ def test_the_troubleshooting_guide_has_a_section_for_every_check():
         assert f'<a id="doctor-{name}"></a>' in guide, name
 
 
+@pytest.mark.e2e
 def test_an_installed_supervisor_version_carries_the_unit_its_doctor_compares_with(make_self_host, tmp_path):
     host = make_self_host(tcp=False)
     version_dir = host.sup_layout.version_dir("1.0.0")

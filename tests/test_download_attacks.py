@@ -23,6 +23,8 @@ from baton.pb import common_pb2, daemon_pb2
 from tests.conftest import PY, UpdateHost, install_version, wait_for
 from tests.pkgserver import PackageServer, RawServer
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 FAILED = common_pb2.UPDATE_STATE_FAILED
 NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
 SYSTEM_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else PY

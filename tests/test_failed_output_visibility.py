@@ -4,10 +4,13 @@ callers allowed to operate it (supervisor/daemon_service.py, ``Policy.may_operat
 from __future__ import annotations
 
 import grpc
+import pytest
 
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
 from baton.reasons import OUTPUT_WITHHELD
 from tests.conftest import UpdateHost, install_version
+
+pytestmark = pytest.mark.e2e  # every test here starts a process
 
 SECRET = "db password: hunter2"
 

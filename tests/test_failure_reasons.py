@@ -103,6 +103,7 @@ CASES = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("setup", "reason", "step_part"), CASES)
 def test_download_failure_ends_failed_with_its_reason_and_next_step(make_supervisor, release, pkgserver,
                                                                     setup, reason, step_part):
@@ -113,6 +114,7 @@ def test_download_failure_ends_failed_with_its_reason_and_next_step(make_supervi
     assert host.sup.agent("app").version == "1.0.0"
 
 
+@pytest.mark.e2e
 def test_package_signed_by_another_key_is_signature_untrusted_key_naming_both_key_ids(make_supervisor, release):
     from baton.signing import generate_keypair, load_public_key
 
@@ -139,6 +141,7 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.e2e
 def test_download_to_a_full_filesystem_is_disk_full(make_supervisor, release, pkgserver, small_tmpfs):
     host = _host(make_supervisor, release, download_dir=str(small_tmpfs))
     pkg = _big(host, mib=3)
@@ -150,6 +153,7 @@ def test_download_to_a_full_filesystem_is_disk_full(make_supervisor, release, pk
 # ---- after the switch: ROLLED_BACK, the failed version's output in the message ----------------------------------
 
 
+@pytest.mark.e2e
 def test_new_version_that_exits_is_new_version_exited_and_its_output_is_in_the_message(make_supervisor, release):
     host = _host(make_supervisor, release)
     st = _ends_with(host, host.push(release.build("1.1.0", "exit_at_once")), ROLLED_BACK, R.NEW_VERSION_EXITED)
@@ -159,6 +163,7 @@ def test_new_version_that_exits_is_new_version_exited_and_its_output_is_in_the_m
     assert host.sup.agent("app").version == "1.0.0"
 
 
+@pytest.mark.e2e
 def test_new_version_that_never_says_ready_is_new_version_not_ready(make_supervisor, release):
     host = _host(make_supervisor, release)
     st = _ends_with(host, host.push(release.build("1.1.0", "never_ready")), ROLLED_BACK, R.NEW_VERSION_NOT_READY)
@@ -167,6 +172,7 @@ def test_new_version_that_never_says_ready_is_new_version_not_ready(make_supervi
     assert host.sup.agent("app").version == "1.0.0"
 
 
+@pytest.mark.e2e
 def test_a_rollback_whose_old_version_fails_too_is_rollback_failed_naming_the_recovery_by_hand(make_supervisor,
                                                                                                release):
     host = _host(make_supervisor, release)
@@ -178,6 +184,7 @@ def test_a_rollback_whose_old_version_fails_too_is_rollback_failed_naming_the_re
     assert os.readlink(host.layout.current_link) == "versions/1.0.0", "the link is switched back even so"
 
 
+@pytest.mark.e2e
 def test_cancelled_update_is_cancelled(make_supervisor, release, pkgserver):
     host = _host(make_supervisor, release, min_rate_bytes_per_s=1024, min_rate_window_s=30.0)
     pkg = _big(host, mib=2)
@@ -194,6 +201,7 @@ def test_cancelled_update_is_cancelled(make_supervisor, release, pkgserver):
 # ---- the Manager stores the reason and groups by it ---------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_manager_records_the_reason_and_groups_updates_by_it(make_manager, make_supervisor, release):
     manager = make_manager()
     make_fleet(make_supervisor, release, manager, 1, update={"health_timeout_s": 4.0})
@@ -238,6 +246,7 @@ def test_every_reason_has_its_section_in_the_troubleshooting_guide():
 # ---- a supervisor self-update: the handover's failures ------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("fault", "reason"), [("hang", R.HANDSHAKE_TIMEOUT), ("exit_at_start", R.HANDSHAKE_REFUSED)])
 def test_self_update_whose_new_supervisor_fails_the_handover_has_its_reason(make_self_host, fault, reason):
     host = make_self_host(tcp=False, update={"handshake_timeout_s": 4.0})

@@ -5,8 +5,12 @@ from __future__ import annotations
 import subprocess
 import time
 
+import pytest
+
 from baton.pb import common_pb2
 from tests.conftest import PY, ROOT, UpdateHost
+
+pytestmark = pytest.mark.e2e  # every test here starts a process
 
 PACKAGED_APP = {"name": "app", "packaged": True, "command": "bin/agent", "notify": True, "restart": "always",
                 "backoff_initial_s": 0.1, "start_retries": 2, "stop_timeout_s": 5.0}

@@ -58,6 +58,7 @@ def submit(manager: ManagerProc, *args: str) -> str:
     return str(json.loads(res.stdout.splitlines()[-1])["rollout_id"])
 
 
+@pytest.mark.e2e
 def test_supervisor_fails_over_to_another_replica_and_a_result_after_the_kill_is_recorded_once(
         make_manager, make_supervisor, release, pg_url):
     first = make_manager("m1", db=pg_url)
@@ -82,6 +83,7 @@ def test_supervisor_fails_over_to_another_replica_and_a_result_after_the_kill_is
     assert (row.state.value, row.success, row.reports, row.node) == ("committed", True, 1, "node-1")
 
 
+@pytest.mark.e2e
 def test_rollout_owner_killed_midway_is_taken_over_by_another_replica_and_no_node_is_pushed_twice(
         make_manager, make_supervisor, release, pg_url):
     replicas = [make_manager("m1", db=pg_url, args=LEASE), make_manager("m2", db=pg_url, args=LEASE)]
@@ -115,6 +117,7 @@ def test_rollout_owner_killed_midway_is_taken_over_by_another_replica_and_no_nod
     assert {u["rollout_id"] for u in survivor.updates()} == {rollout_id}
 
 
+@pytest.mark.e2e
 def test_pause_lets_the_running_update_finish_and_pushes_nothing_new_until_resume(
         make_manager, make_supervisor, release):
     manager = make_manager()
@@ -138,6 +141,7 @@ def test_pause_lets_the_running_update_finish_and_pushes_nothing_new_until_resum
     assert [len(journal_ids(h)) for h in hosts] == [1, 1, 1]
 
 
+@pytest.mark.e2e
 def test_cancel_stops_new_pushes_asks_the_running_node_to_cancel_and_records_each_node(
         make_manager, make_supervisor, release):
     manager = make_manager()
@@ -164,6 +168,7 @@ def test_cancel_stops_new_pushes_asks_the_running_node_to_cancel_and_records_eac
     assert again.returncode == 2 and "cancelled" in again.stderr
 
 
+@pytest.mark.e2e
 def test_selector_chooses_nodes_by_their_labels_and_max_parallel_updates_one_at_a_time(
         make_manager, make_supervisor, release):
     manager = make_manager()
@@ -188,6 +193,7 @@ def test_selector_chooses_nodes_by_their_labels_and_max_parallel_updates_one_at_
     assert none.returncode == 2 and "no registered node has the labels role=cache" in none.stderr
 
 
+@pytest.mark.e2e
 def test_a_node_offline_when_its_batch_came_is_pushed_when_it_comes_back_or_else_skipped(
         make_manager, make_supervisor, release):
     manager = make_manager()
@@ -219,6 +225,7 @@ def test_a_node_offline_when_its_batch_came_is_pushed_when_it_comes_back_or_else
     assert res.returncode == 1 and "completed: 0 of 1 nodes updated, 1 skipped (offline)" in res.stdout
 
 
+@pytest.mark.e2e
 def test_a_database_url_of_an_unknown_kind_is_refused_with_one_line():
     res = subprocess.run([PY, "-m", "manager", "nodes", "--db", "mysql://x/y"], capture_output=True, text=True,
                          cwd=ROOT, timeout=30)
@@ -264,6 +271,7 @@ def test_manager_address_takes_a_list_or_a_comma_separated_string_and_node_label
                                                     "letters, digits, . _ - (up to 64)"),
     ('"127.0.0.1:1"', 'labels = {role = 3}', "node.labels.role: must be a string, got int 3"),
 ])
+@pytest.mark.e2e
 def test_a_bad_manager_address_or_label_is_refused_at_check_config_with_one_line(tmp_path, address, labels, line):
     path = fleet_config(tmp_path, address, labels)
     with pytest.raises(ConfigError) as e:

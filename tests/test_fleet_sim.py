@@ -9,6 +9,8 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import PY, ROOT, ProcessReaper, Release, wait_for
 from tests.manager_fixtures import (
     ManagerProc,
@@ -17,6 +19,8 @@ from tests.manager_fixtures import (
     signed,
 )
 from tests.test_fleet import submit
+
+pytestmark = pytest.mark.e2e  # every test here starts a process
 
 NODES = 20
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
+
 from tests.conftest import PY, ROOT
+
+pytestmark = pytest.mark.e2e  # every test here starts a process
 
 
 def helper(*args: str) -> subprocess.CompletedProcess[str]:

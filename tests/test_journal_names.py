@@ -23,6 +23,8 @@ from baton.pb import daemon_pb2
 from baton.states import UpdateState
 from tests.conftest import UpdateHost, install_version, snapshot_tree, wait_for
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 
 def _host(make_supervisor, release, update: dict) -> UpdateHost:
     extra = {"update": {"trusted_keys": [str(release.public_key)], "health_window_s": 0.2,
@@ -127,5 +129,7 @@ def test_state_dir_of_an_earlier_version_is_read_and_its_locks_record_is_left_al
     assert host.wait_final(uid).success
     assert snapshot_tree(lock_dir(host.sup.state_dir)) == locks_before
     assert os.path.isfile(lock_dir(host.sup.state_dir) / "app.lock")
-    assert sorted(p.name for p in root.iterdir()) == sorted(["locks", uid])
+    # pruned when its helper exits, a moment after the final record GetUpdate reports
+    wait_for(lambda: sorted(p.name for p in root.iterdir()) == sorted(["locks", uid]), 10,
+             what="the older record pruned after the next update, and the helpers' lock directory kept")
     assert Path(lock_dir(host.sup.state_dir) / JOURNAL_FILE).is_file()

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from tests.conftest import PY, ROOT
+
+pytestmark = pytest.mark.e2e  # every test here starts a process
 
 
 def run(code: str) -> str:

@@ -214,6 +214,7 @@ def _assert_serialized(line: str, pid: int) -> dict:
     return doc
 
 
+@pytest.mark.e2e
 def test_a_program_that_never_configures_the_log_writes_one_readable_line_per_event_to_stderr() -> None:
     """Only baton.log's sink: loguru's own (whose tracebacks show variables' values) is never added, and the
     switch that keeps it out is not left in the environment of the program's children."""
@@ -225,6 +226,7 @@ def test_a_program_that_never_configures_the_log_writes_one_readable_line_per_ev
     assert LINE.match(line) and line.endswith("] hello world") and res.stdout == "None\n"
 
 
+@pytest.mark.e2e
 def test_supervisor_run_json_writes_loguru_serialize_lines_to_stderr_and_its_file(make_supervisor, tmp_path):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)])
     proc = _run_json(sup, tmp_path / "stderr")
@@ -239,6 +241,7 @@ def test_supervisor_run_json_writes_loguru_serialize_lines_to_stderr_and_its_fil
     assert [json.loads(x)["record"]["message"] for x in in_file] == [d["record"]["message"] for d in docs]
 
 
+@pytest.mark.e2e
 def test_a_real_supervisor_rotates_its_full_log_to_dot_1_keeping_three(make_supervisor):
     """supervisor.log starts one line short of the limit: the supervisor's first lines rotate it, and the oldest
     of the three kept goes; no file of another name appears (loguru's own rotation would add dated names)."""
@@ -262,6 +265,7 @@ def test_a_real_supervisor_rotates_its_full_log_to_dot_1_keeping_three(make_supe
     assert fresh and all(LINE.match(x) for x in fresh) and any("agent web" in x for x in fresh)
 
 
+@pytest.mark.e2e
 def test_a_supervisor_whose_stderr_fails_on_every_write_keeps_running_and_logging_to_its_file(
         make_supervisor, tmp_path):
     """stderr on /dev/full: every write fails with ENOSPC. The daemon runs its agents, answers, logs to
@@ -283,6 +287,7 @@ def test_a_supervisor_whose_stderr_fails_on_every_write_keeps_running_and_loggin
     assert not any("Logging error" in x for x in lines)
 
 
+@pytest.mark.e2e
 def test_a_helpers_lines_in_helper_log_are_tagged_with_its_own_pid(update_host):
     pkg = update_host.release.build("1.1.0")
     uid = update_host.push(pkg)

@@ -8,6 +8,8 @@ import re
 import signal
 import time
 
+import pytest
+
 from baton.pb import common_pb2
 from manager.packages import PackageServer
 from tests.conftest import wait_for
@@ -23,6 +25,7 @@ from tests.manager_fixtures import (
 ROLLOUT_ID = re.compile(r"rollout (r-[0-9a-f]+)")
 
 
+@pytest.mark.e2e
 def test_push_to_one_node_then_rollout_to_all_with_a_canary_and_the_history_shows_every_update(
         make_manager, make_supervisor, release):
     manager = make_manager()
@@ -64,6 +67,7 @@ def test_push_to_one_node_then_rollout_to_all_with_a_canary_and_the_history_show
     assert "node-3" in manager.cli("nodes").stdout
 
 
+@pytest.mark.e2e
 def test_rollout_halts_when_the_canary_fails_and_leaves_the_other_nodes_untouched(
         make_manager, make_supervisor, release):
     manager = make_manager()
@@ -93,6 +97,7 @@ def test_rollout_halts_when_the_canary_fails_and_leaves_the_other_nodes_untouche
     assert resumed.returncode == 2 and "it is halted" in resumed.stderr, "a halted rollout stays halted"
 
 
+@pytest.mark.e2e
 def test_result_of_an_update_that_finishes_while_the_manager_is_down_arrives_once_after_it_restarts(
         make_manager, make_supervisor, release):
     manager = make_manager()
@@ -119,6 +124,7 @@ def test_result_of_an_update_that_finishes_while_the_manager_is_down_arrives_onc
     assert row.from_version == "1.0.0" and "health" in row.timings
 
 
+@pytest.mark.e2e
 def test_supervisor_killed_before_it_could_report_delivers_the_result_once_after_both_restart(
         make_manager, make_supervisor, release):
     manager = make_manager()
@@ -136,6 +142,7 @@ def test_supervisor_killed_before_it_could_report_delivers_the_result_once_after
     assert (row.state.value, row.success, row.reports, row.node) == ("committed", True, 1, "node-1")
 
 
+@pytest.mark.e2e
 def test_rollout_goes_on_by_itself_after_a_serve_restart_without_pushing_any_node_twice(
         make_manager, make_supervisor, release):
     manager = make_manager()

@@ -14,6 +14,8 @@ from manager.devca import make_dev_pki
 from tests.conftest import PY, ROOT, free_port, wait_for
 from tests.manager_fixtures import make_manager_fixture, port_open  # noqa: F401  (the make_manager fixture)
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 
 def serve(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PY, "-m", "manager", "serve", "--db", str(db), *args], capture_output=True, text=True,

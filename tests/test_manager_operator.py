@@ -6,12 +6,16 @@ import json
 import re
 import socket
 
+import pytest
+
 from tests.manager_fixtures import (
     make_fleet,
     make_manager_fixture,  # noqa: F401  (the make_manager fixture)
     package_args,
     signed,
 )
+
+pytestmark = pytest.mark.e2e  # every test here starts a process
 
 
 def test_push_and_rollout_record_the_operator_and_host_and_updates_shows_them(

@@ -25,6 +25,8 @@ from tests.conftest import free_port, wait_for
 from tests.manager_fixtures import ManagerProc, make_manager_fixture  # noqa: F401  (the make_manager fixture)
 from tests.test_mtls import channel
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 FLOOD_S = 3.0
 LIMITS = CallLimits()
 

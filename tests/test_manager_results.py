@@ -18,6 +18,8 @@ from tests.conftest import wait_for
 from tests.manager_fixtures import ManagerProc, make_manager_fixture, package_args, signed  # noqa: F401
 from tests.test_mtls import channel, tls_node
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 
 @pytest.fixture
 def pki(tmp_path: Path) -> DevPki:

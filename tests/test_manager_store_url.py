@@ -17,6 +17,8 @@ from tests.conftest import PY, ROOT
 from tests.manager_fixtures import make_manager_fixture  # noqa: F401  (the make_manager fixture)
 from tests.pg_fixture import PgCluster
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 SECRET = "s3cret-Pa55"
 
 

@@ -47,6 +47,7 @@ def metrics_host(make_supervisor, release) -> tuple[UpdateHost, int]:
     return UpdateHost(sup, release), port
 
 
+@pytest.mark.e2e
 def test_supervisor_metrics_move_with_a_killed_agent_and_a_committed_update(metrics_host):
     host, port = metrics_host
     before = scrape(port)
@@ -72,6 +73,7 @@ def test_supervisor_metrics_move_with_a_killed_agent_and_a_committed_update(metr
     assert value(after_update, "baton_helper_runs_total") >= 1
 
 
+@pytest.mark.e2e
 def test_finished_updates_total_never_goes_down_when_the_journal_is_pruned_or_the_supervisor_restarts(
         make_supervisor, release):
     port = free_port()
@@ -100,6 +102,7 @@ def test_finished_updates_total_never_goes_down_when_the_journal_is_pruned_or_th
     assert value(scrape(port), "baton_updates_finished_total", component="app", result="committed") == 3
 
 
+@pytest.mark.e2e
 def test_a_journal_whose_totals_cannot_be_kept_is_not_pruned_so_no_finished_update_is_lost(make_supervisor, release):
     port = free_port()
     sup = make_supervisor(
@@ -124,6 +127,7 @@ def test_a_journal_whose_totals_cannot_be_kept_is_not_pruned_so_no_finished_upda
     assert value(scrape(port), "baton_updates_finished_total", component="app", result="committed") == 2
 
 
+@pytest.mark.e2e
 def test_start_times_are_gauges_of_when_each_process_started_and_the_agent_version_is_an_info_metric(
         metrics_host):
     host, port = metrics_host
@@ -139,6 +143,7 @@ def test_start_times_are_gauges_of_when_each_process_started_and_the_agent_versi
         value(samples, "baton_agent_start_time_seconds", agent="app")
 
 
+@pytest.mark.e2e
 def test_supervisor_metrics_are_off_by_default_and_not_even_imported():
     out = subprocess.run([PY, "-c", "import sys, supervisor.daemon, supervisor.cli; "
                                     "print('prometheus_client' in sys.modules)"],
@@ -162,6 +167,7 @@ def test_a_non_loopback_metrics_address_is_accepted_with_allow_remote():
     assert cfg.metrics.address == ("0.0.0.0", 9464)
 
 
+@pytest.mark.e2e
 def test_check_config_refuses_a_malformed_metrics_listen_in_one_line(tmp_path):
     path = tmp_path / "s.toml"
     path.write_text('[node]\nid = "n"\n[grpc]\nunix_socket = "/run/x.sock"\n[metrics]\nlisten = "9464"\n')
@@ -172,6 +178,7 @@ def test_check_config_refuses_a_malformed_metrics_listen_in_one_line(tmp_path):
         "supervisor: config error: metrics.listen: '9464' is not HOST:PORT (e.g. 127.0.0.1:9464)"]
 
 
+@pytest.mark.e2e
 def test_manager_metrics_show_nodes_online_and_move_with_a_committed_push(tmp_path, reaper, make_supervisor,
                                                                           release):
     metrics_port = free_port()
@@ -194,6 +201,7 @@ def test_manager_metrics_show_nodes_online_and_move_with_a_committed_push(tmp_pa
         manager.stop()
 
 
+@pytest.mark.e2e
 def test_manager_refuses_a_non_loopback_metrics_address(tmp_path):
     r = subprocess.run([PY, "-m", "manager", "serve", "--listen", f"127.0.0.1:{free_port()}", "--insecure-loopback",
                         "--metrics", "0.0.0.0:9464"], capture_output=True, text=True, cwd=ROOT, timeout=60,
@@ -202,6 +210,7 @@ def test_manager_refuses_a_non_loopback_metrics_address(tmp_path):
     assert "--metrics: 0.0.0.0 is not a loopback address" in r.stderr
 
 
+@pytest.mark.e2e
 def test_supervisor_metrics_survive_a_self_update_and_count_its_handover(make_self_host):
     host = make_self_host(tcp=False)
     port = free_port()

@@ -33,7 +33,7 @@ from baton.signing import (
 )
 from helper.verify import verify_file
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
 MINISIGN = Path("/usr/bin/minisign")
 MANIFEST = "component=web version=1.2.0"

@@ -58,6 +58,7 @@ def channel(address: str, ca: Path, client: Issued | None, server_name: str) -> 
     return grpc.secure_channel(address, creds, options=[("grpc.ssl_target_name_override", server_name)])
 
 
+@pytest.mark.e2e
 def test_manager_pushes_over_mutual_tls_and_records_the_node_by_its_certificate(
         make_manager, make_supervisor, release, pki):
     manager, host = tls_node(make_manager, make_supervisor, release, pki)
@@ -84,6 +85,7 @@ def test_manager_pushes_over_mutual_tls_and_records_the_node_by_its_certificate(
     assert [u["update_id"] for u in manager.updates()] != ["forged"]
 
 
+@pytest.mark.e2e
 def test_push_without_an_allowed_client_certificate_is_refused_and_starts_nothing(
         make_manager, make_supervisor, release, pki):
     manager, host = tls_node(make_manager, make_supervisor, release, pki)
@@ -145,6 +147,7 @@ def test_allow_list_entries_match_by_kind_and_a_bare_name_matches_the_common_nam
             Policy([bad])
 
 
+@pytest.mark.e2e
 def test_operator_methods_over_tls_are_for_allowed_clients_only_tail_included(
         make_manager, make_supervisor, release, pki):
     """Agent output may hold secrets: TailLog is not read-only, like SignalAgent, ClearLog and Reload."""
@@ -171,6 +174,7 @@ def test_operator_methods_over_tls_are_for_allowed_clients_only_tail_included(
     assert host.sup.agent("app").pid == before.pid
 
 
+@pytest.mark.e2e
 def test_downgrade_over_tls_needs_an_identity_in_allow_downgrade_clients(make_manager, make_supervisor, release,
                                                                          pki):
     manager = make_manager(tls={"cert": pki.manager.cert, "key": pki.manager.key, "ca": pki.ca.cert})

@@ -18,6 +18,8 @@ import pytest
 from baton.pb import daemon_pb2
 from tests.conftest import SYSTEM_PYTHON, Release, SupervisorProc, agent, install_version, supervisors_in, wait_for
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 # Sends its argument on $NOTIFY_SOCKET COUNT times, prints its pid: the attacker, run as the agent's user.
 SENDER = r"""
 import os, socket, sys, time
@@ -101,8 +103,10 @@ def test_ready_from_another_process_of_the_agents_user_leaves_it_starting(nobody
 
 @pytest.mark.parametrize(("access", "state"), [("main", "starting"), ("group", "running")])
 def test_ready_from_a_child_of_the_agent_counts_only_with_notify_access_group(make_supervisor, access, state):
-    # The shell is the agent's main process; the interpreter it starts sends READY=1 from the same process group.
-    script = f"{SYSTEM_PYTHON} -c '{SENDER}' READY=1 1 0 && exec sleep 600"
+    # The shell is the agent's main process; the interpreter it starts sends READY=1 from the same process group,
+    # and stays a while: a sender already gone when the supervisor reads its datagram has no group to check (on a
+    # loaded machine the supervisor may come to it seconds later).
+    script = f"{SYSTEM_PYTHON} -c '{SENDER}' READY=1 1 30 && exec sleep 600"
     sup = make_supervisor([{"name": "sh", "command": "/bin/sh", "args": ["-c", script], "notify": True,
                             "notify_access": access}]).start()
     a = sup.wait_agent("sh", state)

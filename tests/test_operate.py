@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 from tests.conftest import PY, ROOT, SYSTEM_PYTHON, SupervisorProc, agent, agent_processes, stop_everything_of, wait_for
+
+pytestmark = pytest.mark.e2e  # every test here starts a process
 
 
 def ctl(sup, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:

@@ -10,6 +10,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from manager.publish import publish
 from tests.conftest import PY, ROOT, Release, free_port, wait_for
 from tests.manager_fixtures import (
@@ -19,6 +21,8 @@ from tests.manager_fixtures import (
     signed,
 )
 from tests.test_fleet import fleet, submit
+
+pytestmark = pytest.mark.e2e  # every test here starts a process
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 

@@ -67,6 +67,7 @@ def keys(tmp_path: Path) -> tuple[Path, Path]:
     return pub, sec
 
 
+@pytest.mark.e2e
 def test_keygen_writes_a_minisign_key_pair_with_a_private_secret_file(tmp_path: Path) -> None:
     pub, sec = tmp_path / "k.pub", tmp_path / "k.key"
     out = ok("keygen", "-p", pub, "-s", sec)
@@ -77,6 +78,7 @@ def test_keygen_writes_a_minisign_key_pair_with_a_private_secret_file(tmp_path: 
     assert stat.S_IMODE(sec.stat().st_mode) == 0o600
 
 
+@pytest.mark.e2e
 def test_keygen_never_prints_secret_key_material(tmp_path: Path) -> None:
     pub, sec = tmp_path / "k.pub", tmp_path / "k.key"
     result = run("keygen", "-p", pub, "-s", sec)
@@ -87,6 +89,7 @@ def test_keygen_never_prints_secret_key_material(tmp_path: Path) -> None:
     assert secret.secret_key.hex() not in shown
 
 
+@pytest.mark.e2e
 def test_keygen_refuses_to_overwrite_existing_keys(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     pub, sec = keys
     before = (pub.read_bytes(), sec.read_bytes())
@@ -97,6 +100,7 @@ def test_keygen_refuses_to_overwrite_existing_keys(tmp_path: Path, keys: tuple[P
     assert (pub.read_bytes(), sec.read_bytes()) == before
 
 
+@pytest.mark.e2e
 def test_keygen_with_force_replaces_the_key_pair(keys: tuple[Path, Path]) -> None:
     pub, sec = keys
     old = load_public_key(pub)
@@ -105,6 +109,7 @@ def test_keygen_with_force_replaces_the_key_pair(keys: tuple[Path, Path]) -> Non
     assert load_secret_key(sec).public == load_public_key(pub)
 
 
+@pytest.mark.e2e
 def test_keygen_build_sign_round_trip_verifies_like_the_helper(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     pub, sec = keys
     tree = make_tree(tmp_path / "tree")
@@ -123,6 +128,7 @@ def test_keygen_build_sign_round_trip_verifies_like_the_helper(tmp_path: Path, k
     assert parse_signature(sig.read_text()).trusted_comment == "component=web version=1.2.0"
 
 
+@pytest.mark.e2e
 def test_build_writes_members_relative_to_the_root_sorted_and_owned_by_root(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree")
     pkg = tmp_path / "p.tar.gz"
@@ -138,6 +144,7 @@ def test_build_writes_members_relative_to_the_root_sorted_and_owned_by_root(tmp_
     assert by_name["empty"].isdir()
 
 
+@pytest.mark.e2e
 def test_build_is_deterministic_whatever_the_file_times(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree")
     first, second = tmp_path / "a.tar.gz", tmp_path / "b.tar.gz"
@@ -147,6 +154,7 @@ def test_build_is_deterministic_whatever_the_file_times(tmp_path: Path) -> None:
     assert first.read_bytes() == second.read_bytes()
 
 
+@pytest.mark.e2e
 def test_build_writes_plain_tar_unless_the_name_asks_for_gzip(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree")
     ok("build", tree, "--component", "web", "--version", "1", "-o", tmp_path / "p.tar")
@@ -155,6 +163,7 @@ def test_build_writes_plain_tar_unless_the_name_asks_for_gzip(tmp_path: Path) ->
     assert (tmp_path / "q.tar").read_bytes().startswith(b"\x1f\x8b")
 
 
+@pytest.mark.e2e
 def test_build_never_overwrites_an_existing_file_without_force(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree")
     pkg = tmp_path / "web.tar.gz"
@@ -167,6 +176,7 @@ def test_build_never_overwrites_an_existing_file_without_force(tmp_path: Path) -
     assert pkg.read_bytes().startswith(b"\x1f\x8b")
 
 
+@pytest.mark.e2e
 def test_build_refuses_a_symlink_pointing_outside_the_tree(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree")
     (tree / "etc" / "passwd").symlink_to("../../../etc/passwd")
@@ -178,6 +188,7 @@ def test_build_refuses_a_symlink_pointing_outside_the_tree(tmp_path: Path) -> No
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.e2e
 def test_build_refuses_an_absolute_symlink(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree")
     (tree / "shell").symlink_to("/bin/sh")
@@ -186,6 +197,7 @@ def test_build_refuses_an_absolute_symlink(tmp_path: Path) -> None:
     assert "absolute" in result.stderr
 
 
+@pytest.mark.e2e
 def test_build_refuses_a_symlink_to_the_trees_parent(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree")
     (tree / "up").symlink_to("..")
@@ -194,6 +206,7 @@ def test_build_refuses_a_symlink_to_the_trees_parent(tmp_path: Path) -> None:
     assert "points outside" in result.stderr
 
 
+@pytest.mark.e2e
 def test_build_refuses_special_files(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree")
     os.mkfifo(tree / "pipe")
@@ -202,6 +215,7 @@ def test_build_refuses_special_files(tmp_path: Path) -> None:
     assert "pipe" in result.stderr and "fifo" in result.stderr
 
 
+@pytest.mark.e2e
 def test_build_refuses_an_output_inside_the_tree(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree")
     result = run("build", tree, "--component", "web", "--version", "1.2.0", "-o", tree / "p.tar")
@@ -209,6 +223,7 @@ def test_build_refuses_an_output_inside_the_tree(tmp_path: Path) -> None:
     assert "inside the tree" in result.stderr
 
 
+@pytest.mark.e2e
 def test_build_refuses_an_unsafe_version_as_a_usage_error(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "tree")
     result = run("build", tree, "--component", "web", "--version", "../1", "-o", tmp_path / "p.tar")
@@ -216,6 +231,7 @@ def test_build_refuses_an_unsafe_version_as_a_usage_error(tmp_path: Path) -> Non
     assert "invalid version" in result.stderr
 
 
+@pytest.mark.e2e
 def test_sign_writes_expiry_and_nodes_into_the_manifest(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     _, sec = keys
     pkg = tmp_path / "p.tar"
@@ -232,6 +248,7 @@ def test_sign_writes_expiry_and_nodes_into_the_manifest(tmp_path: Path, keys: tu
     assert printed(out, "trusted comment") == parse_signature(out_sig.read_text()).trusted_comment
 
 
+@pytest.mark.e2e
 def test_sign_accepts_an_expiry_relative_to_now(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     _, sec = keys
     pkg = tmp_path / "p.tar"
@@ -242,6 +259,7 @@ def test_sign_accepts_an_expiry_relative_to_now(tmp_path: Path, keys: tuple[Path
     assert abs(manifest.expires - (time.time() + 30 * 86400)) < 60
 
 
+@pytest.mark.e2e
 def test_sign_refuses_an_expiry_in_the_past(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     _, sec = keys
     pkg = tmp_path / "p.tar"
@@ -252,6 +270,7 @@ def test_sign_refuses_an_expiry_in_the_past(tmp_path: Path, keys: tuple[Path, Pa
     assert not Path(str(pkg) + ".minisig").exists()
 
 
+@pytest.mark.e2e
 def test_sign_without_component_is_a_usage_error(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     _, sec = keys
     result = run("sign", tmp_path / "p.tar", "--key", sec, "--version", "1")
@@ -259,6 +278,7 @@ def test_sign_without_component_is_a_usage_error(tmp_path: Path, keys: tuple[Pat
     assert "--component" in result.stderr
 
 
+@pytest.mark.e2e
 def test_sign_with_a_missing_key_prints_one_clear_line(tmp_path: Path) -> None:
     pkg = tmp_path / "p.tar"
     pkg.write_bytes(b"x")
@@ -269,6 +289,7 @@ def test_sign_with_a_missing_key_prints_one_clear_line(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.e2e
 def test_sign_with_a_public_key_instead_of_a_secret_key_is_refused(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     pub, _ = keys
     pkg = tmp_path / "p.tar"

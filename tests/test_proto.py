@@ -2,9 +2,12 @@
 
 import subprocess
 
+import pytest
+
 from tests.conftest import PY, ROOT
 
 
+@pytest.mark.e2e
 def test_generated_protobuf_code_is_up_to_date():
     res = subprocess.run([PY, "scripts/gen_proto.py", "--check"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)

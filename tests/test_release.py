@@ -36,7 +36,7 @@ from tests.conftest import (
 )
 from tests.release_fixtures import ALT_DEP, LOCK, Releases, envi, install_self, package_cli, unpack
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def _sha256(path: Path) -> str:

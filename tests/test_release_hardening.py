@@ -21,6 +21,8 @@ import pytest
 from tests.conftest import PY, ROOT, SELF_AGENTS, SupervisorProc, snapshot_tree
 from tests.release_fixtures import BUILD_TIMEOUT_S, Releases, install_self, unpack
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 # ---- building: fails before pip, so no release is built here ----------------------------------------------
 
 

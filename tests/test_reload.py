@@ -8,8 +8,11 @@ import subprocess
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.conftest import PY, ROOT, agent, wait_for
+
+pytestmark = pytest.mark.e2e  # every test here starts a process
 
 
 def reload(sup, *extra: str) -> subprocess.CompletedProcess[str]:

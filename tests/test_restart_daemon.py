@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import PY, ROOT, agent_processes, free_port, snapshot_tree, wait_for
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 AGENTS = ("web", "worker", "chatty")
 CHANGING = ("state/logs", "supervisor.out")  # agents write their output meanwhile
 

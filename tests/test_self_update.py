@@ -14,6 +14,8 @@ import pytest
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
 from tests.conftest import agent_processes, wait_for
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 COMMITTED = common_pb2.UPDATE_STATE_COMMITTED
 ROLLED_BACK = common_pb2.UPDATE_STATE_ROLLED_BACK
 

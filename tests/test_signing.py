@@ -513,6 +513,7 @@ def test_manifest_limited_to_nodes_is_refused_when_no_node_id_is_known() -> None
         check("component=web version=1.2.0 nodes=n1", node=None)
 
 
+@pytest.mark.e2e
 def test_checking_a_trusted_key_file_loads_neither_hashlib_nor_cryptography(tmp_path: Path) -> None:
     """The supervisor checks its trusted key files at every start: what only signing and verifying need (OpenSSL's
     digests, cryptography) must not be loaded for that, or it stays resident in every supervisor."""

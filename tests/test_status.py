@@ -7,8 +7,12 @@ import os
 import signal
 import subprocess
 
+import pytest
+
 from baton.pb import common_pb2
 from tests.conftest import PY, ROOT, SELF_AGENTS, agent, wait_for
+
+pytestmark = pytest.mark.e2e  # every test here starts a process
 
 
 def status(sup, *extra: str) -> subprocess.CompletedProcess[str]:

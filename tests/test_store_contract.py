@@ -29,6 +29,8 @@ from manager.store import (
     open_store,
 )
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:

@@ -42,6 +42,7 @@ def one_line(res: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+@pytest.mark.e2e
 @needs_root
 def test_state_dir_owned_by_nobody_is_refused_by_check_config_and_by_run(tmp_path):
     state = tmp_path / "state"
@@ -55,6 +56,7 @@ def test_state_dir_owned_by_nobody_is_refused_by_check_config_and_by_run(tmp_pat
     assert list(state.iterdir()) == [], "run created nothing in it"
 
 
+@pytest.mark.e2e
 @needs_root
 @pytest.mark.parametrize("mode", [0o777, 0o770, 0o1777])
 def test_world_or_group_writable_state_dir_is_refused(tmp_path, mode):
@@ -67,6 +69,7 @@ def test_world_or_group_writable_state_dir_is_refused(tmp_path, mode):
     assert "node.state_dir" in one_line(res) and "writable by group or others" in one_line(res)
 
 
+@pytest.mark.e2e
 @needs_root
 def test_download_dir_owned_by_nobody_is_refused(tmp_path):
     downloads = tmp_path / "downloads"
@@ -77,6 +80,7 @@ def test_download_dir_owned_by_nobody_is_refused(tmp_path):
     assert "update.download_dir" in one_line(res)
 
 
+@pytest.mark.e2e
 @needs_root
 def test_group_writable_parent_of_install_root_is_refused(tmp_path):
     parent = tmp_path / "opt"
@@ -97,6 +101,7 @@ def test_a_sticky_root_owned_parent_like_tmp_is_accepted(tmp_path):
         check_dir(shared)  # but not as the directory itself
 
 
+@pytest.mark.e2e
 @needs_root
 def test_a_symbolic_link_owned_by_another_user_on_the_way_is_refused(tmp_path):
     real = tmp_path / "real"
@@ -109,6 +114,7 @@ def test_a_symbolic_link_owned_by_another_user_on_the_way_is_refused(tmp_path):
     assert "node.state_dir" in one_line(res) and "symbolic link" in one_line(res)
 
 
+@pytest.mark.e2e
 def test_a_sticky_world_writable_log_dir_is_refused_and_keeps_its_mode(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -119,6 +125,7 @@ def test_a_sticky_world_writable_log_dir_is_refused_and_keeps_its_mode(tmp_path)
     assert logs.stat().st_mode & 0o7777 == 0o1777
 
 
+@pytest.mark.e2e
 def test_an_existing_log_dir_keeps_its_mode_and_created_dirs_get_ours(make_supervisor, tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -138,6 +145,7 @@ def secret_file(tmp_path: Path) -> Path:
     return target
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("log_name", ["web.log", "supervisor.log"])
 def test_a_symlink_planted_in_the_log_dir_is_not_followed(make_supervisor, tmp_path, log_name):
     target = secret_file(tmp_path)

@@ -20,6 +20,7 @@ from tests.conftest import agent, agent_processes, wait_for
 RUNNING = common_pb2.AGENT_STATE_RUNNING
 
 
+@pytest.mark.e2e
 def test_status_lists_every_configured_agent_running(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True), agent("worker", "crash_agent.py")]).start()
     web = sup.wait_agent("web", "running")
@@ -34,6 +35,7 @@ def test_status_lists_every_configured_agent_running(make_supervisor):
     assert psutil.Process(web.pid).ppid() == sup.proc.pid
 
 
+@pytest.mark.e2e
 def test_notify_agent_is_starting_until_it_sends_ready(make_supervisor, tmp_path):
     go = tmp_path / "ready"
     sup = make_supervisor([agent("slow", "ready_agent.py", notify=True, env={"READY_WHEN_FILE": str(go)})]).start()
@@ -43,6 +45,7 @@ def test_notify_agent_is_starting_until_it_sends_ready(make_supervisor, tmp_path
     sup.wait_agent("slow", "running", timeout=10)
 
 
+@pytest.mark.e2e
 def test_stop_start_and_restart_over_grpc(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
     first = sup.wait_agent("web", "running")
@@ -57,6 +60,7 @@ def test_stop_start_and_restart_over_grpc(make_supervisor):
     assert third.pid not in (first.pid, second.pid)
 
 
+@pytest.mark.e2e
 def test_unknown_agent_is_not_found(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
     with pytest.raises(grpc.RpcError) as e:
@@ -65,6 +69,7 @@ def test_unknown_agent_is_not_found(make_supervisor):
     assert "nope" in e.value.details()
 
 
+@pytest.mark.e2e
 def test_a_running_agent_killed_is_restarted_at_once(make_supervisor):
     sup = make_supervisor([agent("w", "crash_agent.py", start_seconds=0.2, backoff_initial_s=30.0)]).start()
     first = sup.wait_agent("w", "running")
@@ -74,6 +79,7 @@ def test_a_running_agent_killed_is_restarted_at_once(make_supervisor):
     assert second.last_exit_status == -signal.SIGKILL
 
 
+@pytest.mark.e2e
 def test_a_second_exit_soon_after_a_restart_backs_off(make_supervisor):
     sup = make_supervisor([agent("w", "crash_agent.py", start_seconds=0.2, backoff_initial_s=1.0)]).start()
     first = sup.wait_agent("w", "running")
@@ -88,6 +94,7 @@ def test_a_second_exit_soon_after_a_restart_backs_off(make_supervisor):
     assert third.restarts == 2
 
 
+@pytest.mark.e2e
 def test_crash_loop_reaches_fatal(make_supervisor):
     sup = make_supervisor([agent("loop", "crash_agent.py", env={"CRASH_AFTER": "0"}, start_seconds=1.0,
                                  start_retries=2, backoff_initial_s=0.05)]).start()
@@ -99,6 +106,7 @@ def test_crash_loop_reaches_fatal(make_supervisor):
     assert sup.agent("loop").state == common_pb2.AGENT_STATE_FATAL
 
 
+@pytest.mark.e2e
 def test_on_failure_policy_leaves_a_clean_exit_alone(make_supervisor):
     sup = make_supervisor([agent("once", "crash_agent.py", env={"CRASH_AFTER": "0.5", "CRASH_CODE": "0"},
                                  start_seconds=0.1, restart="on-failure")]).start()
@@ -107,6 +115,7 @@ def test_on_failure_policy_leaves_a_clean_exit_alone(make_supervisor):
     assert exited.restarts == 0
 
 
+@pytest.mark.e2e
 def test_agent_ignoring_sigterm_is_killed_after_stop_timeout(make_supervisor):
     sup = make_supervisor([agent("stub", "stubborn_agent.py", stop_timeout_s=1.5, start_seconds=0.2)]).start()
     a = sup.wait_agent("stub", "running")
@@ -120,6 +129,7 @@ def test_agent_ignoring_sigterm_is_killed_after_stop_timeout(make_supervisor):
     assert not psutil.pid_exists(a.pid)
 
 
+@pytest.mark.e2e
 def test_chatty_agent_keeps_running_and_its_log_rotates(make_supervisor, tmp_path):
     count = tmp_path / "count"
     sup = make_supervisor([agent("chatty", "chatty_agent.py", start_seconds=0.2, log_max_bytes=256 * 1024,
@@ -138,6 +148,7 @@ def test_chatty_agent_keeps_running_and_its_log_rotates(make_supervisor, tmp_pat
     assert log.with_name("chatty.log.1").read_bytes().endswith(b"\n")
 
 
+@pytest.mark.e2e
 def test_sigterm_to_supervisor_stops_every_agent_and_leaves_no_process(make_supervisor):
     sup = make_supervisor([
         agent("web", "ready_agent.py", notify=True),
@@ -153,6 +164,7 @@ def test_sigterm_to_supervisor_stops_every_agent_and_leaves_no_process(make_supe
     assert alive == [], f"left behind: {alive}"
 
 
+@pytest.mark.e2e
 def test_an_orphaned_grandchild_is_reaped_by_the_supervisor_not_left_a_zombie(make_supervisor):
     # The agent's subshell backgrounds a `sleep 3` and exits: the sleep is re-parented to the supervisor (a child
     # subreaper), which must reap it when it exits although it watches only its agents.
@@ -176,6 +188,7 @@ def test_an_orphaned_grandchild_is_reaped_by_the_supervisor_not_left_a_zombie(ma
     assert sup.agent("forker").state == RUNNING
 
 
+@pytest.mark.e2e
 def test_agent_output_reaches_its_log_file(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
     a = sup.wait_agent("web", "running")
@@ -183,11 +196,13 @@ def test_agent_output_reaches_its_log_file(make_supervisor):
     wait_for(lambda: "tick 3" in sup.log_of("web").read_text(), what="ticks in log")
 
 
+@pytest.mark.e2e
 def test_unix_socket_is_private(make_supervisor):
     sup = make_supervisor([]).start()
     assert oct(sup.socket.stat().st_mode & 0o777) == oct(0o600)
 
 
+@pytest.mark.e2e
 def test_tcp_listener_serves_daemon_service(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)], tcp=True).start()
     addr = sup.cfg["grpc"]["listen"][0]
@@ -196,6 +211,7 @@ def test_tcp_listener_serves_daemon_service(make_supervisor):
     assert st.node_id == "node-1"
 
 
+@pytest.mark.e2e
 def test_health_service_reports_serving(make_supervisor):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -207,6 +223,7 @@ def test_health_service_reports_serving(make_supervisor):
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.e2e
 def test_readiness_is_sent_to_systemd_notify_socket(make_supervisor, tmp_path):
     path = tmp_path / "systemd-notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -223,6 +240,7 @@ def test_readiness_is_sent_to_systemd_notify_socket(make_supervisor, tmp_path):
     sock.close()
 
 
+@pytest.mark.e2e
 def test_second_supervisor_on_same_state_dir_refuses_to_start(make_supervisor):
     sup = make_supervisor([]).start()
     other = make_supervisor([], name="sup")
@@ -233,6 +251,7 @@ def test_second_supervisor_on_same_state_dir_refuses_to_start(make_supervisor):
     assert "supervisor.lock" in other.output()
 
 
+@pytest.mark.e2e
 def test_supervisor_killed_right_after_an_agent_restarted_adopts_the_new_process(make_supervisor):
     """The table is written once per event-loop turn: a new pid must still be on disk before anyone sees it."""
     sup = make_supervisor([agent("w", "crash_agent.py", start_seconds=0.2, backoff_initial_s=0.05)]).start()
@@ -247,6 +266,7 @@ def test_supervisor_killed_right_after_an_agent_restarted_adopts_the_new_process
     assert agent_processes(sup.state_dir, "w") == [new]
 
 
+@pytest.mark.e2e
 def test_supervisor_killed_right_after_a_notify_agent_said_ready_adopts_it_as_running(make_supervisor):
     """READY=1 is sent once and only the supervisor saw it: it is on disk before the status shows RUNNING."""
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True, backoff_initial_s=0.05,
@@ -262,6 +282,7 @@ def test_supervisor_killed_right_after_a_notify_agent_said_ready_adopts_it_as_ru
     assert a.pid == pid and a.adopted
 
 
+@pytest.mark.e2e
 def test_agents_survive_a_killed_supervisor_and_are_adopted_by_the_next_one(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True),
                            agent("w", "crash_agent.py", start_seconds=0.2)]).start()
@@ -281,6 +302,7 @@ def test_agents_survive_a_killed_supervisor_and_are_adopted_by_the_next_one(make
     wait_for(lambda: log.read_text().count("tick") > before + 2, what="output of the adopted agent")
 
 
+@pytest.mark.e2e
 def test_an_agents_start_time_and_parent_are_the_ones_psutil_reports():
     """The agent table's start_time is compared by other supervisor versions (after a handover or a restart),
     which computed it with psutil: read from /proc, it must be the very same number."""
@@ -294,6 +316,7 @@ def test_an_agents_start_time_and_parent_are_the_ones_psutil_reports():
     assert process_start_time(child.pid) is None and parent_pid(child.pid) is None
 
 
+@pytest.mark.e2e
 def test_a_running_supervisor_has_not_loaded_what_it_needs_only_now_and_then(make_supervisor):
     """Extension modules map into the process for good (issue 13, memory): psutil (adoption, an update's helper),
     uuid and hashlib (update admission), cryptography (signatures) wait until they are needed, and OpenSSL through

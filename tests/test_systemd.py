@@ -22,6 +22,7 @@ REASON = unavailable_reason()
 needs_systemd = pytest.mark.skipif(bool(REASON), reason=f"no real systemd here: {REASON}")
 
 
+@pytest.mark.e2e
 def test_shipped_units_pass_systemd_analyze_verify_silently(tmp_path):
     if shutil.which("systemd-analyze") is None:
         pytest.fail("systemd-analyze is missing; scripts/bootstrap.sh installs systemd's tools")
@@ -44,6 +45,7 @@ def test_shipped_units_pass_systemd_analyze_verify_silently(tmp_path):
         assert res.returncode == 0 and res.stdout == "" and res.stderr == "", res.stdout + res.stderr
 
 
+@pytest.mark.e2e
 def test_verify_would_catch_a_bad_setting(tmp_path):
     """The check above is not vacuous: systemd-analyze prints an unknown key (and still exits 0)."""
     bad = tmp_path / "bad.service"
@@ -87,6 +89,7 @@ def install_self_cli(*args: str | Path, release_root: Path | None = None,
     return subprocess.run(argv, capture_output=True, text=True, timeout=180, cwd=ROOT)
 
 
+@pytest.mark.e2e
 def test_install_self_enable_with_no_unit_is_a_usage_error_that_installs_nothing(make_supervisor):
     sup = make_supervisor([], name="nounit")
     sup.write_config()
@@ -97,6 +100,7 @@ def test_install_self_enable_with_no_unit_is_a_usage_error_that_installs_nothing
     assert not (sup.base / "install").exists() and not (sup.base / "units").exists()
 
 
+@pytest.mark.e2e
 def test_install_self_enable_from_a_checkout_is_refused_before_installing(make_supervisor):
     """A development tree runs only with BATON_PYTHON and gets no unit: there is nothing to enable."""
     sup = make_supervisor([], name="devenable")
@@ -106,6 +110,7 @@ def test_install_self_enable_from_a_checkout_is_refused_before_installing(make_s
     assert not (sup.base / "install").exists() and not (sup.base / "units").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_install_self_enable_without_systemd_keeps_the_release_installed_and_says_what_to_run(
         make_supervisor, releases):
@@ -177,6 +182,7 @@ def agent_pids(host) -> dict[str, int]:
     return {a.name: a.pid for a in host.sup.status().agents}
 
 
+@pytest.mark.e2e
 @needs_systemd
 def test_unit_starts_and_reports_ready(systemd, unit_host):
     props = systemd.show("baton-supervisor.service", "ActiveState", "SubState", "StatusText", "MainPID", "Type")
@@ -186,6 +192,7 @@ def test_unit_starts_and_reports_ready(systemd, unit_host):
              == "3 running, 0 starting, 0 failed of 3 agents", what="STATUS= counting the running agents")
 
 
+@pytest.mark.e2e
 @needs_systemd
 def test_systemctl_reload_applies_the_config_and_refuses_a_bad_one(systemd, unit_host):
     from tests.conftest import agent
@@ -208,6 +215,7 @@ def test_systemctl_reload_applies_the_config_and_refuses_a_bad_one(systemd, unit
     assert agent_pids(unit_host) == after
 
 
+@pytest.mark.e2e
 @needs_systemd
 def test_self_update_under_systemd_keeps_main_pid_agents_and_helper(systemd, unit_host):
     main_pid = systemd.show("baton-supervisor.service", "MainPID")["MainPID"]
@@ -227,6 +235,7 @@ def test_self_update_under_systemd_keeps_main_pid_agents_and_helper(systemd, uni
     assert "committed" in log, "the helper (its own transient unit) ran through the switch"
 
 
+@pytest.mark.e2e
 @needs_systemd
 def test_failed_self_update_under_systemd_rolls_back(systemd, unit_host):
     before = agent_pids(unit_host)
@@ -239,6 +248,7 @@ def test_failed_self_update_under_systemd_rolls_back(systemd, unit_host):
     assert agent_pids(unit_host) == before
 
 
+@pytest.mark.e2e
 @needs_systemd
 def test_systemctl_restart_keeps_every_agent_and_applies_a_changed_metrics_section(systemd, unit_host):
     """docs/handover.md, "Under systemd": the unit really restarts (a new MainPID), the agents do not."""
@@ -266,6 +276,7 @@ def test_systemctl_restart_keeps_every_agent_and_applies_a_changed_metrics_secti
     assert not (sup.base / "run" / "handover.json").exists()
 
 
+@pytest.mark.e2e
 @needs_systemd
 def test_supervisor_killed_while_systemctl_restart_hands_over_leaves_every_agent_adopted_by_the_next_start(
         systemd, make_supervisor, release, tmp_path):
@@ -292,6 +303,7 @@ def test_supervisor_killed_while_systemctl_restart_hands_over_leaves_every_agent
     wait_for(lambda: not (host.sup.base / "run" / "handover.json").exists(), 60, what="the handover to end")
 
 
+@pytest.mark.e2e
 @needs_systemd
 def test_systemctl_stop_stops_every_agent(systemd, unit_host):
     fifos = {str(unit_host.sup.state_dir / "agents" / n / "output.fifo") for n in ("web", "worker", "chatty")}
@@ -313,6 +325,7 @@ def test_systemctl_stop_stops_every_agent(systemd, unit_host):
     assert agents_alive() == []
 
 
+@pytest.mark.e2e
 @needs_systemd
 @pytest.mark.slow
 def test_one_command_installs_a_release_enables_and_starts_it_under_systemd_self_updates_and_uninstalls(
@@ -381,6 +394,7 @@ def _daemon_fails_at_start(root: Path) -> None:
     daemon.write_text(daemon.read_text() + '\nraise ImportError("this release cannot run (a test)")\n')
 
 
+@pytest.mark.e2e
 @needs_systemd
 @pytest.mark.slow
 def test_install_self_enable_of_a_unit_that_fails_to_start_says_where_to_look_and_keeps_the_release(

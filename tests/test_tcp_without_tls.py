@@ -126,6 +126,7 @@ def app_host(make_supervisor: Any, release: Release, socket: Path | None = None,
     return sup
 
 
+@pytest.mark.e2e
 @needs_root
 def test_nobody_on_the_insecure_loopback_listener_cannot_stop_an_agent_or_push_a_downgrade(
         make_supervisor, release):
@@ -147,6 +148,7 @@ def test_nobody_on_the_insecure_loopback_listener_cannot_stop_an_agent_or_push_a
     assert updates_in_journal(sup) == []
 
 
+@pytest.mark.e2e
 def test_insecure_listener_serves_read_only_methods_and_refuses_mutating_ones(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)], tcp=True).start()
     web = sup.wait_agent("web", "running")
@@ -165,6 +167,7 @@ def test_insecure_listener_serves_read_only_methods_and_refuses_mutating_ones(ma
     assert "grpc.insecure_tcp" in sup.output() and "read-only" in sup.output()
 
 
+@pytest.mark.e2e
 @needs_root
 def test_a_local_group_member_who_is_not_an_operator_cannot_push_with_force(make_supervisor, release, open_dir):
     sock = open_dir / "supervisor.sock"
@@ -185,6 +188,7 @@ def test_a_local_group_member_who_is_not_an_operator_cannot_push_with_force(make
     wait_for(lambda: sup.agent("app").pid not in (0, before.pid), 20, what="app to restart")
 
 
+@pytest.mark.e2e
 def test_root_on_the_unix_socket_is_an_operator_and_may_push_a_downgrade(make_supervisor, release):
     sup = app_host(make_supervisor, release)
     old = release.build("0.9.0")
@@ -209,6 +213,7 @@ unix_socket = "{d}/s.sock"
     ('allowed_clients = ["CN=manager-1"]', "grpc.allowed_clients", "needs grpc.tls_cert"),
     ('allow_downgrade_clients = ["CN=operator"]', "grpc.allow_downgrade_clients", "needs grpc.tls_cert"),
 ])
+@pytest.mark.e2e
 def test_check_config_refuses_tcp_without_tls_in_one_line_naming_the_key(tmp_path, grpc_lines, key, problem):
     cfg = tmp_path / "c.toml"
     cfg.write_text(BASE.format(d=tmp_path) + grpc_lines + "\n")
@@ -219,6 +224,7 @@ def test_check_config_refuses_tcp_without_tls_in_one_line_naming_the_key(tmp_pat
     assert key in lines[0] and problem in lines[0]
 
 
+@pytest.mark.e2e
 def test_check_config_accepts_the_insecure_opt_in_on_loopback(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(BASE.format(d=tmp_path) + 'listen = ["127.0.0.1:7443", "[::1]:7443", "localhost:7444"]\n'
@@ -227,6 +233,7 @@ def test_check_config_accepts_the_insecure_opt_in_on_loopback(tmp_path):
     assert res.returncode == 0, res.stderr
 
 
+@pytest.mark.e2e
 def test_run_refuses_tcp_without_tls_and_starts_nothing(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(BASE.format(d=tmp_path) + 'listen = ["127.0.0.1:7443"]\n')
@@ -238,6 +245,7 @@ def test_run_refuses_tcp_without_tls_and_starts_nothing(tmp_path):
     assert not (tmp_path / "state").exists()
 
 
+@pytest.mark.e2e
 def test_the_shipped_example_config_passes_check_config_and_has_no_plain_tcp(tmp_path):
     example = (ROOT / "packaging" / "supervisor.example.toml").read_text()
     body = example.replace('"/var/lib/baton"', f'"{tmp_path}/state"').replace('"/opt/baton"', f'"{tmp_path}/opt"')

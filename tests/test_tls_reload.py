@@ -18,6 +18,8 @@ from baton.pb import daemon_pb2, daemon_pb2_grpc
 from manager.devca import Authority, Issued, issue_manager, issue_node, make_ca
 from tests.conftest import PY, ROOT, SupervisorProc, agent
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 ALLOWED = "URI:spiffe://baton/manager/manager-1"
 
 

@@ -144,6 +144,7 @@ while time.monotonic() < end:
 """
 
 
+@pytest.mark.e2e
 def test_symlink_raced_onto_the_socket_path_is_refused_and_changes_no_file(tmp_path, shared):
     secret = root_only_file(tmp_path)
     before = identity(secret)
@@ -178,6 +179,7 @@ open(met, "w").write("root talked to me\\n")
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("command", [["status"], ["stop", "web"], ["reload"], ["updates"]])
 def test_cli_as_root_refuses_a_socket_in_a_directory_others_may_change(shared, command):
     sockets = world_writable_dir(shared)
@@ -197,6 +199,7 @@ def test_cli_as_root_refuses_a_socket_in_a_directory_others_may_change(shared, c
         impostor.wait()
 
 
+@pytest.mark.e2e
 def test_a_link_left_at_a_group_socket_path_is_replaced_not_followed(make_supervisor, tmp_path):
     secret = root_only_file(tmp_path)
     before = identity(secret)
@@ -215,6 +218,7 @@ def test_a_link_left_at_a_group_socket_path_is_replaced_not_followed(make_superv
 # ---- item 2: files root trusts -----------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_config_file_owned_by_another_user_is_refused_by_check_config_and_run(tmp_path):
     cfg = config(tmp_path)
     os.chown(cfg, NOBODY, NOBODY)
@@ -225,6 +229,7 @@ def test_config_file_owned_by_another_user_is_refused_by_check_config_and_run(tm
     assert not (tmp_path / "state").exists()
 
 
+@pytest.mark.e2e
 def test_reload_of_a_config_another_user_edited_is_refused_and_keeps_the_running_agents(shared_supervisor, shared):
     sup = shared_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
     web = sup.wait_agent("web", "running")
@@ -243,6 +248,7 @@ def test_reload_of_a_config_another_user_edited_is_refused_and_keeps_the_running
     assert [(a.name, a.pid) for a in after] == [("web", web.pid)]
 
 
+@pytest.mark.e2e
 def test_trusted_key_another_user_replaced_never_installs_a_push_signed_with_its_key(shared_supervisor, shared):
     release = Release(shared / "release")
     sup = shared_supervisor(
@@ -265,6 +271,7 @@ def test_trusted_key_another_user_replaced_never_installs_a_push_signed_with_its
     assert not host.layout.version_dir("1.1.0").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("how", ["owned by nobody", "in a directory others may write"])
 def test_trusted_key_another_user_could_replace_is_refused_by_check_config(tmp_path, shared, how):
     keys = world_writable_dir(shared, "keys") if how != "owned by nobody" else tmp_path
@@ -277,6 +284,7 @@ def test_trusted_key_another_user_could_replace_is_refused_by_check_config(tmp_p
     assert "update.trusted_keys[0]" in one_line(res)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("key", ["manager.tls_ca", "update.file_url_root"])
 def test_other_trusted_files_owned_by_another_user_are_refused(tmp_path, key):
     path = tmp_path / "trusted"
@@ -307,6 +315,7 @@ def command_script(shared: Path, mode: int) -> Path:
     return cmd
 
 
+@pytest.mark.e2e
 def test_agent_command_others_may_write_is_refused_when_the_agent_runs_as_root(tmp_path, shared):
     cmd = command_script(shared, 0o777)
     pwned = shared / "pwned"
@@ -319,6 +328,7 @@ def test_agent_command_others_may_write_is_refused_when_the_agent_runs_as_root(t
     assert not pwned.exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("how", ["group-writable by root's group", "run as nobody"])
 def test_agent_command_is_accepted_when_only_root_or_its_own_user_can_change_what_runs(tmp_path, shared, how):
     cmd = command_script(shared, 0o775 if how.startswith("group") else 0o777)
@@ -329,6 +339,7 @@ def test_agent_command_is_accepted_when_only_root_or_its_own_user_can_change_wha
     assert res.returncode == 0, res.stderr
 
 
+@pytest.mark.e2e
 def test_helper_verify_with_the_config_refuses_a_key_another_user_owns_as_an_update_would(tmp_path, release):
     from tests.test_helper_cli import helper, sig_file
 
@@ -342,6 +353,7 @@ def test_helper_verify_with_the_config_refuses_a_key_another_user_owns_as_an_upd
     assert "REFUSED" in line and f"owned by uid {NOBODY}" in line and "update.trusted_keys[0]" in line
 
 
+@pytest.mark.e2e
 def test_doctor_reports_a_socket_in_a_directory_others_may_change_and_does_not_ask_it(tmp_path, shared):
     from tests.test_doctor import doctor, worst
 

@@ -18,6 +18,8 @@ import pytest
 
 from tests.conftest import PY, agent
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 # Standard library only, run by the system interpreter: the test's virtualenv may live where `nobody`
 # cannot read it. It speaks the first bytes of HTTP/2: a served peer gets the server's SETTINGS frame back,
 # a refused one is hung up on at once.

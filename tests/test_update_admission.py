@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import UpdateHost
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 
 def _refused_at_push(host: UpdateHost, request, pkgserver, name: str) -> grpc.RpcError:
     before = host.sup.agent("app")

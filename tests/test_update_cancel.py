@@ -26,6 +26,8 @@ from tests.conftest import (
     wait_for,
 )
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 FAILED = common_pb2.UPDATE_STATE_FAILED
 ROLLED_BACK = common_pb2.UPDATE_STATE_ROLLED_BACK
 COMMITTED = common_pb2.UPDATE_STATE_COMMITTED

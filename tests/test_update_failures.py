@@ -16,6 +16,8 @@ import pytest
 from baton.pb import common_pb2
 from tests.conftest import UpdateHost
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 FAILED = common_pb2.UPDATE_STATE_FAILED
 
 

@@ -11,6 +11,8 @@ import pytest
 from baton.pb import common_pb2
 from tests.conftest import UpdateHost
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 COMMITTED = common_pb2.UPDATE_STATE_COMMITTED
 ROLLED_BACK = common_pb2.UPDATE_STATE_ROLLED_BACK
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from baton.pb import common_pb2
 from tests.conftest import RecordingManager, UpdateHost, free_port, install_version, serve_manager, wait_for
+
+pytestmark = pytest.mark.e2e  # every test here starts a process
 
 
 def host_with_manager(make_supervisor, release, port: int) -> UpdateHost:

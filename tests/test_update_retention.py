@@ -12,6 +12,8 @@ import pytest
 from baton.journal import Journal
 from tests.conftest import RecordingManager, UpdateHost, free_port, install_version, serve_manager, wait_for
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 
 def _host(make_supervisor, release, update: dict, manager_port: int = 0) -> UpdateHost:
     extra: dict = {"update": {"trusted_keys": [str(release.public_key)], "health_window_s": 0.2,

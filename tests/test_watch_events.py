@@ -22,6 +22,7 @@ RUNNING = common_pb2.AGENT_STATE_RUNNING
 STARTING = common_pb2.AGENT_STATE_STARTING
 
 
+@pytest.mark.e2e
 def test_watch_agent_streams_the_agent_now_then_its_readiness_then_heartbeats(make_supervisor, tmp_path):
     go = tmp_path / "ready"
     sup = make_supervisor([agent("slow", "ready_agent.py", notify=True, env={"READY_WHEN_FILE": str(go)})]).start()
@@ -42,6 +43,7 @@ def test_watch_agent_streams_the_agent_now_then_its_readiness_then_heartbeats(ma
     assert running[2] - running[1] < 10 * WATCH_AGENT_HEARTBEAT_S
 
 
+@pytest.mark.e2e
 def test_watch_agent_of_an_unknown_agent_is_not_found_and_the_method_is_read_only(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()
     with pytest.raises(grpc.RpcError) as e:
@@ -50,6 +52,7 @@ def test_watch_agent_of_an_unknown_agent_is_not_found_and_the_method_is_read_onl
     assert "/baton.v1.DaemonService/WatchAgent" in READ_ONLY_METHODS
 
 
+@pytest.mark.e2e
 def test_helper_health_wait_sees_readiness_from_the_stream_and_a_crash_inside_the_window(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True),
                            agent("crashy", "crash_agent.py", env={"CRASH_AFTER": "0.5"}, restart="always",
@@ -66,6 +69,7 @@ def test_helper_health_wait_sees_readiness_from_the_stream_and_a_crash_inside_th
         control.close()
 
 
+@pytest.mark.e2e
 def test_helper_watch_follows_the_agent_across_a_supervisor_restart(make_supervisor):
     """A stream broken by the supervisor going away (a self-update's exec) is opened again on the next one."""
     sup = make_supervisor([agent("web", "ready_agent.py", notify=True)]).start()

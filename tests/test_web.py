@@ -35,6 +35,8 @@ from tests.manager_fixtures import (
 )
 from tests.test_fleet import fleet, steps, submit
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 HOSTILE = '<img src=x onerror="document.title=1">'
 
