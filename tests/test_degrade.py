@@ -40,7 +40,8 @@ from tests.test_trusted_paths import as_nobody, command_script, shared, shared_s
 
 NOBODY = 65534
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="an unsafe key is one another user owns: needs root")
+pytestmark = [pytest.mark.e2e,  # every test here starts a process
+              pytest.mark.skipif(os.geteuid() != 0, reason="an unsafe key is one another user owns: needs root")]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

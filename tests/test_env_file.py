@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import PY, ROOT, agent, supervisors_in, wait_for
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 NOBODY = 65534
 SECRET = "hunter2-never-in-a-log"
 

@@ -47,6 +47,7 @@ def first_lines(sup: Any, name: str) -> str:
 
 
 @needs
+@pytest.mark.e2e
 def test_agent_past_memory_max_is_oom_killed_recorded_and_restarted_while_its_neighbour_runs_on(make_supervisor):
     sup = make_supervisor([limited("hog", "hog", "200", memory_max="64M", backoff_initial_s=2.0,
                                    start_seconds=10.0),
@@ -62,6 +63,7 @@ def test_agent_past_memory_max_is_oom_killed_recorded_and_restarted_while_its_ne
 
 
 @needs
+@pytest.mark.e2e
 def test_agent_past_tasks_max_cannot_fork_and_its_exit_names_the_limit(make_supervisor):
     sup = make_supervisor([limited("forker", "fork", "10", tasks_max=4, backoff_initial_s=30.0,
                                    start_seconds=10.0)]).start()
@@ -72,6 +74,7 @@ def test_agent_past_tasks_max_cannot_fork_and_its_exit_names_the_limit(make_supe
 
 
 @needs
+@pytest.mark.e2e
 def test_agent_command_runs_in_its_cgroup_with_its_open_files_limit_from_its_first_instruction(make_supervisor):
     sup = make_supervisor([limited("boxed", "show", memory_max="256M", tasks_max=50, cpu_weight=50,
                                    cpu_quota="50%", open_files=77)]).start()
@@ -91,6 +94,7 @@ def test_agent_command_runs_in_its_cgroup_with_its_open_files_limit_from_its_fir
 
 
 @needs
+@pytest.mark.e2e
 def test_agent_adopted_by_the_next_supervisor_keeps_its_cgroup_and_its_oom_kill_is_recorded(make_supervisor):
     sup = make_supervisor([limited("later", "hog-on-usr1", "200", memory_max="64M", start_seconds=0.2,
                                    backoff_initial_s=30.0)]).start()
@@ -114,6 +118,7 @@ def test_agent_adopted_by_the_next_supervisor_keeps_its_cgroup_and_its_oom_kill_
 
 
 @needs
+@pytest.mark.e2e
 def test_memory_limit_changed_while_the_supervisor_was_down_is_what_the_next_start_applies(make_supervisor):
     memory = HOST.hierarchies["memory"].own_dir / AGENTS_DIR / "grow"
     sup = make_supervisor([limited("grow", "show", memory_max="64M")]).start()
@@ -130,6 +135,7 @@ def test_memory_limit_changed_while_the_supervisor_was_down_is_what_the_next_sta
 
 
 @needs
+@pytest.mark.e2e
 def test_agent_removed_from_the_config_takes_its_cgroup_with_it(make_supervisor):
     sup = make_supervisor([limited("gone", "show", tasks_max=20), limited("stays", "show")]).start()
     sup.wait_agent("gone", "running")
@@ -153,6 +159,7 @@ def no_cgroups_launcher(tmp_path: Path) -> Path:
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1)")
+@pytest.mark.e2e
 def test_limit_without_its_controller_keeps_that_agent_stopped_naming_the_key_and_the_others_run(make_supervisor,
                                                                                                tmp_path):
     sup = make_supervisor([limited("capped", "show", memory_max="64M", start_retries=0),
@@ -166,6 +173,7 @@ def test_limit_without_its_controller_keeps_that_agent_stopped_naming_the_key_an
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1)")
+@pytest.mark.e2e
 def test_check_config_on_a_host_without_the_controller_refuses_the_limit_in_one_line(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text(f'[node]\nid = "n1"\nstate_dir = "{tmp_path}/state"\ninstall_root = "{tmp_path}/install"\n'
@@ -187,6 +195,7 @@ def test_check_config_on_a_host_without_the_controller_refuses_the_limit_in_one_
     ("tasks_max = -1", "agents[0].tasks_max", "0 (no limit) or more"),
     ("open_files = -5", "agents[0].open_files", "0 (the supervisor's limit) or more"),
 ])
+@pytest.mark.e2e
 def test_bad_limit_value_is_refused_at_check_config_in_one_line_naming_the_key(tmp_path, line, key, problem):
     path = tmp_path / "c.toml"
     path.write_text(f'[node]\nid = "n1"\nstate_dir = "{tmp_path}/state"\ninstall_root = "{tmp_path}/install"\n'

@@ -6,6 +6,8 @@ import subprocess
 import time
 from typing import Any
 
+import pytest
+
 from baton.log_stamps import LineStamper, SinceFilter, line_time, stamp_of
 from tests.conftest import PY, ROOT, wait_for
 
@@ -24,6 +26,7 @@ def tail(sup, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, cwd=ROOT, timeout=60)
 
 
+@pytest.mark.e2e
 def test_each_output_line_starts_with_the_utc_time_it_was_read(make_supervisor):
     before = time.time()
     sup = make_supervisor([inline("stamped", "print('one'); print(); print('three', flush=True); "
@@ -36,6 +39,7 @@ def test_each_output_line_starts_with_the_utc_time_it_was_read(make_supervisor):
         assert t is not None and before - 1 <= t <= time.time(), ln
 
 
+@pytest.mark.e2e
 def test_tail_since_shows_only_the_lines_stamped_after_it(make_supervisor):
     sup = make_supervisor([inline("timed", EARLY_LATE, log_timestamps=True)]).start()
     wait_for(lambda: b"late" in sup.log_of("timed").read_bytes(), what="the late line")
@@ -46,6 +50,7 @@ def test_tail_since_shows_only_the_lines_stamped_after_it(make_supervisor):
     assert [ln[25:] for ln in everything.stdout.splitlines()] == ["early", "late"]
 
 
+@pytest.mark.e2e
 def test_tail_since_on_an_agent_without_timestamps_says_so_in_one_line(make_supervisor):
     sup = make_supervisor([inline("plain", EARLY_LATE)]).start()
     wait_for(lambda: b"early" in sup.log_of("plain").read_bytes(), what="its output")
@@ -55,6 +60,7 @@ def test_tail_since_on_an_agent_without_timestamps_says_so_in_one_line(make_supe
                           "(set log_timestamps = true in its section)\n")
 
 
+@pytest.mark.e2e
 def test_tail_since_with_a_bad_value_is_a_usage_error(make_supervisor):
     sup = make_supervisor([inline("plain", EARLY_LATE)]).start()
     res = tail(sup, "--since", "yesterday", "plain")

@@ -20,6 +20,7 @@ def first(lines: list[str], text: str) -> int:
     return next(i for i, line in enumerate(lines) if text in line)
 
 
+@pytest.mark.e2e
 def test_agent_after_another_starts_only_once_that_one_is_ready_and_priority_orders_the_rest(make_supervisor,
                                                                                              tmp_path):
     ready = tmp_path / "db-may-be-ready"
@@ -40,6 +41,7 @@ def test_agent_after_another_starts_only_once_that_one_is_ready_and_priority_ord
     assert first(lines, "agent db starting -> running") < first(lines, "agent web started pid")
 
 
+@pytest.mark.e2e
 def test_agents_stop_in_the_reverse_of_their_start_order(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", after=["db"]), agent("db", "ready_agent.py"),
                            agent("early", "ready_agent.py", priority=-5)]).start()
@@ -53,6 +55,7 @@ def test_agents_stop_in_the_reverse_of_their_start_order(make_supervisor):
     assert first(lines, f"agent db pid {db_pid} exited") < first(lines, "agent early: stopping")
 
 
+@pytest.mark.e2e
 def test_status_lists_agents_in_start_order_and_stop_all_stops_them_in_reverse(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", after=["db"]), agent("db", "ready_agent.py"),
                            agent("early", "ready_agent.py", priority=-5)]).start()
@@ -75,6 +78,7 @@ def test_status_lists_agents_in_start_order_and_stop_all_stops_them_in_reverse(m
      '[[agents]]\nname = "c"\ncommand = "/bin/true"\nafter = ["a"]\n', "agents[0].after", "a cycle: a -> b -> c -> a"),
     ('[[agents]]\nname = "a"\ncommand = "/bin/true"\nafter = ["a"]\n', "agents[0].after[0]", "after itself"),
 ])
+@pytest.mark.e2e
 def test_unknown_name_or_cycle_in_after_is_refused_at_check_config_naming_the_key(tmp_path: Path, agents, key,
                                                                                   problem):
     path = tmp_path / "c.toml"

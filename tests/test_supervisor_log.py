@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import PY, ROOT, agent
 
+pytestmark = pytest.mark.e2e  # every test here starts a process
+
 SITE = next(p for p in sys.path if p.endswith("site-packages"))  # the venv's, readable by nobody (not its python)
 
 
