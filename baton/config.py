@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from baton.errors import BatonError
+from baton.errors import KeyedError
 from baton.limits import BadLimit, Limits, limits_of
 from baton.log import LEVELS
 from baton.start_order import Ordered
@@ -55,11 +55,8 @@ def signal_number(name: str) -> int:
     return int(signal.Signals["SIG" + name.strip().upper().removeprefix("SIG")])
 
 
-class ConfigError(BatonError):
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}" if key else problem)
-        self.key = key
-        self.problem = problem
+class ConfigError(KeyedError):
+    """A config value that is refused, naming its key."""
 
 
 @dataclass(frozen=True)

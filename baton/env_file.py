@@ -14,17 +14,14 @@ import re
 import stat
 from pathlib import Path
 
-from baton.errors import BatonError
+from baton.errors import KeyedError
 
 MAX_ENV_FILE_BYTES = 1 << 20  # a megabyte of variables is already far more than an environment should carry
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class EnvFileError(BatonError):
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}")
-        self.key = key
-        self.problem = problem
+class EnvFileError(KeyedError):
+    """An ``env_file`` that cannot be read or parsed, naming its key (never its values)."""
 
 
 def read_env_file(path: Path, key: str) -> dict[str, str]:

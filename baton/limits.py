@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from baton.errors import BatonError
+from baton.errors import KeyedError
 
 # systemd's ranges: CPUWeight= 1..10000 (100 is the default), CPUQuota= a percentage of one CPU.
 CPU_WEIGHT_MAX = 10000
@@ -24,11 +24,8 @@ CONTROLLER_OF = {"memory_max": "memory", "tasks_max": "pids", "cpu_weight": "cpu
 MIN_MEMORY_BYTES = 1 << 20  # below a MiB not even the shell that starts the agent fits: refused, not killed forever
 
 
-class BadLimit(BatonError):
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}")
-        self.key = key
-        self.problem = problem
+class BadLimit(KeyedError):
+    """A resource limit that is not a valid value, naming its key."""
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,11 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from baton.errors import BatonError
+from baton.errors import KeyedError
 
 
-class OrderError(BatonError):
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}")
-        self.key = key
-        self.problem = problem
+class OrderError(KeyedError):
+    """An ``after`` naming no agent, the agent itself, or a cycle, naming its key."""
 
 
 @dataclass(frozen=True)

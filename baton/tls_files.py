@@ -11,16 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from baton.errors import BatonError
+from baton.errors import KeyedError
 
 
-class TlsFilesError(BatonError):
+class TlsFilesError(KeyedError):
     """A TLS file that does not load; ``key`` names the config key at fault (``grpc.tls_key``)."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}")
-        self.key = key
-        self.problem = problem
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from baton.config import Config, ConfigError
-from baton.errors import BatonError
+from baton.errors import KeyedError
 from baton.limits import CONTROLLER_OF, Limits
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -38,13 +38,8 @@ SUPERVISOR_LEAF = "baton-supervisor"
 CONTROLLERS = ("memory", "pids", "cpu")
 
 
-class CgroupError(BatonError):
+class CgroupError(KeyedError):
     """A limit cannot be applied: ``key`` is the config key (``agents[0].memory_max``) or ""."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}" if key else problem)
-        self.key = key
-        self.problem = problem
 
 
 @dataclass(frozen=True)
