@@ -7,6 +7,7 @@ refusal and that nothing changed.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import shutil
@@ -179,24 +180,31 @@ open(met, "w").write("root talked to me\\n")
 """
 
 
-@pytest.mark.e2e
-@pytest.mark.parametrize("command", [["status"], ["stop", "web"], ["reload"], ["updates"]])
-def test_cli_as_root_refuses_a_socket_in_a_directory_others_may_change(shared, command):
+@contextlib.contextmanager
+def impostor_in(shared: Path) -> Iterator[tuple[Path, Path]]:
+    """(socket path, file it writes when asked): another user listening on a socket in a world-writable directory."""
     sockets = world_writable_dir(shared)
     sock_path, met = sockets / "supervisor.sock", sockets / "met"
     impostor = subprocess.Popen([SYSTEM_PY, "-c", IMPOSTOR, str(sock_path), str(met)], user=NOBODY, group=NOBODY,
                                 extra_groups=[], cwd="/", stdout=subprocess.PIPE, text=True)
     try:
         assert impostor.stdout is not None and impostor.stdout.readline() == "listening\n"
+        yield sock_path, met
+    finally:
+        impostor.kill()
+        impostor.wait()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("command", [["status"], ["stop", "web"], ["reload"], ["updates"]])
+def test_cli_as_root_refuses_a_socket_in_a_directory_others_may_change(shared, command):
+    with impostor_in(shared) as (sock_path, met):
         res = cli(*command, "--socket", str(sock_path))
         assert res.returncode == 1, res
         line = one_line(res)
         assert f"refusing to talk to {sock_path}" in line and "--socket" in line and "writable" in line
         time.sleep(0.2)
         assert not met.exists(), "the impostor was answered"
-    finally:
-        impostor.kill()
-        impostor.wait()
 
 
 @pytest.mark.e2e
@@ -357,18 +365,10 @@ def test_helper_verify_with_the_config_refuses_a_key_another_user_owns_as_an_upd
 def test_doctor_reports_a_socket_in_a_directory_others_may_change_and_does_not_ask_it(tmp_path, shared):
     from tests.test_doctor import doctor, worst
 
-    sockets = world_writable_dir(shared)
-    sock_path, met = sockets / "supervisor.sock", sockets / "met"
-    impostor = subprocess.Popen([SYSTEM_PY, "-c", IMPOSTOR, str(sock_path), str(met)], user=NOBODY, group=NOBODY,
-                                extra_groups=[], cwd="/", stdout=subprocess.PIPE, text=True)
-    try:
-        assert impostor.stdout is not None and impostor.stdout.readline() == "listening\n"
+    with impostor_in(shared) as (sock_path, met):
         code, checks = doctor(config(tmp_path, grpc={"unix_socket": str(sock_path)}))
         assert code == 2
         assert worst(checks, "trusted-paths")["message"].startswith("grpc.unix_socket:")
         assert f"refusing to talk to {sock_path}" in worst(checks, "supervisor")["message"]
         time.sleep(0.2)
         assert not met.exists(), "the impostor was asked"
-    finally:
-        impostor.kill()
-        impostor.wait()
