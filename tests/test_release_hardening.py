@@ -28,7 +28,9 @@ pytestmark = pytest.mark.e2e  # every test here starts a process
 
 def _checkout(dest: Path) -> Path:
     """What `baton-package release` reads of a checkout, copied so that a test may plant links in it."""
-    for top in ("baton", "supervisor", "helper", "packaging", "requirements"):
+    from helper.release import PACKAGES, SHARE_SOURCE
+
+    for top in (*PACKAGES, SHARE_SOURCE, "requirements"):
         shutil.copytree(ROOT / top, dest / top, ignore=shutil.ignore_patterns("__pycache__"))
     return dest
 
