@@ -135,10 +135,19 @@ def parent_pid(pid: int) -> int | None:
     return int(fields[1]) if fields is not None else None
 
 
+START_TIME_TOLERANCE_S = 1.05  # /proc/stat's btime is whole seconds and moves by one as the clock is slewed
+
+
 def same_process(pid: int, start_time: float) -> bool:
-    """A pid names the same process only with the same kernel start time (pids are reused)."""
+    """A pid names the same process only with the same kernel start time (pids are reused).
+
+    The start time is ticks since boot plus ``btime``, and btime, whole seconds derived from the wall clock, can read
+    one second apart in two processes (psutil's create_time() shows the same): with a tighter tolerance a supervisor
+    taking over after a handover once saw none of its agents as the processes recorded and started every one again
+    beside them. A pid reused within that second would need the whole pid space to wrap in it.
+    """
     t = process_start_time(pid)
-    return t is not None and abs(t - start_time) < 0.05
+    return t is not None and abs(t - start_time) < START_TIME_TOLERANCE_S
 
 
 def reap(pidfd: int) -> int | None:

@@ -316,6 +316,18 @@ def test_an_agents_start_time_and_parent_are_the_ones_psutil_reports():
     assert process_start_time(child.pid) is None and parent_pid(child.pid) is None
 
 
+def test_a_recorded_start_time_a_btime_second_off_is_still_the_same_process_and_two_seconds_off_is_not():
+    """btime in /proc/stat is whole seconds and two readers may see it one apart: the recorded start time of an
+    agent read by another supervisor process can differ by that second (not by two)."""
+    from supervisor.agents import same_process
+
+    me = os.getpid()
+    start = process_start_time(me)
+    assert start is not None
+    assert same_process(me, start) and same_process(me, start - 1.0) and same_process(me, start + 1.0)
+    assert not same_process(me, start + 2.0) and not same_process(me, start - 2.0)
+
+
 @pytest.mark.e2e
 def test_a_running_supervisor_has_not_loaded_what_it_needs_only_now_and_then(make_supervisor):
     """Extension modules map into the process for good (issue 13, memory): psutil (adoption, an update's helper),
