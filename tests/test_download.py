@@ -131,9 +131,9 @@ def test_returned_handle_is_read_only_and_closed_by_the_context_manager(server: 
 def test_a_file_system_that_refuses_o_direct_gets_every_byte_through_the_cache(
     server: PackageServer, payload: bytes, dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import helper.download
+    import helper.download.writer
 
-    monkeypatch.setattr(helper.download._DirectWriter, "_set_direct", lambda self, on: False)
+    monkeypatch.setattr(helper.download.writer.DirectWriter, "_set_direct", lambda self, on: False)
     with fetch(server.url(NAME), dest) as result:
         assert_digests_of(result, payload)
         assert dest.read_bytes() == payload
