@@ -8,6 +8,7 @@ and a message that names the next step; the Manager stores and groups by the rea
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from baton.pb import common_pb2, daemon_pb2
-from baton.reasons import NEXT_STEP, FailureReason, classify, message, next_step
+from baton.reasons import BY_EXCEPTION, NEXT_STEP, FailureReason, classify, message, next_step
 from tests.conftest import Package, UpdateHost, free_port, install_version, wait_for
 from tests.manager_fixtures import (
     make_fleet,
@@ -252,3 +253,12 @@ def test_self_update_whose_new_supervisor_fails_the_handover_has_its_reason(make
     host = make_self_host(tcp=False, update={"handshake_timeout_s": 4.0})
     st = _ends_with(host, host.push(host.supervisor_package("1.1.0", fault)), ROLLED_BACK, reason)
     assert "next step: check the new supervisor's log" in st.error, st.error
+
+
+def test_every_exception_class_named_for_a_reason_exists_where_it_is_named():
+    """``classify`` matches by module and class name: a class moved without its entry would lose its reason."""
+    for name in BY_EXCEPTION:
+        module, _, qualname = name.rpartition(".")
+        cls = getattr(importlib.import_module(module), qualname, None)
+        assert isinstance(cls, type) and issubclass(cls, BaseException), name
+        assert f"{cls.__module__}.{cls.__qualname__}" == name
