@@ -1,7 +1,7 @@
 """The agent channel: how a helper asks its supervisor to restart, stop or watch an agent, without gRPC.
 
 An agent update's helper needs four things of the supervisor (restart, stop, the agent now, each change of
-it); gRPC and protobuf are about a third of a helper's imports and 30 ms of its start on every update. This
+it); gRPC and protobuf would be a third of a helper's imports (tests/test_startup_rules.py). This
 channel is newline-delimited JSON over ``<run_dir>/agents.sock`` (0600, peers checked by SO_PEERCRED: root
 or the supervisor's own uid), one request per connection. The protocol is ``docs/protocols.md``, "Agent
 channel"; this module is its one encoder and decoder on both sides.

@@ -35,10 +35,8 @@ from baton.errors import BatonError
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-# cryptography (about 7 MiB resident) is imported where a key is used, not here: the supervisor imports this
-# module only to check a signature's syntax at update admission, and keeps every byte it does not need off its RSS.
-# hashlib and hmac too (OpenSSL's digests, about 0.6 MiB): the supervisor also imports this module to check that
-# its trusted key files parse, at every start.
+# cryptography, hashlib and hmac are imported where a key is used, not here: the supervisor imports this module
+# at every start (its trusted key files) and keeps them off its RSS (tests/test_signing.py, docs/benchmarks.md).
 
 SIGALG = b"Ed"
 SIGALG_HASHED = b"ED"

@@ -47,10 +47,8 @@ def _load(path: str) -> Config:
 def _control(socket: Path) -> SupervisorControl:
     """The supervisor's client, made when an update first needs it (once the new version is in place).
 
-    It speaks the agent channel (baton/agent_channel.py), not gRPC: gRPC and protobuf were about a third of
-    the helper's imports, 30 ms of every agent update. (Imported on a thread beside the download instead, they
-    took the GIL from the helper's own imports and the download's threads: the update ended 20 ms later than
-    with them imported when needed.)
+    It speaks the agent channel (baton/agent_channel.py), not gRPC, whose imports would be a third of the
+    helper's (tests/test_startup_rules.py; the figures: docs/benchmarks.md, "Start-up rules and their history").
     """
     from helper.control import SupervisorControl
 

@@ -38,6 +38,7 @@ BENCHMARKS = ("verify", "download", "update", "selfupdate", "supervision", "flee
               "fleet_heartbeat", "fleet_failover")
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 SCRATCH_OUT = ROOT / ".bench" / "benchmarks.md"
+STARTUP_RULES = ROOT / "scripts" / "bench_startup_rules.md"  # not measured by a run: carried into every output
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -73,6 +74,7 @@ def render(sections: list[Section], argv: list[str], quick: bool, started: datet
     ]
     for s in sections:
         lines += [f"## {s.title}", "", *s.lines, "", f"_({s.elapsed_s:.0f} s)_", ""]
+    lines += ["## Start-up rules and their history", "", STARTUP_RULES.read_text().rstrip(), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

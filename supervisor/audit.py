@@ -129,8 +129,7 @@ class Callers:
     """Who is behind each backend connection the Front opened, by the abstract address it is bound to."""
 
     def __init__(self) -> None:
-        # os.urandom is what secrets.token_hex reads; importing secrets would keep hashlib and OpenSSL's digests
-        # resident in the supervisor (about 0.7 MiB) for these names alone.
+        # os.urandom, not secrets: that would keep hashlib resident for these names (tests/test_startup_rules.py)
         self._prefix = f"baton-front-{os.getpid()}-{os.urandom(6).hex()}-"
         self._count = itertools.count()
         self._by_name: dict[str, Caller] = {}

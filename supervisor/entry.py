@@ -1,11 +1,11 @@
 """The ``supervisor`` command's entry point, for every way it starts: the console script, a release's
 ``bin/supervisor`` launcher and ``python -m supervisor``.
 
-``supervisor run`` first imports asyncio with Python's ssl hidden, so the daemon does not map OpenSSL (about
-4 MiB resident). asyncio imports ssl eagerly, for TLS the daemon never asks of it: its TLS is gRPC's own
-(BoringSSL, in grpcio) and its front relays bytes. asyncio takes the failed import as "no ssl" and offers no TLS
-in this process; ssl itself stays importable for whatever needs it later (prometheus_client, with [metrics]).
-tests/test_supervisor.py checks a running supervisor has not mapped it.
+``supervisor run`` first imports asyncio with Python's ssl hidden, so the daemon does not map OpenSSL: asyncio
+imports ssl eagerly, for TLS the daemon never asks of it (its TLS is gRPC's own, BoringSSL in grpcio, and its
+front relays bytes). asyncio takes the failed import as "no ssl"; ssl itself stays importable for whatever needs
+it later (prometheus_client, with [metrics]). Tested by tests/test_startup_rules.py; what it saves is in
+docs/benchmarks.md, "Start-up rules and their history".
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ run with ``$BATON_PYTHON``), which the fast tests use; they are not for hosts.
 
 from __future__ import annotations
 
-# shutil (with bz2 and lzma, about 0.3 MiB) is imported where trees are copied: the daemon imports this module
-# only for launcher(), helper_command() and running_from_layout().
+# shutil is imported where trees are copied: the daemon imports this module only for launcher(), helper_command()
+# and running_from_layout() (its cost: docs/benchmarks.md, "Start-up rules and their history").
 import contextlib
 import os
 import subprocess
