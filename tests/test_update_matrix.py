@@ -31,7 +31,7 @@ from baton.states import UpdateState as S
 from helper import download as dl
 from helper.machine import MAX_ATTEMPTS, UpdateRun
 from helper.self_update import SelfUpdateRun
-from tests.conftest import Package, Release, install_version
+from tests.conftest import Package, Release, install_version, snapshot_tree
 from tests.fakes import handover as ho
 from tests.fakes import supervisor as agents
 from tests.fakes.clock import FakeClock
@@ -238,6 +238,7 @@ def test_a_failure_before_the_switch_ends_failed_with_its_reason_and_changes_not
     h = host_of(component)
     arrange, reason, names = _refusals(release, packages[component], component)[failure]
     running = h.running(), h.agents.pid, h.supervisors.pid
+    installed = snapshot_tree(h.cfg.node.install_root)
     arrange(h)
     rec = h.update()
     assert rec.state is S.FAILED, rec.error
@@ -245,6 +246,7 @@ def test_a_failure_before_the_switch_ends_failed_with_its_reason_and_changes_not
     assert not rec.rolled_back and rec.attempts == 1
     assert (h.running(), h.agents.pid, h.supervisors.pid) == running  # the running version was never touched
     assert h.agents.calls == [] and h.supervisors.sessions == []
+    assert snapshot_tree(h.cfg.node.install_root) == installed  # nothing changed outside downloads and journal
     assert_consistent(h, rec)
 
 
@@ -260,9 +262,12 @@ def test_a_hostile_archive_is_refused_before_anything_is_installed(host_of, rele
         for info, data in EVIL[kind]():
             tar.addfile(info, io.BytesIO(data) if data is not None else None)
     h.push(release.sign(path, APP, NEW))
+    installed = snapshot_tree(h.cfg.node.install_root)
     rec = h.update()
     assert rec.state is S.FAILED and rec.reason == R.UNSAFE_ARCHIVE.value, rec.error
     assert not Path("/tmp/baton-evil-abs").exists()
+    assert snapshot_tree(h.cfg.node.install_root) == installed
+    assert h.agents.calls == []
     assert_consistent(h, rec)
 
 
@@ -306,8 +311,10 @@ def test_an_agent_failing_after_the_switch_is_rolled_back_and_the_old_version_ru
     arrange, reason, names = AGENT_FAILURES[failure]
     h.push(packages[APP])
     arrange(h)
+    old_pid = h.agents.pid
     rec = h.update()
-    assert rec.state is S.ROLLED_BACK and rec.rolled_back, rec.error
+    assert rec.state is S.ROLLED_BACK and rec.rolled_back and not rec.success, rec.error
+    assert h.agents.running[APP] == OLD and h.agents.pid != old_pid  # the old version, started again
     assert rec.reason == reason.value and names in rec.error, (rec.reason, rec.error)
     assert [t.state for t in rec.history][-3:] == ["watching" if "restart" not in failure else "restarting",
                                                    "rolling_back", "rolled_back"]
