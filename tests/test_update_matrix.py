@@ -40,7 +40,7 @@ from tests.fakes.fetcher import FakeFetcher
 from tests.fakes.handover import SupervisorHost, probe
 from tests.fakes.journal import MemoryJournal
 from tests.fakes.supervisor import FakeSupervisor
-from tests.test_agent_update import EVIL
+from tests.hostile_archives import EVIL, write_hostile_archive
 
 APP = "app"
 OLD, NEW = "1.0.0", "1.1.0"
@@ -252,15 +252,9 @@ def test_a_failure_before_the_switch_ends_failed_with_its_reason_and_changes_not
 
 @pytest.mark.parametrize("kind", sorted(EVIL))
 def test_a_hostile_archive_is_refused_before_anything_is_installed(host_of, release, kind):
-    import io
-    import tarfile
-
     h = host_of(APP)
     path = release.base / "pkgs" / f"evil-{kind}.tar"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for info, data in EVIL[kind]():
-            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    write_hostile_archive(path, kind)
     h.push(release.sign(path, APP, NEW))
     installed = snapshot_tree(h.cfg.node.install_root)
     rec = h.update()
