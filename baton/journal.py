@@ -165,6 +165,15 @@ class UpdateRecord:
         )
 
 
+def check_guarded(rec: UpdateRecord) -> None:
+    """Raises IllegalTransition unless ``rec``'s state is the last one :meth:`UpdateRecord.moved` recorded: the
+    check of every store of records (this module's :class:`Journal`, the fast tier's in-memory one)."""
+    if not rec.history or rec.history[-1].state != rec.state.value:
+        last = rec.history[-1].state if rec.history else "nothing"
+        raise IllegalTransition(f"update {rec.update_id}: state {rec.state.value} was not reached by a "
+                                f"guarded move (last recorded: {last})")
+
+
 def check_update_id(update_id: str) -> None:
     """Raises JournalError, with the reason, unless ``update_id`` may name a record in the journal."""
     if update_id in RESERVED_IDS:
@@ -242,10 +251,7 @@ class Journal:
 
     def save(self, rec: UpdateRecord) -> None:
         """Write ``rec`` durably; IllegalTransition if its state was not reached through ``moved``."""
-        if not rec.history or rec.history[-1].state != rec.state.value:
-            last = rec.history[-1].state if rec.history else "nothing"
-            raise IllegalTransition(f"update {rec.update_id}: state {rec.state.value} was not reached by a "
-                                    f"guarded move (last recorded: {last})")
+        check_guarded(rec)
         durable.write_json(self.path(rec.update_id), rec.to_json(), 0o600)
 
     def load(self, update_id: str) -> UpdateRecord:

@@ -15,14 +15,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from baton.config import SUPERVISOR_COMPONENT, Config, ConfigError, load_config
 from baton.errors import BatonError
 from baton.startup import loading
-
-if TYPE_CHECKING:
-    from helper.control import SupervisorControl
 
 DEFAULT_CONFIG = "/etc/baton/supervisor.toml"
 EXIT_FAILED = 1
@@ -44,22 +40,11 @@ def _load(path: str) -> Config:
         raise SystemExit(EXIT_USAGE) from None
 
 
-def _control(socket: Path) -> SupervisorControl:
-    """The supervisor's client, made when an update first needs it (once the new version is in place).
-
-    It speaks the agent channel (baton/agent_channel.py), not gRPC, whose imports would be a third of the
-    helper's (tests/test_startup_rules.py; the figures: docs/benchmarks.md, "Start-up rules and their history").
-    """
-    from helper.control import SupervisorControl
-
-    return SupervisorControl(socket)
-
-
 def cmd_apply(ns: argparse.Namespace) -> int:
     with loading():
         from baton.journal import Journal
         from helper.locks import ComponentBusy, ComponentLock
-        from helper.machine import UpdateRun
+        from helper.wiring import update_run
 
     _setup_logging(ns.json)
     cfg = _load(ns.config)
@@ -72,14 +57,7 @@ def cmd_apply(ns: argparse.Namespace) -> int:
     socket = Path(ns.socket) if ns.socket else cfg.control_socket
     try:
         with ComponentLock(cfg.node.state_dir, rec.component):
-            kind = UpdateRun
-            if rec.component == SUPERVISOR_COMPONENT:  # the handover's machinery: loaded only for a self-update
-                with loading():
-                    from helper.self_update import SelfUpdateRun
-
-                kind = SelfUpdateRun
-            run = kind(cfg, journal, ns.update_id, lambda: _control(socket))
-            final = run.run()
+            final = update_run(cfg, journal, ns.update_id, rec.component, socket).run()
     except ComponentBusy as e:
         print(f"helper: {e}", file=sys.stderr)
         return EXIT_BUSY

@@ -21,7 +21,8 @@ from baton.layout import STAGING_PREFIX, ComponentLayout, version_of_dir
 from baton.signing import PublicKey, TrustedKeyError, load_trusted_keys
 from baton.strict_modes import UnsafePath, check_trusted, trusted_key_files
 from helper.archive import ExtractLimits, extract_package
-from helper.download import DownloadedFile, DownloadLimits, DownloadProgress, FileIdentity, download
+from helper.download import DownloadedFile, DownloadLimits, DownloadProgress, FileIdentity
+from helper.ports import Fetcher
 from helper.verify import VerifiedPackage, verify_package
 
 
@@ -42,9 +43,11 @@ def configured_trusted_keys(cfg: Config) -> tuple[PublicKey, ...]:
 
 
 class Installer:
-    def __init__(self, cfg: Config, component: str) -> None:
+    def __init__(self, cfg: Config, component: str, fetcher: Fetcher) -> None:
+        """``fetcher`` brings the package's bytes (``helper.download.download``, wired in helper/wiring.py)."""
         self.cfg = cfg
         self.layout = ComponentLayout(cfg.node.install_root, component)
+        self.fetch = fetcher
 
     def package_path(self, update_id: str) -> Path:
         return self.cfg.download_dir / f"{update_id}.pkg"
@@ -57,7 +60,7 @@ class Installer:
         """Fetch into the helper's own file; resume only the one the journal recorded (``created`` records it)."""
         self.cfg.download_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         owned = FileIdentity(*rec.download_file) if rec.download_file else None
-        return download(rec.request.download_url, self.package_path(rec.update_id),
+        return self.fetch(rec.request.download_url, self.package_path(rec.update_id),
                         expected_size=rec.request.size, limits=DownloadLimits.from_config(self.cfg.update),
                         progress=progress, owned=owned, created=created)
 

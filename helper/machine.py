@@ -22,16 +22,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import time
-from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from baton import faults
 from baton.admission import check_request
 from baton.config import Config
 from baton.errors import BatonError
-from baton.journal import CANCEL_SIGNAL, CANCELLED, Journal, UpdateRecord
+from baton.journal import CANCEL_SIGNAL, CANCELLED, UpdateRecord
 from baton.log import logger
 from baton.marks import Marks
 from baton.reasons import FailureReason, classify, facts, message, with_output
@@ -40,9 +37,7 @@ from baton.states import UpdateState as S
 from helper.control_errors import HealthCheckFailed, SupervisorUnavailable
 from helper.download import DownloadedFile, DownloadProgress, FileIdentity
 from helper.installer import Installer
-
-if TYPE_CHECKING:  # the gRPC client is loaded off the update's path (helper/cli.py)
-    from helper.control import SupervisorControl
+from helper.ports import ClientFactory, Clock, Fetcher, JournalStore, SupervisorClient
 
 RECOVERY: dict[S, str] = {
     S.REQUESTED: "start from the beginning",
@@ -59,7 +54,6 @@ instead commits from SWITCHING, RESTARTING or WATCHING when the new version alre
 RESTARTING and WATCHING: ``helper/self_update.py``)."""
 
 MAX_ATTEMPTS = 5
-ControlFactory = Callable[[], "SupervisorControl"]
 
 
 class UpdateCancelled(BaseException):
@@ -72,16 +66,22 @@ class UpdateCancelled(BaseException):
 
 
 class UpdateRun:
-    """Drives one update from whatever state its journal holds to a final state."""
+    """Drives one update from whatever state its journal holds to a final state.
 
-    def __init__(self, cfg: Config, journal: Journal, update_id: str, control: ControlFactory) -> None:
+    Its collaborators are given (``helper/ports.py``; the real ones: ``helper/wiring.py``): the journal's
+    storage, the supervisor client (made on first use), the fetcher of the package and the clock.
+    """
+
+    def __init__(self, cfg: Config, journal: JournalStore, update_id: str, control: ClientFactory, *,
+                 fetcher: Fetcher, clock: Clock) -> None:
         self.cfg = cfg
         self.journal = journal
         self.update_id = update_id
+        self.clock = clock
         self._control_factory = control
-        self._control: SupervisorControl | None = None
+        self._control: SupervisorClient | None = None
         self.rec = journal.load(update_id)
-        self.installer = Installer(cfg, self.rec.component)
+        self.installer = Installer(cfg, self.rec.component, fetcher)
         self.marks = Marks(cfg.node.state_dir)
         self._last_progress = 0.0
         self._cancel_seen = False
@@ -100,7 +100,7 @@ class UpdateRun:
 
     def _timed(self, step: str, started: float) -> dict[str, float]:
         t = dict(self.rec.timings)
-        t[step] = round(t.get(step, 0.0) + time.monotonic() - started, 6)
+        t[step] = round(t.get(step, 0.0) + self.clock.monotonic() - started, 6)
         return t
 
     def _progress(self, p: DownloadProgress) -> None:
@@ -141,7 +141,7 @@ class UpdateRun:
         return any(t.note == CANCELLED for t in self.rec.history)
 
     @property
-    def control(self) -> SupervisorControl:
+    def control(self) -> SupervisorClient:
         if self._control is None:
             self._control = self._control_factory()
         return self._control
@@ -196,7 +196,7 @@ class UpdateRun:
             keys = self.installer.trusted_keys()
             self.installer.remove_staging_leftovers()
             self._move(S.DOWNLOADING, "" if self.rec.attempts == 1 else "recovery")
-            t0 = time.monotonic()
+            t0 = self.clock.monotonic()
             self._interruptible = True
             try:
                 self._check_cancel()
@@ -205,13 +205,13 @@ class UpdateRun:
                 self._interruptible = False
             self._check_cancel()
             self._move(S.VERIFYING, timings=self._timed("download", t0))
-            t0 = time.monotonic()
+            t0 = self.clock.monotonic()
             verified = self.installer.verify(dl, self.rec, keys)
             logger.info("update {}: signature by key {} over manifest {!r}", self.update_id, verified.key_id_hex,
                         verified.manifest)
             self._check_cancel()
             self._move(S.STAGING, timings=self._timed("verify", t0))
-            t0 = time.monotonic()
+            t0 = self.clock.monotonic()
             self._staged_dir = self.installer.stage(dl, req.version).name
             self.rec = replace(self.rec, timings=self._timed("stage", t0))
             self._check_cancel()
@@ -233,7 +233,7 @@ class UpdateRun:
         if self.rec.state is S.STAGING:
             self.installer.discard_version(self.rec.to_version)
         error = f"{error_class}: {detail}" if error_class else detail
-        self._move(S.FAILED, error, error=error, reason=why.value, success=False, finished_at=time.time())
+        self._move(S.FAILED, error, error=error, reason=why.value, success=False, finished_at=self.clock.time())
         self._settle()
 
     # ---- the switch and after: any failure rolls back ---------------------------------------------------------
@@ -243,7 +243,7 @@ class UpdateRun:
 
         The one switch sequence of every update; :meth:`_link_new` is what differs for the supervisor.
         """
-        t0 = time.monotonic()
+        t0 = self.clock.monotonic()
         self._move(S.SWITCHING)
         if self._cancel_pending():  # asked for while we moved: from here on a cancel rolls back
             self._rollback(CANCELLED, FailureReason.CANCELLED)
@@ -261,11 +261,11 @@ class UpdateRun:
         if not self._switch():
             return
         try:
-            t0 = time.monotonic()
+            t0 = self.clock.monotonic()
             self._check_cancel()
             self.control.restart(req.component)
             self._move(S.WATCHING, timings=self._timed("restart", t0))
-            t0 = time.monotonic()
+            t0 = self.clock.monotonic()
             u = self.cfg.update
             self.control.wait_healthy(req.component, req.version, u.health_timeout_s, u.health_window_s,
                                       check=self._check_cancel)
@@ -279,13 +279,13 @@ class UpdateRun:
         self._commit()
 
     def _commit(self) -> None:
-        self._move(S.COMMITTED, success=True, finished_at=time.time())
+        self._move(S.COMMITTED, success=True, finished_at=self.clock.time())
         self._settle()
 
     def _rollback(self, detail: str, why: FailureReason) -> None:
         """Back to the old version; ``detail`` and ``why`` say what went wrong with the new one."""
         req = self.rec.request
-        t0 = time.monotonic()
+        t0 = self.clock.monotonic()
         self._move(S.ROLLING_BACK, detail, error=detail, reason=why.value)
         layout = self.installer.layout
         old = self.rec.from_version
@@ -318,7 +318,7 @@ class UpdateRun:
                 text = with_output(text, last_log)
             text = message(why, text)
         self._move(S.ROLLED_BACK, error=text, reason=why.value, rolled_back=True, success=False,
-                   finished_at=time.time(), last_log=last_log, timings=self._timed("rollback", t0))
+                   finished_at=self.clock.time(), last_log=last_log, timings=self._timed("rollback", t0))
         self._settle()
 
     # ---- after a final state: idempotent effects, redone by a helper that finds them unsettled ----------------
@@ -326,7 +326,7 @@ class UpdateRun:
     def _settle(self) -> None:
         """Move the mark (only on COMMITTED), prune backups, drop the download and staging leftovers."""
         req = self.rec.request
-        t0 = time.monotonic()
+        t0 = self.clock.monotonic()
         if self.rec.state is S.COMMITTED:
             self.marks.committed(req.component, req.version)
             removed = self.installer.prune(self.cfg.update.max_backups)

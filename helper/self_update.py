@@ -45,7 +45,7 @@ from baton import handover as wire
 from baton.agent_table import AgentTable
 from baton.config import SUPERVISOR_COMPONENT, Config
 from baton.errors import BatonError
-from baton.journal import Journal, UpdateRecord
+from baton.journal import UpdateRecord
 from baton.layout import START_LOG_ENV, START_LOG_NAME, ComponentLayout
 from baton.log import logger
 from baton.pb import daemon_pb2, daemon_pb2_grpc
@@ -55,7 +55,16 @@ from baton.states import UpdateState as S
 from baton.strict_modes import log_opener
 from helper.bridge import Bridge
 from helper.locks import ComponentBusy, ComponentLock
-from helper.machine import ControlFactory, UpdateRun
+from helper.machine import UpdateRun
+from helper.ports import (
+    ClientFactory,
+    Clock,
+    Fetcher,
+    HandoverFactory,
+    JournalStore,
+    SupervisorProbe,
+    SupervisorProcess,
+)
 from helper.recovery import moved, switched_back
 
 PREPARE_TIMEOUT_S = 30.0
@@ -124,7 +133,7 @@ class HandoverSession:
             conn = wire.connect(self.cfg.run_dir / "handover.sock", timeout_s=5.0)
         except wire.PeerGone as e:
             logger.warning("handover: no running supervisor ({}); starting the current version myself", e)
-            self._state_from_disk()
+            self.state_from_disk()
             self.start_supervisor()
             return
         self.pid = _control_pid(self.cfg)
@@ -191,7 +200,7 @@ class HandoverSession:
             self.bridge.stop()
             self.bridge = None
 
-    def _state_from_disk(self) -> None:
+    def state_from_disk(self) -> None:
         """No state from a running supervisor: the persisted agent table, without descriptors."""
         wire.close_fds(self.fds)
         records = AgentTable(self.cfg.node.state_dir / "agents.json").load()
@@ -279,7 +288,7 @@ class HandoverSession:
         if self.bridge is not None:
             self.bridge.stop_accepting()  # the sockets go on; the bridge answers what it accepted (below)
         if self.state is None:
-            self._state_from_disk()
+            self.state_from_disk()
         assert self.state is not None
         kept = [(d, fd) for d, fd in zip(self.state.fds, self.fds, strict=False) if d.kind != "stdio"]
         self._to(Custody.HANDED)  # from here this process has (or may have) our state: a rollback kills it
@@ -342,6 +351,22 @@ class HandoverSession:
         self.stdio = {}
 
 
+class ControlSocketProbe:
+    """What answers on the control socket, and whether a pid lives: the real ``SupervisorProbe``."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def running(self) -> tuple[str, bool]:
+        return running_supervisor(self.cfg)
+
+    def pid(self) -> int:
+        return _control_pid(self.cfg)
+
+    def alive(self, pid: int) -> bool:
+        return process_alive(pid)
+
+
 def running_supervisor(cfg: Config) -> tuple[str, bool]:
     """(version, serving) of the supervisor answering on the control socket; ("", False) if none."""
     target = f"unix:{cfg.control_socket}"
@@ -355,11 +380,19 @@ def running_supervisor(cfg: Config) -> tuple[str, bool]:
 
 
 class SelfUpdateRun(UpdateRun):
-    """An update of the supervisor component: the handover replaces the agent restart."""
+    """An update of the supervisor component: the handover replaces the agent restart.
 
-    def __init__(self, cfg: Config, journal: Journal, update_id: str, control: ControlFactory) -> None:
-        super().__init__(cfg, journal, update_id, control)
-        self.session: HandoverSession | None = None
+    Beside an agent update's collaborators it is given the supervisor's process side (``handover``: a
+    ``HandoverSession`` per custody) and a ``probe`` of what runs (``helper/ports.py``, wired in
+    helper/wiring.py).
+    """
+
+    def __init__(self, cfg: Config, journal: JournalStore, update_id: str, control: ClientFactory, *,
+                 fetcher: Fetcher, clock: Clock, handover: HandoverFactory, probe: SupervisorProbe) -> None:
+        super().__init__(cfg, journal, update_id, control, fetcher=fetcher, clock=clock)
+        self.handover = handover
+        self.probe = probe
+        self.session: SupervisorProcess | None = None
 
     def _supervisor_log_tail(self, max_bytes: int = 2048) -> str:
         """The failed version's own start-up output if it left any (a broken release), else its log."""
@@ -374,12 +407,12 @@ class SelfUpdateRun(UpdateRun):
         req = self.rec.request
         if not self._switch():  # after it the supervisor refuses a cancel
             return
-        t0 = time.monotonic()
+        t0 = self.clock.monotonic()
         try:
-            self.session = HandoverSession(self.cfg, self.update_id, req.version)
+            self.session = self.handover(self.cfg, self.update_id, req.version)
             self.session.take_state()
             self._move(S.WATCHING, timings=self._timed("handover", t0))
-            t0 = time.monotonic()
+            t0 = self.clock.monotonic()
             self.session.await_supervisor(req.version, self.cfg.update.handshake_timeout_s)
             self.rec = replace(self.rec, timings=self._timed("handshake", t0))
         except (wire.HandoverError, OSError) as e:
@@ -390,7 +423,7 @@ class SelfUpdateRun(UpdateRun):
 
     def _rollback(self, detail: str, why: FailureReason) -> None:
         req = self.rec.request
-        t0 = time.monotonic()
+        t0 = self.clock.monotonic()
         if self.rec.state is not S.ROLLING_BACK:
             self._move(S.ROLLING_BACK, detail, error=detail, reason=why.value)
         old = self.rec.from_version
@@ -402,7 +435,7 @@ class SelfUpdateRun(UpdateRun):
         session = self.session
         if session is None:
             self._recover_without_session(old, notes)
-        elif session.custody is Custody.UNTOUCHED and session.pid and process_alive(session.pid):
+        elif session.custody is Custody.UNTOUCHED and session.pid and self.probe.alive(session.pid):
             logger.info("handover: the old supervisor never stopped; switching the link back is enough")
         else:
             session.kill_supervisor()
@@ -420,21 +453,21 @@ class SelfUpdateRun(UpdateRun):
         if why is not FailureReason.CANCELLED:
             error = message(why, error)
         self._move(S.ROLLED_BACK, error=error, reason=why.value, rolled_back=True, success=False,
-                   finished_at=time.time(), last_log=last_log, timings=self._timed("rollback", t0))
+                   finished_at=self.clock.time(), last_log=last_log, timings=self._timed("rollback", t0))
         self._settle()
 
     def _recover_without_session(self, old: str, notes: list[str]) -> None:
         """A helper that died mid-handover left no custody: look at what runs now and make it whole."""
         wire.ActiveHandover.clear(self.cfg.run_dir)
-        version, serving = running_supervisor(self.cfg)
+        version, serving = self.probe.running()
         if version == old and serving:
             return
-        session = HandoverSession(self.cfg, self.update_id, old)
+        session = self.handover(self.cfg, self.update_id, old)
         self.session = session
         if version:
-            session.pid = _control_pid(self.cfg)
+            session.pid = self.probe.pid()
             session.kill_supervisor()
-        session._state_from_disk()
+        session.state_from_disk()
         session.start_supervisor()
         try:
             session.await_supervisor(old, self.cfg.update.handshake_timeout_s)
@@ -451,13 +484,13 @@ class SelfUpdateRun(UpdateRun):
         self.rec = replace(self.rec, attempts=self.rec.attempts + 1, helper_pid=os.getpid())
         self.journal.save(self.rec)
         req = self.rec.request
-        deadline = time.monotonic() + self.cfg.update.handshake_timeout_s
+        deadline = self.clock.monotonic() + self.cfg.update.handshake_timeout_s
         version, serving = "", False
-        while time.monotonic() < deadline:
-            version, serving = running_supervisor(self.cfg)
+        while self.clock.monotonic() < deadline:
+            version, serving = self.probe.running()
             if serving:
                 break
-            time.sleep(0.2)
+            self.clock.sleep(0.2)
         wire.ActiveHandover.clear(self.cfg.run_dir)
         if version == req.version and serving and self.installer.layout.current_version() == req.version:
             logger.info("update {}: supervisor {} runs and serves; committing", self.update_id, version)

@@ -85,12 +85,12 @@ def _imports_after(code: str) -> set[str]:
 
 
 def test_an_agent_updates_helper_imports_neither_grpc_nor_protobuf() -> None:
-    """helper/cli.py `_control` and baton/agent_channel.py: the helper speaks the agent channel, not gRPC (about a
+    """helper/wiring.py `supervisor_client`, baton/agent_channel.py: the helper speaks the agent channel, not gRPC (a
     third of its imports): what `helper apply` loads, the supervisor's client included, pulls in neither."""
-    loaded = _imports_after("import helper.cli\n"
+    loaded = _imports_after("import helper.cli, helper.wiring\n"
                             "from baton.journal import Journal\n"
                             "import helper.locks, helper.machine, helper.installer, helper.download\n"
-                            "helper.cli._control(__import__('pathlib').Path('/nonexistent.sock'))")
+                            "helper.wiring.supervisor_client(__import__('pathlib').Path('/nonexistent.sock'))()")
     assert "helper.control" in loaded
     assert not {m for m in loaded if m == "grpc" or m.startswith(("grpc.", "google.protobuf"))}
 
