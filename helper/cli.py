@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     # gRPC logs each GOAWAY at INFO, and the supervisor sends one to a connection when it is old
-    # (supervisor/front.py): a helper watching an agent through its health window would log it into helper.log.
+    # (baton/front.py): a helper watching an agent through its health window would log it into helper.log.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     p = build_parser()
     ns = p.parse_args(argv)

@@ -208,7 +208,7 @@ def drop_dirty_pages() -> None:
 
 
 def compile_checkout() -> None:
-    """Compile this checkout's bytecode, as a release's is compiled when it is installed (helper/release.py).
+    """Compile this checkout's bytecode, as a release's is compiled when it is installed (baton/release.py).
 
     Processes started from the checkout (the helper of each update) otherwise compile every module from source
     at every start when ``PYTHONDONTWRITEBYTECODE`` is set, a cost an installed release never pays.

@@ -60,7 +60,8 @@ from baton.audit import (
 )
 from baton.identity import peer_identity
 from baton.log import logger
-from supervisor.authz import READ_ONLY_METHODS, Channel, peer_label
+from baton.peer_label import Channel, peer_label
+from supervisor.authz import READ_ONLY_METHODS
 from supervisor.call_hooks import CallHooks, HookedInterceptor
 
 REFUSED_CODES = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
@@ -138,7 +139,7 @@ class Callers:
     def bound_socket(self, caller: Caller, channel: Channel) -> tuple[socket.socket, str]:
         """A Unix stream socket bound to a fresh abstract name registered for ``caller``; release it after.
 
-        The name is also the channel's label (:func:`supervisor.authz.peer_label`), which authz reads.
+        The name is also the channel's label (:func:`baton.peer_label.peer_label`), which authz reads.
         """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         for _ in range(3):  # abstract names are visible to every user, who may squat on the next one

@@ -383,7 +383,7 @@ def cmd_restart_daemon(ns: argparse.Namespace) -> int:
 
 
 def cmd_install_self(ns: argparse.Namespace) -> int:
-    from helper.release import release_root_of_running_code
+    from baton.release import release_root_of_running_code
     from supervisor.install_self import install_self
 
     if ns.enable and ns.no_unit:
@@ -631,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.fn is cmd_run:
         return int(ns.fn(ns))
     # A client command: gRPC logs each GOAWAY it receives at INFO, and the supervisor sends one to a kept
-    # connection when it is idle or old (supervisor/front.py), which a `--watch` would print every poll.
+    # connection when it is idle or old (baton/front.py), which a `--watch` would print every poll.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
         return int(ns.fn(ns))

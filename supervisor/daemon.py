@@ -30,10 +30,12 @@ from baton.agent_table import AgentRecord
 from baton.audit import AuditLog
 from baton.config import Config, ConfigError, load_config
 from baton.errors import BatonError
+from baton.front import SERVER_OPTIONS, Front, UnixPeerPolicy, bind_tcp, bind_unix
 from baton.log import logger
 from baton.pb import daemon_pb2_grpc
 from baton.states import AgentState
 from baton.strict_modes import make_dirs
+from baton.tls import server_tls
 from baton.tls_files import TlsFilesError
 from supervisor import handover, libc, systemd
 from supervisor.agent_socket import AgentSocket
@@ -41,9 +43,7 @@ from supervisor.agents import AgentSnapshot, ProcessManager, ReloadResult, same_
 from supervisor.audit import AuditInterceptor, AuditTrail, Callers
 from supervisor.clock import keep_clock_record, try_record_clock
 from supervisor.daemon_service import DaemonService, agent_info
-from supervisor.front import SERVER_OPTIONS, Front, UnixPeerPolicy, bind_tcp, bind_unix
 from supervisor.handover import ReceivedState
-from supervisor.tls import server_tls
 from supervisor.updates import UpdateManager
 from supervisor.version import supervisor_version
 

@@ -30,12 +30,12 @@ from baton import faults
 from baton import handover as wire
 from baton.agent_table import AgentRecord
 from baton.config import Config
+from baton.front import Front
 from baton.layout import START_LOG_ENV, START_LOG_NAME
 from baton.log import logger
 from supervisor import systemd
 from supervisor.agents import ProcessManager
 from supervisor.authz import READ_ONLY_METHODS
-from supervisor.front import Front
 from supervisor.install_self import launcher, running_from_layout
 
 STATE_TIMEOUT_S = 30.0

@@ -112,7 +112,7 @@ def helper_command() -> list[str]:
     The running release's helper carries out every update, a self-update included,
     so a broken new release cannot break the helper that must roll it back.
     """
-    from helper.release import release_root_of_running_code
+    from baton.release import release_root_of_running_code
 
     root = release_root_of_running_code()
     if root is not None:
@@ -191,9 +191,9 @@ def install_release(cfg: Config, release_root: Path, *, force: bool = False,
     """
     import shutil
 
+    from baton.release import ReleaseError, check_compatible, compile_bytecode, read_manifest
     from helper.archive import fix_modes_and_sync
     from helper.package_tool import check_links_inside
-    from helper.release import ReleaseError, check_compatible, compile_bytecode, read_manifest
     from helper.self_update import running_supervisor
 
     manifest = read_manifest(release_root)

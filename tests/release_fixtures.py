@@ -65,8 +65,8 @@ class Releases:
         return out
 
     def _derive(self, version: str, edit: Callable[[Path], None], out: Path) -> None:
+        from baton.release import read_manifest
         from helper.package_tool import build_package
-        from helper.release import read_manifest
 
         work = self.dir / f"derived-{version}-{edit.__name__}"
         shutil.rmtree(work, ignore_errors=True)  # what a failed attempt left

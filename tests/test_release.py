@@ -90,7 +90,7 @@ def test_release_members_have_fixed_owner_and_mtime_and_no_bytecode(releases: Re
 
 def test_release_manifest_records_python_abi_platform_and_locked_dependencies(releases: Releases,
                                                                               tmp_path: Path) -> None:
-    from helper.release import read_manifest, running_target
+    from baton.release import read_manifest, running_target
 
     root = unpack(releases.v100, tmp_path)
     manifest = read_manifest(root)
