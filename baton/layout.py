@@ -29,7 +29,7 @@ STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
 # Where a launcher that cannot even import its entry point writes the traceback; the supervisor sets it before
 # its exec and the helper before it starts one, then quotes it as the failed update's last_log. Here, not in
-# helper/release.py, so that the daemon does not import the release builder (and cryptography) for two names.
+# manager/build/release.py, so that the daemon does not import the release builder (and cryptography) for two names.
 START_LOG_ENV = "BATON_START_LOG"
 START_LOG_NAME = "supervisor-start.log"
 # The supervisor's systemd unit: its name, where a checkout keeps it, and where every supervisor version tree

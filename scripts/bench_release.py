@@ -39,7 +39,7 @@ MB = 1e6
 
 
 def _build(ctx: Ctx, version: str) -> tuple[Path, float]:
-    from helper.release import build_release
+    from manager.build.release import build_release
 
     out = ctx.work / "dist"
     out.mkdir(exist_ok=True)

@@ -452,7 +452,7 @@ class Package:
 def build_package(tree: Path, out: Path, component: str, version: str, keys: Keys, gzip: bool = True) -> Package:
     """``baton-package build`` and ``sign`` in-process: a deterministic tar, its ``.minisig`` beside it."""
     from baton.signing import format_manifest, sign_prehash
-    from helper.package_tool import build_package as build
+    from manager.build.package_tool import build_package as build
 
     out.parent.mkdir(parents=True, exist_ok=True)
     d = build(tree, out, gzip)

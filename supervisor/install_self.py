@@ -1,6 +1,6 @@
 """The supervisor's own versioned install: ``<install_root>/supervisor/versions/<v>/``.
 
-A version directory is a self-contained release (helper/release.py, docs/releases.md):
+A version directory is a self-contained release (baton/release.py, docs/releases.md):
 ``lib/`` with Baton's code and every dependency, launchers in ``bin/`` that run
 the system ``python3`` isolated, and ``RELEASE.json``. ``install_release`` lays a
 release out from its unpacked tarball and writes the systemd unit.
@@ -187,13 +187,13 @@ def install_release(cfg: Config, release_root: Path, *, force: bool = False,
             version (without ``force``), or a supervisor is running on this config.
         ReleaseError: not a release, built for another Python or platform, or its RELEASE.json
             names a version that is not a safe directory name.
-        PackageToolError: a symbolic link in the release leads out of it.
+        LinkOutsideTree: a symbolic link in the release leads out of it.
     """
     import shutil
 
     from baton.release import ReleaseError, check_compatible, compile_bytecode, read_manifest
+    from baton.tree_links import check_links_inside
     from helper.archive import fix_modes_and_sync
-    from helper.package_tool import check_links_inside
     from helper.self_update import running_supervisor
 
     manifest = read_manifest(release_root)

@@ -369,7 +369,7 @@ class Release:
               signed_component: str | None = None, signed_version: str | None = None,
               expires: float | None = None, nodes: list[str] | None = None, tree: Path | None = None,
               name: str | None = None) -> Package:
-        from helper.package_tool import build_package
+        from manager.build.package_tool import build_package
 
         tree = tree or self.tree(version, behaviour)
         out = self.base / "pkgs" / (name or f"{component}-{version}-{behaviour}.tar.gz")

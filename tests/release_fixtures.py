@@ -33,7 +33,7 @@ BUILD_TIMEOUT_S = 600
 
 
 def package_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PY, "-m", "helper.package_tool", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([PY, "-m", "manager.build.package_tool", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, timeout=BUILD_TIMEOUT_S)
 
 
@@ -66,7 +66,7 @@ class Releases:
 
     def _derive(self, version: str, edit: Callable[[Path], None], out: Path) -> None:
         from baton.release import read_manifest
-        from helper.package_tool import build_package
+        from manager.build.package_tool import build_package
 
         work = self.dir / f"derived-{version}-{edit.__name__}"
         shutil.rmtree(work, ignore_errors=True)  # what a failed attempt left

@@ -52,10 +52,12 @@ PACKAGES = ("baton", "supervisor", "helper", "manager")  # the reference Manager
 ENTRY_POINTS = {
     "supervisor": "supervisor.entry",
     "helper": "helper.cli",
-    "baton-package": "helper.package_tool",
+    "baton-package": "manager.build.package_tool",
     "baton-manager": "manager.cli",
 }
 DEFAULT_PYTHON = "/usr/bin/python3"
+CHECKOUT = Path(__file__).resolve().parents[2]  # the checkout this tool runs from: what a release is built of
+RUNTIME_LOCK = CHECKOUT / "requirements" / "runtime.lock"  # the pinned dependencies every release bundles
 SHARE_SOURCE = "packaging"  # where SHARE_FILES come from in a checkout
 SHARE_FILES = {
     str(UNIT_IN_VERSION.relative_to("share")): str(UNIT_IN_CHECKOUT),
@@ -151,7 +153,7 @@ def _bundled(lib: Path) -> tuple[tuple[str, str], ...]:
 
 def write_release_tree(root: Path, version: str, *, lock: Path, python: str, source: Path) -> ReleaseManifest:
     """Fill ``root`` (new, empty) with the release tree; returns its manifest."""
-    from helper.package_tool import check_links_inside
+    from baton.tree_links import check_links_inside
 
     validate_version(version)
     # Before pip, so a refused checkout costs nothing: a link out of the tree would pack what it names (a
@@ -220,9 +222,9 @@ def build_release(version: str, output: str | Path, *, lock: Path, python: str =
         ReleaseError: the interpreter does not match, pip fails, the lock file is missing, or the
             tarball exists and ``force`` is false (checked before anything is built).
     """
-    from helper.package_tool import build_package
+    from manager.build.package_tool import build_package
 
-    source = source or Path(__file__).resolve().parent.parent
+    source = source or CHECKOUT
     if not lock.is_file():
         raise ReleaseError(f"lock file {lock} not found")
     release_destination(output, version, interpreter_target(python), force=force)  # refuse before pip runs
