@@ -125,7 +125,7 @@ def _self_updates(ctx: Ctx, sup: BatonSupervisor, pkgs: list[Package], port: int
 
 
 def run(ctx: Ctx) -> Section:
-    from supervisor.install_self import write_tree
+    from supervisor.cli.install_self import write_tree
 
     runs = ctx.runs(3, 2)
     updates = ctx.runs(3, 2)

@@ -147,7 +147,7 @@ def _all_running(sup: BatonSupervisor) -> bool:
 
 
 def _supervisor_package(ctx: Ctx, version: str, keys: Any) -> Package:
-    from supervisor.install_self import write_tree
+    from supervisor.cli.install_self import write_tree
 
     tree = ctx.work / "trees" / f"supervisor-{version}"
     write_tree(tree, version)

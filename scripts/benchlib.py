@@ -551,7 +551,7 @@ class BatonSupervisor:
 
     def install_self(self, version: str = "1.0.0") -> None:
         from baton.config import load_config
-        from supervisor.install_self import install_self
+        from supervisor.cli.install_self import install_self
 
         install_self(load_config(self.config_path), version)
 

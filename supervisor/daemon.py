@@ -374,7 +374,7 @@ class Supervisor:
         """``supervisor restart-daemon --after-exit`` in a transient unit: outside what systemd stops with ours."""
         import subprocess
 
-        from supervisor.install_self import launcher
+        from supervisor.own_layout import launcher
 
         logger.info("systemd restarts {}: handing every agent over to the next process", unit)
         self.endpoint.exit_after_handover = True

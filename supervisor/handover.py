@@ -36,7 +36,7 @@ from baton.log import logger
 from supervisor import systemd
 from supervisor.agents import ProcessManager
 from supervisor.authz import READ_ONLY_METHODS
-from supervisor.install_self import launcher, running_from_layout
+from supervisor.own_layout import launcher, running_from_layout
 
 STATE_TIMEOUT_S = 30.0
 EXEC_CONFIRM_TIMEOUT_S = 10.0

@@ -392,7 +392,7 @@ def test_a_release_for_another_python_or_architecture_is_refused_before_anything
 
 def test_a_host_running_a_release_refuses_a_code_only_development_tree(running_release: SupervisorProc,
                                                                        release: Release) -> None:
-    from supervisor.install_self import write_tree
+    from supervisor.cli.install_self import write_tree
 
     host = running_release
     tree = write_tree(host.base / "dev-tree", "1.4.0")

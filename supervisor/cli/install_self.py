@@ -14,12 +14,10 @@ run with ``$BATON_PYTHON``), which the fast tests use; they are not for hosts.
 
 from __future__ import annotations
 
-# shutil (with bz2 and lzma, about 0.3 MiB) is imported where trees are copied: the daemon imports this module
-# only for launcher(), helper_command() and running_from_layout().
+# shutil (with bz2 and lzma, about 0.3 MiB) is imported where trees are copied, as everywhere in the CLI.
 import contextlib
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,9 +27,10 @@ from typing import Any
 from baton import durable
 from baton.config import SUPERVISOR_COMPONENT, Config
 from baton.errors import BatonError
-from baton.layout import SERVICE_UNIT, UNIT_IN_CHECKOUT, UNIT_IN_VERSION, ComponentLayout
+from baton.layout import SERVICE_UNIT, UNIT_IN_CHECKOUT, UNIT_IN_VERSION
 from baton.marks import Marks
 from baton.versions import compare_versions
+from supervisor.own_layout import layout, source_root
 
 PACKAGES = ("baton", "supervisor", "helper")
 LAUNCHER = """#!/bin/sh
@@ -42,25 +41,6 @@ export PYTHONPATH="$here/lib"
 cd /
 exec "${BATON_PYTHON:-python3}" -P -m supervisor "$@"
 """
-
-
-def source_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
-def layout(cfg: Config) -> ComponentLayout:
-    return ComponentLayout(cfg.node.install_root, SUPERVISOR_COMPONENT)
-
-
-def launcher(cfg: Config) -> Path:
-    return layout(cfg).current_link / "bin" / "supervisor"
-
-
-def running_from_layout(cfg: Config) -> bool:
-    """True when this process runs code from the installed layout, so an exec of ``current`` replaces it."""
-    here = Path(__file__).resolve()
-    versions = layout(cfg).versions_dir.resolve()
-    return versions in here.parents
 
 
 def write_tree(dest: Path, version: str, source: Path | None = None) -> Path:
@@ -100,24 +80,6 @@ def install_self(cfg: Config, version: str, source: Path | None = None) -> Path:
     dest = lay.install(staging, version)
     lay.switch(version)
     return dest
-
-
-def python_for_launcher() -> str:
-    return sys.executable
-
-
-def helper_command() -> list[str]:
-    """How this supervisor starts a helper: its own release's ``bin/helper`` (by its real path, not ``current``).
-
-    The running release's helper carries out every update, a self-update included,
-    so a broken new release cannot break the helper that must roll it back.
-    """
-    from baton.release import release_root_of_running_code
-
-    root = release_root_of_running_code()
-    if root is not None:
-        return [str(root / "bin" / "helper")]
-    return [sys.executable, "-m", "helper"]
 
 
 # --- installing a release ---------------------------------------------------------------------------
@@ -297,7 +259,7 @@ def _unit_state(exe: str, unit: str) -> dict[str, str]:
 def _supervisor_status(cfg: Config) -> Any:
     """The supervisor's GetStatus on its control socket, or None while it does not answer."""
     from baton.pb import daemon_pb2
-    from supervisor.ctl import CtlError, client
+    from supervisor.cli.ctl import CtlError, client
 
     try:
         with client(cfg.control_socket, 3.0) as c:
@@ -318,7 +280,7 @@ def enable_unit(cfg: Config, unit: str = SERVICE_UNIT, timeout: float = ENABLE_T
         SystemdUnavailable: no systemctl, or systemd is not running here (nothing was asked of systemd).
         EnableFailed: a systemctl call failed, the unit failed to start, or it did not come up in ``timeout``.
     """
-    from supervisor.ctl import state_name
+    from supervisor.cli.ctl import state_name
 
     exe = _systemctl()
     _run_systemctl(exe, "daemon-reload")

@@ -71,7 +71,7 @@ def cmd_check_config(ns: argparse.Namespace) -> int:
 
 def _fmt_agents(agents: list[Any]) -> str:
     from baton.text import printable
-    from supervisor.ctl import state_name
+    from supervisor.cli.ctl import state_name
 
     rows: list[tuple[str, ...]] = [("NAME", "STATE", "PID", "VERSION", "UPTIME", "RESTARTS", "LAST EXIT", "NOTE")]
     now = time.time()
@@ -137,7 +137,7 @@ def _socket_path(ns: argparse.Namespace, read_only: str = "") -> Path:
 
     ``read_only`` names a command that only reads: a config that does not load is then no reason to refuse.
     """
-    from supervisor.ctl import checked_socket
+    from supervisor.cli.ctl import checked_socket
 
     if ns.socket:
         return checked_socket(Path(ns.socket), "--socket")
@@ -152,7 +152,7 @@ def _ctl(fn: Any) -> Any:
 
     def run(ns: argparse.Namespace) -> int:
         from baton.text import printable
-        from supervisor.ctl import CtlError  # here, not when the parser is built: `run` would keep it resident
+        from supervisor.cli.ctl import CtlError  # here, not when the parser is built: `run` would keep it resident
 
         try:
             return int(fn(ns))
@@ -183,7 +183,7 @@ def _last_lines(c: Any, name: str, lines: int = 0) -> list[str]:
 
 def cmd_status(ns: argparse.Namespace) -> int:
     from baton.pb import common_pb2, daemon_pb2
-    from supervisor.ctl import client, to_json
+    from supervisor.cli.ctl import client, to_json
 
     if ns.name:
         return _status_of_one(ns)
@@ -210,7 +210,7 @@ def cmd_status(ns: argparse.Namespace) -> int:
             print(printable(f"{a.name} is fatal (`supervisor start {a.name}` retries); its log {a.log_path} ends:"))
             for line in fatal[a.name] or ["(empty)"]:
                 print(f"  {line}")
-    from supervisor.cli_update import holds_lines
+    from supervisor.cli.update import holds_lines
 
     print("\n".join(holds_lines(list(st.holds))), end="\n" if st.holds else "")
     return 0
@@ -220,7 +220,7 @@ def _status_of_one(ns: argparse.Namespace) -> int:
     """``supervisor status NAME``: every field of one agent, one per line, and the end of its log."""
     from baton.pb import daemon_pb2
     from baton.text import printable
-    from supervisor.ctl import client, state_name, to_json
+    from supervisor.cli.ctl import client, state_name, to_json
 
     with client(_socket_path(ns, read_only="status"), ns.timeout) as c:
         st = c.call("GetStatus", daemon_pb2.GetStatusRequest())
@@ -284,7 +284,7 @@ def cmd_log(ns: argparse.Namespace) -> int:
 
 
 def cmd_control(ns: argparse.Namespace) -> int:
-    from supervisor.ctl import client, control, emit
+    from supervisor.cli.ctl import client, control, emit
 
     with client(_socket_path(ns), ns.timeout) as c:
         results, ok = control(c, ns.action, ns.names, ns.wait, getattr(ns, "signal", ""))
@@ -297,7 +297,7 @@ def cmd_tail(ns: argparse.Namespace) -> int:
 
     from baton.pb import daemon_pb2
     from baton.text import PrintableStream
-    from supervisor.ctl import client
+    from supervisor.cli.ctl import client
 
     # On a terminal the agent's escape sequences are shown escaped; into a pipe or a file its bytes go as written.
     stream = PrintableStream() if sys.stdout.isatty() else None
@@ -335,7 +335,7 @@ def cmd_tail(ns: argparse.Namespace) -> int:
 
 def cmd_clear(ns: argparse.Namespace) -> int:
     from baton.pb import daemon_pb2
-    from supervisor.ctl import client
+    from supervisor.cli.ctl import client
 
     with client(_socket_path(ns), ns.timeout) as c:
         resp = c.call("ClearLog", daemon_pb2.ClearLogRequest(name=ns.name, stderr=ns.stderr))
@@ -345,7 +345,7 @@ def cmd_clear(ns: argparse.Namespace) -> int:
 
 def cmd_reload(ns: argparse.Namespace) -> int:
     from baton.pb import daemon_pb2
-    from supervisor.ctl import client, to_json
+    from supervisor.cli.ctl import client, to_json
 
     with client(_socket_path(ns), ns.timeout) as c:
         r = c.call("Reload", daemon_pb2.ReloadRequest(), timeout=ns.wait)
@@ -384,7 +384,7 @@ def cmd_restart_daemon(ns: argparse.Namespace) -> int:
 
 def cmd_install_self(ns: argparse.Namespace) -> int:
     from baton.release import release_root_of_running_code
-    from supervisor.install_self import install_self
+    from supervisor.cli.install_self import install_self
 
     if ns.enable and ns.no_unit:
         print("supervisor install-self: --enable starts the unit that --no-unit does not write; drop one of them",
@@ -411,7 +411,7 @@ def cmd_install_self(ns: argparse.Namespace) -> int:
 
 def install_self_release(ns: argparse.Namespace, cfg: Config, root: Path) -> int:
     """``install-self`` run from an unpacked release: install that release (docs/releases.md)."""
-    from supervisor.install_self import check_command_links, install_release, write_command_links
+    from supervisor.cli.install_self import check_command_links, install_release, write_command_links
 
     if ns.version and ns.version != supervisor_version():
         print(f"supervisor: this release is {supervisor_version()}, not {ns.version}", file=sys.stderr)
@@ -439,7 +439,7 @@ def install_self_release(ns: argparse.Namespace, cfg: Config, root: Path) -> int
 
 def uninstall_self(ns: argparse.Namespace, cfg: Config) -> int:
     """``install-self --uninstall``: undo install-self; state and logs stay unless ``--purge``."""
-    from supervisor.install_self import uninstall
+    from supervisor.cli.install_self import uninstall
 
     try:
         done = uninstall(cfg, unit_dir=Path(ns.unit_dir), bin_dir=Path(ns.bin_dir) if ns.bin_dir else None,
@@ -456,7 +456,8 @@ def uninstall_self(ns: argparse.Namespace, cfg: Config) -> int:
 
 def enable_installed(cfg: Config, version: str, unit: Path) -> int:
     """``install-self --enable``: start the unit just written; a failure leaves the release installed and says so."""
-    from supervisor.install_self import ENABLE_TIMEOUT_S, EnableFailed, SystemdUnavailable, enable_unit, launcher
+    from supervisor.cli.install_self import ENABLE_TIMEOUT_S, EnableFailed, SystemdUnavailable, enable_unit
+    from supervisor.own_layout import launcher
 
     print(f"systemctl daemon-reload && systemctl enable --now {unit.name} (waiting up to {ENABLE_TIMEOUT_S:.0f} s "
           "for the supervisor to answer)", flush=True)
@@ -479,7 +480,7 @@ def enable_installed(cfg: Config, version: str, unit: Path) -> int:
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
-    from supervisor.demo import run_demo
+    from supervisor.cli.demo import run_demo
 
     return run_demo(seconds=ns.seconds, keep=ns.keep)
 
@@ -614,12 +615,12 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
     d.add_argument("--seconds", type=float, default=5.0, help="how long to keep running at the end")
     d.add_argument("--keep", action="store_true", help="keep the temporary directory")
     d.set_defaults(fn=cmd_demo)
-    from supervisor import audit, doctor
+    from supervisor.cli import audit, doctor
 
     audit.add_parser(sub)
     doctor.add_parser(sub)
 
-    from supervisor.cli_update import add_parsers as add_update_parsers
+    from supervisor.cli.update import add_parsers as add_update_parsers
 
     add_update_parsers(sub)  # update, updates, cancel
     return p

@@ -201,7 +201,7 @@ restart = "always"
     # ---- watching ------------------------------------------------------------------------------------------
 
     def table(self) -> str:
-        from supervisor.cli import _fmt_agents
+        from supervisor.cli.main import _fmt_agents
 
         st = self.stub.GetStatus(daemon_pb2.GetStatusRequest(), timeout=10)
         return f"supervisor {st.supervisor_version}, pid {st.pid}\n" + _fmt_agents(list(st.agents))

@@ -270,7 +270,7 @@ def _status(ctx: Context) -> Any:
     import grpc
 
     from baton.pb import daemon_pb2, daemon_pb2_grpc
-    from supervisor.ctl import checked_socket
+    from supervisor.cli.ctl import checked_socket
 
     path = checked_socket(supervisor_socket(ctx.cfg), "grpc.unix_socket" if ctx.cfg.grpc.unix_socket
                           else "node.state_dir")
@@ -286,7 +286,7 @@ def check_supervisor(ctx: Context) -> list[Finding]:
            f"why it stopped: {ctx.cfg.log_dir / 'supervisor.log'}, journalctl -u baton-supervisor")
     if not path.is_socket():
         return [Finding("supervisor", PROBLEM, f"not running: no socket at {path}", fix)]
-    from supervisor.ctl import CtlError
+    from supervisor.cli.ctl import CtlError
 
     try:
         st = _status(ctx)
@@ -311,7 +311,7 @@ def check_agents(ctx: Context) -> list[Finding]:
     import grpc
 
     from baton.pb import common_pb2
-    from supervisor.ctl import CtlError
+    from supervisor.cli.ctl import CtlError
 
     if not supervisor_socket(ctx.cfg).is_socket():
         return [Finding("agents", OK, "the supervisor is not running (see the supervisor check)")]
@@ -496,7 +496,7 @@ def _manager_clock(ctx: Context) -> tuple[float, float]:
     does not answer (the supervisor check says why)."""
     import grpc
 
-    from supervisor.ctl import CtlError
+    from supervisor.cli.ctl import CtlError
 
     if not ctx.cfg.manager.address or not supervisor_socket(ctx.cfg).is_socket():
         return 0.0, 0.0
