@@ -37,8 +37,8 @@ from baton.config import Config
 from baton.holds import Holds
 from baton.log import logger
 from baton.pb import common_pb2, daemon_pb2
+from baton.serving import SERVICE_NAME
 
-SERVICE_NAME = "baton.v1.DaemonService"
 STOP_GRACE_S = 1.0  # after the drain: a call still open (a health watch) ends
 # A bridge lives for a second or so: every connection to it is told GOAWAY (gRPC's graceful one: a call that
 # crosses it is still answered) once idle 0.1 s or 0.2 s old, so that its drain (Front.drain) is short.

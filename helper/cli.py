@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from baton import layout
 from baton.config import SUPERVISOR_COMPONENT, Config, ConfigError, load_config
 from baton.errors import BatonError
 from baton.startup import loading
@@ -24,7 +25,7 @@ from baton.startup import loading
 if TYPE_CHECKING:
     from helper.control import SupervisorControl
 
-DEFAULT_CONFIG = "/etc/baton/supervisor.toml"
+DEFAULT_CONFIG = str(layout.DEFAULT_CONFIG)
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BUSY = 75

@@ -50,6 +50,7 @@ from baton.layout import START_LOG_ENV, START_LOG_NAME, ComponentLayout
 from baton.log import logger
 from baton.pb import daemon_pb2, daemon_pb2_grpc
 from baton.reasons import FailureReason, classify, message
+from baton.serving import SERVICE_NAME, running_supervisor
 from baton.states import CUSTODY_TRANSITIONS, Custody, check_move
 from baton.states import UpdateState as S
 from baton.strict_modes import log_opener
@@ -60,7 +61,6 @@ from helper.recovery import moved, switched_back
 
 PREPARE_TIMEOUT_S = 30.0
 KILL_WAIT_S = 10.0
-SERVICE_NAME = "baton.v1.DaemonService"
 
 
 class SupervisorDied(wire.HandoverError):
@@ -340,18 +340,6 @@ class HandoverSession:
         wire.close_fds(self.fds)
         self.fds = []
         self.stdio = {}
-
-
-def running_supervisor(cfg: Config) -> tuple[str, bool]:
-    """(version, serving) of the supervisor answering on the control socket; ("", False) if none."""
-    target = f"unix:{cfg.control_socket}"
-    try:
-        with grpc.insecure_channel(target) as ch:
-            st = daemon_pb2_grpc.DaemonServiceStub(ch).GetStatus(daemon_pb2.GetStatusRequest(), timeout=3)
-            h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=3)
-    except grpc.RpcError:
-        return "", False
-    return st.supervisor_version, h.status == health_pb2.HealthCheckResponse.SERVING
 
 
 class SelfUpdateRun(UpdateRun):

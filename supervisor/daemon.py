@@ -33,6 +33,7 @@ from baton.errors import BatonError
 from baton.front import SERVER_OPTIONS, Front, UnixPeerPolicy, bind_tcp, bind_unix
 from baton.log import logger
 from baton.pb import daemon_pb2_grpc
+from baton.serving import SERVICE_NAME
 from baton.states import AgentState
 from baton.strict_modes import make_dirs
 from baton.tls import server_tls
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
     from supervisor.manager_client import ManagerClient  # and these when a Manager is
     from supervisor.outbox import ResultOutbox
 
-SERVICE_NAME = "baton.v1.DaemonService"
 STATUS_DELAY_S = 0.05  # agent changes within this share one systemd STATUS line
 STRAY_REAP_DELAY_S = 0.05  # SIGCHLDs within this share one look for stray children
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}

@@ -13,6 +13,7 @@ from baton.layout import ComponentLayout
 
 
 def source_root() -> Path:
+    """Where Baton's packages are: the checkout, or a version's ``lib/``."""
     return Path(__file__).resolve().parent.parent
 
 

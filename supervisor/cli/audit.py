@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from baton.audit import OUTCOME_OK, AuditLog, AuditRecord, format_time
+from baton.layout import DEFAULT_CONFIG
 
 _SINCE_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -113,7 +114,7 @@ def cmd_audit(ns: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     a = sub.add_parser("audit", help="show who changed what on this host (the audit log)")
-    a.add_argument("--config", "-c", default="/etc/baton/supervisor.toml")
+    a.add_argument("--config", "-c", default=str(DEFAULT_CONFIG))
     a.add_argument("--since", help="only records since: a duration (30m, 1h, 7d) or an ISO time")
     a.add_argument("--json", action="store_true", help="one JSON record per line, as stored")
     a.add_argument("--wide", action="store_true", help="on a terminal too, print every cell whole")

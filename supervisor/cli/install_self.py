@@ -22,12 +22,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from baton import durable
 from baton.config import SUPERVISOR_COMPONENT, Config
 from baton.errors import BatonError
-from baton.layout import SERVICE_UNIT, UNIT_IN_CHECKOUT, UNIT_IN_VERSION
+from baton.layout import OPERATOR_BIN_DIR, SERVICE, SERVICE_UNIT, SYSTEMD_UNIT_DIR, UNIT_IN_CHECKOUT, UNIT_IN_VERSION
 from baton.marks import Marks
 from baton.versions import compare_versions
 from supervisor.own_layout import layout, source_root
@@ -84,8 +83,8 @@ def install_self(cfg: Config, version: str, source: Path | None = None) -> Path:
 
 # --- installing a release ---------------------------------------------------------------------------
 
-DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
-DEFAULT_BIN_DIR = Path("/usr/local/bin")  # the FHS's place for the operator's commands installed locally
+DEFAULT_UNIT_DIR = SYSTEMD_UNIT_DIR
+DEFAULT_BIN_DIR = OPERATOR_BIN_DIR
 OPERATOR_COMMANDS = ("supervisor", "helper")  # linked into the bin directory, through `current`
 
 
@@ -154,9 +153,9 @@ def install_release(cfg: Config, release_root: Path, *, force: bool = False,
     import shutil
 
     from baton.release import ReleaseError, check_compatible, compile_bytecode, read_manifest
+    from baton.serving import running_supervisor
     from baton.tree_links import check_links_inside
     from helper.archive import fix_modes_and_sync
-    from helper.self_update import running_supervisor
 
     manifest = read_manifest(release_root)
     if manifest is None:
@@ -256,18 +255,6 @@ def _unit_state(exe: str, unit: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-def _supervisor_status(cfg: Config) -> Any:
-    """The supervisor's GetStatus on its control socket, or None while it does not answer."""
-    from baton.pb import daemon_pb2
-    from supervisor.cli.ctl import CtlError, client
-
-    try:
-        with client(cfg.control_socket, 3.0) as c:
-            return c.call("GetStatus", daemon_pb2.GetStatusRequest())
-    except CtlError:
-        return None
-
-
 def enable_unit(cfg: Config, unit: str = SERVICE_UNIT, timeout: float = ENABLE_TIMEOUT_S,
                 progress: Callable[[str], None] = print) -> Running:
     """``systemctl daemon-reload`` and ``enable --now`` the unit, then wait until it runs a supervisor that answers.
@@ -280,6 +267,7 @@ def enable_unit(cfg: Config, unit: str = SERVICE_UNIT, timeout: float = ENABLE_T
         SystemdUnavailable: no systemctl, or systemd is not running here (nothing was asked of systemd).
         EnableFailed: a systemctl call failed, the unit failed to start, or it did not come up in ``timeout``.
     """
+    from baton.serving import status_or_none
     from supervisor.cli.ctl import state_name
 
     exe = _systemctl()
@@ -296,7 +284,7 @@ def enable_unit(cfg: Config, unit: str = SERVICE_UNIT, timeout: float = ENABLE_T
         if ours and (active == "failed" or sub == "auto-restart"):
             raise EnableFailed(f"{unit} failed to start ({active}/{sub}, result {state.get('Result', '?')})")
         if active == "active":
-            st = _supervisor_status(cfg)
+            st = status_or_none(cfg.control_socket)
             main_pid = int(state.get("MainPID") or 0)
             if st is not None and st.pid == main_pid:
                 return Running(unit, st.supervisor_version, main_pid, tuple(state_name(a.state) for a in st.agents))
@@ -329,7 +317,7 @@ def uninstall(cfg: Config, *, unit_dir: Path = DEFAULT_UNIT_DIR, bin_dir: Path |
     """
     import shutil
 
-    from helper.self_update import running_supervisor
+    from baton.serving import running_supervisor
 
     removed: list[Path] = []
     unit = unit_dir / SERVICE_UNIT
@@ -343,7 +331,7 @@ def uninstall(cfg: Config, *, unit_dir: Path = DEFAULT_UNIT_DIR, bin_dir: Path |
     running, _ = running_supervisor(cfg)
     if running:
         raise InstallRefused(f"supervisor {running} is running on {cfg.control_socket}: stop it first "
-                             "(systemctl stop baton-supervisor); nothing was removed")
+                             f"(systemctl stop {SERVICE}); nothing was removed")
     if unit.is_file():
         os.unlink(unit)
         durable.fsync_dir(unit_dir)

@@ -14,6 +14,7 @@ from typing import Any
 
 from baton.config import Config, ConfigError, load_config
 from baton.errors import BatonError
+from baton.layout import DEFAULT_CONFIG, OPERATOR_BIN_DIR, SERVICE_UNIT, SYSTEMD_UNIT_DIR
 from supervisor.logs import setup_logging
 from supervisor.version import supervisor_version
 
@@ -516,7 +517,7 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"baton supervisor {supervisor_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
     def client_args(sp: argparse.ArgumentParser, json_flag: bool = True) -> None:
-        sp.add_argument("--config", "-c", default="/etc/baton/supervisor.toml",
+        sp.add_argument("--config", "-c", default=str(DEFAULT_CONFIG),
                         help="config file whose grpc.unix_socket to use (default: %(default)s)")
         sp.add_argument("--socket", help="the supervisor's Unix socket (instead of reading the config)")
         sp.add_argument("--timeout", type=seconds_arg, default=5.0, help="seconds per call (default: %(default)s)")
@@ -544,7 +545,7 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
     s.set_defaults(fn=_ctl(cmd_status))
     lg = command("log", "show the supervisor's own log (root only), and follow it with -f",
                  "supervisor log -f -n 100")
-    lg.add_argument("--config", "-c", default="/etc/baton/supervisor.toml",
+    lg.add_argument("--config", "-c", default=str(DEFAULT_CONFIG),
                     help="config file whose log.dir to read (default: %(default)s)")
     lg.add_argument("-n", "--lines", type=count_arg, default=20, help="last lines to show (default: %(default)s)")
     lg.add_argument("-f", "--follow", action="store_true", help="then print what is appended, until Ctrl-C")
@@ -590,7 +591,7 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
     rd = command("restart-daemon", "start the supervisor again with the config file as it is now, keeping every agent "
                  "(same pids, output and notify sockets): applies what `reload` cannot",
                  "supervisor restart-daemon --config /etc/baton/supervisor.toml")
-    rd.add_argument("--config", "-c", default="/etc/baton/supervisor.toml", help="config file (default: %(default)s)")
+    rd.add_argument("--config", "-c", default=str(DEFAULT_CONFIG), help="config file (default: %(default)s)")
     # what the supervisor itself runs when systemd restarts its unit: it exits, systemd starts the next process
     rd.add_argument("--after-exit", action="store_true", help=argparse.SUPPRESS)
     rd.set_defaults(fn=cmd_restart_daemon)
@@ -599,11 +600,11 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
     i.add_argument("--config", "-c", required=True)
     i.add_argument("--version", help="the version to install as (default: this code's version)")
     i.add_argument("--force", action="store_true", help="install below the highest committed version")
-    i.add_argument("--unit-dir", default="/etc/systemd/system", help="where to write baton-supervisor.service")
+    i.add_argument("--unit-dir", default=str(SYSTEMD_UNIT_DIR), help=f"where to write {SERVICE_UNIT}")
     i.add_argument("--no-unit", action="store_true", help="do not write the systemd unit")
     i.add_argument("--enable", action="store_true",
                    help="then systemctl daemon-reload, enable --now the unit, and wait until the supervisor answers")
-    i.add_argument("--bin-dir", default="/usr/local/bin",
+    i.add_argument("--bin-dir", default=str(OPERATOR_BIN_DIR),
                    help="where to link the supervisor and helper commands ('' for no links)")
     i.add_argument("--uninstall", action="store_true",
                    help="stop and disable the unit, remove it, the command links and the supervisor's versions; "

@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from baton import layout
 from baton.errors import BatonError
 from baton.text import printable
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-DEFAULT_CONFIG = "/etc/baton/supervisor.toml"
+DEFAULT_CONFIG = str(layout.DEFAULT_CONFIG)
 CHUNK = 256 * 1024
 
 UPDATE_EPILOG = """examples:
