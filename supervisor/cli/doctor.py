@@ -432,7 +432,7 @@ def build_time() -> float:
     newest = 0.0
     for pkg in ("baton", "supervisor", "helper"):
         root = source_root() / pkg
-        for p in root.glob("*.py"):
+        for p in root.rglob("*.py"):  # sub-packages too: the CLI is in supervisor/cli/
             newest = max(newest, p.stat().st_mtime)
     return newest
 
