@@ -321,7 +321,7 @@ def where_it_runs(path: Path, environ: Mapping[str, str] | None = None) -> Confi
     or a bad value elsewhere leaves these two readable; what cannot be read takes its default (and the
     environment's ``BATON_GRPC_UNIX_SOCKET`` wins, as at a start). Nothing else of the result is validated: it
     only says where to look, and the socket's directory is still judged before it is asked
-    (``supervisor/ctl.py``, ``checked_socket``).
+    (``supervisor/cli/ctl.py``, ``checked_socket``).
     """
     path = Path(path).absolute()
     environ = os.environ if environ is None else environ

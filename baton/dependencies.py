@@ -1,6 +1,6 @@
 """Which distributions this process runs with: a release's bundled dependencies, for GetStatus.
 
-Apart from :mod:`helper.release` (the release builder: tempfile, shutil, subprocess) so that a supervisor
+Apart from :mod:`manager.build.release` (the release builder: tempfile, shutil, subprocess) so that a supervisor
 answering GetStatus keeps none of those loaded.
 """
 

@@ -1,8 +1,8 @@
 """Where the operator's guides are on this host, so that an error names a file one can open here.
 
-A release carries ``docs/*.md`` in ``share/doc/baton/`` (``helper/release.py``); a checkout has ``docs/``. An error
-says ``/opt/baton/supervisor/versions/1.2.0/share/doc/baton/troubleshooting.md#failure-...`` on a host, not a path
-of the source tree the operator may never have seen.
+A release carries ``docs/*.md`` in ``share/doc/baton/`` (``manager/build/release.py``); a checkout has ``docs/``.
+An error says ``/opt/baton/supervisor/versions/1.2.0/share/doc/baton/troubleshooting.md#failure-...`` on a
+host, not a path of the source tree the operator may never have seen.
 """
 
 from __future__ import annotations

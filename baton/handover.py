@@ -36,6 +36,7 @@ from baton.errors import BatonError
 
 PROTOCOL_VERSION = 1
 MIN_PROTOCOL_VERSION = 1
+SOCKET_NAME = "handover.sock"  # in the run directory: where a helper asks the running supervisor for its state
 # The listening socket of the private control socket (<run_dir>/control.sock) among the "listen" descriptors;
 # the others are named by their config address. Helpers talk to the supervisor on it.
 CONTROL_LISTENER = "control"

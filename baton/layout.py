@@ -29,17 +29,22 @@ STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
 # Where a launcher that cannot even import its entry point writes the traceback; the supervisor sets it before
 # its exec and the helper before it starts one, then quotes it as the failed update's last_log. Here, not in
-# helper/release.py, so that the daemon does not import the release builder (and cryptography) for two names.
+# manager/build/release.py, so that the daemon does not import the release builder (and cryptography) for two names.
 START_LOG_ENV = "BATON_START_LOG"
 START_LOG_NAME = "supervisor-start.log"
 # The supervisor's systemd unit: its name, where a checkout keeps it, and where every supervisor version tree
 # (a release, or a code-only tree) carries it for install-self to render and doctor to compare with.
-SERVICE_UNIT = "baton-supervisor.service"
+SERVICE = "baton-supervisor"  # what systemctl and journalctl -u take
+SERVICE_UNIT = f"{SERVICE}.service"
 UNIT_IN_CHECKOUT = Path("packaging") / "systemd" / SERVICE_UNIT
 UNIT_IN_VERSION = Path("share") / "systemd" / SERVICE_UNIT
 # The operator's guides (docs/*.md) as every release carries them, so that an error can name a file on the host.
 DOCS_IN_CHECKOUT = Path("docs")
 DOCS_IN_VERSION = Path("share") / "doc" / "baton"
+# Where a host keeps what the operator installs and configures.
+DEFAULT_CONFIG = Path("/etc/baton/supervisor.toml")
+SYSTEMD_UNIT_DIR = Path("/etc/systemd/system")  # where install-self writes the unit and doctor looks first
+OPERATOR_BIN_DIR = Path("/usr/local/bin")  # the FHS's place for the operator's commands installed locally
 
 
 def reserved_name_problem(path: str) -> str | None:

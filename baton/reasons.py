@@ -109,8 +109,8 @@ BY_EXCEPTION: dict[str, FailureReason] = {
     "baton.handover.ProtocolError": R.HANDSHAKE_REFUSED,
     "baton.handover.HandoverError": R.HANDSHAKE_REFUSED,
     "baton.admission.UpdateRefused": R.INCOMPATIBLE_RELEASE,
-    "helper.release.IncompatibleRelease": R.INCOMPATIBLE_RELEASE,
-    "helper.release.ReleaseError": R.INSTALL_FAILED,
+    "baton.release.IncompatibleRelease": R.INCOMPATIBLE_RELEASE,
+    "baton.release.ReleaseError": R.INSTALL_FAILED,
     "baton.versions.InvalidVersion": R.INCOMPATIBLE_RELEASE,
 }
 

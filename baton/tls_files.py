@@ -1,7 +1,7 @@
 """Reading a TLS certificate, its private key and a CA bundle, checked to belong together.
 
 One place for the check that ``supervisor check-config`` (``baton/config.py``), ``supervisor reload``
-(``supervisor/tls.py``) and ``supervisor doctor`` make: each file is PEM of its kind and the key is the
+(``baton/tls.py``) and ``supervisor doctor`` make: each file is PEM of its kind and the key is the
 certificate's. ``cryptography`` is imported only when called (a config without TLS never loads it).
 """
 

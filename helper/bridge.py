@@ -3,7 +3,7 @@
 During a self-update (docs/handover.md) the helper holds the listening sockets from the old process's
 STATE until the new process's HELLO: the old process has stopped accepting and the new one is still
 starting its interpreter and importing. Rather than leave clients in the kernel's backlog for that
-long, the helper accepts on the same sockets, through the same :class:`supervisor.front.Front` (the
+long, the helper accepts on the same sockets, through the same :class:`baton.front.Front` (the
 same SO_PEERCRED check on the Unix socket, TLS with the supervisor's own credentials on TCP), and
 answers the read-only calls that the handed-over agent table can answer honestly: ``GetStatus``
 and ``ListAgents``. Anything else is UNAVAILABLE ("retry"), so a push waits for the new process; gRPC
@@ -13,7 +13,7 @@ The bridge holds nothing a crash could lose: its sockets are duplicates of descr
 holds anyway, and its answers come from memory. A bridge that cannot start is logged and skipped;
 clients then wait in the backlog as before. Before the sockets go to the next process it stops
 accepting; after, it answers on the connections it accepted until their clients close them
-(``supervisor.front.Front.drain``), and only then stops its gRPC server: a call that reaches a stopping
+(``baton.front.Front.drain``), and only then stops its gRPC server: a call that reaches a stopping
 gRPC server is CANCELLED, which no client retries.
 """
 
@@ -37,8 +37,8 @@ from baton.config import Config
 from baton.holds import Holds
 from baton.log import logger
 from baton.pb import common_pb2, daemon_pb2
+from baton.serving import SERVICE_NAME
 
-SERVICE_NAME = "baton.v1.DaemonService"
 STOP_GRACE_S = 1.0  # after the drain: a call still open (a health watch) ends
 # A bridge lives for a second or so: every connection to it is told GOAWAY (gRPC's graceful one: a call that
 # crosses it is still answered) once idle 0.1 s or 0.2 s old, so that its drain (Front.drain) is short.
@@ -123,7 +123,7 @@ class Bridge:
         self.served_since = 0.0
 
     def prepare(self) -> None:
-        from supervisor.tls import server_credentials
+        from baton.tls import server_credentials
 
         for path in (self.tcp_backend, self.local_backend):
             if len(os.fsencode(path)) > MAX_UNIX_PATH:
@@ -149,7 +149,7 @@ class Bridge:
         """Accept on the (config address, descriptor) pairs; the descriptors stay the caller's."""
         if self._server is None or not listening:
             return
-        from supervisor.front import Front, UnixPeerPolicy
+        from baton.front import Front, UnixPeerPolicy
 
         self._status = status_from(self.cfg, state)
         g = self.cfg.grpc

@@ -16,11 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+from baton import layout
 from baton.config import SUPERVISOR_COMPONENT, Config, ConfigError, load_config
 from baton.errors import BatonError
 from baton.startup import loading
 
-DEFAULT_CONFIG = "/etc/baton/supervisor.toml"
+DEFAULT_CONFIG = str(layout.DEFAULT_CONFIG)
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BUSY = 75
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     # gRPC logs each GOAWAY at INFO, and the supervisor sends one to a connection when it is old
-    # (supervisor/front.py): a helper watching an agent through its health window would log it into helper.log.
+    # (baton/front.py): a helper watching an agent through its health window would log it into helper.log.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     p = build_parser()
     ns = p.parse_args(argv)

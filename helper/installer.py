@@ -83,7 +83,7 @@ class Installer:
         self.layout.versions_dir.mkdir(parents=True, exist_ok=True)
         staged = extract_package(dl.file, self.layout.versions_dir, ExtractLimits.from_config(u))
         if self.layout.component == SUPERVISOR_COMPONENT:
-            from helper.release import prepare_staged  # a release's machinery: not loaded for an agent update
+            from baton.release import prepare_staged  # a release's machinery: not loaded for an agent update
 
             staged = prepare_staged(staged, version)  # a release for another Python or platform stops here
         return self.layout.install(staged, version)

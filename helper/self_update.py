@@ -38,7 +38,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from baton import faults
 from baton import handover as wire
@@ -48,8 +47,8 @@ from baton.errors import BatonError
 from baton.journal import UpdateRecord
 from baton.layout import START_LOG_ENV, START_LOG_NAME, ComponentLayout
 from baton.log import logger
-from baton.pb import daemon_pb2, daemon_pb2_grpc
 from baton.reasons import FailureReason, classify, message
+from baton.serving import running_supervisor, serving_status, status_or_none
 from baton.states import CUSTODY_TRANSITIONS, Custody, check_move
 from baton.states import UpdateState as S
 from baton.strict_modes import log_opener
@@ -69,7 +68,6 @@ from helper.recovery import moved, switched_back
 
 PREPARE_TIMEOUT_S = 30.0
 KILL_WAIT_S = 10.0
-SERVICE_NAME = "baton.v1.DaemonService"
 
 
 class SupervisorDied(wire.HandoverError):
@@ -130,7 +128,7 @@ class HandoverSession:
     def take_state(self) -> None:
         """PREPARE -> STATE(+fds) -> EXEC. A supervisor that is not running leaves us the persisted table."""
         try:
-            conn = wire.connect(self.cfg.run_dir / "handover.sock", timeout_s=5.0)
+            conn = wire.connect(self.cfg.run_dir / wire.SOCKET_NAME, timeout_s=5.0)
         except wire.PeerGone as e:
             logger.warning("handover: no running supervisor ({}); starting the current version myself", e)
             self.state_from_disk()
@@ -310,15 +308,11 @@ class HandoverSession:
 
     def check_serving(self, expect_version: str) -> None:
         """Our own check over the control socket: SERVING, and the version we expect."""
-        target = f"unix:{self.cfg.control_socket}"
         try:
-            with grpc.insecure_channel(target) as ch:
-                h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-                                                         timeout=10)
-                st = daemon_pb2_grpc.DaemonServiceStub(ch).GetStatus(daemon_pb2.GetStatusRequest(), timeout=10)
+            st, serving = serving_status(self.cfg.control_socket, timeout=10)
         except grpc.RpcError as e:
             raise Unhealthy(f"gRPC check of the new supervisor failed: {e.code().name}") from None
-        if h.status != health_pb2.HealthCheckResponse.SERVING:
+        if not serving:
             raise Unhealthy("gRPC health is not SERVING")
         if st.supervisor_version != expect_version:
             raise Unhealthy(f"GetStatus reports version {st.supervisor_version}, expected {expect_version}")
@@ -365,18 +359,6 @@ class ControlSocketProbe:
 
     def alive(self, pid: int) -> bool:
         return process_alive(pid)
-
-
-def running_supervisor(cfg: Config) -> tuple[str, bool]:
-    """(version, serving) of the supervisor answering on the control socket; ("", False) if none."""
-    target = f"unix:{cfg.control_socket}"
-    try:
-        with grpc.insecure_channel(target) as ch:
-            st = daemon_pb2_grpc.DaemonServiceStub(ch).GetStatus(daemon_pb2.GetStatusRequest(), timeout=3)
-            h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=3)
-    except grpc.RpcError:
-        return "", False
-    return st.supervisor_version, h.status == health_pb2.HealthCheckResponse.SERVING
 
 
 class SelfUpdateRun(UpdateRun):
@@ -516,7 +498,7 @@ def clear_start_log(cfg: Config) -> None:
 
 
 def start_log_tail(cfg: Config, max_bytes: int = 2048) -> str:
-    """What a supervisor that could not start wrote to the start log (helper/release.py's launcher)."""
+    """What a supervisor that could not start wrote to the start log (manager/build/release.py's launcher)."""
     try:
         with open(start_log_path(cfg), "rb") as f:
             f.seek(max(0, os.fstat(f.fileno()).st_size - max_bytes))
@@ -526,11 +508,8 @@ def start_log_tail(cfg: Config, max_bytes: int = 2048) -> str:
 
 
 def _control_pid(cfg: Config) -> int:
-    try:
-        with grpc.insecure_channel(f"unix:{cfg.control_socket}") as ch:
-            return int(daemon_pb2_grpc.DaemonServiceStub(ch).GetStatus(daemon_pb2.GetStatusRequest(), timeout=3).pid)
-    except grpc.RpcError:
-        return 0
+    st = status_or_none(cfg.control_socket)
+    return int(st.pid) if st is not None else 0
 
 
 class SelfUpdateError(BatonError):

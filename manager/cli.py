@@ -634,7 +634,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ns = parser().parse_args(argv)
     # gRPC logs each GOAWAY a client receives at INFO; supervisors send one to a connection when it is idle or
-    # old (supervisor/front.py), so a push or a rollout following its nodes would print one per poll.
+    # old (baton/front.py), so a push or a rollout following its nodes would print one per poll.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     configure_log(level=os.environ.get("BATON_MANAGER_LOG_LEVEL", "INFO"))
     try:

@@ -39,7 +39,7 @@ MB = 1e6
 
 
 def _build(ctx: Ctx, version: str) -> tuple[Path, float]:
-    from helper.release import build_release
+    from manager.build.release import build_release
 
     out = ctx.work / "dist"
     out.mkdir(exist_ok=True)
@@ -125,7 +125,7 @@ def _self_updates(ctx: Ctx, sup: BatonSupervisor, pkgs: list[Package], port: int
 
 
 def run(ctx: Ctx) -> Section:
-    from supervisor.install_self import write_tree
+    from supervisor.cli.install_self import write_tree
 
     runs = ctx.runs(3, 2)
     updates = ctx.runs(3, 2)

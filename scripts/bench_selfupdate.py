@@ -147,7 +147,7 @@ def _all_running(sup: BatonSupervisor) -> bool:
 
 
 def _supervisor_package(ctx: Ctx, version: str, keys: Any) -> Package:
-    from supervisor.install_self import write_tree
+    from supervisor.cli.install_self import write_tree
 
     tree = ctx.work / "trees" / f"supervisor-{version}"
     write_tree(tree, version)
@@ -323,7 +323,7 @@ def run(ctx: Ctx) -> Section:
           "grows with the agents' stop and start times (up to each agent's `stop_timeout_s`); the self-update "
           "window does not depend on the agents.",
           "- The self-update's own duration includes the old process's drain after STATE: it answers on the "
-          "connections it accepted until their clients close them (`DRAIN_S` in `supervisor/front.py` at most; "
+          "connections it accepted until their clients close them (`DRAIN_S` in `baton/front.py` at most; "
           "the `WatchUpdate` that follows this very update is ended at the handover, UNAVAILABLE, and "
           "re-attached), so that no call meets a stopping server; the helper answers meanwhile, so it is not in "
           "the window.")

@@ -80,7 +80,7 @@ class Baton(System):
                    "start_seconds": START_SECONDS, "backoff_initial_s": BATON_BACKOFF_S, "start_retries": 5}
                   for i in range(n)]
         self.sup = BatonSupervisor(ctx, ctx.work / "baton", agents)
-        # As deployed: a release's bytecode is compiled when it is installed (helper/release.py compile_bytecode).
+        # As deployed: a release's bytecode is compiled when it is installed (baton/release.py compile_bytecode).
         # Run from a checkout under PYTHONDONTWRITEBYTECODE, the supervisor would compile every module of its own
         # at each start and keep the compiler's freed memory in its RSS (about 2 MiB).
         subprocess.run([PY, "-m", "compileall", "-q", "baton", "supervisor", "helper"], cwd=ROOT, check=True,

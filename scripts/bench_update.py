@@ -239,7 +239,7 @@ def run(ctx: Ctx) -> Section:
           "`ln -sfn` + `mv -T` for the link, `kill -TERM` and wait for the exit, start the new version with "
           "`setsid` and wait until it has written its ready file (polled every 10 ms). The two alternate; "
           f"{runs} runs each, median [min, max]. The helper starts from the checkout with its bytecode compiled "
-          "first, as an installed release's is (`helper/release.py`).", "")
+          "first, as an installed release's is (`baton/release.py`).", "")
     s.add(*table(["", "push to result", "ratio"], [
         ("**ours**: PushUpdate -> WatchUpdate final", fmt_spread(ours), "1.00x"),
         ("**by hand**: the shell script", fmt_spread(hand), f"{fmt_x(ratio)} (its time / ours)"),

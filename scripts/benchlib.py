@@ -208,7 +208,7 @@ def drop_dirty_pages() -> None:
 
 
 def compile_checkout() -> None:
-    """Compile this checkout's bytecode, as a release's is compiled when it is installed (helper/release.py).
+    """Compile this checkout's bytecode, as a release's is compiled when it is installed (baton/release.py).
 
     Processes started from the checkout (the helper of each update) otherwise compile every module from source
     at every start when ``PYTHONDONTWRITEBYTECODE`` is set, a cost an installed release never pays.
@@ -452,7 +452,7 @@ class Package:
 def build_package(tree: Path, out: Path, component: str, version: str, keys: Keys, gzip: bool = True) -> Package:
     """``baton-package build`` and ``sign`` in-process: a deterministic tar, its ``.minisig`` beside it."""
     from baton.signing import format_manifest, sign_prehash
-    from helper.package_tool import build_package as build
+    from manager.build.package_tool import build_package as build
 
     out.parent.mkdir(parents=True, exist_ok=True)
     d = build(tree, out, gzip)
@@ -551,7 +551,7 @@ class BatonSupervisor:
 
     def install_self(self, version: str = "1.0.0") -> None:
         from baton.config import load_config
-        from supervisor.install_self import install_self
+        from supervisor.cli.install_self import install_self
 
         install_self(load_config(self.config_path), version)
 

@@ -29,10 +29,10 @@ from baton.agent_channel import (
     Request,
 )
 from baton.audit import OUTCOME_FAILED, OUTCOME_OK, AuditRecord, Caller
+from baton.front import bind_unix, peer_credentials
 from baton.log import logger
 from supervisor.agents import AgentError, AgentSnapshot, ProcessManager, UnknownAgent
 from supervisor.audit import AuditTrail, local_caller
-from supervisor.front import bind_unix, peer_credentials
 
 AUDITED = {"restart": "RestartAgent", "stop": "StopAgent"}  # what the gRPC API calls the same action
 READ_TIMEOUT_S = 5.0  # a peer that connects and sends no request is hung up on

@@ -1,7 +1,7 @@
 """Who may change things through the supervisor's gRPC API.
 
 The supervisor owns the public sockets and splices each accepted connection to
-one of gRPC's two private ports (``supervisor/front.py``): TCP connections to
+one of gRPC's two private ports (``baton/front.py``): TCP connections to
 the TLS port (or, with ``grpc.insecure_tcp``, to a plain one), Unix-socket
 connections to the local port once their peer passed the SO_PEERCRED check.
 A handler cannot tell those ports apart by itself, so the front labels every
@@ -30,13 +30,13 @@ matching the common name or a DNS SAN.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
 from baton.identity import PeerIdentity, parse_allow_list, peer_identity
+from baton.peer_label import Channel, channel_of
 from supervisor.call_hooks import CallHooks, HookedInterceptor
 
 READ_ONLY_METHODS = frozenset({
@@ -53,36 +53,6 @@ READ_ONLY_METHODS = frozenset({
 OPERATOR_FIELDS = {
     "/baton.v1.DaemonService/PushUpdate": ("allow_downgrade", "force", "reinstall"),
 }
-PEER_LABEL_PREFIX = "baton."
-
-
-class Channel(enum.Enum):
-    """How a call reached gRPC (the front's label, or the TLS transport)."""
-
-    TLS = "tls"
-    INSECURE_TCP = "tcp"
-    LOCAL = "local"
-    OPERATOR = "operator"
-    UNKNOWN = "unknown"
-
-
-def peer_label(channel: Channel, token: str) -> str:
-    """The abstract socket address the front binds its end of a spliced connection to."""
-    return f"\0{PEER_LABEL_PREFIX}{channel.value}.{token}"
-
-
-def channel_of(peer: str, identity: PeerIdentity) -> Channel:
-    if identity.tls:
-        return Channel.TLS
-    kind, _, name = peer.partition(":")
-    if kind == "unix-abstract" and name.startswith(PEER_LABEL_PREFIX):
-        label = name.removeprefix(PEER_LABEL_PREFIX).split(".", 1)[0]
-        for ch in (Channel.INSECURE_TCP, Channel.LOCAL, Channel.OPERATOR):
-            if ch.value == label:
-                return ch
-    return Channel.UNKNOWN
-
-
 class Policy:
     """The decision alone, without gRPC plumbing (what the interceptor asks)."""
 

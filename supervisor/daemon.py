@@ -30,10 +30,13 @@ from baton.agent_table import AgentRecord
 from baton.audit import AuditLog
 from baton.config import Config, ConfigError, load_config
 from baton.errors import BatonError
+from baton.front import SERVER_OPTIONS, Front, UnixPeerPolicy, bind_tcp, bind_unix
 from baton.log import logger
 from baton.pb import daemon_pb2_grpc
+from baton.serving import SERVICE_NAME
 from baton.states import AgentState
 from baton.strict_modes import make_dirs
+from baton.tls import server_tls
 from baton.tls_files import TlsFilesError
 from supervisor import handover, libc, systemd
 from supervisor.agent_socket import AgentSocket
@@ -41,9 +44,7 @@ from supervisor.agents import AgentSnapshot, ProcessManager, ReloadResult, same_
 from supervisor.audit import AuditInterceptor, AuditTrail, Callers
 from supervisor.clock import keep_clock_record, try_record_clock
 from supervisor.daemon_service import DaemonService, agent_info
-from supervisor.front import SERVER_OPTIONS, Front, UnixPeerPolicy, bind_tcp, bind_unix
 from supervisor.handover import ReceivedState
-from supervisor.tls import server_tls
 from supervisor.updates import UpdateManager
 from supervisor.version import supervisor_version
 
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
     from supervisor.manager_client import ManagerClient  # and these when a Manager is
     from supervisor.outbox import ResultOutbox
 
-SERVICE_NAME = "baton.v1.DaemonService"
 STATUS_DELAY_S = 0.05  # agent changes within this share one systemd STATUS line
 STRAY_REAP_DELAY_S = 0.05  # SIGCHLDs within this share one look for stray children
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -374,7 +374,7 @@ class Supervisor:
         """``supervisor restart-daemon --after-exit`` in a transient unit: outside what systemd stops with ours."""
         import subprocess
 
-        from supervisor.install_self import launcher
+        from supervisor.own_layout import launcher
 
         logger.info("systemd restarts {}: handing every agent over to the next process", unit)
         self.endpoint.exit_after_handover = True

@@ -26,6 +26,6 @@ def import_asyncio_without_ssl() -> None:
 if sys.argv[1:2] == ["run"]:  # at import: a release's launcher reports a failed import of what follows
     import_asyncio_without_ssl()
 
-from supervisor.cli import main  # noqa: E402  (after asyncio, above)
+from supervisor.cli.main import main  # noqa: E402  (after asyncio, above)
 
 __all__ = ["import_asyncio_without_ssl", "main"]

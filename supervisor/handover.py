@@ -30,13 +30,13 @@ from baton import faults
 from baton import handover as wire
 from baton.agent_table import AgentRecord
 from baton.config import Config
+from baton.front import Front
 from baton.layout import START_LOG_ENV, START_LOG_NAME
 from baton.log import logger
 from supervisor import systemd
 from supervisor.agents import ProcessManager
 from supervisor.authz import READ_ONLY_METHODS
-from supervisor.front import Front
-from supervisor.install_self import launcher, running_from_layout
+from supervisor.own_layout import launcher, running_from_layout
 
 STATE_TIMEOUT_S = 30.0
 EXEC_CONFIRM_TIMEOUT_S = 10.0
@@ -266,7 +266,7 @@ class HandoverEndpoint:
         self.server = server
         self._stop_control_plane = stop_control_plane
         self._stop_requested = stop_requested
-        self.path = cfg.run_dir / "handover.sock"
+        self.path = cfg.run_dir / wire.SOCKET_NAME
         self._sock: socket.socket | None = None
         self._busy = False
         self._handed_over: list[socket.socket] = []  # kept open until the exec

@@ -44,7 +44,7 @@ from baton.strict_modes import log_opener
 from supervisor import systemd
 from supervisor.agents import reap
 from supervisor.dirwatch import watch_dir
-from supervisor.install_self import helper_command, running_from_layout
+from supervisor.own_layout import helper_command, running_from_layout
 from supervisor.update_totals import UpdateTotals
 
 MAX_HELPER_STARTS = 5

@@ -369,7 +369,7 @@ class Release:
               signed_component: str | None = None, signed_version: str | None = None,
               expires: float | None = None, nodes: list[str] | None = None, tree: Path | None = None,
               name: str | None = None) -> Package:
-        from helper.package_tool import build_package
+        from manager.build.package_tool import build_package
 
         tree = tree or self.tree(version, behaviour)
         out = self.base / "pkgs" / (name or f"{component}-{version}-{behaviour}.tar.gz")
@@ -554,7 +554,7 @@ class SelfUpdateHost(UpdateHost):
         import re
         import shutil
 
-        from supervisor.install_self import write_tree
+        from supervisor.cli.install_self import write_tree
 
         tree = self.release.base / "trees" / f"supervisor-{version}-{fault or 'good'}"
         if tree.exists():
@@ -601,7 +601,7 @@ def make_self_host(make_supervisor: Callable[..., SupervisorProc], release: Rele
         )
         sup.write_config()
         from baton.config import load_config
-        from supervisor.install_self import install_self
+        from supervisor.cli.install_self import install_self
 
         install_self(load_config(sup.config_path), "1.0.0")
         sup.start(launcher=sup.base / "install" / "supervisor" / "current" / "bin" / "supervisor", env=env)

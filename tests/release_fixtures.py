@@ -33,7 +33,7 @@ BUILD_TIMEOUT_S = 600
 
 
 def package_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PY, "-m", "helper.package_tool", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([PY, "-m", "manager.build.package_tool", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, timeout=BUILD_TIMEOUT_S)
 
 
@@ -65,8 +65,8 @@ class Releases:
         return out
 
     def _derive(self, version: str, edit: Callable[[Path], None], out: Path) -> None:
-        from helper.package_tool import build_package
-        from helper.release import read_manifest
+        from baton.release import read_manifest
+        from manager.build.package_tool import build_package
 
         work = self.dir / f"derived-{version}-{edit.__name__}"
         shutil.rmtree(work, ignore_errors=True)  # what a failed attempt left

@@ -17,7 +17,7 @@ from baton.journal import Journal, UpdateRecord, UpdateRequestRecord
 from baton.layout import UNIT_IN_VERSION
 from baton.signing import load_public_key
 from manager.devca import issue_manager, issue_node, make_ca
-from supervisor.install_self import render_unit
+from supervisor.cli.install_self import render_unit
 from tests.conftest import PY, ROOT, agent, free_port, wait_for
 from tests.manager_fixtures import make_manager_fixture  # noqa: F401  (the make_manager fixture)
 
@@ -337,7 +337,7 @@ def test_the_fix_for_a_world_writable_download_dir_is_a_command_that_works(updat
 
 
 def test_the_troubleshooting_guide_has_a_section_for_every_check():
-    from supervisor.doctor import CHECKS
+    from supervisor.cli.doctor import CHECKS
 
     guide = (ROOT / "docs" / "troubleshooting.md").read_text()
     for name in ["config", *(n for n, _ in CHECKS)]:

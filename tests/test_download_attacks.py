@@ -106,7 +106,7 @@ def test_a_package_file_planted_and_rewritten_by_the_download_dir_owner_is_never
     genuine = release.build("1.1.0", tree=tree)
     evil_tree = release.tree("1.1.0", behaviour="evil")
     (evil_tree / "PWNED").write_text("unsigned code\n")
-    from helper.package_tool import build_package
+    from manager.build.package_tool import build_package
 
     build_package(evil_tree, open_dir / "evil.tar", False)
     shutil.copy(genuine.path, open_dir / "genuine.pkg")

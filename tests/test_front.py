@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.front import Front, UnixPeerPolicy
+from baton.front import Front, UnixPeerPolicy
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -129,7 +129,7 @@ def test_what_the_backend_sent_before_closing_reaches_the_client_though_a_write_
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(public))
         address: str | tuple[str, int] = str(public)
-    else:  # over TCP the front also closes its client's side without a reset (supervisor.front._linger)
+    else:  # over TCP the front also closes its client's side without a reset (baton.front._linger)
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.bind(("127.0.0.1", 0))
         address = listener.getsockname()

@@ -85,7 +85,7 @@ def test_package_signed_with_the_minisign_tool_is_installed_by_an_update(update_
     pub, sec = tmp_path / "m.pub", tmp_path / "m.sec"
     subprocess.run(["minisign", "-G", "-W", "-p", str(pub), "-s", str(sec)], check=True, capture_output=True,
                    timeout=60)
-    from helper.package_tool import build_package
+    from manager.build.package_tool import build_package
 
     out = tmp_path / "app-1.1.0.tar.gz"
     digests = build_package(update_host.release.tree("1.1.0"), out, True)

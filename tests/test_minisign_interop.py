@@ -50,7 +50,7 @@ def minisign(*args: str | Path, stdin: str = "", cwd: Path | None = None) -> sub
 
 def package_tool(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "helper.package_tool", *map(str, args)],
+        [sys.executable, "-m", "manager.build.package_tool", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=50,

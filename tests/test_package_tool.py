@@ -1,6 +1,6 @@
 """Specification of ``baton-package``, run as a real process: keygen, build, sign.
 
-Each test runs ``python -m helper.package_tool`` the way a packager or a CI job
+Each test runs ``python -m manager.build.package_tool`` the way a packager or a CI job
 would, then checks the files it left with the library the helper uses.
 """
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(60)
 
 def run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "helper.package_tool", *map(str, args)],
+        [sys.executable, "-m", "manager.build.package_tool", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -300,7 +300,7 @@ def test_sign_with_a_public_key_instead_of_a_secret_key_is_refused(tmp_path: Pat
 
 
 def test_main_returns_the_exit_code_in_process(tmp_path: Path) -> None:
-    from helper.package_tool import main
+    from manager.build.package_tool import main
 
     assert main(["keygen", "-p", str(tmp_path / "a.pub"), "-s", str(tmp_path / "a.key")]) == 0
     assert main(["keygen", "-p", str(tmp_path / "a.pub"), "-s", str(tmp_path / "a.key")]) == 1

@@ -90,7 +90,7 @@ def test_release_members_have_fixed_owner_and_mtime_and_no_bytecode(releases: Re
 
 def test_release_manifest_records_python_abi_platform_and_locked_dependencies(releases: Releases,
                                                                               tmp_path: Path) -> None:
-    from helper.release import read_manifest, running_target
+    from baton.release import read_manifest, running_target
 
     root = unpack(releases.v100, tmp_path)
     manifest = read_manifest(root)
@@ -392,7 +392,7 @@ def test_a_release_for_another_python_or_architecture_is_refused_before_anything
 
 def test_a_host_running_a_release_refuses_a_code_only_development_tree(running_release: SupervisorProc,
                                                                        release: Release) -> None:
-    from supervisor.install_self import write_tree
+    from supervisor.cli.install_self import write_tree
 
     host = running_release
     tree = write_tree(host.base / "dev-tree", "1.4.0")

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.e2e  # every test here starts a process
 
 def _checkout(dest: Path) -> Path:
     """What `baton-package release` reads of a checkout, copied so that a test may plant links in it."""
-    from helper.release import PACKAGES, SHARE_SOURCE
+    from manager.build.release import PACKAGES, SHARE_SOURCE
 
     for top in (*PACKAGES, SHARE_SOURCE, "requirements"):
         shutil.copytree(ROOT / top, dest / top, ignore=shutil.ignore_patterns("__pycache__"))
@@ -53,7 +53,7 @@ def test_a_symlink_out_of_the_checkout_fails_the_release_naming_it_and_writes_no
     out = tmp_path / "out"
     out.mkdir()
     temps_before = set(Path("/tmp").glob("baton-release-*"))
-    r = subprocess.run([PY, "-m", "helper.package_tool", "release", "--version", "1.0.0", "-o", str(out)],
+    r = subprocess.run([PY, "-m", "manager.build.package_tool", "release", "--version", "1.0.0", "-o", str(out)],
                        capture_output=True, text=True, cwd=checkout, timeout=BUILD_TIMEOUT_S)
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()

@@ -29,7 +29,7 @@ def test_shipped_units_pass_systemd_analyze_verify_silently(tmp_path):
     root = tmp_path / "root"
     (root / "etc/systemd/system").mkdir(parents=True)
     shutil.copytree("/lib/systemd/system", root / "lib/systemd/system", symlinks=True)
-    from supervisor.install_self import render_unit
+    from supervisor.cli.install_self import render_unit
 
     text = render_unit(UNIT.read_text(), Path("/opt/baton"), Path("/etc/baton/supervisor.toml"))
     for path in re.findall(r"(?:ExecStart=)(/\S+)", text):
@@ -133,7 +133,7 @@ def test_install_self_enable_without_systemd_keeps_the_release_installed_and_say
 
 def unit_for_test(sup: SupervisorProc, env: dict[str, str] | None = None) -> str:
     """The shipped unit as install-self renders it, for a development tree (BATON_PYTHON), logging to a file."""
-    from supervisor.install_self import render_unit
+    from supervisor.cli.install_self import render_unit
 
     text = render_unit(UNIT.read_text(), sup.base / "install", sup.config_path)
     for k, v in {"BATON_PYTHON": PY, **(env or {})}.items():
@@ -163,7 +163,7 @@ def unit_host(systemd, make_supervisor, release):
 
 def start_unit_host(systemd, make_supervisor, release, env: dict[str, str] | None = None) -> SelfUpdateHost:
     from baton.config import load_config
-    from supervisor.install_self import install_self
+    from supervisor.cli.install_self import install_self
 
     sup = make_supervisor(list(SELF_AGENTS), name="sd",
                           extra={"update": {"trusted_keys": [str(release.public_key)], "handshake_timeout_s": 30.0,

@@ -1,7 +1,7 @@
 """The local Unix socket admits root, the supervisor's own uid or its group, by SO_PEERCRED, not by file mode.
 
 The socket is made world-writable for the test (and its directory traversable), so file permissions let
-``nobody`` connect: what refuses it is the peer-credential check in supervisor/front.py.
+``nobody`` connect: what refuses it is the peer-credential check in baton/front.py.
 """
 
 from __future__ import annotations

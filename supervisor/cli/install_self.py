@@ -1,6 +1,6 @@
 """The supervisor's own versioned install: ``<install_root>/supervisor/versions/<v>/``.
 
-A version directory is a self-contained release (helper/release.py, docs/releases.md):
+A version directory is a self-contained release (baton/release.py, docs/releases.md):
 ``lib/`` with Baton's code and every dependency, launchers in ``bin/`` that run
 the system ``python3`` isolated, and ``RELEASE.json``. ``install_release`` lays a
 release out from its unpacked tarball and writes the systemd unit.
@@ -14,24 +14,22 @@ run with ``$BATON_PYTHON``), which the fast tests use; they are not for hosts.
 
 from __future__ import annotations
 
-# shutil is imported where trees are copied: the daemon imports this module only for launcher(), helper_command()
-# and running_from_layout() (its cost: docs/benchmarks.md, "Start-up rules and their history").
+# shutil (with bz2 and lzma, about 0.3 MiB) is imported where trees are copied, as everywhere in the CLI.
 import contextlib
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from baton import durable
 from baton.config import SUPERVISOR_COMPONENT, Config
 from baton.errors import BatonError
-from baton.layout import SERVICE_UNIT, UNIT_IN_CHECKOUT, UNIT_IN_VERSION, ComponentLayout
+from baton.layout import OPERATOR_BIN_DIR, SERVICE, SERVICE_UNIT, SYSTEMD_UNIT_DIR, UNIT_IN_CHECKOUT, UNIT_IN_VERSION
 from baton.marks import Marks
 from baton.versions import compare_versions
+from supervisor.own_layout import layout, source_root
 
 PACKAGES = ("baton", "supervisor", "helper")
 LAUNCHER = """#!/bin/sh
@@ -42,25 +40,6 @@ export PYTHONPATH="$here/lib"
 cd /
 exec "${BATON_PYTHON:-python3}" -P -m supervisor "$@"
 """
-
-
-def source_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
-def layout(cfg: Config) -> ComponentLayout:
-    return ComponentLayout(cfg.node.install_root, SUPERVISOR_COMPONENT)
-
-
-def launcher(cfg: Config) -> Path:
-    return layout(cfg).current_link / "bin" / "supervisor"
-
-
-def running_from_layout(cfg: Config) -> bool:
-    """True when this process runs code from the installed layout, so an exec of ``current`` replaces it."""
-    here = Path(__file__).resolve()
-    versions = layout(cfg).versions_dir.resolve()
-    return versions in here.parents
 
 
 def write_tree(dest: Path, version: str, source: Path | None = None) -> Path:
@@ -102,28 +81,10 @@ def install_self(cfg: Config, version: str, source: Path | None = None) -> Path:
     return dest
 
 
-def python_for_launcher() -> str:
-    return sys.executable
-
-
-def helper_command() -> list[str]:
-    """How this supervisor starts a helper: its own release's ``bin/helper`` (by its real path, not ``current``).
-
-    The running release's helper carries out every update, a self-update included,
-    so a broken new release cannot break the helper that must roll it back.
-    """
-    from helper.release import release_root_of_running_code
-
-    root = release_root_of_running_code()
-    if root is not None:
-        return [str(root / "bin" / "helper")]
-    return [sys.executable, "-m", "helper"]
-
-
 # --- installing a release ---------------------------------------------------------------------------
 
-DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
-DEFAULT_BIN_DIR = Path("/usr/local/bin")  # the FHS's place for the operator's commands installed locally
+DEFAULT_UNIT_DIR = SYSTEMD_UNIT_DIR
+DEFAULT_BIN_DIR = OPERATOR_BIN_DIR
 OPERATOR_COMMANDS = ("supervisor", "helper")  # linked into the bin directory, through `current`
 
 
@@ -187,14 +148,14 @@ def install_release(cfg: Config, release_root: Path, *, force: bool = False,
             version (without ``force``), or a supervisor is running on this config.
         ReleaseError: not a release, built for another Python or platform, or its RELEASE.json
             names a version that is not a safe directory name.
-        PackageToolError: a symbolic link in the release leads out of it.
+        LinkOutsideTree: a symbolic link in the release leads out of it.
     """
     import shutil
 
+    from baton.release import ReleaseError, check_compatible, compile_bytecode, read_manifest
+    from baton.serving import running_supervisor
+    from baton.tree_links import check_links_inside
     from helper.archive import fix_modes_and_sync
-    from helper.package_tool import check_links_inside
-    from helper.release import ReleaseError, check_compatible, compile_bytecode, read_manifest
-    from helper.self_update import running_supervisor
 
     manifest = read_manifest(release_root)
     if manifest is None:
@@ -294,18 +255,6 @@ def _unit_state(exe: str, unit: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-def _supervisor_status(cfg: Config) -> Any:
-    """The supervisor's GetStatus on its control socket, or None while it does not answer."""
-    from baton.pb import daemon_pb2
-    from supervisor.ctl import CtlError, client
-
-    try:
-        with client(cfg.control_socket, 3.0) as c:
-            return c.call("GetStatus", daemon_pb2.GetStatusRequest())
-    except CtlError:
-        return None
-
-
 def enable_unit(cfg: Config, unit: str = SERVICE_UNIT, timeout: float = ENABLE_TIMEOUT_S,
                 progress: Callable[[str], None] = print) -> Running:
     """``systemctl daemon-reload`` and ``enable --now`` the unit, then wait until it runs a supervisor that answers.
@@ -318,7 +267,8 @@ def enable_unit(cfg: Config, unit: str = SERVICE_UNIT, timeout: float = ENABLE_T
         SystemdUnavailable: no systemctl, or systemd is not running here (nothing was asked of systemd).
         EnableFailed: a systemctl call failed, the unit failed to start, or it did not come up in ``timeout``.
     """
-    from supervisor.ctl import state_name
+    from baton.serving import status_or_none
+    from supervisor.cli.ctl import state_name
 
     exe = _systemctl()
     _run_systemctl(exe, "daemon-reload")
@@ -334,7 +284,7 @@ def enable_unit(cfg: Config, unit: str = SERVICE_UNIT, timeout: float = ENABLE_T
         if ours and (active == "failed" or sub == "auto-restart"):
             raise EnableFailed(f"{unit} failed to start ({active}/{sub}, result {state.get('Result', '?')})")
         if active == "active":
-            st = _supervisor_status(cfg)
+            st = status_or_none(cfg.control_socket)
             main_pid = int(state.get("MainPID") or 0)
             if st is not None and st.pid == main_pid:
                 return Running(unit, st.supervisor_version, main_pid, tuple(state_name(a.state) for a in st.agents))
@@ -367,7 +317,7 @@ def uninstall(cfg: Config, *, unit_dir: Path = DEFAULT_UNIT_DIR, bin_dir: Path |
     """
     import shutil
 
-    from helper.self_update import running_supervisor
+    from baton.serving import running_supervisor
 
     removed: list[Path] = []
     unit = unit_dir / SERVICE_UNIT
@@ -381,7 +331,7 @@ def uninstall(cfg: Config, *, unit_dir: Path = DEFAULT_UNIT_DIR, bin_dir: Path |
     running, _ = running_supervisor(cfg)
     if running:
         raise InstallRefused(f"supervisor {running} is running on {cfg.control_socket}: stop it first "
-                             "(systemctl stop baton-supervisor); nothing was removed")
+                             f"(systemctl stop {SERVICE}); nothing was removed")
     if unit.is_file():
         os.unlink(unit)
         durable.fsync_dir(unit_dir)

@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from baton import layout
 from baton.errors import BatonError
 from baton.text import printable
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-DEFAULT_CONFIG = "/etc/baton/supervisor.toml"
+DEFAULT_CONFIG = str(layout.DEFAULT_CONFIG)
 CHUNK = 256 * 1024
 
 UPDATE_EPILOG = """examples:
@@ -75,7 +76,7 @@ class PackageInfo:
 
 def target(ns: argparse.Namespace) -> str:
     """``unix:PATH`` of ``--socket`` or ``grpc.unix_socket``, refused (as root) in a directory others may change."""
-    from supervisor.ctl import CtlError, checked_socket
+    from supervisor.cli.ctl import CtlError, checked_socket
 
     if ns.socket:
         path, key = Path(ns.socket), "--socket"
@@ -372,7 +373,7 @@ def cmd_cancel(ns: argparse.Namespace) -> int:
 
 
 def _socket_args(p: argparse.ArgumentParser) -> None:
-    from supervisor.cli import seconds_arg
+    from supervisor.cli.main import seconds_arg
 
     p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help="the supervisor's config (for grpc.unix_socket)")
     p.add_argument("--socket", help="the supervisor's Unix socket (instead of reading the config)")
@@ -393,7 +394,7 @@ def _guarded(fn: Any) -> Any:
 
 
 def add_parsers(sub: argparse._SubParsersAction[Any]) -> None:
-    from supervisor.cli import count_arg, seconds_arg  # where the parser is built: loaded already
+    from supervisor.cli.main import count_arg, seconds_arg  # where the parser is built: loaded already
     fmt = argparse.RawDescriptionHelpFormatter
     u = sub.add_parser("update", help="push an update to this host's supervisor and follow it",
                        description="Push a signed package to the local supervisor and follow it to its end.",

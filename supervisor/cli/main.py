@@ -14,6 +14,7 @@ from typing import Any
 
 from baton.config import Config, ConfigError, load_config
 from baton.errors import BatonError
+from baton.layout import DEFAULT_CONFIG, OPERATOR_BIN_DIR, SERVICE_UNIT, SYSTEMD_UNIT_DIR
 from supervisor.logs import setup_logging
 from supervisor.version import supervisor_version
 
@@ -71,7 +72,7 @@ def cmd_check_config(ns: argparse.Namespace) -> int:
 
 def _fmt_agents(agents: list[Any]) -> str:
     from baton.text import printable
-    from supervisor.ctl import state_name
+    from supervisor.cli.ctl import state_name
 
     rows: list[tuple[str, ...]] = [("NAME", "STATE", "PID", "VERSION", "UPTIME", "RESTARTS", "LAST EXIT", "NOTE")]
     now = time.time()
@@ -137,7 +138,7 @@ def _socket_path(ns: argparse.Namespace, read_only: str = "") -> Path:
 
     ``read_only`` names a command that only reads: a config that does not load is then no reason to refuse.
     """
-    from supervisor.ctl import checked_socket
+    from supervisor.cli.ctl import checked_socket
 
     if ns.socket:
         return checked_socket(Path(ns.socket), "--socket")
@@ -152,7 +153,7 @@ def _ctl(fn: Any) -> Any:
 
     def run(ns: argparse.Namespace) -> int:
         from baton.text import printable
-        from supervisor.ctl import CtlError  # here, not when the parser is built: `run` would keep it resident
+        from supervisor.cli.ctl import CtlError  # here, not when the parser is built: `run` would keep it resident
 
         try:
             return int(fn(ns))
@@ -183,7 +184,7 @@ def _last_lines(c: Any, name: str, lines: int = 0) -> list[str]:
 
 def cmd_status(ns: argparse.Namespace) -> int:
     from baton.pb import common_pb2, daemon_pb2
-    from supervisor.ctl import client, to_json
+    from supervisor.cli.ctl import client, to_json
 
     if ns.name:
         return _status_of_one(ns)
@@ -210,7 +211,7 @@ def cmd_status(ns: argparse.Namespace) -> int:
             print(printable(f"{a.name} is fatal (`supervisor start {a.name}` retries); its log {a.log_path} ends:"))
             for line in fatal[a.name] or ["(empty)"]:
                 print(f"  {line}")
-    from supervisor.cli_update import holds_lines
+    from supervisor.cli.update import holds_lines
 
     print("\n".join(holds_lines(list(st.holds))), end="\n" if st.holds else "")
     return 0
@@ -220,7 +221,7 @@ def _status_of_one(ns: argparse.Namespace) -> int:
     """``supervisor status NAME``: every field of one agent, one per line, and the end of its log."""
     from baton.pb import daemon_pb2
     from baton.text import printable
-    from supervisor.ctl import client, state_name, to_json
+    from supervisor.cli.ctl import client, state_name, to_json
 
     with client(_socket_path(ns, read_only="status"), ns.timeout) as c:
         st = c.call("GetStatus", daemon_pb2.GetStatusRequest())
@@ -284,7 +285,7 @@ def cmd_log(ns: argparse.Namespace) -> int:
 
 
 def cmd_control(ns: argparse.Namespace) -> int:
-    from supervisor.ctl import client, control, emit
+    from supervisor.cli.ctl import client, control, emit
 
     with client(_socket_path(ns), ns.timeout) as c:
         results, ok = control(c, ns.action, ns.names, ns.wait, getattr(ns, "signal", ""))
@@ -297,7 +298,7 @@ def cmd_tail(ns: argparse.Namespace) -> int:
 
     from baton.pb import daemon_pb2
     from baton.text import PrintableStream
-    from supervisor.ctl import client
+    from supervisor.cli.ctl import client
 
     # On a terminal the agent's escape sequences are shown escaped; into a pipe or a file its bytes go as written.
     stream = PrintableStream() if sys.stdout.isatty() else None
@@ -335,7 +336,7 @@ def cmd_tail(ns: argparse.Namespace) -> int:
 
 def cmd_clear(ns: argparse.Namespace) -> int:
     from baton.pb import daemon_pb2
-    from supervisor.ctl import client
+    from supervisor.cli.ctl import client
 
     with client(_socket_path(ns), ns.timeout) as c:
         resp = c.call("ClearLog", daemon_pb2.ClearLogRequest(name=ns.name, stderr=ns.stderr))
@@ -345,7 +346,7 @@ def cmd_clear(ns: argparse.Namespace) -> int:
 
 def cmd_reload(ns: argparse.Namespace) -> int:
     from baton.pb import daemon_pb2
-    from supervisor.ctl import client, to_json
+    from supervisor.cli.ctl import client, to_json
 
     with client(_socket_path(ns), ns.timeout) as c:
         r = c.call("Reload", daemon_pb2.ReloadRequest(), timeout=ns.wait)
@@ -383,8 +384,8 @@ def cmd_restart_daemon(ns: argparse.Namespace) -> int:
 
 
 def cmd_install_self(ns: argparse.Namespace) -> int:
-    from helper.release import release_root_of_running_code
-    from supervisor.install_self import install_self
+    from baton.release import release_root_of_running_code
+    from supervisor.cli.install_self import install_self
 
     if ns.enable and ns.no_unit:
         print("supervisor install-self: --enable starts the unit that --no-unit does not write; drop one of them",
@@ -411,7 +412,7 @@ def cmd_install_self(ns: argparse.Namespace) -> int:
 
 def install_self_release(ns: argparse.Namespace, cfg: Config, root: Path) -> int:
     """``install-self`` run from an unpacked release: install that release (docs/releases.md)."""
-    from supervisor.install_self import check_command_links, install_release, write_command_links
+    from supervisor.cli.install_self import check_command_links, install_release, write_command_links
 
     if ns.version and ns.version != supervisor_version():
         print(f"supervisor: this release is {supervisor_version()}, not {ns.version}", file=sys.stderr)
@@ -439,7 +440,7 @@ def install_self_release(ns: argparse.Namespace, cfg: Config, root: Path) -> int
 
 def uninstall_self(ns: argparse.Namespace, cfg: Config) -> int:
     """``install-self --uninstall``: undo install-self; state and logs stay unless ``--purge``."""
-    from supervisor.install_self import uninstall
+    from supervisor.cli.install_self import uninstall
 
     try:
         done = uninstall(cfg, unit_dir=Path(ns.unit_dir), bin_dir=Path(ns.bin_dir) if ns.bin_dir else None,
@@ -456,7 +457,8 @@ def uninstall_self(ns: argparse.Namespace, cfg: Config) -> int:
 
 def enable_installed(cfg: Config, version: str, unit: Path) -> int:
     """``install-self --enable``: start the unit just written; a failure leaves the release installed and says so."""
-    from supervisor.install_self import ENABLE_TIMEOUT_S, EnableFailed, SystemdUnavailable, enable_unit, launcher
+    from supervisor.cli.install_self import ENABLE_TIMEOUT_S, EnableFailed, SystemdUnavailable, enable_unit
+    from supervisor.own_layout import launcher
 
     print(f"systemctl daemon-reload && systemctl enable --now {unit.name} (waiting up to {ENABLE_TIMEOUT_S:.0f} s "
           "for the supervisor to answer)", flush=True)
@@ -479,7 +481,7 @@ def enable_installed(cfg: Config, version: str, unit: Path) -> int:
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
-    from supervisor.demo import run_demo
+    from supervisor.cli.demo import run_demo
 
     return run_demo(seconds=ns.seconds, keep=ns.keep)
 
@@ -515,7 +517,7 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"baton supervisor {supervisor_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
     def client_args(sp: argparse.ArgumentParser, json_flag: bool = True) -> None:
-        sp.add_argument("--config", "-c", default="/etc/baton/supervisor.toml",
+        sp.add_argument("--config", "-c", default=str(DEFAULT_CONFIG),
                         help="config file whose grpc.unix_socket to use (default: %(default)s)")
         sp.add_argument("--socket", help="the supervisor's Unix socket (instead of reading the config)")
         sp.add_argument("--timeout", type=seconds_arg, default=5.0, help="seconds per call (default: %(default)s)")
@@ -543,7 +545,7 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
     s.set_defaults(fn=_ctl(cmd_status))
     lg = command("log", "show the supervisor's own log (root only), and follow it with -f",
                  "supervisor log -f -n 100")
-    lg.add_argument("--config", "-c", default="/etc/baton/supervisor.toml",
+    lg.add_argument("--config", "-c", default=str(DEFAULT_CONFIG),
                     help="config file whose log.dir to read (default: %(default)s)")
     lg.add_argument("-n", "--lines", type=count_arg, default=20, help="last lines to show (default: %(default)s)")
     lg.add_argument("-f", "--follow", action="store_true", help="then print what is appended, until Ctrl-C")
@@ -589,7 +591,7 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
     rd = command("restart-daemon", "start the supervisor again with the config file as it is now, keeping every agent "
                  "(same pids, output and notify sockets): applies what `reload` cannot",
                  "supervisor restart-daemon --config /etc/baton/supervisor.toml")
-    rd.add_argument("--config", "-c", default="/etc/baton/supervisor.toml", help="config file (default: %(default)s)")
+    rd.add_argument("--config", "-c", default=str(DEFAULT_CONFIG), help="config file (default: %(default)s)")
     # what the supervisor itself runs when systemd restarts its unit: it exits, systemd starts the next process
     rd.add_argument("--after-exit", action="store_true", help=argparse.SUPPRESS)
     rd.set_defaults(fn=cmd_restart_daemon)
@@ -598,11 +600,11 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
     i.add_argument("--config", "-c", required=True)
     i.add_argument("--version", help="the version to install as (default: this code's version)")
     i.add_argument("--force", action="store_true", help="install below the highest committed version")
-    i.add_argument("--unit-dir", default="/etc/systemd/system", help="where to write baton-supervisor.service")
+    i.add_argument("--unit-dir", default=str(SYSTEMD_UNIT_DIR), help=f"where to write {SERVICE_UNIT}")
     i.add_argument("--no-unit", action="store_true", help="do not write the systemd unit")
     i.add_argument("--enable", action="store_true",
                    help="then systemctl daemon-reload, enable --now the unit, and wait until the supervisor answers")
-    i.add_argument("--bin-dir", default="/usr/local/bin",
+    i.add_argument("--bin-dir", default=str(OPERATOR_BIN_DIR),
                    help="where to link the supervisor and helper commands ('' for no links)")
     i.add_argument("--uninstall", action="store_true",
                    help="stop and disable the unit, remove it, the command links and the supervisor's versions; "
@@ -614,12 +616,12 @@ def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
     d.add_argument("--seconds", type=float, default=5.0, help="how long to keep running at the end")
     d.add_argument("--keep", action="store_true", help="keep the temporary directory")
     d.set_defaults(fn=cmd_demo)
-    from supervisor import audit, doctor
+    from supervisor.cli import audit, doctor
 
     audit.add_parser(sub)
     doctor.add_parser(sub)
 
-    from supervisor.cli_update import add_parsers as add_update_parsers
+    from supervisor.cli.update import add_parsers as add_update_parsers
 
     add_update_parsers(sub)  # update, updates, cancel
     return p
@@ -631,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.fn is cmd_run:
         return int(ns.fn(ns))
     # A client command: gRPC logs each GOAWAY it receives at INFO, and the supervisor sends one to a kept
-    # connection when it is idle or old (supervisor/front.py), which a `--watch` would print every poll.
+    # connection when it is idle or old (baton/front.py), which a `--watch` would print every poll.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
         return int(ns.fn(ns))

@@ -25,7 +25,8 @@ from typing import Any
 
 from baton.config import SUPERVISOR_COMPONENT, Config, ConfigError, load_config, where_it_runs
 from baton.docs import guide
-from baton.layout import SERVICE_UNIT, UNIT_IN_CHECKOUT, UNIT_IN_VERSION
+from baton.layout import DEFAULT_CONFIG, SERVICE, SERVICE_UNIT, SYSTEMD_UNIT_DIR, UNIT_IN_CHECKOUT, UNIT_IN_VERSION
+from supervisor.own_layout import source_root
 
 OK = "ok"
 WARNING = "warning"
@@ -35,7 +36,7 @@ _RANK = {OK: 0, WARNING: 1, PROBLEM: 2}
 CERT_WARN_DAYS = 14  # a certificate that expires sooner is a warning (--cert-days)
 RECENT_UPDATES = 20  # journal records consulted for "the largest recent package"
 PROBE_TIMEOUT_S = 3.0
-UNIT_PATHS = (Path("/etc/systemd/system") / SERVICE_UNIT, Path("/usr/lib/systemd/system") / SERVICE_UNIT,
+UNIT_PATHS = (SYSTEMD_UNIT_DIR / SERVICE_UNIT, Path("/usr/lib/systemd/system") / SERVICE_UNIT,
               Path("/lib/systemd/system") / SERVICE_UNIT)
 # Unit settings the handover depends on (docs/handover.md#under-systemd): a difference is a problem.
 UNIT_CRITICAL = ("Type", "NotifyAccess", "KillMode")
@@ -267,26 +268,23 @@ def _status(ctx: Context) -> Any:
             the supervisor, so it is not asked (see trusted-paths).
         grpc.RpcError: it does not answer.
     """
-    import grpc
-
-    from baton.pb import daemon_pb2, daemon_pb2_grpc
-    from supervisor.ctl import checked_socket
+    from baton.serving import get_status
+    from supervisor.cli.ctl import checked_socket
 
     path = checked_socket(supervisor_socket(ctx.cfg), "grpc.unix_socket" if ctx.cfg.grpc.unix_socket
                           else "node.state_dir")
-    with grpc.insecure_channel(f"unix:{path}") as ch:
-        return daemon_pb2_grpc.DaemonServiceStub(ch).GetStatus(daemon_pb2.GetStatusRequest(), timeout=PROBE_TIMEOUT_S)
+    return get_status(path, PROBE_TIMEOUT_S)
 
 
 def check_supervisor(ctx: Context) -> list[Finding]:
     import grpc
 
     path = supervisor_socket(ctx.cfg)
-    fix = (f"start it: systemctl start baton-supervisor (or supervisor run --config {ctx.cfg.source}); "
-           f"why it stopped: {ctx.cfg.log_dir / 'supervisor.log'}, journalctl -u baton-supervisor")
+    fix = (f"start it: systemctl start {SERVICE} (or supervisor run --config {ctx.cfg.source}); "
+           f"why it stopped: {ctx.cfg.log_dir / 'supervisor.log'}, journalctl -u {SERVICE}")
     if not path.is_socket():
         return [Finding("supervisor", PROBLEM, f"not running: no socket at {path}", fix)]
-    from supervisor.ctl import CtlError
+    from supervisor.cli.ctl import CtlError
 
     try:
         st = _status(ctx)
@@ -311,7 +309,7 @@ def check_agents(ctx: Context) -> list[Finding]:
     import grpc
 
     from baton.pb import common_pb2
-    from supervisor.ctl import CtlError
+    from supervisor.cli.ctl import CtlError
 
     if not supervisor_socket(ctx.cfg).is_socket():
         return [Finding("agents", OK, "the supervisor is not running (see the supervisor check)")]
@@ -433,8 +431,8 @@ def build_time() -> float:
     """When this release was built: the newest modification time of its code (kept by install-self's copy)."""
     newest = 0.0
     for pkg in ("baton", "supervisor", "helper"):
-        root = Path(__file__).resolve().parent.parent / pkg
-        for p in root.glob("*.py"):
+        root = source_root() / pkg
+        for p in root.rglob("*.py"):  # sub-packages too: the CLI is in supervisor/cli/
             newest = max(newest, p.stat().st_mtime)
     return newest
 
@@ -496,7 +494,7 @@ def _manager_clock(ctx: Context) -> tuple[float, float]:
     does not answer (the supervisor check says why)."""
     import grpc
 
-    from supervisor.ctl import CtlError
+    from supervisor.cli.ctl import CtlError
 
     if not ctx.cfg.manager.address or not supervisor_socket(ctx.cfg).is_socket():
         return 0.0, 0.0
@@ -509,7 +507,7 @@ def _manager_clock(ctx: Context) -> tuple[float, float]:
 
 def shipped_unit() -> Path | None:
     """The unit shipped with this code: in a checkout, or inside an installed version (``share/systemd/``)."""
-    here = Path(__file__).resolve().parent.parent  # the checkout, or a version's lib/
+    here = source_root()  # the checkout, or a version's lib/
     for p in (here / UNIT_IN_CHECKOUT, here.parent / UNIT_IN_VERSION):
         if p.is_file():
             return p
@@ -542,7 +540,7 @@ def check_systemd_unit(ctx: Context) -> list[Finding]:
                                                  "to compare it with", "")]
     have, want = parse_unit(installed.read_text()), parse_unit(ship.read_text())
     fix = (f"copy {ship} to {installed} (keep your ExecStart=, ExecReload= and Environment= lines), then systemctl "
-           "daemon-reload && systemctl restart baton-supervisor")
+           f"daemon-reload && systemctl restart {SERVICE}")
     out = []
     for (section, key), value in want.items():
         if key in UNIT_SITE_SPECIFIC or section == "Install":
@@ -622,7 +620,7 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     d = sub.add_parser("doctor", help="check this host: config, keys, directories, disk, layout, supervisor, "
                                       "agents, Manager, certificates, clock, systemd unit")
-    d.add_argument("--config", "-c", default="/etc/baton/supervisor.toml")
+    d.add_argument("--config", "-c", default=str(DEFAULT_CONFIG))
     d.add_argument("--json", action="store_true", help="one JSON document: every finding and the exit status")
     d.add_argument("--cert-days", type=float, default=CERT_WARN_DAYS,
                    help=f"warn about certificates expiring within this many days (default {CERT_WARN_DAYS})")

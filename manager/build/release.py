@@ -19,41 +19,45 @@ Nothing is read from the environment, so ``env -i .../bin/helper`` works.
 ``build_release`` makes the tarball ``baton-<v>-<python tag>-<platform>.tar.gz``
 byte for byte reproducibly: dependencies come from the lock file with
 ``pip install --require-hashes --no-deps --no-compile``, modes are normalised,
-and the tar is written by ``baton-package build`` (sorted, mtime 0, owner 0).
+and the tar is written by ``baton-package build`` (sorted, mtime 0, owner 0). What a host does with a release
+(its manifest, the compatibility check, unwrapping and compiling it) is in ``baton/release.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from baton import durable
-from baton.errors import BatonError
 from baton.layout import DOCS_IN_CHECKOUT, DOCS_IN_VERSION, START_LOG_ENV, UNIT_IN_CHECKOUT, UNIT_IN_VERSION
-from baton.versions import InvalidVersion, parse_version, validate_version
+from baton.release import (
+    ReleaseError,
+    ReleaseManifest,
+    Target,
+    platform_tag,
+    python_tag,
+    running_target,
+)
+from baton.versions import validate_version
 
 if TYPE_CHECKING:
     from baton.digest import Digests  # cryptography: not loaded by a supervisor that asks for its dependencies
 
-MANIFEST_NAME = "RELEASE.json"
-MANIFEST_FORMAT = 1
 PACKAGES = ("baton", "supervisor", "helper", "manager")  # the reference Manager too: one artifact for a fleet
 ENTRY_POINTS = {
     "supervisor": "supervisor.entry",
     "helper": "helper.cli",
-    "baton-package": "helper.package_tool",
+    "baton-package": "manager.build.package_tool",
     "baton-manager": "manager.cli",
 }
 DEFAULT_PYTHON = "/usr/bin/python3"
+CHECKOUT = Path(__file__).resolve().parents[2]  # the checkout this tool runs from: what a release is built of
+RUNTIME_LOCK = CHECKOUT / "requirements" / "runtime.lock"  # the pinned dependencies every release bundles
 SHARE_SOURCE = "packaging"  # where SHARE_FILES come from in a checkout
 SHARE_FILES = {
     str(UNIT_IN_VERSION.relative_to("share")): str(UNIT_IN_CHECKOUT),
@@ -98,91 +102,6 @@ _TARGET_PROBE = (
 )
 
 
-class ReleaseError(BatonError):
-    """A release cannot be built, read or used; the message says why."""
-
-
-class IncompatibleRelease(ReleaseError):
-    """This host cannot take the release: built for another Python minor version or architecture, or a
-    code-only tree pushed to a host that runs releases."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """What compiled code in a release is built for: ``cp311`` and ``linux_x86_64``."""
-
-    python_tag: str
-    platform: str
-
-    def __str__(self) -> str:
-        return f"{self.python_tag}-{self.platform}"
-
-
-@dataclass(frozen=True)
-class ReleaseManifest:
-    """``RELEASE.json``: one encoder (``to_json``), one decoder (``from_json``)."""
-
-    version: str
-    target: Target
-    python: str
-    dependencies: tuple[tuple[str, str], ...]
-    lock_sha256: str
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "format": MANIFEST_FORMAT,
-            "version": self.version,
-            "python_tag": self.target.python_tag,
-            "platform": self.target.platform,
-            "python": self.python,
-            "dependencies": dict(self.dependencies),
-            "lock_sha256": self.lock_sha256,
-        }
-
-    @classmethod
-    def from_json(cls, data: object) -> ReleaseManifest:
-        if not isinstance(data, dict):
-            raise ReleaseError(f"{MANIFEST_NAME}: not a JSON object")
-        if data.get("format") != MANIFEST_FORMAT:
-            raise ReleaseError(f"{MANIFEST_NAME}: unsupported format {data.get('format')!r} "
-                               f"(this helper reads format {MANIFEST_FORMAT})")
-        try:
-            deps = data["dependencies"]
-            if not isinstance(deps, dict):
-                raise TypeError("dependencies")
-            version = str(data["version"])
-            parse_version(version)  # the package format's rule: the version becomes versions/<version>/
-            return cls(
-                version=version,
-                target=Target(str(data["python_tag"]), str(data["platform"])),
-                python=str(data["python"]),
-                dependencies=tuple(sorted((str(k), str(v)) for k, v in deps.items())),
-                lock_sha256=str(data["lock_sha256"]),
-            )
-        except (KeyError, TypeError) as e:
-            raise ReleaseError(f"{MANIFEST_NAME}: missing or malformed field {e}") from None
-        except InvalidVersion as e:
-            raise ReleaseError(f"{MANIFEST_NAME}: {e}") from None
-
-    def write(self, root: Path) -> None:
-        text = json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
-        (root / MANIFEST_NAME).write_text(text)
-
-
-def running_target() -> Target:
-    """The target of the interpreter running this code."""
-    return Target(_python_tag(sys.implementation.name, sys.version_info[0], sys.version_info[1]),
-                  _platform_tag(sysconfig.get_platform()))
-
-
-def _python_tag(impl: str, major: int, minor: int) -> str:
-    return f"{'cp' if impl == 'cpython' else impl}{major}{minor}"
-
-
-def _platform_tag(platform: str) -> str:
-    return platform.replace("-", "_").replace(".", "_")
-
-
 def interpreter_target(python: str) -> Target:
     """Ask ``python`` (the launchers' interpreter) what it is, isolated as the launchers run it."""
     try:
@@ -190,79 +109,7 @@ def interpreter_target(python: str) -> Target:
                              check=True).stdout.split()
     except (OSError, subprocess.SubprocessError) as e:
         raise ReleaseError(f"cannot run the launchers' interpreter {python}: {e}") from None
-    return Target(_python_tag(out[0], int(out[1]), int(out[2])), _platform_tag(out[3]))
-
-
-def read_manifest(root: Path) -> ReleaseManifest | None:
-    """The manifest of the release at ``root``; None for a tree without one (a development tree)."""
-    try:
-        text = (root / MANIFEST_NAME).read_text()
-    except FileNotFoundError:
-        return None
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise ReleaseError(f"{MANIFEST_NAME}: not valid JSON: {e}") from None
-    return ReleaseManifest.from_json(data)
-
-
-def check_compatible(manifest: ReleaseManifest, here: Target | None = None) -> None:
-    """Refuse a release whose compiled dependencies cannot load on this host.
-
-    Raises:
-        IncompatibleRelease: another Python minor version or another platform.
-    """
-    here = here or running_target()
-    if manifest.target != here:
-        raise IncompatibleRelease(
-            f"release {manifest.version} is built for {manifest.target} but this host runs {here} "
-            f"({sys.executable}); build the release on a host like this one")
-
-
-def release_root_of_running_code() -> Path | None:
-    """The release this process runs from (its ``lib/`` holds our packages), or None (a checkout)."""
-    root = Path(__file__).resolve().parent.parent.parent
-    return root if (root / MANIFEST_NAME).is_file() else None
-
-
-def prepare_staged(staged: Path, version: str) -> Path:
-    """A staged supervisor package: unwrap ``baton-<version>/`` and refuse an incompatible release.
-
-    Runs before the version is installed, so a refused release changes nothing.
-
-    Raises:
-        IncompatibleRelease: built for another Python minor version or platform.
-        ReleaseError: the manifest is unreadable or names another version, or a helper running
-            from a release got a development tree (it would need ``BATON_PYTHON``).
-    """
-    inner = staged / f"baton-{version}"
-    if inner.is_dir() and not inner.is_symlink() and [p.name for p in staged.iterdir()] == [inner.name]:
-        lifted = staged.with_name(staged.name + "-release")
-        os.replace(inner, lifted)
-        os.rmdir(staged)
-        os.replace(lifted, staged)
-        durable.fsync_dir(staged.parent)
-    manifest = read_manifest(staged)
-    if manifest is None:
-        if release_root_of_running_code() is not None:
-            raise IncompatibleRelease(f"supervisor {version} is not a release (no {MANIFEST_NAME}): a host installed "
-                                      "from releases takes only releases (`baton-package release`)")
-        return staged
-    if manifest.version != version:
-        raise ReleaseError(f"{MANIFEST_NAME} says version {manifest.version}, the package is {version}")
-    check_compatible(manifest)
-    compile_bytecode(staged)
-    return staged
-
-
-def compile_bytecode(root: Path) -> None:
-    """Write ``lib/``'s bytecode now, before the switch: a release ships none (it would not be reproducible),
-    and compiling on first import would put about a second into the self-update's control-plane window."""
-    import compileall
-
-    # A file that does not compile is not fatal here: if it matters, the new version fails its import
-    # and is rolled back with the error as last_log.
-    compileall.compile_dir(str(root / "lib"), quiet=2, workers=1)
+    return Target(python_tag(out[0], int(out[1]), int(out[2])), platform_tag(out[3]))
 
 
 # --- building ---------------------------------------------------------------------------------------
@@ -306,7 +153,7 @@ def _bundled(lib: Path) -> tuple[tuple[str, str], ...]:
 
 def write_release_tree(root: Path, version: str, *, lock: Path, python: str, source: Path) -> ReleaseManifest:
     """Fill ``root`` (new, empty) with the release tree; returns its manifest."""
-    from helper.package_tool import check_links_inside
+    from baton.tree_links import check_links_inside
 
     validate_version(version)
     # Before pip, so a refused checkout costs nothing: a link out of the tree would pack what it names (a
@@ -375,9 +222,9 @@ def build_release(version: str, output: str | Path, *, lock: Path, python: str =
         ReleaseError: the interpreter does not match, pip fails, the lock file is missing, or the
             tarball exists and ``force`` is false (checked before anything is built).
     """
-    from helper.package_tool import build_package
+    from manager.build.package_tool import build_package
 
-    source = source or Path(__file__).resolve().parent.parent
+    source = source or CHECKOUT
     if not lock.is_file():
         raise ReleaseError(f"lock file {lock} not found")
     release_destination(output, version, interpreter_target(python), force=force)  # refuse before pip runs

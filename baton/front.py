@@ -18,15 +18,12 @@ import socket
 import struct
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from baton.errors import BatonError
 from baton.log import logger
+from baton.peer_label import Channel, peer_label
 from baton.strict_modes import UnsafePath, check_dir, make_dirs
-from supervisor.authz import Channel, peer_label
-
-if TYPE_CHECKING:
-    from supervisor.audit import AuditTrail
 
 BACKLOG = 512
 SPLICE_CHUNK = 64 * 1024  # one buffer per direction of a spliced connection
@@ -155,17 +152,39 @@ class UnixPeerPolicy:
         return False
 
 
+class CallerRegistry(Protocol):
+    """Who is behind each backend connection, by the abstract address it is bound to (``supervisor.audit.Callers``)."""
+
+    def bound_socket(self, caller: Any, channel: Channel) -> tuple[socket.socket, str]: ...
+
+    def release(self, name: str) -> None: ...
+
+
+class ConnectionAudit(Protocol):
+    """What the front records about a connection (``supervisor.audit.AuditTrail``): kept to this much here, so
+    that the front, which the helper's bridge uses too, does not import the supervisor's audit."""
+
+    @property
+    def callers(self) -> CallerRegistry: ...
+
+    def local_caller(self, uid: int, pid: int) -> Any: ...
+
+    def remote_caller(self, peername: Any) -> Any: ...
+
+    async def refused_connection(self, caller: Any, why: str) -> None: ...
+
+
 class Front:
     """Splices TCP connections to ``backend`` and Unix ones to ``local_backend`` (default: the same).
 
     The two backends are gRPC's TLS and local ports (``supervisor/authz.py``): a local peer that passed the
     SO_PEERCRED check needs no certificate, a TCP peer always does when TLS is configured. Each spliced
-    connection is labelled with how it arrived (:func:`supervisor.authz.peer_label`), which the gRPC
+    connection is labelled with how it arrived (:func:`baton.peer_label.peer_label`), which the gRPC
     interceptor reads as the call's peer address.
     """
 
     def __init__(self, backend: Path, unix_policy: UnixPeerPolicy, local_backend: Path | None = None,
-                 audit: AuditTrail | None = None) -> None:
+                 audit: ConnectionAudit | None = None) -> None:
         self.backend = backend
         self.audit = audit
         self.local_backend = local_backend or backend

@@ -125,7 +125,7 @@ restart = "always"
     def package(self, tree: Path, component: str, version: str) -> Path:
         """Build and sign, as a release engineer would (baton-package build + sign)."""
         from baton.signing import format_manifest, sign_prehash
-        from helper.package_tool import build_package
+        from manager.build.package_tool import build_package
 
         out = self.base / "release" / f"{component}-{version}.tar.gz"
         out.parent.mkdir(exist_ok=True)
@@ -153,11 +153,9 @@ restart = "always"
         """``baton-package release`` from this checkout and its lock file, then ``baton-package sign``."""
         from baton.digest import digest_stream
         from baton.signing import format_manifest, sign_prehash
-        from helper.release import build_release
+        from manager.build.release import CHECKOUT, RUNTIME_LOCK, build_release
 
-        source = Path(__file__).resolve().parent.parent
-        out, manifest, _ = build_release(version, self.base / "release", lock=source / "requirements" / "runtime.lock",
-                                         source=source)
+        out, manifest, _ = build_release(version, self.base / "release", lock=RUNTIME_LOCK, source=CHECKOUT)
         with open(out, "rb") as f:
             digests = digest_stream(f)
         signature = sign_prehash(self.secret, digests.blake2b512, format_manifest("supervisor", version))
@@ -203,7 +201,7 @@ restart = "always"
     # ---- watching ------------------------------------------------------------------------------------------
 
     def table(self) -> str:
-        from supervisor.cli import _fmt_agents
+        from supervisor.cli.main import _fmt_agents
 
         st = self.stub.GetStatus(daemon_pb2.GetStatusRequest(), timeout=10)
         return f"supervisor {st.supervisor_version}, pid {st.pid}\n" + _fmt_agents(list(st.agents))

@@ -10,7 +10,7 @@ tool (see docs/package-format.md):
 * ``sign FILE --key SEC --component NAME --version VERSION`` writes ``FILE.minisig``
   whose trusted comment is the manifest, and prints the size and SHA-256 a push needs;
 * ``release --version V -o DIR_OR_FILE`` builds a self-contained supervisor release
-  (helper/release.py, docs/releases.md).
+  (manager/build/release.py, docs/releases.md).
 
 Errors print one line to stderr and exit 1; usage errors exit 2.
 """
@@ -35,6 +35,7 @@ from typing import BinaryIO
 from baton.digest import Digests, digest_stream
 from baton.durable import fsync_dir, write_bytes
 from baton.errors import BatonError
+from baton.tree_links import check_link_inside, walk_tree
 from baton.signing import (
     PasswordRequired,
     format_manifest,
@@ -133,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_release_parser(sub: argparse._SubParsersAction) -> None:
-    from helper.release import DEFAULT_PYTHON
+    from manager.build.release import DEFAULT_PYTHON
 
     release = sub.add_parser("release", help="build a self-contained supervisor release (docs/releases.md)")
     release.add_argument("--version", required=True, type=_version_arg)
@@ -168,40 +169,6 @@ def keygen(public_path: Path, secret_path: Path, force: bool) -> str:
 # --- build ------------------------------------------------------------------------------------------
 
 
-def _walk(root: Path, rel_dir: str = "") -> Iterator[str]:
-    """Every path under ``root``, relative and sorted, parents before children."""
-    with os.scandir(root / rel_dir if rel_dir else root) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    for entry in entries:
-        rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-        yield rel
-        if entry.is_dir(follow_symlinks=False):
-            yield from _walk(root, rel)
-
-
-def _check_symlink(root: Path, rel: str, target: str) -> None:
-    if os.path.isabs(target):
-        raise PackageToolError(f"{root / rel}: symlink to absolute path {target!r} points outside {root}")
-    lexical = os.path.normpath(os.path.join(os.path.dirname(rel), target))
-    real = os.path.realpath(root / rel)
-    real_root = os.path.realpath(root)
-    if lexical == ".." or lexical.startswith("../") or os.path.commonpath([real, real_root]) != real_root:
-        raise PackageToolError(f"{root / rel}: symlink to {target!r} points outside {root}")
-
-
-def check_links_inside(root: Path) -> None:
-    """Refuse a tree with a symbolic link that leads out of it: what it names would be packed or installed.
-
-    Links to something inside ``root`` are fine. Links are checked where they are, never followed down.
-
-    Raises:
-        PackageToolError: naming the first such link (in sorted order) and its target.
-    """
-    for rel in _walk(root):
-        if (root / rel).is_symlink():
-            _check_symlink(root, rel, os.readlink(root / rel))
-
-
 def _tarinfo(root: Path, rel: str) -> tuple[tarfile.TarInfo, BinaryIO | None]:
     path = root / rel
     st = os.lstat(path)
@@ -215,7 +182,7 @@ def _tarinfo(root: Path, rel: str) -> tuple[tarfile.TarInfo, BinaryIO | None]:
         return info, None
     if stat.S_ISLNK(st.st_mode):
         target = os.readlink(path)
-        _check_symlink(root, rel, target)
+        check_link_inside(root, rel, target)
         info.type = tarfile.SYMTYPE
         info.linkname = target
         return info, None
@@ -232,7 +199,8 @@ def build_package(root: Path, output: Path, use_gzip: bool) -> Digests:
 
     Raises:
         PackageToolError: ``root`` is not a directory, ``output`` is inside it, or the
-            tree holds a special file or a symlink pointing outside it.
+            tree holds a special file.
+        LinkOutsideTree: the tree holds a symlink pointing outside it.
     """
     if not root.is_dir():
         raise PackageToolError(f"{root} is not a directory")
@@ -248,7 +216,7 @@ def build_package(root: Path, output: Path, use_gzip: bool) -> Digests:
                     # filename="" and mtime=0 keep the gzip header free of the temp name and the time.
                     sink = stack.enter_context(gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0))
                 tar = stack.enter_context(tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT))
-                for rel in _walk(root):
+                for rel in walk_tree(root):
                     info, content = _tarinfo(root, rel)
                     if content is None:
                         tar.addfile(info)
@@ -349,10 +317,10 @@ def _build(args: argparse.Namespace) -> None:
 
 
 def _release(args: argparse.Namespace) -> None:
-    from helper.release import build_release
+    from manager.build.release import CHECKOUT, RUNTIME_LOCK, build_release
 
-    source = Path(__file__).resolve().parent.parent
-    lock = args.lock or source / "requirements" / "runtime.lock"
+    source = CHECKOUT
+    lock = args.lock or RUNTIME_LOCK
     started = time.monotonic()
     dest, manifest, digests = build_release(args.version, args.output, lock=lock, python=args.python,
                                             source=source, force=args.force)
