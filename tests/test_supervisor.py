@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from baton.pb import common_pb2, daemon_pb2, daemon_pb2_grpc
-from supervisor.agents import parent_pid, process_start_time
+from supervisor.adoption import parent_pid, process_start_time
 from tests.conftest import agent, agent_processes, wait_for
 
 RUNNING = common_pb2.AGENT_STATE_RUNNING
@@ -319,7 +319,7 @@ def test_an_agents_start_time_and_parent_are_the_ones_psutil_reports():
 def test_a_recorded_start_time_a_btime_second_off_is_still_the_same_process_and_two_seconds_off_is_not():
     """btime in /proc/stat is whole seconds and two readers may see it one apart: the recorded start time of an
     agent read by another supervisor process can differ by that second (not by two)."""
-    from supervisor.agents import same_process
+    from supervisor.adoption import same_process
 
     me = os.getpid()
     start = process_start_time(me)
@@ -347,7 +347,7 @@ def test_a_running_supervisor_has_not_loaded_what_it_needs_only_now_and_then(mak
 def test_an_exit_signal_wakes_every_waiter_and_one_that_gives_up_cancels_only_itself():
     import asyncio
 
-    from supervisor.agents import ExitSignal
+    from supervisor.agent_stop import ExitSignal
 
     async def body() -> None:
         exited = ExitSignal()
