@@ -48,6 +48,7 @@ class FakeProcesses:
         self.spawned: list[SpawnSpec] = []
         self.spawn_error: OSError | None = None  # every spawn fails with it while set
         self.ignore_next: set[int] = set()  # what the next processes spawned ignore
+        self.sent: list[tuple[int, int]] = []  # (pid, signal) to live processes, in the order sent
 
     # ---- the driver ------------------------------------------------------------------------------------
 
@@ -112,6 +113,7 @@ class FakeProcesses:
 
     def _deliver(self, proc: FakeProcess, sig: int) -> None:
         proc.signals.append(sig)
+        self.sent.append((proc.pid, sig))
         if sig == signal.SIGKILL or sig not in proc.ignores:
             self.exit(proc.pid, -sig)
 

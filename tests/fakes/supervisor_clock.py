@@ -49,9 +49,11 @@ class FakeClock:
         finally:
             timer.cancel()
 
-    def pending(self) -> list[float]:
-        """The delays (from now) of the timers still to fire, soonest first."""
-        return sorted(t.when - self.mono for _, _, t in self._timers if not t.cancelled)
+    def pending(self, fn_name: str = "") -> list[float]:
+        """The delays (from now) of the timers still to fire (only those calling ``fn_name``, if given), soonest
+        first."""
+        return sorted(t.when - self.mono for _, _, t in self._timers
+                      if not t.cancelled and (not fn_name or getattr(t.fn, "__name__", "") == fn_name))
 
     async def settle(self) -> None:
         """Let every task woken so far run as far as it can without time passing."""
