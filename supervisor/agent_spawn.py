@@ -51,7 +51,7 @@ def identity(cfg: AgentConfig) -> Identity:
     """Popen arguments that drop to ``user``/``group`` and set ``umask`` in the child before the exec.
 
     The output FIFOs are opened by us and inherited, so they need no permission; the notify socket is
-    reached by path, so it is given to the agent's uid in a directory of its own (``Agent._open_notify``).
+    reached by path, so it is given to the agent's uid in a directory of its own (``supervisor/agent_notify.py``).
     """
     umask = cfg.umask_value
     out = Identity(umask=-1 if umask is None else umask)

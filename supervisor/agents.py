@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
 import os
-import pwd
 import signal
 import socket
-import stat
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +33,13 @@ from baton.log import logger
 from baton.rotating_log import RotatingLog
 from baton.start_order import OrderError, start_order
 from baton.states import AGENT_KEPT_STATES, AGENT_TRANSITIONS, AgentState, IllegalTransition, check_move
-from baton.strict_modes import UnsafePath, check_dir, make_dirs
+from baton.strict_modes import make_dirs
 from supervisor import adoption, agent_spawn
 from supervisor.agent_errors import AgentError, BadSignal, NotRunnable, UnknownAgent
+from supervisor.agent_notify import AgentNotify, notify_path
 from supervisor.agent_output import AgentOutput
 from supervisor.agent_stop import ExitSignal, stop_group
 from supervisor.cgroups import AgentCgroup, CgroupError
-from supervisor.notify_socket import NotifySocket
 from supervisor.ports import Clock, ProcessDriver, ProcessWatch, Timer
 from supervisor.restart_policy import STABLE_RUN_S, Action, RestartPolicy
 
@@ -128,7 +125,7 @@ class Agent:
         self._timer: Timer | None = None
         self._stable_timer: Timer | None = None
         self._exited = ExitSignal()
-        self._notify: NotifySocket | None = None
+        self._notify: AgentNotify | None = None
         self._loop = asyncio.get_running_loop()
         self._lock = asyncio.Lock()
         self._cgroup: AgentCgroup | None = None
@@ -145,13 +142,13 @@ class Agent:
 
     @property
     def notify_path(self) -> Path:
-        """Where a process started now is told to notify: a directory of its own under ``Config.notify_dir``."""
-        return self._config.notify_dir / self.name / "notify.sock"
+        return notify_path(self._config, self.name)
 
-    @property
-    def legacy_notify_path(self) -> Path:
-        """Where versions before round 3 bound it, in the state directory: an agent they started still uses it."""
-        return self.dir / "notify.sock"
+    def configure(self, config: Config) -> None:
+        """The config after a reload that left this agent unchanged."""
+        self._config = config
+        if self._notify is not None:
+            self._notify.configure(config)
 
     def open_channels(self, fifo_fd: int | None = None, notify_sock: object | None = None,
                       err_fd: int | None = None) -> None:
@@ -160,77 +157,18 @@ class Agent:
         make_dirs(self.dir, 0o700)
         self.output.open(fifo_fd, err_fd)
         if self.cfg.notify:
-            self._open_notify(notify_sock if isinstance(notify_sock, socket.socket) else None)
-
-    def _open_notify(self, inherited: socket.socket | None) -> None:
-        """Read the notify socket handed over (bound wherever its version bound it), else bind one.
-
-        A socket left at the legacy path (a supervisor of an earlier version was killed, its agent lives on)
-        is bound again there, so that the adopted process still reaches us; the next spawn moves to
-        :attr:`notify_path` (:meth:`_spawn`).
-        """
-        legacy = inherited is None and stat.S_ISSOCK(_lstat_mode(self.legacy_notify_path))
-        path = self.legacy_notify_path if legacy else self.notify_path
-        owner = self._notify_owner()
-        if inherited is None and not legacy:
-            self._prepare_notify_dir(owner)
-        self._notify = NotifySocket(path, self._on_notify, self._may_notify, f"agent {self.name}")
-        self._notify.open(self._loop, inherited)
-        if inherited is None and owner is not None:  # connect() needs write permission on the socket
-            os.chown(path, *owner, follow_symlinks=False)
-
-    def _notify_owner(self) -> tuple[int, int] | None:
-        """(uid, gid) the agent runs as when it is not the supervisor's user, else None."""
-        if not self.cfg.user:
-            return None
-        try:
-            pw = pwd.getpwnam(self.cfg.user)
-            gid = grp.getgrnam(self.cfg.group).gr_gid if self.cfg.group else pw.pw_gid
-        except KeyError:
-            return None  # the spawn fails with the name; the socket stays root's meanwhile
-        return None if pw.pw_uid == os.geteuid() else (pw.pw_uid, gid)
-
-    def _prepare_notify_dir(self, owner: tuple[int, int] | None) -> None:
-        """``<notify_dir>/<name>/``: ours, reachable by the agent's group only (0710), or by us only (0700).
-
-        Its parent is root's and 0711, so nobody but us can put anything in it and only its path is reachable:
-        the state directory stays 0700. Opened without following a link and changed through the descriptor.
-        """
-        root = self._config.notify_dir
-        make_dirs(root, 0o711)
-        try:
-            check_dir(root)
-        except UnsafePath as e:
-            raise AgentError(f"agent {self.name}: notify sockets' directory: {e}") from None
-        d = root / self.name
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(d, 0o700)
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            if os.fstat(fd).st_uid != os.geteuid():
-                raise AgentError(f"agent {self.name}: {d} is not owned by the supervisor's user")
-            os.fchown(fd, os.geteuid(), owner[1] if owner else os.getegid())
-            os.fchmod(fd, 0o710 if owner else 0o700)
-        finally:
-            os.close(fd)
+            self._notify = AgentNotify(self.cfg, self._config, self.dir, self._on_notify, self._may_notify)
+            self._notify.open(notify_sock if isinstance(notify_sock, socket.socket) else None)
 
     def close_channels(self, unlink: bool = True) -> None:
-        path = self._notify.path if self._notify is not None else None
-        sock = self._notify.detach(self._loop) if self._notify is not None else None
-        self._notify = None
+        if self._notify is not None:
+            self._notify.close(unlink)
+            self._notify = None
         self.output.close()
-        if sock is not None:
-            sock.close()
-            if unlink and path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                with contextlib.suppress(OSError):  # its own directory, if it is one (not the legacy one)
-                    if path.parent == self.notify_path.parent:
-                        os.rmdir(path.parent)
 
     def detach_channels(self) -> tuple[int, socket.socket | None, int]:
         """Give the output FIFO(s) and notify socket away without closing them (a handover passes them on)."""
-        sock = self._notify.detach(self._loop) if self._notify is not None else None
+        sock = self._notify.detach() if self._notify is not None else None
         self._notify = None
         fd, err_fd = self.output.detach()
         return fd, sock, err_fd
@@ -349,9 +287,8 @@ class Agent:
             return
         try:
             cmd, cwd, version = agent_spawn.resolve(self.cfg, self.layout)
-            if self._notify is not None and self._notify.path != self.notify_path:
-                self._notify.close(self._loop)  # the legacy socket: the process that used it is gone
-                self._open_notify(None)
+            if self._notify is not None:
+                self._notify.before_spawn()
             spec, cgroup = agent_spawn.spawn_spec(self.cfg, self._key, cmd, cwd, version, self.output.fifo_path,
                                                   self.output.stderr_path, self.notify_path)
             if spec.limits.any:
@@ -370,7 +307,7 @@ class Agent:
         self.last_error = ""
         self.status_text = ""
         if self._notify is not None:
-            self._notify.forget_refused()
+            self._notify.spawned()
         self._watching(self._processes.watch(pid, self._process_exited))
         self._set_state(AgentState.STARTING)
         logger.info("agent {} started pid {} version {}", self.name, self.pid, version or "-")
@@ -868,7 +805,7 @@ class ProcessManager:
                 if agent.cfg.autostart:
                     self._spawn_in_order(agent)
             for name in unchanged:
-                old[name]._config = config
+                old[name].configure(config)
             self._sort_agents()
             self.persist()
             logger.info("reload: started {}, stopped {}, restarted {}, unchanged {}", added or "-",
@@ -915,13 +852,6 @@ def _start_order(config: Config) -> list[str]:
     except OrderError as e:
         logger.error("start order: {}; starting in the order of the file", e)
         return [a.name for a in config.agents]
-
-
-def _lstat_mode(path: Path) -> int:
-    try:
-        return os.lstat(path).st_mode
-    except OSError:
-        return 0
 
 
 def _close_channel_fds(ch: tuple[int | None, object | None, int | None]) -> None:
