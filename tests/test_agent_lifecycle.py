@@ -373,16 +373,23 @@ def test_an_agent_after_one_that_gives_up_starts_anyway(tmp_path):
     run(tmp_path, [simple("api", after=("db",)), simple("db", start_retries=0)], body)
 
 
-def test_stop_all_stops_in_the_reverse_of_the_start_order(tmp_path):
+def test_stop_all_stops_in_the_reverse_of_the_start_order_each_once_the_later_ones_have_exited(tmp_path):
+    def stubborn(procs: FakeProcesses) -> None:
+        procs.ignore_next = {signal.SIGTERM}  # each takes its stop_timeout_s: the order shows in time too
+
     async def body(w: World) -> None:
         await w.clock.advance(1.0)
-        pids = {n: a.pid for n, a in w.pm.agents.items()}
-        await w.pm.stop_all()
-        order = [next(n for n, p in pids.items() if p == pid) for pid, _ in w.procs.sent]
-        assert order == ["api", "web", "db"]
+        names = {a.pid: n for n, a in w.pm.agents.items()}
+        stop = asyncio.ensure_future(w.pm.stop_all())
+        await w.clock.advance(3.0)
+        await stop
+        assert [(what, names[pid]) for what, pid in w.procs.events] == [
+            ("SIGTERM", "api"), ("SIGKILL", "api"), ("exit", "api"),
+            ("SIGTERM", "web"), ("SIGKILL", "web"), ("exit", "web"),
+            ("SIGTERM", "db"), ("SIGKILL", "db"), ("exit", "db")]
 
-    run(tmp_path, [simple("db", priority=1), simple("web", priority=2), simple("api", priority=2, after=("web",))],
-        body)
+    run(tmp_path, [simple("db", priority=1, stop_timeout_s=1.0), simple("web", priority=2, stop_timeout_s=1.0),
+                   simple("api", priority=2, after=("web",), stop_timeout_s=1.0)], body, procs=stubborn)
 
 
 # ---- what a helper's update asks of an agent in each state (the agent channel: restart, stop) --------------------

@@ -49,6 +49,7 @@ class FakeProcesses:
         self.spawn_error: OSError | None = None  # every spawn fails with it while set
         self.ignore_next: set[int] = set()  # what the next processes spawned ignore
         self.sent: list[tuple[int, int]] = []  # (pid, signal) to live processes, in the order sent
+        self.events: list[tuple[str, int]] = []  # ("SIGTERM", pid), ("exit", pid): what happened, in order
 
     # ---- the driver ------------------------------------------------------------------------------------
 
@@ -103,6 +104,7 @@ class FakeProcesses:
         proc = self.procs[pid]
         assert proc.alive, f"pid {pid} has already exited"
         proc.alive = False
+        self.events.append(("exit", pid))
         on_exit, proc.on_exit = proc.on_exit, None
         if on_exit is not None:
             reported = status if proc.is_child else None  # not ours to reap: status unknown
@@ -114,6 +116,7 @@ class FakeProcesses:
     def _deliver(self, proc: FakeProcess, sig: int) -> None:
         proc.signals.append(sig)
         self.sent.append((proc.pid, sig))
+        self.events.append((signal.Signals(sig).name, proc.pid))
         if sig == signal.SIGKILL or sig not in proc.ignores:
             self.exit(proc.pid, -sig)
 
