@@ -472,3 +472,38 @@ def test_a_signal_to_an_agent_without_a_process_is_refused(tmp_path):
             w.agent("w").send_signal(signal.SIGHUP)
 
     run(tmp_path, [simple(restart="never")], body)
+
+
+def test_a_stop_while_starting_stops_it_and_nothing_starts_it_again(tmp_path):
+    async def body(w: World) -> None:
+        pid = w.agent("w").pid
+        await w.agent("w").stop()
+        await w.clock.advance(3600)
+        assert w.agent("w").state is S.STOPPED and w.procs.procs[pid].signals == [signal.SIGTERM]
+        assert len(w.procs.spawned) == 1
+
+    run(tmp_path, [simple()], body)
+
+
+def test_a_stop_of_a_fatal_agent_moves_it_to_stopped_without_a_signal(tmp_path):
+    async def body(w: World) -> None:
+        w.procs.exit(w.agent("w").pid, 1)
+        await w.clock.settle()
+        assert w.agent("w").state is S.FATAL
+        await w.agent("w").stop()
+        assert w.agent("w").state is S.STOPPED and w.procs.sent == []
+
+    run(tmp_path, [simple(start_retries=0)], body)
+
+
+def test_a_signal_reaches_the_agents_process_group(tmp_path):
+    def handles_hup(procs: FakeProcesses) -> None:
+        procs.ignore_next = {signal.SIGHUP}
+
+    async def body(w: World) -> None:
+        pid = await running(w)
+        w.agent("w").send_signal(signal.SIGHUP)
+        await w.clock.settle()
+        assert w.procs.sent == [(pid, signal.SIGHUP)] and w.agent("w").state is S.RUNNING
+
+    run(tmp_path, [simple()], body, procs=handles_hup)

@@ -360,3 +360,27 @@ def test_the_status_of_an_unreadable_record_is_not_found(tmp_path):
         assert e.value.code is grpc.StatusCode.NOT_FOUND
 
     run(tmp_path, body)
+
+
+def test_a_cancel_of_an_unknown_update_is_not_found(tmp_path):
+    async def body(w: World) -> None:
+        with pytest.raises(Aborted) as e:
+            await w.um.cancel("no-such-update", FakeContext())  # type: ignore[arg-type]
+        assert e.value.code is grpc.StatusCode.NOT_FOUND
+
+    run(tmp_path, body)
+
+
+def test_a_cancel_of_a_finished_update_returns_it_unchanged(tmp_path):
+    async def body(w: World) -> None:
+        uid = await pushed(w)
+        w.move(uid, U.DOWNLOADING, U.VERIFYING, U.STAGING, U.SWITCHING, U.RESTARTING, U.WATCHING, U.COMMITTED,
+               settled=True, success=True, helper_pid=w.helper_pid())
+        done = w.load(uid)
+        status = await w.um.cancel(uid, FakeContext())  # type: ignore[arg-type]
+        assert (status.step, status.success, status.error, status.finished, status.updated_at) == \
+            ("committed", True, "", True, done.updated_at)
+        assert not w.um.journal.cancel_requested(uid) and w.helpers.signalled == []
+        assert w.load(uid) == done
+
+    run(tmp_path, body)
