@@ -24,14 +24,14 @@ class Action(enum.Enum):
     BACKOFF = "backoff"  # restart after delay_s
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     action: Action
     failures: int  # failures in a row, this exit counted
     delay_s: float = 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one per agent
 class RestartPolicy:
     """The agent's ``restart``, ``start_retries`` and backoff keys (their defaults are AgentConfig's)."""
 
