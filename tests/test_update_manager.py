@@ -92,12 +92,17 @@ def run(tmp_path: Path, body: Callable[[World], Awaitable[None]], update: Update
     asyncio.run(main())
 
 
+def on_disk(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
 async def refused(w: World, req: daemon_pb2.UpdateRequest) -> Aborted:
-    """The push is refused, and nothing more was journaled or launched."""
-    journaled, launched = len(w.um.journal.all()), len(w.helpers.launched)
+    """The push is refused, and nothing changed on disk (the journal included) and no helper was launched."""
+    root = w.um.cfg.node.state_dir.parent
+    before, launched = on_disk(root), len(w.helpers.launched)
     with pytest.raises(Aborted) as e:
         await w.um.push(req, FakeContext())  # type: ignore[arg-type]
-    assert (len(w.um.journal.all()), len(w.helpers.launched)) == (journaled, launched)
+    assert (on_disk(root), len(w.helpers.launched)) == (before, launched)
     return e.value
 
 
@@ -347,6 +352,15 @@ def test_a_cancel_of_a_self_update_past_staging_is_refused(tmp_path):
             await w.um.cancel("s1", FakeContext())  # type: ignore[arg-type]
         assert e.value.code is grpc.StatusCode.FAILED_PRECONDITION and "cannot be interrupted" in e.value.details
         assert not w.um.journal.cancel_requested("s1")
+
+    run(tmp_path, body)
+
+
+def test_the_status_of_an_unknown_update_is_not_found(tmp_path):
+    async def body(w: World) -> None:
+        with pytest.raises(Aborted) as e:
+            await w.um.get("nope", FakeContext())  # type: ignore[arg-type]
+        assert e.value.code is grpc.StatusCode.NOT_FOUND and e.value.details == "no update 'nope'"
 
     run(tmp_path, body)
 
