@@ -39,12 +39,14 @@ from baton.strict_modes import make_dirs
 from baton.tls import server_tls
 from baton.tls_files import TlsFilesError
 from supervisor import handover, libc, systemd
+from supervisor.adoption import same_process
 from supervisor.agent_socket import AgentSocket
-from supervisor.agents import AgentSnapshot, ProcessManager, ReloadResult, same_process
+from supervisor.agents import AgentSnapshot, ProcessManager, ReloadResult
 from supervisor.audit import AuditInterceptor, AuditTrail, Callers
 from supervisor.clock import keep_clock_record, try_record_clock
 from supervisor.daemon_service import DaemonService, agent_info
 from supervisor.handover import ReceivedState
+from supervisor.processes import AioFilesReader, LoopClock, PosixProcesses, SubprocessHelpers
 from supervisor.updates import UpdateManager
 from supervisor.version import supervisor_version
 
@@ -128,9 +130,12 @@ class Supervisor:
         self._reap_soon: asyncio.TimerHandle | None = None
         self.audit = AuditTrail(AuditLog(cfg.node.state_dir), Callers())
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
-        self.pm = ProcessManager(cfg, self._agent_changed)
+        # The drivers' collaborators (supervisor/ports.py): the real ones, built here and nowhere else.
+        processes, clock = PosixProcesses(), LoopClock()
+        self.pm = ProcessManager(cfg, self._agent_changed, processes=processes, clock=clock)
         self.agent_socket = AgentSocket(self.pm, self.audit, agent_channel.socket_path(cfg.run_dir))
-        self.updates = UpdateManager(cfg)
+        self.updates = UpdateManager(cfg, processes=processes, clock=clock, helpers=SubprocessHelpers(processes),
+                                     reader=AioFilesReader())
         self.tls = server_tls(cfg.grpc)  # None: the TCP backend port is insecure
         self.gate = handover.HandoverGate()
         self.server = self._grpc_server()

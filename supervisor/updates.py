@@ -14,9 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -40,11 +37,9 @@ from baton.layout import ComponentLayout
 from baton.log import logger
 from baton.pb import common_pb2, daemon_pb2
 from baton.states import PRE_SWITCH, UpdateState
-from baton.strict_modes import log_opener
-from supervisor import systemd
-from supervisor.agents import reap
 from supervisor.dirwatch import watch_dir
 from supervisor.own_layout import helper_command, running_from_layout
+from supervisor.ports import Clock, HelperLauncher, ProcessDriver, ProcessWatch, RecordReader
 from supervisor.update_totals import UpdateTotals
 
 MAX_HELPER_STARTS = 5
@@ -62,14 +57,6 @@ async def _woken_or_poll(woken: asyncio.Event) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(woken.wait(), WATCH_POLL_S)
     woken.clear()
-
-
-async def _read(path: Path) -> bytes:
-    """A small file's bytes (a journal record, a progress file), read off the event loop by aiofiles."""
-    import aiofiles  # imported at the first read, not at start
-
-    async with aiofiles.open(path, "rb") as f:
-        return await f.read()
 
 
 def update_status(rec: UpdateRecord, progress: dict[str, object]) -> daemon_pb2.UpdateStatus:
@@ -114,20 +101,28 @@ def update_result(rec: UpdateRecord, node_id: str) -> common_pb2.UpdateResult:
 
 
 class HelperProcess:
-    """A helper we started (``popen``) or found running after an exec (no ``popen``; maybe still our child)."""
+    """A helper we started or found running after an exec (maybe still our child), and its watch."""
 
-    def __init__(self, update_id: str, popen: subprocess.Popen[bytes] | None, pid: int, pidfd: int) -> None:
+    def __init__(self, update_id: str, pid: int, transient_unit: bool = False) -> None:
         self.update_id = update_id
-        self.popen = popen
         self.pid = pid
-        self.pidfd = pidfd
-        self.transient_unit = False  # popen is systemd-run's client; the helper runs in its own unit
+        self.transient_unit = transient_unit  # pid is systemd-run's client; the helper runs in its own unit
+        self.watch: ProcessWatch | None = None
 
 
 class UpdateManager:
-    def __init__(self, cfg: Config) -> None:
+    """Its collaborators (``supervisor/ports.py``) are given: ``processes`` watches helpers, ``helpers`` starts
+    and recognises them, ``clock`` times respawns and waits, ``reader`` reads records and progress; ``journal``
+    is the state directory's unless one is given."""
+
+    def __init__(self, cfg: Config, *, processes: ProcessDriver, clock: Clock, helpers: HelperLauncher,
+                 reader: RecordReader, journal: Journal | None = None) -> None:
         self.cfg = cfg
-        self.journal = Journal(cfg.node.state_dir)
+        self.processes = processes
+        self.clock = clock
+        self.launcher = helpers
+        self.reader = reader
+        self.journal = journal or Journal(cfg.node.state_dir)
         self.totals = UpdateTotals(cfg.node.state_dir)
         self.active: dict[str, str] = {}
         self.helpers: dict[str, HelperProcess] = {}
@@ -150,21 +145,11 @@ class UpdateManager:
 
     def _watch_running_helper(self, rec: UpdateRecord) -> bool:
         """A helper that outlived the previous supervisor process (a self-update's) is watched, not doubled."""
-        if not rec.helper_pid:
+        if not rec.helper_pid or not self.launcher.is_running(rec.helper_pid, rec.update_id):
             return False
-        import psutil  # only for a journaled helper pid: not resident in a supervisor that never updates
-
-        try:
-            proc = psutil.Process(rec.helper_pid)
-            alive = proc.status() != psutil.STATUS_ZOMBIE and rec.update_id in proc.cmdline()
-            pidfd = os.pidfd_open(rec.helper_pid) if alive else -1
-        except (psutil.Error, ProcessLookupError):
+        helper = HelperProcess(rec.update_id, rec.helper_pid)
+        if not self._watch(helper):
             return False
-        if pidfd < 0:
-            return False
-        helper = HelperProcess(rec.update_id, None, rec.helper_pid, pidfd)
-        self.helpers[rec.update_id] = helper
-        self._loop.add_reader(pidfd, self._helper_exited, helper)
         logger.info("update {}: watching its running helper pid {}", rec.update_id, rec.helper_pid)
         return True
 
@@ -242,21 +227,21 @@ class UpdateManager:
         rec = await self._load(update_id)
         if rec is None or not (rec.final and rec.settled):
             return update_id
-        deadline = time.monotonic() + HELPER_EXIT_WAIT_S
-        while update_id in self.helpers and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        deadline = self.clock.monotonic() + HELPER_EXIT_WAIT_S
+        while update_id in self.helpers and self.clock.monotonic() < deadline:
+            await self.clock.sleep(0.02)
         return update_id if update_id in self.helpers else None
 
     async def _load(self, update_id: str) -> UpdateRecord | None:
         try:
-            data = await _read(self.journal.path(update_id))
+            data = await self.reader.read(self.journal.path(update_id))
             return UpdateRecord.from_json(json.loads(data))
         except (JournalError, OSError, ValueError, KeyError, TypeError):
             return None
 
     async def _progress(self, update_id: str) -> dict[str, object]:
         try:
-            return dict(json.loads(await _read(self.journal.progress_path(update_id))))
+            return dict(json.loads(await self.reader.read(self.journal.progress_path(update_id))))
         except (OSError, ValueError):
             return {}
 
@@ -288,9 +273,9 @@ class UpdateManager:
         rec = await self._load(update_id) or rec  # read after the request: a pid journaled since has its handler
         self._signal_helper(rec)
         logger.warning("update {} of {}: cancel requested in state {}", update_id, rec.component, rec.state.value)
-        deadline = time.monotonic() + CANCEL_WAIT_S
+        deadline = self.clock.monotonic() + CANCEL_WAIT_S
         with self._wakeups(update_id) as woken:
-            while not (rec.final and rec.settled) and time.monotonic() < deadline:
+            while not (rec.final and rec.settled) and self.clock.monotonic() < deadline:
                 await _woken_or_poll(woken)
                 rec = await self._load(update_id) or rec
         return update_status(rec, await self._progress(update_id))
@@ -299,14 +284,7 @@ class UpdateManager:
         """Wake the helper the journal names (it installs its handler before it journals its pid)."""
         if not rec.helper_pid:
             return  # not started yet: it reads the cancel file before its first step
-        import psutil  # only for a cancel: not resident in a supervisor that never updates
-
-        try:
-            proc = psutil.Process(rec.helper_pid)
-            if proc.status() != psutil.STATUS_ZOMBIE and rec.update_id in proc.cmdline():
-                os.kill(rec.helper_pid, CANCEL_SIGNAL)
-        except (psutil.Error, ProcessLookupError, PermissionError):
-            pass
+        self.launcher.signal(rec.helper_pid, rec.update_id, CANCEL_SIGNAL)
 
     async def recent(self, limit: int, component: str) -> daemon_pb2.ListUpdatesResponse:
         """Newest first, with each one's progress; reads the journal off the event loop."""
@@ -411,23 +389,21 @@ class UpdateManager:
         log_path = self.journal.dir(update_id) / "helper.log"
         argv = [*helper_command(), "apply", "--config", str(self.cfg.source), "--update-id",
                 update_id, "--socket", str(self.cfg.control_socket)]
-        if systemd.under_systemd() and _which("systemd-run"):
-            argv = systemd.transient_unit_argv(f"baton-helper-{update_id}-{n}", log_path, argv)
-        with open(log_path, "ab", opener=log_opener) as log:
-            popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, close_fds=True)
-        helper = HelperProcess(update_id, popen, popen.pid, os.pidfd_open(popen.pid))
-        helper.transient_unit = argv[0] == "systemd-run"
-        self.helpers[update_id] = helper
-        self._loop.add_reader(helper.pidfd, self._helper_exited, helper)
-        logger.info("update {}: helper pid {} started (start {})", update_id, popen.pid, n)
+        launched = self.launcher.launch(argv, f"baton-helper-{update_id}-{n}", log_path)
+        helper = HelperProcess(update_id, launched.pid, launched.transient_unit)
+        if not self._watch(helper):  # gone before it could be watched: as if it died at once
+            self._loop.call_soon(self._helper_exited, helper, None)
+        logger.info("update {}: helper pid {} started (start {})", update_id, launched.pid, n)
 
-    def _helper_exited(self, helper: HelperProcess) -> None:
-        self._loop.remove_reader(helper.pidfd)
-        status = reap(helper.pidfd)
-        os.close(helper.pidfd)
-        if helper.popen is not None:
-            helper.popen.returncode = status if status is not None else -1
+    def _watch(self, helper: HelperProcess) -> bool:
+        helper.watch = self.processes.watch(helper.pid, lambda status: self._helper_exited(helper, status))
+        if helper.watch is None:
+            return False
+        self.helpers[helper.update_id] = helper
+        return True
+
+    def _helper_exited(self, helper: HelperProcess, status: int | None) -> None:
+        helper.watch = None
         self.helpers.pop(helper.update_id, None)
         if helper.transient_unit and status == 0:
             self._loop.create_task(self._find_unit_helper(helper.update_id))
@@ -447,7 +423,7 @@ class UpdateManager:
             return
         logger.warning("update {}: helper pid {} died (status {}) in state {}; starting another",
                        rec.update_id, helper.pid, status, rec.state.value)
-        self._loop.call_later(RESPAWN_DELAY_S, self._spawn, rec.update_id)
+        self.clock.call_later(RESPAWN_DELAY_S, self._spawn, rec.update_id)
 
     def _abandon(self, update_id: str, starts: int) -> None:
         """No helper could run it: before the switch nothing changed, so it is FAILED; after, an operator decides."""
@@ -458,7 +434,7 @@ class UpdateManager:
         reason = f"the helper failed {starts} times without finishing: {tail}"
         if rec.state in PRE_SWITCH:
             # through the record's guard, like every state write (UPDATE_TRANSITIONS: pre-switch -> FAILED)
-            rec = rec.moved(UpdateState.FAILED, reason, error=reason, finished_at=time.time(), settled=True,
+            rec = rec.moved(UpdateState.FAILED, reason, error=reason, finished_at=self.clock.time(), settled=True,
                             reason=reasons.FailureReason.HELPER_CRASHED.value)
             self.journal.save(rec)
             if self.active.get(rec.component) == update_id:
@@ -471,14 +447,14 @@ class UpdateManager:
 
     async def _find_unit_helper(self, update_id: str) -> None:
         """systemd-run returned once the unit started; the helper announces its pid in the journal."""
-        deadline = time.monotonic() + HELPER_ANNOUNCE_S
-        while time.monotonic() < deadline:
+        deadline = self.clock.monotonic() + HELPER_ANNOUNCE_S
+        while self.clock.monotonic() < deadline:
             rec = await self._load(update_id)
             if rec is not None and (rec.final and rec.settled):
                 break
             if rec is not None and rec.attempts >= self.starts.get(update_id, 0) and self._watch_running_helper(rec):
                 return
-            await asyncio.sleep(0.05)
+            await self.clock.sleep(0.05)
         rec = await self._load(update_id)
         if rec is None:
             return
@@ -496,10 +472,8 @@ class UpdateManager:
     async def stop(self) -> None:
         """Stop watching; running helpers carry on in their own sessions."""
         for h in list(self.helpers.values()):
-            self._loop.remove_reader(h.pidfd)
-            os.close(h.pidfd)
-            if h.popen is not None:
-                h.popen.returncode = 0
+            if h.watch is not None:
+                h.watch.release()
         self.helpers.clear()
 
     # ---- results -------------------------------------------------------------------------------------
@@ -518,7 +492,7 @@ class UpdateManager:
     def mark_reported(self, update_id: str) -> None:
         from baton import durable
 
-        durable.write_bytes(self._reported_marker(update_id), f"{time.time()}\n".encode(), 0o600)
+        durable.write_bytes(self._reported_marker(update_id), f"{self.clock.time()}\n".encode(), 0o600)
         self.prune_journal()
 
     def prune_journal(self) -> None:
@@ -539,9 +513,3 @@ class UpdateManager:
             return
         if removed:
             logger.info("pruned {} settled update record(s) from the journal: {}", len(removed), ", ".join(removed))
-
-
-def _which(name: str) -> str | None:
-    import shutil  # with bz2 and lzma, about 0.3 MiB: only when a helper is started under systemd
-
-    return shutil.which(name)

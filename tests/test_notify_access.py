@@ -266,7 +266,7 @@ def test_agent_started_by_an_earlier_version_keeps_notifying_at_its_old_path(mak
     import socket as socketlib
 
     from baton.agent_table import AgentRecord, AgentTable
-    from supervisor.agents import process_start_time
+    from supervisor.adoption import process_start_time
     from tests.conftest import AGENTS, PY
 
     go = tmp_path / "go"

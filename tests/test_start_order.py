@@ -42,20 +42,6 @@ def test_agent_after_another_starts_only_once_that_one_is_ready_and_priority_ord
 
 
 @pytest.mark.e2e
-def test_agents_stop_in_the_reverse_of_their_start_order(make_supervisor):
-    sup = make_supervisor([agent("web", "ready_agent.py", after=["db"]), agent("db", "ready_agent.py"),
-                           agent("early", "ready_agent.py", priority=-5)]).start()
-    for name in ("early", "db", "web"):
-        sup.wait_agent(name, "running")
-    web_pid = sup.agent("web").pid
-    db_pid = sup.agent("db").pid
-    assert sup.terminate() == 0
-    lines = lines_of(sup)
-    assert first(lines, f"agent web pid {web_pid} exited") < first(lines, "agent db: stopping")
-    assert first(lines, f"agent db pid {db_pid} exited") < first(lines, "agent early: stopping")
-
-
-@pytest.mark.e2e
 def test_status_lists_agents_in_start_order_and_stop_all_stops_them_in_reverse(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py", after=["db"]), agent("db", "ready_agent.py"),
                            agent("early", "ready_agent.py", priority=-5)]).start()

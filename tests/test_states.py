@@ -188,13 +188,16 @@ def test_supervisor_abandoning_a_switched_update_cannot_write_failed():
 
 def run_with_agent(tmp_path: Path, fn: Callable[[Any, list[AgentState]], None]) -> None:
     from supervisor.agents import Agent
+    from tests.fakes.processes import FakeProcesses
+    from tests.fakes.supervisor_clock import FakeClock
 
     cfg = Config(node=NodeConfig(id="n1", state_dir=tmp_path / "state", install_root=tmp_path / "install"),
                  agents=(AgentConfig(name="a", command="/bin/true"),))
 
     async def body() -> None:
         changes: list[AgentState] = []
-        agent = Agent(cfg.agents[0], cfg, lambda a: changes.append(a.state))
+        clock = FakeClock()
+        agent = Agent(cfg.agents[0], cfg, lambda a: changes.append(a.state), FakeProcesses(clock), clock)
         try:
             fn(agent, changes)
         finally:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import time
 
-import grpc
 import pytest
 
 from baton.journal import CANCELLED
@@ -125,25 +124,6 @@ def test_cancel_during_watching_rolls_back_to_the_old_version(make_supervisor, r
     assert host.layout.installed_versions() == ["1.0.0"]
     assert "1.1.0" not in Marks(host.sup.state_dir).failed("app")
     assert Marks(host.sup.state_dir).highest("app") is None
-
-
-def test_cancel_of_a_finished_update_returns_it_unchanged(make_supervisor, release):
-    host = _host(make_supervisor, release)
-    uid = host.push(release.build("1.1.0"))
-    done = host.wait_final(uid)
-    assert done.state == COMMITTED
-    st = _cancel(host, uid)
-    assert (st.state, st.success, st.error, st.finished, st.updated_at) == \
-        (COMMITTED, True, "", True, done.updated_at)
-    assert not (host.sup.state_dir / "updates" / uid / "cancel").exists()
-    assert host.sup.agent("app").version == "1.1.0"
-
-
-def test_cancel_of_an_unknown_update_is_not_found(make_supervisor, release):
-    host = _host(make_supervisor, release)
-    with pytest.raises(grpc.RpcError) as e:
-        _cancel(host, "no-such-update")
-    assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_cancelled_update_is_reported_to_the_manager_exactly_once(make_supervisor, release, pkgserver):
