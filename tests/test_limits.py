@@ -17,7 +17,7 @@ import pytest
 
 from baton.config import ConfigError, config_from_dict
 from baton.limits import Limits
-from supervisor.cgroups import AGENTS_DIR, CgroupHost, check_config
+from supervisor.cgroups import AGENTS_DIR, SUPERVISOR_LEAF, CgroupHost, check_config
 from tests.conftest import AGENTS, PY, ROOT, wait_for
 
 HOST = CgroupHost.detect()  # the supervisors these tests start live in this process's cgroups
@@ -182,6 +182,42 @@ def test_agent_removed_from_the_config_takes_its_cgroup_with_it(make_supervisor)
     assert not any(d.exists() for d in cgroup_dirs("gone"))
 
 
+ROOT_CGROUP = Path("/sys/fs/cgroup")
+
+
+def v2_root_offers_the_controllers() -> bool:
+    """A unified host (no v1 hierarchy holds them) whose root cgroup enables memory, pids and cpu below it."""
+    try:
+        return {"memory", "pids", "cpu"} <= set((ROOT_CGROUP / "cgroup.subtree_control").read_text().split())
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not v2_root_offers_the_controllers(),
+                    reason="needs root on a cgroup v2 host with memory, pids and cpu enabled at its root")
+@pytest.mark.e2e
+def test_supervisor_started_in_the_root_cgroup_limits_its_agents_and_moves_no_process_of_the_host(
+        make_supervisor, tmp_path):
+    launcher = tmp_path / "root-cgroup-supervisor"  # as an init without service cgroups would start it
+    launcher.write_text(f'#!/bin/sh\necho $$ > {ROOT_CGROUP}/cgroup.procs && exec "{PY}" -m supervisor "$@"\n')
+    launcher.chmod(0o755)
+    proc_root = tmp_path / "proc-cgroup"
+    proc_root.write_text("0::/\n")
+    rooted = CgroupHost.detect(proc_cgroup=proc_root).group("rooted")
+    sup = make_supervisor([limited("rooted", "show", memory_max="64M", tasks_max=20)])
+    try:
+        pid = sup.start(launcher=launcher).wait_agent("rooted", "running").pid
+        d = ROOT_CGROUP / AGENTS_DIR / "rooted"
+        assert rooted.dirs["memory"] == d and str(pid) in (d / "cgroup.procs").read_text().split()
+        assert (d / "memory.max").read_text().strip() == str(64 << 20)
+        assert (d / "pids.max").read_text().strip() == "20"
+        assert Path("/proc/1/cgroup").read_text() == "0::/\n"  # init stayed where it was
+        assert not (ROOT_CGROUP / "baton-supervisor").exists()
+    finally:
+        sup.terminate()
+        rooted.remove()
+
+
 def no_cgroups_launcher(tmp_path: Path) -> Path:
     """Runs ``supervisor`` in a mount namespace where /sys/fs/cgroup is an empty tmpfs: a host without cgroups."""
     launcher = tmp_path / "no-cgroups-supervisor"
@@ -273,3 +309,38 @@ def test_cgroup_v2_is_preferred_and_found_again_from_the_supervisor_leaf(tmp_pat
     again = CgroupHost.detect(tmp_path / "fs", proc)
     assert again.group("x").dirs["memory"] == own / AGENTS_DIR / "x"
     assert again.missing(Limits(memory_max_bytes=1 << 30, tasks_max=5)) == ()
+
+
+def fake_v2_tree(tmp_path: Path, own: str) -> tuple[CgroupHost, Path]:
+    """A cgroup v2 tree whose root enables memory, pids and cpu below it, our processes (pids 1, 2, 3) in
+    ``own``: the root cgroup ("") has no ``cgroup.type``, every other cgroup has one."""
+    fs = tmp_path / "fs"
+    d = fs / own
+    d.mkdir(parents=True)
+    for cg in {fs, d}:
+        (cg / "cgroup.controllers").write_text("memory pids cpu\n")
+        (cg / "cgroup.subtree_control").write_text("")
+        if cg != fs:
+            (cg / "cgroup.type").write_text("domain\n")
+    (d / "cgroup.procs").write_text("1\n2\n3\n")
+    proc = tmp_path / "proc-cgroup"
+    proc.write_text(f"0::/{own}\n")
+    return CgroupHost.detect(fs, proc), d
+
+
+def test_supervisor_in_a_delegated_cgroup_moves_its_processes_to_its_leaf_before_enabling_a_controller(tmp_path):
+    host, own = fake_v2_tree(tmp_path, "system.slice/baton.service")
+    cg = host.prepare("a", Limits(memory_max_bytes=64 << 20), "agents[0]")
+    assert (own / SUPERVISOR_LEAF / "cgroup.procs").read_text() == "3"  # the last of 1, 2, 3 written there
+    assert (own / "cgroup.subtree_control").read_text() == "+memory"
+    assert (cg.dirs["memory"] / "memory.max").read_text() == str(64 << 20)
+
+
+def test_supervisor_in_the_root_cgroup_enables_a_controller_without_moving_any_process(tmp_path):
+    host, root = fake_v2_tree(tmp_path, "")
+    cg = host.prepare("a", Limits(memory_max_bytes=64 << 20), "agents[0]")
+    assert not (root / SUPERVISOR_LEAF).exists()
+    assert (root / "cgroup.procs").read_text() == "1\n2\n3\n"
+    assert (root / "cgroup.subtree_control").read_text() == "+memory"
+    assert cg.dirs["memory"] == root / AGENTS_DIR / "a"
+    assert (cg.dirs["memory"] / "memory.max").read_text() == str(64 << 20)
