@@ -3,17 +3,19 @@
 #
 #   bash scripts/vm_cgroup2.sh [--cache DIR] [--rebuild] [--timeout SECONDS] [PYTEST_ARGS...]
 #
-# Builds once (debootstrap, about 5 minutes) and caches under DIR (default /var/tmp/baton-vm): a root disk image
+# Builds once (debootstrap: about 3.5 minutes) and caches under DIR (default /var/tmp/baton-vm) a root disk image
 # with Debian's python3 (3.11), Debian's linux-image-amd64 and a virtualenv with the pinned runtime dependencies
-# (requirements/runtime.lock, --require-hashes) and pytest; a later run only boots it (about a minute). Each run
-# boots the image (writes go to a throw-away snapshot), shares this checkout read-only over 9p, mounts cgroup2
-# alone at /sys/fs/cgroup (cgroup_no_v1=all) with memory, pids and cpu enabled for a cgroup standing for the
-# supervisor's unit (what Delegate=yes gives it), and runs as root, from a copy of the checkout:
+# (requirements/runtime.lock, --require-hashes) and pytest. Each run boots it (writes go to a throw-away
+# snapshot), shares this checkout read-only over 9p, mounts cgroup2 alone at /sys/fs/cgroup (cgroup_no_v1=all)
+# with memory, pids and cpu given to a cgroup standing for the supervisor's unit (what Delegate=yes gives it),
+# and runs as root, from a copy of the checkout, in that cgroup:
 #   pytest tests/test_limits.py plus the cgroup detection tests of tests/test_systemd.py   (or PYTEST_ARGS)
-# then powers off. Exit code: pytest's (125 if the VM never reported one). Needs root, qemu-system-x86,
-# debootstrap and e2fsprogs; KVM when a guest boots with it, else TCG (slower; BATON_VM_ACCEL=kvm|tcg forces one). Everything it creates is
-# under DIR; the VM is killed on every exit path. Not part of scripts/test.sh (README, "Resource limits").
+# then powers off. Exit code: pytest's (125 if the VM gave none). Needs root, qemu-system-x86, debootstrap and
+# e2fsprogs. KVM when a guest boots with it, else TCG (slower; BATON_VM_ACCEL=kvm or tcg forces one).
+# Everything it creates is under DIR; the VM is killed on every exit path. Not part of scripts/test.sh
+# (docs/troubleshooting.md#limits-on-cgroup-v2).
 set -euo pipefail
+{  # read whole before it runs: editing this file during a run (minutes) cannot change what the run does
 cd "$(dirname "$0")/.."
 SRC=$(pwd)
 
@@ -61,10 +63,8 @@ cleanup() {
         sleep 1
         kill -9 "$QEMU_PID" 2>/dev/null || true
     fi
-    if [ -d "$BUILD/rootfs" ]; then
-        for m in proc sys dev; do
-            mountpoint -q "$BUILD/rootfs/$m" && umount -l "$BUILD/rootfs/$m"
-        done
+    if mountpoint -q "$BUILD/rootfs/proc" 2>/dev/null; then
+        umount -l "$BUILD/rootfs/proc"
     fi
     [ ! -f "$RUN/console.log" ] || cp "$RUN/console.log" "$CACHE/last-console.log"
     rm -rf "$RUN"
@@ -156,9 +156,9 @@ mkdir -p "$RUN/out" "$RUN/tmp"
 # hangs it, or refuses the host CPU's MSRs). The probe boots the kernel alone: it panics without a root fs.
 kvm_boots() {
     (exec 3<>/dev/kvm) 2>/dev/null || return 1
-    timeout 20 qemu-system-x86_64 -accel kvm -cpu host -machine q35 -m 256 -display none -no-reboot \
+    (timeout 20 qemu-system-x86_64 -accel kvm -cpu host -machine q35 -m 256 -display none -no-reboot \
         -serial "file:$RUN/kvm-probe.log" -monitor none -nic none -kernel "$CACHE/vmlinuz" \
-        -append "console=ttyS0 panic=-1" </dev/null >/dev/null 2>&1 || true
+        -append "console=ttyS0 panic=-1" </dev/null >/dev/null 2>&1) 2>/dev/null || true  # qemu may abort
     grep -q "Kernel panic" "$RUN/kvm-probe.log" 2>/dev/null
 }
 case "${BATON_VM_ACCEL:-probe}" in
@@ -172,6 +172,7 @@ case "${BATON_VM_ACCEL:-probe}" in
        fi ;;
 esac
 printf '%s\n' "${PYTEST_ARGS[@]}" > "$RUN/out/pytest-args"
+rm -f "$CACHE/last-pytest-tmp.tar.gz"
 echo "vm_cgroup2: booting (${ACCEL[1]}); the console is kept in $CACHE/last-console.log"
 # The snapshot's writes go to TMPDIR: under the cache, removed with the run.
 TMPDIR=$RUN/tmp qemu-system-x86_64 "${ACCEL[@]}" -machine q35 -m 2048 -smp 2 \
@@ -198,6 +199,8 @@ wait "$TAIL_PID" 2>/dev/null || true
 TAIL_PID=""
 [ "$timed_out" = 0 ] || { echo "vm_cgroup2: the VM ran past --timeout $TIMEOUT_S s: killed" >&2; exit 125; }
 [ -f "$RUN/out/rc" ] || { echo "vm_cgroup2: the VM stopped without a pytest result" >&2; exit 125; }
+[ ! -f "$RUN/out/pytest-tmp.tar.gz" ] || mv "$RUN/out/pytest-tmp.tar.gz" "$CACHE/last-pytest-tmp.tar.gz"
 rc=$(cat "$RUN/out/rc")
 echo "vm_cgroup2: pytest in the VM exited $rc"
 exit "$rc"
+}

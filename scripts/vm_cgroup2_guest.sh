@@ -16,7 +16,7 @@ power_off() {  # with $1 as the result
 }
 
 in_unit() {  # runs "$@" from the checkout's copy, in the unit's cgroup (and what it starts: there too)
-    sh -c 'echo $$ > "$0/cgroup.procs" && cd /root/baton && exec "$@"' "$UNIT" env PYTHONDONTWRITEBYTECODE=1 "$@"
+    sh -c 'echo $$ > "$0/cgroup.procs" && cd /root/baton && exec "$@"' "$UNIT" "$@"
 }
 
 mount -t tmpfs tmpfs /tmp
@@ -37,6 +37,8 @@ echo "== vm: $UNIT/cgroup.controllers: $(cat "$UNIT/cgroup.controllers")"
 mkdir -p /root/baton
 tar -C /mnt/src --exclude=./.venv --exclude=./.git --exclude=__pycache__ --exclude=./.mypy_cache \
     --exclude=./.ruff_cache -cf - . | tar -C /root/baton -xf -
+# Compiled once here, not by every supervisor the tests start (under TCG that alone can take seconds each).
+$PY -m compileall -q /root/baton/baton /root/baton/supervisor /root/baton/helper /root/baton/tests >/dev/null
 
 # The limit tests skip where the controllers are missing: a run that would prove nothing stops here.
 in_unit "$PY" -c '
@@ -52,4 +54,7 @@ while IFS= read -r arg; do
 done < /mnt/out/pytest-args
 echo "== vm: pytest $*"
 in_unit "$PY" -m pytest -p no:cacheprovider --basetemp=/tmp/pt --color=no -v "$@"
-power_off $?
+rc=$?
+# The tests' supervisors' logs, for a failure: the host keeps them as last-pytest-tmp.tar.gz in its cache.
+[ "$rc" = 0 ] || tar -C /tmp -czf /mnt/out/pytest-tmp.tar.gz pt 2>/dev/null
+power_off $rc
