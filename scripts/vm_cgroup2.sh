@@ -158,7 +158,7 @@ kvm_boots() {
     (exec 3<>/dev/kvm) 2>/dev/null || return 1
     (timeout 20 qemu-system-x86_64 -accel kvm -cpu host -machine q35 -m 256 -display none -no-reboot \
         -serial "file:$RUN/kvm-probe.log" -monitor none -nic none -kernel "$CACHE/vmlinuz" \
-        -append "console=ttyS0 panic=-1" </dev/null >/dev/null 2>&1) 2>/dev/null || true  # qemu may abort
+        -append "console=ttyS0 panic=-1" </dev/null >/dev/null 2>&1 || true) 2>/dev/null  # qemu may abort
     grep -q "Kernel panic" "$RUN/kvm-probe.log" 2>/dev/null
 }
 case "${BATON_VM_ACCEL:-probe}" in
