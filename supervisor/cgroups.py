@@ -138,16 +138,19 @@ class CgroupHost:
 
     def _delegate_v2(self, controllers: list[str]) -> None:
         """Enable ``controllers`` for ``baton-agents`` below our cgroup, moving its processes into our leaf
-        first (cgroup v2 enables controllers only below a cgroup without processes of its own)."""
+        first (cgroup v2 enables controllers only below a cgroup without processes of its own). The root cgroup
+        (only it has no ``cgroup.type``) is exempt from that rule: a supervisor started there moves nothing,
+        since its processes are every process of the host, kernel threads (which cannot move) and init."""
         own = self.hierarchies[controllers[0]].own_dir
         agents = own / AGENTS_DIR
         try:
-            leaf = own / SUPERVISOR_LEAF
-            with contextlib.suppress(FileExistsError):
-                leaf.mkdir(0o755)
-            for pid in _read(own / "cgroup.procs").split():
-                with contextlib.suppress(ProcessLookupError):
-                    _write(leaf / "cgroup.procs", pid)
+            if (own / "cgroup.type").exists():
+                leaf = own / SUPERVISOR_LEAF
+                with contextlib.suppress(FileExistsError):
+                    leaf.mkdir(0o755)
+                for pid in _read(own / "cgroup.procs").split():
+                    with contextlib.suppress(ProcessLookupError):
+                        _write(leaf / "cgroup.procs", pid)
             enable = " ".join(f"+{c}" for c in controllers)
             _write(own / "cgroup.subtree_control", enable)
             with contextlib.suppress(FileExistsError):

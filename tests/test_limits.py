@@ -17,7 +17,7 @@ import pytest
 
 from baton.config import ConfigError, config_from_dict
 from baton.limits import Limits
-from supervisor.cgroups import AGENTS_DIR, CgroupHost, check_config
+from supervisor.cgroups import AGENTS_DIR, SUPERVISOR_LEAF, CgroupHost, check_config
 from tests.conftest import AGENTS, PY, ROOT, wait_for
 
 HOST = CgroupHost.detect()  # the supervisors these tests start live in this process's cgroups
@@ -34,6 +34,45 @@ def limited(name: str, *argv: str, **kw: Any) -> dict[str, Any]:
 
 def cgroup_dirs(name: str) -> list[Path]:
     return [h.own_dir / AGENTS_DIR / name for h in HOST.hierarchies.values()]
+
+
+def cgroup_dir(name: str, controller: str) -> Path:
+    return HOST.hierarchies[controller].own_dir / AGENTS_DIR / name
+
+
+def enforced(name: str) -> dict[str, int | None]:
+    """What the kernel holds for agent ``name``'s cgroup, in the config's units (None: no limit, or no file for
+    it: a controller never asked for), read from the files of whichever cgroup version the host has."""
+    def read(controller: str, fname: str) -> str:
+        path = cgroup_dir(name, controller) / fname
+        return path.read_text().strip() if path.exists() else "max"
+
+    def limit(text: str) -> int | None:  # v2 writes "max"; v1 -1 as the largest page-aligned value
+        return None if text in ("max", "-1") or int(text) > 1 << 60 else int(text)
+
+    if HOST.hierarchies["memory"].v2:
+        memory = limit(read("memory", "memory.max"))
+    else:
+        memory = limit(read("memory", "memory.limit_in_bytes"))
+    if HOST.hierarchies["cpu"].v2:
+        quota, _, period = read("cpu", "cpu.max").partition(" ")
+        weight = limit(read("cpu", "cpu.weight"))
+    else:
+        quota, period = read("cpu", "cpu.cfs_quota_us"), read("cpu", "cpu.cfs_period_us")
+        shares = limit(read("cpu", "cpu.shares"))
+        weight = shares * 100 // 1024 if shares is not None else None
+    assert period in ("", "max", "100000"), period  # the period Baton writes, where a quota is
+    return {"memory_max": memory, "tasks_max": limit(read("pids", "pids.max")), "cpu_weight": weight,
+            "cpu_quota": limit(quota)}
+
+
+def cgroup_paths(proc_cgroup: str) -> dict[str, str]:
+    """Each controller's cgroup from a /proc/PID/cgroup text: its v1 line, or the v2 line where the host puts it
+    in the unified hierarchy."""
+    lines = [line.split(":", 2) for line in proc_cgroup.split()]
+    unified = next((path for _, ctrls, path in lines if ctrls == ""), "")
+    v1 = {c: path for _, ctrls, path in lines for c in ctrls.split(",") if c}
+    return {c: unified if h.v2 else v1[c] for c, h in HOST.hierarchies.items()}
 
 
 def first_lines(sup: Any, name: str) -> str:
@@ -80,17 +119,13 @@ def test_agent_command_runs_in_its_cgroup_with_its_open_files_limit_from_its_fir
                                    cpu_quota="50%", open_files=77)]).start()
     pid = sup.wait_agent("boxed", "running").pid
     text = first_lines(sup, "boxed")
-    paths = {c: path for line in text.split("NOFILE")[0].split()[1:]
-             for _, ctrls, path in [line.split(":", 2)] for c in ctrls.split(",")}
+    paths = cgroup_paths(text.split("NOFILE")[0].removeprefix("CGROUP"))
     for c in ("memory", "pids", "cpu"):
         assert paths[c].endswith(f"/{AGENTS_DIR}/boxed"), paths
     assert "NOFILE 77" in text
-    dirs = {c: h.own_dir / AGENTS_DIR / "boxed" for c, h in HOST.hierarchies.items()}
-    assert str(pid) in (dirs["memory"] / "cgroup.procs").read_text().split()
-    assert (dirs["memory"] / "memory.limit_in_bytes").read_text().strip() == str(256 << 20)
-    assert (dirs["pids"] / "pids.max").read_text().strip() == "50"
-    assert (dirs["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "50000"
-    assert (dirs["cpu"] / "cpu.shares").read_text().strip() == "512"
+    for c in ("memory", "pids", "cpu"):
+        assert str(pid) in (cgroup_dir("boxed", c) / "cgroup.procs").read_text().split()
+    assert enforced("boxed") == {"memory_max": 256 << 20, "tasks_max": 50, "cpu_weight": 50, "cpu_quota": 50000}
 
 
 @needs
@@ -104,9 +139,9 @@ def test_agent_adopted_by_the_next_supervisor_keeps_its_cgroup_and_its_oom_kill_
     sup.start()
     a = sup.wait_agent("later", "running")
     assert a.pid == pid and a.adopted
-    memory = HOST.hierarchies["memory"].own_dir / AGENTS_DIR / "later"
+    memory = cgroup_dir("later", "memory")
     assert str(pid) in (memory / "cgroup.procs").read_text().split()
-    assert (memory / "memory.limit_in_bytes").read_text().strip() == str(64 << 20)
+    assert enforced("later")["memory_max"] == 64 << 20
     os.kill(pid, signal.SIGUSR1)
     wait_for(lambda: f"agent later pid {pid} exited with unknown status (killed by the kernel: memory limit "
              f"(memory_max = {64 << 20} bytes) reached (oom_kill 1))" in sup.output(), what="the OOM kill's log line")
@@ -120,17 +155,16 @@ def test_agent_adopted_by_the_next_supervisor_keeps_its_cgroup_and_its_oom_kill_
 @needs
 @pytest.mark.e2e
 def test_memory_limit_changed_while_the_supervisor_was_down_is_what_the_next_start_applies(make_supervisor):
-    memory = HOST.hierarchies["memory"].own_dir / AGENTS_DIR / "grow"
+    memory = cgroup_dir("grow", "memory")
     sup = make_supervisor([limited("grow", "show", memory_max="64M")]).start()
     sup.wait_agent("grow", "running")
-    for change, want in (({"memory_max": "256M"}, str(256 << 20)), ({"tasks_max": 30}, None)):
+    for change, want in (({"memory_max": "256M"}, {"memory_max": 256 << 20, "tasks_max": None}),
+                         ({"tasks_max": 30}, {"memory_max": None, "tasks_max": 30})):  # None: lifted
         assert sup.terminate() == 0  # the agent stops; its cgroup stays, with its limit
         sup.cfg["agents"] = [limited("grow", "show", **change)]
         pid = sup.start().wait_agent("grow", "running").pid
-        limit = int((memory / "memory.limit_in_bytes").read_text())
-        assert limit == int(want) if want else limit > 1 << 60, limit  # lifted: the kernel's "no limit"
-        if not want:
-            assert (HOST.hierarchies["pids"].own_dir / AGENTS_DIR / "grow" / "pids.max").read_text().strip() == "30"
+        now = enforced("grow")
+        assert {k: now[k] for k in want} == want, now
         assert str(pid) in (memory / "cgroup.procs").read_text().split()
 
 
@@ -139,13 +173,49 @@ def test_memory_limit_changed_while_the_supervisor_was_down_is_what_the_next_sta
 def test_agent_removed_from_the_config_takes_its_cgroup_with_it(make_supervisor):
     sup = make_supervisor([limited("gone", "show", tasks_max=20), limited("stays", "show")]).start()
     sup.wait_agent("gone", "running")
-    assert all(d.is_dir() for d in cgroup_dirs("gone") if d.parent.name == AGENTS_DIR and "pids" in str(d))
+    assert cgroup_dir("gone", "pids").is_dir()
     sup.cfg["agents"] = [limited("stays", "show")]
     sup.write_config()
     res = subprocess.run([PY, "-m", "supervisor", "reload", "--socket", str(sup.socket)], capture_output=True,
                          text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
     assert not any(d.exists() for d in cgroup_dirs("gone"))
+
+
+ROOT_CGROUP = Path("/sys/fs/cgroup")
+
+
+def v2_root_offers_the_controllers() -> bool:
+    """A unified host (no v1 hierarchy holds them) whose root cgroup enables memory, pids and cpu below it."""
+    try:
+        return {"memory", "pids", "cpu"} <= set((ROOT_CGROUP / "cgroup.subtree_control").read_text().split())
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not v2_root_offers_the_controllers(),
+                    reason="needs root on a cgroup v2 host with memory, pids and cpu enabled at its root")
+@pytest.mark.e2e
+def test_supervisor_started_in_the_root_cgroup_limits_its_agents_and_moves_no_process_of_the_host(
+        make_supervisor, tmp_path):
+    launcher = tmp_path / "root-cgroup-supervisor"  # as an init without service cgroups would start it
+    launcher.write_text(f'#!/bin/sh\necho $$ > {ROOT_CGROUP}/cgroup.procs && exec "{PY}" -m supervisor "$@"\n')
+    launcher.chmod(0o755)
+    proc_root = tmp_path / "proc-cgroup"
+    proc_root.write_text("0::/\n")
+    rooted = CgroupHost.detect(proc_cgroup=proc_root).group("rooted")
+    sup = make_supervisor([limited("rooted", "show", memory_max="64M", tasks_max=20)])
+    try:
+        pid = sup.start(launcher=launcher).wait_agent("rooted", "running").pid
+        d = ROOT_CGROUP / AGENTS_DIR / "rooted"
+        assert rooted.dirs["memory"] == d and str(pid) in (d / "cgroup.procs").read_text().split()
+        assert (d / "memory.max").read_text().strip() == str(64 << 20)
+        assert (d / "pids.max").read_text().strip() == "20"
+        assert Path("/proc/1/cgroup").read_text() == "0::/\n"  # init stayed where it was
+        assert not (ROOT_CGROUP / "baton-supervisor").exists()
+    finally:
+        sup.terminate()
+        rooted.remove()
 
 
 def no_cgroups_launcher(tmp_path: Path) -> Path:
@@ -239,3 +309,38 @@ def test_cgroup_v2_is_preferred_and_found_again_from_the_supervisor_leaf(tmp_pat
     again = CgroupHost.detect(tmp_path / "fs", proc)
     assert again.group("x").dirs["memory"] == own / AGENTS_DIR / "x"
     assert again.missing(Limits(memory_max_bytes=1 << 30, tasks_max=5)) == ()
+
+
+def fake_v2_tree(tmp_path: Path, own: str) -> tuple[CgroupHost, Path]:
+    """A cgroup v2 tree whose root enables memory, pids and cpu below it, our processes (pids 1, 2, 3) in
+    ``own``: the root cgroup ("") has no ``cgroup.type``, every other cgroup has one."""
+    fs = tmp_path / "fs"
+    d = fs / own
+    d.mkdir(parents=True)
+    for cg in {fs, d}:
+        (cg / "cgroup.controllers").write_text("memory pids cpu\n")
+        (cg / "cgroup.subtree_control").write_text("")
+        if cg != fs:
+            (cg / "cgroup.type").write_text("domain\n")
+    (d / "cgroup.procs").write_text("1\n2\n3\n")
+    proc = tmp_path / "proc-cgroup"
+    proc.write_text(f"0::/{own}\n")
+    return CgroupHost.detect(fs, proc), d
+
+
+def test_supervisor_in_a_delegated_cgroup_moves_its_processes_to_its_leaf_before_enabling_a_controller(tmp_path):
+    host, own = fake_v2_tree(tmp_path, "system.slice/baton.service")
+    cg = host.prepare("a", Limits(memory_max_bytes=64 << 20), "agents[0]")
+    assert (own / SUPERVISOR_LEAF / "cgroup.procs").read_text() == "3"  # the last of 1, 2, 3 written there
+    assert (own / "cgroup.subtree_control").read_text() == "+memory"
+    assert (cg.dirs["memory"] / "memory.max").read_text() == str(64 << 20)
+
+
+def test_supervisor_in_the_root_cgroup_enables_a_controller_without_moving_any_process(tmp_path):
+    host, root = fake_v2_tree(tmp_path, "")
+    cg = host.prepare("a", Limits(memory_max_bytes=64 << 20), "agents[0]")
+    assert not (root / SUPERVISOR_LEAF).exists()
+    assert (root / "cgroup.procs").read_text() == "1\n2\n3\n"
+    assert (root / "cgroup.subtree_control").read_text() == "+memory"
+    assert cg.dirs["memory"] == root / AGENTS_DIR / "a"
+    assert (cg.dirs["memory"] / "memory.max").read_text() == str(64 << 20)
