@@ -26,6 +26,12 @@ def records(state_dir: Path, call: str | None = None) -> list[AuditRecord]:
     return [r for r in AuditLog(state_dir).read() if call is None or r.call == call]
 
 
+def written_records(state_dir: Path, n: int) -> list[AuditRecord]:
+    """The records once there are ``n``: a call ended with ``context.abort`` is answered as it aborts (grpc aio
+    sends the status there), so its record may be written just after the client hears the refusal."""
+    return wait_for(lambda: rs if len(rs := records(state_dir)) >= n else None, 10, what=f"{n} records")
+
+
 def audit_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PY, "-m", "supervisor", "audit", "--config", str(config), *args], capture_output=True,
                           text=True, cwd=ROOT, timeout=60)
@@ -61,7 +67,7 @@ def test_a_stop_is_recorded_and_read_back_by_supervisor_audit(make_supervisor):
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
     sup.status()  # read-only calls are not recorded
 
-    ok, missing = records(sup.state_dir)
+    ok, missing = written_records(sup.state_dir, 2)
     assert (ok.call, ok.args, ok.outcome) == ("StopAgent", {"name": "web"}, "ok")
     assert (missing.outcome, missing.code) == ("failed", "NOT_FOUND") and "nope" in missing.message
 
@@ -202,7 +208,7 @@ def test_a_tls_client_is_recorded_by_its_certificate_identity_allowed_or_refused
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     sup.wait_agent("web", "running")  # the refused stop did nothing
 
-    ok, refused = records(sup.state_dir)
+    ok, refused = written_records(sup.state_dir, 2)
     assert (ok.call, ok.outcome, ok.caller.kind) == ("RestartAgent", "ok", "tls")
     assert ALLOWED in ok.caller.identity and ok.caller.address.startswith("127.0.0.1:")
     assert (refused.call, refused.outcome, refused.code) == ("StopAgent", "refused", "PERMISSION_DENIED")
