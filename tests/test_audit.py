@@ -130,19 +130,22 @@ STOP_WEB = ("import grpc, sys; from baton.pb import daemon_pb2, daemon_pb2_grpc;
             "daemon_pb2_grpc.DaemonServiceStub(ch).StopAgent(daemon_pb2.AgentRef(name='web'), timeout=15)")
 
 
+SET_LOGIN_UID_AND_EXEC = ("import os, sys\nwith open('/proc/self/loginuid', 'w') as f:\n    f.write(sys.argv[1])\n"
+                          "os.execv(sys.argv[2], sys.argv[2:])\n")
+
+
 def stop_web_as(sock: Path, login_uid: int | None, sudo_user: str | None) -> None:
     """StopAgent from a root child whose kernel login uid is ``login_uid`` (as PAM sets it at login) and whose
     environment claims ``SUDO_USER``."""
-    def set_login_uid() -> None:
-        if login_uid is not None:
-            with open("/proc/self/loginuid", "w") as f:
-                f.write(str(login_uid))
-
     env = {k: v for k, v in os.environ.items() if k != "SUDO_USER"}
     if sudo_user is not None:
         env["SUDO_USER"] = sudo_user
-    subprocess.run([PY, "-c", STOP_WEB, str(sock)], cwd=ROOT, env=env, preexec_fn=set_login_uid, check=True,
-                   timeout=60)
+    argv = [PY, "-c", STOP_WEB, str(sock)]
+    if login_uid is not None:
+        # the child sets its login uid, then execs the call: a preexec_fn runs Python in a fork of this threaded
+        # process (such a child was once aborted by gRPC's poller)
+        argv = [PY, "-c", SET_LOGIN_UID_AND_EXEC, str(login_uid), *argv]
+    subprocess.run(argv, cwd=ROOT, env=env, check=True, timeout=60)
 
 
 @pytest.mark.e2e
