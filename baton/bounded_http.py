@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from baton.config import UpdateConfig
+from baton.config import HTTP_HEAD_TIMEOUT_S, HTTP_IDLE_TIMEOUT_S, UpdateConfig
 from baton.log import logger
 
 PROGRESS_POLL_S = 1.0  # how often a blocked body write looks at what the client acknowledged
@@ -47,8 +47,8 @@ class HttpLimits:
     """What one server allows each connection; the defaults are every Baton endpoint's."""
 
     max_connections: int = 32  # connections with a thread at once
-    head_timeout_s: float = 10.0  # to send a whole request head (and finish a TLS handshake)
-    idle_timeout_s: float = 10.0  # a write that moves no byte this long ends the connection
+    head_timeout_s: float = HTTP_HEAD_TIMEOUT_S  # to send a whole request head (and finish a TLS handshake)
+    idle_timeout_s: float = HTTP_IDLE_TIMEOUT_S  # a write that moves no byte this long ends the connection
     # a body's floor, averaged over each window: the helper's own defaults (update.min_rate_*), below which it
     # gives up on the download itself
     min_rate_bytes_per_s: int = UpdateConfig.min_rate_bytes_per_s

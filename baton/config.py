@@ -36,6 +36,9 @@ ENV_OVERRIDES = {
 RESTART_POLICIES = ("always", "on-failure", "never")
 SUPERVISOR_COMPONENT = "supervisor"
 MAX_DURATION_S = 366 * 24 * 3600.0  # every ``*_s`` value: finite, 0 or more and at most a year
+# every Baton HTTP endpoint's bounds on a connection (baton.bounded_http.HttpLimits), here for [metrics] to name
+HTTP_HEAD_TIMEOUT_S = 10.0
+HTTP_IDLE_TIMEOUT_S = 10.0
 LOOPBACK_NAMES = ("localhost",)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _LABEL_VALUE_RE = re.compile(r"^[A-Za-z0-9_.-]{0,64}$")
@@ -153,6 +156,8 @@ class MetricsConfig:
 
     listen: str = ""  # HOST:PORT, e.g. "127.0.0.1:9464"
     allow_remote: bool = False
+    http_head_timeout_s: float = HTTP_HEAD_TIMEOUT_S  # a scraper's time to send its request head
+    http_idle_timeout_s: float = HTTP_IDLE_TIMEOUT_S  # a response write that moves no byte this long ends it
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -723,6 +728,9 @@ def _validate(cfg: Config, host_checks: bool = True, keys: bool = True) -> None:
     if not (math.isfinite(u.keep_updates_days) and u.keep_updates_days > 0):
         raise ConfigError("update.keep_updates_days", "must be finite and greater than 0")
     _ = cfg.metrics.address  # raises the ConfigError naming metrics.listen
+    for name in ("http_head_timeout_s", "http_idle_timeout_s"):
+        if getattr(cfg.metrics, name) <= 0:
+            raise ConfigError(f"metrics.{name}", "must be greater than 0")
     if cfg.log.level.upper() not in LEVELS:
         raise ConfigError("log.level", f"unknown level {cfg.log.level!r}")
     seen: dict[str, int] = {}

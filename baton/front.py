@@ -89,16 +89,19 @@ def bind_unix(path: Path, group: str = "") -> socket.socket:
                 os.umask(old)
     except OSError as e:
         sock.close()
-        raise ListenError(f"cannot listen on {path}: {e.strerror}") from None
+        raise ListenError(f"cannot listen on {path}: {e.strerror or e}") from None
     sock.listen(BACKLOG)
     return sock
 
 
 def _bind_with_group(sock: socket.socket, path: Path, gid: int) -> None:
-    """Bind, chown and chmod in a 0700 directory of our own beside ``path``, then rename the socket onto it."""
-    private = path.parent / f".bind-{os.urandom(8).hex()}"  # not tempfile: it would keep shutil's bz2 and lzma
-    os.mkdir(private, 0o700)                                 # resident (test_supervisor's memory test)
-    staged = private / path.name
+    """Bind, chown and chmod in a 0700 directory of our own beside ``path``, then rename the socket onto it.
+
+    The staged name is no longer than ``path`` when its name has 11 characters or more: sun_path holds 107, and a
+    path that fits must not fail for being staged."""
+    private = path.parent / f".{os.urandom(4).hex()}"  # not tempfile: it would keep shutil's bz2 and lzma
+    os.mkdir(private, 0o700)                            # resident (test_supervisor's memory test)
+    staged = private / "s"
     try:
         sock.bind(str(staged))
         os.chown(staged, -1, gid)

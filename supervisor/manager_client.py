@@ -165,6 +165,8 @@ class ManagerClient:
     async def _register(self) -> None:
         assert self._stub is not None
         sent = time.time()
+        # cleared before the snapshot is taken: a change while the call is under way is sent in a sync after it
+        self._dirty.clear()
         resp = await self._stub.Register(
             manager_pb2.RegisterRequest(
                 node_id=self.node_id,
@@ -181,7 +183,6 @@ class ManagerClient:
         self.interval = resp.heartbeat_interval_seconds or self.cfg.heartbeat_interval_s
         self.connected = True
         self.registrations += 1
-        self._dirty.clear()
         self._broken.clear()
         logger.info("registered with the Manager at {}", self.address)
 

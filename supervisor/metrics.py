@@ -20,6 +20,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
+from baton.bounded_http import HttpLimits
 from baton.config import SUPERVISOR_COMPONENT
 from baton.journal import Journal
 from baton.metrics import MetricsServer
@@ -133,4 +134,6 @@ class SupervisorCollector(Collector):
 
 def metrics_server(sup: Any, host: str, port: int) -> MetricsServer:
     """The supervisor's metrics endpoint, not yet bound (``start(retry=True)`` binds it)."""
-    return MetricsServer(host, port, [SupervisorCollector(sup, asyncio.get_running_loop())])
+    m = sup.cfg.metrics
+    limits = HttpLimits(head_timeout_s=m.http_head_timeout_s, idle_timeout_s=m.http_idle_timeout_s)
+    return MetricsServer(host, port, [SupervisorCollector(sup, asyncio.get_running_loop())], limits)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from baton.pb import daemon_pb2
-from manager.store import UpdateRow, open_store
+from manager.store import RolloutRow, UpdateRow, open_store
 from tests.conftest import (
     PY,
     ROOT,
@@ -127,6 +127,17 @@ class ManagerProc:
             return store.update(update_id)
         finally:
             store.close()
+
+    def rollout(self, rollout_id: str) -> RolloutRow:
+        """The rollout with its nodes, read in-process: milliseconds, where ``rollouts --json`` starts a Python
+        (seconds on a loaded machine, longer than a canary's health window)."""
+        store = open_store(self.db)
+        try:
+            row = store.rollout(rollout_id)
+        finally:
+            store.close()
+        assert row is not None, f"no rollout {rollout_id}"
+        return row
 
 
 @pytest.fixture(name="make_manager")

@@ -26,6 +26,12 @@ def records(state_dir: Path, call: str | None = None) -> list[AuditRecord]:
     return [r for r in AuditLog(state_dir).read() if call is None or r.call == call]
 
 
+def written_records(state_dir: Path, n: int) -> list[AuditRecord]:
+    """The records once there are ``n``: a call ended with ``context.abort`` is answered as it aborts (grpc aio
+    sends the status there), so its record may be written just after the client hears the refusal."""
+    return wait_for(lambda: rs if len(rs := records(state_dir)) >= n else None, 10, what=f"{n} records")
+
+
 def audit_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PY, "-m", "supervisor", "audit", "--config", str(config), *args], capture_output=True,
                           text=True, cwd=ROOT, timeout=60)
@@ -61,7 +67,7 @@ def test_a_stop_is_recorded_and_read_back_by_supervisor_audit(make_supervisor):
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
     sup.status()  # read-only calls are not recorded
 
-    ok, missing = records(sup.state_dir)
+    ok, missing = written_records(sup.state_dir, 2)
     assert (ok.call, ok.args, ok.outcome) == ("StopAgent", {"name": "web"}, "ok")
     assert (missing.outcome, missing.code) == ("failed", "NOT_FOUND") and "nope" in missing.message
 
@@ -124,19 +130,22 @@ STOP_WEB = ("import grpc, sys; from baton.pb import daemon_pb2, daemon_pb2_grpc;
             "daemon_pb2_grpc.DaemonServiceStub(ch).StopAgent(daemon_pb2.AgentRef(name='web'), timeout=15)")
 
 
+SET_LOGIN_UID_AND_EXEC = ("import os, sys\nwith open('/proc/self/loginuid', 'w') as f:\n    f.write(sys.argv[1])\n"
+                          "os.execv(sys.argv[2], sys.argv[2:])\n")
+
+
 def stop_web_as(sock: Path, login_uid: int | None, sudo_user: str | None) -> None:
     """StopAgent from a root child whose kernel login uid is ``login_uid`` (as PAM sets it at login) and whose
     environment claims ``SUDO_USER``."""
-    def set_login_uid() -> None:
-        if login_uid is not None:
-            with open("/proc/self/loginuid", "w") as f:
-                f.write(str(login_uid))
-
     env = {k: v for k, v in os.environ.items() if k != "SUDO_USER"}
     if sudo_user is not None:
         env["SUDO_USER"] = sudo_user
-    subprocess.run([PY, "-c", STOP_WEB, str(sock)], cwd=ROOT, env=env, preexec_fn=set_login_uid, check=True,
-                   timeout=60)
+    argv = [PY, "-c", STOP_WEB, str(sock)]
+    if login_uid is not None:
+        # the child sets its login uid, then execs the call: a preexec_fn runs Python in a fork of this threaded
+        # process (such a child was once aborted by gRPC's poller)
+        argv = [PY, "-c", SET_LOGIN_UID_AND_EXEC, str(login_uid), *argv]
+    subprocess.run(argv, cwd=ROOT, env=env, check=True, timeout=60)
 
 
 @pytest.mark.e2e
@@ -202,7 +211,7 @@ def test_a_tls_client_is_recorded_by_its_certificate_identity_allowed_or_refused
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     sup.wait_agent("web", "running")  # the refused stop did nothing
 
-    ok, refused = records(sup.state_dir)
+    ok, refused = written_records(sup.state_dir, 2)
     assert (ok.call, ok.outcome, ok.caller.kind) == ("RestartAgent", "ok", "tls")
     assert ALLOWED in ok.caller.identity and ok.caller.address.startswith("127.0.0.1:")
     assert (refused.call, refused.outcome, refused.code) == ("StopAgent", "refused", "PERMISSION_DENIED")

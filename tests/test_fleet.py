@@ -26,6 +26,9 @@ from tests.manager_fixtures import (
 )
 
 LEASE = ("--rollout-lease", "2")
+# A canary's health window when a CLI call (pause, cancel) must land while it runs: longer than such a call takes
+# on a loaded machine (with 1.5 to 2 s the canary finished first and the next batch was pushed).
+CANARY_WINDOW_S = 6.0
 
 
 def fleet(make_supervisor: Callable[..., SupervisorProc], release: Release, managers: list[ManagerProc],
@@ -46,7 +49,9 @@ def fleet(make_supervisor: Callable[..., SupervisorProc], release: Release, mana
 
 
 def rollout(manager: ManagerProc, rollout_id: str) -> dict[str, Any]:
-    return next(r for r in json.loads(manager.cli("rollouts", "--json").stdout) if r["id"] == rollout_id)
+    """The fields of ``rollouts --json`` these tests read, polled in-process (``ManagerProc.rollout``)."""
+    r = manager.rollout(rollout_id)
+    return {"state": r.state, "progress": r.progress, "owner": r.owner}
 
 
 def steps(manager: ManagerProc, rollout_id: str) -> dict[str, str]:
@@ -122,7 +127,7 @@ def test_pause_lets_the_running_update_finish_and_pushes_nothing_new_until_resum
         make_manager, make_supervisor, release):
     manager = make_manager()
     hosts = fleet(make_supervisor, release, [manager], {f"node-{i}": {} for i in (1, 2, 3)},
-                  update={"health_window_s": 1.5})
+                  update={"health_window_s": CANARY_WINDOW_S})
     pkg = signed(release.build("1.1.0"))
     rollout_id = submit(manager, "--all", "--canary", "1", "--batch-size", "2", *package_args(pkg))
     wait_for(lambda: steps(manager, rollout_id)["node-1"] == "running", 30, interval=0.1, what="the canary")
@@ -146,7 +151,7 @@ def test_cancel_stops_new_pushes_asks_the_running_node_to_cancel_and_records_eac
         make_manager, make_supervisor, release):
     manager = make_manager()
     hosts = fleet(make_supervisor, release, [manager], {f"node-{i}": {} for i in (1, 2, 3)},
-                  update={"health_window_s": 2.0})
+                  update={"health_window_s": CANARY_WINDOW_S})
     pkg = signed(release.build("1.1.0"))
     rollout_id = submit(manager, "--all", "--canary", "1", "--batch-size", "2", *package_args(pkg))
     wait_for(lambda: steps(manager, rollout_id)["node-1"] == "running", 30, interval=0.1, what="the canary")

@@ -163,3 +163,22 @@ def test_what_the_backend_sent_before_closing_reaches_the_client_though_a_write_
     finally:
         server.close()
         listener.close()
+
+
+def test_a_group_socket_at_the_longest_path_a_unix_socket_takes_is_bound_with_its_group(tmp_path: Path):
+    import grp
+    import os
+    import stat
+
+    from supervisor.front import bind_unix
+
+    longest = 107  # sun_path's 108 bytes with the terminating NUL
+    name = "supervisor.sock"
+    pad = longest - len(str(tmp_path)) - len(name) - 2
+    assert pad > 0, tmp_path
+    path = tmp_path / ("d" * pad) / name
+    assert len(str(path)) == longest
+    bind_unix(path, "nogroup").close()
+    st = os.lstat(path)
+    assert stat.S_ISSOCK(st.st_mode) and st.st_gid == grp.getgrnam("nogroup").gr_gid
+    assert [p.name for p in path.parent.iterdir()] == [name], "no private bind directory left"

@@ -4,8 +4,8 @@ for a package and never read, that send half a request, or that connect and say 
 server of ``supervisor update --package``.
 
 The servers here take short bounds (``LIMITS``, given to ``baton-manager serve`` as its ``--http-*`` flags and to
-``serve_file``), so that the attacks are waited out in seconds rather than the defaults' minutes; the supervisor's
-/metrics keeps the defaults (it has no such setting)."""
+``serve_file``, and to a supervisor's /metrics as its ``[metrics] http_*`` keys), so that the attacks are waited
+out in seconds rather than the defaults' minutes."""
 
 from __future__ import annotations
 
@@ -171,7 +171,7 @@ def test_a_client_that_never_reads_the_local_package_file_gives_way_to_the_helpe
         assert all(closed_by_server(s, LIMITS.idle_timeout_s + 5) for s in attackers)
 
 
-def idle_connections_do_not_stop_a_request(port: int, path: str, limits: HttpLimits = LIMITS) -> None:
+def idle_connections_do_not_stop_a_request(port: int, path: str) -> None:
     """More idle connections than the server has threads: a genuine request is answered at once, and every
     idle one is closed after the head timeout."""
     with sockets() as idle:
@@ -189,8 +189,8 @@ def idle_connections_do_not_stop_a_request(port: int, path: str, limits: HttpLim
         finally:
             conn.close()
         waited = time.monotonic() - started
-        assert waited < min(5, limits.head_timeout_s), "answered without waiting for an idle connection's timeout"
-        assert all(closed_by_server(s, limits.head_timeout_s + 5) for s in idle)
+        assert waited < min(5, LIMITS.head_timeout_s), "answered without waiting for an idle connection's timeout"
+        assert all(closed_by_server(s, LIMITS.head_timeout_s + 5) for s in idle)
 
 
 @pytest.mark.e2e
@@ -216,10 +216,12 @@ def test_idle_connections_beyond_the_bound_do_not_stop_a_read_of_the_web_page(
 @pytest.mark.e2e
 def test_idle_connections_beyond_the_bound_do_not_stop_a_scrape_of_the_supervisors_metrics(make_supervisor) -> None:
     port = free_port()
-    sup = make_supervisor([], extra={"metrics": {"listen": f"127.0.0.1:{port}"}})
+    sup = make_supervisor([], extra={"metrics": {"listen": f"127.0.0.1:{port}",
+                                                 "http_head_timeout_s": LIMITS.head_timeout_s,
+                                                 "http_idle_timeout_s": LIMITS.idle_timeout_s}})
     sup.start()
     wait_for(lambda: port_open(port), 20, what="the metrics endpoint")
-    idle_connections_do_not_stop_a_request(port, "/metrics", HttpLimits())
+    idle_connections_do_not_stop_a_request(port, "/metrics")
     assert sup.proc is not None and sup.proc.poll() is None
 
 

@@ -167,6 +167,21 @@ def test_a_non_loopback_metrics_address_is_accepted_with_allow_remote():
     assert cfg.metrics.address == ("0.0.0.0", 9464)
 
 
+@pytest.mark.parametrize("key", ["http_head_timeout_s", "http_idle_timeout_s"])
+def test_a_metrics_http_bound_of_zero_is_refused_naming_the_key(key):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"node": {"id": "n"}, "grpc": {"unix_socket": "/run/x.sock"},
+                          "metrics": {"listen": "127.0.0.1:9464", key: 0}})
+    assert str(e.value) == f"metrics.{key}: must be greater than 0"
+
+
+def test_the_metrics_http_bounds_default_to_every_endpoints_own():
+    from baton.bounded_http import HttpLimits
+
+    m = config_from_dict({"node": {"id": "n"}, "grpc": {"unix_socket": "/run/x.sock"}}).metrics
+    assert (m.http_head_timeout_s, m.http_idle_timeout_s) == (HttpLimits.head_timeout_s, HttpLimits.idle_timeout_s)
+
+
 @pytest.mark.e2e
 def test_check_config_refuses_a_malformed_metrics_listen_in_one_line(tmp_path):
     path = tmp_path / "s.toml"

@@ -113,7 +113,9 @@ def test_a_fatal_agents_escape_sequences_are_printed_escaped_by_supervisor_statu
 
 
 def test_status_name_shows_every_field_of_one_agent_and_the_end_of_its_log(make_supervisor):
-    sup = make_supervisor([agent("web", "ready_agent.py", notify=True, backoff_initial_s=0.2),
+    # A heartbeat a minute: the end of the log is still its start when status runs, however long that takes
+    # (with 5 a second, a status on a loaded machine showed ten ticks and no start).
+    sup = make_supervisor([agent("web", "ready_agent.py", notify=True, backoff_initial_s=0.2, env={"TICK_S": "60"}),
                            agent("other", "ready_agent.py")]).start()
     first = sup.wait_agent("web", "running")
     os.kill(first.pid, signal.SIGKILL)

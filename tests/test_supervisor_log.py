@@ -8,10 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import PY, ROOT, agent
+from tests.conftest import PY, ROOT, agent, wait_for
 
 pytestmark = pytest.mark.e2e  # every test here starts a process
 
@@ -34,13 +35,27 @@ def test_log_shows_the_last_lines_of_the_running_supervisors_log(make_supervisor
     assert lines == whole[-3:]
 
 
+def reads_at_end(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path`` open with its offset at the file's end (/proc/PID/fdinfo)."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != str(path):
+                continue
+            info = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines())
+            return int(info["pos"]) == path.stat().st_size
+        except OSError:
+            continue
+    return False
+
+
 def test_log_follow_prints_what_the_supervisor_logs_after_it_started(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py")]).start()
     pid = sup.wait_agent("web", "running").pid
     follower = subprocess.Popen([PY, "-m", "supervisor", "log", "-f", "-n", "0", "--config", str(sup.config_path)],
                                 stdout=subprocess.PIPE, cwd=ROOT)
     try:
-        time.sleep(1.0)  # it has opened the file and read to its end
+        wait_for(lambda: reads_at_end(follower.pid, sup.state_dir / "logs" / "supervisor.log"), 30,
+                 what="the follower to reach the end of the log")
         os.kill(pid, signal.SIGKILL)
         seen = b""
         deadline = time.monotonic() + 20
@@ -73,7 +88,9 @@ def test_log_follow_goes_on_into_the_new_file_after_a_rotation(make_supervisor):
     follower = subprocess.Popen([PY, "-m", "supervisor", "log", "-f", "-n", "0", "--config", str(sup.config_path)],
                                 stdout=subprocess.PIPE, cwd=ROOT)
     try:
-        time.sleep(1.0)
+        # from its end, which it must have reached before the line is written (with -n 0 a line before is not
+        # shown): a fixed second was too short for a follower starting on a loaded machine
+        wait_for(lambda: reads_at_end(follower.pid, path), 30, what="the follower to reach the end of the log")
         with open(path, "ab") as f:
             f.write(b"last line of the old file\n")
         os.replace(path, path.with_name("supervisor.log.1"))  # what the rotation does, then a new file

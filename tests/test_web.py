@@ -33,7 +33,7 @@ from tests.manager_fixtures import (
     port_open,
     signed,
 )
-from tests.test_fleet import fleet, steps, submit
+from tests.test_fleet import CANARY_WINDOW_S, fleet, steps, submit
 
 pytestmark = pytest.mark.e2e  # every test here starts a process
 
@@ -101,7 +101,7 @@ def test_the_page_shows_a_paused_rollout_move_from_pending_to_succeeded_after_re
         make_manager, make_supervisor, release: Release, browser: webdriver.Chrome):
     manager, web = web_manager(make_manager)
     hosts = fleet(make_supervisor, release, [manager], {"node-1": {"role": "web"}, "node-2": {"role": "web"}},
-                  update={"health_window_s": 1.5})
+                  update={"health_window_s": CANARY_WINDOW_S})
     pkg = signed(release.build("1.1.0"))
     rollout_id = submit(manager, "--all", "--canary", "1", "--batch-size", "1", "--as", "alice", *package_args(pkg))
     wait_for(lambda: steps(manager, rollout_id)["node-1"] == "running", 30, interval=0.1, what="the canary")

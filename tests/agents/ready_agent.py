@@ -7,6 +7,7 @@ import sys
 import time
 
 delay = float(os.environ.get("READY_DELAY", "0"))
+tick_s = float(os.environ.get("TICK_S", "0.2"))  # between heartbeats
 stop = False
 
 
@@ -30,6 +31,8 @@ n = 0
 while not stop:
     n += 1
     print(f"tick {n}", flush=True)
-    time.sleep(0.2)
+    next_tick = time.monotonic() + tick_s
+    while not stop and time.monotonic() < next_tick:
+        time.sleep(min(0.2, tick_s))  # a SIGTERM is seen within 0.2 s, however long between ticks
 print("ready_agent stopping", flush=True)
 sys.exit(0)
