@@ -170,7 +170,7 @@ def test_a_group_socket_at_the_longest_path_a_unix_socket_takes_is_bound_with_it
     import os
     import stat
 
-    from supervisor.front import bind_unix
+    from baton.front import bind_unix
 
     longest = 107  # sun_path's 108 bytes with the terminating NUL
     name = "supervisor.sock"
