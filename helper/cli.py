@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from baton.config import SUPERVISOR_COMPONENT, Config, ConfigError, load_config
 from baton.errors import BatonError
+from baton.standby import FLAG as STANDBY_FLAG
 from baton.startup import loading
 
 if TYPE_CHECKING:
@@ -58,11 +59,22 @@ def _control(socket: Path) -> SupervisorControl:
 
 
 def cmd_apply(ns: argparse.Namespace) -> int:
+    stamp = _standby_stamp() if ns.standby else ""  # before the imports: code changed under them shows as changed
     with loading():
         from baton.journal import Journal
         from helper.locks import ComponentBusy, ComponentLock
         from helper.machine import UpdateRun
 
+        if ns.standby:  # what an update needs later, loaded while nobody waits (_control's client)
+            import helper.control  # noqa: F401
+    if ns.standby:
+        from helper.standby import take_output, wait_for_job
+
+        started_with = _load(ns.config)  # where to connect and log; the update reads the file afresh below
+        ns.update_id = wait_for_job(started_with.run_dir, stamp)
+        if ns.update_id is None:
+            return 0
+        take_output(Journal(started_with.node.state_dir).dir(ns.update_id) / "helper.log")
     _setup_logging(ns.json)
     cfg = _load(ns.config)
     journal = Journal(cfg.node.state_dir)
@@ -87,6 +99,12 @@ def cmd_apply(ns: argparse.Namespace) -> int:
         return EXIT_BUSY
     print(f"update {final.update_id}: {final.state.value}" + (f": {final.error}" if final.error else ""))
     return 0 if final.success else EXIT_FAILED
+
+
+def _standby_stamp() -> str:
+    from baton.standby import code_stamp
+
+    return code_stamp()
 
 
 def cmd_verify(ns: argparse.Namespace) -> int:
@@ -170,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd")
     a = sub.add_parser("apply", help="carry out or resume one update (started by the supervisor)")
     a.add_argument("--config", "-c", dest="config", default=argparse.SUPPRESS)
-    a.add_argument("--update-id", required=True)
+    job = a.add_mutually_exclusive_group(required=True)
+    job.add_argument("--update-id")
+    job.add_argument(STANDBY_FLAG, dest="standby", action="store_true",
+                     help="load first, then wait for the supervisor to hand over an update id (baton/standby.py)")
     a.add_argument("--socket", help="the supervisor's control socket (default: <state_dir>/run/control.sock)")
     a.add_argument("--json", action="store_true", help="log JSON lines")
     a.set_defaults(fn=cmd_apply)

@@ -19,6 +19,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -39,13 +40,18 @@ from baton.journal import (
 from baton.layout import ComponentLayout
 from baton.log import logger
 from baton.pb import common_pb2, daemon_pb2
+from baton.standby import FLAG as STANDBY_FLAG
 from baton.states import PRE_SWITCH, UpdateState
 from baton.strict_modes import log_opener
 from supervisor import systemd
 from supervisor.agents import reap
 from supervisor.dirwatch import watch_dir
 from supervisor.install_self import helper_command, running_from_layout
+from supervisor.standby import Standby
 from supervisor.update_totals import UpdateTotals
+
+if TYPE_CHECKING:
+    import psutil
 
 MAX_HELPER_STARTS = 5
 RESPAWN_DELAY_S = 0.5
@@ -53,6 +59,7 @@ WATCH_POLL_S = 0.1
 HELPER_EXIT_WAIT_S = 5.0
 HELPER_ANNOUNCE_S = 15.0
 CANCEL_WAIT_S = 5.0
+STANDBY_START_DELAY_S = 1.0
 
 _STATE_PB = {s: getattr(common_pb2, f"UPDATE_STATE_{s.name}") for s in UpdateState}
 
@@ -134,12 +141,17 @@ class UpdateManager:
         self.starts: dict[str, int] = {}
         self._loop = asyncio.get_running_loop()
         self._waiters: set[asyncio.Event] = set()  # one per WatchUpdate stream or CancelUpdate call
+        self.standby: Standby | None = None  # a helper loaded ahead of time (supervisor/standby.py)
+        self._units = 0
 
     # ---- start-up ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Resume every update a killed helper or supervisor left unfinished; prune old settled records."""
         self.prune_journal()
+        if self.cfg.update.standby_helper:
+            self.standby = Standby(self.cfg.run_dir, lambda: self._helper_argv([STANDBY_FLAG]), self._in_unit)
+            self.standby.start()
         for rec in self.journal.unfinished():
             self.active[rec.component] = rec.update_id
             if self._watch_running_helper(rec):
@@ -147,6 +159,13 @@ class UpdateManager:
             logger.warning("update {} of {} is unfinished ({}); starting a helper to finish it",
                            rec.update_id, rec.component, rec.state.value)
             self._spawn(rec.update_id)
+        if self.standby is not None:  # a moment after start: the supervisor's own start-up is not slowed by it
+            self._loop.call_later(STANDBY_START_DELAY_S, self._refill_standby)
+
+    def _refill_standby(self) -> None:
+        """A standby for the next update, once no helper runs (its start would take an update's CPU)."""
+        if self.standby is not None and not self.helpers:
+            self.standby.refill()
 
     def _watch_running_helper(self, rec: UpdateRecord) -> bool:
         """A helper that outlived the previous supervisor process (a self-update's) is watched, not doubled."""
@@ -156,7 +175,7 @@ class UpdateManager:
 
         try:
             proc = psutil.Process(rec.helper_pid)
-            alive = proc.status() != psutil.STATUS_ZOMBIE and rec.update_id in proc.cmdline()
+            alive = proc.status() != psutil.STATUS_ZOMBIE and _runs(proc, rec)
             pidfd = os.pidfd_open(rec.helper_pid) if alive else -1
         except (psutil.Error, ProcessLookupError):
             return False
@@ -303,7 +322,7 @@ class UpdateManager:
 
         try:
             proc = psutil.Process(rec.helper_pid)
-            if proc.status() != psutil.STATUS_ZOMBIE and rec.update_id in proc.cmdline():
+            if proc.status() != psutil.STATUS_ZOMBIE and _runs(proc, rec):
                 os.kill(rec.helper_pid, CANCEL_SIGNAL)
         except (psutil.Error, ProcessLookupError, PermissionError):
             pass
@@ -408,11 +427,17 @@ class UpdateManager:
         if self.cfg.source is None:
             logger.error("update {}: cannot start a helper without a config file", update_id)
             return
+        handed = self.standby.take(update_id) if self.standby is not None else None
+        if handed is not None:  # started and loaded before the push: its start is not in the update's time
+            helper = HelperProcess(update_id, handed.popen, handed.pid, handed.pidfd)
+            self.helpers[update_id] = helper
+            self._loop.add_reader(helper.pidfd, self._helper_exited, helper)
+            logger.info("update {}: standby helper pid {} took it (start {})", update_id, handed.pid, n)
+            return
         log_path = self.journal.dir(update_id) / "helper.log"
-        argv = [*helper_command(), "apply", "--config", str(self.cfg.source), "--update-id",
-                update_id, "--socket", str(self.cfg.control_socket)]
-        if systemd.under_systemd() and _which("systemd-run"):
-            argv = systemd.transient_unit_argv(f"baton-helper-{update_id}-{n}", log_path, argv)
+        argv = self._helper_argv(["--update-id", update_id])
+        assert argv is not None  # a config file, checked above
+        argv = self._in_unit(argv, log_path, f"baton-helper-{update_id}-{n}")
         with open(log_path, "ab", opener=log_opener) as log:
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True, close_fds=True)
@@ -422,6 +447,22 @@ class UpdateManager:
         self._loop.add_reader(helper.pidfd, self._helper_exited, helper)
         logger.info("update {}: helper pid {} started (start {})", update_id, popen.pid, n)
 
+    def _helper_argv(self, job: list[str]) -> list[str] | None:
+        """``helper apply`` for a job (``--update-id ID``, or ``--standby``); None without a config file."""
+        if self.cfg.source is None:
+            return None
+        return [*helper_command(), "apply", "--config", str(self.cfg.source), *job,
+                "--socket", str(self.cfg.control_socket)]
+
+    def _in_unit(self, argv: list[str], log_path: Path, unit: str = "") -> list[str]:
+        """Under systemd, ``argv`` in a transient unit of its own (docs/handover.md, "Under systemd")."""
+        if not (systemd.under_systemd() and _which("systemd-run")):
+            return argv
+        if not unit:
+            self._units += 1
+            unit = f"baton-helper-standby-{os.getpid()}-{self._units}"
+        return systemd.transient_unit_argv(unit, log_path, argv)
+
     def _helper_exited(self, helper: HelperProcess) -> None:
         self._loop.remove_reader(helper.pidfd)
         status = reap(helper.pidfd)
@@ -429,6 +470,7 @@ class UpdateManager:
         if helper.popen is not None:
             helper.popen.returncode = status if status is not None else -1
         self.helpers.pop(helper.update_id, None)
+        self._refill_standby()
         if helper.transient_unit and status == 0:
             self._loop.create_task(self._find_unit_helper(helper.update_id))
             return
@@ -494,7 +536,10 @@ class UpdateManager:
         return [h.pid for h in self.helpers.values()]
 
     async def stop(self) -> None:
-        """Stop watching; running helpers carry on in their own sessions."""
+        """Stop watching; running helpers carry on in their own sessions, a waiting standby exits."""
+        if self.standby is not None:
+            self.standby.close()
+            self.standby = None
         for h in list(self.helpers.values()):
             self._loop.remove_reader(h.pidfd)
             os.close(h.pidfd)
@@ -539,6 +584,19 @@ class UpdateManager:
             return
         if removed:
             logger.info("pruned {} settled update record(s) from the journal: {}", len(removed), ", ".join(removed))
+
+
+def _runs(proc: psutil.Process, rec: UpdateRecord) -> bool:
+    """Whether the live process ``proc`` is the helper ``rec`` journaled (a pid alone may have been reused).
+
+    A helper started for the update has its id in its command line; a standby that took it has ``--standby``
+    there instead, and must have started before its pid was journaled (``updated_at`` is at or after that
+    write; a second for /proc/stat's whole-second boot time).
+    """
+    cmdline = proc.cmdline()
+    if rec.update_id in cmdline:
+        return True
+    return STANDBY_FLAG in cmdline and "apply" in cmdline and proc.create_time() <= rec.updated_at + 1.0
 
 
 def _which(name: str) -> str | None:
