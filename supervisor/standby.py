@@ -75,6 +75,9 @@ class Standby:
     def ready_pid(self) -> int | None:
         return self._ready[1].pid if self._ready is not None else None
 
+    def child_pids(self) -> list[int]:
+        return list(self._children)
+
     def start(self) -> None:
         sock = bind_unix(self.path)
         st = os.stat(self.path)

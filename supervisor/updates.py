@@ -533,7 +533,8 @@ class UpdateManager:
         self._spawn(update_id)
 
     def helper_pids(self) -> list[int]:
-        return [h.pid for h in self.helpers.values()]
+        """Our helpers' pids and the standby's children: processes the supervisor reaps through a pidfd."""
+        return [h.pid for h in self.helpers.values()] + (self.standby.child_pids() if self.standby else [])
 
     async def stop(self) -> None:
         """Stop watching; running helpers carry on in their own sessions, a waiting standby exits."""
