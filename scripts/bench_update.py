@@ -360,8 +360,10 @@ def run(ctx: Ctx) -> Section:
     projected = m_spawned + (slow_start - 1) * everything
     s.add(f"- On a machine where the interpreter's start and these imports take {slow_start:g}x as long (the "
           f"{fmt_s(everything)} above), a spawned helper's update would take about {fmt_s(projected)}, "
-          f"{fmt_x(m_hand / projected)} the script's time measured here; the standby helper's update has none of "
-          f"that start on its path ({fmt_s(m_ours)}, {fmt_x(ratio)}). What the standby costs instead is its "
+          f"{fmt_x(projected / m_hand)} the script's time measured here (goal: at most 1.5x); the standby helper's "
+          f"update has none of that start on its path: {fmt_s(m_ours)}, {fmt_x(m_ours / m_hand)} the script's "
+          "time (its remaining start, the config read, the request re-checked and the keys loaded, would grow "
+          f"by half of the {part(ours_parts['helper start'])} above). What the standby costs instead is its "
           f"memory while it waits: VmRSS {_mib_spread(standby_rss['VmRSS'])} (Pss "
           f"{_mib_spread(standby_rss['Pss'])}: its share of pages it has in common with the supervisor and "
           "other Python processes), measured at each run's start; and it is started again after each update, once "
