@@ -84,6 +84,8 @@ class Standby:
         self._inode = (st.st_dev, st.st_ino)
         sock.setblocking(False)
         self._listener = sock
+        with open(self.run_dir / LOG_NAME, "ab", opener=log_opener):
+            pass  # there from the start, as the socket is: the run directory does not change a second later
         self._loop.add_reader(sock.fileno(), self._accept)
 
     def close(self) -> None:

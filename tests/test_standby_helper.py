@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -17,7 +16,8 @@ import psutil
 import pytest
 
 from baton.standby import FLAG, socket_path
-from tests.conftest import ROOT, SupervisorProc, wait_for
+from tests.conftest import ROOT, wait_for
+from tests.standby_wait import ready_standby
 
 pytestmark = pytest.mark.e2e  # every test here starts a process
 
@@ -38,20 +38,6 @@ except OSError:  # EPIPE or ECONNRESET: hung up on even sooner
     got = b""
 print(json.dumps({"got": got.decode(errors="replace")}))
 """
-
-
-def ready_standby(sup: SupervisorProc, not_pid: int = 0, timeout: float = 30) -> psutil.Process:
-    """The standby the supervisor says is ready (not ``not_pid``), as a process."""
-
-    def ready() -> psutil.Process | None:
-        pids = [int(p) for p in re.findall(r"standby helper pid (\d+) is ready", sup.stdout_path.read_text())]
-        pids = [p for p in pids if p != not_pid]
-        if not pids or not psutil.pid_exists(pids[-1]):
-            return None
-        proc = psutil.Process(pids[-1])
-        return proc if FLAG in proc.cmdline() else None
-
-    return wait_for(ready, timeout, interval=0.05, what="a standby helper to be ready")
 
 
 def gone(pid: int) -> bool:
