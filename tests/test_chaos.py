@@ -226,6 +226,7 @@ class Chaos:
             assert counts.get(r.update_id) == 1, f"update {r.update_id} reported {counts.get(r.update_id, 0)} times"
 
 
+@pytest.mark.standby_helper  # the production default: its supervisor keeps a standby helper
 @pytest.mark.timeout(ROUND_LIMIT_S * ROUNDS + 120)
 def test_chaos_rounds_keep_every_invariant(make_self_host, release, tmp_path):
     rng = random.Random(SEED)

@@ -22,7 +22,6 @@ from baton.journal import JOURNAL_FILE, Journal, UpdateRecord, UpdateRequestReco
 from baton.pb import daemon_pb2
 from baton.states import UpdateState
 from tests.conftest import UpdateHost, install_version, snapshot_tree, wait_for
-from tests.standby_wait import ready_standby
 
 pytestmark = pytest.mark.e2e  # every test here starts a process
 
@@ -38,7 +37,6 @@ def _host(make_supervisor, release, update: dict) -> UpdateHost:
 def _started(host: UpdateHost) -> UpdateHost:
     host.sup.start()
     host.sup.wait_agent("app", "running")
-    ready_standby(host.sup)  # its start is logged: after it, nothing writes to the state directory unasked
     return host
 
 

@@ -19,7 +19,8 @@ from baton.standby import FLAG, socket_path
 from tests.conftest import ROOT, wait_for
 from tests.standby_wait import ready_standby
 
-pytestmark = pytest.mark.e2e  # every test here starts a process
+# every test here starts a process; the fixtures' supervisors keep no standby unless asked (tests/conftest.py)
+pytestmark = [pytest.mark.e2e, pytest.mark.standby_helper]
 
 SYSTEM_PY = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else "python3"
 AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
