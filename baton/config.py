@@ -141,6 +141,7 @@ class UpdateConfig:
     file_url_root: Path | None = None  # file:// download URLs are refused unless they name a file beneath it
     keep_updates: int = 100  # final update records kept in the journal (newest first), once reported
     keep_updates_days: float = 30.0  # and none older than this, once reported
+    standby_helper: bool = True  # keep a helper started and loaded for the next update (baton/standby.py)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 from baton import layout
 from baton.config import SUPERVISOR_COMPONENT, Config, ConfigError, load_config
 from baton.errors import BatonError
+from baton.standby import FLAG as STANDBY_FLAG
 from baton.startup import loading
 
 DEFAULT_CONFIG = str(layout.DEFAULT_CONFIG)
@@ -42,11 +43,22 @@ def _load(path: str) -> Config:
 
 
 def cmd_apply(ns: argparse.Namespace) -> int:
+    stamp = _standby_stamp() if ns.standby else ""  # before the imports: code changed under them shows as changed
     with loading():
         from baton.journal import Journal
         from helper.locks import ComponentBusy, ComponentLock
         from helper.wiring import update_run
 
+        if ns.standby:  # loaded while nobody waits: the supervisor client wiring makes when an update needs it
+            import helper.control  # noqa: F401
+    if ns.standby:
+        from helper.standby import take_output, wait_for_job
+
+        started_with = _load(ns.config)  # where to connect and log; the update reads the file afresh below
+        ns.update_id = wait_for_job(started_with.run_dir, stamp)
+        if ns.update_id is None:
+            return 0
+        take_output(Journal(started_with.node.state_dir).dir(ns.update_id) / "helper.log")
     _setup_logging(ns.json)
     cfg = _load(ns.config)
     journal = Journal(cfg.node.state_dir)
@@ -64,6 +76,12 @@ def cmd_apply(ns: argparse.Namespace) -> int:
         return EXIT_BUSY
     print(f"update {final.update_id}: {final.state.value}" + (f": {final.error}" if final.error else ""))
     return 0 if final.success else EXIT_FAILED
+
+
+def _standby_stamp() -> str:
+    from baton.standby import code_stamp
+
+    return code_stamp()
 
 
 def cmd_verify(ns: argparse.Namespace) -> int:
@@ -147,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd")
     a = sub.add_parser("apply", help="carry out or resume one update (started by the supervisor)")
     a.add_argument("--config", "-c", dest="config", default=argparse.SUPPRESS)
-    a.add_argument("--update-id", required=True)
+    job = a.add_mutually_exclusive_group(required=True)
+    job.add_argument("--update-id")
+    job.add_argument(STANDBY_FLAG, dest="standby", action="store_true",
+                     help="load first, then wait for the supervisor to hand over an update id (baton/standby.py)")
     a.add_argument("--socket", help="the supervisor's control socket (default: <state_dir>/run/control.sock)")
     a.add_argument("--json", action="store_true", help="log JSON lines")
     a.set_defaults(fn=cmd_apply)

@@ -32,6 +32,8 @@ from benchlib import (
     yes_no,
 )
 
+from baton.standby import FLAG as STANDBY_FLAG
+
 NAME = "supervision"
 TITLE = "5. Supervision"
 AGENT_COMMAND = ["/bin/sleep", "100000"]
@@ -47,6 +49,7 @@ class Figures:
     restart: list[float] = field(default_factory=list)  # SIGKILL of an agent to its replacement process
     idle_cpu: list[float] = field(default_factory=list)  # percent of one CPU
     rss_kib: list[int] = field(default_factory=list)
+    standby_rss_kib: list[int] = field(default_factory=list)  # Baton's standby helper, once it is loaded
     all_respawned: list[float] = field(default_factory=list)  # every agent SIGKILLed at once to n new processes
     all_running: list[float] = field(default_factory=list)  # ... to n agents reported RUNNING again
     stop: list[float] = field(default_factory=list)  # SIGTERM to exit, every agent stopped
@@ -164,7 +167,7 @@ def measure(ctx: Ctx, system: System, n: int, run_index: int, kills: int, idle_s
     t0 = time.perf_counter()
     system.start()
     pid = system.proc.pid
-    wait_for(lambda: len(children(pid)) >= n, 60, interval=0.002, what=f"{n} {system.label} agents to be spawned")
+    wait_for(lambda: len(agents_of(pid)) >= n, 60, interval=0.002, what=f"{n} {system.label} agents to be spawned")
     fig.spawned.append(time.perf_counter() - t0)
     wait_for(lambda: system.count_running() == n, 60, interval=0.02, what=f"{n} {system.label} agents to run")
     fig.running.append(time.perf_counter() - t0)
@@ -175,16 +178,19 @@ def measure(ctx: Ctx, system: System, n: int, run_index: int, kills: int, idle_s
     c1, w1 = proc_cpu_ns(pid), time.perf_counter()
     fig.idle_cpu.append(100 * (c1 - c0) / 1e9 / (w1 - w0))
     fig.rss_kib.append(proc_status_kib(pid, "VmRSS"))
+    standby = [c for c in children(pid) if _is_standby(c)]
+    if standby:  # Baton's helper loaded ahead of the next update (baton/standby.py)
+        fig.standby_rss_kib.append(proc_status_kib(standby[0], "VmRSS"))
 
     for k in range(kills):
         name = _name((run_index * kills + k) % n)
         victim = system.agent_pid(name)
-        before = children(pid)
+        before = agents_of(pid)
         t_kill = time.perf_counter()
         os.kill(victim, signal.SIGKILL)
         deadline = t_kill + 10
         while time.perf_counter() < deadline:
-            if children(pid) - before:
+            if agents_of(pid) - before:
                 fig.restart.append(time.perf_counter() - t_kill)
                 break
             time.sleep(0.0005)
@@ -204,16 +210,29 @@ def measure(ctx: Ctx, system: System, n: int, run_index: int, kills: int, idle_s
             os.kill(p, signal.SIGKILL)
 
 
+def _is_standby(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return STANDBY_FLAG.encode() in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def agents_of(pid: int) -> set[int]:
+    """The supervisor's children but Baton's standby helper: its agents."""
+    return {c for c in children(pid) if not _is_standby(c)}
+
+
 def kill_all(system: System, n: int, fig: Figures) -> None:
     """SIGKILL every agent at once: time to n replacement processes, and to n agents reported running again."""
     pid = system.proc.pid
-    before = children(pid)
+    before = agents_of(pid)
     t_kill = time.perf_counter()
     for victim in before:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
     deadline = t_kill + 30
-    while len(children(pid) - before) < n:
+    while len(agents_of(pid) - before) < n:
         if time.perf_counter() > deadline:
             raise TimeoutError(f"{system.label} did not replace all {n} agents within 30 s")
         time.sleep(0.0005)
@@ -246,6 +265,8 @@ def run(ctx: Ctx) -> Section:
     def mib(xs: list[float]) -> str:
         return fmt_mib(median(xs))
 
+    both = ([a + c for a, c in zip(b.rss_kib, b.standby_rss_kib, strict=True)]
+            if len(b.standby_rss_kib) == len(b.rss_kib) else [])  # a run without a standby ready counts none
     sec = Section(NAME, TITLE)
     sec.add(f"{n} agents, each `{' '.join(AGENT_COMMAND)}` (the same trivial program for both: no interpreter "
             f"start-up to dominate), `restart = always` / `autorestart=true`, considered running after "
@@ -273,6 +294,11 @@ def run(ctx: Ctx) -> Section:
          fmt_x(median(s_.idle_cpu) / median(b.idle_cpu)) if median(b.idle_cpu) else "n/a"),
         ("resident memory (VmRSS) of the supervisor process", mib(b.rss_kib), mib(s_.rss_kib),
          fmt_x(median(s_.rss_kib) / median(b.rss_kib))),
+        ("... and of its standby helper, a process of its own loaded for the next update (README)",
+         mib(b.standby_rss_kib) if b.standby_rss_kib else "n/a", "—", ""),
+        ("... the supervisor and its standby helper together",
+         mib(both) if both else "n/a", mib(s_.rss_kib),
+         fmt_x(median(s_.rss_kib) / median(both)) if both else "n/a"),
         row(f"SIGTERM to exit with {n} agents stopped", b.stop, s_.stop),
     ]), "")
     notes = []

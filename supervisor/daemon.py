@@ -34,6 +34,7 @@ from baton.front import SERVER_OPTIONS, Front, UnixPeerPolicy, bind_tcp, bind_un
 from baton.log import logger
 from baton.pb import daemon_pb2_grpc
 from baton.serving import SERVICE_NAME
+from baton.standby import FLAG as STANDBY_FLAG
 from baton.states import AgentState
 from baton.strict_modes import make_dirs
 from baton.tls import server_tls
@@ -46,7 +47,9 @@ from supervisor.audit import AuditInterceptor, AuditTrail, Callers
 from supervisor.clock import keep_clock_record, try_record_clock
 from supervisor.daemon_service import DaemonService, agent_info
 from supervisor.handover import ReceivedState
+from supervisor.own_layout import helper_argv
 from supervisor.processes import AioFilesReader, LoopClock, PosixProcesses, SubprocessHelpers
+from supervisor.standby import Standby
 from supervisor.updates import UpdateManager
 from supervisor.version import supervisor_version
 
@@ -132,10 +135,15 @@ class Supervisor:
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         # The drivers' collaborators (supervisor/ports.py): the real ones, built here and nowhere else.
         processes, clock = PosixProcesses(), LoopClock()
+        helpers = SubprocessHelpers(processes)
         self.pm = ProcessManager(cfg, self._agent_changed, processes=processes, clock=clock)
         self.agent_socket = AgentSocket(self.pm, self.audit, agent_channel.socket_path(cfg.run_dir))
-        self.updates = UpdateManager(cfg, processes=processes, clock=clock, helpers=SubprocessHelpers(processes),
-                                     reader=AioFilesReader())
+        standby = None
+        if cfg.update.standby_helper and cfg.source is not None:
+            standby = Standby(cfg.run_dir, lambda: helper_argv(self.updates.cfg, [STANDBY_FLAG]),
+                              launcher=helpers, processes=processes, clock=clock)
+        self.updates = UpdateManager(cfg, processes=processes, clock=clock, helpers=helpers,
+                                     reader=AioFilesReader(), standby=standby)
         self.tls = server_tls(cfg.grpc)  # None: the TCP backend port is insecure
         self.gate = handover.HandoverGate()
         self.server = self._grpc_server()

@@ -48,3 +48,11 @@ def helper_command() -> list[str]:
     if root is not None:
         return [str(root / "bin" / "helper")]
     return [sys.executable, "-m", "helper"]
+
+
+def helper_argv(cfg: Config, job: list[str]) -> list[str]:
+    """``helper apply`` for a job (``--update-id ID``, or ``--standby``), with this supervisor's config file and
+    control socket."""
+    if cfg.source is None:
+        raise RuntimeError("a helper reads the supervisor's config file; this configuration has none")
+    return [*helper_command(), "apply", "--config", str(cfg.source), *job, "--socket", str(cfg.control_socket)]

@@ -131,12 +131,40 @@ class HelperLauncher(Protocol):
         transient unit ``unit_name``)."""
         ...
 
-    def is_running(self, pid: int, update_id: str) -> bool:
-        """``pid`` is alive (not a zombie) and is the helper of ``update_id`` (not a reused pid)."""
+    def is_running(self, pid: int, update_id: str, *, journaled_at: float) -> bool:
+        """``pid`` is alive (not a zombie) and is the helper of ``update_id`` (not a reused pid): its command
+        line names the update, or it is a standby that took it and started before ``journaled_at`` (the time of
+        the record that names the pid)."""
         ...
 
-    def signal(self, pid: int, update_id: str, sig: int) -> None:
-        """Send ``sig`` to the helper of ``update_id`` if ``pid`` still is it."""
+    def signal(self, pid: int, update_id: str, sig: int, *, journaled_at: float) -> None:
+        """Send ``sig`` to the helper of ``update_id`` if ``pid`` still is it (as :meth:`is_running` judges)."""
+        ...
+
+
+class StandbyHelpers(Protocol):
+    """A helper started and loaded ahead of the next update, handed its id when it comes (docs/protocols.md,
+    "Standby helper"). No update ever waits for one: :meth:`take` says None and the caller launches a helper."""
+
+    def start(self) -> None:
+        """Open the channel standbys connect to; none is started yet (:meth:`refill` does)."""
+        ...
+
+    def take(self, update_id: str) -> int | None:
+        """Hand ``update_id`` to the ready standby: its pid, now the update's helper for the caller to watch; None
+        when none is ready, its code changed on disk, or it did not take the job."""
+        ...
+
+    def refill(self) -> None:
+        """Start a standby unless one is ready or starting (called when no helper runs)."""
+        ...
+
+    def child_pids(self) -> list[int]:
+        """Processes started for standbys and not yet handed out: ours, reaped by the standby side."""
+        ...
+
+    def close(self) -> None:
+        """Close the channel: a waiting standby exits."""
         ...
 
 

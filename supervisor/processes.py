@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from baton.standby import FLAG as STANDBY_FLAG
 from supervisor.adoption import parent_pid, process_start_time
 from supervisor.agent_errors import AgentError
 from supervisor.ports import LaunchedHelper, SpawnSpec
@@ -217,24 +218,34 @@ class SubprocessHelpers:
         self._processes.track(popen)
         return LaunchedHelper(popen.pid, argv[0] == "systemd-run")
 
-    def is_running(self, pid: int, update_id: str) -> bool:
+    def is_running(self, pid: int, update_id: str, *, journaled_at: float) -> bool:
         import psutil  # only for a journaled helper pid: not resident in a supervisor that never updates
 
         try:
             proc = psutil.Process(pid)
-            return proc.status() != psutil.STATUS_ZOMBIE and update_id in proc.cmdline()
+            return proc.status() != psutil.STATUS_ZOMBIE and is_helper_of(proc.cmdline(), proc.create_time(),
+                                                                         update_id, journaled_at=journaled_at)
         except psutil.Error:
             return False
 
-    def signal(self, pid: int, update_id: str, sig: int) -> None:
-        import psutil  # only for a cancel: not resident in a supervisor that never updates
-
-        try:
-            proc = psutil.Process(pid)
-            if proc.status() != psutil.STATUS_ZOMBIE and update_id in proc.cmdline():
+    def signal(self, pid: int, update_id: str, sig: int, *, journaled_at: float) -> None:
+        # a cancel only, so psutil is imported there (is_running): not resident in a supervisor that never updates
+        if self.is_running(pid, update_id, journaled_at=journaled_at):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
-        except (psutil.Error, ProcessLookupError, PermissionError):
-            pass
+
+
+def is_helper_of(cmdline: list[str], started_at: float, update_id: str, *, journaled_at: float) -> bool:
+    """Whether a live process (``cmdline``, started at ``started_at``) is the helper of ``update_id`` whose pid
+    a record written at ``journaled_at`` names; a pid alone may have been reused.
+
+    A helper launched for the update has its id in its command line; a standby that took it has ``--standby``
+    there instead, and started before its pid was journaled (a second's slack: /proc's boot time is whole
+    seconds).
+    """
+    if update_id in cmdline:
+        return True
+    return STANDBY_FLAG in cmdline and "apply" in cmdline and started_at <= journaled_at + 1.0
 
 
 class AioFilesReader:

@@ -38,8 +38,8 @@ from baton.log import logger
 from baton.pb import common_pb2, daemon_pb2
 from baton.states import PRE_SWITCH, UpdateState
 from supervisor.dirwatch import watch_dir
-from supervisor.own_layout import helper_command, running_from_layout
-from supervisor.ports import Clock, HelperLauncher, ProcessDriver, ProcessWatch, RecordReader
+from supervisor.own_layout import helper_argv, running_from_layout
+from supervisor.ports import Clock, HelperLauncher, ProcessDriver, ProcessWatch, RecordReader, StandbyHelpers
 from supervisor.update_totals import UpdateTotals
 
 MAX_HELPER_STARTS = 5
@@ -48,6 +48,7 @@ WATCH_POLL_S = 0.1
 HELPER_EXIT_WAIT_S = 5.0
 HELPER_ANNOUNCE_S = 15.0
 CANCEL_WAIT_S = 5.0
+STANDBY_START_DELAY_S = 1.0  # after start: the supervisor's own start-up is not slowed by the standby's
 
 _STATE_PB = {s: getattr(common_pb2, f"UPDATE_STATE_{s.name}") for s in UpdateState}
 
@@ -112,16 +113,19 @@ class HelperProcess:
 
 class UpdateManager:
     """Its collaborators (``supervisor/ports.py``) are given: ``processes`` watches helpers, ``helpers`` starts
-    and recognises them, ``clock`` times respawns and waits, ``reader`` reads records and progress; ``journal``
-    is the state directory's unless one is given."""
+    and recognises them, ``clock`` times respawns and waits, ``reader`` reads records and progress, ``standby``
+    (if any) keeps a helper loaded ahead of the next update; ``journal`` is the state directory's unless one is
+    given."""
 
     def __init__(self, cfg: Config, *, processes: ProcessDriver, clock: Clock, helpers: HelperLauncher,
-                 reader: RecordReader, journal: Journal | None = None) -> None:
+                 reader: RecordReader, standby: StandbyHelpers | None = None,
+                 journal: Journal | None = None) -> None:
         self.cfg = cfg
         self.processes = processes
         self.clock = clock
         self.launcher = helpers
         self.reader = reader
+        self.standby = standby
         self.journal = journal or Journal(cfg.node.state_dir)
         self.totals = UpdateTotals(cfg.node.state_dir)
         self.active: dict[str, str] = {}
@@ -135,6 +139,8 @@ class UpdateManager:
     async def start(self) -> None:
         """Resume every update a killed helper or supervisor left unfinished; prune old settled records."""
         self.prune_journal()
+        if self.standby is not None:
+            self.standby.start()
         for rec in self.journal.unfinished():
             self.active[rec.component] = rec.update_id
             if self._watch_running_helper(rec):
@@ -142,10 +148,18 @@ class UpdateManager:
             logger.warning("update {} of {} is unfinished ({}); starting a helper to finish it",
                            rec.update_id, rec.component, rec.state.value)
             self._spawn(rec.update_id)
+        if self.standby is not None:
+            self.clock.call_later(STANDBY_START_DELAY_S, self._refill_standby)
+
+    def _refill_standby(self) -> None:
+        """A standby for the next update, once no helper runs (its start would take an update's CPU)."""
+        if self.standby is not None and not self.helpers:
+            self.standby.refill()
 
     def _watch_running_helper(self, rec: UpdateRecord) -> bool:
         """A helper that outlived the previous supervisor process (a self-update's) is watched, not doubled."""
-        if not rec.helper_pid or not self.launcher.is_running(rec.helper_pid, rec.update_id):
+        if not rec.helper_pid or not self.launcher.is_running(rec.helper_pid, rec.update_id,
+                                                                  journaled_at=rec.updated_at):
             return False
         helper = HelperProcess(rec.update_id, rec.helper_pid)
         if not self._watch(helper):
@@ -284,7 +298,7 @@ class UpdateManager:
         """Wake the helper the journal names (it installs its handler before it journals its pid)."""
         if not rec.helper_pid:
             return  # not started yet: it reads the cancel file before its first step
-        self.launcher.signal(rec.helper_pid, rec.update_id, CANCEL_SIGNAL)
+        self.launcher.signal(rec.helper_pid, rec.update_id, CANCEL_SIGNAL, journaled_at=rec.updated_at)
 
     async def recent(self, limit: int, component: str) -> daemon_pb2.ListUpdatesResponse:
         """Newest first, with each one's progress; reads the journal off the event loop."""
@@ -386,9 +400,15 @@ class UpdateManager:
         if self.cfg.source is None:
             logger.error("update {}: cannot start a helper without a config file", update_id)
             return
+        taken = self.standby.take(update_id) if self.standby is not None else None
+        if taken is not None:  # started and loaded before the push: its start is not in the update's time
+            helper = HelperProcess(update_id, taken)
+            if not self._watch(helper):
+                self._loop.call_soon(self._helper_exited, helper, None)
+            logger.info("update {}: standby helper pid {} took it (start {})", update_id, taken, n)
+            return
         log_path = self.journal.dir(update_id) / "helper.log"
-        argv = [*helper_command(), "apply", "--config", str(self.cfg.source), "--update-id",
-                update_id, "--socket", str(self.cfg.control_socket)]
+        argv = helper_argv(self.cfg, ["--update-id", update_id])
         launched = self.launcher.launch(argv, f"baton-helper-{update_id}-{n}", log_path)
         helper = HelperProcess(update_id, launched.pid, launched.transient_unit)
         if not self._watch(helper):  # gone before it could be watched: as if it died at once
@@ -405,6 +425,7 @@ class UpdateManager:
     def _helper_exited(self, helper: HelperProcess, status: int | None) -> None:
         helper.watch = None
         self.helpers.pop(helper.update_id, None)
+        self._refill_standby()
         if helper.transient_unit and status == 0:
             self._loop.create_task(self._find_unit_helper(helper.update_id))
             return
@@ -467,10 +488,13 @@ class UpdateManager:
         self._spawn(update_id)
 
     def helper_pids(self) -> list[int]:
-        return [h.pid for h in self.helpers.values()]
+        """Our helpers' pids and the standby's children: processes reaped through their watch, not as strays."""
+        return [h.pid for h in self.helpers.values()] + (self.standby.child_pids() if self.standby else [])
 
     async def stop(self) -> None:
-        """Stop watching; running helpers carry on in their own sessions."""
+        """Stop watching; running helpers carry on in their own sessions, a waiting standby exits."""
+        if self.standby is not None:
+            self.standby.close()
         for h in list(self.helpers.values()):
             if h.watch is not None:
                 h.watch.release()

@@ -112,7 +112,10 @@ class SupervisorProc:
     """A real supervisor process on a config of the test's making."""
 
     def __init__(self, base: Path, reaper: ProcessReaper, agents: list[dict[str, Any]], node_id: str = "node-1",
-                 extra: dict[str, dict[str, Any]] | None = None, tcp: bool = False) -> None:
+                 extra: dict[str, dict[str, Any]] | None = None, tcp: bool = False, standby_helper: bool = False
+                 ) -> None:
+        """``standby_helper``: off unless asked for (the ``standby_helper`` mark): a standby's start in each of the
+        suite's hundreds of supervisors costs about 0.2 s of CPU (README, "The tests come in two tiers")."""
         self.base = base
         self.reaper = reaper
         self.state_dir = base / "state"
@@ -122,7 +125,7 @@ class SupervisorProc:
         cfg: dict[str, Any] = {
             "node": {"id": node_id, "state_dir": str(self.state_dir), "install_root": str(base / "install")},
             "grpc": {"unix_socket": str(self.socket)},
-            "update": {"file_url_root": str(default_file_url_root(base))},
+            "update": {"file_url_root": str(default_file_url_root(base)), "standby_helper": standby_helper},
             "log": {"level": "DEBUG"},
             "agents": agents,
         }
@@ -263,12 +266,13 @@ def traversable_base(reaper: ProcessReaper) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def supervisors_in(base: Path, reaper: ProcessReaper) -> Iterator[Callable[..., SupervisorProc]]:
+def supervisors_in(base: Path, reaper: ProcessReaper, standby_helper: bool = False
+                   ) -> Iterator[Callable[..., SupervisorProc]]:
     """``make(agents, name="sup", **kw)``: supervisors below ``base``, each stopped with all it ran at the end."""
     made: list[SupervisorProc] = []
 
     def make(agents: list[dict[str, Any]], name: str = "sup", **kw: Any) -> SupervisorProc:
-        s = SupervisorProc(base / name, reaper, agents, **kw)
+        s = SupervisorProc(base / name, reaper, agents, **{"standby_helper": standby_helper, **kw})
         made.append(s)
         return s
 
@@ -281,8 +285,10 @@ def supervisors_in(base: Path, reaper: ProcessReaper) -> Iterator[Callable[..., 
 
 
 @pytest.fixture
-def make_supervisor(tmp_path: Path, reaper: ProcessReaper) -> Iterator[Callable[..., SupervisorProc]]:
-    with supervisors_in(tmp_path, reaper) as make:
+def make_supervisor(tmp_path: Path, reaper: ProcessReaper, request: pytest.FixtureRequest
+                    ) -> Iterator[Callable[..., SupervisorProc]]:
+    """Supervisors for the test; with a standby helper, as in production, if it is marked ``standby_helper``."""
+    with supervisors_in(tmp_path, reaper, request.node.get_closest_marker("standby_helper") is not None) as make:
         yield make
 
 

@@ -55,6 +55,7 @@ def rejected_at_push(update_host, request, code, error_part: str) -> None:
 # ---- the happy path ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.standby_helper  # the production default: its supervisor keeps a standby helper
 def test_push_installs_the_new_version_and_runs_it(update_host):
     old = update_host.sup.agent("app")
     pkg = update_host.release.build("1.1.0")

@@ -25,6 +25,7 @@ import psutil
 import pytest
 
 from baton.journal import Journal
+from baton.standby import FLAG as STANDBY_FLAG
 from tests.conftest import (
     SELF_AGENTS,
     RecordingManager,
@@ -183,7 +184,16 @@ class Chaos:
         raise AssertionError(f"not quiet in time: {[(r.update_id, r.state.value, r.settled) for r in recs]}")
 
     def helpers(self) -> list[psutil.Process]:
-        return [p for p in processes_with(str(self.sup.base)) if "apply" in p.info["cmdline"]]
+        """Helpers of updates; a standby helper is one from the moment its pid is journaled (it took an update)."""
+        journaled = {r.helper_pid for r in Journal(self.sup.state_dir).all()}
+        return [p for p in processes_with(str(self.sup.base)) if "apply" in p.info["cmdline"]
+                and (STANDBY_FLAG not in p.info["cmdline"] or p.pid in journaled)]
+
+    def standbys(self) -> list[psutil.Process]:
+        """Standby helpers waiting for an update (supervisor/standby.py)."""
+        helpers = {p.pid for p in self.helpers()}
+        return [p for p in processes_with(str(self.sup.base))
+                if STANDBY_FLAG in p.info["cmdline"] and p.pid not in helpers]
 
     # ---- invariants -------------------------------------------------------------------------------------------
 
@@ -205,6 +215,7 @@ class Chaos:
             assert agent_processes(self.sup.state_dir, name) == [a.pid], f"agent {name} not running exactly once"
         assert len(self.supervisors()) == 1, "more than one supervisor"
         assert not self.helpers(), "a helper outlived its update"
+        assert len(self.standbys()) <= 1, "more than one standby helper waiting"
         assert not any((self.sup.state_dir / "downloads").iterdir()), "a download was left behind"
         assert not (self.sup.base / "run" / "handover.json").exists()
         counts: dict[str, int] = {}
@@ -215,6 +226,7 @@ class Chaos:
             assert counts.get(r.update_id) == 1, f"update {r.update_id} reported {counts.get(r.update_id, 0)} times"
 
 
+@pytest.mark.standby_helper  # the production default: its supervisor keeps a standby helper
 @pytest.mark.timeout(ROUND_LIMIT_S * ROUNDS + 120)
 def test_chaos_rounds_keep_every_invariant(make_self_host, release, tmp_path):
     rng = random.Random(SEED)

@@ -47,6 +47,7 @@ class ConnectPoller(threading.Thread):
             time.sleep(0.005)
 
 
+@pytest.mark.standby_helper  # the production default: its supervisor keeps a standby helper
 def test_self_update_keeps_agents_and_the_listening_socket(make_self_host):
     host = make_self_host()
     before = agents_of(host)

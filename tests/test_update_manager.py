@@ -24,9 +24,9 @@ from baton.journal import CANCEL_SIGNAL, UpdateRecord, UpdateRequestRecord
 from baton.pb import daemon_pb2
 from baton.reasons import FailureReason
 from baton.states import UpdateState
-from supervisor.updates import MAX_HELPER_STARTS, RESPAWN_DELAY_S, UpdateManager
+from supervisor.updates import MAX_HELPER_STARTS, RESPAWN_DELAY_S, STANDBY_START_DELAY_S, UpdateManager
 from tests.fakes.grpc_context import Aborted, FakeContext
-from tests.fakes.processes import FakeHelpers, FakeProcesses, FileReader
+from tests.fakes.processes import FakeHelpers, FakeProcesses, FakeStandby, FileReader
 from tests.fakes.supervisor_clock import FakeClock
 
 U = UpdateState
@@ -39,6 +39,7 @@ class World:
     procs: FakeProcesses
     helpers: FakeHelpers
     clock: FakeClock
+    standby: FakeStandby | None
 
     def load(self, update_id: str) -> UpdateRecord:
         return self.um.journal.load(update_id)
@@ -71,7 +72,8 @@ def request(**kw: Any) -> daemon_pb2.UpdateRequest:
     return daemon_pb2.UpdateRequest(**{**fields, **kw})
 
 
-def run(tmp_path: Path, body: Callable[[World], Awaitable[None]], update: UpdateConfig | None = None) -> None:
+def run(tmp_path: Path, body: Callable[[World], Awaitable[None]], update: UpdateConfig | None = None,
+        standby: bool = False) -> None:
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
     cfg = Config(node=NodeConfig(id="n1", state_dir=state, install_root=tmp_path / "install"),
@@ -82,10 +84,12 @@ def run(tmp_path: Path, body: Callable[[World], Awaitable[None]], update: Update
         clock = FakeClock()
         procs = FakeProcesses(clock)
         helpers = FakeHelpers(procs)
-        um = UpdateManager(cfg, processes=procs, clock=clock, helpers=helpers, reader=FileReader())
+        fake_standby = FakeStandby(helpers) if standby else None
+        um = UpdateManager(cfg, processes=procs, clock=clock, helpers=helpers, reader=FileReader(),
+                           standby=fake_standby)
         await um.start()
         try:
-            await body(World(um, procs, helpers, clock))
+            await body(World(um, procs, helpers, clock, fake_standby))
         finally:
             await um.stop()
 
@@ -322,6 +326,102 @@ def test_an_unfinished_update_found_at_start_watches_its_running_helper_or_launc
         await third.stop()
 
     run(tmp_path, body)
+
+
+# ---- the standby helper: takes the next update, or a helper is launched as before ----------------------------------
+
+
+def test_a_standby_is_started_standby_start_delay_s_after_start(tmp_path):
+    async def body(w: World) -> None:
+        assert w.standby is not None and w.standby.started
+        await w.clock.advance(STANDBY_START_DELAY_S - 0.01)
+        assert w.standby.refills == 0
+        await w.clock.advance(0.01)
+        assert w.standby.refills == 1 and w.um.helper_pids() == [w.standby.waiting.pid]  # type: ignore[union-attr]
+        assert w.helpers.launched == []  # the standby side starts it (supervisor/standby.py), not the manager
+
+    run(tmp_path, body, standby=True)
+
+
+def test_a_ready_standby_takes_the_push_and_no_helper_is_launched(tmp_path):
+    async def body(w: World) -> None:
+        assert w.standby is not None
+        await w.clock.advance(STANDBY_START_DELAY_S)
+        ready = w.standby.ready()
+        uid = await pushed(w)
+        assert w.standby.taken == [(uid, ready.pid)] and w.helpers.launched == []
+        assert w.um.helper_pids() == [ready.pid]  # watched as the update's helper
+
+    run(tmp_path, body, standby=True)
+
+
+def test_a_cancel_signals_the_standby_that_took_the_update(tmp_path):
+    async def body(w: World) -> None:
+        assert w.standby is not None
+        await w.clock.advance(STANDBY_START_DELAY_S)
+        ready = w.standby.ready()
+        uid = await pushed(w)
+        w.move(uid, U.DOWNLOADING, attempts=1, helper_pid=ready.pid)
+        cancel = asyncio.ensure_future(w.um.cancel(uid, FakeContext()))  # type: ignore[arg-type]
+        await w.clock.settle()
+        assert w.helpers.signalled == [(ready.pid, CANCEL_SIGNAL)]
+        w.move(uid, U.FAILED, settled=True, reason=FailureReason.CANCELLED.value)
+        assert (await asyncio.wait_for(cancel, 5)).finished
+
+    run(tmp_path, body, standby=True)
+
+
+def test_with_no_standby_ready_the_push_launches_a_helper(tmp_path):
+    async def body(w: World) -> None:
+        assert w.standby is not None
+        await w.clock.advance(STANDBY_START_DELAY_S)  # started, but not yet said HELLO
+        uid = await pushed(w)
+        assert w.standby.taken == []
+        [(argv, unit, _)] = w.helpers.launched
+        assert argv[argv.index("--update-id") + 1] == uid and unit == f"baton-helper-{uid}-1"
+
+    run(tmp_path, body, standby=True)
+
+
+def test_a_standby_that_took_an_update_and_died_is_followed_by_a_launched_helper(tmp_path):
+    async def body(w: World) -> None:
+        assert w.standby is not None
+        await w.clock.advance(STANDBY_START_DELAY_S)
+        ready = w.standby.ready()
+        uid = await pushed(w)
+        w.move(uid, U.DOWNLOADING)
+        w.procs.exit(ready.pid, -signal.SIGKILL)
+        await w.clock.advance(RESPAWN_DELAY_S)
+        [(argv, unit, _)] = w.helpers.launched
+        assert argv[argv.index("--update-id") + 1] == uid and unit == f"baton-helper-{uid}-2"
+
+    run(tmp_path, body, standby=True)
+
+
+def test_the_next_standby_is_started_once_no_helper_runs(tmp_path):
+    async def body(w: World) -> None:
+        assert w.standby is not None
+        await w.clock.advance(STANDBY_START_DELAY_S)
+        ready = w.standby.ready()
+        uid = await pushed(w)
+        await w.clock.advance(60)
+        assert w.standby.refills == 1  # not while the update's helper runs: it would take the update's CPU
+        w.move(uid, U.DOWNLOADING, U.VERIFYING, U.STAGING, U.SWITCHING, U.RESTARTING, U.WATCHING, U.COMMITTED,
+               settled=True)
+        w.procs.exit(ready.pid, 0)
+        await w.clock.settle()
+        assert w.standby.refills == 2 and w.um.active == {}
+
+    run(tmp_path, body, standby=True)
+
+
+def test_stopping_the_update_manager_closes_the_standby(tmp_path):
+    async def body(w: World) -> None:
+        assert w.standby is not None
+        await w.um.stop()
+        assert w.standby.closed
+
+    run(tmp_path, body, standby=True)
 
 
 # ---- cancel ----------------------------------------------------------------------------------------------------

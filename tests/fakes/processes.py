@@ -134,16 +134,61 @@ class FakeHelpers:
     def launch(self, argv: list[str], unit_name: str, log_path: Path) -> LaunchedHelper:
         proc = self.processes.add()
         self.launched.append((argv, unit_name, log_path))
-        self.running[proc.pid] = argv[argv.index("--update-id") + 1]
+        if "--update-id" in argv:
+            self.running[proc.pid] = argv[argv.index("--update-id") + 1]
         return LaunchedHelper(proc.pid, self.transient_unit)
 
-    def is_running(self, pid: int, update_id: str) -> bool:
+    def is_running(self, pid: int, update_id: str, *, journaled_at: float) -> bool:
         proc = self.processes.procs.get(pid)
         return proc is not None and proc.alive and self.running.get(pid) == update_id
 
-    def signal(self, pid: int, update_id: str, sig: int) -> None:
-        if self.is_running(pid, update_id):
+    def signal(self, pid: int, update_id: str, sig: int, *, journaled_at: float) -> None:
+        if self.is_running(pid, update_id, journaled_at=journaled_at):
             self.signalled.append((pid, sig))
+
+
+class FakeStandby:
+    """:class:`supervisor.ports.StandbyHelpers`: a standby is a FakeProcess of ``helpers``' processes, ready once
+    the test says so (:meth:`ready`); taking a job makes it that update's helper for ``helpers.is_running``."""
+
+    def __init__(self, helpers: FakeHelpers) -> None:
+        self.helpers = helpers
+        self.started = False
+        self.closed = False
+        self.refills = 0  # calls of refill that started one
+        self.waiting: FakeProcess | None = None  # launched, not yet handed a job
+        self.is_ready = False
+        self.taken: list[tuple[str, int]] = []  # (update id, pid) handed out
+
+    def start(self) -> None:
+        self.started = True
+
+    def ready(self) -> FakeProcess:
+        """The standby started by the last refill says HELLO."""
+        assert self.waiting is not None, "no standby was started"
+        self.is_ready = True
+        return self.waiting
+
+    def take(self, update_id: str) -> int | None:
+        if self.waiting is None or not self.is_ready or not self.waiting.alive:
+            return None
+        proc, self.waiting, self.is_ready = self.waiting, None, False
+        self.helpers.running[proc.pid] = update_id
+        self.taken.append((update_id, proc.pid))
+        return proc.pid
+
+    def refill(self) -> None:
+        if self.closed or (self.waiting is not None and self.waiting.alive):
+            return
+        self.refills += 1
+        self.waiting = self.helpers.processes.add()
+        self.is_ready = False
+
+    def child_pids(self) -> list[int]:
+        return [self.waiting.pid] if self.waiting is not None and self.waiting.alive else []
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class FileReader:
