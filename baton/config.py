@@ -48,6 +48,11 @@ STDERR_MODES = ("merged", "separate")
 # Who may send on a notify agent's socket: its main process only, or any process of its process group (as
 # systemd's NotifyAccess=main and, for the processes an agent starts itself, exec/all).
 NOTIFY_ACCESS = ("main", "group")
+# The longest path a Unix socket binds to: sun_path holds 108 bytes with the NUL. A longer socket path fails only
+# when bound, so check-config refuses it, naming the key whose path is too long.
+UNIX_PATH_MAX = 107
+# The longest name the supervisor binds in its run directory: local-<pid>.sock, a pid up to pid_max (2**22).
+_LONGEST_RUN_SOCKET = "local-4194304.sock"
 NOTIFY_DIR_NAME = ".notify"  # under install_root; no component can be named so (names start with a letter or digit)
 # The directory that relative paths in the file being read resolve against (None: relative paths refused).
 _BASE_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar("baton_config_base_dir", default=None)
@@ -278,6 +283,10 @@ class Config:
         run as another user would need the search bit on; the install root must be reachable by such agents
         anyway (their code is there)."""
         return self.node.install_root / NOTIFY_DIR_NAME
+
+    def notify_socket(self, name: str) -> Path:
+        """Where a process of agent ``name`` started now is told to notify: a directory of its own."""
+        return self.notify_dir / name / "notify.sock"
 
     @property
     def control_socket(self) -> Path:
@@ -732,6 +741,7 @@ def _validate(cfg: Config, host_checks: bool = True, keys: bool = True) -> None:
     for name in ("http_head_timeout_s", "http_idle_timeout_s"):
         if getattr(cfg.metrics, name) <= 0:
             raise ConfigError(f"metrics.{name}", "must be greater than 0")
+    _validate_socket_paths(cfg)
     if cfg.log.level.upper() not in LEVELS:
         raise ConfigError("log.level", f"unknown level {cfg.log.level!r}")
     seen: dict[str, int] = {}
@@ -776,10 +786,28 @@ def _validate(cfg: Config, host_checks: bool = True, keys: bool = True) -> None:
             raise ConfigError(f"{key}.{bad}", "is out of range")
         if a.working_dir is not None and not a.working_dir.is_dir():
             raise ConfigError(f"{key}.working_dir", f"directory {a.working_dir} not found")
+        if a.notify:
+            _check_socket_path(f"{key}.notify", cfg.notify_socket(a.name), "its notify socket",
+                               "a shorter node.install_root or agent name")
     _validate_order(cfg)
     if host_checks:
         _validate_paths(cfg)
         _validate_env_files(cfg)
+
+
+def _check_socket_path(key: str, path: Path, what: str, remedy: str) -> None:
+    n = len(os.fsencode(path))
+    if n > UNIX_PATH_MAX:
+        raise ConfigError(key, f"{what} {path} would be {n} bytes, more than the {UNIX_PATH_MAX} a Unix socket path "
+                          f"holds: use {remedy}")
+
+
+def _validate_socket_paths(cfg: Config) -> None:
+    """The supervisor's own sockets fit sun_path (each agent's notify socket is checked with its section)."""
+    _check_socket_path("node.state_dir", cfg.run_dir / _LONGEST_RUN_SOCKET, "a socket of its run directory",
+                       "a shorter node.state_dir")
+    if cfg.grpc.unix_socket is not None:
+        _check_socket_path("grpc.unix_socket", cfg.grpc.unix_socket, "the socket", "a shorter path")
 
 
 def _validate_env_files(cfg: Config) -> None:

@@ -16,13 +16,17 @@ echo "== ruff"
 ruff check baton supervisor helper manager scripts tests
 echo "== mypy"
 mypy
+# A short base directory: the tests bind Unix sockets below it (sun_path holds 107 bytes), and pytest's default
+# (/tmp/pytest-of-root/pytest-N) with a worker's popen-gwN/ put some of them past it.
+base=()
+case " $* " in *" --basetemp"*) ;; *) base=(--basetemp "$(mktemp -d /tmp/bt.XXXXXX)") ;; esac
 if [ "$fast" = 1 ]; then
     echo "== pytest (fast tier: not e2e)"
-    pytest -p no:cacheprovider -m "not e2e" "$@"
+    pytest -p no:cacheprovider "${base[@]}" -m "not e2e" "$@"
 else
     # pytest-xdist workers: most end-to-end tests wait on processes, so more workers than cores pay (README,
     # "The two commands").
     workers="${BATON_TEST_WORKERS:-4}"
     echo "== pytest (full suite, $workers workers)"
-    pytest -p no:cacheprovider -n "$workers" --dist loadgroup "$@"
+    pytest -p no:cacheprovider "${base[@]}" -n "$workers" --dist loadgroup "$@"
 fi

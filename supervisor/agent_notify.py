@@ -26,7 +26,7 @@ from supervisor.notify_socket import NotifySocket
 def notify_path(config: Config, name: str) -> Path:
     """Where a process of agent ``name`` started now is told to notify: a directory of its own under
     ``Config.notify_dir``."""
-    return config.notify_dir / name / "notify.sock"
+    return config.notify_socket(name)
 
 
 class AgentNotify:

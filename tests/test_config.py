@@ -88,6 +88,12 @@ BAD = {
                                     "needs grpc.tls_cert"),
     "tcp_without_tls": (BASE + 'listen = ["127.0.0.1:7443"]\n', "grpc.listen[0]", "without TLS"),
     "negative_uid": (BASE + "allow_downgrade_uids = [-1]\n", "grpc.allow_downgrade_uids[0]", "not a uid"),
+    "notify_socket_too_long": (BASE.replace("/tmp/baton-cfg-test/install", "/tmp/" + "i" * 90) + AGENT
+                               + "notify = true\n", "agents[0].notify", "more than the 107 a Unix socket path holds"),
+    "run_dir_too_long": (BASE.replace("/tmp/baton-cfg-test/state", "/tmp/" + "s" * 80), "node.state_dir",
+                         "more than the 107 a Unix socket path holds"),
+    "control_socket_too_long": (BASE.replace("/tmp/baton-cfg-test/s.sock", "/tmp/" + "c" * 110 + ".sock"),
+                                "grpc.unix_socket", "more than the 107 a Unix socket path holds"),
 }
 
 
@@ -291,3 +297,12 @@ def test_tls_file_that_cannot_be_read_or_holds_no_pem_is_refused(tmp_path, name)
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, BASE + grpc), environ={})
     assert e.value.key == f"grpc.{name}" and "not a regular file" in str(e.value)
+
+
+def test_an_agent_whose_notify_socket_path_is_too_long_is_set_apart_and_the_others_run(tmp_path):
+    """Only that agent's socket cannot be bound: it is the agent's own problem, not the host's (issue 25)."""
+    body = (BASE.replace("/tmp/baton-cfg-test/install", "/tmp/" + "i" * 90) + AGENT + "notify = true\n"
+            + AGENT.replace('"web"', '"worker"'))
+    cfg = load_config(write(tmp_path, body), environ={}, host_checks=False, degrade=True)
+    assert [a.name for a in cfg.agents] == ["worker"]
+    assert [(b.name, b.key) for b in cfg.broken_agents] == [("web", "agents[0].notify")]
