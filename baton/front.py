@@ -243,10 +243,12 @@ class Front:
                 creds = pid, uid, gid = peer_credentials(conn)
                 if not self.policy.allows(uid, gid, pid):
                     logger.warning("refused local connection from pid {} uid {}: not allowed", pid, uid)
+                    # Who it was is read before the close: a refused client exits at once, and its /proc with it.
+                    caller = self.audit.local_caller(uid, pid) if self.audit is not None else None
                     conn.close()
                     if self.audit is not None:
                         await self.audit.refused_connection(
-                            self.audit.local_caller(uid, pid),
+                            caller,
                             f"uid {uid} may not use the local socket (only root, uid {os.getuid()} or the members "
                             "of grpc.unix_socket_group)")
                     return
