@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,16 +105,26 @@ def test_a_standby_exits_with_its_supervisor(update_host):
     assert not standby.is_running()
 
 
-def test_a_standby_from_old_code_never_runs_an_update_after_the_code_changes(update_host):
-    standby = ready_standby(update_host.sup)
-    changed = ROOT / "helper" / "standby.py"  # the supervisor runs from this checkout; its helpers too
+def test_a_standby_from_old_code_never_runs_an_update_after_the_code_changes(update_host, tmp_path):
+    # The supervisor runs from a copy of the code of its own: a changed file in the shared checkout would retire
+    # the standbys of tests running beside this one on other workers.
+    code = tmp_path / "code"
+    for package in ("baton", "supervisor", "helper", "manager"):
+        shutil.copytree(ROOT / package, code / package, ignore=shutil.ignore_patterns("__pycache__"))
+    launcher = tmp_path / "supervisor-from-copy"
+    launcher.write_text(f'#!/bin/sh\ncd {code} && exec {sys.executable} -m supervisor "$@"\n')
+    launcher.chmod(0o755)
+    sup = update_host.sup
+    sup.terminate()
+    sup.start(launcher=launcher)
+    sup.wait_agent("app", "running")
+    standby = ready_standby(sup)
+    assert standby.cwd() == str(code)
+    changed = code / "helper" / "standby.py"  # the supervisor runs from this copy; its helpers too
     st = changed.stat()
-    try:
-        os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # as a new install would
-        uid = update_host.push(update_host.release.build("1.1.0"))
-        final = update_host.wait_final(uid)
-    finally:
-        os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # as a new install would
+    uid = update_host.push(update_host.release.build("1.1.0"))
+    final = update_host.wait_final(uid)
     assert final.success, final.error
     assert update_host.journal(uid).helper_pid != standby.pid
     psutil.wait_procs([standby], timeout=10)
