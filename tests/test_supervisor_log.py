@@ -74,7 +74,10 @@ def test_log_follow_prints_what_the_supervisor_logs_after_it_started(make_superv
 def test_log_as_another_user_is_refused_in_one_line_and_shows_nothing(make_supervisor):
     sup = make_supervisor([agent("web", "ready_agent.py")]).start()
     sup.wait_agent("web", "running")
-    res = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3",
+    # CAP_DAC_READ_SEARCH only lets nobody reach the code and the venv wherever the checkout lies (a 0700 temporary
+    # directory, say); the refusal under test is the command's own, by its effective uid.
+    res = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                          "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", "/usr/bin/python3",
                           "-m", "supervisor", "log", "--config", str(sup.config_path)], capture_output=True,
                          text=True, cwd="/", timeout=60, env={"PYTHONPATH": f"{ROOT}:{SITE}"})
     assert res.returncode == 1 and res.stdout == ""
